@@ -1,0 +1,28 @@
+//! The Trellis resource model: every config kind users write, with defaults and validation.
+//!
+//! Kinds are Kubernetes-shaped (`apiVersion`, `kind`, `metadata`, `spec`). Routes use the
+//! Gateway API schema (HTTPRoute, GRPCRoute with a Service as parent, the GAMMA convention);
+//! mesh-specific kinds live under `trellis.dev/v1alpha1`. This crate does no I/O: callers hand
+//! it text and get back typed resources or precise, located errors.
+#![forbid(unsafe_code)]
+
+pub mod duration;
+mod load;
+pub mod meta;
+pub mod policy;
+pub mod proxy;
+mod resource;
+pub mod route;
+pub mod service;
+mod validate;
+
+pub use duration::Duration;
+pub use load::{Diagnostic, Diagnostics, Located, parse_documents};
+pub use meta::{Metadata, ObjectKey};
+pub use resource::{Kind, Resource};
+pub use validate::validate;
+
+/// API group and version of Trellis's own kinds.
+pub const TRELLIS_API_VERSION: &str = "trellis.dev/v1alpha1";
+/// API group and version of the Gateway API kinds Trellis reads.
+pub const GATEWAY_API_VERSION: &str = "gateway.networking.k8s.io/v1";

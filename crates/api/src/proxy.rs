@@ -1,0 +1,136 @@
+//! `Proxy`: one sidecar's own settings: its listeners, timeouts and admin port.
+
+use crate::Duration;
+use crate::service::AppProtocol;
+use serde::{Deserialize, Serialize};
+
+/// `spec` of a `Proxy`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxySpec {
+    /// The admin listener (`/ready`, `/live`, `/config`, `/metrics`).
+    #[serde(default)]
+    pub admin: AdminListener,
+    /// Listeners for traffic from other sidecars to the local application.
+    #[serde(default)]
+    pub inbound: Vec<InboundListener>,
+    /// Listeners for traffic from the local application to services.
+    #[serde(default)]
+    pub outbound: Vec<OutboundListener>,
+    /// How long to wait for a client's first bytes before treating the connection as opaque
+    /// TCP (so server-speaks-first protocols are never stalled for long). Default `300ms`.
+    #[serde(default = "default_detect")]
+    pub detect_timeout: Duration,
+    /// Default time to establish an upstream connection. Default `1s`.
+    #[serde(default = "default_connect")]
+    pub connect_timeout: Duration,
+    /// Default time until response headers arrive; `0s` disables. Default `15s`.
+    #[serde(default = "default_request")]
+    pub request_timeout: Duration,
+    /// How long an idle pooled upstream connection is kept. Default `60s`.
+    #[serde(default = "default_idle")]
+    pub idle_timeout: Duration,
+    /// On shutdown, how long in-flight work may finish before the proxy exits. Default `10s`.
+    #[serde(default = "default_drain")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProxySpec {
+    fn default() -> Self {
+        Self {
+            admin: AdminListener::default(),
+            inbound: vec![],
+            outbound: vec![],
+            detect_timeout: default_detect(),
+            connect_timeout: default_connect(),
+            request_timeout: default_request(),
+            idle_timeout: default_idle(),
+            drain_timeout: default_drain(),
+        }
+    }
+}
+
+fn default_detect() -> Duration {
+    Duration::from_millis(300)
+}
+fn default_connect() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_request() -> Duration {
+    Duration::from_secs(15)
+}
+fn default_idle() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// The admin listener.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AdminListener {
+    /// `IP:PORT`; default `127.0.0.1:9990`.
+    #[serde(default = "default_admin")]
+    pub address: String,
+}
+
+impl Default for AdminListener {
+    fn default() -> Self {
+        Self {
+            address: default_admin(),
+        }
+    }
+}
+
+fn default_admin() -> String {
+    "127.0.0.1:9990".into()
+}
+
+/// A listener that forwards to the local application.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundListener {
+    /// Listener name, used in metrics.
+    pub name: String,
+    /// `IP:PORT` to listen on.
+    pub address: String,
+    /// `IP:PORT` of the local application.
+    pub forward_to: String,
+    /// Declared protocol (skips detection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<AppProtocol>,
+}
+
+/// A listener for the application's outbound traffic.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundListener {
+    /// Listener name, used in metrics.
+    pub name: String,
+    /// `IP:PORT` to listen on, usually on loopback.
+    pub address: String,
+    /// Explicit upstream: everything on this listener goes to this service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceTarget>,
+    /// HTTP proxy mode: requests are routed by their `Host` (or absolute URI) to a service.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub http_proxy: bool,
+    /// Declared protocol (skips detection).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<AppProtocol>,
+}
+
+/// Names a service port.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceTarget {
+    /// Service name.
+    pub name: String,
+    /// Namespace; `default` when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Service port; may be omitted when the service has one port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+}

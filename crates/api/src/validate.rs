@@ -1,0 +1,897 @@
+//! Whole-set validation: every resource on its own, then the references between them. Returns
+//! every problem at once so a user fixes a file in one pass.
+
+use crate::load::{Diagnostic, Diagnostics, Located};
+use crate::meta::check_name;
+use crate::policy::Algorithm;
+use crate::resource::{Object, Resource};
+use crate::route::{
+    BackendRef, FilterType, GrpcRouteSpec, HeaderMatch, HttpBackendRef, HttpRouteFilter,
+    HttpRouteSpec, ParentRef, PathMatchType, PathModifier, PathModifierType, ValueMatchType,
+};
+use crate::service::ServiceSpec;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+/// Validates a complete set of resources: each one's schema-level rules, duplicates, and that
+/// every reference (parent, backend, mirror, policy target, listener service) resolves.
+pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
+    let mut v = Validator { out: Vec::new() };
+    let mut seen = BTreeMap::new();
+    let mut services: BTreeMap<(String, String), &ServiceSpec> = BTreeMap::new();
+    for r in resources {
+        if let Resource::Service(s) = &r.value {
+            services.insert(
+                (s.metadata.namespace.clone(), s.metadata.name.clone()),
+                &s.spec,
+            );
+        }
+    }
+    for r in resources {
+        let m = r.value.metadata();
+        if let Err(e) = check_name(&m.name) {
+            v.at(r, "metadata.name", e);
+        }
+        if let Err(e) = check_name(&m.namespace) {
+            v.at(r, "metadata.namespace", e);
+        }
+        if let Some(prev) = seen.insert(r.value.key(), r) {
+            v.at(
+                r,
+                "metadata.name",
+                format!(
+                    "duplicate {}; first defined at {}:{}",
+                    r.value.key(),
+                    prev.file,
+                    prev.first_line
+                ),
+            );
+        }
+        let ctx = Ctx {
+            r,
+            services: &services,
+            ns: &m.namespace,
+        };
+        match &r.value {
+            Resource::Proxy(p) => v.proxy(&ctx, p),
+            Resource::Service(s) => v.service(&ctx, s),
+            Resource::HttpRoute(h) => v.http_route(&ctx, &h.spec),
+            Resource::GrpcRoute(g) => v.grpc_route(&ctx, &g.spec),
+            Resource::BackendPolicy(b) => {
+                let t = &b.spec.target_ref;
+                if t.kind != "Service" || !t.group.is_empty() {
+                    v.at(
+                        r,
+                        "spec.targetRef.kind",
+                        format!(
+                            "only core Services can be targeted, not {}/{}",
+                            t.group, t.kind
+                        ),
+                    );
+                } else if ctx.service(t.namespace.as_deref(), &t.name).is_none() {
+                    v.at(
+                        r,
+                        "spec.targetRef.name",
+                        format!(
+                            "no Service {}/{}",
+                            t.namespace.as_deref().unwrap_or(ctx.ns),
+                            t.name
+                        ),
+                    );
+                }
+                let lb = &b.spec.load_balancer;
+                match (lb.algorithm, &lb.consistent_hash) {
+                    (Algorithm::ConsistentHash, None) => v.at(
+                        r,
+                        "spec.loadBalancer.consistentHash",
+                        "required when algorithm is ConsistentHash",
+                    ),
+                    (Algorithm::ConsistentHash, Some(h)) => {
+                        let keys = [h.header.is_some(), h.cookie.is_some(), h.source_ip]
+                            .iter()
+                            .filter(|x| **x)
+                            .count();
+                        if keys != 1 {
+                            v.at(
+                                r,
+                                "spec.loadBalancer.consistentHash",
+                                "set exactly one of header, cookie, sourceIP",
+                            );
+                        }
+                        if let Some(name) = &h.header
+                            && http_header_name(name).is_err()
+                        {
+                            v.at(
+                                r,
+                                "spec.loadBalancer.consistentHash.header",
+                                format!("{name:?} is not a valid header name"),
+                            );
+                        }
+                        if !(h.bounded_load >= 1.0 && h.bounded_load.is_finite()) {
+                            v.at(
+                                r,
+                                "spec.loadBalancer.consistentHash.boundedLoad",
+                                "must be at least 1.0",
+                            );
+                        }
+                    }
+                    (_, Some(_)) => v.at(
+                        r,
+                        "spec.loadBalancer.consistentHash",
+                        "only valid with algorithm ConsistentHash",
+                    ),
+                    _ => {}
+                }
+            }
+        }
+    }
+    if v.out.is_empty() {
+        Ok(())
+    } else {
+        Err(Diagnostics(v.out))
+    }
+}
+
+struct Validator {
+    out: Vec<Diagnostic>,
+}
+
+struct Ctx<'a> {
+    r: &'a Located<Resource>,
+    services: &'a BTreeMap<(String, String), &'a ServiceSpec>,
+    ns: &'a str,
+}
+
+impl Ctx<'_> {
+    fn service(&self, ns: Option<&str>, name: &str) -> Option<&ServiceSpec> {
+        self.services
+            .get(&(ns.unwrap_or(self.ns).to_string(), name.to_string()))
+            .copied()
+    }
+}
+
+fn http_header_name(name: &str) -> Result<(), ()> {
+    let ok = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    if ok { Ok(()) } else { Err(()) }
+}
+
+fn header_value_ok(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (b >= 0x20 && b != 0x7f))
+}
+
+impl Validator {
+    fn at(&mut self, r: &Located<Resource>, field: &str, message: impl Into<String>) {
+        self.out.push(r.diagnostic(field, message));
+    }
+
+    fn addr(&mut self, r: &Located<Resource>, field: &str, text: &str) -> Option<SocketAddr> {
+        match text.parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.at(r, field, format!("{text:?} is not an IP:PORT address"));
+                None
+            }
+        }
+    }
+
+    fn proxy(&mut self, ctx: &Ctx, p: &Object<crate::proxy::ProxySpec>) {
+        let r = ctx.r;
+        let s = &p.spec;
+        let mut bound: BTreeMap<SocketAddr, String> = BTreeMap::new();
+        let mut names = BTreeSet::new();
+        let mut bind = |v: &mut Self, field: String, text: &str| {
+            if let Some(a) = v.addr(r, &field, text)
+                && let Some(prev) = bound.insert(a, field.clone())
+            {
+                v.at(r, &field, format!("address {a} is already used by {prev}"));
+            }
+        };
+        bind(self, "spec.admin.address".into(), &s.admin.address);
+        for (i, l) in s.inbound.iter().enumerate() {
+            bind(self, format!("spec.inbound[{i}].address"), &l.address);
+            self.addr(r, &format!("spec.inbound[{i}].forwardTo"), &l.forward_to);
+            if !names.insert(l.name.clone()) {
+                self.at(
+                    r,
+                    &format!("spec.inbound[{i}].name"),
+                    format!("duplicate listener name {:?}", l.name),
+                );
+            }
+        }
+        for (i, l) in s.outbound.iter().enumerate() {
+            bind(self, format!("spec.outbound[{i}].address"), &l.address);
+            if !names.insert(l.name.clone()) {
+                self.at(
+                    r,
+                    &format!("spec.outbound[{i}].name"),
+                    format!("duplicate listener name {:?}", l.name),
+                );
+            }
+            match (&l.service, l.http_proxy) {
+                (Some(_), true) | (None, false) => self.at(
+                    r,
+                    &format!("spec.outbound[{i}]"),
+                    "set exactly one of `service` and `httpProxy: true`",
+                ),
+                (Some(t), false) => match ctx.service(t.namespace.as_deref(), &t.name) {
+                    None => self.at(
+                        r,
+                        &format!("spec.outbound[{i}].service.name"),
+                        format!(
+                            "no Service {}/{}",
+                            t.namespace.as_deref().unwrap_or(ctx.ns),
+                            t.name
+                        ),
+                    ),
+                    Some(svc) => match t.port {
+                        Some(port) if !svc.ports.iter().any(|p| p.port == port) => self.at(
+                            r,
+                            &format!("spec.outbound[{i}].service.port"),
+                            format!("Service {} has no port {port}", t.name),
+                        ),
+                        None if svc.ports.len() > 1 => self.at(
+                            r,
+                            &format!("spec.outbound[{i}].service.port"),
+                            format!("Service {} has several ports; name one", t.name),
+                        ),
+                        _ => {}
+                    },
+                },
+                (None, true) => {}
+            }
+        }
+        if s.detect_timeout.get().is_zero()
+            || s.detect_timeout.get() > std::time::Duration::from_secs(10)
+        {
+            self.at(r, "spec.detectTimeout", "must be between 1ms and 10s");
+        }
+        if s.connect_timeout.get().is_zero() {
+            self.at(r, "spec.connectTimeout", "must be more than 0s");
+        }
+    }
+
+    fn service(&mut self, ctx: &Ctx, s: &Object<ServiceSpec>) {
+        let r = ctx.r;
+        if s.spec.ports.is_empty() {
+            self.at(r, "spec.ports", "a Service needs at least one port");
+        }
+        let mut ports = BTreeSet::new();
+        for (i, p) in s.spec.ports.iter().enumerate() {
+            if p.port == 0 {
+                self.at(r, &format!("spec.ports[{i}].port"), "must be 1-65535");
+            }
+            if !ports.insert(p.port) {
+                self.at(
+                    r,
+                    &format!("spec.ports[{i}].port"),
+                    format!("duplicate port {}", p.port),
+                );
+            }
+        }
+        let mut addrs = BTreeSet::new();
+        for (i, e) in s.spec.endpoints.iter().enumerate() {
+            if let Some(a) = self.addr(r, &format!("spec.endpoints[{i}].address"), &e.address)
+                && !addrs.insert(a)
+            {
+                self.at(
+                    r,
+                    &format!("spec.endpoints[{i}].address"),
+                    format!("duplicate endpoint {a}"),
+                );
+            }
+            if e.weight > 1_000_000 {
+                self.at(
+                    r,
+                    &format!("spec.endpoints[{i}].weight"),
+                    "must be at most 1000000",
+                );
+            }
+        }
+    }
+
+    fn parents(&mut self, ctx: &Ctx, parents: &[ParentRef]) {
+        if parents.is_empty() {
+            self.at(
+                ctx.r,
+                "spec.parentRefs",
+                "a mesh route needs at least one Service parent",
+            );
+        }
+        for (i, p) in parents.iter().enumerate() {
+            let f = format!("spec.parentRefs[{i}]");
+            if p.kind != "Service" || !p.group.is_empty() {
+                self.at(
+                    ctx.r,
+                    &format!("{f}.kind"),
+                    format!(
+                        "mesh routes attach to core Services, not {}/{}",
+                        p.group, p.kind
+                    ),
+                );
+                continue;
+            }
+            match ctx.service(p.namespace.as_deref(), &p.name) {
+                None => self.at(
+                    ctx.r,
+                    &format!("{f}.name"),
+                    format!(
+                        "no Service {}/{}",
+                        p.namespace.as_deref().unwrap_or(ctx.ns),
+                        p.name
+                    ),
+                ),
+                Some(svc) => {
+                    if let Some(port) = p.port
+                        && !svc.ports.iter().any(|sp| sp.port == port)
+                    {
+                        self.at(
+                            ctx.r,
+                            &format!("{f}.port"),
+                            format!("Service {} has no port {port}", p.name),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn backend(&mut self, ctx: &Ctx, field: &str, b: &BackendRef) {
+        if b.kind != "Service" || !b.group.is_empty() {
+            self.at(
+                ctx.r,
+                &format!("{field}.kind"),
+                format!("backends must be core Services, not {}/{}", b.group, b.kind),
+            );
+            return;
+        }
+        match ctx.service(b.namespace.as_deref(), &b.name) {
+            None => self.at(
+                ctx.r,
+                &format!("{field}.name"),
+                format!(
+                    "no Service {}/{}",
+                    b.namespace.as_deref().unwrap_or(ctx.ns),
+                    b.name
+                ),
+            ),
+            Some(svc) => match b.port {
+                None => self.at(
+                    ctx.r,
+                    &format!("{field}.port"),
+                    "a Service backend needs a port",
+                ),
+                Some(port) if !svc.ports.iter().any(|sp| sp.port == port) => self.at(
+                    ctx.r,
+                    &format!("{field}.port"),
+                    format!("Service {} has no port {port}", b.name),
+                ),
+                _ => {}
+            },
+        }
+    }
+
+    fn backends(&mut self, ctx: &Ctx, field: &str, refs: &[HttpBackendRef], grpc: bool) {
+        for (i, b) in refs.iter().enumerate() {
+            let f = format!("{field}.backendRefs[{i}]");
+            self.backend(ctx, &f, &b.backend());
+            if b.weight > 1_000_000 {
+                self.at(ctx.r, &format!("{f}.weight"), "must be at most 1000000");
+            }
+            self.filters(ctx, &f, &b.filters, None, grpc);
+        }
+    }
+
+    fn regex(&mut self, ctx: &Ctx, field: &str, pattern: &str) {
+        if let Err(e) = regex::Regex::new(pattern) {
+            let msg = e.to_string();
+            let last = msg.lines().last().unwrap_or("invalid").trim().to_string();
+            self.at(
+                ctx.r,
+                field,
+                format!("invalid regular expression {pattern:?}: {last}"),
+            );
+        }
+    }
+
+    fn value_matches(&mut self, ctx: &Ctx, field: &str, list: &[HeaderMatch], headers: bool) {
+        let mut names = BTreeSet::new();
+        for (i, h) in list.iter().enumerate() {
+            let f = format!("{field}[{i}]");
+            let key = if headers {
+                h.name.to_ascii_lowercase()
+            } else {
+                h.name.clone()
+            };
+            if headers && http_header_name(&h.name).is_err() {
+                self.at(
+                    ctx.r,
+                    &format!("{f}.name"),
+                    format!("{:?} is not a valid header name", h.name),
+                );
+            }
+            if !names.insert(key) {
+                self.at(
+                    ctx.r,
+                    &format!("{f}.name"),
+                    format!("{:?} is matched twice in one match", h.name),
+                );
+            }
+            if h.kind == ValueMatchType::RegularExpression {
+                self.regex(ctx, &format!("{f}.value"), &h.value);
+            }
+        }
+    }
+
+    fn path_modifier(
+        &mut self,
+        ctx: &Ctx,
+        field: &str,
+        p: &PathModifier,
+        prefix_matched: Option<bool>,
+    ) {
+        match p.kind {
+            PathModifierType::ReplaceFullPath => match &p.replace_full_path {
+                Some(v) if v.starts_with('/') => {}
+                _ => self.at(
+                    ctx.r,
+                    &format!("{field}.replaceFullPath"),
+                    "required, and must start with '/'",
+                ),
+            },
+            PathModifierType::ReplacePrefixMatch => {
+                match &p.replace_prefix_match {
+                    Some(v) if v.starts_with('/') => {}
+                    _ => self.at(
+                        ctx.r,
+                        &format!("{field}.replacePrefixMatch"),
+                        "required, and must start with '/'",
+                    ),
+                }
+                if prefix_matched == Some(false) {
+                    self.at(
+                        ctx.r,
+                        &format!("{field}.type"),
+                        "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
+                    );
+                }
+            }
+        }
+    }
+
+    /// `prefix_matched`: for rule-level filters of HTTP rules, whether every match is a prefix
+    /// match (ReplacePrefixMatch needs that); `None` where it cannot apply.
+    fn filters(
+        &mut self,
+        ctx: &Ctx,
+        field: &str,
+        filters: &[HttpRouteFilter],
+        prefix_matched: Option<bool>,
+        grpc: bool,
+    ) {
+        let mut redirect = false;
+        let mut rewrite = false;
+        let mut kinds = BTreeSet::new();
+        for (i, f) in filters.iter().enumerate() {
+            let ff = format!("{field}.filters[{i}]");
+            let set = [
+                (
+                    FilterType::RequestHeaderModifier,
+                    f.request_header_modifier.is_some(),
+                    "requestHeaderModifier",
+                ),
+                (
+                    FilterType::ResponseHeaderModifier,
+                    f.response_header_modifier.is_some(),
+                    "responseHeaderModifier",
+                ),
+                (
+                    FilterType::RequestRedirect,
+                    f.request_redirect.is_some(),
+                    "requestRedirect",
+                ),
+                (
+                    FilterType::UrlRewrite,
+                    f.url_rewrite.is_some(),
+                    "urlRewrite",
+                ),
+                (
+                    FilterType::RequestMirror,
+                    f.request_mirror.is_some(),
+                    "requestMirror",
+                ),
+            ];
+            for (kind, present, name) in set {
+                if kind == f.kind && !present {
+                    self.at(
+                        ctx.r,
+                        &ff,
+                        format!("type {kind:?} needs the `{name}` field"),
+                    );
+                } else if kind != f.kind && present {
+                    self.at(
+                        ctx.r,
+                        &format!("{ff}.{name}"),
+                        format!("does not belong to a filter of type {:?}", f.kind),
+                    );
+                }
+            }
+            if grpc && matches!(f.kind, FilterType::RequestRedirect | FilterType::UrlRewrite) {
+                self.at(ctx.r, &format!("{ff}.type"), "GRPCRoute supports RequestHeaderModifier, ResponseHeaderModifier and RequestMirror");
+            }
+            if f.kind != FilterType::RequestMirror && !kinds.insert(f.kind) {
+                self.at(
+                    ctx.r,
+                    &format!("{ff}.type"),
+                    format!("{:?} may appear only once per rule", f.kind),
+                );
+            }
+            for (m, name) in [
+                (&f.request_header_modifier, "requestHeaderModifier"),
+                (&f.response_header_modifier, "responseHeaderModifier"),
+            ] {
+                let Some(m) = m else { continue };
+                let mut seen = BTreeSet::new();
+                for (j, h) in m.set.iter().chain(&m.add).enumerate() {
+                    if http_header_name(&h.name).is_err() {
+                        self.at(
+                            ctx.r,
+                            &format!("{ff}.{name}"),
+                            format!("{:?} is not a valid header name", h.name),
+                        );
+                    }
+                    if !header_value_ok(&h.value) {
+                        self.at(
+                            ctx.r,
+                            &format!("{ff}.{name}"),
+                            format!("header {:?} has a control character in its value", h.name),
+                        );
+                    }
+                    if !seen.insert(h.name.to_ascii_lowercase()) && j < m.set.len() {
+                        self.at(
+                            ctx.r,
+                            &format!("{ff}.{name}.set"),
+                            format!("header {:?} is set twice", h.name),
+                        );
+                    }
+                }
+                for r in &m.remove {
+                    if http_header_name(r).is_err() {
+                        self.at(
+                            ctx.r,
+                            &format!("{ff}.{name}.remove"),
+                            format!("{r:?} is not a valid header name"),
+                        );
+                    }
+                }
+            }
+            if let Some(rd) = &f.request_redirect {
+                redirect = true;
+                if let Some(s) = &rd.scheme
+                    && s != "http"
+                    && s != "https"
+                {
+                    self.at(
+                        ctx.r,
+                        &format!("{ff}.requestRedirect.scheme"),
+                        "must be http or https",
+                    );
+                }
+                if ![301, 302, 303, 307, 308].contains(&rd.status_code) {
+                    self.at(
+                        ctx.r,
+                        &format!("{ff}.requestRedirect.statusCode"),
+                        "must be 301, 302, 303, 307 or 308",
+                    );
+                }
+                if let Some(p) = &rd.path {
+                    self.path_modifier(
+                        ctx,
+                        &format!("{ff}.requestRedirect.path"),
+                        p,
+                        prefix_matched,
+                    );
+                }
+            }
+            if let Some(rw) = &f.url_rewrite {
+                rewrite = true;
+                if let Some(p) = &rw.path {
+                    self.path_modifier(ctx, &format!("{ff}.urlRewrite.path"), p, prefix_matched);
+                }
+            }
+            if let Some(m) = &f.request_mirror {
+                self.backend(
+                    ctx,
+                    &format!("{ff}.requestMirror.backendRef"),
+                    &m.backend_ref,
+                );
+                if m.percent.is_some() && m.fraction.is_some() {
+                    self.at(
+                        ctx.r,
+                        &format!("{ff}.requestMirror"),
+                        "set percent or fraction, not both",
+                    );
+                }
+                if m.percent.is_some_and(|p| p > 100) {
+                    self.at(
+                        ctx.r,
+                        &format!("{ff}.requestMirror.percent"),
+                        "must be 0-100",
+                    );
+                }
+                if let Some(fr) = &m.fraction
+                    && (fr.denominator == 0 || fr.numerator > fr.denominator)
+                {
+                    self.at(
+                        ctx.r,
+                        &format!("{ff}.requestMirror.fraction"),
+                        "needs denominator > 0 and numerator <= denominator",
+                    );
+                }
+            }
+        }
+        if redirect && rewrite {
+            self.at(
+                ctx.r,
+                &format!("{field}.filters"),
+                "RequestRedirect and URLRewrite cannot be used together",
+            );
+        }
+    }
+
+    fn http_route(&mut self, ctx: &Ctx, spec: &HttpRouteSpec) {
+        self.parents(ctx, &spec.parent_refs);
+        for (i, rule) in spec.rules.iter().enumerate() {
+            let field = format!("spec.rules[{i}]");
+            let mut all_prefix = true;
+            for (j, m) in rule.matches.iter().enumerate() {
+                let mf = format!("{field}.matches[{j}]");
+                if let Some(p) = &m.path {
+                    match p.kind {
+                        PathMatchType::Exact | PathMatchType::PathPrefix => {
+                            if !p.value.starts_with('/') {
+                                self.at(ctx.r, &format!("{mf}.path.value"), "must start with '/'");
+                            }
+                            if p.value.contains("//")
+                                || p.value.contains("/./")
+                                || p.value.contains("/../")
+                                || p.value.contains('?')
+                                || p.value.contains('#')
+                            {
+                                self.at(ctx.r, &format!("{mf}.path.value"), "must be a normalized path without '//', '/./', '/../', '?' or '#'");
+                            }
+                        }
+                        PathMatchType::RegularExpression => {
+                            self.regex(ctx, &format!("{mf}.path.value"), &p.value)
+                        }
+                    }
+                    all_prefix &= p.kind == PathMatchType::PathPrefix;
+                }
+                self.value_matches(ctx, &format!("{mf}.headers"), &m.headers, true);
+                self.value_matches(ctx, &format!("{mf}.queryParams"), &m.query_params, false);
+                if let Some(method) = &m.method
+                    && ![
+                        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                        "PATCH",
+                    ]
+                    .contains(&method.as_str())
+                {
+                    self.at(
+                        ctx.r,
+                        &format!("{mf}.method"),
+                        format!("{method:?} is not an HTTP method (use upper case)"),
+                    );
+                }
+            }
+            self.filters(ctx, &field, &rule.filters, Some(all_prefix), false);
+            self.backends(ctx, &field, &rule.backend_refs, false);
+            if let Some(t) = &rule.timeouts
+                && let (Some(req), Some(be)) = (t.request, t.backend_request)
+                && !req.get().is_zero()
+                && be > req
+            {
+                self.at(
+                    ctx.r,
+                    &format!("{field}.timeouts.backendRequest"),
+                    "must not exceed timeouts.request",
+                );
+            }
+        }
+    }
+
+    fn grpc_route(&mut self, ctx: &Ctx, spec: &GrpcRouteSpec) {
+        self.parents(ctx, &spec.parent_refs);
+        for (i, rule) in spec.rules.iter().enumerate() {
+            let field = format!("spec.rules[{i}]");
+            for (j, m) in rule.matches.iter().enumerate() {
+                let mf = format!("{field}.matches[{j}]");
+                if let Some(mm) = &m.method {
+                    if mm.service.is_none() && mm.method.is_none() {
+                        self.at(
+                            ctx.r,
+                            &format!("{mf}.method"),
+                            "set service, method or both",
+                        );
+                    }
+                    for (v, name) in [(&mm.service, "service"), (&mm.method, "method")] {
+                        let Some(v) = v else { continue };
+                        match mm.kind {
+                            ValueMatchType::RegularExpression => {
+                                self.regex(ctx, &format!("{mf}.method.{name}"), v)
+                            }
+                            ValueMatchType::Exact => {
+                                let ok = !v.is_empty()
+                                    && v.chars().all(|c| {
+                                        c.is_ascii_alphanumeric()
+                                            || c == '_'
+                                            || (c == '.' && name == "service")
+                                    });
+                                if !ok {
+                                    self.at(
+                                        ctx.r,
+                                        &format!("{mf}.method.{name}"),
+                                        format!("{v:?} is not a valid gRPC {name} name"),
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+                self.value_matches(ctx, &format!("{mf}.headers"), &m.headers, true);
+            }
+            self.filters(ctx, &field, &rule.filters, None, true);
+            self.backends(ctx, &field, &rule.backend_refs, true);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parse_documents;
+
+    const BASE: &str = "\
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec:
+  ports: [{port: 8080}]
+  endpoints: [{address: 127.0.0.1:9001}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog-v2}
+spec:
+  ports: [{port: 8080}]
+";
+
+    fn check(extra: &str) -> Result<(), Diagnostics> {
+        let text = format!("{BASE}---\n{extra}");
+        validate(
+            &parse_documents("t.yaml", &text)
+                .map_err(|e| panic!("parse: {e}"))
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn accepts_valid_route() {
+        check(
+            "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: split}
+spec:
+  parentRefs: [{name: catalog, kind: Service, group: \"\", port: 8080}]
+  rules:
+    - matches: [{path: {type: PathPrefix, value: /api}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /v2}}
+      backendRefs:
+        - {name: catalog, port: 8080, weight: 90}
+        - {name: catalog-v2, port: 8080, weight: 10}
+",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn rejects_with_located_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "backendRefs: [{name: nope, port: 8080}]",
+                "spec.rules[0].backendRefs[0].name",
+                "no Service default/nope",
+            ),
+            (
+                "backendRefs: [{name: catalog, port: 1}]",
+                "spec.rules[0].backendRefs[0].port",
+                "has no port 1",
+            ),
+            (
+                "backendRefs: [{name: catalog}]",
+                "spec.rules[0].backendRefs[0].port",
+                "needs a port",
+            ),
+            (
+                "matches: [{path: {type: RegularExpression, value: '(['}}]",
+                "spec.rules[0].matches[0].path.value",
+                "invalid regular expression",
+            ),
+            (
+                "matches: [{path: {value: 'api'}}]",
+                "spec.rules[0].matches[0].path.value",
+                "must start with '/'",
+            ),
+            (
+                "matches: [{method: get}]",
+                "spec.rules[0].matches[0].method",
+                "not an HTTP method",
+            ),
+            (
+                "filters: [{type: RequestRedirect}]",
+                "spec.rules[0].filters[0]",
+                "needs the `requestRedirect` field",
+            ),
+            (
+                "matches: [{path: {type: Exact, value: /a}}]\n      filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]",
+                "spec.rules[0].filters[0].urlRewrite.path.type",
+                "PathPrefix",
+            ),
+            (
+                "filters: [{type: RequestMirror, requestMirror: {backendRef: {name: catalog, port: 8080}, percent: 101}}]",
+                "spec.rules[0].filters[0].requestMirror.percent",
+                "0-100",
+            ),
+        ];
+        for (rule, field, msg) in cases {
+            let text = format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: catalog}}]\n  rules:\n    - {rule}\n"
+            );
+            let err = check(&text).expect_err(rule);
+            let d = err
+                .0
+                .iter()
+                .find(|d| d.field == *field)
+                .unwrap_or_else(|| panic!("{rule}: no error at {field}: {err}"));
+            assert!(d.message.contains(msg), "{rule}: {d}");
+            assert!(d.line >= 13, "{rule}: line {}", d.line);
+        }
+    }
+
+    #[test]
+    fn rejects_duplicates_and_bad_listeners() {
+        let err = check(
+            "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {name: p}
+spec:
+  admin: {address: 127.0.0.1:9990}
+  outbound:
+    - {name: a, address: 127.0.0.1:9990, service: {name: catalog}}
+    - {name: b, address: nonsense, httpProxy: true}
+    - {name: c, address: 127.0.0.1:7000}
+",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("t.yaml:20: spec.outbound[0].address: address 127.0.0.1:9990 is already used by spec.admin.address"), "{text}");
+        assert!(
+            text.contains(
+                "t.yaml:21: spec.outbound[1].address: \"nonsense\" is not an IP:PORT address"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("spec.outbound[2]: set exactly one"), "{text}");
+        let err = check("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: catalog}\nspec: {ports: [{port: 1}]}\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("duplicate Service default/catalog"),
+            "{err}"
+        );
+    }
+}
