@@ -185,7 +185,9 @@ impl Validator {
         let mut bound: BTreeMap<SocketAddr, String> = BTreeMap::new();
         let mut names = BTreeSet::new();
         let mut bind = |v: &mut Self, field: String, text: &str| {
+            // Port 0 asks the OS for any free port, so it never conflicts.
             if let Some(a) = v.addr(r, &field, text)
+                && a.port() != 0
                 && let Some(prev) = bound.insert(a, field.clone())
             {
                 v.at(r, &field, format!("address {a} is already used by {prev}"));

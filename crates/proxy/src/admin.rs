@@ -1,0 +1,122 @@
+//! The admin listener: `/live`, `/ready`, `/config` and `/metrics`. It runs on its own
+//! single-threaded runtime and thread so that scrapes never compete with the data path.
+
+use crate::body::{self, Body};
+use crate::server::Shared;
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio_util::sync::CancellationToken;
+
+/// Admin state beyond the shared proxy state.
+pub struct AdminState {
+    /// Set once listeners are bound for an accepted config.
+    pub ready: AtomicBool,
+}
+
+/// Starts the admin server on its own thread; returns the bound address.
+pub fn spawn(
+    shared: Arc<Shared>,
+    state: Arc<AdminState>,
+    std_listener: std::net::TcpListener,
+    stop: CancellationToken,
+) -> std::io::Result<std::net::SocketAddr> {
+    let addr = std_listener.local_addr()?;
+    std_listener.set_nonblocking(true)?;
+    std::thread::Builder::new()
+        .name("trellis-admin".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    tracing::error!(error = %e, "admin runtime failed to start");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(std_listener) else {
+                    return;
+                };
+                loop {
+                    let (stream, _) = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = listener.accept() => match r { Ok(x) => x, Err(_) => continue },
+                    };
+                    let (shared, state) = (shared.clone(), state.clone());
+                    tokio::spawn(async move {
+                        let svc =
+                            service_fn(move |req| respond(shared.clone(), state.clone(), req));
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), svc)
+                            .await;
+                    });
+                }
+            });
+        })?;
+    Ok(addr)
+}
+
+async fn respond(
+    shared: Arc<Shared>,
+    state: Arc<AdminState>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let text = |status: StatusCode, ct: &'static str, b: String| {
+        let mut r = Response::new(body::full(b));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
+        r
+    };
+    if req.method() != Method::GET {
+        return Ok(text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "only GET\n".into(),
+        ));
+    }
+    Ok(match req.uri().path() {
+        "/live" => text(StatusCode::OK, "text/plain", "live\n".into()),
+        "/ready" => {
+            if state.ready.load(Ordering::Acquire) && !shared.draining.is_cancelled() {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\n".into(),
+                )
+            }
+        }
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            shared.metrics.encode(),
+        ),
+        "/config" => {
+            let snap = shared.snapshot();
+            let doc = serde_json::json!({
+                "version": snap.version,
+                "source": snap.source,
+                "resources": snap.resources,
+            });
+            text(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string_pretty(&doc).unwrap_or_default(),
+            )
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /live, /ready, /config or /metrics\n".into(),
+        ),
+    })
+}

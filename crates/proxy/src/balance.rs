@@ -1,0 +1,486 @@
+//! Load balancing over one backend's endpoints.
+//!
+//! The choice itself is a pure function ([`choose`]) over a slice of [`Load`]s so every
+//! algorithm is table-tested without sockets; [`Balancer`] gathers the live loads from each
+//! endpoint's shared counters and feeds them in.
+
+use crate::endpoint::EndpointState;
+use crate::rand;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use trellis_api::policy::Algorithm;
+
+/// What the balancer knows about one endpoint at the moment of choosing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Load {
+    /// Relative weight; 0 never receives traffic.
+    pub weight: u32,
+    /// Requests (or connections) currently outstanding.
+    pub in_flight: u64,
+    /// Peak-EWMA latency estimate, seconds.
+    pub ewma: f64,
+}
+
+/// Inputs of one decision that are not loads: randomness, the round-robin counter and the
+/// request's hash key, so that [`choose`] is deterministic under test.
+#[derive(Clone, Copy, Debug)]
+pub struct Draw {
+    /// Two independent uniform random numbers.
+    pub random: [u64; 2],
+    /// Round-robin position.
+    pub turn: usize,
+    /// Hash of the request's key, for consistent hashing.
+    pub hash: Option<u64>,
+}
+
+/// A consistent-hash ring: sorted `(point, endpoint index)`.
+#[derive(Clone, Debug, Default)]
+pub struct Ring {
+    points: Vec<(u64, usize)>,
+}
+
+impl Ring {
+    /// Points per unit of weight; enough that endpoints' shares stay within a few percent.
+    const POINTS_PER_WEIGHT: u64 = 128;
+
+    /// Builds a ring where each endpoint owns points in proportion to its weight. `ids` are
+    /// stable names (addresses) so that a ring rebuilt with the same endpoints is identical.
+    pub fn new(ids: &[(String, u32)]) -> Ring {
+        let min = ids
+            .iter()
+            .map(|(_, w)| *w)
+            .filter(|w| *w > 0)
+            .min()
+            .unwrap_or(1);
+        let mut points = Vec::new();
+        for (i, (id, weight)) in ids.iter().enumerate() {
+            let n = (u64::from(*weight) * Self::POINTS_PER_WEIGHT / u64::from(min)).min(4096);
+            for p in 0..n {
+                points.push((rand::hash_bytes(format!("{id}#{p}").as_bytes()), i));
+            }
+        }
+        points.sort_unstable();
+        Ring { points }
+    }
+}
+
+/// Picks an endpoint index, or `None` when no endpoint can take traffic.
+pub fn choose(
+    algorithm: Algorithm,
+    loads: &[Load],
+    draw: Draw,
+    ring: Option<&Ring>,
+    bound: f64,
+) -> Option<usize> {
+    let live: usize = loads.iter().filter(|l| l.weight > 0).count();
+    if live == 0 {
+        return None;
+    }
+    match algorithm {
+        Algorithm::RoundRobin => Some(weighted_position(loads, draw.turn as u64)),
+        Algorithm::LeastRequest => {
+            // Fewest outstanding requests per unit of weight; ties broken from a random start
+            // so equal endpoints share evenly.
+            let start = (draw.random[0] % loads.len() as u64) as usize;
+            (0..loads.len())
+                .map(|i| (start + i) % loads.len())
+                .filter(|&i| loads[i].weight > 0)
+                .min_by(|&a, &b| {
+                    let ca = loads[a].in_flight as f64 / f64::from(loads[a].weight);
+                    let cb = loads[b].in_flight as f64 / f64::from(loads[b].weight);
+                    ca.total_cmp(&cb)
+                })
+        }
+        Algorithm::PeakEwma => {
+            let total = total_weight(loads);
+            let a = weighted_position(loads, draw.random[0] % total);
+            if live == 1 {
+                return Some(a);
+            }
+            let mut b = weighted_position(loads, draw.random[1] % total);
+            if b == a {
+                // Second choice must differ; step to the next live endpoint.
+                b = (1..loads.len())
+                    .map(|k| (a + k) % loads.len())
+                    .find(|&i| loads[i].weight > 0)?;
+            }
+            let cost = |i: usize| {
+                loads[i].ewma * (loads[i].in_flight + 1) as f64 / f64::from(loads[i].weight)
+            };
+            Some(if cost(b) < cost(a) { b } else { a })
+        }
+        Algorithm::ConsistentHash => {
+            let ring = ring.filter(|r| !r.points.is_empty());
+            let (Some(ring), Some(hash)) = (ring, draw.hash) else {
+                // No key on this request (or no ring): fall back to a random weighted pick.
+                return Some(weighted_position(
+                    loads,
+                    draw.random[0] % total_weight(loads),
+                ));
+            };
+            // Bounded load: an endpoint may hold at most `bound` times the average load
+            // (counting this request), so a hot key spills to the next endpoint on the ring.
+            let total: u64 = loads.iter().map(|l| l.in_flight).sum::<u64>() + 1;
+            let cap = (bound * total as f64 / live as f64).ceil().max(1.0) as u64;
+            let start = ring.points.partition_point(|(p, _)| *p < hash);
+            let n = ring.points.len();
+            (0..n)
+                .map(|k| ring.points[(start + k) % n].1)
+                .find(|&i| loads[i].weight > 0 && loads[i].in_flight < cap)
+                .or_else(|| Some(ring.points[start % n].1))
+        }
+    }
+}
+
+fn total_weight(loads: &[Load]) -> u64 {
+    loads.iter().map(|l| u64::from(l.weight)).sum()
+}
+
+/// The endpoint owning position `pos` (mod total weight) when weights are laid end to end.
+fn weighted_position(loads: &[Load], pos: u64) -> usize {
+    let mut pos = pos % total_weight(loads);
+    for (i, l) in loads.iter().enumerate() {
+        let w = u64::from(l.weight);
+        if pos < w {
+            return i;
+        }
+        pos -= w;
+    }
+    unreachable!("pos is below the total weight")
+}
+
+/// One endpoint as a balancer sees it.
+#[derive(Debug)]
+pub struct Member {
+    /// Shared state (counters and connection pool), kept across snapshots.
+    pub state: Arc<EndpointState>,
+    /// Relative weight.
+    pub weight: u32,
+    /// Locality zone.
+    pub zone: Option<Arc<str>>,
+}
+
+/// A backend's balancer: its endpoints and algorithm, immutable except for counters.
+#[derive(Debug)]
+pub struct Balancer {
+    algorithm: Algorithm,
+    members: Vec<Member>,
+    ring: Option<Ring>,
+    bound: f64,
+    decay: Duration,
+    turn: AtomicUsize,
+}
+
+impl Balancer {
+    /// A balancer over `members`.
+    pub fn new(
+        algorithm: Algorithm,
+        members: Vec<Member>,
+        bound: f64,
+        decay: Duration,
+    ) -> Balancer {
+        let ring = (algorithm == Algorithm::ConsistentHash).then(|| {
+            Ring::new(
+                &members
+                    .iter()
+                    .map(|m| (m.state.addr.to_string(), m.weight))
+                    .collect::<Vec<_>>(),
+            )
+        });
+        let start = rand::below(members.len().max(1) as u64) as usize;
+        Balancer {
+            algorithm,
+            members,
+            ring,
+            bound,
+            decay,
+            turn: AtomicUsize::new(start),
+        }
+    }
+
+    /// The endpoints.
+    pub fn members(&self) -> &[Member] {
+        &self.members
+    }
+
+    /// The algorithm in use.
+    pub fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// Chooses an endpoint for a request whose hash key (if the algorithm uses one) is `hash`.
+    pub fn pick(&self, hash: Option<u64>) -> Option<&Arc<EndpointState>> {
+        let now = tokio::time::Instant::now();
+        // Small backends are the common case: keep the loads on the stack.
+        let mut buf = [Load {
+            weight: 0,
+            in_flight: 0,
+            ewma: 0.0,
+        }; 16];
+        let mut heap;
+        let loads: &mut [Load] = if self.members.len() <= buf.len() {
+            &mut buf[..self.members.len()]
+        } else {
+            heap = vec![
+                Load {
+                    weight: 0,
+                    in_flight: 0,
+                    ewma: 0.0
+                };
+                self.members.len()
+            ];
+            &mut heap
+        };
+        for (l, m) in loads.iter_mut().zip(&self.members) {
+            *l = Load {
+                weight: m.weight,
+                in_flight: m.state.in_flight(),
+                ewma: m.state.ewma(now, self.decay),
+            };
+        }
+        let draw = Draw {
+            random: [rand::u64(), rand::u64()],
+            turn: if self.algorithm == Algorithm::RoundRobin {
+                self.turn.fetch_add(1, Ordering::Relaxed)
+            } else {
+                0
+            },
+            hash,
+        };
+        choose(self.algorithm, loads, draw, self.ring.as_ref(), self.bound)
+            .map(|i| &self.members[i].state)
+    }
+
+    /// The EWMA decay window.
+    pub fn decay(&self) -> Duration {
+        self.decay
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(weight: u32, in_flight: u64, ewma_ms: f64) -> Load {
+        Load {
+            weight,
+            in_flight,
+            ewma: ewma_ms / 1000.0,
+        }
+    }
+
+    fn draw(r0: u64, r1: u64) -> Draw {
+        Draw {
+            random: [r0, r1],
+            turn: 0,
+            hash: None,
+        }
+    }
+
+    #[test]
+    fn table() {
+        use Algorithm::*;
+        let cases: &[(&str, Algorithm, Vec<Load>, Draw, Option<usize>)] = &[
+            ("no endpoints", PeakEwma, vec![], draw(0, 0), None),
+            (
+                "all weight zero",
+                RoundRobin,
+                vec![l(0, 0, 1.0), l(0, 0, 1.0)],
+                draw(0, 0),
+                None,
+            ),
+            (
+                "single endpoint",
+                PeakEwma,
+                vec![l(1, 9, 50.0)],
+                draw(5, 7),
+                Some(0),
+            ),
+            (
+                "ewma prefers faster of the two",
+                PeakEwma,
+                vec![l(1, 0, 50.0), l(1, 0, 1.0)],
+                draw(0, 1),
+                Some(1),
+            ),
+            (
+                "ewma same draw order",
+                PeakEwma,
+                vec![l(1, 0, 50.0), l(1, 0, 1.0)],
+                draw(1, 0),
+                Some(1),
+            ),
+            (
+                "ewma counts in-flight",
+                PeakEwma,
+                vec![l(1, 10, 1.0), l(1, 0, 5.0)],
+                draw(0, 1),
+                Some(1),
+            ),
+            (
+                "ewma skips zero weight",
+                PeakEwma,
+                vec![l(0, 0, 0.1), l(1, 0, 9.0), l(1, 0, 10.0)],
+                draw(0, 0),
+                Some(1),
+            ),
+            (
+                "rr turn 0",
+                RoundRobin,
+                vec![l(1, 0, 1.0), l(1, 0, 1.0)],
+                Draw {
+                    turn: 0,
+                    ..draw(0, 0)
+                },
+                Some(0),
+            ),
+            (
+                "rr turn 1",
+                RoundRobin,
+                vec![l(1, 0, 1.0), l(1, 0, 1.0)],
+                Draw {
+                    turn: 1,
+                    ..draw(0, 0)
+                },
+                Some(1),
+            ),
+            (
+                "rr weighted",
+                RoundRobin,
+                vec![l(3, 0, 1.0), l(1, 0, 1.0)],
+                Draw {
+                    turn: 2,
+                    ..draw(0, 0)
+                },
+                Some(0),
+            ),
+            (
+                "rr weighted last",
+                RoundRobin,
+                vec![l(3, 0, 1.0), l(1, 0, 1.0)],
+                Draw {
+                    turn: 3,
+                    ..draw(0, 0)
+                },
+                Some(1),
+            ),
+            (
+                "least request",
+                LeastRequest,
+                vec![l(1, 5, 1.0), l(1, 2, 1.0), l(1, 3, 1.0)],
+                draw(0, 0),
+                Some(1),
+            ),
+            (
+                "least request per weight",
+                LeastRequest,
+                vec![l(4, 4, 1.0), l(1, 2, 1.0)],
+                draw(0, 0),
+                Some(0),
+            ),
+            (
+                "hash without key falls back",
+                ConsistentHash,
+                vec![l(1, 0, 1.0)],
+                draw(0, 0),
+                Some(0),
+            ),
+        ];
+        for (name, algo, loads, d, want) in cases {
+            assert_eq!(choose(*algo, loads, *d, None, 1.25), *want, "{name}");
+        }
+    }
+
+    fn ring_of(n: usize) -> (Ring, Vec<Load>) {
+        let ids: Vec<_> = (0..n).map(|i| (format!("10.0.0.{i}:80"), 1)).collect();
+        (Ring::new(&ids), vec![l(1, 0, 1.0); n])
+    }
+
+    #[test]
+    fn consistent_hash_is_sticky_and_spread() {
+        let (ring, loads) = ring_of(4);
+        let mut counts = [0u32; 4];
+        for key in 0..4000u64 {
+            let h = rand::mix(key);
+            let d = Draw {
+                hash: Some(h),
+                ..draw(key, key)
+            };
+            let a = choose(Algorithm::ConsistentHash, &loads, d, Some(&ring), 1.25).unwrap();
+            let b = choose(
+                Algorithm::ConsistentHash,
+                &loads,
+                Draw {
+                    random: [9, 9],
+                    ..d
+                },
+                Some(&ring),
+                1.25,
+            )
+            .unwrap();
+            assert_eq!(a, b, "same key, same endpoint");
+            counts[a] += 1;
+        }
+        for c in counts {
+            assert!((700..1300).contains(&c), "uneven ring: {counts:?}");
+        }
+    }
+
+    #[test]
+    fn consistent_hash_bounded_load_spills() {
+        let (ring, mut loads) = ring_of(4);
+        let h = rand::mix(42);
+        let d = Draw {
+            hash: Some(h),
+            ..draw(0, 0)
+        };
+        let home = choose(Algorithm::ConsistentHash, &loads, d, Some(&ring), 1.25).unwrap();
+        // The key's home endpoint is at the cap: 1.25 * (8 + 1) / 4 = 2.8 -> 3.
+        loads[home].in_flight = 3;
+        for (i, l) in loads.iter_mut().enumerate() {
+            if i != home {
+                l.in_flight = 5 / 3;
+            }
+        }
+        let spilled = choose(Algorithm::ConsistentHash, &loads, d, Some(&ring), 1.25).unwrap();
+        assert_ne!(spilled, home);
+        // Removing one endpoint only moves the keys it owned.
+        let ids3: Vec<_> = (0..3).map(|i| (format!("10.0.0.{i}:80"), 1)).collect();
+        let ring3 = Ring::new(&ids3);
+        let loads3 = vec![l(1, 0, 1.0); 3];
+        let loads4 = vec![l(1, 0, 1.0); 4];
+        for key in 0..1000u64 {
+            let d = Draw {
+                hash: Some(rand::mix(key)),
+                ..draw(0, 0)
+            };
+            let before = choose(Algorithm::ConsistentHash, &loads4, d, Some(&ring), 1.25).unwrap();
+            let after = choose(Algorithm::ConsistentHash, &loads3, d, Some(&ring3), 1.25).unwrap();
+            if before != 3 {
+                assert_eq!(before, after, "key {key} moved though its endpoint stayed");
+            }
+        }
+    }
+
+    #[test]
+    fn weighted_random_follows_weights() {
+        let loads = vec![l(9, 0, 1.0), l(1, 0, 1.0)];
+        let mut first = 0;
+        for i in 0..10_000u64 {
+            // With equal costs the first draw wins, so the split follows the weights.
+            if choose(
+                Algorithm::PeakEwma,
+                &loads,
+                draw(rand::mix(i), rand::mix(i + 1)),
+                None,
+                1.25,
+            ) == Some(0)
+            {
+                first += 1;
+            }
+        }
+        // Two draws: endpoint 1 wins only if both draws land on it or it is first (ties).
+        assert!(first > 8_000, "{first}");
+    }
+}

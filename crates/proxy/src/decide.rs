@@ -1,0 +1,175 @@
+//! The routing decision for one HTTP request: a pure function of the snapshot, the listener
+//! and the request head. No I/O here; `http.rs` carries the decision out.
+
+use crate::error::ProxyError;
+use crate::route::{RequestView, Rule};
+use crate::snapshot::{Backend, Listener, ListenerKind, PortEntry, Snapshot};
+use http::header::HOST;
+use http::{StatusCode, request::Parts};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What to do with a request.
+#[derive(Debug)]
+pub enum Decision {
+    /// Answer with this error.
+    Fail(ProxyError),
+    /// Answer with a redirect.
+    Redirect {
+        /// Rule that redirected.
+        route: Arc<str>,
+        /// `Location`.
+        location: String,
+        /// 301, 302, ...
+        status: StatusCode,
+    },
+    /// Forward to a backend.
+    Forward(Forward),
+}
+
+/// A request to forward.
+#[derive(Debug)]
+pub struct Forward {
+    /// The rule's id, `default` (no routes attached) or `inbound`.
+    pub route: Arc<str>,
+    /// The matched rule, whose filters apply.
+    pub rule: Option<Arc<Rule>>,
+    /// Index of the chosen backend within the rule, whose filters apply too.
+    pub backend_index: Option<usize>,
+    /// The backend.
+    pub backend: Arc<Backend>,
+    /// Length of the path prefix matched, for `ReplacePrefixMatch`.
+    pub prefix_len: usize,
+    /// Time allowed until response headers.
+    pub timeout: Option<Duration>,
+}
+
+/// Whether a request is gRPC.
+pub fn is_grpc(parts: &Parts) -> bool {
+    parts
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|ct| ct.starts_with("application/grpc"))
+}
+
+/// The request's authority: the URI's (HTTP/2, absolute-form HTTP/1) or the `Host` header.
+pub fn authority(parts: &Parts) -> Option<&str> {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str())
+        .or_else(|| parts.headers.get(HOST).and_then(|h| h.to_str().ok()))
+}
+
+/// Decides what to do with a request arriving on `listener`. `random` drives the weighted
+/// backend choice.
+pub fn decide(snap: &Snapshot, listener: &Listener, parts: &Parts, random: u64) -> Decision {
+    let (entry, listener_port) = match &listener.kind {
+        ListenerKind::Inbound { app } => {
+            return Decision::Forward(Forward {
+                route: "inbound".into(),
+                rule: None,
+                backend_index: None,
+                backend: app.clone(),
+                prefix_len: 0,
+                timeout: app.request_timeout,
+            });
+        }
+        ListenerKind::Service(k, port) => match snap.port(k, Some(*port)) {
+            Some(e) => (e, *port),
+            None => {
+                return Decision::Fail(ProxyError::UnknownHost(format!(
+                    "{}/{}:{port}",
+                    k.namespace, k.name
+                )));
+            }
+        },
+        ListenerKind::HttpProxy => match by_host(snap, parts) {
+            Ok(e) => (e, e.port),
+            Err(err) => return Decision::Fail(err),
+        },
+    };
+    route(entry, listener_port, parts, random)
+}
+
+fn by_host<'a>(snap: &'a Snapshot, parts: &Parts) -> Result<&'a PortEntry, ProxyError> {
+    let Some(auth) = authority(parts) else {
+        return Err(ProxyError::BadRequest("request has no Host".into()));
+    };
+    let (host, port) = match auth.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
+            Ok(p) => (h, Some(p)),
+            Err(_) => (auth, None),
+        },
+        _ => (auth, None),
+    };
+    let host = host.to_ascii_lowercase();
+    let key = snap
+        .hosts
+        .get(host.trim_end_matches('.'))
+        .ok_or_else(|| ProxyError::UnknownHost(auth.to_string()))?;
+    // A bare host means the service's only port, or port 80.
+    snap.port(key, port)
+        .or_else(|| {
+            if port.is_none() {
+                snap.port(key, Some(80))
+            } else {
+                None
+            }
+        })
+        .ok_or_else(|| ProxyError::UnknownHost(auth.to_string()))
+}
+
+/// Chooses a rule and backend on a service port.
+pub fn route(entry: &PortEntry, listener_port: u16, parts: &Parts, random: u64) -> Decision {
+    let path = parts.uri.path();
+    let (rule, prefix_len) = if let (true, Some(grpc)) = (is_grpc(parts), &entry.grpc) {
+        match grpc.select(path, &parts.headers) {
+            Some(rule) => (rule, 0),
+            None => return Decision::Fail(ProxyError::NoRoute(format!("gRPC {path}"))),
+        }
+    } else if let Some(http) = &entry.http {
+        let view = RequestView {
+            method: &parts.method,
+            path,
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        };
+        match http.select(&view) {
+            Some(s) => (s.rule, s.prefix_len),
+            None => {
+                return Decision::Fail(ProxyError::NoRoute(format!("{} {}", parts.method, path)));
+            }
+        }
+    } else {
+        return Decision::Forward(Forward {
+            route: "default".into(),
+            rule: None,
+            backend_index: None,
+            backend: entry.backend.clone(),
+            prefix_len: 0,
+            timeout: entry.backend.request_timeout,
+        });
+    };
+    if let Some(r) = &rule.filters.redirect {
+        let host = authority(parts).unwrap_or("");
+        return Decision::Redirect {
+            route: rule.id.clone(),
+            location: r.location(host, &parts.uri, prefix_len, listener_port),
+            status: r.status,
+        };
+    }
+    let Some(index) = rule.pick_backend(random) else {
+        return Decision::Fail(ProxyError::NoBackends(rule.id.to_string()));
+    };
+    let backend = rule.backends[index].backend.clone();
+    Decision::Forward(Forward {
+        route: rule.id.clone(),
+        timeout: rule.timeout.unwrap_or(backend.request_timeout),
+        rule: Some(rule.clone()),
+        backend_index: Some(index),
+        backend,
+        prefix_len,
+    })
+}

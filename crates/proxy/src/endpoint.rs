@@ -1,0 +1,177 @@
+//! Per-endpoint state that outlives config snapshots: load counters for balancing and the
+//! pool of upstream connections.
+
+use crate::body::Body;
+use crate::error::ProxyError;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Latency assumed for an endpoint that has not answered yet.
+const DEFAULT_RTT: f64 = 0.001;
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// One upstream endpoint's live state.
+#[derive(Debug)]
+pub struct EndpointState {
+    /// The endpoint's address.
+    pub addr: SocketAddr,
+    in_flight: AtomicU64,
+    /// Peak-EWMA latency estimate in seconds, as `f64` bits.
+    ewma: AtomicU64,
+    /// When `ewma` was last updated, nanoseconds since [`epoch`].
+    stamp: AtomicU64,
+    h1_idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
+    h2: Mutex<Option<http2::SendRequest<Body>>>,
+}
+
+impl EndpointState {
+    /// Fresh state for `addr`.
+    pub fn new(addr: SocketAddr) -> EndpointState {
+        EndpointState {
+            addr,
+            in_flight: AtomicU64::new(0),
+            ewma: AtomicU64::new(DEFAULT_RTT.to_bits()),
+            stamp: AtomicU64::new(nanos(Instant::now())),
+            h1_idle: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+        }
+    }
+
+    /// Requests or connections outstanding.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Counts one request in flight until the guard drops.
+    pub fn start(self: &std::sync::Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self.clone())
+    }
+
+    /// The latency estimate at `now`, decayed toward zero since the last observation so that
+    /// an endpoint once slow is eventually tried again.
+    pub fn ewma(&self, now: Instant, decay: Duration) -> f64 {
+        let value = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        let elapsed = nanos(now).saturating_sub(self.stamp.load(Ordering::Relaxed)) as f64 / 1e9;
+        value * (-elapsed / decay.as_secs_f64().max(1e-3)).exp()
+    }
+
+    /// Records an observed latency: a peak is taken at once, an improvement is averaged in.
+    pub fn observe(&self, rtt: Duration, now: Instant, decay: Duration) {
+        let rtt = rtt.as_secs_f64();
+        let prev = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        let elapsed =
+            nanos(now).saturating_sub(self.stamp.swap(nanos(now), Ordering::Relaxed)) as f64 / 1e9;
+        let w = (-elapsed / decay.as_secs_f64().max(1e-3)).exp();
+        let next = if rtt > prev {
+            rtt
+        } else {
+            prev * w + rtt * (1.0 - w)
+        };
+        self.ewma.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// An HTTP/1.1 connection ready for a request: a pooled one, or a new one.
+    pub async fn http1(
+        &self,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+    ) -> Result<http1::SendRequest<Body>, ProxyError> {
+        loop {
+            let idle = {
+                let mut pool = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
+                pool.pop()
+            };
+            let Some((mut tx, since)) = idle else { break };
+            if tx.is_closed() || since.elapsed() > idle_timeout {
+                continue;
+            }
+            if tx.ready().await.is_ok() {
+                return Ok(tx);
+            }
+        }
+        let io = self.connect(connect_timeout).await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::UpstreamProtocol(self.addr, e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream http/1 connection ended");
+            }
+        });
+        Ok(tx)
+    }
+
+    /// Returns a connection whose previous exchange finished cleanly.
+    pub fn release_http1(&self, tx: http1::SendRequest<Body>) {
+        let mut pool = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
+        // Bound the pool: beyond this, connections are simply closed.
+        if pool.len() < 256 {
+            pool.push((tx, Instant::now()));
+        }
+    }
+
+    /// The shared HTTP/2 connection, established on first use.
+    pub async fn http2(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        if let Some(tx) = self.h2.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
+            && !tx.is_closed()
+        {
+            return Ok(tx.clone());
+        }
+        let io = self.connect(connect_timeout).await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::UpstreamProtocol(self.addr, e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream http/2 connection ended");
+            }
+        });
+        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
+        Ok(tx)
+    }
+
+    /// A new TCP connection, within `timeout`.
+    pub async fn connect(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
+        match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
+            Ok(Ok(s)) => {
+                let _ = s.set_nodelay(true);
+                Ok(s)
+            }
+            Ok(Err(e)) => Err(ProxyError::Connect(self.addr, e.to_string())),
+            Err(_) => Err(ProxyError::Connect(
+                self.addr,
+                format!("no connection within {timeout:?}"),
+            )),
+        }
+    }
+}
+
+fn nanos(t: Instant) -> u64 {
+    t.saturating_duration_since(epoch()).as_nanos() as u64
+}
+
+/// Keeps an endpoint's in-flight count raised while alive.
+#[derive(Debug)]
+pub struct InFlight(std::sync::Arc<EndpointState>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,109 @@
+//! Why a request failed, and what the client is told: the error decides the status, the
+//! readable reason header and whether a retry may help, in one place.
+
+use crate::body::{self, Body};
+use http::{HeaderValue, Response, StatusCode};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The response header carrying the proxy's reason for an error it generated.
+pub const ERROR_HEADER: &str = "trellis-proxy-error";
+
+/// A failure the proxy answers for.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// The request could not be understood.
+    #[error("bad request: {0}")]
+    BadRequest(String),
+    /// No service is known for the request's host (HTTP proxy mode).
+    #[error("no service for host {0:?}")]
+    UnknownHost(String),
+    /// No route rule matched.
+    #[error("no route matched {0}")]
+    NoRoute(String),
+    /// The matched rule has no usable backend.
+    #[error("route {0} has no backends with weight")]
+    NoBackends(String),
+    /// The backend has no endpoint that can take traffic.
+    #[error("no available endpoint for {0}")]
+    NoEndpoint(String),
+    /// Connecting to the endpoint failed.
+    #[error("upstream connect failed: {0}: {1}")]
+    Connect(SocketAddr, String),
+    /// The endpoint broke the protocol or reset the connection.
+    #[error("upstream {0} failed: {1}")]
+    UpstreamProtocol(SocketAddr, String),
+    /// No response headers within the request timeout.
+    #[error("upstream did not respond within {0:?}")]
+    Timeout(Duration),
+}
+
+impl ProxyError {
+    /// The HTTP status the client receives.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UnknownHost(_) | ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
+            ProxyError::NoBackends(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Connect(..) | ProxyError::UpstreamProtocol(..) => StatusCode::BAD_GATEWAY,
+            ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Whether sending the same request to another endpoint may succeed: only when the
+    /// request never reached an endpoint.
+    pub fn retryable(&self) -> bool {
+        matches!(self, ProxyError::Connect(..))
+    }
+
+    /// A short machine-friendly label, used in metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::UnknownHost(_) => "unknown_host",
+            ProxyError::NoRoute(_) => "no_route",
+            ProxyError::NoBackends(_) => "no_backends",
+            ProxyError::NoEndpoint(_) => "no_endpoint",
+            ProxyError::Connect(..) => "connect",
+            ProxyError::UpstreamProtocol(..) => "upstream",
+            ProxyError::Timeout(_) => "timeout",
+        }
+    }
+
+    /// The response for this error. gRPC clients get a trailers-only response with the
+    /// matching `grpc-status`, since they do not read HTTP statuses.
+    pub fn into_response(self, grpc: bool) -> Response<Body> {
+        let reason = self.to_string();
+        let reason_value = HeaderValue::from_str(&reason)
+            .unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+        let mut resp = if grpc {
+            let code = match self.status() {
+                StatusCode::NOT_FOUND => "12",             // UNIMPLEMENTED
+                StatusCode::GATEWAY_TIMEOUT => "4",        // DEADLINE_EXCEEDED
+                StatusCode::INTERNAL_SERVER_ERROR => "13", // INTERNAL
+                StatusCode::BAD_REQUEST => "3",            // INVALID_ARGUMENT
+                _ => "14",                                 // UNAVAILABLE
+            };
+            let mut r = Response::new(body::empty());
+            let h = r.headers_mut();
+            h.insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            h.insert("grpc-status", HeaderValue::from_static(code));
+            h.insert("grpc-message", reason_value.clone());
+            r
+        } else {
+            let mut r = Response::new(body::full(format!("{reason}\n")));
+            *r.status_mut() = self.status();
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            r
+        };
+        resp.headers_mut().insert(ERROR_HEADER, reason_value);
+        resp
+    }
+}

@@ -1,0 +1,521 @@
+//! The HTTP request path, top to bottom. Each step is one line in [`handle`]:
+//! decide (route) → filters → mirror → endpoint → forward → response filters → metrics.
+
+use crate::body::{self, Body};
+use crate::decide::{self, Decision, Forward};
+use crate::endpoint::{EndpointState, InFlight};
+use crate::error::ProxyError;
+use crate::filters;
+use crate::metrics::{ResponseLabels, RouteLabels};
+use crate::rand;
+use crate::server::Shared;
+use crate::snapshot::{Backend, HashOn, Listener};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body as _, Frame, SizeHint};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+
+/// Largest request body copied for RequestMirror; larger or unsized bodies are not mirrored.
+const MIRROR_BODY_LIMIT: u64 = 64 * 1024;
+/// Attempts for a request whose connection to an endpoint failed (it never left the proxy).
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// Per-connection facts every request on it shares.
+pub struct ConnInfo {
+    /// The listener the connection arrived on, as of accept time.
+    pub listener: Arc<Listener>,
+    /// The client's address.
+    pub client: SocketAddr,
+}
+
+/// Handles one request; never fails (errors become responses).
+pub async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let start = Instant::now();
+    let snap = shared.snapshot();
+    // The listener as currently configured (a reload may have changed where it points).
+    let listener = snap
+        .listeners
+        .iter()
+        .find(|l| l.name == conn.listener.name)
+        .unwrap_or(&conn.listener);
+    let direction = listener.direction();
+    let downstream_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+    let grpc = decide::is_grpc(&parts);
+
+    // 1. Decide: which rule, which backend (pure).
+    let fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {
+        Decision::Forward(f) => f,
+        Decision::Fail(e) => return Ok(shared.fail(direction, "", "", e, grpc, start)),
+        Decision::Redirect {
+            route,
+            location,
+            status,
+        } => {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = status;
+            if let Some((n, v)) = filters::location_header(&location) {
+                resp.headers_mut().insert(n, v);
+            }
+            shared.record(direction, &route, "", status, "", start);
+            return Ok(resp);
+        }
+    };
+
+    // 2. Request filters: the rule's, then the chosen backend's.
+    if let Some(rule) = &fwd.rule {
+        filters::apply_request(&rule.filters, &mut parts, fwd.prefix_len);
+        if let Some(i) = fwd.backend_index {
+            filters::apply_request(&rule.backends[i].filters, &mut parts, fwd.prefix_len);
+        }
+    }
+
+    // 3. Mirror: copy the request to mirror backends, when its body is small enough to copy.
+    let mut body = body.boxed();
+    if let Some(rule) = fwd.rule.as_ref().filter(|r| !r.filters.mirrors.is_empty()) {
+        body = mirror(
+            &shared,
+            direction,
+            &fwd.route,
+            &rule.filters.mirrors,
+            &parts,
+            body,
+            conn.client,
+        )
+        .await;
+    }
+
+    // 4–5. Endpoint and forward, retrying other endpoints only when a connection failed.
+    let req = Request::from_parts(parts, body);
+    let result = forward(&fwd, req, conn.client).await;
+    let (mut resp, endpoint) = match result {
+        Ok(r) => r,
+        Err(e) => return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start)),
+    };
+
+    // 6. Response filters.
+    if let Some(rule) = &fwd.rule {
+        if let Some(edit) = &rule.filters.response_headers {
+            edit.apply(resp.headers_mut());
+        }
+        if let Some(edit) = fwd
+            .backend_index
+            .and_then(|i| rule.backends[i].filters.response_headers.as_ref())
+        {
+            edit.apply(resp.headers_mut());
+        }
+    }
+
+    // 7. Upgrades (WebSocket): splice the two upgraded connections together.
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(down) = downstream_upgrade
+    {
+        let up = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            match tokio::try_join!(down, up) {
+                Ok((d, u)) => {
+                    let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                    let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+            }
+            drop(endpoint);
+        });
+    }
+
+    shared.record(
+        direction,
+        &fwd.route,
+        &fwd.backend.name,
+        resp.status(),
+        "",
+        start,
+    );
+    Ok(resp)
+}
+
+/// Sends the request to an endpoint of the backend. Returns the response and the in-flight
+/// guard's owner (kept alive by the response body).
+async fn forward(
+    fwd: &Forward,
+    mut req: Request<Body>,
+    client: SocketAddr,
+) -> Result<(Response<Body>, Option<InFlight>), ProxyError> {
+    let backend = &fwd.backend;
+    let hash = backend
+        .hash_on
+        .as_ref()
+        .and_then(|on| hash_key(on, req.headers(), client));
+    let h2 = use_http2(backend, req.version());
+    prepare_upstream(&mut req, h2);
+    let mut last_err = None;
+    for _ in 0..CONNECT_ATTEMPTS {
+        let Some(endpoint) = backend.balancer.pick(hash) else {
+            return Err(ProxyError::NoEndpoint(backend.name.to_string()));
+        };
+        let guard = endpoint.start();
+        let sent = Instant::now();
+        let attempt = async {
+            if h2 {
+                let mut tx = endpoint.http2(backend.connect_timeout).await?;
+                Ok::<_, ProxyError>((tx.send_request(req_take(&mut req)).await, None))
+            } else {
+                let mut tx = endpoint
+                    .http1(backend.connect_timeout, backend.idle_timeout)
+                    .await?;
+                let fut = tx.send_request(req_take(&mut req));
+                Ok((fut.await, Some(tx)))
+            }
+        };
+        let outcome = match fwd.timeout {
+            Some(t) => match tokio::time::timeout(t, attempt).await {
+                Ok(r) => r,
+                Err(_) => return Err(ProxyError::Timeout(t)),
+            },
+            None => attempt.await,
+        };
+        match outcome {
+            Err(e) if e.retryable() => {
+                tracing::debug!(endpoint = %endpoint.addr, error = %e, "connect failed; trying another endpoint");
+                last_err = Some(e);
+                continue;
+            }
+            Err(e) => return Err(e),
+            Ok((Err(e), _)) => {
+                return Err(ProxyError::UpstreamProtocol(endpoint.addr, e.to_string()));
+            }
+            Ok((Ok(resp), tx)) => {
+                endpoint.observe(sent.elapsed(), Instant::now(), backend.balancer.decay());
+                let (mut parts, incoming) = resp.into_parts();
+                strip_hop_by_hop(
+                    &mut parts.headers,
+                    parts.status == StatusCode::SWITCHING_PROTOCOLS,
+                );
+                if parts.status == StatusCode::SWITCHING_PROTOCOLS {
+                    // The connection now belongs to the upgraded stream: not pooled.
+                    let resp = Response::from_parts(parts, incoming.boxed());
+                    return Ok((resp, Some(guard)));
+                }
+                let pool_return = tx.map(|tx| (tx, endpoint.clone()));
+                let tracked = Tracked {
+                    inner: incoming,
+                    guard: Some(guard),
+                    pool: pool_return,
+                };
+                return Ok((Response::from_parts(parts, tracked.boxed()), None));
+            }
+        }
+    }
+    Err(last_err.unwrap_or_else(|| ProxyError::NoEndpoint(backend.name.to_string())))
+}
+
+/// Moves the request out for sending. Called only once a connection exists, so a failed
+/// connect leaves the request intact for the next endpoint.
+fn req_take(req: &mut Request<Body>) -> Request<Body> {
+    let mut out = Request::new(body::empty());
+    *out.method_mut() = req.method().clone();
+    *out.uri_mut() = req.uri().clone();
+    *out.version_mut() = req.version();
+    *out.headers_mut() = std::mem::take(req.headers_mut());
+    *out.extensions_mut() = std::mem::take(req.extensions_mut());
+    *out.body_mut() = std::mem::replace(req.body_mut(), body::empty());
+    out
+}
+
+/// Whether to speak HTTP/2 to the backend: when the client did, or the port says so.
+fn use_http2(backend: &Backend, version: Version) -> bool {
+    use trellis_api::service::AppProtocol;
+    match backend.protocol {
+        Some(AppProtocol::Http2 | AppProtocol::Grpc) => true,
+        Some(AppProtocol::Http) => version == Version::HTTP_2,
+        _ => version == Version::HTTP_2,
+    }
+}
+
+/// Rewrites the request head for the upstream protocol: origin-form and `Host` for HTTP/1.1,
+/// an absolute URI (`:authority`) for HTTP/2, and no hop-by-hop headers.
+fn prepare_upstream(req: &mut Request<Body>, h2: bool) {
+    let upgrade = !h2 && wants_upgrade(req.headers());
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        });
+    strip_hop_by_hop(req.headers_mut(), upgrade);
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_string();
+    if h2 {
+        *req.version_mut() = Version::HTTP_2;
+        let auth = authority.unwrap_or_else(|| "localhost".into());
+        if let Ok(uri) = Uri::builder()
+            .scheme("http")
+            .authority(auth.as_str())
+            .path_and_query(pq.as_str())
+            .build()
+        {
+            *req.uri_mut() = uri;
+        }
+        req.headers_mut().remove(header::HOST);
+    } else {
+        *req.version_mut() = Version::HTTP_11;
+        if let Some(a) = authority
+            && let Ok(v) = HeaderValue::try_from(a)
+        {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        if let Ok(uri) = Uri::try_from(pq) {
+            *req.uri_mut() = uri;
+        }
+    }
+}
+
+fn wants_upgrade(h: &HeaderMap) -> bool {
+    h.contains_key(header::UPGRADE)
+        && h.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|s| s.to_ascii_lowercase().contains("upgrade"))
+        })
+}
+
+/// Removes headers that describe one connection, not the message (RFC 9110 §7.6.1). `te:
+/// trailers` survives (gRPC needs it); `upgrade` survives when the exchange is an upgrade.
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in [
+        header::TRANSFER_ENCODING,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        h.remove(n);
+    }
+    if !keep_upgrade {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+    if h.get(header::TE).is_some_and(|v| v != "trailers") {
+        h.remove(header::TE);
+    }
+}
+
+/// The consistent-hash key of a request.
+pub fn hash_key(on: &HashOn, headers: &HeaderMap, client: SocketAddr) -> Option<u64> {
+    match on {
+        HashOn::Header(name) => headers.get(name).map(|v| rand::hash_bytes(v.as_bytes())),
+        HashOn::Cookie(name) => headers
+            .get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(';'))
+            .find_map(|kv| {
+                kv.trim()
+                    .strip_prefix(name.as_str())
+                    .and_then(|r| r.strip_prefix('='))
+            })
+            .map(|v| rand::hash_bytes(v.as_bytes())),
+        HashOn::SourceIp => Some(rand::hash_bytes(client.ip().to_string().as_bytes())),
+    }
+}
+
+/// Sends copies of the request to mirror backends (responses discarded) and returns the body
+/// for the main request. Copying needs the body in memory, so only bodies of a known size up
+/// to [`MIRROR_BODY_LIMIT`] are mirrored.
+async fn mirror(
+    shared: &Arc<Shared>,
+    direction: &'static str,
+    route: &Arc<str>,
+    mirrors: &[filters::Mirror],
+    parts: &http::request::Parts,
+    body: Body,
+    client: SocketAddr,
+) -> Body {
+    let chosen: Vec<_> = mirrors
+        .iter()
+        .filter(|m| rand::below(1_000_000) < u64::from(m.per_million))
+        .collect();
+    if chosen.is_empty() {
+        return body;
+    }
+    let size = body.size_hint().exact();
+    if !size.is_some_and(|s| s <= MIRROR_BODY_LIMIT) && !body.is_end_stream() {
+        return body;
+    }
+    let bytes = match body.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(_) => return body::empty(),
+    };
+    for m in chosen {
+        let mut copy = Request::new(body::full(bytes.clone()));
+        *copy.method_mut() = parts.method.clone();
+        *copy.uri_mut() = parts.uri.clone();
+        *copy.version_mut() = parts.version;
+        *copy.headers_mut() = parts.headers.clone();
+        let fwd = Forward {
+            route: route.clone(),
+            rule: None,
+            backend_index: None,
+            backend: m.backend.clone(),
+            prefix_len: 0,
+            timeout: m.backend.request_timeout,
+        };
+        shared
+            .metrics
+            .mirrored
+            .get_or_create(&RouteLabels {
+                direction,
+                route: route.clone(),
+                backend: m.backend.name.clone(),
+            })
+            .inc();
+        tokio::spawn(async move {
+            if let Ok((resp, _)) = forward(&fwd, copy, client).await {
+                // Drain so the pooled connection can be reused.
+                let _ = resp.into_body().collect().await;
+            }
+        });
+    }
+    body::full(bytes)
+}
+
+impl Shared {
+    fn fail(
+        &self,
+        direction: &'static str,
+        route: &str,
+        backend: &str,
+        e: ProxyError,
+        grpc: bool,
+        start: Instant,
+    ) -> Response<Body> {
+        tracing::debug!(error = %e, route, backend, "request failed");
+        self.record(direction, route, backend, e.status(), e.label(), start);
+        e.into_response(grpc)
+    }
+
+    fn record(
+        &self,
+        direction: &'static str,
+        route: &str,
+        backend: &str,
+        status: StatusCode,
+        error: &'static str,
+        start: Instant,
+    ) {
+        let route: Arc<str> = route.into();
+        let backend: Arc<str> = backend.into();
+        let labels = RouteLabels {
+            direction,
+            route: route.clone(),
+            backend: backend.clone(),
+        };
+        self.metrics.requests.get_or_create(&labels).inc();
+        self.metrics
+            .latency
+            .get_or_create(&labels)
+            .observe(start.elapsed().as_secs_f64());
+        self.metrics
+            .responses
+            .get_or_create(&ResponseLabels {
+                direction,
+                route,
+                backend,
+                status: status.as_u16(),
+                error,
+            })
+            .inc();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its endpoint's in-flight count raised until it ends, and
+    /// returns the HTTP/1.1 connection to the pool when the exchange finished cleanly.
+    struct Tracked {
+        #[pin]
+        inner: Incoming,
+        guard: Option<InFlight>,
+        pool: Option<(http1::SendRequest<Body>, Arc<EndpointState>)>,
+    }
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.project();
+        let res = this.inner.poll_frame(cx);
+        match &res {
+            Poll::Ready(None) => {
+                this.guard.take();
+                if let Some((tx, endpoint)) = this.pool.take() {
+                    release(tx, endpoint);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.guard.take();
+                this.pool.take();
+            }
+            _ => {}
+        }
+        res
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Puts a connection back once it can take the next request (the connection task must first
+/// see the end of the previous response).
+fn release(mut tx: http1::SendRequest<Body>, endpoint: Arc<EndpointState>) {
+    if tx.is_ready() {
+        endpoint.release_http1(tx);
+        return;
+    }
+    tokio::spawn(async move {
+        if tokio::time::timeout(std::time::Duration::from_secs(1), tx.ready())
+            .await
+            .is_ok_and(|r| r.is_ok())
+        {
+            endpoint.release_http1(tx);
+        }
+    });
+}

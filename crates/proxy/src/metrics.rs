@@ -1,0 +1,177 @@
+//! Proxy metrics. The registry is a value owned by the proxy (never a global), so tests can
+//! read the metrics of the proxy they started.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+/// Labels of a routed request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Route rule id (`namespace/route/rule`), `default` or `inbound`.
+    pub route: Arc<str>,
+    /// Backend (`namespace/service:port`), or empty when none was chosen.
+    pub backend: Arc<str>,
+}
+
+/// Labels of a response.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResponseLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Route rule id.
+    pub route: Arc<str>,
+    /// Backend.
+    pub backend: Arc<str>,
+    /// HTTP status code.
+    pub status: u16,
+    /// Proxy error label when the proxy answered itself (`connect`, `timeout`, ...), else empty.
+    pub error: &'static str,
+}
+
+/// Labels of a connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Listener name.
+    pub listener: Arc<str>,
+}
+
+/// Labels of a protocol detection outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// `http1`, `http2`, `tcp`.
+    pub protocol: &'static str,
+    /// `detected`, `declared` or `timeout` (no bytes in time: treated as TCP).
+    pub how: &'static str,
+}
+
+/// Labels with a result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: &'static str,
+}
+
+/// Every metric the proxy exports.
+pub struct Metrics {
+    registry: Registry,
+    /// Requests routed.
+    pub requests: Family<RouteLabels, Counter>,
+    /// Responses by status.
+    pub responses: Family<ResponseLabels, Counter>,
+    /// Time to response headers.
+    pub latency: Family<RouteLabels, Histogram>,
+    /// Requests copied by RequestMirror.
+    pub mirrored: Family<RouteLabels, Counter>,
+    /// Connections accepted.
+    pub connections: Family<ConnLabels, Counter>,
+    /// Connections open now.
+    pub open_connections: Family<ConnLabels, Gauge>,
+    /// Bytes read from clients.
+    pub read_bytes: Family<ConnLabels, Counter>,
+    /// Bytes written to clients.
+    pub write_bytes: Family<ConnLabels, Counter>,
+    /// Protocol detection outcomes.
+    pub detect: Family<DetectLabels, Counter>,
+    /// Config reloads.
+    pub reloads: Family<ResultLabels, Counter>,
+    /// Version of the active config snapshot.
+    pub config_version: Gauge,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100µs .. ~26s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("trellis");
+        let m = Metrics {
+            requests: Family::default(),
+            responses: Family::default(),
+            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            mirrored: Family::default(),
+            connections: Family::default(),
+            open_connections: Family::default(),
+            read_bytes: Family::default(),
+            write_bytes: Family::default(),
+            detect: Family::default(),
+            reloads: Family::default(),
+            config_version: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("http_requests", "HTTP requests routed", m.requests.clone());
+        registry.register(
+            "http_responses",
+            "HTTP responses by status",
+            m.responses.clone(),
+        );
+        registry.register(
+            "http_response_latency_seconds",
+            "Time from request to response headers",
+            m.latency.clone(),
+        );
+        registry.register(
+            "http_mirrored_requests",
+            "Requests copied by RequestMirror",
+            m.mirrored.clone(),
+        );
+        registry.register(
+            "tcp_connections",
+            "Connections accepted",
+            m.connections.clone(),
+        );
+        registry.register(
+            "tcp_open_connections",
+            "Connections open now",
+            m.open_connections.clone(),
+        );
+        registry.register(
+            "tcp_read_bytes",
+            "Bytes read from clients",
+            m.read_bytes.clone(),
+        );
+        registry.register(
+            "tcp_write_bytes",
+            "Bytes written to clients",
+            m.write_bytes.clone(),
+        );
+        registry.register(
+            "protocol_detections",
+            "Protocol detection outcomes",
+            m.detect.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config reload attempts",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "config_version",
+            "Version of the active config snapshot",
+            m.config_version.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,313 @@
+//! Listeners and connections: accept, detect the protocol, hand the connection to the HTTP
+//! server or the TCP forwarder, and drain gracefully on shutdown.
+
+use crate::detect::{self, Protocol};
+use crate::http::{self as proxy_http, ConnInfo};
+use crate::io::ClientIo;
+use crate::metrics::{ConnLabels, DetectLabels, Metrics};
+use crate::snapshot::{Listener, ListenerKind, Snapshot};
+use crate::tcp;
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trellis_api::service::AppProtocol;
+
+/// State shared by every connection: the current snapshot, metrics, and shutdown signals.
+pub struct Shared {
+    snapshot: ArcSwap<Snapshot>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Cancelled when the proxy starts draining: stop accepting, finish in-flight work.
+    pub draining: CancellationToken,
+    /// Every connection task, to wait for on drain.
+    pub tasks: TaskTracker,
+}
+
+impl Shared {
+    /// New shared state with an empty snapshot.
+    pub fn new() -> Shared {
+        Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot::empty()),
+            metrics: Metrics::default(),
+            draining: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        }
+    }
+
+    /// The current snapshot (lock-free).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Swaps in a new snapshot.
+    pub fn store(&self, snap: Arc<Snapshot>) {
+        self.metrics.config_version.set(snap.version as i64);
+        self.snapshot.store(snap);
+    }
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A running accept loop.
+struct Running {
+    configured: SocketAddr,
+    bound: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// The set of bound listeners, reconciled against each new snapshot.
+#[derive(Default)]
+pub struct Listeners {
+    running: HashMap<Arc<str>, Running>,
+}
+
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("listener {name} cannot bind {addr}: {source}")]
+pub struct BindError {
+    /// Listener name.
+    pub name: String,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Why.
+    pub source: std::io::Error,
+}
+
+impl Listeners {
+    /// Binds every listener `snap` adds (all or none), then returns a commit function that
+    /// starts them and stops the ones `snap` removed. Binding first means a port conflict
+    /// rejects the whole snapshot before anything changes.
+    pub fn prepare(&self, snap: &Snapshot) -> Result<Vec<(Listener, TcpListener)>, BindError> {
+        let mut fresh = Vec::new();
+        for l in &snap.listeners {
+            if self
+                .running
+                .get(&l.name)
+                .is_some_and(|r| r.configured == l.addr)
+            {
+                continue;
+            }
+            // A listener moving to a new address must release the old one first if they are
+            // the same port; other cases bind side by side.
+            let std_listener = bind(l.addr).map_err(|source| BindError {
+                name: l.name.to_string(),
+                addr: l.addr,
+                source,
+            })?;
+            fresh.push((l.clone(), std_listener));
+        }
+        Ok(fresh)
+    }
+
+    /// Starts prepared listeners and stops those no longer in `snap`.
+    pub fn commit(
+        &mut self,
+        shared: &Arc<Shared>,
+        snap: &Snapshot,
+        fresh: Vec<(Listener, TcpListener)>,
+    ) {
+        let keep: HashMap<&str, SocketAddr> =
+            snap.listeners.iter().map(|l| (&*l.name, l.addr)).collect();
+        self.running.retain(|name, r| {
+            let stays = keep.get(&**name) == Some(&r.configured);
+            if !stays {
+                r.stop.cancel();
+            }
+            stays
+        });
+        for (l, tcp) in fresh {
+            let stop = shared.draining.child_token();
+            let bound = tcp.local_addr().unwrap_or(l.addr);
+            tracing::info!(listener = %l.name, addr = %bound, direction = l.direction(), "listening");
+            self.running.insert(
+                l.name.clone(),
+                Running {
+                    configured: l.addr,
+                    bound,
+                    stop: stop.clone(),
+                },
+            );
+            let shared2 = shared.clone();
+            shared
+                .tasks
+                .spawn(accept_loop(shared2, Arc::new(l), tcp, stop));
+        }
+    }
+
+    /// The bound address of a listener (useful when configured with port 0).
+    pub fn bound(&self, name: &str) -> Option<SocketAddr> {
+        self.running.get(name).map(|r| r.bound)
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: Arc<Listener>,
+    tcp: TcpListener,
+    stop: CancellationToken,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = tcp.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = %listener.name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let shared2 = shared.clone();
+        let l = listener.clone();
+        shared.tasks.spawn(async move {
+            let labels = ConnLabels {
+                direction: l.direction(),
+                listener: l.name.clone(),
+            };
+            shared2.metrics.connections.get_or_create(&labels).inc();
+            let open = shared2
+                .metrics
+                .open_connections
+                .get_or_create(&labels)
+                .clone();
+            open.inc();
+            if let Err(e) = serve_connection(&shared2, l, stream, peer).await {
+                tracing::debug!(error = %e, %peer, "connection ended with error");
+            }
+            open.dec();
+        });
+    }
+}
+
+async fn serve_connection(
+    shared: &Arc<Shared>,
+    listener: Arc<Listener>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
+    let snap = shared.snapshot();
+    let direction = listener.direction();
+    let (protocol, prefix, how) = match listener.protocol {
+        Some(AppProtocol::Tcp) => (Protocol::Tcp, Default::default(), "declared"),
+        Some(AppProtocol::Http2 | AppProtocol::Grpc) => {
+            (Protocol::Http2, Default::default(), "declared")
+        }
+        Some(AppProtocol::Http) => {
+            // Declared HTTP: no TCP fallback, only HTTP/1 versus HTTP/2 prior knowledge.
+            // Anything else is served as HTTP/1 and answered 400.
+            let (p, buf, _) =
+                detect::detect(&mut stream, std::time::Duration::from_secs(30)).await?;
+            (
+                if p == Protocol::Http2 {
+                    Protocol::Http2
+                } else {
+                    Protocol::Http1
+                },
+                buf,
+                "declared",
+            )
+        }
+        None => {
+            let (p, buf, timed_out) =
+                detect::detect(&mut stream, snap.settings.detect_timeout).await?;
+            (p, buf, if timed_out { "timeout" } else { "detected" })
+        }
+    };
+    let name = match protocol {
+        Protocol::Http1 => "http1",
+        Protocol::Http2 => "http2",
+        Protocol::Tcp => "tcp",
+    };
+    shared
+        .metrics
+        .detect
+        .get_or_create(&DetectLabels {
+            direction,
+            protocol: name,
+            how,
+        })
+        .inc();
+    let labels = ConnLabels {
+        direction,
+        listener: listener.name.clone(),
+    };
+    let io = ClientIo::new(
+        stream,
+        prefix.freeze(),
+        shared.metrics.read_bytes.get_or_create(&labels).clone(),
+        shared.metrics.write_bytes.get_or_create(&labels).clone(),
+    );
+    match protocol {
+        Protocol::Tcp => {
+            let backend = match &listener.kind {
+                ListenerKind::Inbound { app } => app.clone(),
+                ListenerKind::Service(k, port) => match snap.port(k, Some(*port)) {
+                    Some(e) => e.backend.clone(),
+                    None => return Ok(()),
+                },
+                // Without an HTTP Host there is nothing to route on.
+                ListenerKind::HttpProxy => return Ok(()),
+            };
+            let drain = shared.draining.clone();
+            // Opaque streams cannot be asked to finish: they run until the drain deadline.
+            tokio::select! {
+                r = tcp::forward(&backend, io, peer) => r,
+                _ = async { drain.cancelled().await; std::future::pending::<()>().await } => Ok(()),
+            }
+        }
+        Protocol::Http1 | Protocol::Http2 => {
+            let conn = Arc::new(ConnInfo {
+                listener,
+                client: peer,
+            });
+            let shared2 = shared.clone();
+            let svc = service_fn(move |req| proxy_http::handle(shared2.clone(), conn.clone(), req));
+            let io = TokioIo::new(io);
+            if protocol == Protocol::Http1 {
+                let c = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, svc)
+                    .with_upgrades();
+                tokio::pin!(c);
+                tokio::select! {
+                    r = c.as_mut() => return r.map_err(std::io::Error::other),
+                    _ = shared.draining.cancelled() => c.as_mut().graceful_shutdown(),
+                }
+                c.await.map_err(std::io::Error::other)
+            } else {
+                let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .serve_connection(io, svc);
+                tokio::pin!(c);
+                tokio::select! {
+                    r = c.as_mut() => return r.map_err(std::io::Error::other),
+                    _ = shared.draining.cancelled() => c.as_mut().graceful_shutdown(),
+                }
+                c.await.map_err(std::io::Error::other)
+            }
+        }
+    }
+}

@@ -1,0 +1,761 @@
+//! The proxy's immutable, fully resolved config: built once from resources, validated whole,
+//! then swapped in atomically. Nothing on the request path resolves a name at request time
+//! beyond a hash lookup.
+
+use crate::balance::{Balancer, Member};
+use crate::endpoint::EndpointState;
+use crate::filters::{Filters, HeaderEdit, Mirror, PathChange, Redirect, Rewrite};
+use crate::route::{
+    GrpcMatch, GrpcRoutes, HttpMatch, HttpRoutes, PathMatch, Rule, ValueMatch, WeightedBackend,
+    anchored, grpc_precedence, http_precedence,
+};
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use trellis_api::policy::{Algorithm, BackendPolicySpec};
+use trellis_api::route::{
+    HeaderMatch, HeaderModifier, HttpRouteFilter, PathMatchType, PathModifier, PathModifierType,
+    ValueMatchType,
+};
+use trellis_api::service::AppProtocol;
+use trellis_api::{Diagnostic, Diagnostics, Located, Resource};
+
+/// A service's identity: namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+/// What the balancer hashes for consistent hashing.
+#[derive(Clone, Debug)]
+pub enum HashOn {
+    /// A request header.
+    Header(HeaderName),
+    /// A cookie.
+    Cookie(String),
+    /// The client's IP address.
+    SourceIp,
+}
+
+/// A backend: one service port and how to reach its endpoints.
+#[derive(Debug)]
+pub struct Backend {
+    /// `namespace/name:port`, as shown in metrics.
+    pub name: Arc<str>,
+    /// Declared protocol of the port.
+    pub protocol: Option<AppProtocol>,
+    /// Endpoint choice.
+    pub balancer: Balancer,
+    /// Consistent-hash key.
+    pub hash_on: Option<HashOn>,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Time until response headers; `None` disables.
+    pub request_timeout: Option<Duration>,
+    /// Pooled connection idle time.
+    pub idle_timeout: Duration,
+}
+
+/// One port of a service, with the routes attached to it.
+#[derive(Debug)]
+pub struct PortEntry {
+    /// Port number.
+    pub port: u16,
+    /// The service itself at this port: where traffic goes when no route is attached.
+    pub backend: Arc<Backend>,
+    /// HTTPRoutes attached (`None` when there are none).
+    pub http: Option<HttpRoutes>,
+    /// GRPCRoutes attached (`None` when there are none).
+    pub grpc: Option<GrpcRoutes>,
+}
+
+/// Where a listener sends traffic.
+#[derive(Debug, Clone)]
+pub enum ListenerKind {
+    /// Inbound: to the local application.
+    Inbound {
+        /// The application as a single-endpoint backend.
+        app: Arc<Backend>,
+    },
+    /// Outbound to one service port.
+    Service(ServiceKey, u16),
+    /// Outbound, routed by `Host`.
+    HttpProxy,
+}
+
+/// A listener.
+#[derive(Debug, Clone)]
+pub struct Listener {
+    /// Name, for metrics.
+    pub name: Arc<str>,
+    /// Bound address.
+    pub addr: SocketAddr,
+    /// Destination.
+    pub kind: ListenerKind,
+    /// Declared protocol (skips detection).
+    pub protocol: Option<AppProtocol>,
+}
+
+impl Listener {
+    /// `inbound` or `outbound`.
+    pub fn direction(&self) -> &'static str {
+        match self.kind {
+            ListenerKind::Inbound { .. } => "inbound",
+            _ => "outbound",
+        }
+    }
+}
+
+/// Proxy-wide settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Admin listener address.
+    pub admin: SocketAddr,
+    /// Wait for a client's first bytes before falling back to TCP.
+    pub detect_timeout: Duration,
+    /// Drain deadline on shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// The whole resolved config.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Monotonic version, bumped on every accepted change.
+    pub version: u64,
+    /// Where it came from, for `/config`.
+    pub source: String,
+    /// Proxy-wide settings.
+    pub settings: Settings,
+    /// Listeners.
+    pub listeners: Vec<Listener>,
+    /// Service ports, by service.
+    pub services: HashMap<ServiceKey, Vec<PortEntry>>,
+    /// Host names (`name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`) to services.
+    pub hosts: HashMap<String, ServiceKey>,
+    /// Every endpoint's shared state, by address.
+    pub endpoints: HashMap<SocketAddr, Arc<EndpointState>>,
+    /// The resources, as given, for `/config`.
+    pub resources: Vec<Resource>,
+}
+
+impl Snapshot {
+    /// The port entry for `service` and `port` (the only port when `port` is `None`).
+    pub fn port(&self, service: &ServiceKey, port: Option<u16>) -> Option<&PortEntry> {
+        let ports = self.services.get(service)?;
+        match port {
+            Some(p) => ports.iter().find(|e| e.port == p),
+            None if ports.len() == 1 => ports.first(),
+            None => None,
+        }
+    }
+
+    /// An empty snapshot (no listeners), used before any config is accepted.
+    pub fn empty() -> Snapshot {
+        Snapshot {
+            version: 0,
+            source: String::new(),
+            settings: Settings {
+                admin: SocketAddr::from(([127, 0, 0, 1], 9990)),
+                detect_timeout: Duration::from_millis(300),
+                drain_timeout: Duration::from_secs(10),
+            },
+            listeners: vec![],
+            services: HashMap::new(),
+            hosts: HashMap::new(),
+            endpoints: HashMap::new(),
+            resources: vec![],
+        }
+    }
+
+    /// Validates `resources` as a whole and compiles them. Endpoint state (load counters,
+    /// pooled connections) is carried over from `previous` for endpoints that remain.
+    pub fn build(
+        resources: &[Located<Resource>],
+        version: u64,
+        source: &str,
+        previous: Option<&Snapshot>,
+    ) -> Result<Snapshot, Diagnostics> {
+        trellis_api::validate(resources)?;
+        let proxies: Vec<_> = resources
+            .iter()
+            .filter_map(|r| match &r.value {
+                Resource::Proxy(p) => Some((r, p)),
+                _ => None,
+            })
+            .collect();
+        let (proxy_loc, proxy) = match proxies.as_slice() {
+            [one] => *one,
+            [] => {
+                return Err(Diagnostics(vec![Diagnostic {
+                    file: source.to_string(),
+                    line: 0,
+                    field: "kind".into(),
+                    message: "a proxy config needs exactly one `kind: Proxy` resource, found none"
+                        .into(),
+                }]));
+            }
+            [_, second, ..] => {
+                return Err(Diagnostics(vec![second.0.diagnostic(
+                    "kind",
+                    "a proxy config needs exactly one `kind: Proxy` resource",
+                )]));
+            }
+        };
+        let spec = &proxy.spec;
+        let mut b = Builder {
+            previous,
+            endpoints: HashMap::new(),
+            backends: HashMap::new(),
+            policies: HashMap::new(),
+            services: HashMap::new(),
+            defaults: Defaults {
+                connect: spec.connect_timeout.get(),
+                request: spec.request_timeout.non_zero(),
+                idle: spec.idle_timeout.get(),
+            },
+        };
+        for r in resources {
+            match &r.value {
+                Resource::Service(s) => {
+                    b.services
+                        .insert(key(&s.metadata.namespace, &s.metadata.name), &s.spec);
+                }
+                Resource::BackendPolicy(p) => {
+                    let t = &p.spec.target_ref;
+                    b.policies.insert(
+                        key(
+                            t.namespace.as_deref().unwrap_or(&p.metadata.namespace),
+                            &t.name,
+                        ),
+                        &p.spec,
+                    );
+                }
+                _ => {}
+            }
+        }
+
+        // Every service port gets an entry; routes attach to them below.
+        let mut services: HashMap<ServiceKey, Vec<PortEntry>> = HashMap::new();
+        let mut hosts = HashMap::new();
+        let mut service_keys: Vec<_> = b.services.keys().cloned().collect();
+        service_keys.sort();
+        for k in &service_keys {
+            let ports: Vec<u16> = b.services[k].ports.iter().map(|p| p.port).collect();
+            let mut entries = Vec::new();
+            for port in ports {
+                entries.push(PortEntry {
+                    port,
+                    backend: b.backend(k, port),
+                    http: None,
+                    grpc: None,
+                });
+            }
+            services.insert(k.clone(), entries);
+            let (n, ns) = (&k.name, &k.namespace);
+            for h in [
+                n.clone(),
+                format!("{n}.{ns}"),
+                format!("{n}.{ns}.svc"),
+                format!("{n}.{ns}.svc.cluster.local"),
+            ] {
+                hosts.entry(h).or_insert_with(|| k.clone());
+            }
+        }
+
+        // Routes, in the spec's tie-break order: older first, then namespace/name.
+        let mut routes: Vec<&Located<Resource>> = resources
+            .iter()
+            .filter(|r| matches!(r.value, Resource::HttpRoute(_) | Resource::GrpcRoute(_)))
+            .collect();
+        routes.sort_by(|a, b| {
+            let (ma, mb) = (a.value.metadata(), b.value.metadata());
+            (
+                ma.creation_timestamp.is_none(),
+                &ma.creation_timestamp,
+                &ma.namespace,
+                &ma.name,
+            )
+                .cmp(&(
+                    mb.creation_timestamp.is_none(),
+                    &mb.creation_timestamp,
+                    &mb.namespace,
+                    &mb.name,
+                ))
+        });
+        let mut http_attach: HashMap<(ServiceKey, u16), Vec<(HttpMatch, Arc<Rule>)>> =
+            HashMap::new();
+        let mut grpc_attach: HashMap<(ServiceKey, u16), Vec<(GrpcMatch, Arc<Rule>)>> =
+            HashMap::new();
+        for r in routes {
+            let m = r.value.metadata();
+            let ns = &m.namespace;
+            match &r.value {
+                Resource::HttpRoute(route) => {
+                    for (i, rule) in route.spec.rules.iter().enumerate() {
+                        let compiled = Arc::new(
+                            b.rule(
+                                ns,
+                                &m.name,
+                                i,
+                                rule.name.as_deref(),
+                                &rule.filters,
+                                &rule.backend_refs,
+                                rule.timeouts
+                                    .as_ref()
+                                    .and_then(|t| t.request)
+                                    .map(|d| d.non_zero()),
+                                r,
+                            )?,
+                        );
+                        let matches = if rule.matches.is_empty() {
+                            vec![Default::default()]
+                        } else {
+                            rule.matches.clone()
+                        };
+                        for parent in b.parents(ns, &route.spec.parent_refs) {
+                            for mt in &matches {
+                                let hm = compile_http_match(mt).map_err(|e| {
+                                    Diagnostics(vec![r.diagnostic(&format!("spec.rules[{i}]"), e)])
+                                })?;
+                                http_attach
+                                    .entry(parent.clone())
+                                    .or_default()
+                                    .push((hm, compiled.clone()));
+                            }
+                        }
+                    }
+                }
+                Resource::GrpcRoute(route) => {
+                    for (i, rule) in route.spec.rules.iter().enumerate() {
+                        let compiled = Arc::new(b.rule(
+                            ns,
+                            &m.name,
+                            i,
+                            rule.name.as_deref(),
+                            &rule.filters,
+                            &rule.backend_refs,
+                            None,
+                            r,
+                        )?);
+                        let matches = if rule.matches.is_empty() {
+                            vec![Default::default()]
+                        } else {
+                            rule.matches.clone()
+                        };
+                        for parent in b.parents(ns, &route.spec.parent_refs) {
+                            for mt in &matches {
+                                let gm = compile_grpc_match(mt).map_err(|e| {
+                                    Diagnostics(vec![r.diagnostic(&format!("spec.rules[{i}]"), e)])
+                                })?;
+                                grpc_attach
+                                    .entry(parent.clone())
+                                    .or_default()
+                                    .push((gm, compiled.clone()));
+                            }
+                        }
+                    }
+                }
+                _ => unreachable!("filtered to routes"),
+            }
+        }
+        for ((svc, port), mut entries) in http_attach {
+            // Stable sort keeps age/name/rule order among equal precedence.
+            entries.sort_by(|a, b| http_precedence(&a.0).cmp(&http_precedence(&b.0)));
+            if let Some(e) = services
+                .get_mut(&svc)
+                .and_then(|ps| ps.iter_mut().find(|p| p.port == port))
+            {
+                e.http = Some(HttpRoutes { entries });
+            }
+        }
+        for ((svc, port), mut entries) in grpc_attach {
+            entries.sort_by(|a, b| grpc_precedence(&a.0).cmp(&grpc_precedence(&b.0)));
+            if let Some(e) = services
+                .get_mut(&svc)
+                .and_then(|ps| ps.iter_mut().find(|p| p.port == port))
+            {
+                e.grpc = Some(GrpcRoutes { entries });
+            }
+        }
+
+        let mut listeners = Vec::new();
+        for l in &spec.inbound {
+            let app: SocketAddr = l.forward_to.parse().map_err(|_| {
+                Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", "bad forwardTo")])
+            })?;
+            let state = b.endpoint(app);
+            let backend = Arc::new(Backend {
+                name: format!("inbound/{}", l.name).into(),
+                protocol: l.protocol,
+                balancer: Balancer::new(
+                    Algorithm::RoundRobin,
+                    vec![Member {
+                        state,
+                        weight: 1,
+                        zone: None,
+                    }],
+                    1.25,
+                    Duration::from_secs(10),
+                ),
+                hash_on: None,
+                connect_timeout: b.defaults.connect,
+                request_timeout: b.defaults.request,
+                idle_timeout: b.defaults.idle,
+            });
+            listeners.push(Listener {
+                name: l.name.as_str().into(),
+                addr: l.address.parse().map_err(|_| {
+                    Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", "bad address")])
+                })?,
+                kind: ListenerKind::Inbound { app: backend },
+                protocol: l.protocol,
+            });
+        }
+        for l in &spec.outbound {
+            let kind = match &l.service {
+                Some(t) => {
+                    let k = key(
+                        t.namespace.as_deref().unwrap_or(&proxy.metadata.namespace),
+                        &t.name,
+                    );
+                    let port = t.port.unwrap_or_else(|| services[&k][0].port);
+                    ListenerKind::Service(k, port)
+                }
+                None => ListenerKind::HttpProxy,
+            };
+            let declared = match &kind {
+                ListenerKind::Service(k, port) => b.services[k]
+                    .ports
+                    .iter()
+                    .find(|p| p.port == *port)
+                    .and_then(|p| p.app_protocol),
+                _ => None,
+            };
+            listeners.push(Listener {
+                name: l.name.as_str().into(),
+                addr: l.address.parse().map_err(|_| {
+                    Diagnostics(vec![proxy_loc.diagnostic("spec.outbound", "bad address")])
+                })?,
+                kind,
+                protocol: l.protocol.or(declared),
+            });
+        }
+        Ok(Snapshot {
+            version,
+            source: source.to_string(),
+            settings: Settings {
+                admin: spec.admin.address.parse().map_err(|_| {
+                    Diagnostics(vec![
+                        proxy_loc.diagnostic("spec.admin.address", "bad address"),
+                    ])
+                })?,
+                detect_timeout: spec.detect_timeout.get(),
+                drain_timeout: spec.drain_timeout.get(),
+            },
+            listeners,
+            services,
+            hosts,
+            endpoints: b.endpoints,
+            resources: resources.iter().map(|r| r.value.clone()).collect(),
+        })
+    }
+}
+
+fn key(ns: &str, name: &str) -> ServiceKey {
+    ServiceKey {
+        namespace: ns.to_string(),
+        name: name.to_string(),
+    }
+}
+
+struct Defaults {
+    connect: Duration,
+    request: Option<Duration>,
+    idle: Duration,
+}
+
+struct Builder<'a> {
+    previous: Option<&'a Snapshot>,
+    endpoints: HashMap<SocketAddr, Arc<EndpointState>>,
+    backends: HashMap<(ServiceKey, u16), Arc<Backend>>,
+    policies: HashMap<ServiceKey, &'a BackendPolicySpec>,
+    services: HashMap<ServiceKey, &'a trellis_api::service::ServiceSpec>,
+    defaults: Defaults,
+}
+
+impl Builder<'_> {
+    fn endpoint(&mut self, addr: SocketAddr) -> Arc<EndpointState> {
+        let prev = self.previous.and_then(|p| p.endpoints.get(&addr)).cloned();
+        self.endpoints
+            .entry(addr)
+            .or_insert_with(|| prev.unwrap_or_else(|| Arc::new(EndpointState::new(addr))))
+            .clone()
+    }
+
+    fn backend(&mut self, svc: &ServiceKey, port: u16) -> Arc<Backend> {
+        if let Some(b) = self.backends.get(&(svc.clone(), port)) {
+            return b.clone();
+        }
+        let spec = self.services[svc];
+        let policy = self.policies.get(svc).copied();
+        let lb = policy.map(|p| p.load_balancer.clone()).unwrap_or_default();
+        let members = spec
+            .endpoints
+            .iter()
+            .filter_map(|e| {
+                let addr: SocketAddr = e.address.parse().ok()?;
+                Some(Member {
+                    state: self.endpoint(addr),
+                    weight: e.weight,
+                    zone: e.zone.as_deref().map(Into::into),
+                })
+            })
+            .collect();
+        let hash_on = lb.consistent_hash.as_ref().and_then(|h| {
+            if let Some(name) = &h.header {
+                HeaderName::try_from(name.as_str()).ok().map(HashOn::Header)
+            } else if let Some(c) = &h.cookie {
+                Some(HashOn::Cookie(c.clone()))
+            } else {
+                h.source_ip.then_some(HashOn::SourceIp)
+            }
+        });
+        let bound = lb.consistent_hash.as_ref().map_or(1.25, |h| h.bounded_load);
+        let t = policy.map(|p| p.timeouts.clone()).unwrap_or_default();
+        let backend = Arc::new(Backend {
+            name: format!("{}/{}:{port}", svc.namespace, svc.name).into(),
+            protocol: spec
+                .ports
+                .iter()
+                .find(|p| p.port == port)
+                .and_then(|p| p.app_protocol),
+            balancer: Balancer::new(lb.algorithm, members, bound, lb.ewma_decay.get()),
+            hash_on,
+            connect_timeout: t.connect.map_or(self.defaults.connect, |d| d.get()),
+            request_timeout: t.request.map_or(self.defaults.request, |d| d.non_zero()),
+            idle_timeout: t.idle.map_or(self.defaults.idle, |d| d.get()),
+        });
+        self.backends.insert((svc.clone(), port), backend.clone());
+        backend
+    }
+
+    fn backend_ref(
+        &mut self,
+        route_ns: &str,
+        name: &str,
+        ns: Option<&str>,
+        port: Option<u16>,
+    ) -> Arc<Backend> {
+        let k = key(ns.unwrap_or(route_ns), name);
+        let port = port.unwrap_or_else(|| self.services[&k].ports[0].port);
+        self.backend(&k, port)
+    }
+
+    fn parents(&self, ns: &str, refs: &[trellis_api::route::ParentRef]) -> Vec<(ServiceKey, u16)> {
+        let mut out = Vec::new();
+        for p in refs {
+            let k = key(p.namespace.as_deref().unwrap_or(ns), &p.name);
+            for sp in &self.services[&k].ports {
+                if p.port.is_none_or(|port| port == sp.port) {
+                    out.push((k.clone(), sp.port));
+                }
+            }
+        }
+        out
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn rule(
+        &mut self,
+        ns: &str,
+        route: &str,
+        index: usize,
+        name: Option<&str>,
+        filters: &[HttpRouteFilter],
+        refs: &[trellis_api::route::HttpBackendRef],
+        timeout: Option<Option<Duration>>,
+        loc: &Located<Resource>,
+    ) -> Result<Rule, Diagnostics> {
+        let id = match name {
+            Some(n) => format!("{ns}/{route}/{n}"),
+            None => format!("{ns}/{route}/{index}"),
+        };
+        let at = |e: String| Diagnostics(vec![loc.diagnostic(&format!("spec.rules[{index}]"), e)]);
+        let filters = self.filters(ns, filters).map_err(at)?;
+        let mut backends = Vec::new();
+        for r in refs {
+            let backend = self.backend_ref(ns, &r.name, r.namespace.as_deref(), r.port);
+            let f = self.filters(ns, &r.filters).map_err(at)?;
+            backends.push(WeightedBackend {
+                backend,
+                weight: r.weight,
+                filters: f,
+            });
+        }
+        Ok(Rule {
+            id: id.into(),
+            filters,
+            backends,
+            timeout,
+        })
+    }
+
+    fn filters(&mut self, ns: &str, list: &[HttpRouteFilter]) -> Result<Filters, String> {
+        let mut out = Filters::default();
+        for f in list {
+            if let Some(m) = &f.request_header_modifier {
+                out.request_headers = Some(header_edit(m)?);
+            }
+            if let Some(m) = &f.response_header_modifier {
+                out.response_headers = Some(header_edit(m)?);
+            }
+            if let Some(r) = &f.request_redirect {
+                out.redirect = Some(Redirect {
+                    scheme: r.scheme.clone(),
+                    hostname: r.hostname.clone(),
+                    path: r.path.as_ref().map(path_change),
+                    port: r.port,
+                    status: StatusCode::from_u16(r.status_code).map_err(|e| e.to_string())?,
+                });
+            }
+            if let Some(r) = &f.url_rewrite {
+                out.rewrite = Some(Rewrite {
+                    hostname: r
+                        .hostname
+                        .as_deref()
+                        .map(HeaderValue::try_from)
+                        .transpose()
+                        .map_err(|e| e.to_string())?,
+                    path: r.path.as_ref().map(path_change),
+                });
+            }
+            if let Some(m) = &f.request_mirror {
+                let b = &m.backend_ref;
+                let backend = self.backend_ref(ns, &b.name, b.namespace.as_deref(), b.port);
+                let per_million = match (&m.percent, &m.fraction) {
+                    (Some(p), _) => p * 10_000,
+                    (None, Some(fr)) => {
+                        ((u64::from(fr.numerator) * 1_000_000) / u64::from(fr.denominator.max(1)))
+                            as u32
+                    }
+                    (None, None) => 1_000_000,
+                };
+                out.mirrors.push(Mirror {
+                    backend,
+                    per_million,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn path_change(p: &PathModifier) -> PathChange {
+    match p.kind {
+        PathModifierType::ReplaceFullPath => {
+            PathChange::Full(p.replace_full_path.clone().unwrap_or_else(|| "/".into()))
+        }
+        PathModifierType::ReplacePrefixMatch => {
+            PathChange::Prefix(p.replace_prefix_match.clone().unwrap_or_else(|| "/".into()))
+        }
+    }
+}
+
+fn header_edit(m: &HeaderModifier) -> Result<HeaderEdit, String> {
+    let pair = |h: &trellis_api::route::HeaderValue| -> Result<(HeaderName, HeaderValue), String> {
+        Ok((
+            HeaderName::try_from(h.name.as_str()).map_err(|e| e.to_string())?,
+            HeaderValue::try_from(h.value.as_str()).map_err(|e| e.to_string())?,
+        ))
+    };
+    Ok(HeaderEdit {
+        set: m.set.iter().map(pair).collect::<Result<_, _>>()?,
+        add: m.add.iter().map(pair).collect::<Result<_, _>>()?,
+        remove: m
+            .remove
+            .iter()
+            .map(|n| HeaderName::try_from(n.as_str()).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?,
+    })
+}
+
+fn value_match(kind: ValueMatchType, value: &str) -> Result<ValueMatch, String> {
+    Ok(match kind {
+        ValueMatchType::Exact => ValueMatch::Exact(value.to_string()),
+        ValueMatchType::RegularExpression => {
+            ValueMatch::Regex(anchored(value).map_err(|e| e.to_string())?)
+        }
+    })
+}
+
+fn header_matches(list: &[HeaderMatch]) -> Result<Vec<(HeaderName, ValueMatch)>, String> {
+    list.iter()
+        .map(|h| {
+            Ok((
+                HeaderName::try_from(h.name.as_str()).map_err(|e| e.to_string())?,
+                value_match(h.kind, &h.value)?,
+            ))
+        })
+        .collect()
+}
+
+fn compile_http_match(m: &trellis_api::route::HttpRouteMatch) -> Result<HttpMatch, String> {
+    let path = match &m.path {
+        None => PathMatch::Prefix("/".into()),
+        Some(p) => match p.kind {
+            PathMatchType::Exact => PathMatch::Exact(p.value.clone()),
+            PathMatchType::PathPrefix => {
+                let v = p.value.trim_end_matches('/');
+                PathMatch::Prefix(if v.is_empty() {
+                    "/".into()
+                } else {
+                    v.to_string()
+                })
+            }
+            PathMatchType::RegularExpression => {
+                PathMatch::Regex(anchored(&p.value).map_err(|e| e.to_string())?)
+            }
+        },
+    };
+    Ok(HttpMatch {
+        path,
+        method: m
+            .method
+            .as_deref()
+            .map(|s| Method::from_bytes(s.as_bytes()))
+            .transpose()
+            .map_err(|e| e.to_string())?,
+        headers: header_matches(&m.headers)?,
+        query: m
+            .query_params
+            .iter()
+            .map(|q| Ok((q.name.clone(), value_match(q.kind, &q.value)?)))
+            .collect::<Result<_, String>>()?,
+    })
+}
+
+fn compile_grpc_match(m: &trellis_api::route::GrpcRouteMatch) -> Result<GrpcMatch, String> {
+    let (service, method) = match &m.method {
+        None => (None, None),
+        Some(mm) => (
+            mm.service
+                .as_deref()
+                .map(|s| value_match(mm.kind, s))
+                .transpose()?,
+            mm.method
+                .as_deref()
+                .map(|s| value_match(mm.kind, s))
+                .transpose()?,
+        ),
+    };
+    Ok(GrpcMatch {
+        service,
+        method,
+        headers: header_matches(&m.headers)?,
+    })
+}

@@ -1,0 +1,43 @@
+//! Opaque TCP forwarding: pick an endpoint, connect (trying others if that fails), replay
+//! what detection read, then copy bytes both ways until either side closes.
+
+use crate::io::ClientIo;
+use crate::snapshot::{Backend, HashOn};
+use std::net::SocketAddr;
+use tokio::io::AsyncWriteExt;
+
+/// Attempts to connect before giving up on a connection.
+const CONNECT_ATTEMPTS: usize = 3;
+
+/// Forwards `client` to an endpoint of `backend` until either side closes.
+pub async fn forward(
+    backend: &Backend,
+    mut client: ClientIo,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
+    let hash = match backend.hash_on {
+        Some(HashOn::SourceIp) => Some(crate::rand::hash_bytes(peer.ip().to_string().as_bytes())),
+        _ => None,
+    };
+    for _ in 0..CONNECT_ATTEMPTS {
+        let Some(endpoint) = backend.balancer.pick(hash) else {
+            tracing::debug!(backend = %backend.name, "no endpoint for TCP connection; closing");
+            return Ok(());
+        };
+        let _guard = endpoint.start();
+        let mut upstream = match endpoint.connect(backend.connect_timeout).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(error = %e, "TCP connect failed; trying another endpoint");
+                continue;
+            }
+        };
+        let prefix = client.take_prefix();
+        if !prefix.is_empty() {
+            upstream.write_all(&prefix).await?;
+        }
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+        return Ok(());
+    }
+    Ok(())
+}
