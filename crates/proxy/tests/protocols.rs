@@ -1,0 +1,217 @@
+//! Every protocol end to end through a real proxy, with real clients and servers.
+
+mod support;
+
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use std::time::{Duration, Instant};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+async fn proxy_to(addr: std::net::SocketAddr, app_protocol: Option<&str>) -> TestProxy {
+    let mut svc = service_yaml("app", 8080, &[addr]);
+    if let Some(p) = app_protocol {
+        svc = svc.replace(
+            "ports: [{port: 8080}]",
+            &format!("ports: [{{port: 8080, appProtocol: {p}}}]"),
+        );
+    }
+    start_proxy(&format!("{}{svc}", proxy_yaml("app"))).await
+}
+
+#[tokio::test]
+async fn http1_chunked_request_body() {
+    let up = upstream("a").await;
+    let p = proxy_to(up.addr, None).await;
+    let addr = p.addr("out").await;
+    // A streamed body with no content-length goes out chunked.
+    let chunks: Vec<Result<Frame<Bytes>, std::io::Error>> = (0..5)
+        .map(|i| Ok(Frame::data(Bytes::from(format!("chunk-{i};")))))
+        .collect();
+    let body = StreamBody::new(futures_util::stream::iter(chunks));
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let req = Request::post(format!("http://{addr}/echo"))
+        .body(body)
+        .unwrap();
+    let resp = client.request(req).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-upstream"], "a");
+    let got = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(got, "chunk-0;chunk-1;chunk-2;chunk-3;chunk-4;");
+    // Keep-alive: a second request reuses the client connection.
+    let got = get(addr, "/x").await;
+    assert_eq!(got.json()["version"], "HTTP/1.1");
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge() {
+    let up = upstream("a").await;
+    let p = proxy_to(up.addr, None).await;
+    let addr = p.addr("out").await;
+    let client = h2_client();
+    for _ in 0..3 {
+        let got = send(
+            &client,
+            Request::get(format!("http://{addr}/h2"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        // HTTP/2 in, HTTP/2 out.
+        assert_eq!(got.json()["version"], "HTTP/2.0");
+    }
+    assert!(
+        p.metric("trellis_protocol_detections_total{direction=\"outbound\",protocol=\"http2\"")
+            >= 1.0
+    );
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Msg {
+    #[prost(string, tag = "1")]
+    text: String,
+}
+
+#[tokio::test]
+async fn grpc_bidirectional_stream() {
+    let up = upstream("grpc").await;
+    let p = proxy_to(up.addr, None).await;
+    let addr = p.addr("out").await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(4);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let codec = tonic_prost::ProstCodec::<Msg, Msg>::default();
+    let path = http::uri::PathAndQuery::from_static("/echo.Echo/Chat");
+    let call = tokio::spawn(async move {
+        client
+            .streaming(tonic::Request::new(outbound), path, codec)
+            .await
+    });
+    // Interleave: each message's echo arrives before the next is sent.
+    tx.send(Msg { text: "one".into() }).await.unwrap();
+    let mut stream = call.await.unwrap().expect("call failed").into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().text, "one");
+    for word in ["two", "three"] {
+        tx.send(Msg { text: word.into() }).await.unwrap();
+        assert_eq!(stream.message().await.unwrap().unwrap().text, word);
+    }
+    drop(tx);
+    // End of stream with grpc-status 0 in the trailers.
+    assert!(stream.message().await.unwrap().is_none());
+    let trailers = stream.trailers().await.unwrap().unwrap();
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+}
+
+#[tokio::test]
+async fn websocket_echo() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let ws = ws_echo().await;
+    let p = proxy_to(ws, None).await;
+    let addr = p.addr("out").await;
+    let (mut sock, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/socket"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    for text in ["hello", "over", "websocket"] {
+        sock.send(Message::text(text)).await.unwrap();
+        let back = sock.next().await.unwrap().unwrap();
+        assert_eq!(back.into_text().unwrap().as_str(), text);
+    }
+    sock.close(None).await.unwrap();
+}
+
+#[tokio::test]
+async fn raw_tcp_echo() {
+    let echo = tcp_echo().await;
+    let p = proxy_to(echo, None).await;
+    let addr = p.addr("out").await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // Not HTTP: detected as TCP on the first bytes, without waiting for the timeout.
+    let start = Instant::now();
+    s.write_all(b"\x00\x01binary protocol\n").await.unwrap();
+    let mut buf = [0u8; 18];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"\x00\x01binary protocol\n");
+    assert!(
+        start.elapsed() < Duration::from_millis(150),
+        "detection waited: {:?}",
+        start.elapsed()
+    );
+    s.write_all(b"more").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"more");
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        p.metric("trellis_tcp_read_bytes_total{direction=\"outbound\",listener=\"out\"}") >= 22.0
+    );
+}
+
+#[tokio::test]
+async fn server_speaks_first_is_not_stalled() {
+    let banner = banner_server(b"220 smtp.example ready\r\n").await;
+    let p = proxy_to(banner, None).await;
+    let addr = p.addr("out").await;
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 24];
+    tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf))
+        .await
+        .expect("stalled")
+        .unwrap();
+    assert_eq!(&buf, b"220 smtp.example ready\r\n");
+    // The detect timeout (200ms here) bounds the delay.
+    let waited = start.elapsed();
+    assert!(
+        waited >= Duration::from_millis(150) && waited < Duration::from_millis(1000),
+        "{waited:?}"
+    );
+    assert_eq!(p.metric("trellis_protocol_detections_total{direction=\"outbound\",protocol=\"tcp\",how=\"timeout\"}"), 1.0);
+
+    // Declaring the port opaque skips detection entirely: no delay at all.
+    let p = proxy_to(banner, Some("tcp")).await;
+    let addr = p.addr("out").await;
+    let start = Instant::now();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.read_exact(&mut buf).await.unwrap();
+    assert!(
+        start.elapsed() < Duration::from_millis(100),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn malformed_http_gets_400_and_proxy_survives() {
+    let up = upstream("a").await;
+    let p = proxy_to(up.addr, Some("http")).await;
+    let addr = p.addr("out").await;
+    for garbage in [
+        &b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: nope\r\n\r\n"[..],
+        b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n",
+        b"\x16\x03\x01garbage\r\n\r\n",
+    ] {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(garbage).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out)).await;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 400"), "{garbage:?} -> {text:?}");
+    }
+    // Still serving.
+    assert_eq!(get(addr, "/").await.status, 200);
+}

@@ -1,0 +1,328 @@
+//! Test support: real upstream servers and clients on loopback, and a proxy started from YAML.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use trellis_proxy::Proxy;
+
+pub type TestBody = BoxBody<Bytes, hyper::Error>;
+
+/// An upstream HTTP server (HTTP/1.1 and h2c) that describes each request it receives as
+/// JSON, echoes bodies on `/echo`, delays on `/delay/MS`, and echoes gRPC streams.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+}
+
+pub async fn upstream(name: &'static str) -> Upstream {
+    upstream_with_delay(name, 0).await
+}
+
+/// An upstream that waits `delay_ms` before every answer.
+pub async fn upstream_with_delay(name: &'static str, delay_ms: u64) -> Upstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let h = h.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    h.fetch_add(1, Ordering::Relaxed);
+                    answer(name, delay_ms, req)
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, hits }
+}
+
+async fn answer(
+    name: &'static str,
+    delay_ms: u64,
+    req: Request<Incoming>,
+) -> Result<Response<TestBody>, Infallible> {
+    if delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    }
+    let path = req.uri().path().to_string();
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|s| s.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let grpc = req
+        .headers()
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc {
+        return Ok(grpc_echo(req));
+    }
+    if path == "/echo" {
+        let mut resp = Response::new(req.into_body().boxed());
+        resp.headers_mut()
+            .insert("x-upstream", name.parse().unwrap());
+        return Ok(resp);
+    }
+    let mut headers = BTreeMap::new();
+    for (k, v) in req.headers() {
+        headers
+            .entry(k.as_str().to_string())
+            .or_insert_with(Vec::new)
+            .push(v.to_str().unwrap_or("").to_string());
+    }
+    let doc = serde_json::json!({
+        "upstream": name,
+        "method": req.method().as_str(),
+        "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
+        "version": format!("{:?}", req.version()),
+        "headers": headers,
+    });
+    let mut resp = Response::new(
+        Full::new(Bytes::from(doc.to_string()))
+            .map_err(|n| match n {})
+            .boxed(),
+    );
+    resp.headers_mut()
+        .insert("x-upstream", name.parse().unwrap());
+    resp.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    Ok(resp)
+}
+
+/// Streams every gRPC frame back as it arrives, then `grpc-status: 0` — a bidirectional echo
+/// at the wire level.
+fn grpc_echo(req: Request<Incoming>) -> Response<TestBody> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(16);
+    let mut body = req.into_body();
+    tokio::spawn(async move {
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => {
+                    if let Ok(data) = f.into_data()
+                        && tx.send(Ok(Frame::data(data))).await.is_err()
+                    {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+    });
+    let stream =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|f| (f, rx)) });
+    let mut resp = Response::new(StreamBody::new(stream).boxed());
+    resp.headers_mut()
+        .insert("content-type", "application/grpc".parse().unwrap());
+    resp
+}
+
+/// A TCP echo server.
+pub async fn tcp_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A server-speaks-first TCP service: sends a banner on connect, then echoes.
+pub async fn banner_server(banner: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let _ = s.write_all(banner).await;
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf).await {
+                    if n == 0 || s.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A WebSocket echo server.
+pub async fn ws_echo() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(s).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A running proxy and its listeners' bound addresses.
+pub struct TestProxy {
+    pub proxy: Arc<Proxy>,
+}
+
+impl TestProxy {
+    pub async fn addr(&self, listener: &str) -> SocketAddr {
+        self.proxy
+            .listener_addr(listener)
+            .await
+            .unwrap_or_else(|| panic!("no listener {listener}"))
+    }
+
+    /// The value of a metric line starting with `prefix` (name and labels), or 0.
+    pub fn metric(&self, prefix: &str) -> f64 {
+        self.proxy
+            .metrics_text()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+/// Starts a proxy from YAML (listeners should use port 0).
+pub async fn start_proxy(yaml: &str) -> TestProxy {
+    let resources =
+        trellis_api::parse_documents("test.yaml", yaml).unwrap_or_else(|e| panic!("{e}"));
+    let proxy = Proxy::start(&resources, "test.yaml")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    TestProxy { proxy }
+}
+
+/// A `Proxy` resource with one outbound listener `out` for `service` and an admin port.
+pub fn proxy_yaml(service: &str) -> String {
+    format!(
+        "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: test}}
+spec:
+  admin: {{address: 127.0.0.1:0}}
+  detectTimeout: 200ms
+  requestTimeout: 5s
+  outbound:
+    - {{name: out, address: 127.0.0.1:0, service: {{name: {service}}}}}
+    - {{name: http-proxy, address: 127.0.0.1:0, httpProxy: true}}
+"
+    )
+}
+
+/// A `Service` with the given endpoints.
+pub fn service_yaml(name: &str, port: u16, endpoints: &[SocketAddr]) -> String {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|a| format!("{{address: \"{a}\"}}"))
+        .collect();
+    format!(
+        "---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: {name}}}
+spec:
+  ports: [{{port: {port}}}]
+  endpoints: [{}]
+",
+        eps.join(", ")
+    )
+}
+
+pub fn h1_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+pub fn h2_client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn upstream(&self) -> String {
+        self.headers
+            .get("x-upstream")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+}
+
+pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full<Bytes>>) -> Got {
+    let resp = client.request(req).await.expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body failed").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Got {
+    send(
+        &h1_client(),
+        Request::get(format!("http://{addr}{path}"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
+}
