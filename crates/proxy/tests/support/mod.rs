@@ -75,7 +75,7 @@ async fn answer(
         .get("content-type")
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if grpc {
-        return Ok(grpc_echo(req));
+        return Ok(grpc_echo(name, req));
     }
     if path == "/echo" {
         let mut resp = Response::new(req.into_body().boxed());
@@ -111,7 +111,7 @@ async fn answer(
 
 /// Streams every gRPC frame back as it arrives, then `grpc-status: 0` — a bidirectional echo
 /// at the wire level.
-fn grpc_echo(req: Request<Incoming>) -> Response<TestBody> {
+fn grpc_echo(name: &'static str, req: Request<Incoming>) -> Response<TestBody> {
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(16);
     let mut body = req.into_body();
     tokio::spawn(async move {
@@ -136,6 +136,8 @@ fn grpc_echo(req: Request<Incoming>) -> Response<TestBody> {
     let mut resp = Response::new(StreamBody::new(stream).boxed());
     resp.headers_mut()
         .insert("content-type", "application/grpc".parse().unwrap());
+    resp.headers_mut()
+        .insert("x-upstream", name.parse().unwrap());
     resp
 }
 
