@@ -196,12 +196,22 @@ fn yaml_error(e: &serde_saphyr::Error, at: &dyn Fn(u64, &str, String) -> Diagnos
     // The library's message may carry its own location and a source snippet; keep the first
     // line, without the location, since the diagnostic states the line itself.
     let text = e.to_string();
-    let first = text.lines().next().unwrap_or("invalid YAML").trim();
+    let first = text
+        .lines()
+        .next()
+        .unwrap_or("invalid YAML")
+        .trim()
+        .trim_start_matches("error: ");
     let first = match first.rfind(" at line ") {
         Some(i) => &first[..i],
         None => first,
     };
-    at(line, "", first.trim_start_matches("error: ").to_string())
+    // Some messages lead with their own position: `line 8 column 22: ...`.
+    let first = match first.strip_prefix("line ").and_then(|r| r.split_once(": ")) {
+        Some((pos, rest)) if pos.contains(" column ") => rest,
+        _ => first,
+    };
+    at(line, "", first.to_string())
 }
 
 /// Splits a YAML stream at `---` document markers, returning each document with its first
@@ -386,6 +396,10 @@ spec:
         assert_eq!(d.file, "svc.yaml");
         assert_eq!(d.line, 16, "{d}");
         assert!(d.message.contains("bogus"), "{d}");
+        assert!(
+            !d.message.contains("line "),
+            "position repeated in message: {d}"
+        );
     }
 
     #[test]

@@ -92,7 +92,11 @@ pub struct ConsistentHash {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookie: Option<String>,
     /// Hash the client's source IP address.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    #[serde(
+        default,
+        rename = "sourceIP",
+        skip_serializing_if = "std::ops::Not::not"
+    )]
     pub source_ip: bool,
     /// No endpoint takes more than this factor of the average outstanding requests; default 1.25.
     #[serde(default = "default_bound")]
