@@ -20,6 +20,7 @@ BODY_BYTES=${BODY_BYTES:-1024}
 PATHS=${PATHS:-"direct trellis-1hop trellis-2hop haproxy-1hop nginx-1hop"}
 SKIP_TRELLIS=${SKIP_TRELLIS:-0}
 TRELLIS_BIN=${TRELLIS_BIN:-}
+TRELLIS_LOG=${TRELLIS_LOG:-warn}   # like access_log off for the others
 PIN=${PIN:-0}                      # 1 = taskset proxies / load+upstream apart
 OUT_DIR=${OUT_DIR:-$BENCH_DIR/out}
 KEEP_TMP=${KEEP_TMP:-0}            # 1 = keep configs and logs after the run
@@ -102,6 +103,17 @@ mem_kb() {
 }
 join_plus() { local s; s=$(printf '%s + ' "$@"); echo "${s% + }"; }
 kb_to_mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
+
+# Whole-machine CPU busy % over one second, from /proc/stat.
+cpu_busy_pct() {
+    local a b
+    a=$(awk '/^cpu / { print $2+$3+$4+$6+$7+$8, $5 }' /proc/stat)
+    sleep 1
+    b=$(awk '/^cpu / { print $2+$3+$4+$6+$7+$8, $5 }' /proc/stat)
+    awk -v a="$a" -v b="$b" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        busy = y[1] - x[1]; idle = y[2] - x[2];
+        printf "%d", (busy + idle > 0) ? 100 * busy / (busy + idle) : 0 }'
+}
 
 # ---- process tracking: everything we start is recorded and killed on exit.
 STARTED_PIDS=()
@@ -293,7 +305,13 @@ start_nginx_1hop() {
 # start_trellis NAME CONFIG ADMIN_PORT: one sidecar, one worker thread.
 start_trellis() {
     local name=$1 cfg=$2 admin=$3
-    start_bg "$name" "${PROXY_PIN[@]}" "$TRELLIS_BIN" proxy --config "$cfg" --threads 1
+    # Offline check first: a config error then reads as one, not as a timeout.
+    if ! timeout 30 "$TRELLIS_BIN" validate -f "$cfg" >"$TMP/$name.validate.log" 2>&1; then
+        log "$name: trellis validate rejected $cfg:"
+        cat "$TMP/$name.validate.log" >&2
+        return 1
+    fi
+    start_bg "$name" "${PROXY_PIN[@]}" "$TRELLIS_BIN" proxy --config "$cfg" --threads 1 --log "$TRELLIS_LOG"
     PATH_PROXIES+=("$LAST_PID")
     wait_http "http://127.0.0.1:$admin/ready" "$LAST_PID" "$name"
 }
@@ -443,6 +461,7 @@ report() {
     echo "- CPU: $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)"
     echo "- memory: $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
     echo "- clock ticks/s: $CLK_TCK"
+    echo "- CPU busy before start (1 s sample): ${BUSY}%"
     echo "- trellis: $( [[ $SKIP_TRELLIS == 1 ]] && echo skipped || echo "$TRELLIS_BIN ($GIT_REV)")"
     echo "- $(oha --version 2>&1 | head -n1); $(wrk -v 2>&1 | head -n1 | awk '{ print $1, $2 }'); $(haproxy -v 2>&1 | head -n1 | awk '{ print $1, $2, $3 }'); $(nginx -v 2>&1)"
     echo
@@ -479,6 +498,11 @@ main() {
     ensure_tools
     build_trellis
     CLK_TCK=$(getconf CLK_TCK)
+    # Other work on the box (a cargo build) shows up directly in the tails.
+    BUSY=$(cpu_busy_pct)
+    if ((BUSY > 15)); then
+        log "WARNING: CPUs already ${BUSY}% busy before the benchmark; tail latencies will be noisy"
+    fi
     GIT_REV=$(git -C "$REPO_DIR" rev-parse --short HEAD 2>/dev/null || echo unknown)
     if [[ -n $(git -C "$REPO_DIR" status --porcelain 2>/dev/null | head -n1) ]]; then GIT_REV+="-dirty"; fi
 

@@ -175,6 +175,7 @@ async fn proxy(config: PathBuf, watch_interval: Duration) -> Result<i32> {
     tokio::spawn(trellis_proxy::watch_file(
         proxy.clone(),
         config,
+        text.into_bytes(),
         watch_interval,
     ));
     shutdown_signal().await;

@@ -281,7 +281,8 @@ mod tests {
     #[test]
     fn table() {
         use Algorithm::*;
-        let cases: &[(&str, Algorithm, Vec<Load>, Draw, Option<usize>)] = &[
+        type Case = (&'static str, Algorithm, Vec<Load>, Draw, Option<usize>);
+        let cases: &[Case] = &[
             ("no endpoints", PeakEwma, vec![], draw(0, 0), None),
             (
                 "all weight zero",
@@ -436,7 +437,7 @@ mod tests {
             ..draw(0, 0)
         };
         let home = choose(Algorithm::ConsistentHash, &loads, d, Some(&ring), 1.25).unwrap();
-        // The key's home endpoint is at the cap: 1.25 * (8 + 1) / 4 = 2.8 -> 3.
+        // The key's home endpoint is at the cap: ceil(1.25 * (3 + 1 + 1 + 1 + 1) / 4) = 3.
         loads[home].in_flight = 3;
         for (i, l) in loads.iter_mut().enumerate() {
             if i != home {

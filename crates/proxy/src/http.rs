@@ -368,7 +368,7 @@ async fn mirror(
         return body;
     }
     let size = body.size_hint().exact();
-    if !size.is_some_and(|s| s <= MIRROR_BODY_LIMIT) && !body.is_end_stream() {
+    if size.is_none_or(|s| s > MIRROR_BODY_LIMIT) && !body.is_end_stream() {
         return body;
     }
     let bytes = match body.collect().await {

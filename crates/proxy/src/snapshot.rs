@@ -287,10 +287,8 @@ impl Snapshot {
                     &mb.name,
                 ))
         });
-        let mut http_attach: HashMap<(ServiceKey, u16), Vec<(HttpMatch, Arc<Rule>)>> =
-            HashMap::new();
-        let mut grpc_attach: HashMap<(ServiceKey, u16), Vec<(GrpcMatch, Arc<Rule>)>> =
-            HashMap::new();
+        let mut http_attach: Attached<HttpMatch> = HashMap::new();
+        let mut grpc_attach: Attached<GrpcMatch> = HashMap::new();
         for r in routes {
             let m = r.value.metadata();
             let ns = &m.namespace;
@@ -365,7 +363,7 @@ impl Snapshot {
         }
         for ((svc, port), mut entries) in http_attach {
             // Stable sort keeps age/name/rule order among equal precedence.
-            entries.sort_by(|a, b| http_precedence(&a.0).cmp(&http_precedence(&b.0)));
+            entries.sort_by_key(|a| http_precedence(&a.0));
             if let Some(e) = services
                 .get_mut(&svc)
                 .and_then(|ps| ps.iter_mut().find(|p| p.port == port))
@@ -374,7 +372,7 @@ impl Snapshot {
             }
         }
         for ((svc, port), mut entries) in grpc_attach {
-            entries.sort_by(|a, b| grpc_precedence(&a.0).cmp(&grpc_precedence(&b.0)));
+            entries.sort_by_key(|a| grpc_precedence(&a.0));
             if let Some(e) = services
                 .get_mut(&svc)
                 .and_then(|ps| ps.iter_mut().find(|p| p.port == port))
@@ -465,6 +463,9 @@ impl Snapshot {
         })
     }
 }
+
+/// Route matches attached to each service port, before sorting.
+type Attached<M> = HashMap<(ServiceKey, u16), Vec<(M, Arc<Rule>)>>;
 
 fn key(ns: &str, name: &str) -> ServiceKey {
     ServiceKey {

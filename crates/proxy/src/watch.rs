@@ -6,11 +6,13 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Watches `path` every `interval` until the proxy drains, applying each changed version.
+/// Watches `path` every `interval` until the proxy drains, applying each version that differs
+/// from the last one seen (`loaded` is what the proxy started from, so a change made while it
+/// was starting is not missed).
 /// Polling (rather than inotify) also catches editors that replace the file and configs on
 /// network filesystems, at the cost of up to `interval` delay.
-pub async fn watch_file(proxy: Arc<Proxy>, path: PathBuf, interval: Duration) {
-    let mut last = tokio::fs::read(&path).await.ok();
+pub async fn watch_file(proxy: Arc<Proxy>, path: PathBuf, loaded: Vec<u8>, interval: Duration) {
+    let mut last = Some(loaded);
     let draining = proxy.shared.draining.clone();
     loop {
         tokio::select! {

@@ -78,7 +78,14 @@ async fn matching_and_precedence() {
       backendRefs: [{name: v1, port: 8080}]
 ";
     let (_p, addr) = setup(rules).await;
-    let cases: &[(&str, &str, &[(&str, &str)], &str)] = &[
+    // (method, path, headers, expected upstream)
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        &'static str,
+    );
+    let cases: &[Case] = &[
         ("GET", "/", &[], "web"),
         ("GET", "/exact", &[], "v1"),
         ("GET", "/exact/", &[], "web"),

@@ -1,0 +1,182 @@
+//! The `trellis` binary end to end: validate, and a standalone proxy that drains on SIGTERM.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn trellis() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[test]
+fn every_example_validates() {
+    for dir in ["examples", "docs/examples"] {
+        let path = repo().join(dir);
+        if !path.exists() {
+            continue;
+        }
+        let out = trellis()
+            .args(["validate", "-f"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{dir}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+fn validate_reports_file_line_and_field() {
+    let dir = std::env::temp_dir().join(format!("trellis-cli-validate-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("bad.yaml");
+    let text = std::fs::read_to_string(repo().join("examples/proxy.yaml"))
+        .unwrap()
+        .replace(
+            "name: catalog-v2, port: 8080",
+            "name: catalog-v3, port: 8080",
+        );
+    let line = text.lines().position(|l| l.contains("catalog-v3")).unwrap() + 1;
+    std::fs::write(&file, text).unwrap();
+    let out = trellis()
+        .args(["validate", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = format!(
+        "bad.yaml:{line}: spec.rules[1].backendRefs[1].name: no Service default/catalog-v3"
+    );
+    assert!(err.contains(&want), "want {want} in {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Serves each HTTP/1.1 request after `delay`, one connection at a time per thread.
+fn slow_upstream(delay: Duration) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    std::thread::sleep(delay);
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow");
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_ready(admin: u16, child: &mut Child) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("proxy exited early: {status}");
+        }
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", admin)) {
+            let _ = s.write_all(b"GET /ready HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n");
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out);
+            if out.starts_with("HTTP/1.1 200") {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("proxy not ready");
+}
+
+#[test]
+fn proxy_drains_in_flight_requests_on_sigterm() {
+    let up = slow_upstream(Duration::from_millis(800));
+    let (admin, out) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("trellis-cli-drain-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: p}}
+spec:
+  admin: {{address: 127.0.0.1:{admin}}}
+  drainTimeout: 5s
+  outbound: [{{name: out, address: 127.0.0.1:{out}, service: {{name: up}}}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: up}}
+spec:
+  ports: [{{port: 80}}]
+  endpoints: [{{address: \"{up}\"}}]
+"
+        ),
+    )
+    .unwrap();
+    let mut child = trellis()
+        .args(["proxy", "--threads", "1", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(admin, &mut child);
+    let req = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(("127.0.0.1", out)).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nhost: up\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let response = req.join().unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with("slow"),
+        "{response:?}"
+    );
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "proxy did not exit after drain"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,342 @@
+//! Failures as answers, hot reload under load, rejected config, and graceful drain.
+
+mod support;
+
+use http::Request;
+use http_body_util::Full;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use support::*;
+use trellis_proxy::ERROR_HEADER;
+
+fn reason(got: &Got) -> String {
+    got.headers
+        .get(ERROR_HEADER)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+/// A loopback port with nothing listening.
+async fn dead_port() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn failures_are_answers() {
+    let slow = upstream("slow").await;
+    let dead = dead_port().await;
+    let yaml = format!(
+        "{}{}{}{}---
+apiVersion: trellis.dev/v1alpha1
+kind: BackendPolicy
+metadata: {{name: slow}}
+spec:
+  targetRef: {{name: slow}}
+  timeouts: {{request: 200ms}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r}}
+spec:
+  parentRefs: [{{name: app}}]
+  rules:
+    - matches: [{{path: {{value: /dead}}}}]
+      backendRefs: [{{name: dead, port: 80}}]
+    - matches: [{{path: {{value: /empty}}}}]
+      backendRefs: [{{name: empty, port: 80}}]
+    - matches: [{{path: {{value: /delay}}}}]
+      backendRefs: [{{name: slow, port: 80}}]
+",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[slow.addr]),
+        service_yaml("dead", 80, &[dead]),
+        service_yaml("empty", 80, &[]),
+    );
+    let yaml = format!("{yaml}{}", service_yaml("slow", 80, &[slow.addr]));
+    let p = start_proxy(&yaml).await;
+    let addr = p.addr("out").await;
+
+    let got = get(addr, "/dead").await;
+    assert_eq!(got.status, 502);
+    assert!(
+        reason(&got).contains(&format!("upstream connect failed: {dead}")),
+        "{}",
+        reason(&got)
+    );
+
+    let got = get(addr, "/empty").await;
+    assert_eq!(got.status, 503);
+    assert_eq!(reason(&got), "no available endpoint for default/empty:80");
+
+    let got = get(addr, "/delay/2000").await;
+    assert_eq!(got.status, 504);
+    assert_eq!(reason(&got), "upstream did not respond within 200ms");
+
+    // Each is counted with its reason.
+    assert_eq!(p.metric("trellis_http_responses_total{direction=\"outbound\",route=\"default/r/0\",backend=\"default/dead:80\",status=\"502\",error=\"connect\"}"), 1.0);
+    assert_eq!(p.metric("trellis_http_responses_total{direction=\"outbound\",route=\"default/r/2\",backend=\"default/slow:80\",status=\"504\",error=\"timeout\"}"), 1.0);
+}
+
+#[tokio::test]
+async fn connect_failure_tries_another_endpoint() {
+    let up = upstream("live").await;
+    let dead = dead_port().await;
+    let yaml = format!(
+        "{}{}",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[dead, up.addr])
+    );
+    let policy = "---
+apiVersion: trellis.dev/v1alpha1
+kind: BackendPolicy
+metadata: {name: rr}
+spec:
+  targetRef: {name: app}
+  loadBalancer: {algorithm: RoundRobin}
+";
+    let p = start_proxy(&format!("{yaml}{policy}")).await;
+    let addr = p.addr("out").await;
+    for _ in 0..20 {
+        assert_eq!(get(addr, "/").await.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn hot_reload_under_load_drops_nothing() {
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let dir = std::env::temp_dir().join(format!("trellis-reload-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.yaml");
+    let config = |weight_v2: u32, extra_listener: bool| {
+        let mut y = proxy_yaml("app");
+        if extra_listener {
+            y.push_str("    - {name: extra, address: 127.0.0.1:0, service: {name: v2}}\n");
+        }
+        format!(
+            "{y}{}{}{}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: split}}
+spec:
+  parentRefs: [{{name: app}}]
+  rules:
+    - backendRefs: [{{name: v1, port: 80, weight: {}}}, {{name: v2, port: 80, weight: {weight_v2}}}]
+",
+            service_yaml("app", 80, &[v1.addr]),
+            service_yaml("v1", 80, &[v1.addr]),
+            service_yaml("v2", 80, &[v2.addr]),
+            100 - weight_v2
+        )
+    };
+    std::fs::write(&path, config(0, false)).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let resources = trellis_api::parse_documents(&path.display().to_string(), &text).unwrap();
+    let proxy = trellis_proxy::Proxy::start(&resources, "proxy.yaml")
+        .await
+        .unwrap();
+    tokio::spawn(trellis_proxy::watch_file(
+        proxy.clone(),
+        path.clone(),
+        text.into_bytes(),
+        Duration::from_millis(50),
+    ));
+    let addr = proxy.listener_addr("out").await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let client = h1_client();
+            while !stop.load(Ordering::Relaxed) {
+                let req = Request::get(format!("http://{addr}/"))
+                    .body(Full::default())
+                    .unwrap();
+                match client.request(req).await {
+                    Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    // Shift traffic in steps, adding and removing a listener along the way.
+    for (i, w) in [25, 50, 75, 100].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        std::fs::write(&path, config(w, i % 2 == 0)).unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let before_v2 = v2.hits.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v1_before = v1.hits.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed during reloads"
+    );
+    assert!(
+        ok.load(Ordering::Relaxed) > 200,
+        "too little load: {}",
+        ok.load(Ordering::Relaxed)
+    );
+    assert_eq!(proxy.snapshot().version, 5);
+    // All traffic now on v2.
+    assert!(v2.hits.load(Ordering::Relaxed) > before_v2);
+    assert_eq!(
+        v1.hits.load(Ordering::Relaxed),
+        v1_before,
+        "v1 still receiving after weight 0"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn invalid_config_is_rejected_and_old_keeps_serving() {
+    let up = upstream("a").await;
+    let dir = std::env::temp_dir().join(format!("trellis-invalid-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.yaml");
+    let good = format!(
+        "{}{}",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[up.addr])
+    );
+    std::fs::write(&path, &good).unwrap();
+    let resources = trellis_api::parse_documents("proxy.yaml", &good).unwrap();
+    let proxy = trellis_proxy::Proxy::start(&resources, "proxy.yaml")
+        .await
+        .unwrap();
+    tokio::spawn(trellis_proxy::watch_file(
+        proxy.clone(),
+        path.clone(),
+        good.clone().into_bytes(),
+        Duration::from_millis(50),
+    ));
+    let addr = proxy.listener_addr("out").await.unwrap();
+
+    // A reference to a missing service: rejected whole, with file, line and field.
+    let bad = good.replace("service: {name: app}", "service: {name: nope}");
+    let err = proxy
+        .apply(
+            &trellis_api::parse_documents("proxy.yaml", &bad).unwrap(),
+            "proxy.yaml",
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "proxy.yaml:9: spec.outbound[0].service.name: no Service default/nope"
+    );
+    // A syntax error and a type error through the file watcher.
+    for broken in [
+        good.replace("ports: [{port: 80}]", "ports: [{port: 80}"),
+        good.replace("port: 80", "port: eighty"),
+    ] {
+        std::fs::write(&path, broken).unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(get(addr, "/").await.upstream(), "a");
+    }
+    assert_eq!(proxy.snapshot().version, 1);
+    let text = proxy.metrics_text();
+    assert!(
+        text.contains("trellis_config_reloads_total{result=\"error\"} 3"),
+        "{text}"
+    );
+    // A port conflict is also rejected before anything changes.
+    let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = good.replace(
+        "{name: http-proxy, address: 127.0.0.1:0",
+        &format!(
+            "{{name: http-proxy2, address: {}",
+            blocker.local_addr().unwrap()
+        ),
+    );
+    let err = proxy
+        .apply(
+            &trellis_api::parse_documents("proxy.yaml", &taken).unwrap(),
+            "proxy.yaml",
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cannot bind"), "{err}");
+    assert!(proxy.listener_addr("http-proxy").await.is_some());
+    assert_eq!(get(addr, "/").await.status, 200);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn graceful_drain_completes_in_flight_requests() {
+    let up = upstream("a").await;
+    let p = start_proxy(&format!(
+        "{}{}",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[up.addr])
+    ))
+    .await;
+    let addr = p.addr("out").await;
+    let admin = p.proxy.admin_addr();
+    assert_eq!(get(admin, "/ready").await.status, 200);
+    // Two requests in flight, on HTTP/1.1 and HTTP/2.
+    let h1 = tokio::spawn(async move { get(addr, "/delay/500").await });
+    let h2 = tokio::spawn(async move {
+        send(
+            &h2_client(),
+            Request::get(format!("http://{addr}/delay/500"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let proxy = p.proxy.clone();
+    let drain = tokio::spawn(async move { proxy.drain(Duration::from_secs(5)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Draining: new connections are refused, readiness fails.
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "still accepting while draining"
+    );
+    assert_eq!(get(admin, "/ready").await.status, 503);
+    assert_eq!(h1.await.unwrap().status, 200);
+    assert_eq!(h2.await.unwrap().status, 200);
+    assert!(
+        drain.await.unwrap(),
+        "drain did not finish before its deadline"
+    );
+}
+
+#[tokio::test]
+async fn admin_endpoints() {
+    let up = upstream("a").await;
+    let p = start_proxy(&format!(
+        "{}{}",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[up.addr])
+    ))
+    .await;
+    let addr = p.addr("out").await;
+    get(addr, "/").await;
+    let admin = p.proxy.admin_addr();
+    assert_eq!(get(admin, "/live").await.status, 200);
+    let config = get(admin, "/config").await.json();
+    assert_eq!(config["version"], 1);
+    assert_eq!(config["resources"][1]["kind"], "Service");
+    let metrics = String::from_utf8(get(admin, "/metrics").await.body.to_vec()).unwrap();
+    for needle in [
+        "trellis_http_requests_total{direction=\"outbound\",route=\"default\",backend=\"default/app:80\"} 1",
+        "trellis_http_responses_total{direction=\"outbound\",route=\"default\",backend=\"default/app:80\",status=\"200\",error=\"\"} 1",
+        "trellis_http_response_latency_seconds_bucket{le=",
+        "trellis_tcp_connections_total{direction=\"outbound\",listener=\"out\"} 1",
+        "trellis_tcp_read_bytes_total",
+        "trellis_config_version 1",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+}
