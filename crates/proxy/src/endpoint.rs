@@ -175,3 +175,33 @@ impl Drop for InFlight {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn peak_ewma_takes_peaks_and_decays() {
+        let e = EndpointState::new("127.0.0.1:1".parse().unwrap());
+        let decay = Duration::from_secs(10);
+        let now = Instant::now();
+        e.observe(Duration::from_millis(100), now, decay);
+        assert!(
+            (e.ewma(now, decay) - 0.100).abs() < 1e-9,
+            "a peak is taken at once"
+        );
+        // A fast answer right after barely moves it (weight of the old value ~1).
+        e.observe(Duration::from_millis(1), now, decay);
+        assert!(e.ewma(now, decay) > 0.099);
+        // One decay window later, the estimate has fallen to 1/e of itself.
+        tokio::time::advance(decay).await;
+        let later = e.ewma(Instant::now(), decay);
+        assert!(
+            (later - 0.100 / std::f64::consts::E).abs() < 1e-3,
+            "{later}"
+        );
+        // And a fast answer then pulls it most of the way down.
+        e.observe(Duration::from_millis(1), Instant::now(), decay);
+        assert!(e.ewma(Instant::now(), decay) < 0.04);
+    }
+}

@@ -340,3 +340,27 @@ async fn admin_endpoints() {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }
 }
+
+/// Timeouts run on tokio's clock: with time paused, a 30-second upstream and a 10-second
+/// timeout resolve instantly and exactly.
+#[tokio::test(start_paused = true)]
+async fn request_timeout_on_paused_clock() {
+    let up = upstream("slow").await;
+    let yaml = format!(
+        "{}{}",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[up.addr])
+    )
+    .replace("requestTimeout: 5s", "requestTimeout: 10s");
+    let p = start_proxy(&yaml).await;
+    let addr = p.addr("out").await;
+    let started = tokio::time::Instant::now();
+    let got = get(addr, "/delay/30000").await;
+    assert_eq!(got.status, 504);
+    assert_eq!(reason(&got), "upstream did not respond within 10s");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(10) && waited < Duration::from_secs(11),
+        "{waited:?}"
+    );
+}
