@@ -180,3 +180,17 @@ spec:
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn config_reference_embeds_every_example_verbatim() {
+    let doc = std::fs::read_to_string(repo().join("docs/config.md")).unwrap();
+    for entry in std::fs::read_dir(repo().join("docs/examples")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            doc.contains(text.trim_end()),
+            "docs/config.md is out of date with {}",
+            path.display()
+        );
+    }
+}
