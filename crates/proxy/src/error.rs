@@ -30,6 +30,9 @@ pub enum ProxyError {
     /// Connecting to the endpoint failed.
     #[error("upstream connect failed: {0}: {1}")]
     Connect(SocketAddr, String),
+    /// The connection closed before the request was written (a stale pooled connection).
+    #[error("upstream {0} closed the connection before the request was sent: {1}")]
+    NotSent(SocketAddr, String),
     /// The endpoint broke the protocol or reset the connection.
     #[error("upstream {0} failed: {1}")]
     UpstreamProtocol(SocketAddr, String),
@@ -46,7 +49,9 @@ impl ProxyError {
             ProxyError::UnknownHost(_) | ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
             ProxyError::NoBackends(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ProxyError::Connect(..) | ProxyError::UpstreamProtocol(..) => StatusCode::BAD_GATEWAY,
+            ProxyError::Connect(..)
+            | ProxyError::NotSent(..)
+            | ProxyError::UpstreamProtocol(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -54,7 +59,7 @@ impl ProxyError {
     /// Whether sending the same request to another endpoint may succeed: only when the
     /// request never reached an endpoint.
     pub fn retryable(&self) -> bool {
-        matches!(self, ProxyError::Connect(..))
+        matches!(self, ProxyError::Connect(..) | ProxyError::NotSent(..))
     }
 
     /// A short machine-friendly label, used in metrics.
@@ -66,6 +71,7 @@ impl ProxyError {
             ProxyError::NoBackends(_) => "no_backends",
             ProxyError::NoEndpoint(_) => "no_endpoint",
             ProxyError::Connect(..) => "connect",
+            ProxyError::NotSent(..) => "not_sent",
             ProxyError::UpstreamProtocol(..) => "upstream",
             ProxyError::Timeout(_) => "timeout",
         }

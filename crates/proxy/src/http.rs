@@ -27,8 +27,9 @@ use tokio::time::Instant;
 
 /// Largest request body copied for RequestMirror; larger or unsized bodies are not mirrored.
 const MIRROR_BODY_LIMIT: u64 = 64 * 1024;
-/// Attempts for a request whose connection to an endpoint failed (it never left the proxy).
-const CONNECT_ATTEMPTS: usize = 3;
+/// Attempts for a request that never left the proxy (connect failed, or a pooled connection
+/// closed before the request was written).
+const SEND_ATTEMPTS: usize = 3;
 
 /// Per-connection facts every request on it shares.
 pub struct ConnInfo {
@@ -148,8 +149,10 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// Sends the request to an endpoint of the backend. Returns the response and the in-flight
-/// guard's owner (kept alive by the response body).
+/// Sends the request to an endpoint of the backend, within the forward's timeout. A request
+/// that never left the proxy (connect failed, or a pooled connection closed before it was
+/// written) is tried again on another connection. Returns the response and, for upgrades,
+/// the in-flight guard (otherwise the response body holds it).
 async fn forward(
     fwd: &Forward,
     mut req: Request<Body>,
@@ -162,78 +165,93 @@ async fn forward(
         .and_then(|on| hash_key(on, req.headers(), client));
     let h2 = use_http2(backend, req.version());
     prepare_upstream(&mut req, h2);
+    let deadline = fwd.timeout.map(|t| Instant::now() + t);
+    let mut pending = Some(req);
     let mut last_err = None;
-    for _ in 0..CONNECT_ATTEMPTS {
+    for _ in 0..SEND_ATTEMPTS {
         let Some(endpoint) = backend.balancer.pick(hash) else {
             return Err(ProxyError::NoEndpoint(backend.name.to_string()));
         };
         let guard = endpoint.start();
         let sent = Instant::now();
-        let attempt = async {
-            if h2 {
-                let mut tx = endpoint.http2(backend.connect_timeout).await?;
-                Ok::<_, ProxyError>((tx.send_request(req_take(&mut req)).await, None))
-            } else {
-                let mut tx = endpoint
-                    .http1(backend.connect_timeout, backend.idle_timeout)
-                    .await?;
-                let fut = tx.send_request(req_take(&mut req));
-                Ok((fut.await, Some(tx)))
-            }
-        };
-        let outcome = match fwd.timeout {
-            Some(t) => match tokio::time::timeout(t, attempt).await {
+        let attempt = send(endpoint, backend, h2, &mut pending);
+        let outcome = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, attempt).await {
                 Ok(r) => r,
-                Err(_) => return Err(ProxyError::Timeout(t)),
+                Err(_) => return Err(ProxyError::Timeout(fwd.timeout.unwrap_or_default())),
             },
             None => attempt.await,
         };
-        match outcome {
-            Err(e) if e.retryable() => {
-                tracing::debug!(endpoint = %endpoint.addr, error = %e, "connect failed; trying another endpoint");
+        let (resp, tx) = match outcome {
+            Err(e) if e.retryable() && pending.is_some() => {
+                tracing::debug!(endpoint = %endpoint.addr, error = %e, "request not sent; trying again");
                 last_err = Some(e);
                 continue;
             }
             Err(e) => return Err(e),
-            Ok((Err(e), _)) => {
-                return Err(ProxyError::UpstreamProtocol(endpoint.addr, e.to_string()));
-            }
-            Ok((Ok(resp), tx)) => {
-                endpoint.observe(sent.elapsed(), Instant::now(), backend.balancer.decay());
-                let (mut parts, incoming) = resp.into_parts();
-                strip_hop_by_hop(
-                    &mut parts.headers,
-                    parts.status == StatusCode::SWITCHING_PROTOCOLS,
-                );
-                if parts.status == StatusCode::SWITCHING_PROTOCOLS {
-                    // The connection now belongs to the upgraded stream: not pooled.
-                    let resp = Response::from_parts(parts, incoming.boxed());
-                    return Ok((resp, Some(guard)));
-                }
-                let pool_return = tx.map(|tx| (tx, endpoint.clone()));
-                let tracked = Tracked {
-                    inner: incoming,
-                    guard: Some(guard),
-                    pool: pool_return,
-                };
-                return Ok((Response::from_parts(parts, tracked.boxed()), None));
-            }
+            Ok(r) => r,
+        };
+        endpoint.observe(sent.elapsed(), Instant::now(), backend.balancer.decay());
+        let (mut parts, incoming) = resp.into_parts();
+        let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(&mut parts.headers, upgraded);
+        if upgraded {
+            // The connection now belongs to the upgraded stream: not pooled.
+            return Ok((Response::from_parts(parts, incoming.boxed()), Some(guard)));
         }
+        let pool = tx.map(|tx| (tx, endpoint.clone()));
+        let tracked = Tracked {
+            inner: incoming,
+            guard: Some(guard),
+            pool,
+        };
+        return Ok((Response::from_parts(parts, tracked.boxed()), None));
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoEndpoint(backend.name.to_string())))
 }
 
-/// Moves the request out for sending. Called only once a connection exists, so a failed
-/// connect leaves the request intact for the next endpoint.
-fn req_take(req: &mut Request<Body>) -> Request<Body> {
-    let mut out = Request::new(body::empty());
-    *out.method_mut() = req.method().clone();
-    *out.uri_mut() = req.uri().clone();
-    *out.version_mut() = req.version();
-    *out.headers_mut() = std::mem::take(req.headers_mut());
-    *out.extensions_mut() = std::mem::take(req.extensions_mut());
-    *out.body_mut() = std::mem::replace(req.body_mut(), body::empty());
-    out
+/// One attempt on one endpoint. On a retryable failure the request is left in `pending`.
+async fn send(
+    endpoint: &Arc<EndpointState>,
+    backend: &Backend,
+    h2: bool,
+    pending: &mut Option<Request<Body>>,
+) -> Result<(Response<Incoming>, Option<http1::SendRequest<Body>>), ProxyError> {
+    let not_sent = |e: hyper::Error| ProxyError::NotSent(endpoint.addr, e.to_string());
+    let sent_failed = |e: hyper::Error| ProxyError::UpstreamProtocol(endpoint.addr, e.to_string());
+    if h2 {
+        let mut tx = endpoint.http2(backend.connect_timeout).await?;
+        let req = pending
+            .take()
+            .ok_or_else(|| ProxyError::NoEndpoint(backend.name.to_string()))?;
+        match tx.try_send_request(req).await {
+            Ok(resp) => Ok((resp, None)),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    *pending = Some(req);
+                    Err(not_sent(e.into_error()))
+                }
+                None => Err(sent_failed(e.into_error())),
+            },
+        }
+    } else {
+        let mut tx = endpoint
+            .http1(backend.connect_timeout, backend.idle_timeout)
+            .await?;
+        let req = pending
+            .take()
+            .ok_or_else(|| ProxyError::NoEndpoint(backend.name.to_string()))?;
+        match tx.try_send_request(req).await {
+            Ok(resp) => Ok((resp, Some(tx))),
+            Err(mut e) => match e.take_message() {
+                Some(req) => {
+                    *pending = Some(req);
+                    Err(not_sent(e.into_error()))
+                }
+                None => Err(sent_failed(e.into_error())),
+            },
+        }
+    }
 }
 
 /// Whether to speak HTTP/2 to the backend: when the client did, or the port says so.

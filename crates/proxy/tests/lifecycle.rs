@@ -364,3 +364,48 @@ async fn request_timeout_on_paused_clock() {
         "{waited:?}"
     );
 }
+
+/// An upstream that closes every connection right after answering, without saying so: the
+/// proxy's pooled connection goes stale between requests, and no request may fail for it.
+/// (This exercises the pool's closed-connection checks; the narrower race where a connection
+/// closes between checkout and write is covered by retrying `NotSent` requests, which this
+/// test cannot trigger deterministically.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_pooled_connections_are_not_errors() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                if s.read(&mut buf).await.unwrap_or(0) > 0 {
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    let p = start_proxy(&format!(
+        "{}{}",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[up])
+    ))
+    .await;
+    let addr = p.addr("out").await;
+    let client = h1_client();
+    for i in 0..200 {
+        let got = send(
+            &client,
+            Request::get(format!("http://{addr}/{i}"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200, "request {i}: {}", reason(&got));
+    }
+}
