@@ -9,6 +9,11 @@ use http::{StatusCode, request::Parts};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Route label for inbound traffic (no routes apply there yet).
+static INBOUND: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "inbound".into());
+/// Route label for a service port with no route attached.
+static DEFAULT: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "default".into());
+
 /// What to do with a request.
 #[derive(Debug)]
 pub enum Decision {
@@ -68,7 +73,7 @@ pub fn decide(snap: &Snapshot, listener: &Listener, parts: &Parts, random: u64) 
     let (entry, listener_port) = match &listener.kind {
         ListenerKind::Inbound { app } => {
             return Decision::Forward(Forward {
-                route: "inbound".into(),
+                route: INBOUND.clone(),
                 rule: None,
                 backend_index: None,
                 backend: app.clone(),
@@ -144,7 +149,7 @@ pub fn route(entry: &PortEntry, listener_port: u16, parts: &Parts, random: u64) 
         }
     } else {
         return Decision::Forward(Forward {
-            route: "default".into(),
+            route: DEFAULT.clone(),
             rule: None,
             backend_index: None,
             backend: entry.backend.clone(),

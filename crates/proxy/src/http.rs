@@ -31,6 +31,9 @@ const MIRROR_BODY_LIMIT: u64 = 64 * 1024;
 /// closed before the request was written).
 const SEND_ATTEMPTS: usize = 3;
 
+/// The empty label, for requests that never reached a route or backend.
+static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
+
 /// Per-connection facts every request on it shares.
 pub struct ConnInfo {
     /// The listener the connection arrived on, as of accept time.
@@ -61,7 +64,7 @@ pub async fn handle(
     // 1. Decide: which rule, which backend (pure).
     let fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {
         Decision::Forward(f) => f,
-        Decision::Fail(e) => return Ok(shared.fail(direction, "", "", e, grpc, start)),
+        Decision::Fail(e) => return Ok(shared.fail(direction, &NONE, &NONE, e, grpc, start)),
         Decision::Redirect {
             route,
             location,
@@ -72,7 +75,7 @@ pub async fn handle(
             if let Some((n, v)) = filters::location_header(&location) {
                 resp.headers_mut().insert(n, v);
             }
-            shared.record(direction, &route, "", status, "", start);
+            shared.record(direction, &route, &NONE, status, "", start);
             return Ok(resp);
         }
     };
@@ -430,13 +433,13 @@ impl Shared {
     fn fail(
         &self,
         direction: &'static str,
-        route: &str,
-        backend: &str,
+        route: &Arc<str>,
+        backend: &Arc<str>,
         e: ProxyError,
         grpc: bool,
         start: Instant,
     ) -> Response<Body> {
-        tracing::debug!(error = %e, route, backend, "request failed");
+        tracing::debug!(error = %e, %route, %backend, "request failed");
         self.record(direction, route, backend, e.status(), e.label(), start);
         e.into_response(grpc)
     }
@@ -444,14 +447,14 @@ impl Shared {
     fn record(
         &self,
         direction: &'static str,
-        route: &str,
-        backend: &str,
+        route: &Arc<str>,
+        backend: &Arc<str>,
         status: StatusCode,
         error: &'static str,
         start: Instant,
     ) {
-        let route: Arc<str> = route.into();
-        let backend: Arc<str> = backend.into();
+        // Labels share the snapshot's strings: no allocation unless the series is new.
+        let (route, backend) = (route.clone(), backend.clone());
         let labels = RouteLabels {
             direction,
             route: route.clone(),
