@@ -202,6 +202,15 @@ async fn forward(
             // The connection now belongs to the upgraded stream: not pooled.
             return Ok((Response::from_parts(parts, incoming.boxed()), Some(guard)));
         }
+        if incoming.is_end_stream() {
+            // Nothing to read (204, HEAD, empty body): the writer will never poll this body,
+            // so the exchange is complete now.
+            drop(guard);
+            if let Some(tx) = tx {
+                release(tx, endpoint.clone());
+            }
+            return Ok((Response::from_parts(parts, incoming.boxed()), None));
+        }
         let pool = tx.map(|tx| (tx, endpoint.clone()));
         let tracked = Tracked {
             inner: incoming,
@@ -497,20 +506,25 @@ impl http_body::Body for Tracked {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = self.project();
-        let res = this.inner.poll_frame(cx);
-        match &res {
-            Poll::Ready(None) => {
-                this.guard.take();
-                if let Some((tx, endpoint)) = this.pool.take() {
-                    release(tx, endpoint);
-                }
-            }
+        let mut this = self.project();
+        let res = this.inner.as_mut().poll_frame(cx);
+        let finished = match &res {
+            // The writer stops polling once `is_end_stream` says so (a body with a known
+            // length ends with its last data frame), so check after every frame.
+            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
+            Poll::Ready(None) => true,
             Poll::Ready(Some(Err(_))) => {
                 this.guard.take();
                 this.pool.take();
+                false
             }
-            _ => {}
+            Poll::Pending => false,
+        };
+        if finished {
+            this.guard.take();
+            if let Some((tx, endpoint)) = this.pool.take() {
+                release(tx, endpoint);
+            }
         }
         res
     }

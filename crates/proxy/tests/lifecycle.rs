@@ -409,3 +409,40 @@ async fn stale_pooled_connections_are_not_errors() {
         assert_eq!(got.status, 200, "request {i}: {}", reason(&got));
     }
 }
+
+/// Upstream connections are pooled: sequential requests of every body shape share one
+/// connection (a body with a known length, a streamed one, an empty one, a HEAD).
+#[tokio::test]
+async fn upstream_connections_are_reused() {
+    let up = upstream("a").await;
+    let p = start_proxy(&format!(
+        "{}{}",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[up.addr])
+    ))
+    .await;
+    let addr = p.addr("out").await;
+    let client = h1_client();
+    for i in 0..30 {
+        let req = match i % 3 {
+            0 => Request::get(format!("http://{addr}/json"))
+                .body(Full::default())
+                .unwrap(),
+            1 => Request::post(format!("http://{addr}/echo"))
+                .body(Full::new(bytes::Bytes::from_static(b"x")))
+                .unwrap(),
+            _ => Request::head(format!("http://{addr}/json"))
+                .body(Full::default())
+                .unwrap(),
+        };
+        assert_eq!(send(&client, req).await.status, 200);
+        // Let the connection task see the end of the exchange before the next checkout.
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(up.hits.load(Ordering::Relaxed), 30);
+    assert_eq!(
+        up.conns.load(Ordering::Relaxed),
+        1,
+        "upstream connections were not reused"
+    );
+}

@@ -26,6 +26,8 @@ pub type TestBody = BoxBody<Bytes, hyper::Error>;
 pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicU64>,
 }
 
 pub async fn upstream(name: &'static str) -> Upstream {
@@ -37,12 +39,14 @@ pub async fn upstream_with_delay(name: &'static str, delay_ms: u64) -> Upstream 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let hits = Arc::new(AtomicU64::new(0));
-    let h = hits.clone();
+    let conns = Arc::new(AtomicU64::new(0));
+    let (h, c) = (hits.clone(), conns.clone());
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
+            c.fetch_add(1, Ordering::Relaxed);
             let h = h.clone();
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
@@ -55,7 +59,7 @@ pub async fn upstream_with_delay(name: &'static str, delay_ms: u64) -> Upstream 
             });
         }
     });
-    Upstream { addr, hits }
+    Upstream { addr, hits, conns }
 }
 
 async fn answer(
