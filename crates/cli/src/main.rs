@@ -89,8 +89,15 @@ fn run(command: Command) -> Result<i32> {
             threads,
             watch_interval,
         } => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(threads.max(1))
+            // One thread: the current-thread scheduler, with no cross-thread work stealing.
+            let mut builder = if threads <= 1 {
+                tokio::runtime::Builder::new_current_thread()
+            } else {
+                let mut b = tokio::runtime::Builder::new_multi_thread();
+                b.worker_threads(threads);
+                b
+            };
+            let rt = builder
                 .thread_name("trellis-proxy")
                 .enable_all()
                 .build()

@@ -124,3 +124,37 @@ mod tests {
         assert_eq!(classify(&[b'A'; 40]), Some(Protocol::Tcp));
     }
 }
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+
+    /// Whatever a client sends first, classification answers without panicking, and growing
+    /// input never flips a decided HTTP/2 or HTTP/1 verdict to "need more".
+    #[test]
+    fn arbitrary_bytes_never_panic() {
+        let alphabet = b"GETPOSTHTTP/1.1 \r\n:PRI*SM\x00\xff\x16abc";
+        for _ in 0..20_000 {
+            let len = crate::rand::below(64) as usize;
+            let buf: Vec<u8> = (0..len)
+                .map(|_| {
+                    if crate::rand::below(2) == 0 {
+                        alphabet[crate::rand::below(alphabet.len() as u64) as usize]
+                    } else {
+                        crate::rand::u64() as u8
+                    }
+                })
+                .collect();
+            if let Some(p) = classify(&buf) {
+                let mut longer = buf.clone();
+                longer.extend_from_slice(b"\r\nmore");
+                assert_eq!(
+                    classify(&longer),
+                    Some(p),
+                    "{:?}",
+                    String::from_utf8_lossy(&buf)
+                );
+            }
+        }
+    }
+}

@@ -33,6 +33,9 @@ pub enum ProxyError {
     /// The connection closed before the request was written (a stale pooled connection).
     #[error("upstream {0} closed the connection before the request was sent: {1}")]
     NotSent(SocketAddr, String),
+    /// The connection closed after the request was sent, before any response.
+    #[error("upstream {0} closed the connection before responding: {1}")]
+    Closed(SocketAddr, String),
     /// The endpoint broke the protocol or reset the connection.
     #[error("upstream {0} failed: {1}")]
     UpstreamProtocol(SocketAddr, String),
@@ -51,6 +54,7 @@ impl ProxyError {
             ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Connect(..)
             | ProxyError::NotSent(..)
+            | ProxyError::Closed(..)
             | ProxyError::UpstreamProtocol(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -72,6 +76,7 @@ impl ProxyError {
             ProxyError::NoEndpoint(_) => "no_endpoint",
             ProxyError::Connect(..) => "connect",
             ProxyError::NotSent(..) => "not_sent",
+            ProxyError::Closed(..) => "closed",
             ProxyError::UpstreamProtocol(..) => "upstream",
             ProxyError::Timeout(_) => "timeout",
         }

@@ -169,6 +169,10 @@ async fn forward(
     let h2 = use_http2(backend, req.version());
     prepare_upstream(&mut req, h2);
     let deadline = fwd.timeout.map(|t| Instant::now() + t);
+    // An idempotent request without a body can be sent again if the connection closes before
+    // any response (RFC 9110 §9.2.2): the keep-alive race where the upstream closes an idle
+    // connection just as it is reused.
+    let replay = Replay::of(&req);
     let mut pending = Some(req);
     let mut last_err = None;
     for _ in 0..SEND_ATTEMPTS {
@@ -176,7 +180,6 @@ async fn forward(
             return Err(ProxyError::NoEndpoint(backend.name.to_string()));
         };
         let guard = endpoint.start();
-        let sent = Instant::now();
         let attempt = send(endpoint, backend, h2, &mut pending);
         let outcome = match deadline {
             Some(d) => match tokio::time::timeout_at(d, attempt).await {
@@ -185,9 +188,15 @@ async fn forward(
             },
             None => attempt.await,
         };
-        let (resp, tx) = match outcome {
+        let (resp, tx, sent) = match outcome {
             Err(e) if e.retryable() && pending.is_some() => {
                 tracing::debug!(endpoint = %endpoint.addr, error = %e, "request not sent; trying again");
+                last_err = Some(e);
+                continue;
+            }
+            Err(e @ ProxyError::Closed(..)) if replay.is_some() => {
+                tracing::debug!(endpoint = %endpoint.addr, error = %e, "connection closed before a response; replaying");
+                pending = replay.as_ref().map(Replay::request);
                 last_err = Some(e);
                 continue;
             }
@@ -223,21 +232,37 @@ async fn forward(
 }
 
 /// One attempt on one endpoint. On a retryable failure the request is left in `pending`.
+/// Also returns when the request was handed to a ready connection: latency for balancing is
+/// measured from there, so connection setup does not count against the endpoint.
 async fn send(
     endpoint: &Arc<EndpointState>,
     backend: &Backend,
     h2: bool,
     pending: &mut Option<Request<Body>>,
-) -> Result<(Response<Incoming>, Option<http1::SendRequest<Body>>), ProxyError> {
+) -> Result<
+    (
+        Response<Incoming>,
+        Option<http1::SendRequest<Body>>,
+        Instant,
+    ),
+    ProxyError,
+> {
     let not_sent = |e: hyper::Error| ProxyError::NotSent(endpoint.addr, e.to_string());
-    let sent_failed = |e: hyper::Error| ProxyError::UpstreamProtocol(endpoint.addr, e.to_string());
+    let sent_failed = |e: hyper::Error| {
+        if e.is_incomplete_message() {
+            ProxyError::Closed(endpoint.addr, e.to_string())
+        } else {
+            ProxyError::UpstreamProtocol(endpoint.addr, e.to_string())
+        }
+    };
     if h2 {
         let mut tx = endpoint.http2(backend.connect_timeout).await?;
         let req = pending
             .take()
             .ok_or_else(|| ProxyError::NoEndpoint(backend.name.to_string()))?;
+        let sent = Instant::now();
         match tx.try_send_request(req).await {
-            Ok(resp) => Ok((resp, None)),
+            Ok(resp) => Ok((resp, None, sent)),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     *pending = Some(req);
@@ -253,8 +278,9 @@ async fn send(
         let req = pending
             .take()
             .ok_or_else(|| ProxyError::NoEndpoint(backend.name.to_string()))?;
+        let sent = Instant::now();
         match tx.try_send_request(req).await {
-            Ok(resp) => Ok((resp, Some(tx))),
+            Ok(resp) => Ok((resp, Some(tx), sent)),
             Err(mut e) => match e.take_message() {
                 Some(req) => {
                     *pending = Some(req);
@@ -263,6 +289,46 @@ async fn send(
                 None => Err(sent_failed(e.into_error())),
             },
         }
+    }
+}
+
+/// What is needed to send a bodiless idempotent request again.
+struct Replay {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+impl Replay {
+    fn of(req: &Request<Body>) -> Option<Replay> {
+        use http::Method;
+        let idempotent = matches!(
+            *req.method(),
+            Method::GET
+                | Method::HEAD
+                | Method::OPTIONS
+                | Method::TRACE
+                | Method::PUT
+                | Method::DELETE
+        );
+        (idempotent && req.body().is_end_stream() && !wants_upgrade(req.headers())).then(|| {
+            Replay {
+                method: req.method().clone(),
+                uri: req.uri().clone(),
+                version: req.version(),
+                headers: req.headers().clone(),
+            }
+        })
+    }
+
+    fn request(&self) -> Request<Body> {
+        let mut r = Request::new(body::empty());
+        *r.method_mut() = self.method.clone();
+        *r.uri_mut() = self.uri.clone();
+        *r.version_mut() = self.version;
+        *r.headers_mut() = self.headers.clone();
+        r
     }
 }
 
@@ -538,19 +604,9 @@ impl http_body::Body for Tracked {
     }
 }
 
-/// Puts a connection back once it can take the next request (the connection task must first
-/// see the end of the previous response).
-fn release(mut tx: http1::SendRequest<Body>, endpoint: Arc<EndpointState>) {
-    if tx.is_ready() {
-        endpoint.release_http1(tx);
-        return;
-    }
-    tokio::spawn(async move {
-        if tokio::time::timeout(std::time::Duration::from_secs(1), tx.ready())
-            .await
-            .is_ok_and(|r| r.is_ok())
-        {
-            endpoint.release_http1(tx);
-        }
-    });
+/// Puts a connection whose exchange finished back in the pool. Its connection task may not
+/// have seen the end of the response yet; checkout waits for readiness (`ready()`), which is
+/// cheaper than a task per request waiting here.
+fn release(tx: http1::SendRequest<Body>, endpoint: Arc<EndpointState>) {
+    endpoint.release_http1(tx);
 }

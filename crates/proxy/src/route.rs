@@ -302,3 +302,40 @@ impl GrpcRoutes {
             .map(|(_, r)| r)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_match_is_per_path_element() {
+        for (prefix, path, want) in [
+            ("/", "/anything", true),
+            ("/abc", "/abc", true),
+            ("/abc", "/abc/", true),
+            ("/abc", "/abc/def", true),
+            ("/abc", "/abcd", false),
+            ("/abc", "/ab", false),
+        ] {
+            assert_eq!(prefix_matches(prefix, path), want, "{prefix} {path}");
+        }
+    }
+
+    #[test]
+    fn query_params_decode_and_take_the_first() {
+        let q = "a=1&b=hello%20world&a=2&flag&bad=%zz&c=%";
+        assert_eq!(query_param(q, "a").as_deref(), Some("1"));
+        assert_eq!(query_param(q, "b").as_deref(), Some("hello world"));
+        assert_eq!(query_param(q, "flag").as_deref(), Some(""));
+        assert_eq!(query_param(q, "bad").as_deref(), Some("%zz"));
+        assert_eq!(query_param(q, "c").as_deref(), Some("%"));
+        assert_eq!(query_param(q, "missing"), None);
+        // Arbitrary input never panics.
+        for _ in 0..10_000 {
+            let s: String = (0..crate::rand::below(24))
+                .map(|_| ["%", "=", "&", "a", "é", "%4", "1"][crate::rand::below(7) as usize])
+                .collect();
+            let _ = query_param(&s, "a");
+        }
+    }
+}

@@ -446,3 +446,77 @@ async fn upstream_connections_are_reused() {
         "upstream connections were not reused"
     );
 }
+
+/// The keep-alive race made deterministic: the upstream answers only the first request on
+/// each connection and closes on the next one after reading it. A bodiless GET is replayed on
+/// a new connection (RFC 9110 §9.2.2); a POST with a body is not, and gets a 502 saying why.
+#[tokio::test]
+async fn idempotent_requests_replay_when_a_reused_connection_closes() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up = l.local_addr().unwrap();
+    let conns = Arc::new(AtomicU64::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // Read the next request, then close without a word.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let p = start_proxy(&format!(
+        "{}{}",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[up])
+    ))
+    .await;
+    let addr = p.addr("out").await;
+    let client = h1_client();
+    for i in 0..10 {
+        let got = send(
+            &client,
+            Request::get(format!("http://{addr}/{i}"))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(got.status, 200, "GET {i}: {}", reason(&got));
+        tokio::task::yield_now().await;
+    }
+    // Every reuse failed and was replayed on a fresh connection.
+    assert!(conns.load(Ordering::Relaxed) >= 10);
+    // Prime a pooled connection, then a POST on it is not replayed.
+    send(
+        &client,
+        Request::get(format!("http://{addr}/"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    tokio::task::yield_now().await;
+    let got = send(
+        &client,
+        Request::post(format!("http://{addr}/"))
+            .body(Full::new(bytes::Bytes::from_static(b"data")))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(got.status, 502);
+    assert!(
+        reason(&got).contains("closed the connection before responding"),
+        "{}",
+        reason(&got)
+    );
+}
