@@ -239,57 +239,58 @@ async fn send(
     backend: &Backend,
     h2: bool,
     pending: &mut Option<Request<Body>>,
-) -> Result<
-    (
-        Response<Incoming>,
-        Option<http1::SendRequest<Body>>,
-        Instant,
-    ),
-    ProxyError,
-> {
-    let not_sent = |e: hyper::Error| ProxyError::NotSent(endpoint.addr, e.to_string());
-    let sent_failed = |e: hyper::Error| {
-        if e.is_incomplete_message() {
-            ProxyError::Closed(endpoint.addr, e.to_string())
-        } else {
-            ProxyError::UpstreamProtocol(endpoint.addr, e.to_string())
-        }
-    };
+) -> Result<Sent, ProxyError> {
+    let no_request = || ProxyError::NoEndpoint(backend.name.to_string());
     if h2 {
         let mut tx = endpoint.http2(backend.connect_timeout).await?;
-        let req = pending
-            .take()
-            .ok_or_else(|| ProxyError::NoEndpoint(backend.name.to_string()))?;
         let sent = Instant::now();
-        match tx.try_send_request(req).await {
-            Ok(resp) => Ok((resp, None, sent)),
-            Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    *pending = Some(req);
-                    Err(not_sent(e.into_error()))
-                }
-                None => Err(sent_failed(e.into_error())),
-            },
-        }
+        let result = tx
+            .try_send_request(pending.take().ok_or_else(no_request)?)
+            .await;
+        settle(result, endpoint, pending).map(|resp| (resp, None, sent))
     } else {
         let mut tx = endpoint
             .http1(backend.connect_timeout, backend.idle_timeout)
             .await?;
-        let req = pending
-            .take()
-            .ok_or_else(|| ProxyError::NoEndpoint(backend.name.to_string()))?;
         let sent = Instant::now();
-        match tx.try_send_request(req).await {
-            Ok(resp) => Ok((resp, Some(tx), sent)),
-            Err(mut e) => match e.take_message() {
-                Some(req) => {
-                    *pending = Some(req);
-                    Err(not_sent(e.into_error()))
-                }
-                None => Err(sent_failed(e.into_error())),
-            },
-        }
+        let result = tx
+            .try_send_request(pending.take().ok_or_else(no_request)?)
+            .await;
+        settle(result, endpoint, pending).map(|resp| (resp, Some(tx), sent))
     }
+}
+
+/// A response, the HTTP/1.1 connection to pool afterwards, and when the request was sent.
+type Sent = (
+    Response<Incoming>,
+    Option<http1::SendRequest<Body>>,
+    Instant,
+);
+
+/// Classifies a send failure: unsent (the request comes back into `pending`), closed before
+/// any response, or a protocol failure.
+fn settle(
+    result: Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>>,
+    endpoint: &EndpointState,
+    pending: &mut Option<Request<Body>>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let mut e = match result {
+        Ok(resp) => return Ok(resp),
+        Err(e) => e,
+    };
+    if let Some(req) = e.take_message() {
+        *pending = Some(req);
+        return Err(ProxyError::NotSent(
+            endpoint.addr,
+            e.into_error().to_string(),
+        ));
+    }
+    let e = e.into_error();
+    Err(if e.is_incomplete_message() {
+        ProxyError::Closed(endpoint.addr, e.to_string())
+    } else {
+        ProxyError::UpstreamProtocol(endpoint.addr, e.to_string())
+    })
 }
 
 /// What is needed to send a bodiless idempotent request again.
