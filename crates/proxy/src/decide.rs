@@ -10,9 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Route label for inbound traffic (no routes apply there yet).
-static INBOUND: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "inbound".into());
+pub(crate) static INBOUND: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| "inbound".into());
 /// Route label for a service port with no route attached.
-static DEFAULT: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "default".into());
+pub(crate) static DEFAULT: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| "default".into());
 
 /// What to do with a request.
 #[derive(Debug)]
@@ -47,6 +49,8 @@ pub struct Forward {
     pub prefix_len: usize,
     /// Time allowed until response headers.
     pub timeout: Option<Duration>,
+    /// Request metrics for this route and backend (none for mirrored copies).
+    pub stats: Option<Arc<crate::metrics::RouteStats>>,
 }
 
 /// Whether a request is gRPC.
@@ -71,7 +75,7 @@ pub fn authority(parts: &Parts) -> Option<&str> {
 /// backend choice.
 pub fn decide(snap: &Snapshot, listener: &Listener, parts: &Parts, random: u64) -> Decision {
     let (entry, listener_port) = match &listener.kind {
-        ListenerKind::Inbound { app } => {
+        ListenerKind::Inbound { app, stats } => {
             return Decision::Forward(Forward {
                 route: INBOUND.clone(),
                 rule: None,
@@ -79,6 +83,7 @@ pub fn decide(snap: &Snapshot, listener: &Listener, parts: &Parts, random: u64) 
                 backend: app.clone(),
                 prefix_len: 0,
                 timeout: app.request_timeout,
+                stats: Some(stats.clone()),
             });
         }
         ListenerKind::Service(k, port) => match snap.port(k, Some(*port)) {
@@ -155,6 +160,7 @@ pub fn route(entry: &PortEntry, listener_port: u16, parts: &Parts, random: u64) 
             backend: entry.backend.clone(),
             prefix_len: 0,
             timeout: entry.backend.request_timeout,
+            stats: Some(entry.stats.clone()),
         });
     };
     if let Some(r) = &rule.filters.redirect {
@@ -176,5 +182,6 @@ pub fn route(entry: &PortEntry, listener_port: u16, parts: &Parts, random: u64) 
         backend_index: Some(index),
         backend,
         prefix_len,
+        stats: Some(rule.backends[index].stats.clone()),
     })
 }

@@ -6,7 +6,7 @@ use crate::decide::{self, Decision, Forward};
 use crate::endpoint::{EndpointState, InFlight};
 use crate::error::ProxyError;
 use crate::filters;
-use crate::metrics::{ResponseLabels, RouteLabels};
+use crate::metrics::{ResponseLabels, RouteLabels, RouteStats};
 use crate::rand;
 use crate::server::Shared;
 use crate::snapshot::{Backend, HashOn, Listener};
@@ -141,7 +141,8 @@ pub async fn handle(
         });
     }
 
-    shared.record(
+    shared.record_with(
+        fwd.stats.as_deref(),
         direction,
         &fwd.route,
         &fwd.backend.name,
@@ -347,43 +348,46 @@ fn use_http2(backend: &Backend, version: Version) -> bool {
 /// an absolute URI (`:authority`) for HTTP/2, and no hop-by-hop headers.
 fn prepare_upstream(req: &mut Request<Body>, h2: bool) {
     let upgrade = !h2 && wants_upgrade(req.headers());
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        });
     strip_hop_by_hop(req.headers_mut(), upgrade);
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
     if h2 {
         *req.version_mut() = Version::HTTP_2;
-        let auth = authority.unwrap_or_else(|| "localhost".into());
-        if let Ok(uri) = Uri::builder()
-            .scheme("http")
-            .authority(auth.as_str())
-            .path_and_query(pq.as_str())
-            .build()
-        {
-            *req.uri_mut() = uri;
+        if req.uri().authority().is_none() {
+            // HTTP/1.1 in, HTTP/2 out: `Host` becomes `:authority`.
+            let auth = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost")
+                .to_string();
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            if let Ok(uri) = Uri::builder()
+                .scheme("http")
+                .authority(auth)
+                .path_and_query(pq)
+                .build()
+            {
+                *req.uri_mut() = uri;
+            }
         }
         req.headers_mut().remove(header::HOST);
     } else {
         *req.version_mut() = Version::HTTP_11;
-        if let Some(a) = authority
-            && let Ok(v) = HeaderValue::try_from(a)
-        {
-            req.headers_mut().insert(header::HOST, v);
-        }
-        if let Ok(uri) = Uri::try_from(pq) {
-            *req.uri_mut() = uri;
+        // The common case — origin-form URI with a Host header — passes through untouched;
+        // absolute-form (HTTP proxy mode) and HTTP/2 requests become origin-form + Host.
+        if let Some(auth) = req.uri().authority() {
+            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                req.headers_mut().insert(header::HOST, v);
+            }
+            let pq = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(pq);
         }
     }
 }
@@ -485,6 +489,7 @@ async fn mirror(
             backend: m.backend.clone(),
             prefix_len: 0,
             timeout: m.backend.request_timeout,
+            stats: None,
         };
         shared
             .metrics
@@ -529,18 +534,39 @@ impl Shared {
         error: &'static str,
         start: Instant,
     ) {
+        self.record_with(None, direction, route, backend, status, error, start);
+    }
+
+    /// Records a response. `stats`, when the snapshot resolved them, saves two label lookups.
+    #[allow(clippy::too_many_arguments)]
+    fn record_with(
+        &self,
+        stats: Option<&RouteStats>,
+        direction: &'static str,
+        route: &Arc<str>,
+        backend: &Arc<str>,
+        status: StatusCode,
+        error: &'static str,
+        start: Instant,
+    ) {
         // Labels share the snapshot's strings: no allocation unless the series is new.
         let (route, backend) = (route.clone(), backend.clone());
-        let labels = RouteLabels {
-            direction,
-            route: route.clone(),
-            backend: backend.clone(),
-        };
-        self.metrics.requests.get_or_create(&labels).inc();
-        self.metrics
-            .latency
-            .get_or_create(&labels)
-            .observe(start.elapsed().as_secs_f64());
+        let elapsed = start.elapsed().as_secs_f64();
+        match stats {
+            Some(s) => {
+                s.requests.inc();
+                s.latency.observe(elapsed);
+            }
+            None => {
+                let labels = RouteLabels {
+                    direction,
+                    route: route.clone(),
+                    backend: backend.clone(),
+                };
+                self.metrics.requests.get_or_create(&labels).inc();
+                self.metrics.latency.get_or_create(&labels).observe(elapsed);
+            }
+        }
         self.metrics
             .responses
             .get_or_create(&ResponseLabels {

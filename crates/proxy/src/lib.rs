@@ -66,7 +66,8 @@ impl Proxy {
         resources: &[Located<Resource>],
         source: &str,
     ) -> Result<Arc<Proxy>, ApplyError> {
-        let snap = Snapshot::build(resources, 1, source, None)?;
+        let shared = Arc::new(Shared::new());
+        let snap = Snapshot::build(resources, 1, source, None, &shared.metrics)?;
         let admin_std = std::net::TcpListener::bind(snap.settings.admin).map_err(|source| {
             server::BindError {
                 name: "admin".into(),
@@ -74,7 +75,7 @@ impl Proxy {
                 source,
             }
         })?;
-        let shared = Arc::new(Shared::new());
+
         let admin = Arc::new(admin::AdminState {
             ready: false.into(),
         });
@@ -110,7 +111,13 @@ impl Proxy {
         source: &str,
     ) -> Result<u64, ApplyError> {
         let current = self.shared.snapshot();
-        let result = match Snapshot::build(resources, current.version + 1, source, Some(&current)) {
+        let result = match Snapshot::build(
+            resources,
+            current.version + 1,
+            source,
+            Some(&current),
+            &self.shared.metrics,
+        ) {
             Ok(snap) if snap.settings.admin != self.admin_configured => Err(
                 ApplyError::AdminMoved(self.admin_configured, snap.settings.admin),
             ),

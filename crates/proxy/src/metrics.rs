@@ -62,6 +62,16 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Handles to one route and backend's request counter and latency histogram, resolved when a
+/// snapshot is built so the request path does not hash label sets.
+#[derive(Debug)]
+pub struct RouteStats {
+    /// Requests routed.
+    pub requests: Counter,
+    /// Time to response headers.
+    pub latency: Histogram,
+}
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
@@ -167,6 +177,24 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The counter and histogram for `route` and `backend`.
+    pub fn route_stats(
+        &self,
+        direction: &'static str,
+        route: &Arc<str>,
+        backend: &Arc<str>,
+    ) -> Arc<RouteStats> {
+        let labels = RouteLabels {
+            direction,
+            route: route.clone(),
+            backend: backend.clone(),
+        };
+        Arc::new(RouteStats {
+            requests: self.requests.get_or_create(&labels).clone(),
+            latency: self.latency.get_or_create(&labels).clone(),
+        })
+    }
+
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
         let mut out = String::new();

@@ -24,6 +24,8 @@ pub struct WeightedBackend {
     pub weight: u32,
     /// Filters applied when this backend is chosen.
     pub filters: Filters,
+    /// Request metrics for this rule and backend.
+    pub stats: Arc<crate::metrics::RouteStats>,
 }
 
 /// One compiled rule.

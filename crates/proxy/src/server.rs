@@ -263,7 +263,7 @@ async fn serve_connection(
     match protocol {
         Protocol::Tcp => {
             let backend = match &listener.kind {
-                ListenerKind::Inbound { app } => app.clone(),
+                ListenerKind::Inbound { app, .. } => app.clone(),
                 ListenerKind::Service(k, port) => match snap.port(k, Some(*port)) {
                     Some(e) => e.backend.clone(),
                     None => return Ok(()),

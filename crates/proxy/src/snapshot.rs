@@ -5,6 +5,7 @@
 use crate::balance::{Balancer, Member};
 use crate::endpoint::EndpointState;
 use crate::filters::{Filters, HeaderEdit, Mirror, PathChange, Redirect, Rewrite};
+use crate::metrics::{Metrics, RouteStats};
 use crate::route::{
     GrpcMatch, GrpcRoutes, HttpMatch, HttpRoutes, PathMatch, Rule, ValueMatch, WeightedBackend,
     anchored, grpc_precedence, http_precedence,
@@ -72,6 +73,8 @@ pub struct PortEntry {
     pub http: Option<HttpRoutes>,
     /// GRPCRoutes attached (`None` when there are none).
     pub grpc: Option<GrpcRoutes>,
+    /// Request metrics for the default route (no route attached).
+    pub stats: Arc<RouteStats>,
 }
 
 /// Where a listener sends traffic.
@@ -81,6 +84,8 @@ pub enum ListenerKind {
     Inbound {
         /// The application as a single-endpoint backend.
         app: Arc<Backend>,
+        /// Request metrics.
+        stats: Arc<RouteStats>,
     },
     /// Outbound to one service port.
     Service(ServiceKey, u16),
@@ -179,6 +184,7 @@ impl Snapshot {
         version: u64,
         source: &str,
         previous: Option<&Snapshot>,
+        metrics: &Metrics,
     ) -> Result<Snapshot, Diagnostics> {
         trellis_api::validate(resources)?;
         let proxies: Vec<_> = resources
@@ -209,6 +215,7 @@ impl Snapshot {
         let spec = &proxy.spec;
         let mut b = Builder {
             previous,
+            metrics,
             endpoints: HashMap::new(),
             backends: HashMap::new(),
             policies: HashMap::new(),
@@ -248,11 +255,14 @@ impl Snapshot {
             let ports: Vec<u16> = b.services[k].ports.iter().map(|p| p.port).collect();
             let mut entries = Vec::new();
             for port in ports {
+                let backend = b.backend(k, port);
+                let stats = metrics.route_stats("outbound", &crate::decide::DEFAULT, &backend.name);
                 entries.push(PortEntry {
                     port,
-                    backend: b.backend(k, port),
+                    backend,
                     http: None,
                     grpc: None,
+                    stats,
                 });
             }
             services.insert(k.clone(), entries);
@@ -410,7 +420,10 @@ impl Snapshot {
                 addr: l.address.parse().map_err(|_| {
                     Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", "bad address")])
                 })?,
-                kind: ListenerKind::Inbound { app: backend },
+                kind: ListenerKind::Inbound {
+                    stats: metrics.route_stats("inbound", &crate::decide::INBOUND, &backend.name),
+                    app: backend,
+                },
                 protocol: l.protocol,
             });
         }
@@ -482,6 +495,7 @@ struct Defaults {
 
 struct Builder<'a> {
     previous: Option<&'a Snapshot>,
+    metrics: &'a Metrics,
     endpoints: HashMap<SocketAddr, Arc<EndpointState>>,
     backends: HashMap<(ServiceKey, u16), Arc<Backend>>,
     policies: HashMap<ServiceKey, &'a BackendPolicySpec>,
@@ -582,24 +596,27 @@ impl Builder<'_> {
         timeout: Option<Option<Duration>>,
         loc: &Located<Resource>,
     ) -> Result<Rule, Diagnostics> {
-        let id = match name {
+        let id: Arc<str> = match name {
             Some(n) => format!("{ns}/{route}/{n}"),
             None => format!("{ns}/{route}/{index}"),
-        };
+        }
+        .into();
         let at = |e: String| Diagnostics(vec![loc.diagnostic(&format!("spec.rules[{index}]"), e)]);
         let filters = self.filters(ns, filters).map_err(at)?;
         let mut backends = Vec::new();
         for r in refs {
             let backend = self.backend_ref(ns, &r.name, r.namespace.as_deref(), r.port);
             let f = self.filters(ns, &r.filters).map_err(at)?;
+            let stats = self.metrics.route_stats("outbound", &id, &backend.name);
             backends.push(WeightedBackend {
                 backend,
                 weight: r.weight,
                 filters: f,
+                stats,
             });
         }
         Ok(Rule {
-            id: id.into(),
+            id,
             filters,
             backends,
             timeout,
