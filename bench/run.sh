@@ -18,6 +18,7 @@ WRK_CONNS=${WRK_CONNS:-50}
 WRK_DURATION=${WRK_DURATION:-10s}
 BODY_BYTES=${BODY_BYTES:-1024}
 PATHS=${PATHS:-"direct trellis-1hop trellis-2hop haproxy-1hop nginx-1hop"}
+ROUNDS=${ROUNDS:-1}                # run every path this many times, round-robin; report medians
 SKIP_TRELLIS=${SKIP_TRELLIS:-0}
 TRELLIS_BIN=${TRELLIS_BIN:-}
 TRELLIS_LOG=${TRELLIS_LOG:-warn}   # like access_log off for the others
@@ -427,6 +428,36 @@ measure_path() {
     log "$path: p50=${R[$path.p50]}us p99=${R[$path.p99]}us p99.9=${R[$path.p999]}us rps=${R[$path.rps]}"
 }
 
+# Keep one round's figures: R[path.field.round].
+save_round() {
+    local path=$1 round=$2 f
+    for f in p50 p90 p99 p999 rps cpu rate_errs wrk_errs idle_rss peak_rss; do
+        R[$path.$f.$round]=${R[$path.$f]:-}
+    done
+}
+
+# Medians of the numeric fields over the rounds; errors are summed; memory is the last
+# round's (a sidecar's RSS barely moves between rounds).
+take_medians() {
+    local path=$1 f r vals
+    for f in p50 p90 p99 p999 rps cpu; do
+        vals=()
+        for ((r = 1; r <= ROUNDS; r++)); do
+            [[ -n ${R[$path.$f.$r]:-} && ${R[$path.$f.$r]} != n/a ]] && vals+=("${R[$path.$f.$r]}")
+        done
+        ((${#vals[@]})) || continue
+        R[$path.$f]=$(printf '%s\n' "${vals[@]}" | sort -g | awk '{ v[NR] = $1 } END {
+            m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2
+            if (m == int(m)) printf "%d", m; else printf "%.3f", m }')
+    done
+    local sum
+    for f in rate_errs wrk_errs; do
+        sum=0
+        for ((r = 1; r <= ROUNDS; r++)); do sum=$((sum + ${R[$path.$f.$r]:-0})); done
+        R[$path.$f]=$sum
+    done
+}
+
 # ------------------------------------------------------------- report -----
 # Signed difference against the direct path, or "-".
 added() {
@@ -453,6 +484,20 @@ report() {
         fi
         echo "| $path | ${R[$path.p50]} | ${R[$path.p90]} | ${R[$path.p99]} | ${R[$path.p999]} | $(added "$path" p50) | $(added "$path" p99) | $(added "$path" p999) | ${R[$path.rps]} | ${R[$path.cpu]:--} | ${R[$path.idle_rss]:--} | ${R[$path.peak_rss]:--} | ${R[$path.rate_errs]}/${R[$path.wrk_errs]} |"
     done
+    if ((ROUNDS > 1)); then
+        echo
+        echo "Figures are medians over $ROUNDS rounds (paths interleaved); errors are summed. Each round:"
+        echo
+        echo "| path | round | p50 | p99 | p99.9 | max rps | CPU s / 1k req |"
+        echo "|---|--:|--:|--:|--:|--:|--:|"
+        local r
+        for path in $PATHS; do
+            for ((r = 1; r <= ROUNDS; r++)); do
+                [[ -n ${R[$path.p50.$r]:-} ]] || continue
+                echo "| $path | $r | ${R[$path.p50.$r]} | ${R[$path.p99.$r]} | ${R[$path.p999.$r]} | ${R[$path.rps.$r]} | ${R[$path.cpu.$r]:--} |"
+            done
+        done
+    fi
     echo
     echo "## Machine"
     echo
@@ -511,20 +556,29 @@ main() {
     setup_pinning
     start_upstream
 
+    # Rounds interleave the paths, so a noisy minute on a shared machine hurts every path
+    # alike instead of one; the table reports each field's median over the rounds.
+    local round
+    for ((round = 1; round <= ROUNDS; round++)); do
+        for path in $PATHS; do
+            fn=start_${path//-/_}
+            declare -F "$fn" >/dev/null || die "unknown path '$path'"
+            log "=== $path (round $round of $ROUNDS)"
+            PATH_PROXIES=()
+            if $fn && measure_path "$path"; then
+                [[ ${R[$path.status]:-ok} == ok ]] && R[$path.status]=ok
+                save_round "$path" "$round"
+            else
+                R[$path.status]=FAILED
+                log "$path: FAILED (logs in $TMP; KEEP_TMP=1 keeps them)"
+            fi
+            # Stop this path's proxies so they don't compete with the next path.
+            if ((${#PATH_PROXIES[@]})); then stop_pids "${PATH_PROXIES[@]}"; fi
+            sleep 1
+        done
+    done
     for path in $PATHS; do
-        fn=start_${path//-/_}
-        declare -F "$fn" >/dev/null || die "unknown path '$path'"
-        log "=== $path"
-        PATH_PROXIES=()
-        if $fn && measure_path "$path"; then
-            R[$path.status]=ok
-        else
-            R[$path.status]=FAILED
-            log "$path: FAILED (logs in $TMP; KEEP_TMP=1 keeps them)"
-        fi
-        # Stop this path's proxies so they don't compete with the next path.
-        if ((${#PATH_PROXIES[@]})); then stop_pids "${PATH_PROXIES[@]}"; fi
-        sleep 1
+        [[ ${R[$path.status]:-} == ok ]] && take_medians "$path"
     done
 
     mkdir -p "$OUT_DIR"
