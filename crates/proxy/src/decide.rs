@@ -86,15 +86,7 @@ pub fn decide(snap: &Snapshot, listener: &Listener, parts: &Parts, random: u64) 
                 stats: Some(stats.clone()),
             });
         }
-        ListenerKind::Service(k, port) => match snap.port(k, Some(*port)) {
-            Some(e) => (e, *port),
-            None => {
-                return Decision::Fail(ProxyError::UnknownHost(format!(
-                    "{}/{}:{port}",
-                    k.namespace, k.name
-                )));
-            }
-        },
+        ListenerKind::Service(_, port, entry) => (&**entry, *port),
         ListenerKind::HttpProxy => match by_host(snap, parts) {
             Ok(e) => (e, e.port),
             Err(err) => return Decision::Fail(err),

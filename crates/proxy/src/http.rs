@@ -403,6 +403,19 @@ fn wants_upgrade(h: &HeaderMap) -> bool {
 /// Removes headers that describe one connection, not the message (RFC 9110 §7.6.1). `te:
 /// trailers` survives (gRPC needs it); `upgrade` survives when the exchange is an upgrade.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    // Most messages carry none of these: one pass over the (few) names, comparing without
+    // hashing, skips the removals entirely.
+    let hop = |n: &HeaderName| {
+        n == header::CONNECTION
+            || n == header::TRANSFER_ENCODING
+            || n == header::UPGRADE
+            || n == header::TE
+            || n.as_str() == "keep-alive"
+            || n.as_str() == "proxy-connection"
+    };
+    if !h.keys().any(hop) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(header::CONNECTION)
         .iter()
@@ -550,33 +563,31 @@ impl Shared {
         start: Instant,
     ) {
         // Labels share the snapshot's strings: no allocation unless the series is new.
-        let (route, backend) = (route.clone(), backend.clone());
         let elapsed = start.elapsed().as_secs_f64();
-        match stats {
-            Some(s) => {
-                s.requests.inc();
-                s.latency.observe(elapsed);
+        if let Some(s) = stats {
+            s.requests.inc();
+            s.latency.observe(elapsed);
+            if status == StatusCode::OK && error.is_empty() {
+                s.ok.inc();
+                return;
             }
-            None => {
-                let labels = RouteLabels {
-                    direction,
-                    route: route.clone(),
-                    backend: backend.clone(),
-                };
-                self.metrics.requests.get_or_create(&labels).inc();
-                self.metrics.latency.get_or_create(&labels).observe(elapsed);
-            }
-        }
-        self.metrics
-            .responses
-            .get_or_create(&ResponseLabels {
+        } else {
+            let labels = RouteLabels {
                 direction,
-                route,
-                backend,
-                status: status.as_u16(),
-                error,
-            })
-            .inc();
+                route: route.clone(),
+                backend: backend.clone(),
+            };
+            self.metrics.requests.get_or_create(&labels).inc();
+            self.metrics.latency.get_or_create(&labels).observe(elapsed);
+        }
+        let labels = ResponseLabels {
+            direction,
+            route: route.clone(),
+            backend: backend.clone(),
+            status: status.as_u16(),
+            error,
+        };
+        self.metrics.responses.get_or_create(&labels).inc();
     }
 }
 

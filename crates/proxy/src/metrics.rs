@@ -70,6 +70,8 @@ pub struct RouteStats {
     pub requests: Counter,
     /// Time to response headers.
     pub latency: Histogram,
+    /// Responses with status 200 (the common case, so it needs no label lookup either).
+    pub ok: Counter,
 }
 
 /// Every metric the proxy exports.
@@ -189,9 +191,17 @@ impl Metrics {
             route: route.clone(),
             backend: backend.clone(),
         };
+        let ok = ResponseLabels {
+            direction,
+            route: route.clone(),
+            backend: backend.clone(),
+            status: 200,
+            error: "",
+        };
         Arc::new(RouteStats {
             requests: self.requests.get_or_create(&labels).clone(),
             latency: self.latency.get_or_create(&labels).clone(),
+            ok: self.responses.get_or_create(&ok).clone(),
         })
     }
 

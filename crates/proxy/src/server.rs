@@ -264,10 +264,7 @@ async fn serve_connection(
         Protocol::Tcp => {
             let backend = match &listener.kind {
                 ListenerKind::Inbound { app, .. } => app.clone(),
-                ListenerKind::Service(k, port) => match snap.port(k, Some(*port)) {
-                    Some(e) => e.backend.clone(),
-                    None => return Ok(()),
-                },
+                ListenerKind::Service(_, _, entry) => entry.backend.clone(),
                 // Without an HTTP Host there is nothing to route on.
                 ListenerKind::HttpProxy => return Ok(()),
             };

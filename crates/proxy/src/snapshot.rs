@@ -87,8 +87,8 @@ pub enum ListenerKind {
         /// Request metrics.
         stats: Arc<RouteStats>,
     },
-    /// Outbound to one service port.
-    Service(ServiceKey, u16),
+    /// Outbound to one service port (resolved when the snapshot is built).
+    Service(ServiceKey, u16, Arc<PortEntry>),
     /// Outbound, routed by `Host`.
     HttpProxy,
 }
@@ -139,7 +139,7 @@ pub struct Snapshot {
     /// Listeners.
     pub listeners: Vec<Listener>,
     /// Service ports, by service.
-    pub services: HashMap<ServiceKey, Vec<PortEntry>>,
+    pub services: HashMap<ServiceKey, Vec<Arc<PortEntry>>>,
     /// Host names (`name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`) to services.
     pub hosts: HashMap<String, ServiceKey>,
     /// Every endpoint's shared state, by address.
@@ -153,8 +153,8 @@ impl Snapshot {
     pub fn port(&self, service: &ServiceKey, port: Option<u16>) -> Option<&PortEntry> {
         let ports = self.services.get(service)?;
         match port {
-            Some(p) => ports.iter().find(|e| e.port == p),
-            None if ports.len() == 1 => ports.first(),
+            Some(p) => ports.iter().find(|e| e.port == p).map(|e| &**e),
+            None if ports.len() == 1 => ports.first().map(|e| &**e),
             None => None,
         }
     }
@@ -391,6 +391,12 @@ impl Snapshot {
             }
         }
 
+        // Routes are attached: freeze the port entries so listeners can point at them.
+        let services: HashMap<ServiceKey, Vec<Arc<PortEntry>>> = services
+            .into_iter()
+            .map(|(k, ports)| (k, ports.into_iter().map(Arc::new).collect()))
+            .collect();
+
         let mut listeners = Vec::new();
         for l in &spec.inbound {
             let app: SocketAddr = l.forward_to.parse().map_err(|_| {
@@ -434,13 +440,25 @@ impl Snapshot {
                         t.namespace.as_deref().unwrap_or(&proxy.metadata.namespace),
                         &t.name,
                     );
-                    let port = t.port.unwrap_or_else(|| services[&k][0].port);
-                    ListenerKind::Service(k, port)
+                    let ports = &services[&k];
+                    let port = t.port.unwrap_or(ports[0].port);
+                    let entry =
+                        ports
+                            .iter()
+                            .find(|e| e.port == port)
+                            .cloned()
+                            .ok_or_else(|| {
+                                Diagnostics(vec![proxy_loc.diagnostic(
+                                    "spec.outbound",
+                                    format!("Service {} has no port {port}", k.name),
+                                )])
+                            })?;
+                    ListenerKind::Service(k, port, entry)
                 }
                 None => ListenerKind::HttpProxy,
             };
             let declared = match &kind {
-                ListenerKind::Service(k, port) => b.services[k]
+                ListenerKind::Service(k, port, _) => b.services[k]
                     .ports
                     .iter()
                     .find(|p| p.port == *port)
