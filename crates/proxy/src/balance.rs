@@ -211,6 +211,11 @@ impl Balancer {
 
     /// Chooses an endpoint for a request whose hash key (if the algorithm uses one) is `hash`.
     pub fn pick(&self, hash: Option<u64>) -> Option<&Arc<EndpointState>> {
+        // One endpoint (an inbound sidecar's app, a single-instance service): nothing to
+        // compare, so no loads to gather and no clock to read.
+        if let [only] = self.members.as_slice() {
+            return (only.weight > 0).then_some(&only.state);
+        }
         let now = tokio::time::Instant::now();
         // Small backends are the common case: keep the loads on the stack.
         let mut buf = [Load {
@@ -255,6 +260,13 @@ impl Balancer {
     /// The EWMA decay window.
     pub fn decay(&self) -> Duration {
         self.decay
+    }
+
+    /// Records a response latency for an endpoint, when the algorithm uses latency.
+    pub fn observe(&self, endpoint: &EndpointState, rtt: Duration, now: tokio::time::Instant) {
+        if self.algorithm == Algorithm::PeakEwma && self.members.len() > 1 {
+            endpoint.observe(rtt, now, self.decay);
+        }
     }
 }
 

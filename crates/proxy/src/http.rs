@@ -204,7 +204,8 @@ async fn forward(
             Err(e) => return Err(e),
             Ok(r) => r,
         };
-        endpoint.observe(sent.elapsed(), Instant::now(), backend.balancer.decay());
+        let now = Instant::now();
+        backend.balancer.observe(endpoint, now - sent, now);
         let (mut parts, incoming) = resp.into_parts();
         let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(&mut parts.headers, upgraded);
@@ -287,11 +288,32 @@ fn settle(
         ));
     }
     let e = e.into_error();
-    Err(if e.is_incomplete_message() {
+    Err(if connection_lost(&e) {
         ProxyError::Closed(endpoint.addr, e.to_string())
     } else {
         ProxyError::UpstreamProtocol(endpoint.addr, e.to_string())
     })
+}
+
+/// Whether a send failed because the connection went away (closed, reset, broken) before any
+/// response, as opposed to the endpoint answering with something malformed.
+fn connection_lost(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+        return true;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
 }
 
 /// What is needed to send a bodiless idempotent request again.

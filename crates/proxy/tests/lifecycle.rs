@@ -239,8 +239,24 @@ async fn invalid_config_is_rejected_and_old_keeps_serving() {
         good.replace("ports: [{port: 80}]", "ports: [{port: 80}"),
         good.replace("port: 80", "port: eighty"),
     ] {
+        let rejected = |p: &trellis_proxy::Proxy| {
+            let t = p.metrics_text();
+            t.lines()
+                .find(|l| l.starts_with("trellis_config_reloads_total{result=\"error\"}"))
+                .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        let before = rejected(&proxy);
         std::fs::write(&path, broken).unwrap();
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Wait for the watcher to see and reject it (bounded, for slow machines).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while rejected(&proxy) == before {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the watcher never rejected the file"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         assert_eq!(get(addr, "/").await.upstream(), "a");
     }
     assert_eq!(proxy.snapshot().version, 1);
