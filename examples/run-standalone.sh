@@ -16,6 +16,9 @@ for port in 9001 9002 9003; do
   python3 -m http.server "$port" --bind 127.0.0.1 --directory "$work/$port" >/dev/null 2>&1 &
   pids+=($!)
 done
+for port in 9001 9002 9003; do
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.1; done
+done
 # The example's inbound listener forwards to :8080; nothing listens there in this demo.
 ./target/release/trellis proxy --config examples/proxy.yaml &
 pids+=($!)
@@ -25,4 +28,4 @@ for _ in $(seq 20); do curl -s http://127.0.0.1:7001/; done | sort | uniq -c
 echo "== the same service by name through HTTP proxy mode:"
 curl -s -x http://127.0.0.1:4140 http://catalog:8080/
 echo "== a request metric:"
-curl -s http://127.0.0.1:9990/metrics | grep '^trellis_http_requests_total' | head -3
+curl -s http://127.0.0.1:9990/metrics | grep '^trellis_http_requests_total' | grep -v ' 0$'
