@@ -75,7 +75,7 @@ pub async fn handle(
             if let Some((n, v)) = filters::location_header(&location) {
                 resp.headers_mut().insert(n, v);
             }
-            shared.record(direction, &route, &NONE, status, "", start);
+            shared.record(None, direction, &route, &NONE, status, "", start);
             return Ok(resp);
         }
     };
@@ -141,7 +141,7 @@ pub async fn handle(
         });
     }
 
-    shared.record_with(
+    shared.record(
         fwd.stats.as_deref(),
         direction,
         &fwd.route,
@@ -556,25 +556,21 @@ impl Shared {
         start: Instant,
     ) -> Response<Body> {
         tracing::debug!(error = %e, %route, %backend, "request failed");
-        self.record(direction, route, backend, e.status(), e.label(), start);
+        self.record(
+            None,
+            direction,
+            route,
+            backend,
+            e.status(),
+            e.label(),
+            start,
+        );
         e.into_response(grpc)
-    }
-
-    fn record(
-        &self,
-        direction: &'static str,
-        route: &Arc<str>,
-        backend: &Arc<str>,
-        status: StatusCode,
-        error: &'static str,
-        start: Instant,
-    ) {
-        self.record_with(None, direction, route, backend, status, error, start);
     }
 
     /// Records a response. `stats`, when the snapshot resolved them, saves two label lookups.
     #[allow(clippy::too_many_arguments)]
-    fn record_with(
+    fn record(
         &self,
         stats: Option<&RouteStats>,
         direction: &'static str,

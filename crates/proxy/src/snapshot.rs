@@ -320,22 +320,17 @@ impl Snapshot {
                                 r,
                             )?,
                         );
-                        let matches = if rule.matches.is_empty() {
-                            vec![Default::default()]
-                        } else {
-                            rule.matches.clone()
-                        };
-                        for parent in b.parents(ns, &route.spec.parent_refs) {
-                            for mt in &matches {
-                                let hm = compile_http_match(mt).map_err(|e| {
-                                    Diagnostics(vec![r.diagnostic(&format!("spec.rules[{i}]"), e)])
-                                })?;
-                                http_attach
-                                    .entry(parent.clone())
-                                    .or_default()
-                                    .push((hm, compiled.clone()));
-                            }
-                        }
+                        let parents = b.parents(ns, &route.spec.parent_refs);
+                        let at =
+                            |e| Diagnostics(vec![r.diagnostic(&format!("spec.rules[{i}]"), e)]);
+                        attach(
+                            &mut http_attach,
+                            &parents,
+                            &rule.matches,
+                            &compiled,
+                            compile_http_match,
+                            at,
+                        )?;
                     }
                 }
                 Resource::GrpcRoute(route) => {
@@ -350,22 +345,17 @@ impl Snapshot {
                             None,
                             r,
                         )?);
-                        let matches = if rule.matches.is_empty() {
-                            vec![Default::default()]
-                        } else {
-                            rule.matches.clone()
-                        };
-                        for parent in b.parents(ns, &route.spec.parent_refs) {
-                            for mt in &matches {
-                                let gm = compile_grpc_match(mt).map_err(|e| {
-                                    Diagnostics(vec![r.diagnostic(&format!("spec.rules[{i}]"), e)])
-                                })?;
-                                grpc_attach
-                                    .entry(parent.clone())
-                                    .or_default()
-                                    .push((gm, compiled.clone()));
-                            }
-                        }
+                        let parents = b.parents(ns, &route.spec.parent_refs);
+                        let at =
+                            |e| Diagnostics(vec![r.diagnostic(&format!("spec.rules[{i}]"), e)]);
+                        attach(
+                            &mut grpc_attach,
+                            &parents,
+                            &rule.matches,
+                            &compiled,
+                            compile_grpc_match,
+                            at,
+                        )?;
                     }
                 }
                 _ => unreachable!("filtered to routes"),
@@ -497,6 +487,32 @@ impl Snapshot {
 
 /// Route matches attached to each service port, before sorting.
 type Attached<M> = HashMap<(ServiceKey, u16), Vec<(M, Arc<Rule>)>>;
+
+/// Attaches a compiled rule to every parent port, once per match; a rule without matches
+/// matches every request.
+fn attach<T: Default, M>(
+    into: &mut Attached<M>,
+    parents: &[(ServiceKey, u16)],
+    matches: &[T],
+    rule: &Arc<Rule>,
+    compile: fn(&T) -> Result<M, String>,
+    at: impl Fn(String) -> Diagnostics,
+) -> Result<(), Diagnostics> {
+    let everything = [T::default()];
+    let matches = if matches.is_empty() {
+        &everything[..]
+    } else {
+        matches
+    };
+    for parent in parents {
+        for m in matches {
+            into.entry(parent.clone())
+                .or_default()
+                .push((compile(m).map_err(&at)?, rule.clone()));
+        }
+    }
+    Ok(())
+}
 
 fn key(ns: &str, name: &str) -> ServiceKey {
     ServiceKey {

@@ -388,24 +388,7 @@ async fn request_timeout_on_paused_clock() {
 /// test cannot trigger deterministically.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_pooled_connections_are_not_errors() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                if s.read(&mut buf).await.unwrap_or(0) > 0 {
-                    let _ = s
-                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                        .await;
-                }
-            });
-        }
-    });
+    let (up, _) = one_answer_upstream(false).await;
     let p = start_proxy(&format!(
         "{}{}",
         proxy_yaml("app"),
@@ -468,30 +451,7 @@ async fn upstream_connections_are_reused() {
 /// a new connection (RFC 9110 §9.2.2); a POST with a body is not, and gets a 502 saying why.
 #[tokio::test]
 async fn idempotent_requests_replay_when_a_reused_connection_closes() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let up = l.local_addr().unwrap();
-    let conns = Arc::new(AtomicU64::new(0));
-    let c = conns.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut s, _)) = l.accept().await else {
-                return;
-            };
-            c.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                if s.read(&mut buf).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                // Read the next request, then close without a word.
-                let _ = s.read(&mut buf).await;
-            });
-        }
-    });
+    let (up, conns) = one_answer_upstream(true).await;
     let p = start_proxy(&format!(
         "{}{}",
         proxy_yaml("app"),
