@@ -290,12 +290,7 @@ async fn invalid_config_is_rejected_and_old_keeps_serving() {
 #[tokio::test]
 async fn graceful_drain_completes_in_flight_requests() {
     let up = upstream("a").await;
-    let p = start_proxy(&format!(
-        "{}{}",
-        proxy_yaml("app"),
-        service_yaml("app", 80, &[up.addr])
-    ))
-    .await;
+    let p = app_proxy(&[up.addr]).await;
     let addr = p.addr("out").await;
     let admin = p.proxy.admin_addr();
     assert_eq!(get(admin, "/ready").await.status, 200);
@@ -331,12 +326,7 @@ async fn graceful_drain_completes_in_flight_requests() {
 #[tokio::test]
 async fn admin_endpoints() {
     let up = upstream("a").await;
-    let p = start_proxy(&format!(
-        "{}{}",
-        proxy_yaml("app"),
-        service_yaml("app", 80, &[up.addr])
-    ))
-    .await;
+    let p = app_proxy(&[up.addr]).await;
     let addr = p.addr("out").await;
     get(addr, "/").await;
     let admin = p.proxy.admin_addr();
@@ -389,22 +379,11 @@ async fn request_timeout_on_paused_clock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_pooled_connections_are_not_errors() {
     let (up, _) = one_answer_upstream(false).await;
-    let p = start_proxy(&format!(
-        "{}{}",
-        proxy_yaml("app"),
-        service_yaml("app", 80, &[up])
-    ))
-    .await;
+    let p = app_proxy(&[up]).await;
     let addr = p.addr("out").await;
     let client = h1_client();
     for i in 0..200 {
-        let got = send(
-            &client,
-            Request::get(format!("http://{addr}/{i}"))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await;
+        let got = get_via(&client, addr, &format!("/{i}")).await;
         assert_eq!(got.status, 200, "request {i}: {}", reason(&got));
     }
 }
@@ -414,12 +393,7 @@ async fn stale_pooled_connections_are_not_errors() {
 #[tokio::test]
 async fn upstream_connections_are_reused() {
     let up = upstream("a").await;
-    let p = start_proxy(&format!(
-        "{}{}",
-        proxy_yaml("app"),
-        service_yaml("app", 80, &[up.addr])
-    ))
-    .await;
+    let p = app_proxy(&[up.addr]).await;
     let addr = p.addr("out").await;
     let client = h1_client();
     for i in 0..30 {
@@ -452,35 +426,18 @@ async fn upstream_connections_are_reused() {
 #[tokio::test]
 async fn idempotent_requests_replay_when_a_reused_connection_closes() {
     let (up, conns) = one_answer_upstream(true).await;
-    let p = start_proxy(&format!(
-        "{}{}",
-        proxy_yaml("app"),
-        service_yaml("app", 80, &[up])
-    ))
-    .await;
+    let p = app_proxy(&[up]).await;
     let addr = p.addr("out").await;
     let client = h1_client();
     for i in 0..10 {
-        let got = send(
-            &client,
-            Request::get(format!("http://{addr}/{i}"))
-                .body(Full::default())
-                .unwrap(),
-        )
-        .await;
+        let got = get_via(&client, addr, &format!("/{i}")).await;
         assert_eq!(got.status, 200, "GET {i}: {}", reason(&got));
         tokio::task::yield_now().await;
     }
     // Every reuse failed and was replayed on a fresh connection.
     assert!(conns.load(Ordering::Relaxed) >= 10);
     // Prime a pooled connection, then a POST on it is not replayed.
-    send(
-        &client,
-        Request::get(format!("http://{addr}/"))
-            .body(Full::default())
-            .unwrap(),
-    )
-    .await;
+    get_via(&client, addr, "/").await;
     tokio::task::yield_now().await;
     let got = send(
         &client,

@@ -293,6 +293,16 @@ spec:
     )
 }
 
+/// A proxy whose outbound listener `out` goes to service `app` (port 80) at `endpoints`.
+pub async fn app_proxy(endpoints: &[SocketAddr]) -> TestProxy {
+    start_proxy(&format!(
+        "{}{}",
+        proxy_yaml("app"),
+        service_yaml("app", 80, endpoints)
+    ))
+    .await
+}
+
 /// A `Service` with the given endpoints.
 pub fn service_yaml(name: &str, port: u16, endpoints: &[SocketAddr]) -> String {
     let eps: Vec<String> = endpoints
@@ -352,6 +362,21 @@ pub async fn send(client: &Client<HttpConnector, Full<Bytes>>, req: Request<Full
         headers: parts.headers,
         body,
     }
+}
+
+/// GET `path` through `client` (so its connection pool is reused across calls).
+pub async fn get_via(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    path: &str,
+) -> Got {
+    send(
+        client,
+        Request::get(format!("http://{addr}{path}"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await
 }
 
 pub async fn get(addr: SocketAddr, path: &str) -> Got {
