@@ -15,11 +15,12 @@ mod resource;
 pub mod route;
 pub mod service;
 mod validate;
+pub mod wire;
 
 pub use duration::Duration;
 pub use load::{Diagnostic, Diagnostics, Located, parse_documents};
 pub use meta::{Metadata, ObjectKey};
-pub use resource::{Kind, Resource};
+pub use resource::{Kind, Object, Resource, ServiceRefs};
 pub use validate::validate;
 
 /// API group and version of Trellis's own kinds.

@@ -156,3 +156,143 @@ impl Resource {
         }
     }
 }
+
+impl Resource {
+    /// Reads one resource from JSON, the form resources take in the store and on the wire.
+    pub fn from_json(text: &str) -> Result<Resource, String> {
+        #[derive(serde::Deserialize)]
+        struct Header {
+            kind: String,
+        }
+        let header: Header = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let kind = Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == header.kind)
+            .ok_or_else(|| format!("unknown kind {:?}", header.kind))?;
+        fn typed<S: serde::de::DeserializeOwned>(text: &str) -> Result<Object<S>, String> {
+            serde_json::from_str(text).map_err(|e| e.to_string())
+        }
+        Ok(match kind {
+            Kind::Proxy => Resource::Proxy(typed(text)?),
+            Kind::Service => Resource::Service(typed(text)?),
+            Kind::HttpRoute => Resource::HttpRoute(typed(text)?),
+            Kind::GrpcRoute => Resource::GrpcRoute(typed(text)?),
+            Kind::BackendPolicy => Resource::BackendPolicy(typed(text)?),
+        })
+    }
+
+    /// The resource as compact JSON.
+    pub fn to_json(&self) -> String {
+        // Serializing plain data structures to a String cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use super::*;
+
+    #[test]
+    fn json_round_trip_keeps_every_kind() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../examples/proxy.yaml"
+        ))
+        .unwrap();
+        let parsed = crate::parse_documents("proxy.yaml", &text).unwrap();
+        assert!(parsed.len() > 3);
+        for r in parsed {
+            let back = Resource::from_json(&r.value.to_json()).unwrap();
+            assert_eq!(back, r.value);
+        }
+        assert!(
+            Resource::from_json(r#"{"kind":"Nope"}"#)
+                .unwrap_err()
+                .contains("unknown kind")
+        );
+    }
+}
+
+/// The services a resource names, as `(namespace, name)`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceRefs {
+    /// Services the resource attaches to: route parents, policy targets.
+    pub attaches_to: Vec<(String, String)>,
+    /// Services the resource sends traffic to: route backends and mirrors.
+    pub sends_to: Vec<(String, String)>,
+    /// Ports named in those references: `(namespace, name, port)`.
+    pub ports: Vec<(String, String, u16)>,
+}
+
+impl Resource {
+    /// The services this resource names; what a proxy's view must carry with it.
+    pub fn service_refs(&self) -> ServiceRefs {
+        use crate::route::{HttpBackendRef, HttpRouteFilter};
+        struct Collect<'a> {
+            ns: &'a str,
+            refs: ServiceRefs,
+        }
+        impl Collect<'_> {
+            fn key(
+                &mut self,
+                ns: &Option<String>,
+                name: &str,
+                port: Option<u16>,
+            ) -> (String, String) {
+                let ns = ns.clone().unwrap_or_else(|| self.ns.to_string());
+                if let Some(p) = port {
+                    self.refs.ports.push((ns.clone(), name.to_string(), p));
+                }
+                (ns, name.to_string())
+            }
+            fn parent(&mut self, ns: &Option<String>, name: &str, port: Option<u16>) {
+                let k = self.key(ns, name, port);
+                self.refs.attaches_to.push(k);
+            }
+            fn filters(&mut self, fs: &[HttpRouteFilter]) {
+                for m in fs.iter().filter_map(|f| f.request_mirror.as_ref()) {
+                    let b = &m.backend_ref;
+                    let k = self.key(&b.namespace, &b.name, b.port);
+                    self.refs.sends_to.push(k);
+                }
+            }
+            fn backends(&mut self, bs: &[HttpBackendRef]) {
+                for b in bs {
+                    let k = self.key(&b.namespace, &b.name, b.port);
+                    self.refs.sends_to.push(k);
+                    self.filters(&b.filters);
+                }
+            }
+        }
+        let mut c = Collect {
+            ns: &self.metadata().namespace,
+            refs: ServiceRefs::default(),
+        };
+        match self {
+            Resource::Proxy(_) | Resource::Service(_) => {}
+            Resource::HttpRoute(r) => {
+                for p in &r.spec.parent_refs {
+                    c.parent(&p.namespace, &p.name, p.port);
+                }
+                for rule in &r.spec.rules {
+                    c.backends(&rule.backend_refs);
+                    c.filters(&rule.filters);
+                }
+            }
+            Resource::GrpcRoute(r) => {
+                for p in &r.spec.parent_refs {
+                    c.parent(&p.namespace, &p.name, p.port);
+                }
+                for rule in &r.spec.rules {
+                    c.backends(&rule.backend_refs);
+                    c.filters(&rule.filters);
+                }
+            }
+            Resource::BackendPolicy(p) => {
+                let t = &p.spec.target_ref;
+                c.parent(&t.namespace, &t.name, None);
+            }
+        }
+        c.refs
+    }
+}

@@ -12,6 +12,11 @@ pub struct ServiceSpec {
     /// Static endpoints. The control plane's registry adds registered instances to these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<Endpoint>,
+    /// Which registered instances (workloads) back this service, by label. Every instance
+    /// carries `app: <the service it registered as>` and its own labels (for example
+    /// `version: v2`). Omitted: the instances registered under this service's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<BTreeMap<String, String>>,
 }
 
 /// One port of a service.

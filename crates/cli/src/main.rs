@@ -4,7 +4,14 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use trellis_control::store::StoreSpec;
+
+mod client;
+mod config_cmd;
+mod demo;
+mod run;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -28,17 +35,81 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run a sidecar proxy.
+    /// Run a sidecar proxy: standalone from a file, or following the control plane.
     Proxy {
-        /// Standalone config file (YAML), watched and hot-reloaded.
+        /// Config file (YAML). Standalone: the whole config, watched and hot-reloaded. With
+        /// --control: the proxy's local `Proxy` resource (listeners); the control plane
+        /// supplies services, routes and policies.
         #[arg(long, short)]
         config: PathBuf,
+        /// Follow this control plane.
+        #[arg(long)]
+        control: Option<String>,
+        /// With --control: where the last accepted config is persisted.
+        #[arg(long, default_value = "trellis-proxy-state")]
+        state_dir: PathBuf,
+        /// With --control: this proxy's id (default: the Proxy's name and the process id).
+        #[arg(long)]
+        node_id: Option<String>,
         /// Worker threads for the data path.
         #[arg(long, default_value_t = default_threads())]
         threads: usize,
-        /// How often the config file is checked for changes.
+        /// How often the config file is checked for changes (standalone).
         #[arg(long, default_value = "1s", value_parser = parse_duration)]
         watch_interval: Duration,
+    },
+    /// Run the control plane.
+    Control {
+        /// Address for the config API and the proxy protocol.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// A data directory (embedded store) or etcd://HOST:PORT[,HOST:PORT…][/PREFIX].
+        #[arg(long, default_value = "trellis-data")]
+        store: String,
+        /// Lease granted to instances that ask for none.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        default_ttl: Duration,
+    },
+    /// Create or update resources from files, atomically.
+    Apply {
+        /// Files or directories.
+        #[arg(short = 'f', long = "file", required = true)]
+        files: Vec<PathBuf>,
+        /// Validate against the control plane's state without writing.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Show resources, or `proxies` and `workloads`.
+    Get {
+        /// A kind (HTTPRoute, services, …), `proxies` or `workloads`.
+        kind: String,
+        /// One resource's name.
+        name: Option<String>,
+        /// Namespace (default: all for lists, `default` for one resource).
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: config_cmd::Output,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Delete resources by kind and name, or those in files, atomically.
+    Delete {
+        /// Kind.
+        kind: Option<String>,
+        /// Names.
+        names: Vec<String>,
+        /// Namespace.
+        #[arg(short, long, default_value = "default")]
+        namespace: String,
+        /// Delete what these files define.
+        #[arg(short = 'f', long = "file")]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        control: ControlArg,
     },
     /// Check config files offline: exit 0 when valid, 1 with located errors when not.
     Validate {
@@ -46,6 +117,96 @@ enum Command {
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
     },
+    /// Start an app with its sidecar and register it with the control plane.
+    Run {
+        /// The service this app is an instance of (omit for a client-only app).
+        #[arg(long)]
+        service: Option<String>,
+        /// Namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// The port the app listens on (passed to it as PORT).
+        #[arg(long, requires = "service")]
+        port: Option<u16>,
+        /// The service port clients address (HTTP proxy mode's Host, backendRefs).
+        #[arg(long, default_value_t = 80)]
+        service_port: u16,
+        /// NAME=LOCAL_PORT: the sidecar listens on 127.0.0.1:LOCAL_PORT for service NAME.
+        #[arg(long = "upstream", value_parser = parse_upstream)]
+        upstreams: Vec<(String, u16)>,
+        /// KEY=VALUE labels on the instance (for example version=v2).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Locality zone.
+        #[arg(long)]
+        zone: Option<String>,
+        /// Health check: tcp, http:/PATH or none.
+        #[arg(long, default_value = "tcp")]
+        health: run::Probe,
+        /// How often the app is checked.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        health_interval: Duration,
+        /// Registration lease: the instance leaves rotation this long after its sidecar vanishes.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        ttl: Duration,
+        /// The IP other sidecars reach this one on.
+        #[arg(long, default_value = "127.0.0.1")]
+        advertise: std::net::IpAddr,
+        /// Where the sidecar persists its last accepted config.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        control: ControlArg,
+        /// The app and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Run the demo: control plane, four services with sidecars, and load.
+    Demo {
+        /// Control plane address.
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: SocketAddr,
+        /// Load generator requests per second.
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+        /// Keep state and logs here instead of a temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// One demo service (used by `trellis demo`).
+    #[command(hide = true)]
+    DemoApp {
+        /// product-catalog, order-processing, inventory, payment or load-generator.
+        name: String,
+    },
+}
+
+#[derive(clap::Args)]
+struct ControlArg {
+    /// Control plane URL.
+    #[arg(
+        long = "control",
+        env = "TRELLIS_CONTROL",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    url: String,
+}
+
+fn parse_upstream(s: &str) -> Result<(String, u16), String> {
+    let (name, port) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: use NAME=LOCAL_PORT"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("{s:?}: {port:?} is not a port"))?;
+    trellis_api::meta::check_name(name.rsplit('/').next().unwrap_or(name))?;
+    Ok((name.to_string(), port))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?}: use KEY=VALUE"))
 }
 
 fn default_threads() -> usize {
@@ -81,34 +242,182 @@ fn init_logging(filter: &str, format: LogFormat) {
     }
 }
 
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    // One thread: the current-thread scheduler, with no cross-thread work stealing.
+    let mut builder = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    builder
+        .thread_name("trellis")
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
 fn run(command: Command) -> Result<i32> {
     match command {
         Command::Validate { files } => validate(&files),
         Command::Proxy {
             config,
+            control,
+            state_dir,
+            node_id,
             threads,
             watch_interval,
+        } => runtime(threads)?.block_on(async move {
+            match control {
+                Some(url) => proxy_following(config, url, state_dir, node_id).await,
+                None => proxy(config, watch_interval).await,
+            }
+        }),
+        Command::Control {
+            listen,
+            store,
+            default_ttl,
+        } => runtime(default_threads())?.block_on(control(listen, store, default_ttl)),
+        Command::Apply {
+            files,
+            dry_run,
+            control,
+        } => runtime(1)?
+            .block_on(async move { config_cmd::apply(&api(&control)?, &files, dry_run).await }),
+        Command::Get {
+            kind,
+            name,
+            namespace,
+            output,
+            control,
+        } => runtime(1)?.block_on(async move {
+            config_cmd::get(
+                &api(&control)?,
+                &kind,
+                name.as_deref(),
+                namespace.as_deref(),
+                output,
+            )
+            .await
+        }),
+        Command::Delete {
+            kind,
+            names,
+            namespace,
+            files,
+            control,
+        } => runtime(1)?.block_on(async move {
+            config_cmd::delete(&api(&control)?, kind, names, &namespace, &files).await
+        }),
+        Command::Run {
+            service,
+            namespace,
+            port,
+            service_port,
+            upstreams,
+            labels,
+            zone,
+            health,
+            health_interval,
+            ttl,
+            advertise,
+            state_dir,
+            control,
+            command,
         } => {
-            // One thread: the current-thread scheduler, with no cross-thread work stealing.
-            let mut builder = if threads <= 1 {
-                tokio::runtime::Builder::new_current_thread()
-            } else {
-                let mut b = tokio::runtime::Builder::new_multi_thread();
-                b.worker_threads(threads);
-                b
+            client::check_url(&control.url)?;
+            runtime(2)?.block_on(run::run(run::RunOptions {
+                service,
+                namespace,
+                port,
+                service_port,
+                upstreams,
+                labels: labels.into_iter().collect(),
+                zone,
+                probe: health,
+                probe_interval: health_interval,
+                ttl,
+                advertise,
+                control: control.url,
+                state_dir,
+                command,
+            }))
+        }
+        Command::Demo {
+            listen,
+            rate,
+            data_dir,
+        } => runtime(2)?.block_on(demo::demo(demo::DemoOptions {
+            listen,
+            rate,
+            data_dir,
+        })),
+        Command::DemoApp { name } => {
+            let Some(app) = trellis_demo::App::parse(&name) else {
+                bail!("unknown demo app {name:?}");
             };
-            let rt = builder
-                .thread_name("trellis-proxy")
-                .enable_all()
-                .build()
-                .context("starting the runtime")?;
-            rt.block_on(proxy(config, watch_interval))
+            let config = trellis_demo::Config::from_env()?;
+            runtime(1)?.block_on(async move {
+                trellis_demo::run(app, config, shutdown_signal()).await?;
+                Ok(0)
+            })
         }
     }
 }
 
+fn api(control: &ControlArg) -> Result<client::Api> {
+    client::check_url(&control.url)?;
+    Ok(client::Api::new(&control.url))
+}
+
+async fn control(listen: SocketAddr, store: String, default_ttl: Duration) -> Result<i32> {
+    let spec = StoreSpec::parse(&store).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+    let control = trellis_control::Control::open(&spec, trellis_control::Settings { default_ttl })
+        .await
+        .with_context(|| format!("opening the store {store}"))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    tracing::info!(address = %listener.local_addr()?, store = %store, revision = control.state().revision, "control plane serving");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = tokio::spawn(trellis_control::serve(control, listener, stop.clone()));
+    shutdown_signal().await;
+    tracing::info!("stopping");
+    stop.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    Ok(0)
+}
+
+async fn proxy_following(
+    config: PathBuf,
+    url: String,
+    state_dir: PathBuf,
+    node_id: Option<String>,
+) -> Result<i32> {
+    client::check_url(&url)?;
+    let source = config.display().to_string();
+    let text = std::fs::read_to_string(&config).with_context(|| format!("reading {source}"))?;
+    let local = match trellis_api::parse_documents(&source, &text) {
+        Ok(r) => r,
+        Err(d) => bail!("invalid config:\n{d}"),
+    };
+    let name = local
+        .iter()
+        .find(|r| r.value.kind() == trellis_api::Kind::Proxy)
+        .map_or("proxy".to_string(), |r| r.value.metadata().name.clone());
+    let id = node_id.unwrap_or_else(|| format!("{name}-{}", std::process::id()));
+    let node = run::node_for(id, "", &local);
+    let proxy = run::start_sidecar(&url, local, node, &state_dir).await?;
+    tracing::info!(admin = %proxy.admin_addr(), control = %url, "proxy started");
+    shutdown_signal().await;
+    let deadline = proxy.snapshot().settings.drain_timeout;
+    proxy.drain(deadline).await;
+    Ok(0)
+}
+
 /// Reads every YAML file under `paths`, in a stable order.
-fn read_files(paths: &[PathBuf]) -> Result<Vec<(String, String)>> {
+pub(crate) fn read_files(paths: &[PathBuf]) -> Result<Vec<(String, String)>> {
     fn walk(p: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
         if p.is_dir() {
             let mut entries: Vec<_> = std::fs::read_dir(p)
@@ -196,7 +505,7 @@ async fn proxy(config: PathBuf, watch_interval: Duration) -> Result<i32> {
     Ok(0)
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).ok();
     tokio::select! {

@@ -8,6 +8,7 @@
 mod admin;
 pub mod balance;
 pub mod body;
+pub mod control;
 pub mod decide;
 pub mod detect;
 pub mod endpoint;

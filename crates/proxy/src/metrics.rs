@@ -99,6 +99,8 @@ pub struct Metrics {
     pub reloads: Family<ResultLabels, Counter>,
     /// Version of the active config snapshot.
     pub config_version: Gauge,
+    /// 1 while a control-plane stream is up, 0 otherwise.
+    pub control_connected: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -121,6 +123,7 @@ impl Default for Metrics {
             detect: Family::default(),
             reloads: Family::default(),
             config_version: Gauge::default(),
+            control_connected: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.clone());
@@ -173,6 +176,11 @@ impl Default for Metrics {
             "config_version",
             "Version of the active config snapshot",
             m.config_version.clone(),
+        );
+        registry.register(
+            "control_plane_connected",
+            "1 while the stream to the control plane is up",
+            m.control_connected.clone(),
         );
         Metrics { registry, ..m }
     }

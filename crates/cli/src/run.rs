@@ -1,0 +1,445 @@
+//! `trellis run`: start an app with its sidecar, register the instance, health-check the app
+//! and report its health, deregister when the app exits. Also the control-plane mode of
+//! `trellis proxy`, which `run` builds on.
+
+use anyhow::{Context, Result, anyhow};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use trellis_api::meta::{DEFAULT_NAMESPACE, Metadata};
+use trellis_api::proxy::{
+    AdminListener, InboundListener, OutboundListener, ProxySpec, ServiceTarget,
+};
+use trellis_api::wire::{self, mesh_client::MeshClient};
+use trellis_api::{Kind, Located, Object, Resource, TRELLIS_API_VERSION};
+use trellis_proxy::Proxy;
+use trellis_proxy::control::{Follow, HeldSet, SOURCE, assemble, follow};
+
+/// Starts a proxy that follows the control plane: from its persisted set when there is one
+/// (so it serves even if the control plane is down), else from local config alone.
+pub async fn start_sidecar(
+    control: &str,
+    local: Vec<Located<Resource>>,
+    node: wire::Node,
+    state_dir: &Path,
+) -> Result<Arc<Proxy>> {
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    let state_file = state_dir.join("snapshot.json");
+    let held = match HeldSet::load(&state_file) {
+        Ok(h) => h.unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring unreadable persisted config");
+            HeldSet::default()
+        }
+    };
+    let persisted = held.parse().unwrap_or_default();
+    let (proxy, held) = match Proxy::start(&assemble(&local, persisted), SOURCE).await {
+        Ok(p) => {
+            if !held.resources.is_empty() {
+                tracing::info!(version = %held.version, resources = held.resources.len(), file = %state_file.display(), "booted from the persisted config");
+            }
+            (p, held)
+        }
+        Err(e) if !held.resources.is_empty() => {
+            tracing::warn!(error = %e, "persisted config does not fit the local config; starting from local config only");
+            let p = Proxy::start(&assemble(&local, vec![]), SOURCE)
+                .await
+                .map_err(|e| anyhow!("cannot start:\n{e}"))?;
+            (p, HeldSet::default())
+        }
+        Err(e) => return Err(anyhow!("cannot start:\n{e}")),
+    };
+    tokio::spawn(follow(
+        proxy.clone(),
+        Follow {
+            endpoint: control.to_string(),
+            node,
+            local,
+            state_file: Some(state_file),
+        },
+        held,
+    ));
+    Ok(proxy)
+}
+
+/// The node a local config describes: its upstreams, and whether it proxies by Host.
+pub fn node_for(id: String, service: &str, local: &[Located<Resource>]) -> wire::Node {
+    let mut node = wire::Node {
+        id,
+        namespace: DEFAULT_NAMESPACE.into(),
+        service: service.into(),
+        proxy_version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    };
+    for r in local {
+        if let Resource::Proxy(p) = &r.value {
+            node.namespace = p.metadata.namespace.clone();
+            for l in &p.spec.outbound {
+                match &l.service {
+                    Some(t) => node.upstreams.push(match &t.namespace {
+                        Some(ns) => format!("{ns}/{}", t.name),
+                        None => t.name.clone(),
+                    }),
+                    None => node.all_services = true,
+                }
+            }
+        }
+    }
+    node
+}
+
+/// How `trellis run` checks the app.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Probe {
+    /// A TCP connect to the app's port.
+    Tcp,
+    /// `GET PATH` answered with 2xx or 3xx.
+    Http(String),
+    /// No check: always healthy.
+    None,
+}
+
+impl std::str::FromStr for Probe {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Probe, String> {
+        match s {
+            "tcp" => Ok(Probe::Tcp),
+            "none" => Ok(Probe::None),
+            _ => match s.strip_prefix("http:") {
+                Some(path) if path.starts_with('/') => Ok(Probe::Http(path.into())),
+                _ => Err(format!(
+                    "{s:?}: use tcp, none or http:/PATH (for example http:/healthz)"
+                )),
+            },
+        }
+    }
+}
+
+/// One health check of the app at `addr`, bounded by `timeout`.
+pub async fn check(probe: &Probe, addr: SocketAddr, timeout: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        match probe {
+            Probe::None => true,
+            Probe::Tcp => tokio::net::TcpStream::connect(addr).await.is_ok(),
+            Probe::Http(path) => {
+                let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
+                    return false;
+                };
+                let req = format!(
+                    "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: trellis-health\r\nConnection: close\r\n\r\n"
+                );
+                if s.write_all(req.as_bytes()).await.is_err() {
+                    return false;
+                }
+                let mut buf = [0u8; 32];
+                let mut n = 0;
+                while n < 12 {
+                    match s.read(&mut buf[n..]).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(m) => n += m,
+                    }
+                }
+                // `HTTP/1.1 200`: the status code's first digit.
+                n >= 12 && buf.starts_with(b"HTTP/1.") && matches!(buf[9], b'2' | b'3')
+            }
+        }
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or(false)
+}
+
+/// Options of `trellis run`.
+pub struct RunOptions {
+    pub service: Option<String>,
+    pub namespace: String,
+    pub port: Option<u16>,
+    pub service_port: u16,
+    pub upstreams: Vec<(String, u16)>,
+    pub labels: BTreeMap<String, String>,
+    pub zone: Option<String>,
+    pub probe: Probe,
+    pub probe_interval: Duration,
+    pub ttl: Duration,
+    pub advertise: std::net::IpAddr,
+    pub control: String,
+    pub state_dir: Option<PathBuf>,
+    pub command: Vec<String>,
+}
+
+fn free_port(ip: std::net::IpAddr) -> Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+/// Runs the app and its sidecar until the app exits or a signal arrives; returns the app's
+/// exit code.
+pub async fn run(o: RunOptions) -> Result<i32> {
+    let loopback: std::net::IpAddr = [127, 0, 0, 1].into();
+    let name = o.service.clone().unwrap_or_else(|| {
+        Path::new(&o.command[0])
+            .file_name()
+            .map_or("app".into(), |n| n.to_string_lossy().into_owned())
+    });
+    let admin = SocketAddr::new(loopback, free_port(loopback)?);
+    let http_proxy = SocketAddr::new(loopback, free_port(loopback)?);
+    let mut spec = ProxySpec {
+        admin: AdminListener {
+            address: admin.to_string(),
+        },
+        ..ProxySpec::default()
+    };
+    let inbound = match (o.port, &o.service) {
+        (Some(port), Some(_)) => {
+            let addr = SocketAddr::new(o.advertise, free_port(o.advertise)?);
+            spec.inbound.push(InboundListener {
+                name: "inbound".into(),
+                address: addr.to_string(),
+                forward_to: SocketAddr::new(loopback, port).to_string(),
+                protocol: None,
+            });
+            Some(addr)
+        }
+        _ => None,
+    };
+    for (svc, port) in &o.upstreams {
+        spec.outbound.push(OutboundListener {
+            name: format!("upstream-{svc}"),
+            address: SocketAddr::new(loopback, *port).to_string(),
+            service: Some(ServiceTarget {
+                name: svc.clone(),
+                namespace: None,
+                port: None,
+            }),
+            http_proxy: false,
+            protocol: None,
+        });
+    }
+    spec.outbound.push(OutboundListener {
+        name: "http-proxy".into(),
+        address: http_proxy.to_string(),
+        service: None,
+        http_proxy: true,
+        protocol: None,
+    });
+    let local = vec![Located::unsourced(
+        Resource::Proxy(Object {
+            api_version: TRELLIS_API_VERSION.into(),
+            kind: Kind::Proxy.as_str().into(),
+            metadata: Metadata {
+                name: name.clone(),
+                namespace: o.namespace.clone(),
+                ..Metadata::default()
+            },
+            spec,
+            status: None,
+        }),
+        "trellis run",
+    )];
+    let node_id = format!("{name}-{}", std::process::id());
+    let node = node_for(node_id.clone(), o.service.as_deref().unwrap_or(""), &local);
+    let state_dir = o.state_dir.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join("trellis").join(format!(
+            "{}.{}.{}",
+            o.namespace,
+            name,
+            o.port.unwrap_or(0)
+        ))
+    });
+    let proxy = start_sidecar(&o.control, local, node, &state_dir).await?;
+    tracing::info!(admin = %proxy.admin_addr(), http_proxy = %http_proxy, "sidecar started");
+
+    let mut cmd = tokio::process::Command::new(&o.command[0]);
+    cmd.args(&o.command[1..])
+        .env("HTTP_PROXY", format!("http://{http_proxy}"))
+        .env("http_proxy", format!("http://{http_proxy}"))
+        .env("NO_PROXY", "")
+        .env("TRELLIS_ADMIN", admin.to_string());
+    if let Some(port) = o.port {
+        cmd.env("PORT", port.to_string());
+    }
+    for (svc, port) in &o.upstreams {
+        let var = format!(
+            "TRELLIS_UPSTREAM_{}",
+            svc.to_ascii_uppercase().replace(['-', '.'], "_")
+        );
+        cmd.env(var, format!("http://127.0.0.1:{port}"));
+    }
+    let mut child = cmd
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", o.command[0]))?;
+    let pid = child.id();
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let registry = match (inbound, &o.service, o.port) {
+        (Some(address), Some(service), Some(port)) => Some(tokio::spawn(register_loop(
+            Registration {
+                control: o.control.clone(),
+                instance: wire::Instance {
+                    namespace: o.namespace.clone(),
+                    service: service.clone(),
+                    address: address.to_string(),
+                    port: u32::from(o.service_port),
+                    labels: o.labels.clone().into_iter().collect(),
+                    zone: o.zone.clone().unwrap_or_default(),
+                    healthy: false,
+                    node: node_id,
+                },
+                ttl: o.ttl,
+                probe: o.probe.clone(),
+                interval: o.probe_interval,
+                app: SocketAddr::new(loopback, port),
+            },
+            stop.clone(),
+        ))),
+        _ => None,
+    };
+
+    let code = tokio::select! {
+        status = child.wait() => {
+            let status = status?;
+            tracing::info!(%status, "app exited");
+            status.code().unwrap_or(1)
+        }
+        () = crate::shutdown_signal() => {
+            tracing::info!("stopping the app");
+            if let Some(pid) = pid {
+                // SIGTERM through kill(1): this crate forbids unsafe code, so no libc call.
+                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+            }
+            match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+                Ok(s) => s.ok().and_then(|s| s.code()).unwrap_or(0),
+                Err(_) => {
+                    let _ = child.kill().await;
+                    137
+                }
+            }
+        }
+    };
+    stop.cancel();
+    if let Some(r) = registry {
+        let _ = r.await;
+    }
+    let deadline = proxy
+        .snapshot()
+        .settings
+        .drain_timeout
+        .min(Duration::from_secs(5));
+    proxy.drain(deadline).await;
+    Ok(code)
+}
+
+struct Registration {
+    control: String,
+    instance: wire::Instance,
+    ttl: Duration,
+    probe: Probe,
+    interval: Duration,
+    app: SocketAddr,
+}
+
+/// Registers, heartbeats with the app's health every `interval` (and at least three times
+/// per lease), re-registers after a lapse or a control-plane outage, and deregisters on stop.
+async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToken) {
+    let mut backoff =
+        trellis_proxy::control::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let beat = r.interval.min(r.ttl / 3);
+    let mut id: Option<String> = None;
+    let mut client: Option<MeshClient<tonic::transport::Channel>> = None;
+    loop {
+        let healthy = check(&r.probe, r.app, Duration::from_secs(1)).await;
+        let c = match &mut client {
+            Some(c) => c,
+            None => match tonic::transport::Endpoint::from_shared(r.control.clone()) {
+                Ok(e) => client.insert(MeshClient::new(
+                    e.connect_timeout(Duration::from_secs(2))
+                        .timeout(Duration::from_secs(5))
+                        .connect_lazy(),
+                )),
+                Err(e) => {
+                    tracing::error!(error = %e, "bad control plane URL");
+                    return;
+                }
+            },
+        };
+        let result = match &id {
+            None => c
+                .register(wire::RegisterRequest {
+                    instance: Some(wire::Instance {
+                        healthy,
+                        ..r.instance.clone()
+                    }),
+                    ttl_seconds: u32::try_from(r.ttl.as_secs()).unwrap_or(30),
+                })
+                .await
+                .map(|resp| {
+                    let i = resp.into_inner().id;
+                    tracing::info!(id = %i, healthy, "registered with the control plane");
+                    id = Some(i);
+                }),
+            Some(i) => c
+                .heartbeat(wire::HeartbeatRequest {
+                    id: i.clone(),
+                    healthy,
+                })
+                .await
+                .map(|_| ()),
+        };
+        let wait = match result {
+            Ok(()) => {
+                backoff.reset();
+                beat
+            }
+            Err(s) => {
+                if s.code() == tonic::Code::NotFound {
+                    tracing::warn!("registration lapsed; registering again");
+                    id = None;
+                } else {
+                    tracing::warn!(error = %s.message(), "registry call failed");
+                }
+                backoff.next()
+            }
+        };
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(wait) => {}
+        }
+    }
+    if let (Some(i), Some(c)) = (id, client.as_mut()) {
+        match c
+            .deregister(wire::DeregisterRequest { id: i.clone() })
+            .await
+        {
+            Ok(_) => tracing::info!(id = %i, "deregistered"),
+            Err(e) => {
+                tracing::warn!(id = %i, error = %e.message(), "deregistration failed; the lease will lapse")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_parsing() {
+        assert_eq!("tcp".parse::<Probe>(), Ok(Probe::Tcp));
+        assert_eq!("none".parse::<Probe>(), Ok(Probe::None));
+        assert_eq!(
+            "http:/healthz".parse::<Probe>(),
+            Ok(Probe::Http("/healthz".into()))
+        );
+        assert!(
+            "http:healthz"
+                .parse::<Probe>()
+                .unwrap_err()
+                .contains("http:/PATH")
+        );
+        assert!("grpc".parse::<Probe>().is_err());
+    }
+}

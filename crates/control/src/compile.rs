@@ -1,0 +1,265 @@
+//! The compiler: from the whole [`State`], the resources ONE proxy needs. A pure function of
+//! the state and the proxy's declared needs, so every replica computes the same view, and
+//! proxies with the same needs share one compiled view.
+//!
+//! A view holds the services the proxy reaches (its explicit upstreams, or every service in
+//! HTTP proxy mode), everything routes attached to them send traffic to, transitively, and the
+//! routes and backend policies attached to any of those. Services carry their endpoints: the
+//! static ones and the healthy registered workloads their selector picks.
+
+use crate::state::{State, Workload};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use trellis_api::meta::Metadata;
+use trellis_api::service::{Endpoint, ServicePort, ServiceSpec};
+use trellis_api::{Kind, Object, Resource, TRELLIS_API_VERSION};
+
+/// What a proxy needs, from its hello.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ViewKey {
+    /// Services reached through explicit listeners, as `(namespace, name)`, sorted.
+    pub upstreams: Vec<(String, String)>,
+    /// HTTP proxy mode: every service.
+    pub all: bool,
+}
+
+impl ViewKey {
+    /// Reads a node's needs; upstream names without a namespace are in `namespace`.
+    pub fn new(namespace: &str, upstreams: &[String], all: bool) -> ViewKey {
+        let mut ups: Vec<(String, String)> = upstreams
+            .iter()
+            .map(|u| match u.split_once('/') {
+                Some((ns, name)) => (ns.to_string(), name.to_string()),
+                None => (namespace.to_string(), u.clone()),
+            })
+            .collect();
+        ups.sort();
+        ups.dedup();
+        ViewKey {
+            upstreams: ups,
+            all,
+        }
+    }
+}
+
+/// One resource as sent to proxies.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Item {
+    /// A hash of `json`: equal content has equal versions on every replica.
+    pub version: String,
+    /// The resource in the API's JSON form.
+    pub json: Arc<str>,
+}
+
+/// A compiled view: store-independent key (`Kind/namespace/name`) → item.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct View {
+    /// The resources.
+    pub items: BTreeMap<String, Item>,
+}
+
+/// The view for `key`, compiled once per state and shared.
+pub fn view(state: &State, key: &ViewKey) -> Arc<View> {
+    let mut cache = state.views.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(v) = cache.get(key) {
+        return v.clone();
+    }
+    let v = Arc::new(compile(state, key));
+    cache.insert(key.clone(), v.clone());
+    v
+}
+
+/// The wire key of a resource.
+pub fn item_key(r: &Resource) -> String {
+    let m = r.metadata();
+    format!("{}/{}/{}", r.kind(), m.namespace, m.name)
+}
+
+/// Compiles the view for `key` (see the module docs).
+pub fn compile(state: &State, key: &ViewKey) -> View {
+    let attached: Vec<(&Resource, trellis_api::ServiceRefs)> =
+        [Kind::HttpRoute, Kind::GrpcRoute, Kind::BackendPolicy]
+            .into_iter()
+            .flat_map(|k| state.of_kind(k))
+            .map(|s| (&*s.resource, s.resource.service_refs()))
+            .collect();
+
+    let mut want: BTreeSet<(String, String)> = if key.all {
+        all_services(state)
+    } else {
+        key.upstreams.iter().cloned().collect()
+    };
+    let mut queue: Vec<_> = want.iter().cloned().collect();
+    let mut included: BTreeSet<usize> = BTreeSet::new();
+    while let Some(svc) = queue.pop() {
+        for (i, (_, refs)) in attached.iter().enumerate() {
+            if !refs.attaches_to.contains(&svc) || !included.insert(i) {
+                continue;
+            }
+            // A route's other parents and its backends must be in the view too, or the
+            // proxy's own validation of the view would fail on a dangling reference.
+            for s in refs.attaches_to.iter().chain(&refs.sends_to) {
+                if want.insert(s.clone()) {
+                    queue.push(s.clone());
+                }
+            }
+        }
+    }
+
+    let mut view = View::default();
+    let mut add = |r: &Resource| {
+        let json: Arc<str> = r.to_json().into();
+        view.items.insert(
+            item_key(r),
+            Item {
+                version: format!("{:016x}", fnv1a(json.as_bytes())),
+                json,
+            },
+        );
+    };
+    for (ns, name) in &want {
+        add(&effective_service(state, ns, name, &attached));
+    }
+    for i in included {
+        add(attached[i].0);
+    }
+    view
+}
+
+/// Every service: stored ones and those that exist because instances registered.
+pub fn all_services(state: &State) -> BTreeSet<(String, String)> {
+    state
+        .of_kind(Kind::Service)
+        .map(|s| {
+            let m = s.resource.metadata();
+            (m.namespace.clone(), m.name.clone())
+        })
+        .chain(
+            state
+                .workloads
+                .values()
+                .map(|w| (w.namespace.clone(), w.service.clone())),
+        )
+        .collect()
+}
+
+/// A service as proxies see it: the stored `Service` (or, for a service that exists only
+/// through registered instances, one with their ports) with its selected healthy workloads
+/// added to its endpoints. A service nothing defines (its last instance left, or it is not
+/// registered yet) is sent with no endpoints, so requests get a clear 503 rather than the
+/// whole view being rejected for a dangling reference.
+pub fn effective_service(
+    state: &State,
+    namespace: &str,
+    name: &str,
+    attached: &[(&Resource, trellis_api::ServiceRefs)],
+) -> Resource {
+    let stored = state
+        .config
+        .get(&trellis_api::ObjectKey {
+            kind: Kind::Service.as_str().into(),
+            namespace: namespace.into(),
+            name: name.into(),
+        })
+        .and_then(|s| match &*s.resource {
+            Resource::Service(o) => Some(o),
+            _ => None,
+        });
+    let (metadata, mut spec) = match stored {
+        Some(o) => (o.metadata.clone(), o.spec.clone()),
+        None => {
+            let mut ports: BTreeSet<u16> = state
+                .workloads_of(namespace, name)
+                .map(|w| w.port)
+                .collect();
+            if ports.is_empty() {
+                ports = referenced_ports(namespace, name, attached);
+            }
+            let spec = ServiceSpec {
+                ports: ports
+                    .into_iter()
+                    .map(|port| ServicePort {
+                        port,
+                        ..ServicePort::default()
+                    })
+                    .collect(),
+                ..ServiceSpec::default()
+            };
+            let metadata = Metadata {
+                name: name.into(),
+                namespace: namespace.into(),
+                ..Metadata::default()
+            };
+            (metadata, spec)
+        }
+    };
+    let mut seen: BTreeSet<String> = spec.endpoints.iter().map(|e| e.address.clone()).collect();
+    for w in state.workloads.values() {
+        if w.healthy
+            && selects(namespace, name, spec.selector.as_ref(), w)
+            && seen.insert(w.address.clone())
+        {
+            spec.endpoints.push(Endpoint {
+                address: w.address.clone(),
+                weight: 1,
+                zone: w.zone.clone(),
+                labels: w.labels.clone(),
+            });
+        }
+    }
+    let mut metadata = metadata;
+    metadata.resource_version = None;
+    Resource::Service(Object {
+        api_version: TRELLIS_API_VERSION.into(),
+        kind: Kind::Service.as_str().into(),
+        metadata,
+        spec,
+        status: None,
+    })
+}
+
+/// Whether a service (by its selector, or by name when it has none) picks workload `w`.
+pub fn selects(
+    namespace: &str,
+    name: &str,
+    selector: Option<&BTreeMap<String, String>>,
+    w: &Workload,
+) -> bool {
+    if w.namespace != namespace {
+        return false;
+    }
+    match selector {
+        None => w.service == name,
+        Some(sel) => sel
+            .iter()
+            .all(|(k, v)| w.labels.get(k) == Some(v) || (k == "app" && w.service == *v)),
+    }
+}
+
+/// Ports that routes name for a service no one defines; port 80 when they name none.
+fn referenced_ports(
+    namespace: &str,
+    name: &str,
+    attached: &[(&Resource, trellis_api::ServiceRefs)],
+) -> BTreeSet<u16> {
+    let mut ports: BTreeSet<u16> = attached
+        .iter()
+        .flat_map(|(_, refs)| &refs.ports)
+        .filter(|(ns, n, _)| ns == namespace && n == name)
+        .map(|(_, _, p)| *p)
+        .collect();
+    if ports.is_empty() {
+        ports.insert(80);
+    }
+    ports
+}
+
+/// FNV-1a, 64 bit: a stable content hash (the same on every replica and every release).
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}

@@ -1,0 +1,238 @@
+//! One listener for the control plane: the config API as HTTP/JSON under `/v1/`, and the
+//! proxy protocol as gRPC, told apart by path (axum routes both).
+
+use crate::Control;
+use crate::config::{SourceFile, WriteError};
+use crate::mesh::MeshService;
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use trellis_api::wire::mesh_server::MeshServer;
+use trellis_api::{Kind, ObjectKey, Resource};
+
+type Shared = Arc<Control>;
+
+/// An error body: `{"errors": [...]}`, one line per problem.
+#[derive(Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What went wrong.
+    pub errors: Vec<String>,
+}
+
+fn error(status: StatusCode, errors: Vec<String>) -> Response {
+    (status, Json(ErrorBody { errors })).into_response()
+}
+
+impl IntoResponse for WriteError {
+    fn into_response(self) -> Response {
+        match self {
+            WriteError::Invalid(d) => error(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                d.0.iter().map(ToString::to_string).collect(),
+            ),
+            WriteError::Conflict(m) => error(StatusCode::CONFLICT, lines(&m)),
+            WriteError::NotFound(m) => error(StatusCode::NOT_FOUND, lines(&m)),
+            WriteError::Store(e) => error(StatusCode::SERVICE_UNAVAILABLE, vec![e.to_string()]),
+        }
+    }
+}
+
+fn lines(m: &str) -> Vec<String> {
+    m.lines().map(String::from).collect()
+}
+
+/// Body of `POST /v1/apply`.
+#[derive(Serialize, Deserialize)]
+pub struct ApplyRequest {
+    /// The files, as read by the client.
+    pub files: Vec<SourceFile>,
+    /// Validate and report, but write nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Body of `POST /v1/delete`.
+#[derive(Serialize, Deserialize)]
+pub struct DeleteRequest {
+    /// What to delete.
+    pub keys: Vec<ObjectKey>,
+}
+
+/// A list of resources and the revision it was read at.
+#[derive(Serialize, Deserialize)]
+pub struct List<T> {
+    /// The store revision.
+    pub revision: u64,
+    /// The items.
+    pub items: Vec<T>,
+}
+
+async fn apply(State(c): State<Shared>, Json(req): Json<ApplyRequest>) -> Response {
+    match c.apply(&req.files, req.dry_run).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn delete(State(c): State<Shared>, Json(req): Json<DeleteRequest>) -> Response {
+    match c.delete(&req.keys).await {
+        Ok(r) => Json(r).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+struct ListQuery {
+    namespace: Option<String>,
+}
+
+fn kind_of(text: &str) -> Result<Kind, Response> {
+    Kind::parse(text).ok_or_else(|| {
+        let known: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+        error(
+            StatusCode::NOT_FOUND,
+            vec![format!(
+                "unknown kind {text:?}; expected one of {}, proxies or workloads",
+                known.join(", ")
+            )],
+        )
+    })
+}
+
+async fn list(
+    State(c): State<Shared>,
+    Path(kind): Path<String>,
+    Query(q): Query<ListQuery>,
+) -> Response {
+    let state = c.state();
+    match kind.to_ascii_lowercase().as_str() {
+        // Proxy resources are never stored (they are local); `get proxies` lists the
+        // connected proxies and what they accepted or refused.
+        "proxies" | "proxy" => {
+            let mut items = c.proxies();
+            items.retain(|p| q.namespace.as_ref().is_none_or(|ns| &p.namespace == ns));
+            return Json(List {
+                revision: state.revision,
+                items,
+            })
+            .into_response();
+        }
+        "workloads" | "workload" => {
+            let items: Vec<_> = state
+                .workloads
+                .values()
+                .filter(|w| q.namespace.as_ref().is_none_or(|ns| &w.namespace == ns))
+                .map(|w| (**w).clone())
+                .collect();
+            return Json(List {
+                revision: state.revision,
+                items,
+            })
+            .into_response();
+        }
+        _ => {}
+    }
+    let kind = match kind_of(&kind) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let items: Vec<Resource> = state
+        .of_kind(kind)
+        .filter(|s| {
+            q.namespace
+                .as_ref()
+                .is_none_or(|ns| &s.resource.metadata().namespace == ns)
+        })
+        .map(|s| s.with_version())
+        .collect();
+    Json(List {
+        revision: state.revision,
+        items,
+    })
+    .into_response()
+}
+
+async fn get_one(
+    State(c): State<Shared>,
+    Path((kind, namespace, name)): Path<(String, String, String)>,
+) -> Response {
+    let kind = match kind_of(&kind) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let key = ObjectKey {
+        kind: kind.as_str().into(),
+        namespace,
+        name,
+    };
+    match c.state().config.get(&key) {
+        Some(s) => Json(s.with_version()).into_response(),
+        None => error(StatusCode::NOT_FOUND, vec![format!("{key} not found")]),
+    }
+}
+
+/// The router: config API plus the gRPC proxy protocol.
+pub fn router(control: Shared) -> axum::Router {
+    let api = axum::Router::new()
+        .route("/v1/apply", post(apply))
+        .route("/v1/delete", post(delete))
+        .route("/v1/resources/{kind}", get(list))
+        .route("/v1/resources/{kind}/{namespace}/{name}", get(get_one))
+        .route("/live", get(|| async { "ok\n" }))
+        .with_state(control.clone());
+    tonic::service::Routes::new(MeshServer::new(MeshService { control }))
+        .into_axum_router()
+        .merge(api)
+}
+
+/// Serves HTTP/1.1 and HTTP/2 (gRPC) connections until `shutdown` fires, then lets open
+/// connections finish their requests (streams are closed).
+pub async fn serve(
+    control: Shared,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let service = TowerToHyperService::new(router(control));
+    let tasks = TaskTracker::new();
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = service.clone();
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            let builder = auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = shutdown.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+                }
+            }
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+    Ok(())
+}

@@ -1,0 +1,124 @@
+//! The Trellis control plane: config API, durable store, registry, per-proxy view compiler
+//! and the delta distribution stream. See `docs/ARCHITECTURE.md`.
+//!
+//! Data flow: writes (config applies, registrations) go to the [`store`]; every replica
+//! rebuilds its in-memory [`State`](state::State) from the store's change stream, never from
+//! its own writes, so replicas sharing an etcd converge on the same state; each proxy stream
+//! compiles its [view](compile) of the latest state and sends the difference.
+#![forbid(unsafe_code)]
+
+pub mod compile;
+pub mod config;
+mod http;
+mod mesh;
+pub mod registry;
+pub mod state;
+pub mod store;
+
+pub use config::{SourceFile, WriteError, WriteResult};
+pub use mesh::ProxyStatus;
+
+use state::State;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use store::{Store, StoreError, StoreSpec};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// A control-plane replica.
+pub struct Control {
+    pub(crate) store: Store,
+    state: watch::Receiver<Arc<State>>,
+    pub(crate) proxies: Mutex<BTreeMap<String, ProxyStatus>>,
+    pub(crate) settings: Settings,
+}
+
+/// Tunables.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Lease length granted to registered instances when they ask for none.
+    pub default_ttl: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            default_ttl: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Control {
+    /// Opens the store and starts following its changes.
+    pub async fn open(spec: &StoreSpec, settings: Settings) -> Result<Arc<Control>, StoreError> {
+        let (store, loaded, mut changes) = Store::open(spec).await?;
+        let (tx, rx) = watch::channel(Arc::new(State::load(&loaded)));
+        tokio::spawn(async move {
+            while let Some(change) = changes.recv().await {
+                let next = tx.borrow().apply(&change);
+                if tx.send(Arc::new(next)).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Arc::new(Control {
+            store,
+            state: rx,
+            proxies: Mutex::default(),
+            settings,
+        }))
+    }
+
+    /// The latest state.
+    pub fn state(&self) -> Arc<State> {
+        self.state.borrow().clone()
+    }
+
+    /// A receiver that sees every new state.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<State>> {
+        self.state.clone()
+    }
+
+    /// Waits (bounded) until the state reflects `revision`, so a reader of this replica
+    /// sees its own writes.
+    pub(crate) async fn wait_for(&self, revision: u64) {
+        let mut rx = self.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(5),
+            rx.wait_for(|s| s.revision >= revision),
+        )
+        .await;
+    }
+
+    /// Waits (bounded) until the state moves past `revision`.
+    pub(crate) async fn wait_newer(&self, revision: u64) {
+        let mut rx = self.subscribe();
+        let _ = tokio::time::timeout(
+            Duration::from_secs(2),
+            rx.wait_for(|s| s.revision > revision),
+        )
+        .await;
+    }
+
+    /// Connected proxies and what they last accepted or refused.
+    pub fn proxies(&self) -> Vec<ProxyStatus> {
+        self.proxies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Serves the config API (HTTP/JSON under `/v1/`) and the proxy protocol (gRPC) on one
+/// listener until `shutdown` fires.
+pub async fn serve(
+    control: Arc<Control>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    http::serve(control, listener, shutdown).await
+}

@@ -1,0 +1,347 @@
+//! The proxy protocol's server side: one delta stream per proxy (send what changed in its
+//! view, one response in flight, ACK/NACK per nonce) and the registry calls.
+
+use crate::Control;
+use crate::compile::{self, View, ViewKey};
+use crate::config::now_rfc3339;
+use crate::registry::{Registration, RegistryError};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use trellis_api::wire::{self, mesh_server::Mesh};
+
+/// What `trellis get proxies` shows about one connected proxy.
+#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ProxyStatus {
+    /// The proxy's node id.
+    pub node: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// The service it fronts, if any.
+    pub service: String,
+    /// Its explicit upstreams.
+    pub upstreams: Vec<String>,
+    /// Whether it runs in HTTP proxy mode (needs every service).
+    pub all_services: bool,
+    /// Its version.
+    pub proxy_version: String,
+    /// Its address as seen by the control plane.
+    pub peer: String,
+    /// When it connected (RFC 3339).
+    pub connected_at: String,
+    /// The config revision it last acknowledged; empty before its first ACK.
+    pub acked_version: String,
+    /// How many resources its view holds.
+    pub resources: usize,
+    /// Whether an update awaits its ACK.
+    pub pending: bool,
+    /// Its error text for the last update it refused; it keeps its previous config.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nack: Option<String>,
+    /// The config revision it refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nack_version: Option<String>,
+}
+
+pub(crate) struct MeshService {
+    pub(crate) control: Arc<Control>,
+}
+
+fn status_of(e: RegistryError) -> Status {
+    match e {
+        RegistryError::Invalid(m) => Status::invalid_argument(m),
+        RegistryError::NotFound(_) => Status::not_found(e.to_string()),
+        RegistryError::Store(e) => Status::unavailable(e.to_string()),
+    }
+}
+
+#[tonic::async_trait]
+impl Mesh for MeshService {
+    type StreamStream = ReceiverStream<Result<wire::StreamResponse, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<wire::StreamRequest>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before its hello"))?;
+        let node = first.node.filter(|n| !n.id.is_empty()).ok_or_else(|| {
+            Status::invalid_argument("the first message must carry a node with an id")
+        })?;
+        let (tx, rx) = mpsc::channel(4);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let id = node.id.clone();
+            run_stream(&control, node, peer, first.initial_versions, inbound, tx).await;
+            control
+                .proxies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn register(
+        &self,
+        request: Request<wire::RegisterRequest>,
+    ) -> Result<Response<wire::RegisterResponse>, Status> {
+        let r = request.into_inner();
+        let i = r
+            .instance
+            .ok_or_else(|| Status::invalid_argument("missing instance"))?;
+        let port = u16::try_from(i.port)
+            .map_err(|_| Status::invalid_argument(format!("port {} out of range", i.port)))?;
+        let (id, ttl) = self
+            .control
+            .register(Registration {
+                namespace: if i.namespace.is_empty() {
+                    trellis_api::meta::DEFAULT_NAMESPACE.into()
+                } else {
+                    i.namespace
+                },
+                service: i.service,
+                address: i.address,
+                port,
+                labels: i.labels.into_iter().collect(),
+                zone: Some(i.zone).filter(|z| !z.is_empty()),
+                healthy: i.healthy,
+                node: i.node,
+                ttl: (r.ttl_seconds > 0).then(|| Duration::from_secs(r.ttl_seconds.into())),
+            })
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(wire::RegisterResponse {
+            id,
+            ttl_seconds: u32::try_from(ttl.as_secs()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<wire::HeartbeatRequest>,
+    ) -> Result<Response<wire::HeartbeatResponse>, Status> {
+        let r = request.into_inner();
+        self.control
+            .heartbeat(&r.id, r.healthy)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(wire::HeartbeatResponse {}))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<wire::DeregisterRequest>,
+    ) -> Result<Response<wire::DeregisterResponse>, Status> {
+        self.control
+            .deregister(&request.into_inner().id)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(wire::DeregisterResponse {}))
+    }
+}
+
+/// What changed between what a proxy holds and its view: resources to send, keys to drop.
+pub fn diff(view: &View, held: &BTreeMap<String, String>) -> (Vec<wire::Resource>, Vec<String>) {
+    let changed = view
+        .items
+        .iter()
+        .filter(|(k, item)| held.get(*k) != Some(&item.version))
+        .map(|(k, item)| wire::Resource {
+            key: k.clone(),
+            version: item.version.clone(),
+            json: item.json.to_string(),
+        })
+        .collect();
+    let removed = held
+        .keys()
+        .filter(|k| !view.items.contains_key(*k))
+        .cloned()
+        .collect();
+    (changed, removed)
+}
+
+struct Pending {
+    nonce: String,
+    version: String,
+    held: BTreeMap<String, String>,
+}
+
+async fn run_stream(
+    control: &Control,
+    node: wire::Node,
+    peer: String,
+    initial: std::collections::HashMap<String, String>,
+    mut inbound: Streaming<wire::StreamRequest>,
+    tx: mpsc::Sender<Result<wire::StreamResponse, Status>>,
+) {
+    let namespace = if node.namespace.is_empty() {
+        trellis_api::meta::DEFAULT_NAMESPACE.to_string()
+    } else {
+        node.namespace.clone()
+    };
+    let key = ViewKey::new(&namespace, &node.upstreams, node.all_services);
+    let update = |f: &dyn Fn(&mut ProxyStatus)| {
+        let mut proxies = control.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = proxies.get_mut(&node.id) {
+            f(s);
+        }
+    };
+    control
+        .proxies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(
+            node.id.clone(),
+            ProxyStatus {
+                node: node.id.clone(),
+                namespace,
+                service: node.service.clone(),
+                upstreams: node.upstreams.clone(),
+                all_services: node.all_services,
+                proxy_version: node.proxy_version.clone(),
+                peer,
+                connected_at: now_rfc3339(),
+                acked_version: String::new(),
+                resources: initial.len(),
+                pending: false,
+                nack: None,
+                nack_version: None,
+            },
+        );
+    tracing::debug!(node = %node.id, "proxy connected");
+
+    let mut held: BTreeMap<String, String> = initial.into_iter().collect();
+    let mut states = control.subscribe();
+    let mut pending: Option<Pending> = None;
+    let mut dirty = true;
+    let mut counter = 0u64;
+    loop {
+        if dirty && pending.is_none() {
+            dirty = false;
+            let state = states.borrow_and_update().clone();
+            let view = compile::view(&state, &key);
+            let (resources, removed) = diff(&view, &held);
+            let version = state.revision.to_string();
+            if resources.is_empty() && removed.is_empty() {
+                update(&|s| {
+                    s.acked_version = version.clone();
+                    s.resources = view.items.len();
+                });
+            } else {
+                counter += 1;
+                let nonce = format!("{counter}");
+                let next: BTreeMap<String, String> = view
+                    .items
+                    .iter()
+                    .map(|(k, i)| (k.clone(), i.version.clone()))
+                    .collect();
+                let response = wire::StreamResponse {
+                    system_version: version.clone(),
+                    nonce: nonce.clone(),
+                    resources,
+                    removed,
+                };
+                if tx.send(Ok(response)).await.is_err() {
+                    return;
+                }
+                update(&|s| s.pending = true);
+                pending = Some(Pending {
+                    nonce,
+                    version,
+                    held: next,
+                });
+            }
+        }
+        tokio::select! {
+            changed = states.changed(), if pending.is_none() => {
+                if changed.is_err() {
+                    return;
+                }
+                dirty = true;
+            }
+            message = inbound.message() => {
+                let Ok(Some(m)) = message else {
+                    tracing::debug!(node = %node.id, "proxy disconnected");
+                    return;
+                };
+                let Some(p) = pending.take_if(|p| p.nonce == m.response_nonce) else {
+                    continue; // an answer to an older response
+                };
+                if m.error.is_empty() {
+                    held = p.held;
+                    let n = held.len();
+                    update(&|s| {
+                        s.acked_version = p.version.clone();
+                        s.resources = n;
+                        s.pending = false;
+                        s.nack = None;
+                        s.nack_version = None;
+                    });
+                    dirty = true;
+                } else {
+                    tracing::warn!(node = %node.id, version = %p.version, error = %m.error, "proxy refused config");
+                    update(&|s| {
+                        s.pending = false;
+                        s.nack = Some(m.error.clone());
+                        s.nack_version = Some(p.version.clone());
+                    });
+                    // Resend only when the state changes again; the same update would
+                    // be refused the same way.
+                }
+            }
+            () = tx.closed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile::Item;
+
+    #[test]
+    fn diff_sends_changes_and_removals_only() {
+        let item = |v: &str| Item {
+            version: v.into(),
+            json: "{}".into(),
+        };
+        let view = View {
+            items: BTreeMap::from([
+                ("Service/default/a".to_string(), item("1")),
+                ("Service/default/b".to_string(), item("2")),
+                ("Service/default/c".to_string(), item("3")),
+            ]),
+        };
+        let held = BTreeMap::from([
+            ("Service/default/a".to_string(), "1".to_string()),
+            ("Service/default/b".to_string(), "old".to_string()),
+            ("Service/default/gone".to_string(), "9".to_string()),
+        ]);
+        let (changed, removed) = diff(&view, &held);
+        let keys: Vec<_> = changed.iter().map(|r| r.key.as_str()).collect();
+        assert_eq!(keys, ["Service/default/b", "Service/default/c"]);
+        assert_eq!(removed, ["Service/default/gone"]);
+        let (changed, removed) = diff(
+            &view,
+            &view
+                .items
+                .iter()
+                .map(|(k, i)| (k.clone(), i.version.clone()))
+                .collect(),
+        );
+        assert!(changed.is_empty() && removed.is_empty());
+    }
+}

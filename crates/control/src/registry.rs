@@ -1,0 +1,135 @@
+//! The registry: instances register with a lease, renew it with heartbeats that carry their
+//! health, and deregister when their app exits. A sidecar that vanishes stops renewing, its
+//! lease lapses, and the store deletes its workload: every proxy's view follows.
+
+use crate::Control;
+use crate::state::{Workload, workload_key};
+use crate::store::{Expect, LeaseId, Op, StoreError};
+use std::time::Duration;
+use trellis_api::meta::check_name;
+
+/// Shortest and longest lease an instance may ask for.
+pub const TTL_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(300));
+
+/// Why a registry call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registration is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The instance is unknown: its lease lapsed or it deregistered. Register again.
+    #[error("instance {0} is not registered (lease lapsed or deregistered); register again")]
+    NotFound(String),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(StoreError),
+}
+
+/// What an instance registers.
+#[derive(Clone, Debug)]
+pub struct Registration {
+    /// Namespace.
+    pub namespace: String,
+    /// Service name.
+    pub service: String,
+    /// `IP:PORT` of its inbound sidecar.
+    pub address: String,
+    /// Service port.
+    pub port: u16,
+    /// Labels (`app` is set to the service).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Zone.
+    pub zone: Option<String>,
+    /// Initial health.
+    pub healthy: bool,
+    /// Registering node.
+    pub node: String,
+    /// Requested lease; the default when `None`.
+    pub ttl: Option<Duration>,
+}
+
+fn parse_id(id: &str) -> Result<LeaseId, RegistryError> {
+    u64::from_str_radix(id, 16).map_err(|_| RegistryError::NotFound(id.to_string()))
+}
+
+impl Control {
+    /// Registers an instance; returns its id and lease length.
+    pub async fn register(&self, r: Registration) -> Result<(String, Duration), RegistryError> {
+        check_name(&r.namespace).map_err(|e| RegistryError::Invalid(format!("namespace: {e}")))?;
+        check_name(&r.service).map_err(|e| RegistryError::Invalid(format!("service: {e}")))?;
+        if r.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(RegistryError::Invalid(format!(
+                "address: {:?} is not an IP:PORT address",
+                r.address
+            )));
+        }
+        if r.port == 0 {
+            return Err(RegistryError::Invalid("port: must be 1-65535".into()));
+        }
+        let ttl = r
+            .ttl
+            .unwrap_or(self.settings.default_ttl)
+            .clamp(TTL_RANGE.0, TTL_RANGE.1);
+        let lease = self.store.grant(ttl).await.map_err(RegistryError::Store)?;
+        let mut labels = r.labels;
+        labels.insert("app".into(), r.service.clone());
+        let w = Workload {
+            id: format!("{lease:x}"),
+            namespace: r.namespace,
+            service: r.service,
+            address: r.address,
+            port: r.port,
+            labels,
+            zone: r.zone,
+            healthy: r.healthy,
+            node: r.node,
+        };
+        self.put(&w, lease).await?;
+        tracing::info!(id = %w.id, service = %w.service, address = %w.address, "registered");
+        Ok((w.id, ttl))
+    }
+
+    /// Renews an instance's lease and records its health.
+    pub async fn heartbeat(&self, id: &str, healthy: bool) -> Result<(), RegistryError> {
+        let lease = parse_id(id)?;
+        self.store.keep_alive(lease).await.map_err(|e| match e {
+            StoreError::LeaseNotFound(_) => RegistryError::NotFound(id.to_string()),
+            e => RegistryError::Store(e),
+        })?;
+        let current = self.state().workloads.get(id).cloned();
+        if let Some(w) = current
+            && w.healthy != healthy
+        {
+            let mut w = (*w).clone();
+            w.healthy = healthy;
+            tracing::info!(id, service = %w.service, healthy, "health changed");
+            self.put(&w, lease).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes an instance now.
+    pub async fn deregister(&self, id: &str) -> Result<(), RegistryError> {
+        let lease = parse_id(id)?;
+        match self.store.revoke(lease).await {
+            Ok(()) => {
+                tracing::info!(id, "deregistered");
+                Ok(())
+            }
+            Err(StoreError::LeaseNotFound(_)) => Err(RegistryError::NotFound(id.to_string())),
+            Err(e) => Err(RegistryError::Store(e)),
+        }
+    }
+
+    async fn put(&self, w: &Workload, lease: LeaseId) -> Result<(), RegistryError> {
+        let value = serde_json::to_vec(w).map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let mut op = Op::put(workload_key(w), value, Expect::Any);
+        op.lease = Some(lease);
+        let revision = self.store.commit(vec![op]).await.map_err(|e| match e {
+            StoreError::LeaseNotFound(_) => RegistryError::NotFound(w.id.clone()),
+            e => RegistryError::Store(e),
+        })?;
+        self.wait_for(revision).await;
+        Ok(())
+    }
+}

@@ -1,0 +1,189 @@
+//! The control plane's in-memory view of the store: config resources and registered
+//! workloads, rebuilt from the store's change stream. Immutable; each change makes a new one.
+
+use crate::compile::{View, ViewKey};
+use crate::store::{Change, Entry, Event, Loaded, Revision};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use trellis_api::{Kind, ObjectKey, Resource};
+
+/// Store key of the marker every config commit updates, so that an apply validated against
+/// one config revision cannot commit on top of another (see `api::apply`).
+pub const CONFIG_MARKER: &str = "meta/config";
+
+/// Store key of a config resource.
+pub fn config_key(k: &ObjectKey) -> String {
+    format!("config/{}/{}/{}", k.kind, k.namespace, k.name)
+}
+
+/// Store key of a registered workload.
+pub fn workload_key(w: &Workload) -> String {
+    format!("workloads/{}/{}/{}", w.namespace, w.service, w.id)
+}
+
+/// One registered instance of a service, written by the registry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Workload {
+    /// The instance id; also its lease id, in hex.
+    pub id: String,
+    /// Namespace.
+    pub namespace: String,
+    /// The service it registered as.
+    pub service: String,
+    /// `IP:PORT` of the instance's inbound sidecar.
+    pub address: String,
+    /// The service port clients address.
+    pub port: u16,
+    /// Labels; `app: <service>` is always present.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Locality zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// The latest health the sidecar reported.
+    pub healthy: bool,
+    /// The registering proxy's node id.
+    #[serde(default)]
+    pub node: String,
+}
+
+/// A stored config resource and its version.
+#[derive(Clone, Debug)]
+pub struct Stored {
+    /// The resource (without `resourceVersion`; [`Stored::with_version`] adds it).
+    pub resource: Arc<Resource>,
+    /// The store revision that last wrote it.
+    pub version: Revision,
+}
+
+impl Stored {
+    /// The resource as users see it, with `metadata.resourceVersion`.
+    pub fn with_version(&self) -> Resource {
+        let mut r = (*self.resource).clone();
+        r.metadata_mut().resource_version = Some(self.version.to_string());
+        r
+    }
+}
+
+/// Everything the control plane knows, at one store revision.
+#[derive(Default)]
+pub struct State {
+    /// The store revision this state reflects.
+    pub revision: Revision,
+    /// The version of [`CONFIG_MARKER`], if any config was ever written.
+    pub config_marker: Option<Revision>,
+    /// Config resources by key.
+    pub config: BTreeMap<ObjectKey, Stored>,
+    /// Registered workloads by id.
+    pub workloads: BTreeMap<String, Arc<Workload>>,
+    /// Compiled proxy views, shared by every proxy with the same needs.
+    pub(crate) views: Mutex<HashMap<ViewKey, Arc<View>>>,
+}
+
+impl State {
+    /// The state of freshly opened store content.
+    pub fn load(loaded: &Loaded) -> State {
+        let mut s = State {
+            revision: loaded.revision,
+            ..State::default()
+        };
+        for e in &loaded.entries {
+            s.put(e);
+        }
+        s
+    }
+
+    /// The state after `change`.
+    pub fn apply(&self, change: &Change) -> State {
+        let mut s = if change.reset {
+            State::default()
+        } else {
+            State {
+                revision: self.revision,
+                config_marker: self.config_marker,
+                config: self.config.clone(),
+                workloads: self.workloads.clone(),
+                views: Mutex::default(),
+            }
+        };
+        s.revision = change.revision;
+        for ev in &change.events {
+            match ev {
+                Event::Put(e) => s.put(e),
+                Event::Delete(key) => s.delete(key),
+            }
+        }
+        s
+    }
+
+    /// Registered workloads of one service, in id order.
+    pub fn workloads_of<'a>(
+        &'a self,
+        namespace: &'a str,
+        service: &'a str,
+    ) -> impl Iterator<Item = &'a Arc<Workload>> + 'a {
+        self.workloads
+            .values()
+            .filter(move |w| w.namespace == namespace && w.service == service)
+    }
+
+    fn put(&mut self, e: &Entry) {
+        let text = String::from_utf8_lossy(&e.value);
+        if e.key == CONFIG_MARKER {
+            self.config_marker = Some(e.version);
+        } else if let Some(rest) = e.key.strip_prefix("config/") {
+            match Resource::from_json(&text) {
+                Ok(r) => {
+                    self.config.insert(
+                        r.key(),
+                        Stored {
+                            resource: Arc::new(r),
+                            version: e.version,
+                        },
+                    );
+                }
+                // Only this control plane writes these keys, after validation; an entry it
+                // cannot read comes from a newer version sharing the store.
+                Err(err) => tracing::warn!(key = rest, %err, "skipping unreadable resource"),
+            }
+        } else if e.key.starts_with("workloads/") {
+            match serde_json::from_str::<Workload>(&text) {
+                Ok(w) => {
+                    self.workloads.insert(w.id.clone(), Arc::new(w));
+                }
+                Err(err) => tracing::warn!(key = e.key, %err, "skipping unreadable workload"),
+            }
+        }
+    }
+
+    fn delete(&mut self, key: &str) {
+        if key == CONFIG_MARKER {
+            self.config_marker = None;
+        } else if let Some(rest) = key.strip_prefix("config/") {
+            let mut parts = rest.splitn(3, '/');
+            if let (Some(kind), Some(namespace), Some(name)) =
+                (parts.next(), parts.next(), parts.next())
+            {
+                self.config.remove(&ObjectKey {
+                    kind: kind.into(),
+                    namespace: namespace.into(),
+                    name: name.into(),
+                });
+            }
+        } else if let Some(rest) = key.strip_prefix("workloads/") {
+            if let Some(id) = rest.rsplit('/').next() {
+                self.workloads.remove(id);
+            }
+        }
+    }
+
+    /// Config resources of one kind, in key order.
+    pub fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &Stored> {
+        self.config
+            .iter()
+            .filter(move |(k, _)| k.kind == kind.as_str())
+            .map(|(_, s)| s)
+    }
+}
