@@ -32,7 +32,13 @@ impl std::error::Error for Refused {}
 impl Api {
     pub fn new(base: &str) -> Api {
         Api {
-            base: base.trim_end_matches('/').to_string(),
+            // With several replicas listed, the CLI talks to the first.
+            base: crate::run::endpoints(base)
+                .into_iter()
+                .next()
+                .unwrap_or_default()
+                .trim_end_matches('/')
+                .to_string(),
             client: Client::builder(TokioExecutor::new()).build_http(),
         }
     }
@@ -85,8 +91,10 @@ impl Api {
 
 /// Fails unless `text` is a URL this client can use.
 pub fn check_url(text: &str) -> Result<()> {
-    if !text.starts_with("http://") {
-        bail!("control plane URL {text:?} must start with http://");
+    for url in crate::run::endpoints(text) {
+        if !url.starts_with("http://") {
+            bail!("control plane URL {url:?} must start with http://");
+        }
     }
     Ok(())
 }

@@ -55,7 +55,7 @@ pub async fn start_sidecar(
     tokio::spawn(follow(
         proxy.clone(),
         Follow {
-            endpoint: control.to_string(),
+            endpoints: endpoints(control),
             node,
             local,
             state_file: Some(state_file),
@@ -63,6 +63,16 @@ pub async fn start_sidecar(
         held,
     ));
     Ok(proxy)
+}
+
+/// The replicas in a `--control` value: comma-separated URLs.
+pub fn endpoints(control: &str) -> Vec<String> {
+    control
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 /// The node a local config describes: its upstreams, and whether it proxies by Host.
@@ -350,11 +360,15 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
     let beat = r.interval.min(r.ttl / 3);
     let mut id: Option<String> = None;
     let mut client: Option<MeshClient<tonic::transport::Channel>> = None;
+    let replicas = endpoints(&r.control);
+    let mut next = 0usize;
     loop {
         let healthy = check(&r.probe, r.app, Duration::from_secs(1)).await;
         let c = match &mut client {
             Some(c) => c,
-            None => match tonic::transport::Endpoint::from_shared(r.control.clone()) {
+            None => match tonic::transport::Endpoint::from_shared(
+                replicas[next % replicas.len()].clone(),
+            ) {
                 Ok(e) => client.insert(MeshClient::new(
                     e.connect_timeout(Duration::from_secs(2))
                         .timeout(Duration::from_secs(5))
@@ -399,7 +413,9 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
                     tracing::warn!("registration lapsed; registering again");
                     id = None;
                 } else {
-                    tracing::warn!(error = %s.message(), "registry call failed");
+                    tracing::warn!(error = %s.message(), "registry call failed; trying the next replica");
+                    client = None;
+                    next += 1;
                 }
                 backoff.next()
             }

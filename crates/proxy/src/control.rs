@@ -190,8 +190,8 @@ pub fn assemble(
 /// How to follow the control plane.
 #[derive(Clone, Debug)]
 pub struct Follow {
-    /// Control plane URL, for example `http://127.0.0.1:7070`.
-    pub endpoint: String,
+    /// Control plane URLs, for example `http://127.0.0.1:7070`; replicas are tried in turn.
+    pub endpoints: Vec<String>,
     /// Who this proxy is and what it needs.
     pub node: wire::Node,
     /// The proxy's local resources.
@@ -205,19 +205,21 @@ pub struct Follow {
 pub async fn follow(proxy: Arc<Proxy>, cfg: Follow, mut held: HeldSet) {
     let draining = proxy.shared.draining.clone();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    let mut next = 0;
     loop {
+        let Some(endpoint) = cfg.endpoints.get(next % cfg.endpoints.len().max(1)) else {
+            return;
+        };
         let result = tokio::select! {
             () = draining.cancelled() => return,
-            r = session(&proxy, &cfg, &mut held, &mut backoff) => r,
+            r = session(&proxy, &cfg, endpoint, &mut held, &mut backoff) => r,
         };
+        // The next attempt goes to the next replica.
+        next += 1;
         let delay = backoff.next();
         match result {
-            Ok(()) => {
-                tracing::warn!(endpoint = %cfg.endpoint, "control plane closed the stream; reconnecting in {delay:?}")
-            }
-            Err(e) => {
-                tracing::warn!(endpoint = %cfg.endpoint, error = %e, "control plane unreachable; serving the last accepted config; retrying in {delay:?}")
-            }
+            Ok(()) => tracing::warn!(%endpoint, "control plane closed the stream; reconnecting in {delay:?}"),
+            Err(e) => tracing::warn!(%endpoint, error = %e.message(), "control plane unreachable; serving the last accepted config; retrying in {delay:?}"),
         }
         proxy.shared.metrics.control_connected.set(0);
         tokio::select! {
@@ -231,10 +233,11 @@ pub async fn follow(proxy: Arc<Proxy>, cfg: Follow, mut held: HeldSet) {
 async fn session(
     proxy: &Proxy,
     cfg: &Follow,
+    endpoint: &str,
     held: &mut HeldSet,
     backoff: &mut Backoff,
 ) -> Result<(), tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(cfg.endpoint.clone())
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(10))
@@ -255,7 +258,7 @@ async fn session(
     };
     let _ = tx.send(hello).await;
     let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-    tracing::info!(endpoint = %cfg.endpoint, "connected to the control plane");
+    tracing::info!(%endpoint, "connected to the control plane");
     proxy.shared.metrics.control_connected.set(1);
     backoff.reset();
     while let Some(response) = responses.message().await? {

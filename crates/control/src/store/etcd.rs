@@ -34,7 +34,8 @@ const MAX_READ_BYTES: usize = 256 << 20;
 
 /// The etcd-backed store.
 pub struct EtcdStore {
-    client: Client,
+    /// Boxed: the client is several kilobytes, and `Store` holds it inline.
+    client: Box<Client>,
     prefix: String,
     /// Stops the watch task when the store is dropped.
     _watch: DropGuard,
@@ -65,7 +66,7 @@ impl EtcdStore {
             stop.clone(),
         ));
         let store = EtcdStore {
-            client,
+            client: Box::new(client),
             prefix: prefix.to_string(),
             _watch: stop.drop_guard(),
         };

@@ -215,7 +215,7 @@ impl Inner {
             let leases = lock(&self.leases);
             for op in ops.iter().filter(|op| op.value.is_some()) {
                 if let Some(id) = op.lease
-                    && !leases.get(&id).is_some_and(|l| l.deadline > now)
+                    && leases.get(&id).is_none_or(|l| l.deadline <= now)
                 {
                     return Err(StoreError::LeaseNotFound(id));
                 }

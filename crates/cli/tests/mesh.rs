@@ -1,0 +1,225 @@
+//! The mesh end to end with real processes on loopback: `trellis control`, apps under
+//! `trellis run` (the demo's product-catalog), client sidecars, the CLI, and a real etcd.
+
+mod support;
+
+use std::time::Duration;
+use support::*;
+
+const ROUTE_ALL_V2: &str = r#"
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog-v1}
+spec:
+  ports: [{port: 80}]
+  selector: {app: product-catalog, version: v1}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog-v2}
+spec:
+  ports: [{port: 80}]
+  selector: {app: product-catalog, version: v2}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: catalog-split}
+spec:
+  parentRefs: [{group: "", kind: Service, name: product-catalog}]
+  rules:
+    - backendRefs:
+        - {name: catalog-v1, port: 80, weight: 0}
+        - {name: catalog-v2, port: 80, weight: 100}
+      filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier:
+            set: [{name: x-route, value: catalog-split}]
+"#;
+
+#[test]
+fn routes_and_instances_follow_the_control_plane() {
+    let dir = TempDir::new("follow");
+    let cp = ControlPlane::start("control", dir.path(), free_port(), &dir.path().join("store").display().to_string());
+    let _v1 = catalog(dir.path(), &cp.url(), "v1");
+    let up = free_port();
+    let _client = client(dir.path(), &cp.url(), up, "client-state");
+    wait_versions(up, &["v1"], Duration::from_secs(20));
+
+    // A new instance joins rotation.
+    let mut v2 = catalog(dir.path(), &cp.url(), "v2");
+    let t = wait_versions(up, &["v1", "v2"], Duration::from_secs(20));
+    eprintln!("v2 in rotation after {t:?}");
+
+    // A route sends everything to v2, within a bounded time after `apply` returns.
+    let route = dir.write("route.yaml", ROUTE_ALL_V2);
+    let (code, out, err) = cp.cli(&["apply", "-f", route.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("HTTPRoute default/catalog-split created"), "{out}");
+    let t = wait_versions(up, &["v2"], Duration::from_secs(5));
+    eprintln!("route followed {t:?} after apply");
+    let r = get(up, "/products/1").unwrap();
+    assert_eq!(r.headers.get("x-route").map(String::as_str), Some("catalog-split"));
+    let (code, out, _) = cp.cli(&["get", "httproutes"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("catalog-split"), "{out}");
+
+    // Deleting it restores the even split.
+    let (code, out, err) = cp.cli(&["delete", "-f", route.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_versions(up, &["v1", "v2"], Duration::from_secs(5));
+
+    // The app exits: its sidecar deregisters it and exits too.
+    let app = children(v2.pid());
+    assert_eq!(app.len(), 1, "trellis run has one child, the app");
+    signal(app[0], "KILL");
+    wait_for(Duration::from_secs(10), "trellis run to exit with its app", || {
+        v2.exited().then_some(())
+    });
+    let t = wait_versions(up, &["v1"], Duration::from_secs(5));
+    eprintln!("exited app out of rotation after {t:?}");
+
+    // A sidecar that vanishes without a word leaves when its 2 s lease lapses.
+    let mut v2 = catalog(dir.path(), &cp.url(), "v2");
+    wait_versions(up, &["v1", "v2"], Duration::from_secs(20));
+    v2.kill_hard();
+    let t = wait_versions(up, &["v1"], Duration::from_secs(10));
+    eprintln!("vanished sidecar out of rotation after {t:?}");
+    let (_, out, _) = cp.cli(&["get", "workloads"]);
+    assert_eq!(out.matches("version=").count(), 1, "only v1 is left: {out}");
+}
+
+#[test]
+fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config() {
+    let dir = TempDir::new("outage");
+    let store = dir.path().join("store").display().to_string();
+    let port = free_port();
+    let mut cp = ControlPlane::start("control", dir.path(), port, &store);
+    let url = cp.url();
+    let _v1 = catalog(dir.path(), &url, "v1");
+    let up = free_port();
+    let mut client1 = client(dir.path(), &url, up, "client-state");
+    wait_versions(up, &["v1"], Duration::from_secs(20));
+
+    // The control plane crashes: traffic continues.
+    cp.proc.kill_hard();
+    assert_eq!(versions(up, 20).get("v1"), Some(&20));
+
+    // A restarted sidecar boots from its persisted config while the control plane is down.
+    client1.stop(Duration::from_secs(10));
+    let client2 = client(dir.path(), &url, up, "client-state");
+    wait_versions(up, &["v1"], Duration::from_secs(10));
+    assert!(
+        wait_for(Duration::from_secs(5), "the boot log", || {
+            let log = client2.log_text();
+            log.contains("booted from the persisted config").then_some(log)
+        })
+        .contains("control plane unreachable")
+    );
+
+    // The control plane returns with everything it acknowledged (the instance is still
+    // registered), the proxies reconnect, and new config reaches them.
+    let cp = ControlPlane::start("control-2", dir.path(), port, &store);
+    wait_for(Duration::from_secs(15), "both sidecars to reconnect", || {
+        let (_, out, _) = cp.cli(&["get", "proxies"]);
+        (out.matches("in sync").count() == 2).then_some(())
+    });
+    let (_, out, _) = cp.cli(&["get", "workloads"]);
+    assert!(out.contains("version=v1"), "{out}");
+    let route = dir.write(
+        "route.yaml",
+        &ROUTE_ALL_V2
+            .replace("weight: 0}", "weight: 100}")
+            .replace("{name: catalog-v2, port: 80, weight: 100}", "{name: catalog-v2, port: 80, weight: 0}"),
+    );
+    let (code, out, err) = cp.cli(&["apply", "-f", route.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_for(Duration::from_secs(5), "the route to reach the restarted sidecar", || {
+        get(up, "/products/1")
+            .ok()
+            .filter(|r| r.headers.get("x-route").is_some())
+    });
+    drop(client2);
+}
+
+#[test]
+fn bad_config_is_rejected_whole_and_a_nack_is_reported() {
+    let dir = TempDir::new("reject");
+    let cp = ControlPlane::start("control", dir.path(), free_port(), &dir.path().join("store").display().to_string());
+    let bad = dir.write(
+        "bad.yaml",
+        r#"apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: good}
+spec:
+  ports: [{port: 80}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: broken}
+spec:
+  parentRefs: [{group: "", kind: Service, name: good}]
+  rules:
+    - backendRefs:
+        - name: missing
+          port: 80
+"#,
+    );
+    let (code, out, err) = cp.cli(&["apply", "-f", bad.to_str().unwrap()]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("bad.yaml:14: spec.rules[0].backendRefs[0].name"), "{err}");
+    // All or nothing: the valid Service in the same apply was not stored either.
+    let (_, out, _) = cp.cli(&["get", "services"]);
+    assert!(out.contains("No resources found"), "{out}");
+
+    // Optimistic concurrency: a stale resourceVersion is refused.
+    let good = dir.write(
+        "good.yaml",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: billing}\nspec:\n  ports: [{port: 8080}]\n",
+    );
+    let (code, out, err) = cp.cli(&["apply", "-f", good.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Service default/billing created"), "{out}");
+    let (code, out, _) = cp.cli(&["apply", "-f", good.to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("unchanged"), "{out}");
+    let (_, yaml, _) = cp.cli(&["get", "service", "billing", "-o", "yaml"]);
+    assert!(yaml.contains("resourceVersion"), "{yaml}");
+    let edited = dir.write("edited.yaml", &yaml.replace("8080", "8081"));
+    let (code, out, _) = cp.cli(&["apply", "-f", dir.write("v2.yaml", &std::fs::read_to_string(&good).unwrap().replace("8080", "8082")).to_str().unwrap()]);
+    assert_eq!(code, 0);
+    assert!(out.contains("configured"), "{out}");
+    let (code, _, err) = cp.cli(&["apply", "-f", edited.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("stale"), "{err}");
+
+    // A proxy whose local listener needs billing:8080 refuses a view where billing has no
+    // such port: it NACKs, keeps its config, and `get proxies` shows its reason.
+    let local = dir.write(
+        "local.yaml",
+        &format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: edge}}\nspec:\n  admin: {{address: 127.0.0.1:{}}}\n  outbound:\n    - {{name: billing, address: 127.0.0.1:{}, service: {{name: billing, port: 8080}}}}\n",
+            free_port(),
+            free_port()
+        ),
+    );
+    let mut cmd = trellis();
+    cmd.args(["proxy", "--control", &cp.url(), "--config", local.to_str().unwrap(), "--node-id", "edge-1", "--state-dir"])
+        .arg(dir.path().join("edge-state"));
+    let _edge = Proc::spawn("edge", dir.path(), cmd);
+    let nack = wait_for(Duration::from_secs(15), "the NACK to show", || {
+        let (_, out, _) = cp.cli(&["get", "proxies", "edge-1", "-o", "json"]);
+        out.contains("\"nack\"").then_some(out)
+    });
+    assert!(nack.contains("Service billing has no port 8080"), "{nack}");
+    let (_, table, _) = cp.cli(&["get", "proxies"]);
+    assert!(table.contains("NACK"), "{table}");
+
+    // Fixing the service clears it.
+    let fixed = dir.write("fixed.yaml", &std::fs::read_to_string(&good).unwrap());
+    let (code, _, err) = cp.cli(&["apply", "-f", fixed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    wait_for(Duration::from_secs(10), "the proxy to accept", || {
+        let (_, out, _) = cp.cli(&["get", "proxies", "edge-1", "-o", "json"]);
+        (!out.contains("\"nack\"") && out.contains("edge-1")).then_some(())
+    });
+}

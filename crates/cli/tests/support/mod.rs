@@ -1,0 +1,348 @@
+//! Processes and a plain HTTP/1.1 client for tests that run the real `trellis` binary.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn trellis() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_trellis"))
+}
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_trellis")
+}
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fresh directory under the system temp dir, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "trellis-test-{tag}-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A child process with its log in a file; stopped with SIGTERM (then SIGKILL) on drop, with
+/// its own children, so no test leaves processes behind.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+/// The direct children of `pid`.
+pub fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+/// `pid` and all its descendants.
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut i = 0;
+    while i < all.len() {
+        let kids = children(all[i]);
+        all.extend(kids);
+        i += 1;
+    }
+    all
+}
+
+pub fn alive(pid: u32) -> bool {
+    // A zombie is dead for our purposes.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+pub fn signal(pid: u32, sig: &str) {
+    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+}
+
+impl Proc {
+    pub fn spawn(name: &str, dir: &Path, mut cmd: Command) -> Proc {
+        let log = dir.join(format!("{name}.log"));
+        let f = std::fs::File::create(&log).unwrap();
+        cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null());
+        let child = cmd.spawn().unwrap();
+        Proc {
+            name: name.into(),
+            child,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL this process and everything under it (a crash, not a shutdown).
+    pub fn kill_hard(&mut self) {
+        let all = tree(self.pid());
+        for p in &all {
+            signal(*p, "KILL");
+        }
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `limit` for exit; SIGKILL after.
+    pub fn stop(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let all = tree(self.pid());
+        signal(self.pid(), "TERM");
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                for p in &all[1..] {
+                    if alive(*p) {
+                        signal(*p, "KILL");
+                    }
+                }
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for p in &all {
+            signal(*p, "KILL");
+        }
+        let _ = self.child.wait();
+        None
+    }
+
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if !self.exited() {
+            self.stop(Duration::from_secs(5));
+        }
+    }
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or panics after `limit` with `what`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An HTTP/1.1 response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: BTreeMap<String, String>,
+    pub body: String,
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`), bounded to 5 s.
+pub fn http(method: &str, port: u16, path: &str, body: &str) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let mut body = String::new();
+    r.read_to_string(&mut body)?;
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
+pub fn get(port: u16, path: &str) -> std::io::Result<Response> {
+    http("GET", port, path, "")
+}
+
+/// A running `trellis control`.
+pub struct ControlPlane {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl ControlPlane {
+    pub fn start(name: &str, dir: &Path, port: u16, store: &str) -> ControlPlane {
+        let mut cmd = trellis();
+        cmd.args(["control", "--listen", &format!("127.0.0.1:{port}"), "--store", store]);
+        let mut proc = Proc::spawn(name, dir, cmd);
+        wait_for(Duration::from_secs(20), "the control plane to listen", || {
+            if proc.exited() {
+                panic!("control plane exited:\n{}", proc.log_text());
+            }
+            get(port, "/live").ok().filter(|r| r.status == 200)
+        });
+        ControlPlane { proc, port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs a CLI command against this control plane: (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        cli(&self.url(), args)
+    }
+}
+
+pub fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = trellis()
+        .args(args)
+        .env("TRELLIS_CONTROL", url)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `trellis run` of a demo catalog instance.
+pub fn catalog(dir: &Path, control: &str, version: &str) -> Proc {
+    let mut cmd = trellis();
+    cmd.args([
+        "run",
+        "--control",
+        control,
+        "--service",
+        "product-catalog",
+        "--port",
+        &free_port().to_string(),
+        "--label",
+        &format!("version={version}"),
+        "--health",
+        "http:/healthz",
+        "--ttl",
+        "2s",
+        "--state-dir",
+    ])
+    .arg(dir.join(format!("state-catalog-{version}-{}", free_port())))
+    .args(["--", bin(), "demo-app", "product-catalog"])
+    .env("DEMO_VERSION", version);
+    Proc::spawn(&format!("catalog-{version}"), dir, cmd)
+}
+
+/// `trellis run` of a client-only app whose sidecar listens on `port` for product-catalog.
+pub fn client(dir: &Path, control: &str, port: u16, state: &str) -> Proc {
+    let mut cmd = trellis();
+    cmd.args([
+        "run",
+        "--control",
+        control,
+        "--upstream",
+        &format!("product-catalog={port}"),
+        "--state-dir",
+    ])
+    .arg(dir.join(state))
+    .args(["--", "sleep", "600"]);
+    Proc::spawn(&format!("client-{port}"), dir, cmd)
+}
+
+/// The catalog versions that answer `n` requests through the sidecar on `port` (`"503"` etc.
+/// for failures).
+pub fn versions(port: u16, n: usize) -> BTreeMap<String, usize> {
+    let mut out = BTreeMap::new();
+    for _ in 0..n {
+        let key = match get(port, "/products/1") {
+            Ok(r) if r.status == 200 => r
+                .headers
+                .get("x-demo-version")
+                .cloned()
+                .unwrap_or_else(|| "no-version".into()),
+            Ok(r) => r.status.to_string(),
+            Err(e) => format!("error: {e}"),
+        };
+        *out.entry(key).or_default() += 1;
+    }
+    out
+}
+
+/// Waits until `n` requests in a row are answered only by `want` versions.
+pub fn wait_versions(port: u16, want: &[&str], limit: Duration) -> Duration {
+    let start = Instant::now();
+    wait_for(limit, &format!("only {want:?} to answer"), || {
+        let v = versions(port, 20);
+        (v.len() == want.len() && want.iter().all(|w| v.contains_key(*w))).then_some(())
+    });
+    start.elapsed()
+}
