@@ -50,7 +50,10 @@ impl EtcdStore {
         let options = ConnectOptions::new()
             .with_connect_timeout(REQUEST_TIMEOUT)
             // Detects a dead connection under an idle watch.
-            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5));
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            // A member cut off from its cluster ends the watch instead of going quiet, so the
+            // watch reconnects (perhaps to another member) rather than miss changes.
+            .with_require_leader(true);
         let client = timed(Client::connect(endpoints, Some(options)))
             .await
             .map_err(|e| etcd_err(&format!("connecting to etcd at {}", endpoints.join(",")), e))?;
