@@ -39,7 +39,12 @@ spec:
 #[test]
 fn routes_and_instances_follow_the_control_plane() {
     let dir = TempDir::new("follow");
-    let cp = ControlPlane::start("control", dir.path(), free_port(), &dir.path().join("store").display().to_string());
+    let cp = ControlPlane::start(
+        "control",
+        dir.path(),
+        free_port(),
+        &dir.path().join("store").display().to_string(),
+    );
     let _v1 = catalog(dir.path(), &cp.url(), "v1");
     let up = free_port();
     let _client = client(dir.path(), &cp.url(), up, "client-state");
@@ -54,11 +59,17 @@ fn routes_and_instances_follow_the_control_plane() {
     let route = dir.write("route.yaml", ROUTE_ALL_V2);
     let (code, out, err) = cp.cli(&["apply", "-f", route.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("HTTPRoute default/catalog-split created"), "{out}");
+    assert!(
+        out.contains("HTTPRoute default/catalog-split created"),
+        "{out}"
+    );
     let t = wait_versions(up, &["v2"], Duration::from_secs(5));
     eprintln!("route followed {t:?} after apply");
     let r = get(up, "/products/1").unwrap();
-    assert_eq!(r.headers.get("x-route").map(String::as_str), Some("catalog-split"));
+    assert_eq!(
+        r.headers.get("x-route").map(String::as_str),
+        Some("catalog-split")
+    );
     let (code, out, _) = cp.cli(&["get", "httproutes"]);
     assert_eq!(code, 0);
     assert!(out.contains("catalog-split"), "{out}");
@@ -72,9 +83,11 @@ fn routes_and_instances_follow_the_control_plane() {
     let app = children(v2.pid());
     assert_eq!(app.len(), 1, "trellis run has one child, the app");
     signal(app[0], "KILL");
-    wait_for(Duration::from_secs(10), "trellis run to exit with its app", || {
-        v2.exited().then_some(())
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "trellis run to exit with its app",
+        || v2.exited().then_some(()),
+    );
     let t = wait_versions(up, &["v1"], Duration::from_secs(5));
     eprintln!("exited app out of rotation after {t:?}");
 
@@ -116,7 +129,8 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
     assert!(
         wait_for(Duration::from_secs(5), "the boot log", || {
             let log = client2.log_text();
-            log.contains("booted from the persisted config").then_some(log)
+            log.contains("booted from the persisted config")
+                .then_some(log)
         })
         .contains("control plane unreachable")
     );
@@ -124,32 +138,46 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
     // The control plane returns with everything it acknowledged (the instance is still
     // registered), the proxies reconnect, and new config reaches them.
     let cp = ControlPlane::start("control-2", dir.path(), port, &store);
-    wait_for(Duration::from_secs(15), "both sidecars to reconnect", || {
-        let (_, out, _) = cp.cli(&["get", "proxies"]);
-        (out.matches("in sync").count() == 2).then_some(())
-    });
+    wait_for(
+        Duration::from_secs(15),
+        "both sidecars to reconnect",
+        || {
+            let (_, out, _) = cp.cli(&["get", "proxies"]);
+            (out.matches("in sync").count() == 2).then_some(())
+        },
+    );
     let (_, out, _) = cp.cli(&["get", "workloads"]);
     assert!(out.contains("version=v1"), "{out}");
     let route = dir.write(
         "route.yaml",
-        &ROUTE_ALL_V2
-            .replace("weight: 0}", "weight: 100}")
-            .replace("{name: catalog-v2, port: 80, weight: 100}", "{name: catalog-v2, port: 80, weight: 0}"),
+        &ROUTE_ALL_V2.replace("weight: 0}", "weight: 100}").replace(
+            "{name: catalog-v2, port: 80, weight: 100}",
+            "{name: catalog-v2, port: 80, weight: 0}",
+        ),
     );
     let (code, out, err) = cp.cli(&["apply", "-f", route.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    wait_for(Duration::from_secs(5), "the route to reach the restarted sidecar", || {
-        get(up, "/products/1")
-            .ok()
-            .filter(|r| r.headers.get("x-route").is_some())
-    });
+    wait_for(
+        Duration::from_secs(5),
+        "the route to reach the restarted sidecar",
+        || {
+            get(up, "/products/1")
+                .ok()
+                .filter(|r| r.headers.get("x-route").is_some())
+        },
+    );
     drop(client2);
 }
 
 #[test]
 fn bad_config_is_rejected_whole_and_a_nack_is_reported() {
     let dir = TempDir::new("reject");
-    let cp = ControlPlane::start("control", dir.path(), free_port(), &dir.path().join("store").display().to_string());
+    let cp = ControlPlane::start(
+        "control",
+        dir.path(),
+        free_port(),
+        &dir.path().join("store").display().to_string(),
+    );
     let bad = dir.write(
         "bad.yaml",
         r#"apiVersion: trellis.dev/v1alpha1
@@ -171,7 +199,10 @@ spec:
     );
     let (code, out, err) = cp.cli(&["apply", "-f", bad.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("bad.yaml:14: spec.rules[0].backendRefs[0].name"), "{err}");
+    assert!(
+        err.contains("bad.yaml:14: spec.rules[0].backendRefs[0].name"),
+        "{err}"
+    );
     // All or nothing: the valid Service in the same apply was not stored either.
     let (_, out, _) = cp.cli(&["get", "services"]);
     assert!(out.contains("No resources found"), "{out}");
@@ -190,7 +221,18 @@ spec:
     let (_, yaml, _) = cp.cli(&["get", "service", "billing", "-o", "yaml"]);
     assert!(yaml.contains("resourceVersion"), "{yaml}");
     let edited = dir.write("edited.yaml", &yaml.replace("8080", "8081"));
-    let (code, out, _) = cp.cli(&["apply", "-f", dir.write("v2.yaml", &std::fs::read_to_string(&good).unwrap().replace("8080", "8082")).to_str().unwrap()]);
+    let (code, out, _) = cp.cli(&[
+        "apply",
+        "-f",
+        dir.write(
+            "v2.yaml",
+            &std::fs::read_to_string(&good)
+                .unwrap()
+                .replace("8080", "8082"),
+        )
+        .to_str()
+        .unwrap(),
+    ]);
     assert_eq!(code, 0);
     assert!(out.contains("configured"), "{out}");
     let (code, _, err) = cp.cli(&["apply", "-f", edited.to_str().unwrap()]);
@@ -208,8 +250,17 @@ spec:
         ),
     );
     let mut cmd = trellis();
-    cmd.args(["proxy", "--control", &cp.url(), "--config", local.to_str().unwrap(), "--node-id", "edge-1", "--state-dir"])
-        .arg(dir.path().join("edge-state"));
+    cmd.args([
+        "proxy",
+        "--control",
+        &cp.url(),
+        "--config",
+        local.to_str().unwrap(),
+        "--node-id",
+        "edge-1",
+        "--state-dir",
+    ])
+    .arg(dir.path().join("edge-state"));
     let _edge = Proc::spawn("edge", dir.path(), cmd);
     let nack = wait_for(Duration::from_secs(15), "the NACK to show", || {
         let (_, out, _) = cp.cli(&["get", "proxies", "edge-1", "-o", "json"]);
@@ -227,4 +278,149 @@ spec:
         let (_, out, _) = cp.cli(&["get", "proxies", "edge-1", "-o", "json"]);
         (!out.contains("\"nack\"") && out.contains("edge-1")).then_some(())
     });
+}
+
+#[path = "../../control/tests/support/etcd.rs"]
+mod etcd;
+
+#[test]
+fn two_replicas_on_etcd_serve_the_same_state_and_proxies_move_to_the_survivor() {
+    let dir = TempDir::new("replicas");
+    let etcd = etcd::Etcd::start();
+    let store = format!(
+        "etcd://{}/mesh-test",
+        etcd.endpoint.trim_start_matches("http://")
+    );
+    let mut a = ControlPlane::start("control-a", dir.path(), free_port(), &store);
+    let b = ControlPlane::start("control-b", dir.path(), free_port(), &store);
+    let both = format!("{},{}", a.url(), b.url());
+
+    // A write through one replica is read through the other.
+    let svc = dir.write(
+        "svc.yaml",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: billing}\nspec:\n  ports: [{port: 80}]\n",
+    );
+    let (code, _, err) = a.cli(&["apply", "-f", svc.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    wait_for(Duration::from_secs(5), "replica b to see the write", || {
+        let (_, out, _) = b.cli(&["get", "services"]);
+        out.contains("billing").then_some(())
+    });
+
+    // Instances and a client sidecar know both replicas; they start on the first (a).
+    let _v1 = catalog(dir.path(), &both, "v1");
+    let _v2 = catalog(dir.path(), &both, "v2");
+    let up = free_port();
+    let _client = client(dir.path(), &both, up, "client-state");
+    wait_versions(up, &["v1", "v2"], Duration::from_secs(20));
+    wait_for(
+        Duration::from_secs(10),
+        "the sidecars to connect to replica a",
+        || {
+            let (_, out, _) = a.cli(&["get", "proxies"]);
+            (out.matches("in sync").count() == 3).then_some(())
+        },
+    );
+    let (_, out, _) = b.cli(&["get", "workloads"]);
+    assert_eq!(
+        out.matches("version=").count(),
+        2,
+        "b sees a's registrations: {out}"
+    );
+
+    // Replica a dies: the sidecars move to b, and config applied through b reaches them.
+    a.proc.kill_hard();
+    wait_for(
+        Duration::from_secs(15),
+        "the sidecars to move to replica b",
+        || {
+            let (_, out, _) = b.cli(&["get", "proxies"]);
+            (out.matches("in sync").count() == 3).then_some(())
+        },
+    );
+    let route = dir.write("route.yaml", ROUTE_ALL_V2);
+    let (code, out, err) = b.cli(&["apply", "-f", route.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_versions(up, &["v2"], Duration::from_secs(5));
+    // Registrations made through a keep their leases through b.
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, out, _) = b.cli(&["get", "workloads"]);
+    assert_eq!(out.matches("version=").count(), 2, "{out}");
+}
+
+#[test]
+fn demo_starts_serves_traffic_through_sidecars_and_stops_cleanly() {
+    let dir = TempDir::new("demo");
+    let out = dir.path().join("demo.out");
+    let mut cmd = trellis();
+    cmd.args([
+        "demo",
+        "--listen",
+        "127.0.0.1:0",
+        "--rate",
+        "50",
+        "--data-dir",
+    ])
+    .arg(dir.path().join("data"));
+    let log = std::fs::File::create(&out).unwrap();
+    cmd.stdout(log.try_clone().unwrap()).stderr(log);
+    let mut demo = Proc {
+        name: "demo".into(),
+        child: cmd.spawn().unwrap(),
+        log: out.clone(),
+    };
+    // The load generator reports orders that went through order-processing's sidecar to
+    // catalog, inventory and payment sidecars.
+    let line = wait_for(
+        Duration::from_secs(40),
+        "a load-generator summary with orders",
+        || {
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            text.lines()
+                .find(|l| {
+                    l.starts_with("load-generator:")
+                        && l.contains("201×")
+                        && l.contains("catalog v")
+                })
+                .map(String::from)
+        },
+    );
+    eprintln!("{line}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let control = text
+        .lines()
+        .find_map(|l| {
+            l.trim()
+                .strip_prefix("control plane")
+                .map(|r| r.trim().split_whitespace().next().unwrap_or("").to_string())
+        })
+        .expect("the banner names the control plane");
+    let (code, workloads, _) = cli(&control, &["get", "workloads"]);
+    assert_eq!(code, 0);
+    for svc in [
+        "product-catalog",
+        "order-processing",
+        "inventory",
+        "payment",
+    ] {
+        assert!(workloads.contains(svc), "{svc} registered: {workloads}");
+    }
+    let (_, proxies, _) = cli(&control, &["get", "proxies"]);
+    assert_eq!(proxies.matches("in sync").count(), 6, "{proxies}");
+
+    // Ctrl-C stops everything and leaves no process behind.
+    let all = tree(demo.pid());
+    assert!(all.len() >= 13, "demo, 6 sidecars and their apps: {all:?}");
+    signal(demo.pid(), "INT");
+    let status = wait_for(Duration::from_secs(30), "the demo to stop", || {
+        demo.child.try_wait().ok().flatten()
+    });
+    assert!(status.success(), "{status}");
+    let left: Vec<u32> = all.into_iter().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    assert!(
+        std::fs::read_to_string(&out)
+            .unwrap()
+            .contains("demo: stopped")
+    );
 }

@@ -218,8 +218,12 @@ pub async fn follow(proxy: Arc<Proxy>, cfg: Follow, mut held: HeldSet) {
         next += 1;
         let delay = backoff.next();
         match result {
-            Ok(()) => tracing::warn!(%endpoint, "control plane closed the stream; reconnecting in {delay:?}"),
-            Err(e) => tracing::warn!(%endpoint, error = %e.message(), "control plane unreachable; serving the last accepted config; retrying in {delay:?}"),
+            Ok(()) => {
+                tracing::warn!(%endpoint, "control plane closed the stream; reconnecting in {delay:?}")
+            }
+            Err(e) => {
+                tracing::warn!(%endpoint, error = %e.message(), "control plane unreachable; serving the last accepted config; retrying in {delay:?}")
+            }
         }
         proxy.shared.metrics.control_connected.set(0);
         tokio::select! {

@@ -74,7 +74,10 @@ pub fn children(pid: u32) -> Vec<u32> {
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for t in tasks.flatten() {
             if let Ok(text) = std::fs::read_to_string(t.path().join("children")) {
-                out.extend(text.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|p| p.parse::<u32>().ok()),
+                );
             }
         }
     }
@@ -101,14 +104,19 @@ pub fn alive(pid: u32) -> bool {
 }
 
 pub fn signal(pid: u32, sig: &str) {
-    let _ = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Proc {
     pub fn spawn(name: &str, dir: &Path, mut cmd: Command) -> Proc {
         let log = dir.join(format!("{name}.log"));
         let f = std::fs::File::create(&log).unwrap();
-        cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null());
+        cmd.stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .stdin(Stdio::null());
         let child = cmd.spawn().unwrap();
         Proc {
             name: name.into(),
@@ -243,14 +251,24 @@ pub struct ControlPlane {
 impl ControlPlane {
     pub fn start(name: &str, dir: &Path, port: u16, store: &str) -> ControlPlane {
         let mut cmd = trellis();
-        cmd.args(["control", "--listen", &format!("127.0.0.1:{port}"), "--store", store]);
+        cmd.args([
+            "control",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--store",
+            store,
+        ]);
         let mut proc = Proc::spawn(name, dir, cmd);
-        wait_for(Duration::from_secs(20), "the control plane to listen", || {
-            if proc.exited() {
-                panic!("control plane exited:\n{}", proc.log_text());
-            }
-            get(port, "/live").ok().filter(|r| r.status == 200)
-        });
+        wait_for(
+            Duration::from_secs(20),
+            "the control plane to listen",
+            || {
+                if proc.exited() {
+                    panic!("control plane exited:\n{}", proc.log_text());
+                }
+                get(port, "/live").ok().filter(|r| r.status == 200)
+            },
+        );
         ControlPlane { proc, port }
     }
 
