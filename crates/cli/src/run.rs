@@ -417,7 +417,7 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
                     client = None;
                     next += 1;
                 }
-                backoff.next()
+                backoff.next_delay()
             }
         };
         tokio::select! {

@@ -163,7 +163,7 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
         || {
             get(up, "/products/1")
                 .ok()
-                .filter(|r| r.headers.get("x-route").is_some())
+                .filter(|r| r.headers.contains_key("x-route"))
         },
     );
     drop(client2);
@@ -392,7 +392,7 @@ fn demo_starts_serves_traffic_through_sidecars_and_stops_cleanly() {
         .find_map(|l| {
             l.trim()
                 .strip_prefix("control plane")
-                .map(|r| r.trim().split_whitespace().next().unwrap_or("").to_string())
+                .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
         })
         .expect("the banner names the control plane");
     let (code, workloads, _) = cli(&control, &["get", "workloads"]);

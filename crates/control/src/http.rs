@@ -96,17 +96,19 @@ struct ListQuery {
     namespace: Option<String>,
 }
 
-fn kind_of(text: &str) -> Result<Kind, Response> {
-    Kind::parse(text).ok_or_else(|| {
-        let known: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
-        error(
-            StatusCode::NOT_FOUND,
-            vec![format!(
-                "unknown kind {text:?}; expected one of {}, proxies or workloads",
-                known.join(", ")
-            )],
-        )
-    })
+fn kind_of(text: &str) -> Result<Kind, Box<Response>> {
+    Kind::parse(text).ok_or_else(|| Box::new(unknown_kind(text)))
+}
+
+fn unknown_kind(text: &str) -> Response {
+    let known: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
+    error(
+        StatusCode::NOT_FOUND,
+        vec![format!(
+            "unknown kind {text:?}; expected one of {}, proxies or workloads",
+            known.join(", ")
+        )],
+    )
 }
 
 async fn list(
@@ -144,7 +146,7 @@ async fn list(
     }
     let kind = match kind_of(&kind) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let items: Vec<Resource> = state
         .of_kind(kind)
@@ -168,7 +170,7 @@ async fn get_one(
 ) -> Response {
     let kind = match kind_of(&kind) {
         Ok(k) => k,
-        Err(r) => return r,
+        Err(r) => return *r,
     };
     let key = ObjectKey {
         kind: kind.as_str().into(),

@@ -172,10 +172,10 @@ impl State {
                     name: name.into(),
                 });
             }
-        } else if let Some(rest) = key.strip_prefix("workloads/") {
-            if let Some(id) = rest.rsplit('/').next() {
-                self.workloads.remove(id);
-            }
+        } else if let Some(rest) = key.strip_prefix("workloads/")
+            && let Some(id) = rest.rsplit('/').next()
+        {
+            self.workloads.remove(id);
         }
     }
 

@@ -216,7 +216,7 @@ pub async fn follow(proxy: Arc<Proxy>, cfg: Follow, mut held: HeldSet) {
         };
         // The next attempt goes to the next replica.
         next += 1;
-        let delay = backoff.next();
+        let delay = backoff.next_delay();
         match result {
             Ok(()) => {
                 tracing::warn!(%endpoint, "control plane closed the stream; reconnecting in {delay:?}")
@@ -320,7 +320,7 @@ impl Backoff {
     }
 
     /// The next delay.
-    pub fn next(&mut self) -> Duration {
+    pub fn next_delay(&mut self) -> Duration {
         let cap = self.cap;
         self.cap = (self.cap * 2).min(self.max);
         let nanos = u64::try_from(cap.as_nanos()).unwrap_or(u64::MAX);
@@ -342,14 +342,14 @@ mod tests {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
         let caps = [100, 200, 400, 800, 1000, 1000];
         for cap in caps {
-            let d = b.next();
+            let d = b.next_delay();
             assert!(d <= Duration::from_millis(cap), "{d:?} > {cap}ms");
         }
         b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
+        assert!(b.next_delay() <= Duration::from_millis(100));
         // Jitter: delays at the cap are not all equal.
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
-        let delays: std::collections::BTreeSet<_> = (0..20).map(|_| b.next()).collect();
+        let delays: std::collections::BTreeSet<_> = (0..20).map(|_| b.next_delay()).collect();
         assert!(delays.len() > 10);
     }
 
