@@ -189,6 +189,7 @@ impl EtcdStore {
             .filter(|op| op.value.is_some())
             .filter_map(|op| op.lease)
             .collect();
+        leases.sort_unstable();
         leases.dedup();
         if let [only] = leases[..] {
             return StoreError::LeaseNotFound(only);

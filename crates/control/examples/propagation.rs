@@ -1,0 +1,241 @@
+//! Config propagation benchmark (run by `bench/propagation.sh`, not a test).
+//!
+//! Starts a real `trellis control` process, connects N simulated proxies to it (each its own
+//! HTTP/2 connection and delta stream, speaking the real protocol: hello, then an ACK for
+//! every response), then applies a route change R times through the config API and measures,
+//! per round, the time from the apply returning to each proxy having ACKed the new revision.
+//! Also reports the control plane's RSS per connected proxy.
+//!
+//! Usage: propagation TRELLIS_BIN [PROXIES] [ROUNDS]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use trellis_api::wire::{self, mesh_client::MeshClient};
+
+type Acks = Arc<Mutex<Vec<(u64, Instant)>>>;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+/// One simulated proxy: its stream's ACK times, by revision.
+async fn proxy(url: String, id: usize, acks: Acks, connected: mpsc::Sender<()>) {
+    let channel = tonic::transport::Endpoint::from_shared(url)
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect");
+    let mut client = MeshClient::new(channel);
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(wire::StreamRequest {
+        node: Some(wire::Node {
+            id: format!("sim-{id}"),
+            namespace: "default".into(),
+            upstreams: vec!["product-catalog".into()],
+            proxy_version: "bench".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut responses = client
+        .stream(ReceiverStream::new(rx))
+        .await
+        .expect("stream")
+        .into_inner();
+    let mut first = true;
+    while let Ok(Some(r)) = responses.message().await {
+        // Parse what a real proxy would, so the work per update is realistic.
+        for res in &r.resources {
+            trellis_api::Resource::from_json(&res.json).expect("valid resource");
+        }
+        let revision: u64 = r.system_version.parse().unwrap_or(0);
+        tx.send(wire::StreamRequest {
+            response_nonce: r.nonce,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        acks.lock().await.push((revision, Instant::now()));
+        if first {
+            first = false;
+            let _ = connected.send(()).await;
+        }
+    }
+}
+
+fn route(weight: u32) -> String {
+    format!(
+        r#"apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: product-catalog}}
+spec:
+  ports: [{{port: 80}}]
+  endpoints: [{{address: "127.0.0.1:9001"}}, {{address: "127.0.0.1:9002"}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: product-catalog-v2}}
+spec:
+  ports: [{{port: 80}}]
+  endpoints: [{{address: "127.0.0.1:9003"}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: canary}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: product-catalog}}]
+  rules:
+    - backendRefs:
+        - {{name: product-catalog, port: 80, weight: {}}}
+        - {{name: product-catalog-v2, port: 80, weight: {weight}}}
+"#,
+        100 - weight
+    )
+}
+
+async fn apply(url: &str, text: String) -> u64 {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let body = serde_json::json!({"files": [{"name": "canary.yaml", "text": text}]});
+    let req = http::Request::post(format!("{url}/v1/apply"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let resp = client.request(req).await.expect("apply");
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    assert!(status.is_success(), "{}", String::from_utf8_lossy(&bytes));
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    v["revision"].as_u64().unwrap()
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let bin = args.get(1).expect("usage: propagation TRELLIS_BIN [PROXIES] [ROUNDS]");
+    let n: usize = args.get(2).map_or(1000, |s| s.parse().unwrap());
+    let rounds: usize = args.get(3).map_or(20, |s| s.parse().unwrap());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("trellis-propagation-{}", std::process::id()));
+    let mut control = std::process::Command::new(bin)
+        .args(["--log", "warn", "control", "--listen", &format!("127.0.0.1:{port}"), "--store"])
+        .arg(&dir)
+        .spawn()
+        .expect("starting trellis control");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(Instant::now() < deadline, "control plane did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    apply(&url, route(0)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_before = rss_kib(control.id());
+
+    let (ctx, mut crx) = mpsc::channel(n);
+    let mut all = Vec::new();
+    let start = Instant::now();
+    for i in 0..n {
+        let acks: Acks = Arc::default();
+        all.push(acks.clone());
+        tokio::spawn(proxy(url.clone(), i, acks, ctx.clone()));
+    }
+    for _ in 0..n {
+        crx.recv().await;
+    }
+    println!("{n} proxies connected and ACKed their first view in {:?}", start.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_after = rss_kib(control.id());
+
+    let mut per_proxy = Vec::new();
+    let mut per_round = Vec::new();
+    for round in 0..rounds {
+        let weight = [10, 20][round % 2];
+        let sent = Instant::now();
+        let revision = apply(&url, route(weight)).await;
+        let returned = Instant::now();
+        // Wait (bounded) until every proxy ACKed `revision`.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut times = Vec::with_capacity(n);
+        for acks in &all {
+            loop {
+                let found = acks
+                    .lock()
+                    .await
+                    .iter()
+                    .find(|(r, _)| *r >= revision)
+                    .map(|(_, t)| *t);
+                if let Some(t) = found {
+                    times.push(t.saturating_duration_since(returned));
+                    break;
+                }
+                assert!(Instant::now() < deadline, "round {round}: not every proxy ACKed");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        times.sort();
+        let all_acked = *times.last().unwrap();
+        println!(
+            "round {round:2}: apply took {:?}; all {n} ACKed {:?} after it returned (p50 {:?})",
+            returned - sent,
+            all_acked,
+            percentile(&times, 0.5)
+        );
+        per_round.push(all_acked);
+        per_proxy.extend(times);
+        for acks in &all {
+            acks.lock().await.clear();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    per_round.sort();
+    per_proxy.sort();
+    println!("\nproxies: {n}, rounds: {rounds}");
+    println!(
+        "per proxy, apply returned -> ACK: p50 {:?}  p99 {:?}  max {:?}",
+        percentile(&per_proxy, 0.5),
+        percentile(&per_proxy, 0.99),
+        per_proxy.last().unwrap()
+    );
+    println!(
+        "per round, apply returned -> every proxy ACKed: p50 {:?}  p99 {:?}  max {:?}",
+        percentile(&per_round, 0.5),
+        percentile(&per_round, 0.99),
+        per_round.last().unwrap()
+    );
+    println!(
+        "control-plane RSS: {} KiB before, {} KiB with {n} proxies: {:.1} KiB per proxy",
+        rss_before,
+        rss_after,
+        (rss_after.saturating_sub(rss_before)) as f64 / n as f64
+    );
+    let _ = control.kill();
+    let _ = control.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
