@@ -16,7 +16,7 @@ fn repo() -> PathBuf {
 
 #[test]
 fn every_example_validates() {
-    for dir in ["examples", "docs/examples"] {
+    for dir in ["examples", "docs/examples", "demo"] {
         let path = repo().join(dir);
         if !path.exists() {
             continue;

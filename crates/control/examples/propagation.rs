@@ -3,7 +3,8 @@
 //! Starts a real `trellis control` process, connects N simulated proxies to it (each its own
 //! HTTP/2 connection and delta stream, speaking the real protocol: hello, then an ACK for
 //! every response), then applies a route change R times through the config API and measures,
-//! per round, the time from the apply returning to each proxy having ACKed the new revision.
+//! per round, the time from the apply returning to each proxy having ACKed the new revision
+//! (0 when a proxy ACKed before the apply's answer arrived), and from the apply being sent.
 //! Also reports the control plane's RSS per connected proxy.
 //!
 //! Usage: propagation TRELLIS_BIN [PROXIES] [ROUNDS]
@@ -134,7 +135,9 @@ async fn apply(url: &str, text: String) -> u64 {
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let bin = args.get(1).expect("usage: propagation TRELLIS_BIN [PROXIES] [ROUNDS]");
+    let bin = args
+        .get(1)
+        .expect("usage: propagation TRELLIS_BIN [PROXIES] [ROUNDS]");
     let n: usize = args.get(2).map_or(1000, |s| s.parse().unwrap());
     let rounds: usize = args.get(3).map_or(20, |s| s.parse().unwrap());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -144,13 +147,23 @@ async fn main() {
         .port();
     let dir = std::env::temp_dir().join(format!("trellis-propagation-{}", std::process::id()));
     let mut control = std::process::Command::new(bin)
-        .args(["--log", "warn", "control", "--listen", &format!("127.0.0.1:{port}"), "--store"])
+        .args([
+            "--log",
+            "warn",
+            "control",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--store",
+        ])
         .arg(&dir)
         .spawn()
         .expect("starting trellis control");
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(20);
-    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
         assert!(Instant::now() < deadline, "control plane did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -169,12 +182,16 @@ async fn main() {
     for _ in 0..n {
         crx.recv().await;
     }
-    println!("{n} proxies connected and ACKed their first view in {:?}", start.elapsed());
+    println!(
+        "{n} proxies connected and ACKed their first view in {:?}",
+        start.elapsed()
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_after = rss_kib(control.id());
 
     let mut per_proxy = Vec::new();
     let mut per_round = Vec::new();
+    let mut from_sent = Vec::new();
     for round in 0..rounds {
         let weight = [10, 20][round % 2];
         let sent = Instant::now();
@@ -193,9 +210,13 @@ async fn main() {
                     .map(|(_, t)| *t);
                 if let Some(t) = found {
                     times.push(t.saturating_duration_since(returned));
+                    from_sent.push(t.saturating_duration_since(sent));
                     break;
                 }
-                assert!(Instant::now() < deadline, "round {round}: not every proxy ACKed");
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: not every proxy ACKed"
+                );
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
@@ -216,12 +237,19 @@ async fn main() {
     }
     per_round.sort();
     per_proxy.sort();
+    from_sent.sort();
     println!("\nproxies: {n}, rounds: {rounds}");
     println!(
         "per proxy, apply returned -> ACK: p50 {:?}  p99 {:?}  max {:?}",
         percentile(&per_proxy, 0.5),
         percentile(&per_proxy, 0.99),
         per_proxy.last().unwrap()
+    );
+    println!(
+        "per proxy, apply sent -> ACK (includes the durable commit): p50 {:?}  p99 {:?}  max {:?}",
+        percentile(&from_sent, 0.5),
+        percentile(&from_sent, 0.99),
+        from_sent.last().unwrap()
     );
     println!(
         "per round, apply returned -> every proxy ACKed: p50 {:?}  p99 {:?}  max {:?}",

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Config propagation: N simulated proxies (real protocol, one HTTP/2 connection each) on one
+# `trellis control`; R route changes applied through the config API; time until every proxy
+# has ACKed, and control-plane RSS per connected proxy. See bench/README.md.
+#   PROXIES=1000 ROUNDS=20 bash bench/propagation.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROXIES=${PROXIES:-1000}
+ROUNDS=${ROUNDS:-20}
+PROFILE=${PROFILE:-quick-release}
+# Each simulated proxy holds one socket in this process and one in the control plane.
+ulimit -n "$(( PROXIES * 2 + 1024 ))" 2>/dev/null || true
+cargo build --profile "$PROFILE" -p trellis-cli -p trellis-control --example propagation
+echo "== $(date -u +%FT%TZ) $(nproc) cores; PROXIES=$PROXIES ROUNDS=$ROUNDS PROFILE=$PROFILE"
+"target/$PROFILE/examples/propagation" "target/$PROFILE/trellis" "$PROXIES" "$ROUNDS"
