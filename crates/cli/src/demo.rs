@@ -151,7 +151,7 @@ pub async fn demo(o: DemoOptions) -> Result<i32> {
             &[("TARGET_URL", url(orders_up)), ("RATE", o.rate.to_string())],
         )?,
     ];
-    print_banner(&control_url, &dir, &logs, orders_up);
+    print_banner(&control_url, &cli_name(&exe), &dir, &logs, orders_up);
 
     let signal = crate::shutdown_signal();
     tokio::pin!(signal);
@@ -203,7 +203,22 @@ async fn stop_all(apps: &mut [App]) {
     }
 }
 
-fn print_banner(control: &str, dir: &Path, logs: &Path, orders: u16) {
+/// How the user should invoke this binary from another terminal: `trellis` when that is on
+/// PATH, else its path (relative to the current directory when under it).
+fn cli_name(exe: &Path) -> String {
+    let on_path = std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p).any(|d| d.join("trellis") == exe)
+    });
+    if on_path {
+        return "trellis".into();
+    }
+    match std::env::current_dir().ok().and_then(|d| exe.strip_prefix(d).ok().map(Path::to_path_buf)) {
+        Some(rel) => format!("./{}", rel.display()),
+        None => exe.display().to_string(),
+    }
+}
+
+fn print_banner(control: &str, cli: &str, dir: &Path, logs: &Path, orders: u16) {
     let env = if control == "http://127.0.0.1:7070" {
         String::new()
     } else {
@@ -219,11 +234,11 @@ Trellis demo is running.
   logs            {logs}
 
 Try, in another terminal:
-{env}  trellis get workloads                    # registered instances and their health
-  trellis get proxies                      # every sidecar and the config it acknowledged
-  trellis apply -f demo/canary.yaml        # 90/10 split of product-catalog v1/v2
-  trellis get httproutes -o yaml
-  trellis delete -f demo/canary.yaml       # back to an even split across instances
+{env}  {cli} get workloads          # registered instances and their health
+  {cli} get proxies            # every sidecar and the config it acknowledged
+  {cli} apply -f demo/canary.yaml   # 90/10 split of product-catalog v1/v2
+  {cli} get httproutes -o yaml
+  {cli} delete -f demo/canary.yaml  # back to an even split across instances
 
 The load generator prints a summary every 5 s, counting catalog versions: watch it follow
 the canary. Ctrl-C stops everything.
