@@ -206,13 +206,15 @@ async fn stop_all(apps: &mut [App]) {
 /// How the user should invoke this binary from another terminal: `trellis` when that is on
 /// PATH, else its path (relative to the current directory when under it).
 fn cli_name(exe: &Path) -> String {
-    let on_path = std::env::var_os("PATH").is_some_and(|p| {
-        std::env::split_paths(&p).any(|d| d.join("trellis") == exe)
-    });
+    let on_path = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("trellis") == exe));
     if on_path {
         return "trellis".into();
     }
-    match std::env::current_dir().ok().and_then(|d| exe.strip_prefix(d).ok().map(Path::to_path_buf)) {
+    match std::env::current_dir()
+        .ok()
+        .and_then(|d| exe.strip_prefix(d).ok().map(Path::to_path_buf))
+    {
         Some(rel) => format!("./{}", rel.display()),
         None => exe.display().to_string(),
     }

@@ -107,6 +107,84 @@ fn routes_and_instances_follow_the_control_plane() {
 }
 
 #[test]
+fn http_proxy_mode_routes_by_host_and_unhealthy_instances_get_no_traffic() {
+    let dir = TempDir::new("proxy-mode");
+    let cp = ControlPlane::start(
+        "control",
+        dir.path(),
+        free_port(),
+        &dir.path().join("store").display().to_string(),
+    );
+    let _v1 = catalog(dir.path(), &cp.url(), "v1");
+    // An instance whose health check fails: registered, but never in rotation.
+    let mut cmd = trellis();
+    cmd.args([
+        "run",
+        "--control",
+        &cp.url(),
+        "--service",
+        "product-catalog",
+        "--port",
+        &free_port().to_string(),
+        "--label",
+        "version=sick",
+        "--health",
+        "http:/no-such-page",
+        "--state-dir",
+    ])
+    .arg(dir.path().join("sick-state"))
+    .args(["--", bin(), "demo-app", "product-catalog"])
+    .env("DEMO_VERSION", "sick");
+    let _sick = Proc::spawn("sick", dir.path(), cmd);
+    // A client app that records the HTTP_PROXY `trellis run` gives it.
+    let env_file = dir.path().join("proxy.env");
+    let mut cmd = trellis();
+    cmd.args(["run", "--control", &cp.url(), "--state-dir"])
+        .arg(dir.path().join("client-state"))
+        .args([
+            "--",
+            "sh",
+            "-c",
+            &format!("echo $HTTP_PROXY > {}; exec sleep 600", env_file.display()),
+        ]);
+    let _client = Proc::spawn("client", dir.path(), cmd);
+    let proxy = wait_for(Duration::from_secs(20), "the app to see HTTP_PROXY", || {
+        std::fs::read_to_string(&env_file)
+            .ok()
+            .filter(|s| s.ends_with('\n'))
+    });
+    let port: u16 = proxy.trim().rsplit(':').next().unwrap().parse().unwrap();
+    wait_for(
+        Duration::from_secs(20),
+        "both instances registered, one unhealthy",
+        || {
+            let (_, out, _) = cp.cli(&["get", "workloads"]);
+            (out.contains("version=sick")
+                && out
+                    .lines()
+                    .any(|l| l.contains("false") && l.contains("version=sick")))
+            .then_some(())
+        },
+    );
+    // Absolute-form requests through the sidecar's HTTP proxy port are routed by Host, and
+    // only the healthy instance answers.
+    let mut seen = std::collections::BTreeMap::new();
+    wait_for(Duration::from_secs(10), "the route by Host", || {
+        get(port, "http://product-catalog/products/1")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    for _ in 0..20 {
+        let r = get(port, "http://product-catalog/products/1").unwrap();
+        assert_eq!(r.status, 200, "{}", r.body);
+        *seen.entry(r.headers["x-demo-version"].clone()).or_insert(0) += 1;
+    }
+    assert_eq!(seen.get("v1"), Some(&20), "{seen:?}");
+    let r = get(port, "http://no-such-service/").unwrap();
+    assert!(r.status >= 400, "{r:?}");
+}
+
+#[test]
 fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config() {
     let dir = TempDir::new("outage");
     let store = dir.path().join("store").display().to_string();
@@ -117,6 +195,14 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
     let up = free_port();
     let mut client1 = client(dir.path(), &url, up, "client-state");
     wait_versions(up, &["v1"], Duration::from_secs(20));
+
+    // Acknowledged config survives a crash of the control plane.
+    let svc = dir.write(
+        "svc.yaml",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: billing}\nspec:\n  ports: [{port: 80}]\n",
+    );
+    let (code, _, err) = cp.cli(&["apply", "-f", svc.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
 
     // The control plane crashes: traffic continues.
     cp.proc.kill_hard();
@@ -148,6 +234,11 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
     );
     let (_, out, _) = cp.cli(&["get", "workloads"]);
     assert!(out.contains("version=v1"), "{out}");
+    let (_, out, _) = cp.cli(&["get", "services"]);
+    assert!(
+        out.contains("billing"),
+        "the applied Service survived kill -9: {out}"
+    );
     let route = dir.write(
         "route.yaml",
         &ROUTE_ALL_V2.replace("weight: 0}", "weight: 100}").replace(
@@ -280,9 +371,11 @@ spec:
     });
 }
 
+#[cfg(feature = "etcd")]
 #[path = "../../control/tests/support/etcd.rs"]
 mod etcd;
 
+#[cfg(feature = "etcd")]
 #[test]
 fn two_replicas_on_etcd_serve_the_same_state_and_proxies_move_to_the_survivor() {
     let dir = TempDir::new("replicas");

@@ -2,6 +2,7 @@
 //! what only one backend can show: redb's durability across reopen, etcd's shared view between
 //! replicas and its watch recovery.
 
+#[cfg(feature = "etcd")]
 #[path = "support/etcd.rs"]
 mod etcd;
 
@@ -19,6 +20,7 @@ use trellis_control::store::{
     Change, Entry, Event, Expect, LeaseId, Loaded, Op, Revision, Store, StoreError, StoreSpec,
 };
 
+#[cfg(feature = "etcd")]
 use etcd::Etcd;
 
 /// Bounds every test.
@@ -40,6 +42,7 @@ macro_rules! conformance {
                 super::run(super::Backend::redb(), super::$case).await;
             })*
         }
+        #[cfg(feature = "etcd")]
         mod on_etcd {
             $(#[tokio::test]
             async fn $case() {
@@ -397,6 +400,7 @@ async fn redb_lease_deadlines_follow_tokio_time() {
 
 // ---- etcd only ----
 
+#[cfg(feature = "etcd")]
 #[tokio::test]
 async fn etcd_replicas_see_each_others_commits() {
     run(Backend::etcd(), |backend| async move {
@@ -444,6 +448,7 @@ async fn etcd_replicas_see_each_others_commits() {
     .await;
 }
 
+#[cfg(feature = "etcd")]
 #[tokio::test]
 async fn etcd_watch_resumes_after_an_outage_and_resets_after_compaction() {
     let mut etcd = Etcd::start();
@@ -499,7 +504,11 @@ async fn etcd_watch_resumes_after_an_outage_and_resets_after_compaction() {
 /// Where one test's store lives; dropping it removes the store.
 enum Backend {
     Redb(TempDir),
-    Etcd { etcd: Etcd, prefix: String },
+    #[cfg(feature = "etcd")]
+    Etcd {
+        etcd: Etcd,
+        prefix: String,
+    },
 }
 
 impl Backend {
@@ -507,6 +516,7 @@ impl Backend {
         Backend::Redb(TempDir::new())
     }
 
+    #[cfg(feature = "etcd")]
     fn etcd() -> Backend {
         Backend::Etcd {
             etcd: Etcd::start(),
@@ -519,6 +529,7 @@ impl Backend {
         let spec = match self {
             // A directory that does not exist yet: opening creates it.
             Backend::Redb(dir) => StoreSpec::Dir(dir.0.join("nested/data")),
+            #[cfg(feature = "etcd")]
             Backend::Etcd { etcd, prefix } => StoreSpec::Etcd {
                 endpoints: vec![etcd.endpoint.clone()],
                 prefix: prefix.clone(),
@@ -528,6 +539,7 @@ impl Backend {
     }
 }
 
+#[cfg(feature = "etcd")]
 async fn open_etcd(
     endpoint: &str,
     prefix: &str,
@@ -585,6 +597,7 @@ async fn expect_only_marker(
 }
 
 /// Retries a call that may fail while the client reconnects.
+#[cfg(feature = "etcd")]
 async fn retry<T, Fut>(mut call: impl FnMut() -> Fut) -> Result<T>
 where
     Fut: Future<Output = Result<T, StoreError>>,

@@ -12,9 +12,11 @@
 //! - [`Store::open`] returns the current entries and a channel of every later change in
 //!   revision order (including changes made by other replicas and by lease expiry).
 
+#[cfg(feature = "etcd")]
 mod etcd;
 mod redb;
 
+#[cfg(feature = "etcd")]
 pub use self::etcd::EtcdStore;
 pub use self::redb::RedbStore;
 
@@ -190,6 +192,7 @@ pub enum Store {
     /// The embedded backend.
     Redb(RedbStore),
     /// The etcd backend.
+    #[cfg(feature = "etcd")]
     Etcd(EtcdStore),
 }
 
@@ -203,10 +206,15 @@ impl Store {
                 let (s, loaded, rx) = RedbStore::open(dir).await?;
                 Ok((Store::Redb(s), loaded, rx))
             }
+            #[cfg(feature = "etcd")]
             StoreSpec::Etcd { endpoints, prefix } => {
                 let (s, loaded, rx) = EtcdStore::open(endpoints, prefix).await?;
                 Ok((Store::Etcd(s), loaded, rx))
             }
+            #[cfg(not(feature = "etcd"))]
+            StoreSpec::Etcd { .. } => Err(StoreError::Backend(
+                "this trellis was built without etcd support; build it with `--features etcd` (needs protoc: Debian's protobuf-compiler and libprotobuf-dev)".into(),
+            )),
         }
     }
 
@@ -214,6 +222,7 @@ impl Store {
     pub async fn commit(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
         match self {
             Store::Redb(s) => s.commit(ops).await,
+            #[cfg(feature = "etcd")]
             Store::Etcd(s) => s.commit(ops).await,
         }
     }
@@ -222,6 +231,7 @@ impl Store {
     pub async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         match self {
             Store::Redb(s) => s.grant(ttl).await,
+            #[cfg(feature = "etcd")]
             Store::Etcd(s) => s.grant(ttl).await,
         }
     }
@@ -230,6 +240,7 @@ impl Store {
     pub async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
         match self {
             Store::Redb(s) => s.keep_alive(lease).await,
+            #[cfg(feature = "etcd")]
             Store::Etcd(s) => s.keep_alive(lease).await,
         }
     }
@@ -238,6 +249,7 @@ impl Store {
     pub async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         match self {
             Store::Redb(s) => s.revoke(lease).await,
+            #[cfg(feature = "etcd")]
             Store::Etcd(s) => s.revoke(lease).await,
         }
     }
