@@ -1,0 +1,192 @@
+//! The mesh certificate authority: a root generated at first start (or a user's root or
+//! intermediate) that signs short-lived workload certificates from CSRs, for exactly the
+//! identity the caller is allowed.
+
+use crate::SpiffeId;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use std::time::{Duration, SystemTime};
+
+/// Why the CA refused or failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    /// The CSR does not parse or its signature does not verify.
+    #[error("invalid certificate signing request: {0}")]
+    Csr(String),
+    /// The CSR asks for an identity other than the one allowed.
+    #[error("the request asks for {asked}, but only {allowed} may be issued to this caller")]
+    WrongIdentity {
+        /// What the CSR named.
+        asked: String,
+        /// What the caller may have.
+        allowed: String,
+    },
+    /// The CA's own material is unusable.
+    #[error("CA material: {0}")]
+    Material(String),
+}
+
+/// What the CA keeps (in the control plane's store; the key is never served).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CaMaterial {
+    /// The signing certificate (a root or an intermediate), PEM.
+    pub cert_pem: String,
+    /// Its private key, PKCS#8 PEM.
+    pub key_pem: String,
+    /// Certificates between the signing certificate and a root, PEM (empty for a root).
+    #[serde(default)]
+    pub chain_pem: String,
+    /// Every trusted root, PEM. Several during a root rotation.
+    pub bundle_pem: String,
+}
+
+/// A certificate issued to a workload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Issued {
+    /// The leaf and any intermediates, PEM.
+    pub chain_pem: String,
+    /// When the leaf expires.
+    pub not_after: SystemTime,
+}
+
+/// A loaded CA.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    /// What follows a leaf in the chain it is served with: nothing when the CA signs with a
+    /// root, else the intermediate and its own chain.
+    intermediates_pem: String,
+    bundle_pem: String,
+}
+
+fn offset(t: SystemTime) -> time::OffsetDateTime {
+    time::OffsetDateTime::from(t)
+}
+
+impl Ca {
+    /// Generates a new root for `trust_domain`, valid for `validity`.
+    pub fn generate(trust_domain: &str, validity: Duration) -> Result<CaMaterial, CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Material(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        // A name of its own per root, so roots side by side in a bundle (during a rotation)
+        // are told apart by name before signatures are checked.
+        let tag = key
+            .public_key_raw()
+            .iter()
+            .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        params.distinguished_name.push(
+            DnType::CommonName,
+            format!("Trellis root CA for {trust_domain} {:08x}", tag >> 32),
+        );
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, "Trellis mesh");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let now = SystemTime::now();
+        params.not_before = offset(now - Duration::from_secs(3600));
+        params.not_after = offset(now + validity);
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| CaError::Material(e.to_string()))?;
+        Ok(CaMaterial {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            chain_pem: String::new(),
+            bundle_pem: cert.pem(),
+        })
+    }
+
+    /// Loads CA material.
+    pub fn load(m: &CaMaterial) -> Result<Ca, CaError> {
+        let key =
+            KeyPair::from_pem(&m.key_pem).map_err(|e| CaError::Material(format!("key: {e}")))?;
+        let issuer = Issuer::from_ca_cert_pem(&m.cert_pem, key)
+            .map_err(|e| CaError::Material(format!("certificate: {e}")))?;
+        let roots: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(m.bundle_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| CaError::Material(format!("trust bundle: {e}")))?;
+        if roots.is_empty() {
+            return Err(CaError::Material(
+                "the trust bundle holds no certificate".into(),
+            ));
+        }
+        let signer = CertificateDer::from_pem_slice(m.cert_pem.as_bytes())
+            .map_err(|e| CaError::Material(format!("certificate: {e}")))?;
+        let intermediates_pem = if roots.contains(&signer) {
+            String::new()
+        } else {
+            format!("{}{}", m.cert_pem, m.chain_pem)
+        };
+        Ok(Ca {
+            issuer,
+            intermediates_pem,
+            bundle_pem: m.bundle_pem.clone(),
+        })
+    }
+
+    /// The trust bundle, PEM.
+    pub fn bundle_pem(&self) -> &str {
+        &self.bundle_pem
+    }
+
+    /// Signs `csr_pem` for `id`, valid for `ttl` from `now`. The CSR's signature proves the
+    /// caller holds the key; its requested names must be exactly `id` (or absent), and the
+    /// certificate carries `id` only, whatever else the request asked for.
+    pub fn sign(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        let want = id.to_string();
+        for san in &csr.params.subject_alt_names {
+            let asked = match san {
+                SanType::URI(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            };
+            if asked != want {
+                return Err(CaError::WrongIdentity {
+                    asked,
+                    allowed: want,
+                });
+            }
+        }
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, id.service_account.clone());
+        params.subject_alt_names =
+            vec![SanType::URI(want.as_str().try_into().map_err(
+                |e: rcgen::Error| CaError::Material(e.to_string()),
+            )?)];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        // A minute of slack for clocks that disagree a little.
+        params.not_before = offset(now - Duration::from_secs(60));
+        let not_after = now + ttl;
+        params.not_after = offset(not_after);
+        let cert = params
+            .signed_by(&csr.public_key, &self.issuer)
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        let mut chain_pem = cert.pem();
+        chain_pem.push_str(&self.intermediates_pem);
+        Ok(Issued {
+            chain_pem,
+            not_after,
+        })
+    }
+}

@@ -1,0 +1,72 @@
+//! Trellis identity: SPIFFE ids, the mesh CA, certificate signing requests, and the rustls
+//! configurations for mTLS between sidecars. Used by the control plane (CA) and the proxy
+//! (its key, CSR, credentials and TLS configs).
+#![forbid(unsafe_code)]
+
+pub mod ca;
+mod spiffe;
+pub mod tls;
+
+pub use ca::{Ca, CaError, CaMaterial, Issued};
+pub use spiffe::{ParseError, SpiffeId, check_trust_domain};
+pub use tls::{CredentialError, Credentials};
+
+use rustls::pki_types::CertificateDer;
+use std::time::{Duration, SystemTime};
+
+/// A workload's private key, generated locally; it never leaves the process that made it.
+pub struct WorkloadKey(rcgen::KeyPair);
+
+/// Why a key or CSR could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct KeyError(String);
+
+impl WorkloadKey {
+    /// A fresh ECDSA P-256 key.
+    pub fn generate() -> Result<WorkloadKey, KeyError> {
+        rcgen::KeyPair::generate()
+            .map(WorkloadKey)
+            .map_err(|e| KeyError(e.to_string()))
+    }
+
+    /// The key, PKCS#8 PEM, for this process's TLS configs.
+    pub fn pem(&self) -> String {
+        self.0.serialize_pem()
+    }
+
+    /// A certificate signing request for `id`, signed with this key (proof of possession).
+    pub fn csr(&self, id: &SpiffeId) -> Result<String, KeyError> {
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            id.to_string()
+                .as_str()
+                .try_into()
+                .map_err(|e: rcgen::Error| KeyError(e.to_string()))?,
+        )];
+        params
+            .serialize_request(&self.0)
+            .and_then(|r| r.pem())
+            .map_err(|e| KeyError(e.to_string()))
+    }
+}
+
+/// A certificate's workload SPIFFE id (its URI SAN) and expiry, if it has one.
+pub fn inspect(cert: &CertificateDer<'_>) -> Option<(SpiffeId, SystemTime)> {
+    let (_, x509) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let not_after = SystemTime::UNIX_EPOCH
+        + Duration::from_secs(u64::try_from(x509.validity().not_after.timestamp()).ok()?);
+    let san = x509.subject_alternative_name().ok()??;
+    let id = san.value.general_names.iter().find_map(|n| match n {
+        x509_parser::extensions::GeneralName::URI(u) => SpiffeId::parse(u).ok(),
+        _ => None,
+    })?;
+    Some((id, not_after))
+}
+
+/// When a certificate valid from `issued` until `not_after` should be renewed: at two thirds
+/// of its lifetime.
+pub fn renew_at(issued: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = not_after.duration_since(issued).unwrap_or_default();
+    issued + life * 2 / 3
+}
