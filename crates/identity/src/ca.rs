@@ -28,6 +28,9 @@ pub enum CaError {
     /// The CA's own material is unusable.
     #[error("CA material: {0}")]
     Material(String),
+    /// A renewal's proof does not hold.
+    #[error("renewal refused: {0}")]
+    Renewal(String),
 }
 
 /// What the CA keeps (in the control plane's store; the key is never served).
@@ -148,6 +151,70 @@ impl Ca {
     ) -> Result<Issued, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| CaError::Csr(e.to_string()))?;
+        self.issue(&csr, id, ttl, now)
+    }
+
+    /// Renews a workload's certificate: `current_chain_pem` must verify against the trust
+    /// bundle and be unexpired, and the CSR must be signed with the same key (so only the
+    /// holder of that certificate's key can renew it); the new certificate carries the same
+    /// identity.
+    pub fn renew(
+        &self,
+        csr_pem: &str,
+        current_chain_pem: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(SpiffeId, Issued), CaError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(current_chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| CaError::Renewal(format!("current certificate: {e}")))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| CaError::Renewal("no current certificate".into()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(self.bundle_pem.as_bytes()).flatten() {
+            let _ = roots.add(c);
+        }
+        let parsed = rustls::server::ParsedCertificate::try_from(leaf)
+            .map_err(|e| CaError::Renewal(e.to_string()))?;
+        let unix = rustls::pki_types::UnixTime::since_unix_epoch(
+            now.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap_or_default(),
+        );
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &roots,
+            &chain[1..],
+            unix,
+            crate::tls::provider().signature_verification_algorithms.all,
+        )
+        .map_err(|e| CaError::Renewal(format!("current certificate: {e}")))?;
+        let (id, _) = crate::inspect(leaf).ok_or_else(|| {
+            CaError::Renewal("current certificate has no workload identity".into())
+        })?;
+        let (_, x509) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| CaError::Renewal(e.to_string()))?;
+        if x509.public_key().subject_public_key.data.as_ref()
+            != rcgen::PublicKeyData::der_bytes(&csr.public_key)
+        {
+            return Err(CaError::Renewal(
+                "the request is not signed with the current certificate's key".into(),
+            ));
+        }
+        let issued = self.issue(&csr, &id, ttl, now)?;
+        Ok((id, issued))
+    }
+
+    fn issue(
+        &self,
+        csr: &CertificateSigningRequestParams,
+        id: &SpiffeId,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, CaError> {
         let want = id.to_string();
         for san in &csr.params.subject_alt_names {
             let asked = match san {

@@ -35,15 +35,18 @@ impl WorkloadKey {
         self.0.serialize_pem()
     }
 
-    /// A certificate signing request for `id`, signed with this key (proof of possession).
-    pub fn csr(&self, id: &SpiffeId) -> Result<String, KeyError> {
+    /// A certificate signing request for `id` (or for whatever identity the signer decides,
+    /// when `None`), signed with this key (proof of possession).
+    pub fn csr(&self, id: Option<&SpiffeId>) -> Result<String, KeyError> {
         let mut params = rcgen::CertificateParams::default();
-        params.subject_alt_names = vec![rcgen::SanType::URI(
-            id.to_string()
-                .as_str()
-                .try_into()
-                .map_err(|e: rcgen::Error| KeyError(e.to_string()))?,
-        )];
+        if let Some(id) = id {
+            params.subject_alt_names = vec![rcgen::SanType::URI(
+                id.to_string()
+                    .as_str()
+                    .try_into()
+                    .map_err(|e: rcgen::Error| KeyError(e.to_string()))?,
+            )];
+        }
         params
             .serialize_request(&self.0)
             .and_then(|r| r.pem())
@@ -69,4 +72,20 @@ pub fn inspect(cert: &CertificateDer<'_>) -> Option<(SpiffeId, SystemTime)> {
 pub fn renew_at(issued: SystemTime, not_after: SystemTime) -> SystemTime {
     let life = not_after.duration_since(issued).unwrap_or_default();
     issued + life * 2 / 3
+}
+
+/// A fresh join token: 32 random bytes, hex.
+pub fn random_token() -> Result<String, KeyError> {
+    let mut buf = [0u8; 32];
+    aws_lc_rs::rand::fill(&mut buf).map_err(|_| KeyError("no randomness available".into()))?;
+    Ok(hex(&buf))
+}
+
+/// How a token is stored: its SHA-256, hex, so the store never holds a usable token.
+pub fn token_hash(token: &str) -> String {
+    hex(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, token.as_bytes()).as_ref())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

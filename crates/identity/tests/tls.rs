@@ -18,7 +18,7 @@ fn id(sa: &str) -> SpiffeId {
 fn issue(ca: &Ca, sa: &str, ttl: Duration, now: SystemTime) -> Arc<Credentials> {
     let key = WorkloadKey::generate().unwrap();
     let issued = ca
-        .sign(&key.csr(&id(sa)).unwrap(), &id(sa), ttl, now)
+        .sign(&key.csr(Some(&id(sa))).unwrap(), &id(sa), ttl, now)
         .unwrap();
     Credentials::new(TD, &issued.chain_pem, &key.pem(), ca.bundle_pem()).unwrap()
 }
@@ -172,7 +172,7 @@ async fn peers_are_refused_for_the_wrong_identity_expiry_self_signing_or_another
     let key = WorkloadKey::generate().unwrap();
     let issued = other
         .sign(
-            &key.csr(&id("orders")).unwrap(),
+            &key.csr(Some(&id("orders"))).unwrap(),
             &id("orders"),
             Duration::from_secs(3600),
             now,
@@ -216,7 +216,7 @@ async fn rotation_keeps_open_connections_and_new_handshakes_see_the_new_certific
     let key = WorkloadKey::generate().unwrap();
     let issued = ca
         .sign(
-            &key.csr(&id("catalog")).unwrap(),
+            &key.csr(Some(&id("catalog"))).unwrap(),
             &id("catalog"),
             Duration::from_secs(7200),
             now,
@@ -243,7 +243,7 @@ async fn rotation_keeps_open_connections_and_new_handshakes_see_the_new_certific
 fn the_ca_signs_only_the_allowed_identity_and_only_valid_requests() {
     let (_, ca) = new_ca();
     let key = WorkloadKey::generate().unwrap();
-    let csr = key.csr(&id("payment")).unwrap();
+    let csr = key.csr(Some(&id("payment"))).unwrap();
     let e = ca
         .sign(
             &csr,
@@ -274,7 +274,7 @@ fn the_ca_signs_only_the_allowed_identity_and_only_valid_requests() {
     let now = SystemTime::now();
     let issued = ca
         .sign(
-            &key.csr(&id("orders")).unwrap(),
+            &key.csr(Some(&id("orders"))).unwrap(),
             &id("orders"),
             Duration::from_secs(86400),
             now,
@@ -311,7 +311,7 @@ fn an_intermediate_ca_issues_chains_that_verify_against_the_root() {
     let key = WorkloadKey::generate().unwrap();
     let issued = ca
         .sign(
-            &key.csr(&id("orders")).unwrap(),
+            &key.csr(Some(&id("orders"))).unwrap(),
             &id("orders"),
             Duration::from_secs(600),
             SystemTime::now(),
@@ -361,4 +361,74 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+#[test]
+fn renewal_needs_the_current_certificate_and_its_key() {
+    let (_, ca) = new_ca();
+    let now = SystemTime::now();
+    let key = WorkloadKey::generate().unwrap();
+    let first = ca
+        .sign(
+            &key.csr(None).unwrap(),
+            &id("orders"),
+            Duration::from_secs(600),
+            now,
+        )
+        .unwrap();
+    // Same key, current certificate: renewed with the same identity.
+    let (who, renewed) = ca
+        .renew(
+            &key.csr(None).unwrap(),
+            &first.chain_pem,
+            Duration::from_secs(3600),
+            now,
+        )
+        .unwrap();
+    assert_eq!(who, id("orders"));
+    assert!(renewed.not_after > first.not_after);
+    // Another key cannot renew someone else's certificate.
+    let thief = WorkloadKey::generate().unwrap();
+    let e = ca
+        .renew(
+            &thief.csr(None).unwrap(),
+            &first.chain_pem,
+            Duration::from_secs(3600),
+            now,
+        )
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("not signed with the current certificate's key"),
+        "{e}"
+    );
+    // An expired certificate cannot be renewed.
+    let e = ca
+        .renew(
+            &key.csr(None).unwrap(),
+            &first.chain_pem,
+            Duration::from_secs(3600),
+            now + Duration::from_secs(7200),
+        )
+        .unwrap_err();
+    assert!(e.to_string().to_lowercase().contains("expired"), "{e}");
+    // Nor one from another CA.
+    let (_, other) = new_ca();
+    let foreign = other
+        .sign(
+            &key.csr(None).unwrap(),
+            &id("orders"),
+            Duration::from_secs(600),
+            now,
+        )
+        .unwrap();
+    assert!(
+        ca.renew(
+            &key.csr(None).unwrap(),
+            &foreign.chain_pem,
+            Duration::from_secs(600),
+            now
+        )
+        .is_err()
+    );
 }
