@@ -69,6 +69,30 @@ enum Command {
         /// Lease granted to instances that ask for none.
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         default_ttl: Duration,
+        /// Trust domain of the CA generated at first start (SPIFFE ids are
+        /// spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE).
+        #[arg(long, default_value = "trellis.local")]
+        trust_domain: String,
+        /// Lifetime of workload certificates.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        cert_ttl: Duration,
+        /// Sign with this root or intermediate certificate (PEM) instead of a generated root.
+        #[arg(long, requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The private key of --ca-cert (PKCS#8 PEM).
+        #[arg(long, requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+        /// With an intermediate --ca-cert: the certificates between it and the root (PEM).
+        #[arg(long)]
+        ca_chain: Option<PathBuf>,
+        /// The roots to trust (PEM, several during a rotation); default: --ca-cert itself.
+        #[arg(long)]
+        ca_bundle: Option<PathBuf>,
+    },
+    /// Join tokens: what a sidecar presents to get its first certificate.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Create or update resources from files, atomically.
     Apply {
@@ -181,6 +205,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token that grants one service's identity; printed once.
+    Create {
+        /// The service (service account) the token grants.
+        #[arg(long)]
+        service: String,
+        /// Its namespace.
+        #[arg(long, short, default_value = "default")]
+        namespace: String,
+        /// How long the token can be used.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
 #[derive(clap::Args)]
 struct ControlArg {
     /// Control plane URL.
@@ -278,7 +320,67 @@ fn run(command: Command) -> Result<i32> {
             listen,
             store,
             default_ttl,
-        } => runtime(default_threads())?.block_on(control(listen, store, default_ttl)),
+            trust_domain,
+            cert_ttl,
+            ca_cert,
+            ca_key,
+            ca_chain,
+            ca_bundle,
+        } => {
+            let read = |p: &PathBuf| {
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let ca = match (ca_cert, ca_key) {
+                (Some(cert), Some(key)) => {
+                    let cert_pem = read(&cert)?;
+                    Some(trellis_identity::CaMaterial {
+                        bundle_pem: match &ca_bundle {
+                            Some(b) => read(b)?,
+                            None => cert_pem.clone(),
+                        },
+                        cert_pem,
+                        key_pem: read(&key)?,
+                        chain_pem: match &ca_chain {
+                            Some(c) => read(c)?,
+                            None => String::new(),
+                        },
+                    })
+                }
+                _ => None,
+            };
+            let settings = trellis_control::Settings {
+                default_ttl,
+                identity: trellis_control::identity::IdentitySettings {
+                    trust_domain,
+                    cert_ttl,
+                    ca,
+                },
+            };
+            runtime(default_threads())?.block_on(control(listen, store, settings))
+        }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    service,
+                    namespace,
+                    ttl,
+                    control,
+                },
+        } => runtime(1)?.block_on(async move {
+            let body = serde_json::json!({
+                "service": service,
+                "namespace": namespace,
+                "ttl_seconds": ttl.as_secs().max(1),
+            });
+            let v: serde_json::Value = api(&control)?.post("/v1/tokens", &body).await?;
+            println!("{}", v["token"].as_str().unwrap_or_default());
+            eprintln!(
+                "token for ns/{namespace}/sa/{service}, valid until {} (Unix {}); pass it to trellis run --token",
+                trellis_control::config::rfc3339(v["expiresAt"].as_u64().unwrap_or(0)),
+                v["expiresAt"]
+            );
+            Ok(0)
+        }),
         Command::Apply {
             files,
             dry_run,
@@ -371,9 +473,13 @@ fn api(control: &ControlArg) -> Result<client::Api> {
     Ok(client::Api::new(&control.url))
 }
 
-async fn control(listen: SocketAddr, store: String, default_ttl: Duration) -> Result<i32> {
+async fn control(
+    listen: SocketAddr,
+    store: String,
+    settings: trellis_control::Settings,
+) -> Result<i32> {
     let spec = StoreSpec::parse(&store).map_err(|e| anyhow::anyhow!("--store: {e}"))?;
-    let control = trellis_control::Control::open(&spec, trellis_control::Settings { default_ttl })
+    let control = trellis_control::Control::open(&spec, settings)
         .await
         .with_context(|| format!("opening the store {store}"))?;
     let listener = tokio::net::TcpListener::bind(listen)

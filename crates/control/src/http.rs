@@ -183,6 +183,59 @@ async fn get_one(
     }
 }
 
+/// Body of `POST /v1/tokens`.
+#[derive(Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// The service whose identity the token grants.
+    pub service: String,
+    /// Its namespace.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Lifetime in seconds (default one hour).
+    #[serde(default = "default_token_ttl")]
+    pub ttl_seconds: u64,
+}
+
+fn default_namespace() -> String {
+    trellis_api::meta::DEFAULT_NAMESPACE.into()
+}
+
+fn default_token_ttl() -> u64 {
+    3600
+}
+
+async fn create_token(State(c): State<Shared>, Json(req): Json<TokenRequest>) -> Response {
+    use crate::identity::IdentityError as E;
+    match c
+        .create_token(
+            &req.namespace,
+            &req.service,
+            std::time::Duration::from_secs(req.ttl_seconds),
+        )
+        .await
+    {
+        Ok((token, expires_at)) => Json(serde_json::json!({
+            "token": token,
+            "expiresAt": expires_at,
+            "identity": format!("ns/{}/sa/{}", req.namespace, req.service),
+        }))
+        .into_response(),
+        Err(E::Invalid(m)) => error(StatusCode::UNPROCESSABLE_ENTITY, vec![m]),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, vec![e.to_string()]),
+    }
+}
+
+async fn trust(State(c): State<Shared>) -> Response {
+    match c.trust() {
+        Ok((trust_domain, bundle)) => Json(serde_json::json!({
+            "trustDomain": trust_domain,
+            "bundlePem": bundle,
+        }))
+        .into_response(),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, vec![e.to_string()]),
+    }
+}
+
 /// The router: config API plus the gRPC proxy protocol.
 pub fn router(control: Shared) -> axum::Router {
     let api = axum::Router::new()
@@ -190,6 +243,8 @@ pub fn router(control: Shared) -> axum::Router {
         .route("/v1/delete", post(delete))
         .route("/v1/resources/{kind}", get(list))
         .route("/v1/resources/{kind}/{namespace}/{name}", get(get_one))
+        .route("/v1/tokens", post(create_token))
+        .route("/v1/trust", get(trust))
         .route("/live", get(|| async { "ok\n" }))
         .with_state(control.clone());
     tonic::service::Routes::new(MeshServer::new(MeshService { control }))

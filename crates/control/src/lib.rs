@@ -10,6 +10,7 @@
 pub mod compile;
 pub mod config;
 mod http;
+pub mod identity;
 mod mesh;
 pub mod registry;
 pub mod state;
@@ -33,6 +34,7 @@ pub struct Control {
     state: watch::Receiver<Arc<State>>,
     pub(crate) proxies: Mutex<BTreeMap<String, ProxyStatus>>,
     pub(crate) settings: Settings,
+    pub(crate) ca_cache: identity::CaCache,
 }
 
 /// Tunables.
@@ -40,12 +42,15 @@ pub struct Control {
 pub struct Settings {
     /// Lease length granted to registered instances when they ask for none.
     pub default_ttl: Duration,
+    /// The CA and workload certificates.
+    pub identity: identity::IdentitySettings,
 }
 
 impl Default for Settings {
     fn default() -> Self {
         Settings {
             default_ttl: Duration::from_secs(10),
+            identity: identity::IdentitySettings::default(),
         }
     }
 }
@@ -63,12 +68,15 @@ impl Control {
                 }
             }
         });
-        Ok(Arc::new(Control {
+        let control = Arc::new(Control {
             store,
             state: rx,
             proxies: Mutex::default(),
             settings,
-        }))
+            ca_cache: identity::CaCache::default(),
+        });
+        control.ensure_ca().await?;
+        Ok(control)
     }
 
     /// The latest state.

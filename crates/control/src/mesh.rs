@@ -141,6 +141,33 @@ impl Mesh for MeshService {
         Ok(Response::new(wire::HeartbeatResponse {}))
     }
 
+    async fn certify(
+        &self,
+        request: Request<wire::CertifyRequest>,
+    ) -> Result<Response<wire::CertifyResponse>, Status> {
+        use crate::identity::IdentityError as E;
+        let r = request.into_inner();
+        let (id, issued, bundle_pem, trust_domain) = self
+            .control
+            .certify(&r.token, &r.csr_pem, &r.current_chain_pem)
+            .map_err(|e| match e {
+                E::Unauthenticated(m) => Status::unauthenticated(m),
+                E::Denied(m) => Status::permission_denied(m),
+                E::Invalid(m) => Status::invalid_argument(m),
+                E::Unavailable(m) => Status::unavailable(m),
+            })?;
+        Ok(Response::new(wire::CertifyResponse {
+            chain_pem: issued.chain_pem,
+            bundle_pem,
+            trust_domain,
+            spiffe_id: id.to_string(),
+            not_after_unix: issued
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+        }))
+    }
+
     async fn deregister(
         &self,
         request: Request<wire::DeregisterRequest>,

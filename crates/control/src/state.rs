@@ -78,6 +78,10 @@ pub struct State {
     pub config: BTreeMap<ObjectKey, Stored>,
     /// Registered workloads by id.
     pub workloads: BTreeMap<String, Arc<Workload>>,
+    /// The certificate authority, once stored.
+    pub ca: Option<Arc<crate::identity::StoredCa>>,
+    /// Join tokens by hash.
+    pub tokens: BTreeMap<String, crate::identity::Token>,
     /// Compiled proxy views, shared by every proxy with the same needs.
     pub(crate) views: Mutex<HashMap<ViewKey, Arc<View>>>,
 }
@@ -105,6 +109,8 @@ impl State {
                 config_marker: self.config_marker,
                 config: self.config.clone(),
                 workloads: self.workloads.clone(),
+                ca: self.ca.clone(),
+                tokens: self.tokens.clone(),
                 views: Mutex::default(),
             }
         };
@@ -148,6 +154,15 @@ impl State {
                 // cannot read comes from a newer version sharing the store.
                 Err(err) => tracing::warn!(key = rest, %err, "skipping unreadable resource"),
             }
+        } else if e.key == crate::identity::CA_KEY {
+            match serde_json::from_str(&text) {
+                Ok(ca) => self.ca = Some(Arc::new(ca)),
+                Err(err) => tracing::warn!(%err, "skipping unreadable CA"),
+            }
+        } else if let Some(hash) = e.key.strip_prefix("tokens/") {
+            if let Ok(t) = serde_json::from_str(&text) {
+                self.tokens.insert(hash.to_string(), t);
+            }
         } else if e.key.starts_with("workloads/") {
             match serde_json::from_str::<Workload>(&text) {
                 Ok(w) => {
@@ -172,6 +187,10 @@ impl State {
                     name: name.into(),
                 });
             }
+        } else if key == crate::identity::CA_KEY {
+            self.ca = None;
+        } else if let Some(hash) = key.strip_prefix("tokens/") {
+            self.tokens.remove(hash);
         } else if let Some(rest) = key.strip_prefix("workloads/")
             && let Some(id) = rest.rsplit('/').next()
         {

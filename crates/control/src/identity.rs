@@ -1,0 +1,233 @@
+//! The control plane's CA and join tokens. The CA's material lives in the store (so replicas
+//! share it) and is never served; tokens are stored as hashes, on a lease that ends with them.
+
+use crate::Control;
+use crate::store::{Expect, Op, StoreError};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use trellis_identity::{Ca, CaError, CaMaterial, Issued, SpiffeId};
+
+/// Store key of the CA.
+pub const CA_KEY: &str = "ca/material";
+
+/// What the store holds for the CA.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StoredCa {
+    /// The mesh's trust domain.
+    pub trust_domain: String,
+    /// Certificate, key, chain and bundle.
+    pub material: CaMaterial,
+}
+
+/// A join token, as stored (under its hash).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Token {
+    /// The namespace of the identity it grants.
+    pub namespace: String,
+    /// The service (service account) of the identity it grants.
+    pub service: String,
+    /// Expiry, Unix seconds.
+    pub expires_at: u64,
+}
+
+/// Identity settings of a control plane.
+#[derive(Clone, Debug)]
+pub struct IdentitySettings {
+    /// The trust domain of a CA generated at first start.
+    pub trust_domain: String,
+    /// Lifetime of workload certificates.
+    pub cert_ttl: Duration,
+    /// A user-provided root or intermediate, replacing the stored CA.
+    pub ca: Option<CaMaterial>,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        IdentitySettings {
+            trust_domain: "trellis.local".into(),
+            cert_ttl: Duration::from_secs(24 * 3600),
+            ca: None,
+        }
+    }
+}
+
+/// Why an identity call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// No usable credential was presented.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The credential does not allow this.
+    #[error("{0}")]
+    Denied(String),
+    /// The request is malformed.
+    #[error("{0}")]
+    Invalid(String),
+    /// The CA or the store failed.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The parsed CA, cached for the material it was built from.
+#[derive(Default)]
+pub(crate) struct CaCache(Mutex<Option<(Arc<StoredCa>, Arc<Ca>)>>);
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+impl Control {
+    /// Makes sure the store holds a CA: the user's, or one generated now (first start).
+    /// Replicas starting together agree: only one generated root is stored.
+    pub(crate) async fn ensure_ca(&self) -> Result<(), StoreError> {
+        let s = &self.settings.identity;
+        trellis_identity::check_trust_domain(&s.trust_domain)
+            .map_err(|e| StoreError::Backend(format!("--trust-domain: {e}")))?;
+        let current = self.state().ca.clone();
+        let wanted = match (&s.ca, &current) {
+            (Some(m), Some(c)) if c.material == *m && c.trust_domain == s.trust_domain => return Ok(()),
+            (Some(m), _) => StoredCa {
+                trust_domain: s.trust_domain.clone(),
+                material: m.clone(),
+            },
+            (None, Some(c)) => {
+                if c.trust_domain != s.trust_domain {
+                    tracing::warn!(stored = %c.trust_domain, flag = %s.trust_domain, "the store's CA belongs to another trust domain; keeping the stored one");
+                }
+                return Ok(());
+            }
+            (None, None) => StoredCa {
+                trust_domain: s.trust_domain.clone(),
+                material: Ca::generate(&s.trust_domain, Duration::from_secs(10 * 365 * 86400))
+                    .map_err(|e| StoreError::Backend(e.to_string()))?,
+            },
+        };
+        Ca::load(&wanted.material).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let expect = if s.ca.is_some() { Expect::Any } else { Expect::Absent };
+        let value = serde_json::to_vec(&wanted).map_err(|e| StoreError::Backend(e.to_string()))?;
+        match self.store.commit(vec![Op::put(CA_KEY, value, expect)]).await {
+            Ok(rev) => {
+                tracing::info!(trust_domain = %wanted.trust_domain, "certificate authority stored");
+                self.wait_for(rev).await;
+                Ok(())
+            }
+            // Another replica stored its root first: use that one.
+            Err(StoreError::Conflict { .. }) => {
+                self.wait_newer(self.state().revision).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn ca(&self) -> Result<(Arc<StoredCa>, Arc<Ca>), IdentityError> {
+        let stored = self
+            .state()
+            .ca
+            .clone()
+            .ok_or_else(|| IdentityError::Unavailable("the certificate authority is not ready".into()))?;
+        let mut cache = self.ca_cache.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((s, ca)) = &*cache
+            && Arc::ptr_eq(s, &stored)
+        {
+            return Ok((s.clone(), ca.clone()));
+        }
+        let ca = Arc::new(
+            Ca::load(&stored.material).map_err(|e| IdentityError::Unavailable(e.to_string()))?,
+        );
+        *cache = Some((stored.clone(), ca.clone()));
+        Ok((stored, ca))
+    }
+
+    /// The trust bundle and trust domain (public).
+    pub fn trust(&self) -> Result<(String, String), IdentityError> {
+        let (stored, ca) = self.ca()?;
+        Ok((stored.trust_domain.clone(), ca.bundle_pem().to_string()))
+    }
+
+    /// Creates a join token for one service's identity, valid for `ttl`. Returns the token
+    /// (shown once; only its hash is stored) and its expiry.
+    pub async fn create_token(
+        &self,
+        namespace: &str,
+        service: &str,
+        ttl: Duration,
+    ) -> Result<(String, u64), IdentityError> {
+        let (stored, _) = self.ca()?;
+        SpiffeId::new(&stored.trust_domain, namespace, service)
+            .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+        if ttl.is_zero() || ttl > Duration::from_secs(366 * 86400) {
+            return Err(IdentityError::Invalid("ttl must be between 1s and 366d".into()));
+        }
+        let token = trellis_identity::random_token().map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+        let expires_at = unix(SystemTime::now() + ttl);
+        let record = Token {
+            namespace: namespace.into(),
+            service: service.into(),
+            expires_at,
+        };
+        let lease = self
+            .store
+            .grant(ttl)
+            .await
+            .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+        let mut op = Op::put(
+            format!("tokens/{}", trellis_identity::token_hash(&token)),
+            serde_json::to_vec(&record).map_err(|e| IdentityError::Unavailable(e.to_string()))?,
+            Expect::Absent,
+        );
+        op.lease = Some(lease);
+        let rev = self
+            .store
+            .commit(vec![op])
+            .await
+            .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+        self.wait_for(rev).await;
+        tracing::info!(namespace, service, expires_at, "join token created");
+        Ok((token, expires_at))
+    }
+
+    /// Issues a certificate for `csr_pem`: the identity a join token grants, or (renewal) the
+    /// identity of the current certificate, whose key must have signed the CSR.
+    pub fn certify(
+        &self,
+        token: &str,
+        csr_pem: &str,
+        current_chain_pem: &str,
+    ) -> Result<(SpiffeId, Issued, String, String), IdentityError> {
+        let (stored, ca) = self.ca()?;
+        let now = SystemTime::now();
+        let ttl = self.settings.identity.cert_ttl;
+        let refused = |e: CaError| match e {
+            CaError::Csr(m) => IdentityError::Invalid(m),
+            CaError::WrongIdentity { .. } | CaError::Renewal(_) => IdentityError::Denied(e.to_string()),
+            CaError::Material(m) => IdentityError::Unavailable(m),
+        };
+        let (id, issued) = if !token.is_empty() {
+            let t = self
+                .state()
+                .tokens
+                .get(&trellis_identity::token_hash(token))
+                .cloned()
+                .ok_or_else(|| IdentityError::Unauthenticated("unknown or expired join token".into()))?;
+            if t.expires_at <= unix(now) {
+                return Err(IdentityError::Unauthenticated("join token expired".into()));
+            }
+            let id = SpiffeId::new(&stored.trust_domain, &t.namespace, &t.service)
+                .map_err(|e| IdentityError::Invalid(e.to_string()))?;
+            let issued = ca.sign(csr_pem, &id, ttl, now).map_err(refused)?;
+            (id, issued)
+        } else if !current_chain_pem.is_empty() {
+            ca.renew(csr_pem, current_chain_pem, ttl, now).map_err(refused)?
+        } else {
+            return Err(IdentityError::Unauthenticated(
+                "a join token (trellis token create) or the current certificate is required".into(),
+            ));
+        };
+        tracing::info!(%id, "certificate issued");
+        Ok((id, issued, ca.bundle_pem().to_string(), stored.trust_domain.clone()))
+    }
+}
