@@ -8,6 +8,7 @@
 
 pub mod duration;
 mod load;
+pub mod mesh;
 pub mod meta;
 pub mod policy;
 pub mod proxy;

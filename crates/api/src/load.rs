@@ -181,6 +181,7 @@ fn parse_one(file: &Arc<str>, first_line: u64, doc: &str) -> Result<Located<Reso
         Kind::HttpRoute => typed(doc).map(Resource::HttpRoute),
         Kind::GrpcRoute => typed(doc).map(Resource::GrpcRoute),
         Kind::BackendPolicy => typed(doc).map(Resource::BackendPolicy),
+        Kind::MeshConfig => typed(doc).map(Resource::MeshConfig),
     }
     .map_err(|e| yaml_error(&e, &at))?;
     Ok(Located {

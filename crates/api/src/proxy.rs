@@ -97,6 +97,10 @@ pub struct InboundListener {
     pub address: String,
     /// `IP:PORT` of the local application.
     pub forward_to: String,
+    /// The service the local application is an instance of (in the proxy's namespace); its
+    /// mutual TLS mode applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// Declared protocol (skips detection).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<AppProtocol>,

@@ -1,5 +1,6 @@
 //! The closed set of kinds, and the envelope every resource shares.
 
+use crate::mesh::MeshConfigSpec;
 use crate::meta::{Metadata, ObjectKey};
 use crate::policy::BackendPolicySpec;
 use crate::proxy::ProxySpec;
@@ -23,16 +24,19 @@ pub enum Kind {
     GrpcRoute,
     /// Load balancing and connection settings for a service.
     BackendPolicy,
+    /// Mesh-wide settings (mutual TLS mode).
+    MeshConfig,
 }
 
 impl Kind {
     /// All kinds, in the order resources are listed.
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 6] = [
         Kind::Proxy,
         Kind::Service,
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::BackendPolicy,
+        Kind::MeshConfig,
     ];
 
     /// The kind as written in YAML.
@@ -43,6 +47,7 @@ impl Kind {
             Kind::HttpRoute => "HTTPRoute",
             Kind::GrpcRoute => "GRPCRoute",
             Kind::BackendPolicy => "BackendPolicy",
+            Kind::MeshConfig => "MeshConfig",
         }
     }
 
@@ -110,6 +115,8 @@ pub enum Resource {
     GrpcRoute(Object<GrpcRouteSpec>),
     /// A `BackendPolicy`.
     BackendPolicy(Object<BackendPolicySpec>),
+    /// A `MeshConfig`.
+    MeshConfig(Object<MeshConfigSpec>),
 }
 
 impl Resource {
@@ -121,6 +128,7 @@ impl Resource {
             Resource::HttpRoute(_) => Kind::HttpRoute,
             Resource::GrpcRoute(_) => Kind::GrpcRoute,
             Resource::BackendPolicy(_) => Kind::BackendPolicy,
+            Resource::MeshConfig(_) => Kind::MeshConfig,
         }
     }
 
@@ -132,6 +140,7 @@ impl Resource {
             Resource::HttpRoute(o) => &o.metadata,
             Resource::GrpcRoute(o) => &o.metadata,
             Resource::BackendPolicy(o) => &o.metadata,
+            Resource::MeshConfig(o) => &o.metadata,
         }
     }
 
@@ -143,6 +152,7 @@ impl Resource {
             Resource::HttpRoute(o) => &mut o.metadata,
             Resource::GrpcRoute(o) => &mut o.metadata,
             Resource::BackendPolicy(o) => &mut o.metadata,
+            Resource::MeshConfig(o) => &mut o.metadata,
         }
     }
 
@@ -178,6 +188,7 @@ impl Resource {
             Kind::HttpRoute => Resource::HttpRoute(typed(text)?),
             Kind::GrpcRoute => Resource::GrpcRoute(typed(text)?),
             Kind::BackendPolicy => Resource::BackendPolicy(typed(text)?),
+            Kind::MeshConfig => Resource::MeshConfig(typed(text)?),
         })
     }
 
@@ -269,7 +280,7 @@ impl Resource {
             refs: ServiceRefs::default(),
         };
         match self {
-            Resource::Proxy(_) | Resource::Service(_) => {}
+            Resource::Proxy(_) | Resource::Service(_) | Resource::MeshConfig(_) => {}
             Resource::HttpRoute(r) => {
                 for p in &r.spec.parent_refs {
                     c.parent(&p.namespace, &p.name, p.port);

@@ -17,6 +17,9 @@ pub struct ServiceSpec {
     /// `version: v2`). Omitted: the instances registered under this service's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub selector: Option<BTreeMap<String, String>>,
+    /// What this service's inbound sidecars accept, overriding the `MeshConfig`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<crate::mesh::MtlsSettings>,
 }
 
 /// One port of a service.
@@ -62,6 +65,10 @@ pub struct Endpoint {
     /// Free-form labels, for example `version: v2`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// The SPIFFE id the endpoint's sidecar must present; set, connections to it use mutual
+    /// TLS. The control plane fills it in for registered instances.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 fn one() -> u32 {

@@ -27,6 +27,7 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
             );
         }
     }
+    let mut mesh_configs: BTreeMap<String, &Located<Resource>> = BTreeMap::new();
     for r in resources {
         let m = r.value.metadata();
         if let Err(e) = check_name(&m.name) {
@@ -53,6 +54,21 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
             ns: &m.namespace,
         };
         match &r.value {
+            Resource::MeshConfig(_) => {
+                if let Some(first) = mesh_configs.insert(m.namespace.clone(), r) {
+                    v.at(
+                        r,
+                        "metadata.name",
+                        format!(
+                            "namespace {} already has MeshConfig {} ({}:{}); one per namespace",
+                            m.namespace,
+                            first.value.metadata().name,
+                            first.file,
+                            first.first_line
+                        ),
+                    );
+                }
+            }
             Resource::Proxy(p) => v.proxy(&ctx, p),
             Resource::Service(s) => v.service(&ctx, s),
             Resource::HttpRoute(h) => v.http_route(&ctx, &h.spec),
@@ -310,6 +326,15 @@ impl Validator {
         for (i, l) in s.inbound.iter().enumerate() {
             bind(self, format!("spec.inbound[{i}].address"), &l.address);
             self.addr(r, &format!("spec.inbound[{i}].forwardTo"), &l.forward_to);
+            if let Some(svc) = &l.service
+                && ctx.service(None, svc).is_none()
+            {
+                self.at(
+                    r,
+                    &format!("spec.inbound[{i}].service"),
+                    format!("no Service {}/{svc}", ctx.ns),
+                );
+            }
             if !names.insert(l.name.clone()) {
                 self.at(
                     r,

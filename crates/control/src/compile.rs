@@ -21,6 +21,8 @@ pub struct ViewKey {
     pub upstreams: Vec<(String, String)>,
     /// HTTP proxy mode: every service.
     pub all: bool,
+    /// The service the proxy's own app is an instance of (its inbound side needs it).
+    pub own: Option<(String, String)>,
 }
 
 impl ViewKey {
@@ -38,6 +40,7 @@ impl ViewKey {
         ViewKey {
             upstreams: ups,
             all,
+            own: None,
         }
     }
 }
@@ -89,6 +92,7 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
     } else {
         key.upstreams.iter().cloned().collect()
     };
+    want.extend(key.own.clone());
     let mut queue: Vec<_> = want.iter().cloned().collect();
     let mut included: BTreeSet<usize> = BTreeSet::new();
     while let Some(svc) = queue.pop() {
@@ -122,6 +126,10 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
     }
     for i in included {
         add(attached[i].0);
+    }
+    // Mesh-wide settings reach every proxy.
+    for s in state.of_kind(Kind::MeshConfig) {
+        add(&s.resource);
     }
     view
 }
@@ -204,6 +212,7 @@ pub fn effective_service(
                 weight: 1,
                 zone: w.zone.clone(),
                 labels: w.labels.clone(),
+                identity: w.identity.clone(),
             });
         }
     }

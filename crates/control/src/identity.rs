@@ -76,7 +76,8 @@ pub enum IdentityError {
 pub(crate) struct CaCache(Mutex<Option<(Arc<StoredCa>, Arc<Ca>)>>);
 
 fn unix(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Control {
@@ -88,7 +89,9 @@ impl Control {
             .map_err(|e| StoreError::Backend(format!("--trust-domain: {e}")))?;
         let current = self.state().ca.clone();
         let wanted = match (&s.ca, &current) {
-            (Some(m), Some(c)) if c.material == *m && c.trust_domain == s.trust_domain => return Ok(()),
+            (Some(m), Some(c)) if c.material == *m && c.trust_domain == s.trust_domain => {
+                return Ok(());
+            }
             (Some(m), _) => StoredCa {
                 trust_domain: s.trust_domain.clone(),
                 material: m.clone(),
@@ -106,9 +109,17 @@ impl Control {
             },
         };
         Ca::load(&wanted.material).map_err(|e| StoreError::Backend(e.to_string()))?;
-        let expect = if s.ca.is_some() { Expect::Any } else { Expect::Absent };
+        let expect = if s.ca.is_some() {
+            Expect::Any
+        } else {
+            Expect::Absent
+        };
         let value = serde_json::to_vec(&wanted).map_err(|e| StoreError::Backend(e.to_string()))?;
-        match self.store.commit(vec![Op::put(CA_KEY, value, expect)]).await {
+        match self
+            .store
+            .commit(vec![Op::put(CA_KEY, value, expect)])
+            .await
+        {
             Ok(rev) => {
                 tracing::info!(trust_domain = %wanted.trust_domain, "certificate authority stored");
                 self.wait_for(rev).await;
@@ -124,11 +135,9 @@ impl Control {
     }
 
     fn ca(&self) -> Result<(Arc<StoredCa>, Arc<Ca>), IdentityError> {
-        let stored = self
-            .state()
-            .ca
-            .clone()
-            .ok_or_else(|| IdentityError::Unavailable("the certificate authority is not ready".into()))?;
+        let stored = self.state().ca.clone().ok_or_else(|| {
+            IdentityError::Unavailable("the certificate authority is not ready".into())
+        })?;
         let mut cache = self.ca_cache.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((s, ca)) = &*cache
             && Arc::ptr_eq(s, &stored)
@@ -160,9 +169,12 @@ impl Control {
         SpiffeId::new(&stored.trust_domain, namespace, service)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
         if ttl.is_zero() || ttl > Duration::from_secs(366 * 86400) {
-            return Err(IdentityError::Invalid("ttl must be between 1s and 366d".into()));
+            return Err(IdentityError::Invalid(
+                "ttl must be between 1s and 366d".into(),
+            ));
         }
-        let token = trellis_identity::random_token().map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+        let token = trellis_identity::random_token()
+            .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
         let expires_at = unix(SystemTime::now() + ttl);
         let record = Token {
             namespace: namespace.into(),
@@ -203,7 +215,9 @@ impl Control {
         let ttl = self.settings.identity.cert_ttl;
         let refused = |e: CaError| match e {
             CaError::Csr(m) => IdentityError::Invalid(m),
-            CaError::WrongIdentity { .. } | CaError::Renewal(_) => IdentityError::Denied(e.to_string()),
+            CaError::WrongIdentity { .. } | CaError::Renewal(_) => {
+                IdentityError::Denied(e.to_string())
+            }
             CaError::Material(m) => IdentityError::Unavailable(m),
         };
         let (id, issued) = if !token.is_empty() {
@@ -212,7 +226,9 @@ impl Control {
                 .tokens
                 .get(&trellis_identity::token_hash(token))
                 .cloned()
-                .ok_or_else(|| IdentityError::Unauthenticated("unknown or expired join token".into()))?;
+                .ok_or_else(|| {
+                    IdentityError::Unauthenticated("unknown or expired join token".into())
+                })?;
             if t.expires_at <= unix(now) {
                 return Err(IdentityError::Unauthenticated("join token expired".into()));
             }
@@ -221,13 +237,19 @@ impl Control {
             let issued = ca.sign(csr_pem, &id, ttl, now).map_err(refused)?;
             (id, issued)
         } else if !current_chain_pem.is_empty() {
-            ca.renew(csr_pem, current_chain_pem, ttl, now).map_err(refused)?
+            ca.renew(csr_pem, current_chain_pem, ttl, now)
+                .map_err(refused)?
         } else {
             return Err(IdentityError::Unauthenticated(
                 "a join token (trellis token create) or the current certificate is required".into(),
             ));
         };
         tracing::info!(%id, "certificate issued");
-        Ok((id, issued, ca.bundle_pem().to_string(), stored.trust_domain.clone()))
+        Ok((
+            id,
+            issued,
+            ca.bundle_pem().to_string(),
+            stored.trust_domain.clone(),
+        ))
     }
 }

@@ -119,6 +119,7 @@ impl Mesh for MeshService {
                 zone: Some(i.zone).filter(|z| !z.is_empty()),
                 healthy: i.healthy,
                 node: i.node,
+                identity: Some(i.identity).filter(|x| !x.is_empty()),
                 ttl: (r.ttl_seconds > 0).then(|| Duration::from_secs(r.ttl_seconds.into())),
             })
             .await
@@ -219,7 +220,10 @@ async fn run_stream(
     } else {
         node.namespace.clone()
     };
-    let key = ViewKey::new(&namespace, &node.upstreams, node.all_services);
+    let mut key = ViewKey::new(&namespace, &node.upstreams, node.all_services);
+    if !node.service.is_empty() {
+        key.own = Some((namespace.clone(), node.service.clone()));
+    }
     let update = |f: &dyn Fn(&mut ProxyStatus)| {
         let mut proxies = control.proxies.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(s) = proxies.get_mut(&node.id) {

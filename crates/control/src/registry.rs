@@ -44,6 +44,8 @@ pub struct Registration {
     pub healthy: bool,
     /// Registering node.
     pub node: String,
+    /// The SPIFFE id its sidecar presents.
+    pub identity: Option<String>,
     /// Requested lease; the default when `None`.
     pub ttl: Option<Duration>,
 }
@@ -62,6 +64,11 @@ impl Control {
                 "address: {:?} is not an IP:PORT address",
                 r.address
             )));
+        }
+        if let Some(id) = &r.identity
+            && let Err(e) = trellis_identity::SpiffeId::parse(id)
+        {
+            return Err(RegistryError::Invalid(format!("identity: {e}")));
         }
         if r.port == 0 {
             return Err(RegistryError::Invalid("port: must be 1-65535".into()));
@@ -83,6 +90,7 @@ impl Control {
             zone: r.zone,
             healthy: r.healthy,
             node: r.node,
+            identity: r.identity,
         };
         self.put(&w, lease).await?;
         tracing::info!(id = %w.id, service = %w.service, address = %w.address, "registered");

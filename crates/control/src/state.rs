@@ -47,6 +47,9 @@ pub struct Workload {
     /// The registering proxy's node id.
     #[serde(default)]
     pub node: String,
+    /// The SPIFFE id its sidecar presents, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
 }
 
 /// A stored config resource and its version.

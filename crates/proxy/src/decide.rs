@@ -75,7 +75,7 @@ pub fn authority(parts: &Parts) -> Option<&str> {
 /// backend choice.
 pub fn decide(snap: &Snapshot, listener: &Listener, parts: &Parts, random: u64) -> Decision {
     let (entry, listener_port) = match &listener.kind {
-        ListenerKind::Inbound { app, stats } => {
+        ListenerKind::Inbound { app, stats, .. } => {
             return Decision::Forward(Forward {
                 route: INBOUND.clone(),
                 rule: None,

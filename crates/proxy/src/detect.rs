@@ -5,7 +5,6 @@
 use bytes::BytesMut;
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
-use tokio::net::TcpStream;
 
 /// The HTTP/2 connection preface.
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -62,10 +61,13 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
 /// Reads until the protocol is known or `timeout` passes. Returns the protocol, the bytes
 /// read (to replay) and whether the timeout decided.
 pub async fn detect(
-    io: &mut TcpStream,
+    io: &mut (impl tokio::io::AsyncRead + Unpin),
+    mut buf: BytesMut,
     timeout: Duration,
 ) -> std::io::Result<(Protocol, BytesMut, bool)> {
-    let mut buf = BytesMut::with_capacity(1024);
+    if let Some(p) = classify(&buf) {
+        return Ok((p, buf, false));
+    }
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         match tokio::time::timeout_at(deadline, io.read_buf(&mut buf)).await {

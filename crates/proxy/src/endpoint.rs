@@ -3,6 +3,7 @@
 
 use crate::body::Body;
 use crate::error::ProxyError;
+use crate::tls::Upstream;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
@@ -25,6 +26,10 @@ fn epoch() -> Instant {
 pub struct EndpointState {
     /// The endpoint's address.
     pub addr: SocketAddr,
+    /// The server name that asks it for the identity it must present: connections to it use
+    /// mutual TLS when set and this proxy has an identity.
+    pub identity: Option<rustls::pki_types::ServerName<'static>>,
+    mesh: crate::tls::MeshSlot,
     in_flight: AtomicU64,
     /// Peak-EWMA latency estimate in seconds, as `f64` bits.
     ewma: AtomicU64,
@@ -35,10 +40,16 @@ pub struct EndpointState {
 }
 
 impl EndpointState {
-    /// Fresh state for `addr`.
-    pub fn new(addr: SocketAddr) -> EndpointState {
+    /// Fresh state for `addr`, expected to present `identity` (a SPIFFE id).
+    pub fn new(
+        addr: SocketAddr,
+        identity: Option<&str>,
+        mesh: crate::tls::MeshSlot,
+    ) -> EndpointState {
         EndpointState {
             addr,
+            identity: identity.and_then(crate::tls::server_name),
+            mesh,
             in_flight: AtomicU64::new(0),
             ewma: AtomicU64::new(DEFAULT_RTT.to_bits()),
             stamp: AtomicU64::new(nanos(Instant::now())),
@@ -146,14 +157,30 @@ impl EndpointState {
         Ok(tx)
     }
 
-    /// A new TCP connection, within `timeout`.
-    pub async fn connect(&self, timeout: Duration) -> Result<TcpStream, ProxyError> {
-        match tokio::time::timeout(timeout, TcpStream::connect(self.addr)).await {
-            Ok(Ok(s)) => {
-                let _ = s.set_nodelay(true);
-                Ok(s)
+    /// A new connection within `timeout`: mutual TLS when the endpoint has an identity and
+    /// this proxy has one too, else plain TCP.
+    pub async fn connect(&self, timeout: Duration) -> Result<Upstream, ProxyError> {
+        let mesh = match &self.identity {
+            Some(name) => self.mesh.load_full().map(|m| (name.clone(), m)),
+            None => None,
+        };
+        let attempt = async {
+            let s = TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| ProxyError::Connect(self.addr, e.to_string()))?;
+            let _ = s.set_nodelay(true);
+            match mesh {
+                None => Ok(Upstream::Plain(s)),
+                Some((name, m)) => m
+                    .connector
+                    .connect(name, s)
+                    .await
+                    .map(|t| Upstream::Tls(Box::new(t)))
+                    .map_err(|e| ProxyError::Connect(self.addr, format!("mutual TLS: {e}"))),
             }
-            Ok(Err(e)) => Err(ProxyError::Connect(self.addr, e.to_string())),
+        };
+        match tokio::time::timeout(timeout, attempt).await {
+            Ok(r) => r,
             Err(_) => Err(ProxyError::Connect(
                 self.addr,
                 format!("no connection within {timeout:?}"),
@@ -182,7 +209,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn peak_ewma_takes_peaks_and_decays() {
-        let e = EndpointState::new("127.0.0.1:1".parse().unwrap());
+        let e = EndpointState::new("127.0.0.1:1".parse().unwrap(), None, Default::default());
         let decay = Duration::from_secs(10);
         let now = Instant::now();
         e.observe(Duration::from_millis(100), now, decay);

@@ -9,7 +9,7 @@ use crate::filters;
 use crate::metrics::{ResponseLabels, RouteLabels, RouteStats};
 use crate::rand;
 use crate::server::Shared;
-use crate::snapshot::{Backend, HashOn, Listener};
+use crate::snapshot::{Backend, HashOn, Listener, ListenerKind};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -40,7 +40,12 @@ pub struct ConnInfo {
     pub listener: Arc<Listener>,
     /// The client's address.
     pub client: SocketAddr,
+    /// The client sidecar's SPIFFE id, for connections over mutual TLS.
+    pub peer_identity: Option<Arc<str>>,
 }
+
+/// Request header carrying the calling sidecar's SPIFFE id to the app (mutual TLS only).
+pub const PEER_IDENTITY: &str = "x-trellis-peer-identity";
 
 /// Handles one request; never fails (errors become responses).
 pub async fn handle(
@@ -60,6 +65,17 @@ pub async fn handle(
     let downstream_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let grpc = decide::is_grpc(&parts);
+    if matches!(listener.kind, ListenerKind::Inbound { .. }) {
+        // The app learns who called it from the sidecar alone: a client-sent value is dropped.
+        if parts.headers.contains_key(PEER_IDENTITY) {
+            parts.headers.remove(PEER_IDENTITY);
+        }
+        if let Some(id) = &conn.peer_identity
+            && let Ok(v) = http::HeaderValue::from_str(id)
+        {
+            parts.headers.insert(PEER_IDENTITY, v);
+        }
+    }
 
     // 1. Decide: which rule, which backend (pure).
     let fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {

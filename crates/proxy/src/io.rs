@@ -9,9 +9,72 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+/// A client connection: plain TCP, or mutual TLS from another sidecar (whose first bytes
+/// were read to see the ClientHello).
+pub enum Conn {
+    /// Plain TCP.
+    Tcp(TcpStream),
+    /// Mutual TLS, terminated here.
+    Tls(Box<tokio_rustls::server::TlsStream<crate::tls::Rewind<TcpStream>>>),
+}
+
+macro_rules! conn {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self {
+            Conn::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Conn::Tls($s) => {
+                let $s = Pin::new(&mut **$s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        conn!(self.get_mut(), s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        conn!(self.get_mut(), s => s.poll_write(cx, buf))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        conn!(self.get_mut(), s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Conn::Tcp(s) => s.is_write_vectored(),
+            Conn::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        conn!(self.get_mut(), s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        conn!(self.get_mut(), s => s.poll_shutdown(cx))
+    }
+}
+
 /// A client connection with replayed prefix and byte counters.
 pub struct ClientIo {
-    inner: TcpStream,
+    inner: Conn,
     prefix: Bytes,
     read: Counter,
     written: Counter,
@@ -19,7 +82,7 @@ pub struct ClientIo {
 
 impl ClientIo {
     /// Wraps `inner`; `prefix` is what detection already read.
-    pub fn new(inner: TcpStream, prefix: Bytes, read: Counter, written: Counter) -> ClientIo {
+    pub fn new(inner: Conn, prefix: Bytes, read: Counter, written: Counter) -> ClientIo {
         read.inc_by(prefix.len() as u64);
         ClientIo {
             inner,

@@ -22,6 +22,7 @@ pub mod route;
 mod server;
 pub mod snapshot;
 mod tcp;
+pub mod tls;
 mod watch;
 
 pub use error::{ERROR_HEADER, ProxyError};
@@ -68,7 +69,7 @@ impl Proxy {
         source: &str,
     ) -> Result<Arc<Proxy>, ApplyError> {
         let shared = Arc::new(Shared::new());
-        let snap = Snapshot::build(resources, 1, source, None, &shared.metrics)?;
+        let snap = Snapshot::build(resources, 1, source, None, &shared)?;
         let admin_std = std::net::TcpListener::bind(snap.settings.admin).map_err(|source| {
             server::BindError {
                 name: "admin".into(),
@@ -117,7 +118,7 @@ impl Proxy {
             current.version + 1,
             source,
             Some(&current),
-            &self.shared.metrics,
+            &self.shared,
         ) {
             Ok(snap) if snap.settings.admin != self.admin_configured => Err(
                 ApplyError::AdminMoved(self.admin_configured, snap.settings.admin),

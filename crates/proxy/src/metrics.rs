@@ -44,6 +44,15 @@ pub struct ConnLabels {
     pub listener: Arc<str>,
 }
 
+/// Labels of an inbound connection's transport security.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecurityLabels {
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// `mtls`, `plaintext`, `refused_plaintext` (strict mode) or `refused_handshake`.
+    pub security: &'static str,
+}
+
 /// Labels of a protocol detection outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DetectLabels {
@@ -101,6 +110,10 @@ pub struct Metrics {
     pub config_version: Gauge,
     /// 1 while a control-plane stream is up, 0 otherwise.
     pub control_connected: Gauge,
+    /// Inbound connections by transport security.
+    pub inbound_security: Family<SecurityLabels, Counter>,
+    /// Expiry of this proxy's certificate, Unix seconds (0 without one).
+    pub cert_expiry: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -124,6 +137,8 @@ impl Default for Metrics {
             reloads: Family::default(),
             config_version: Gauge::default(),
             control_connected: Gauge::default(),
+            inbound_security: Family::default(),
+            cert_expiry: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.clone());
@@ -181,6 +196,16 @@ impl Default for Metrics {
             "control_plane_connected",
             "1 while the stream to the control plane is up",
             m.control_connected.clone(),
+        );
+        registry.register(
+            "inbound_connections",
+            "Inbound connections by transport security (mtls, plaintext, refused_plaintext, refused_handshake)",
+            m.inbound_security.clone(),
+        );
+        registry.register(
+            "identity_certificate_expiry_timestamp_seconds",
+            "When this proxy's workload certificate expires (Unix seconds; 0 without one)",
+            m.cert_expiry.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -3,19 +3,21 @@
 
 use crate::detect::{self, Protocol};
 use crate::http::{self as proxy_http, ConnInfo};
-use crate::io::ClientIo;
-use crate::metrics::{ConnLabels, DetectLabels, Metrics};
+use crate::io::{ClientIo, Conn};
+use crate::metrics::{ConnLabels, DetectLabels, Metrics, SecurityLabels};
 use crate::snapshot::{Listener, ListenerKind, Snapshot};
-use crate::tcp;
+use crate::{tcp, tls};
 use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use trellis_api::mesh::MtlsMode;
 use trellis_api::service::AppProtocol;
 
 /// State shared by every connection: the current snapshot, metrics, and shutdown signals.
@@ -27,6 +29,8 @@ pub struct Shared {
     pub draining: CancellationToken,
     /// Every connection task, to wait for on drain.
     pub tasks: TaskTracker,
+    /// This proxy's mutual TLS state, once it has an identity.
+    pub mesh: crate::tls::MeshSlot,
 }
 
 impl Shared {
@@ -37,6 +41,7 @@ impl Shared {
             metrics: Metrics::default(),
             draining: CancellationToken::new(),
             tasks: TaskTracker::new(),
+            mesh: Default::default(),
         }
     }
 
@@ -202,24 +207,141 @@ async fn accept_loop(
     }
 }
 
+/// What an inbound connection turned out to be, before protocol detection.
+struct Accepted {
+    conn: Conn,
+    prefix: bytes::BytesMut,
+    peer_identity: Option<Arc<str>>,
+    /// The detection wait already ran out (a server-speaks-first client).
+    timed_out: bool,
+}
+
+/// Inbound: mutual TLS from another sidecar is terminated here (its identity recorded);
+/// anything else is plaintext, accepted in permissive mode and closed in strict mode.
+async fn accept_inbound(
+    shared: &Shared,
+    listener: &Listener,
+    mode: MtlsMode,
+    mut stream: TcpStream,
+    wait: std::time::Duration,
+) -> std::io::Result<Option<Accepted>> {
+    let mut buf = bytes::BytesMut::with_capacity(1024);
+    let deadline = tokio::time::Instant::now() + wait;
+    let (hello, timed_out) = loop {
+        match tls::client_hello(&buf) {
+            tls::Hello::Incomplete => {}
+            done => break (done, false),
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Err(_) => break (tls::Hello::NotTls, true),
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(0)) => break (tls::Hello::NotTls, false),
+            Ok(Ok(_)) => {}
+        }
+    };
+    let count = |security: &'static str| {
+        shared
+            .metrics
+            .inbound_security
+            .get_or_create(&SecurityLabels {
+                listener: listener.name.clone(),
+                security,
+            })
+            .inc();
+    };
+    let mesh = shared.mesh.load_full();
+    match (hello, mesh) {
+        (tls::Hello::Tls(Some(name)), Some(m)) if tls::is_mesh_name(&name) => {
+            let handshake = m.acceptor.accept(tls::Rewind::new(buf.freeze(), stream));
+            match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
+                Ok(Ok(s)) => {
+                    let peer_identity = s
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(trellis_identity::inspect)
+                        .map(|(id, _)| Arc::from(id.to_string()));
+                    count("mtls");
+                    Ok(Some(Accepted {
+                        conn: Conn::Tls(Box::new(s)),
+                        prefix: bytes::BytesMut::new(),
+                        peer_identity,
+                        timed_out: false,
+                    }))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, listener = %listener.name, "mutual TLS handshake refused");
+                    count("refused_handshake");
+                    Ok(None)
+                }
+                Err(_) => {
+                    count("refused_handshake");
+                    Ok(None)
+                }
+            }
+        }
+        _ if mode == MtlsMode::Strict => {
+            tracing::debug!(listener = %listener.name, "plaintext connection refused (strict mutual TLS)");
+            count("refused_plaintext");
+            Ok(None)
+        }
+        _ => {
+            count("plaintext");
+            Ok(Some(Accepted {
+                conn: Conn::Tcp(stream),
+                prefix: buf,
+                peer_identity: None,
+                timed_out,
+            }))
+        }
+    }
+}
+
 async fn serve_connection(
     shared: &Arc<Shared>,
     listener: Arc<Listener>,
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
 ) -> std::io::Result<()> {
     let snap = shared.snapshot();
     let direction = listener.direction();
-    let (protocol, prefix, how) = match listener.protocol {
-        Some(AppProtocol::Tcp) => (Protocol::Tcp, Default::default(), "declared"),
-        Some(AppProtocol::Http2 | AppProtocol::Grpc) => {
-            (Protocol::Http2, Default::default(), "declared")
+    let accepted = match &listener.kind {
+        ListenerKind::Inbound { mtls, .. } => {
+            match accept_inbound(
+                shared,
+                &listener,
+                *mtls,
+                stream,
+                snap.settings.detect_timeout,
+            )
+            .await?
+            {
+                Some(a) => a,
+                None => return Ok(()),
+            }
         }
+        _ => Accepted {
+            conn: Conn::Tcp(stream),
+            prefix: bytes::BytesMut::new(),
+            peer_identity: None,
+            timed_out: false,
+        },
+    };
+    let Accepted {
+        conn: mut stream,
+        prefix,
+        peer_identity,
+        timed_out,
+    } = accepted;
+    let (protocol, prefix, how) = match listener.protocol {
+        Some(AppProtocol::Tcp) => (Protocol::Tcp, prefix, "declared"),
+        Some(AppProtocol::Http2 | AppProtocol::Grpc) => (Protocol::Http2, prefix, "declared"),
         Some(AppProtocol::Http) => {
             // Declared HTTP: no TCP fallback, only HTTP/1 versus HTTP/2 prior knowledge.
             // Anything else is served as HTTP/1 and answered 400.
             let (p, buf, _) =
-                detect::detect(&mut stream, std::time::Duration::from_secs(30)).await?;
+                detect::detect(&mut stream, prefix, std::time::Duration::from_secs(30)).await?;
             (
                 if p == Protocol::Http2 {
                     Protocol::Http2
@@ -230,9 +352,10 @@ async fn serve_connection(
                 "declared",
             )
         }
+        None if timed_out => (Protocol::Tcp, prefix, "timeout"),
         None => {
             let (p, buf, timed_out) =
-                detect::detect(&mut stream, snap.settings.detect_timeout).await?;
+                detect::detect(&mut stream, prefix, snap.settings.detect_timeout).await?;
             (p, buf, if timed_out { "timeout" } else { "detected" })
         }
     };
@@ -279,6 +402,7 @@ async fn serve_connection(
             let conn = Arc::new(ConnInfo {
                 listener,
                 client: peer,
+                peer_identity,
             });
             let shared2 = shared.clone();
             let svc = service_fn(move |req| proxy_http::handle(shared2.clone(), conn.clone(), req));

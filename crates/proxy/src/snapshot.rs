@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use trellis_api::mesh::MtlsMode;
 use trellis_api::policy::{Algorithm, BackendPolicySpec};
 use trellis_api::route::{
     HeaderMatch, HeaderModifier, HttpRouteFilter, PathMatchType, PathModifier, PathModifierType,
@@ -86,6 +87,8 @@ pub enum ListenerKind {
         app: Arc<Backend>,
         /// Request metrics.
         stats: Arc<RouteStats>,
+        /// Whether plaintext from other sidecars is accepted.
+        mtls: MtlsMode,
     },
     /// Outbound to one service port (resolved when the snapshot is built).
     Service(ServiceKey, u16, Arc<PortEntry>),
@@ -184,8 +187,9 @@ impl Snapshot {
         version: u64,
         source: &str,
         previous: Option<&Snapshot>,
-        metrics: &Metrics,
+        shared: &crate::Shared,
     ) -> Result<Snapshot, Diagnostics> {
+        let metrics = &shared.metrics;
         trellis_api::validate(resources)?;
         let proxies: Vec<_> = resources
             .iter()
@@ -216,6 +220,7 @@ impl Snapshot {
         let mut b = Builder {
             previous,
             metrics,
+            mesh: shared.mesh.clone(),
             endpoints: HashMap::new(),
             backends: HashMap::new(),
             policies: HashMap::new(),
@@ -392,7 +397,8 @@ impl Snapshot {
             let app: SocketAddr = l.forward_to.parse().map_err(|_| {
                 Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", "bad forwardTo")])
             })?;
-            let state = b.endpoint(app);
+            let state = b.endpoint(app, None);
+            let mtls = mtls_mode(resources, &proxy.metadata.namespace, l.service.as_deref());
             let backend = Arc::new(Backend {
                 name: format!("inbound/{}", l.name).into(),
                 protocol: l.protocol,
@@ -419,6 +425,7 @@ impl Snapshot {
                 kind: ListenerKind::Inbound {
                     stats: metrics.route_stats("inbound", &crate::decide::INBOUND, &backend.name),
                     app: backend,
+                    mtls,
                 },
                 protocol: l.protocol,
             });
@@ -521,6 +528,31 @@ fn key(ns: &str, name: &str) -> ServiceKey {
     }
 }
 
+/// The mutual TLS mode of an inbound listener: its service's, else its namespace's
+/// `MeshConfig`, else the `default` namespace's (mesh-wide), else permissive.
+fn mtls_mode(resources: &[Located<Resource>], namespace: &str, service: Option<&str>) -> MtlsMode {
+    let by_service = service.and_then(|name| {
+        resources.iter().find_map(|r| match &r.value {
+            Resource::Service(s)
+                if s.metadata.name == name && s.metadata.namespace == namespace =>
+            {
+                s.spec.mtls.as_ref().map(|m| m.mode)
+            }
+            _ => None,
+        })
+    });
+    let by_namespace = |ns: &str| {
+        resources.iter().find_map(|r| match &r.value {
+            Resource::MeshConfig(m) if m.metadata.namespace == ns => Some(m.spec.mtls.mode),
+            _ => None,
+        })
+    };
+    by_service
+        .or_else(|| by_namespace(namespace))
+        .or_else(|| by_namespace(trellis_api::meta::DEFAULT_NAMESPACE))
+        .unwrap_or_default()
+}
+
 struct Defaults {
     connect: Duration,
     request: Option<Duration>,
@@ -530,6 +562,7 @@ struct Defaults {
 struct Builder<'a> {
     previous: Option<&'a Snapshot>,
     metrics: &'a Metrics,
+    mesh: crate::tls::MeshSlot,
     endpoints: HashMap<SocketAddr, Arc<EndpointState>>,
     backends: HashMap<(ServiceKey, u16), Arc<Backend>>,
     policies: HashMap<ServiceKey, &'a BackendPolicySpec>,
@@ -538,11 +571,21 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn endpoint(&mut self, addr: SocketAddr) -> Arc<EndpointState> {
-        let prev = self.previous.and_then(|p| p.endpoints.get(&addr)).cloned();
+    fn endpoint(&mut self, addr: SocketAddr, identity: Option<&str>) -> Arc<EndpointState> {
+        let name = identity.and_then(crate::tls::server_name);
+        // State (pools, latency) carries over only to the same endpoint with the same
+        // identity: a connection made for one identity must not serve another.
+        let prev = self
+            .previous
+            .and_then(|p| p.endpoints.get(&addr))
+            .filter(|e| e.identity == name)
+            .cloned();
+        let mesh = self.mesh.clone();
         self.endpoints
             .entry(addr)
-            .or_insert_with(|| prev.unwrap_or_else(|| Arc::new(EndpointState::new(addr))))
+            .or_insert_with(|| {
+                prev.unwrap_or_else(|| Arc::new(EndpointState::new(addr, identity, mesh)))
+            })
             .clone()
     }
 
@@ -559,7 +602,7 @@ impl Builder<'_> {
             .filter_map(|e| {
                 let addr: SocketAddr = e.address.parse().ok()?;
                 Some(Member {
-                    state: self.endpoint(addr),
+                    state: self.endpoint(addr, e.identity.as_deref()),
                     weight: e.weight,
                     zone: e.zone.as_deref().map(Into::into),
                 })
