@@ -176,9 +176,13 @@ enum Command {
         /// The IP other sidecars reach this one on.
         #[arg(long, default_value = "127.0.0.1")]
         advertise: std::net::IpAddr,
-        /// Where the sidecar persists its last accepted config.
+        /// Where the sidecar persists its last accepted config and its certificate.
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// Join token for the sidecar's first certificate (trellis token create); without
+        /// one (and no persisted certificate) it runs without mutual TLS.
+        #[arg(long, env = "TRELLIS_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         #[command(flatten)]
         control: ControlArg,
         /// The app and its arguments.
@@ -425,6 +429,7 @@ fn run(command: Command) -> Result<i32> {
             ttl,
             advertise,
             state_dir,
+            token,
             control,
             command,
         } => {
@@ -443,6 +448,7 @@ fn run(command: Command) -> Result<i32> {
                 advertise,
                 control: control.url,
                 state_dir,
+                token,
                 command,
             }))
         }

@@ -178,6 +178,7 @@ pub struct RunOptions {
     pub advertise: std::net::IpAddr,
     pub control: String,
     pub state_dir: Option<PathBuf>,
+    pub token: Option<String>,
     pub command: Vec<String>,
 }
 
@@ -209,6 +210,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
                 name: "inbound".into(),
                 address: addr.to_string(),
                 forward_to: SocketAddr::new(loopback, port).to_string(),
+                service: o.service.clone(),
                 protocol: None,
             });
             Some(addr)
@@ -262,6 +264,29 @@ pub async fn run(o: RunOptions) -> Result<i32> {
     let proxy = start_sidecar(&o.control, local, node, &state_dir).await?;
     tracing::info!(admin = %proxy.admin_addr(), http_proxy = %http_proxy, "sidecar started");
 
+    // Identity: from the persisted certificate, or a join token. Without either the
+    // sidecar runs without mutual TLS (peers in strict mode will refuse it).
+    let id_cfg = trellis_proxy::identity::IdentityConfig {
+        endpoints: endpoints(&o.control),
+        token: o.token.clone(),
+        state_dir: state_dir.clone(),
+    };
+    let identity = if o.token.is_some() || state_dir.join("identity.json").exists() {
+        let (key, issued) = trellis_proxy::identity::bootstrap(&proxy, &id_cfg)
+            .await
+            .context("getting a workload certificate")?;
+        tokio::spawn(trellis_proxy::identity::renew(
+            proxy.clone(),
+            id_cfg,
+            key,
+            issued,
+        ));
+        proxy.credentials().map(|c| c.identity().to_string())
+    } else {
+        tracing::warn!("no --token: this sidecar has no identity and uses no mutual TLS");
+        None
+    };
+
     let mut cmd = tokio::process::Command::new(&o.command[0]);
     cmd.args(&o.command[1..])
         .env("HTTP_PROXY", format!("http://{http_proxy}"))
@@ -298,6 +323,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
                     zone: o.zone.clone().unwrap_or_default(),
                     healthy: false,
                     node: node_id,
+                    identity: identity.unwrap_or_default(),
                 },
                 ttl: o.ttl,
                 probe: o.probe.clone(),

@@ -30,6 +30,13 @@ impl WorkloadKey {
             .map_err(|e| KeyError(e.to_string()))
     }
 
+    /// A key read back from [`WorkloadKey::pem`].
+    pub fn from_pem(pem: &str) -> Result<WorkloadKey, KeyError> {
+        rcgen::KeyPair::from_pem(pem)
+            .map(WorkloadKey)
+            .map_err(|e| KeyError(e.to_string()))
+    }
+
     /// The key, PKCS#8 PEM, for this process's TLS configs.
     pub fn pem(&self) -> String {
         self.0.serialize_pem()

@@ -148,6 +148,12 @@ pub fn assemble(
     let mut missing = std::collections::BTreeMap::new();
     for r in local {
         if let Resource::Proxy(p) = &r.value {
+            for svc in p.spec.inbound.iter().filter_map(|l| l.service.as_ref()) {
+                let k = (p.metadata.namespace.clone(), svc.clone());
+                if !known.contains(&k) {
+                    missing.entry(k).or_insert(80);
+                }
+            }
             for l in &p.spec.outbound {
                 if let Some(t) = &l.service {
                     let ns = t

@@ -15,6 +15,7 @@ pub mod endpoint;
 pub mod error;
 pub mod filters;
 mod http;
+pub mod identity;
 mod io;
 pub mod metrics;
 mod rand;

@@ -306,7 +306,14 @@ async fn serve_connection(
 ) -> std::io::Result<()> {
     let snap = shared.snapshot();
     let direction = listener.direction();
-    let accepted = match &listener.kind {
+    // The listener as currently configured: a reload may have changed its mode since the
+    // listener was bound.
+    let current = snap
+        .listeners
+        .iter()
+        .find(|l| l.name == listener.name)
+        .unwrap_or(&listener);
+    let accepted = match &current.kind {
         ListenerKind::Inbound { mtls, .. } => {
             match accept_inbound(
                 shared,
