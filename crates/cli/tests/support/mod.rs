@@ -364,3 +364,41 @@ pub fn wait_versions(port: u16, want: &[&str], limit: Duration) -> Duration {
     });
     start.elapsed()
 }
+
+/// A `trellis run` with JSON logs (so tests can read its admin address), `args` before `--`
+/// and the app after.
+pub fn run(dir: &Path, name: &str, args: &[&str], app: &[&str], env: &[(&str, &str)]) -> Proc {
+    let mut cmd = trellis();
+    cmd.args(["--log-format", "json", "run"]).args(args);
+    cmd.arg("--state-dir")
+        .arg(dir.join(format!("state-{name}")));
+    cmd.arg("--").args(app);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Proc::spawn(name, dir, cmd)
+}
+
+/// The admin port a `trellis run` sidecar logged.
+pub fn admin_port(p: &Proc) -> u16 {
+    wait_for(
+        Duration::from_secs(20),
+        "the sidecar's admin address",
+        || {
+            let log = p.log_text();
+            let i = log.find("\"admin\":\"127.0.0.1:")?;
+            let rest = &log[i + "\"admin\":\"127.0.0.1:".len()..];
+            rest[..rest.find('"')?].parse().ok()
+        },
+    )
+}
+
+/// One metric's value from an admin port (the first series whose line starts with `prefix`).
+pub fn metric(admin: u16, prefix: &str) -> Option<f64> {
+    let r = get(admin, "/metrics").ok()?;
+    r.body
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

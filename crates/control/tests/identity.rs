@@ -1,0 +1,178 @@
+//! The control plane's CA over the real protocol: join tokens decide identities, and every
+//! way of asking without the right to is refused.
+
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use trellis_api::wire::{self, mesh_client::MeshClient};
+use trellis_control::store::StoreSpec;
+use trellis_control::{Control, Settings};
+use trellis_identity::{SpiffeId, WorkloadKey};
+
+async fn start() -> (Arc<Control>, String, CancellationToken, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(format!(
+        "trellis-identity-test-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let mut settings = Settings::default();
+    settings.identity.trust_domain = "mesh.test".into();
+    let control = Control::open(&StoreSpec::Dir(dir.clone()), settings)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(trellis_control::serve(
+        control.clone(),
+        listener,
+        stop.clone(),
+    ));
+    (control, url, stop, dir)
+}
+
+fn id(sa: &str) -> SpiffeId {
+    SpiffeId::new("mesh.test", "default", sa).unwrap()
+}
+
+async fn certify(
+    url: &str,
+    req: wire::CertifyRequest,
+) -> Result<wire::CertifyResponse, tonic::Status> {
+    let mut c = MeshClient::connect(url.to_string()).await.unwrap();
+    c.certify(req).await.map(|r| r.into_inner())
+}
+
+#[tokio::test]
+async fn tokens_decide_identities_and_everything_else_is_refused() {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        let (control, url, stop, dir) = start().await;
+        let (orders_token, _) = control
+            .create_token("default", "orders", Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let key = WorkloadKey::generate().unwrap();
+
+        // The token grants its own identity.
+        let ok = certify(
+            &url,
+            wire::CertifyRequest {
+                token: orders_token.clone(),
+                csr_pem: key.csr(None).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(ok.spiffe_id, id("orders").to_string());
+        assert_eq!(ok.trust_domain, "mesh.test");
+        assert!(ok.bundle_pem.contains("BEGIN CERTIFICATE"));
+        assert!(!ok.chain_pem.contains("PRIVATE KEY") && !ok.bundle_pem.contains("PRIVATE KEY"));
+
+        // A token for orders cannot obtain payment's identity.
+        let e = certify(
+            &url,
+            wire::CertifyRequest {
+                token: orders_token.clone(),
+                csr_pem: key.csr(Some(&id("payment"))).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("payment"), "{}", e.message());
+
+        // Unknown tokens, no credential at all, and garbage are refused.
+        for (req, code) in [
+            (
+                wire::CertifyRequest {
+                    token: "0".repeat(64),
+                    csr_pem: key.csr(None).unwrap(),
+                    ..Default::default()
+                },
+                tonic::Code::Unauthenticated,
+            ),
+            (
+                wire::CertifyRequest {
+                    csr_pem: key.csr(None).unwrap(),
+                    ..Default::default()
+                },
+                tonic::Code::Unauthenticated,
+            ),
+            (
+                wire::CertifyRequest {
+                    token: orders_token.clone(),
+                    csr_pem: "not a CSR".into(),
+                    ..Default::default()
+                },
+                tonic::Code::InvalidArgument,
+            ),
+        ] {
+            let e = certify(&url, req).await.unwrap_err();
+            assert_eq!(e.code(), code, "{e:?}");
+        }
+
+        // An expired token is refused.
+        let (short, _) = control
+            .create_token("default", "orders", Duration::from_secs(1))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let e = certify(
+            &url,
+            wire::CertifyRequest {
+                token: short,
+                csr_pem: key.csr(None).unwrap(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+        // Renewal: the current certificate and its key renew it; another key cannot.
+        let renewed = certify(
+            &url,
+            wire::CertifyRequest {
+                csr_pem: key.csr(None).unwrap(),
+                current_chain_pem: ok.chain_pem.clone(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(renewed.spiffe_id, id("orders").to_string());
+        let thief = WorkloadKey::generate().unwrap();
+        let e = certify(
+            &url,
+            wire::CertifyRequest {
+                csr_pem: thief.csr(None).unwrap(),
+                current_chain_pem: ok.chain_pem,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
+        // The CA survives a restart: the same root signs after reopening the store.
+        let bundle = ok.bundle_pem;
+        stop.cancel();
+        drop(control);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut settings = Settings::default();
+        settings.identity.trust_domain = "mesh.test".into();
+        let again = Control::open(&StoreSpec::Dir(dir.clone()), settings)
+            .await
+            .unwrap();
+        assert_eq!(again.trust().unwrap().1, bundle);
+        drop(again);
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .await
+    .unwrap();
+}
