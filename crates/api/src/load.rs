@@ -182,6 +182,7 @@ fn parse_one(file: &Arc<str>, first_line: u64, doc: &str) -> Result<Located<Reso
         Kind::GrpcRoute => typed(doc).map(Resource::GrpcRoute),
         Kind::BackendPolicy => typed(doc).map(Resource::BackendPolicy),
         Kind::MeshConfig => typed(doc).map(Resource::MeshConfig),
+        Kind::AuthorizationPolicy => typed(doc).map(Resource::AuthorizationPolicy),
     }
     .map_err(|e| yaml_error(&e, &at))?;
     Ok(Located {

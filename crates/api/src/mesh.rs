@@ -10,6 +10,9 @@ pub struct MeshConfigSpec {
     /// Mutual TLS between sidecars.
     #[serde(default)]
     pub mtls: MtlsSettings,
+    /// Authorization defaults.
+    #[serde(default)]
+    pub authorization: crate::authz::AuthzDefaults,
 }
 
 /// Mutual TLS settings.

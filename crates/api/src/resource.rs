@@ -1,5 +1,6 @@
 //! The closed set of kinds, and the envelope every resource shares.
 
+use crate::authz::AuthorizationPolicySpec;
 use crate::mesh::MeshConfigSpec;
 use crate::meta::{Metadata, ObjectKey};
 use crate::policy::BackendPolicySpec;
@@ -26,17 +27,20 @@ pub enum Kind {
     BackendPolicy,
     /// Mesh-wide settings (mutual TLS mode).
     MeshConfig,
+    /// Who may call what, enforced by inbound sidecars.
+    AuthorizationPolicy,
 }
 
 impl Kind {
     /// All kinds, in the order resources are listed.
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::Proxy,
         Kind::Service,
         Kind::HttpRoute,
         Kind::GrpcRoute,
         Kind::BackendPolicy,
         Kind::MeshConfig,
+        Kind::AuthorizationPolicy,
     ];
 
     /// The kind as written in YAML.
@@ -48,6 +52,7 @@ impl Kind {
             Kind::GrpcRoute => "GRPCRoute",
             Kind::BackendPolicy => "BackendPolicy",
             Kind::MeshConfig => "MeshConfig",
+            Kind::AuthorizationPolicy => "AuthorizationPolicy",
         }
     }
 
@@ -117,6 +122,8 @@ pub enum Resource {
     BackendPolicy(Object<BackendPolicySpec>),
     /// A `MeshConfig`.
     MeshConfig(Object<MeshConfigSpec>),
+    /// An `AuthorizationPolicy`.
+    AuthorizationPolicy(Object<AuthorizationPolicySpec>),
 }
 
 impl Resource {
@@ -129,6 +136,7 @@ impl Resource {
             Resource::GrpcRoute(_) => Kind::GrpcRoute,
             Resource::BackendPolicy(_) => Kind::BackendPolicy,
             Resource::MeshConfig(_) => Kind::MeshConfig,
+            Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
         }
     }
 
@@ -141,6 +149,7 @@ impl Resource {
             Resource::GrpcRoute(o) => &o.metadata,
             Resource::BackendPolicy(o) => &o.metadata,
             Resource::MeshConfig(o) => &o.metadata,
+            Resource::AuthorizationPolicy(o) => &o.metadata,
         }
     }
 
@@ -153,6 +162,7 @@ impl Resource {
             Resource::GrpcRoute(o) => &mut o.metadata,
             Resource::BackendPolicy(o) => &mut o.metadata,
             Resource::MeshConfig(o) => &mut o.metadata,
+            Resource::AuthorizationPolicy(o) => &mut o.metadata,
         }
     }
 
@@ -189,6 +199,7 @@ impl Resource {
             Kind::GrpcRoute => Resource::GrpcRoute(typed(text)?),
             Kind::BackendPolicy => Resource::BackendPolicy(typed(text)?),
             Kind::MeshConfig => Resource::MeshConfig(typed(text)?),
+            Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(text)?),
         })
     }
 
@@ -302,6 +313,11 @@ impl Resource {
             Resource::BackendPolicy(p) => {
                 let t = &p.spec.target_ref;
                 c.parent(&t.namespace, &t.name, None);
+            }
+            Resource::AuthorizationPolicy(p) => {
+                if let Some(t) = &p.spec.target_ref {
+                    c.parent(&t.namespace, &t.name, None);
+                }
             }
         }
         c.refs

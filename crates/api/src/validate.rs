@@ -69,6 +69,7 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
                     );
                 }
             }
+            Resource::AuthorizationPolicy(a) => v.authorization(&ctx, &a.spec),
             Resource::Proxy(p) => v.proxy(&ctx, p),
             Resource::Service(s) => v.service(&ctx, s),
             Resource::HttpRoute(h) => v.http_route(&ctx, &h.spec),
@@ -263,6 +264,123 @@ fn canonical_matches<'a, M: Clone + Default + serde::Serialize + 'a>(
 
 struct Validator {
     out: Vec<Diagnostic>,
+}
+
+impl Validator {
+    fn authorization(&mut self, ctx: &Ctx, spec: &crate::authz::AuthorizationPolicySpec) {
+        let r = ctx.r;
+        if let Some(t) = &spec.target_ref {
+            if t.kind != "Service" || !t.group.is_empty() {
+                self.at(
+                    r,
+                    "spec.targetRef.kind",
+                    "only core Services can be targeted",
+                );
+            } else if t.namespace.as_deref().is_some_and(|ns| ns != ctx.ns) {
+                self.at(
+                    r,
+                    "spec.targetRef.namespace",
+                    "a policy applies in its own namespace only",
+                );
+            } else if ctx.service(None, &t.name).is_none() {
+                self.at(
+                    r,
+                    "spec.targetRef.name",
+                    format!("no Service {}/{}", ctx.ns, t.name),
+                );
+            }
+        }
+        if spec.rules.is_empty() {
+            self.at(
+                r,
+                "spec.rules",
+                "at least one rule (a rule with no conditions matches everything)",
+            );
+        }
+        for (i, rule) in spec.rules.iter().enumerate() {
+            let at = |f: &str| format!("spec.rules[{i}].{f}");
+            if let Some(from) = &rule.from {
+                for (j, id) in from.identities.iter().enumerate() {
+                    let ok = id.strip_prefix("spiffe://").is_some_and(|rest| {
+                        let parts: Vec<&str> = rest.split('/').collect();
+                        matches!(parts.as_slice(), [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty())
+                    });
+                    if !ok {
+                        self.at(
+                            r,
+                            &at(&format!("from.identities[{j}]")),
+                            format!("{id:?} is not spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT"),
+                        );
+                    }
+                }
+                for (j, ns) in from.namespaces.iter().enumerate() {
+                    if let Err(e) = check_name(ns) {
+                        self.at(r, &at(&format!("from.namespaces[{j}]")), e);
+                    }
+                }
+            }
+            if let Some(to) = &rule.to {
+                for (j, p) in to.paths.iter().enumerate() {
+                    let body = p.strip_suffix("/*").unwrap_or(p);
+                    if p != "*" && (!p.starts_with('/') || body.contains('*')) {
+                        self.at(
+                            r,
+                            &at(&format!("to.paths[{j}]")),
+                            format!("{p:?}: use an exact path (/a/b), a prefix (/a/*) or *"),
+                        );
+                    }
+                }
+                for (j, m) in to.methods.iter().enumerate() {
+                    if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
+                        self.at(
+                            r,
+                            &at(&format!("to.methods[{j}]")),
+                            format!("{m:?} is not an HTTP method (uppercase, for example GET)"),
+                        );
+                    }
+                }
+                for (j, h) in to.headers.iter().enumerate() {
+                    if http_header_name(&h.name).is_err() {
+                        self.at(
+                            r,
+                            &at(&format!("to.headers[{j}].name")),
+                            format!("{:?} is not a valid header name", h.name),
+                        );
+                    }
+                    if h.values.is_empty() {
+                        self.at(
+                            r,
+                            &at(&format!("to.headers[{j}].values")),
+                            "at least one value",
+                        );
+                    }
+                }
+                if to.ports.contains(&0) {
+                    self.at(r, &at("to.ports"), "ports are 1-65535");
+                }
+            }
+            if let Some(w) = &rule.when {
+                let start = crate::authz::parse_hhmm(&w.start);
+                let end = crate::authz::parse_hhmm(&w.end);
+                if start.is_none() {
+                    self.at(r, &at("when.start"), format!("{:?} is not HH:MM", w.start));
+                }
+                if end.is_none() {
+                    self.at(r, &at("when.end"), format!("{:?} is not HH:MM", w.end));
+                }
+                if start.is_some() && start == end {
+                    self.at(r, &at("when.end"), "the window is empty (start equals end)");
+                }
+                if jiff::tz::TimeZone::get(&w.time_zone).is_err() {
+                    self.at(
+                        r,
+                        &at("when.timeZone"),
+                        format!("unknown time zone {:?}", w.time_zone),
+                    );
+                }
+            }
+        }
+    }
 }
 
 struct Ctx<'a> {

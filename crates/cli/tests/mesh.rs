@@ -756,3 +756,113 @@ fn certificates_rotate_under_load_without_failing_a_request() {
     );
     eprintln!("{total} requests, 0 failed, across certificate rotations");
 }
+
+#[test]
+fn authorization_by_identity_path_and_method_at_the_receiving_sidecar() {
+    let dir = TempDir::new("authz");
+    let cp = ControlPlane::start(
+        "control",
+        dir.path(),
+        free_port(),
+        &dir.path().join("store").display().to_string(),
+    );
+    let url = cp.url();
+    let cat_port = free_port().to_string();
+    let cat_token = token(&cp, "product-catalog");
+    let _catalog = run(
+        dir.path(),
+        "catalog",
+        &[
+            "--control",
+            &url,
+            "--service",
+            "product-catalog",
+            "--port",
+            &cat_port,
+            "--health",
+            "http:/healthz",
+            "--token",
+            &cat_token,
+        ],
+        &[bin(), "demo-app", "product-catalog"],
+        &[("DEMO_VERSION", "v1")],
+    );
+    // Two callers with their own identities.
+    let mut ports = Vec::new();
+    let mut callers = Vec::new();
+    for name in ["orders", "intruder"] {
+        let t = token(&cp, name);
+        let up = free_port();
+        let arg = format!("product-catalog={up}");
+        callers.push(run(
+            dir.path(),
+            name,
+            &["--control", &url, "--upstream", &arg, "--token", &t],
+            &["sleep", "600"],
+            &[],
+        ));
+        ports.push(up);
+    }
+    let (orders, intruder) = (ports[0], ports[1]);
+    wait_versions(orders, &["v1"], Duration::from_secs(20));
+    wait_versions(intruder, &["v1"], Duration::from_secs(20));
+
+    let policy = dir.write(
+        "authz.yaml",
+        "apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: catalog-readers}
+spec:
+  targetRef: {kind: Service, name: product-catalog}
+  action: Allow
+  rules:
+    - from: {identities: [spiffe://trellis.local/ns/default/sa/orders]}
+      to: {paths: [/products/*], methods: [GET]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: hide-product-2}
+spec:
+  targetRef: {kind: Service, name: product-catalog}
+  action: Deny
+  rules:
+    - to: {paths: [/products/2]}
+",
+    );
+    let (code, out, err) = cp.cli(&["apply", "-f", policy.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let denied = wait_for(Duration::from_secs(10), "the intruder to be denied", || {
+        get(intruder, "/products/1")
+            .ok()
+            .filter(|r| r.status == 403)
+    });
+    assert_eq!(
+        denied.headers["trellis-proxy-error"],
+        "denied by no-allow-policy-matched"
+    );
+    assert_eq!(get(orders, "/products/1").unwrap().status, 200);
+    let r = http("POST", orders, "/products/1", "{}").unwrap();
+    assert_eq!(r.status, 403, "POST is not allowed");
+    let r = get(orders, "/products/2").unwrap();
+    assert_eq!(
+        (r.status, r.headers["trellis-proxy-error"].as_str()),
+        (403, "denied by default/hide-product-2")
+    );
+
+    // The Deny policy in audit mode: allowed again, counted as an audited denial.
+    let audit = dir.write(
+        "audit.yaml",
+        &std::fs::read_to_string(&policy)
+            .unwrap()
+            .replace("  action: Deny\n", "  action: Deny\n  mode: Audit\n"),
+    );
+    assert_eq!(cp.cli(&["apply", "-f", audit.to_str().unwrap()]).0, 0);
+    wait_for(Duration::from_secs(10), "audit mode", || {
+        get(orders, "/products/2").ok().filter(|r| r.status == 200)
+    });
+    let admin = admin_port(&_catalog);
+    assert!(
+        metric(admin, "trellis_authz_decisions_total{listener=\"inbound\",decision=\"audit_deny\",policy=\"default/hide-product-2\"}").unwrap_or(0.0) >= 1.0
+    );
+    drop(callers);
+}

@@ -131,6 +131,18 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
     for s in state.of_kind(Kind::MeshConfig) {
         add(&s.resource);
     }
+    // Authorization is enforced where the calls arrive: only a service's own sidecars get
+    // the policies of its namespace that target it (or every service there).
+    if let Some((ns, name)) = &key.own {
+        for s in state.of_kind(Kind::AuthorizationPolicy) {
+            if let Resource::AuthorizationPolicy(p) = &*s.resource
+                && &p.metadata.namespace == ns
+                && p.spec.target_ref.as_ref().is_none_or(|t| &t.name == name)
+            {
+                add(&s.resource);
+            }
+        }
+    }
     view
 }
 

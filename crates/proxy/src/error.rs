@@ -42,6 +42,9 @@ pub enum ProxyError {
     /// No response headers within the request timeout.
     #[error("upstream did not respond within {0:?}")]
     Timeout(Duration),
+    /// An authorization policy (or the default) refused the caller.
+    #[error("denied by {0}")]
+    Denied(std::sync::Arc<str>),
 }
 
 impl ProxyError {
@@ -57,6 +60,7 @@ impl ProxyError {
             | ProxyError::Closed(..)
             | ProxyError::UpstreamProtocol(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Denied(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -79,6 +83,7 @@ impl ProxyError {
             ProxyError::Closed(..) => "closed",
             ProxyError::UpstreamProtocol(..) => "upstream",
             ProxyError::Timeout(_) => "timeout",
+            ProxyError::Denied(_) => "denied",
         }
     }
 
@@ -94,6 +99,7 @@ impl ProxyError {
                 StatusCode::GATEWAY_TIMEOUT => "4",        // DEADLINE_EXCEEDED
                 StatusCode::INTERNAL_SERVER_ERROR => "13", // INTERNAL
                 StatusCode::BAD_REQUEST => "3",            // INVALID_ARGUMENT
+                StatusCode::FORBIDDEN => "7",              // PERMISSION_DENIED
                 _ => "14",                                 // UNAVAILABLE
             };
             let mut r = Response::new(body::empty());

@@ -76,6 +76,37 @@ pub async fn handle(
             parts.headers.insert(PEER_IDENTITY, v);
         }
     }
+    // 0. Authorize, at the inbound sidecar (pure decision over the snapshot and the clock).
+    if let ListenerKind::Inbound { authz, port, .. } = &listener.kind
+        && !authz.is_open()
+    {
+        let request = crate::authz::Request {
+            peer: conn.peer_identity.as_deref(),
+            http: Some((&parts.method, parts.uri.path(), &parts.headers)),
+            port: *port,
+        };
+        let verdict = authz.decide(&request, jiff::Timestamp::now());
+        shared.metrics.authz_verdict(
+            &listener.name,
+            &verdict,
+            &format_args!(
+                "{} {} from {}",
+                parts.method,
+                parts.uri.path(),
+                conn.peer_identity.as_deref().unwrap_or("(no identity)")
+            ),
+        );
+        if !verdict.allow {
+            return Ok(shared.fail(
+                direction,
+                &NONE,
+                &NONE,
+                ProxyError::Denied(verdict.policy),
+                grpc,
+                start,
+            ));
+        }
+    }
 
     // 1. Decide: which rule, which backend (pure).
     let fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {

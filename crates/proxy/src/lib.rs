@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+pub mod authz;
 pub mod balance;
 pub mod body;
 pub mod control;

@@ -53,6 +53,18 @@ pub struct SecurityLabels {
     pub security: &'static str,
 }
 
+/// Labels of an authorization decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// `allow`, `deny`, or `audit_deny` (allowed, but an audit-mode policy would deny).
+    pub decision: &'static str,
+    /// What decided: a policy `namespace/name`, a `MeshConfig`, `default`, or
+    /// `no-allow-policy-matched`.
+    pub policy: Arc<str>,
+}
+
 /// Labels of a protocol detection outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct DetectLabels {
@@ -114,6 +126,8 @@ pub struct Metrics {
     pub inbound_security: Family<SecurityLabels, Counter>,
     /// Expiry of this proxy's certificate, Unix seconds (0 without one).
     pub cert_expiry: Gauge,
+    /// Authorization decisions at inbound listeners.
+    pub authz: Family<AuthzLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -139,6 +153,7 @@ impl Default for Metrics {
             control_connected: Gauge::default(),
             inbound_security: Family::default(),
             cert_expiry: Gauge::default(),
+            authz: Family::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.clone());
@@ -207,6 +222,11 @@ impl Default for Metrics {
             "When this proxy's workload certificate expires (Unix seconds; 0 without one)",
             m.cert_expiry.clone(),
         );
+        registry.register(
+            "authz_decisions",
+            "Authorization decisions at inbound listeners, with the policy that decided",
+            m.authz.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -244,5 +264,31 @@ impl Metrics {
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl Metrics {
+    /// Counts an authorization verdict (and logs denials and audited denials).
+    pub fn authz_verdict(
+        &self,
+        listener: &Arc<str>,
+        v: &crate::authz::Verdict,
+        what: &dyn std::fmt::Display,
+    ) {
+        let (decision, policy) = match (&v.audit_denied_by, v.allow) {
+            (_, false) => ("deny", v.policy.clone()),
+            (Some(a), true) => ("audit_deny", a.clone()),
+            (None, true) => ("allow", v.policy.clone()),
+        };
+        if decision != "allow" {
+            tracing::info!(listener = %listener, decision, policy = %policy, "authorization: {what}");
+        }
+        self.authz
+            .get_or_create(&AuthzLabels {
+                listener: listener.clone(),
+                decision,
+                policy,
+            })
+            .inc();
     }
 }

@@ -392,6 +392,30 @@ async fn serve_connection(
     );
     match protocol {
         Protocol::Tcp => {
+            if let ListenerKind::Inbound { authz, port, .. } = &current.kind
+                && !authz.is_open()
+            {
+                let verdict = authz.decide(
+                    &crate::authz::Request {
+                        peer: peer_identity.as_deref(),
+                        http: None,
+                        port: *port,
+                    },
+                    jiff::Timestamp::now(),
+                );
+                shared.metrics.authz_verdict(
+                    &listener.name,
+                    &verdict,
+                    &format_args!(
+                        "TCP connection from {}",
+                        peer_identity.as_deref().unwrap_or("(no identity)")
+                    ),
+                );
+                if !verdict.allow {
+                    // Opaque TCP has no way to say why: the connection is closed.
+                    return Ok(());
+                }
+            }
             let backend = match &listener.kind {
                 ListenerKind::Inbound { app, .. } => app.clone(),
                 ListenerKind::Service(_, _, entry) => entry.backend.clone(),

@@ -89,6 +89,10 @@ pub enum ListenerKind {
         stats: Arc<RouteStats>,
         /// Whether plaintext from other sidecars is accepted.
         mtls: MtlsMode,
+        /// Who may call the application.
+        authz: Arc<crate::authz::Authz>,
+        /// The application's port (authorization's destination port).
+        port: u16,
     },
     /// Outbound to one service port (resolved when the snapshot is built).
     Service(ServiceKey, u16, Arc<PortEntry>),
@@ -399,6 +403,10 @@ impl Snapshot {
             })?;
             let state = b.endpoint(app, None);
             let mtls = mtls_mode(resources, &proxy.metadata.namespace, l.service.as_deref());
+            let authz = Arc::new(
+                authz_for(resources, &proxy.metadata.namespace, l.service.as_deref())
+                    .map_err(|e| Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", e)]))?,
+            );
             let backend = Arc::new(Backend {
                 name: format!("inbound/{}", l.name).into(),
                 protocol: l.protocol,
@@ -426,6 +434,8 @@ impl Snapshot {
                     stats: metrics.route_stats("inbound", &crate::decide::INBOUND, &backend.name),
                     app: backend,
                     mtls,
+                    authz,
+                    port: app.port(),
                 },
                 protocol: l.protocol,
             });
@@ -551,6 +561,46 @@ fn mtls_mode(resources: &[Located<Resource>], namespace: &str, service: Option<&
         .or_else(|| by_namespace(namespace))
         .or_else(|| by_namespace(trellis_api::meta::DEFAULT_NAMESPACE))
         .unwrap_or_default()
+}
+
+/// The authorization an inbound listener enforces: the namespace's policies that target its
+/// service (or no service), and the namespace's (else the mesh-wide) default.
+fn authz_for(
+    resources: &[Located<Resource>],
+    namespace: &str,
+    service: Option<&str>,
+) -> Result<crate::authz::Authz, String> {
+    let policies: Vec<(String, &trellis_api::authz::AuthorizationPolicySpec)> = resources
+        .iter()
+        .filter_map(|r| match &r.value {
+            Resource::AuthorizationPolicy(p)
+                if p.metadata.namespace == namespace
+                    && p.spec
+                        .target_ref
+                        .as_ref()
+                        .is_none_or(|t| Some(t.name.as_str()) == service) =>
+            {
+                Some((
+                    format!("{}/{}", p.metadata.namespace, p.metadata.name),
+                    &p.spec,
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    let mesh = |ns: &str| {
+        resources.iter().find_map(|r| match &r.value {
+            Resource::MeshConfig(m) if m.metadata.namespace == ns => Some((
+                m.spec.authorization.clone(),
+                format!("MeshConfig {ns}/{}", m.metadata.name),
+            )),
+            _ => None,
+        })
+    };
+    let (defaults, name) = mesh(namespace)
+        .or_else(|| mesh(trellis_api::meta::DEFAULT_NAMESPACE))
+        .unwrap_or_else(|| (Default::default(), "default".into()));
+    crate::authz::Authz::new(&policies, defaults.default_action, defaults.mode, &name)
 }
 
 struct Defaults {

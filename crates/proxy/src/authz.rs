@@ -1,0 +1,564 @@
+//! Authorization at the inbound sidecar: a pure decision over the compiled policies of the
+//! local service, the caller's identity, the request and the time (passed in, so tests use
+//! any clock). See `trellis_api::authz` for the semantics.
+
+use std::sync::Arc;
+use trellis_api::authz::{AuthorizationPolicySpec, AuthzAction, AuthzMode, Weekday, parse_hhmm};
+
+/// The policies one inbound listener enforces, and its default.
+#[derive(Debug, Default)]
+pub struct Authz {
+    policies: Vec<Policy>,
+    default_action: AuthzAction,
+    default_mode: AuthzMode,
+    default_name: Arc<str>,
+}
+
+#[derive(Debug)]
+struct Policy {
+    name: Arc<str>,
+    action: AuthzAction,
+    mode: AuthzMode,
+    rules: Vec<Rule>,
+}
+
+#[derive(Debug, Default)]
+struct Rule {
+    identities: Vec<String>,
+    namespaces: Vec<String>,
+    paths: Vec<String>,
+    methods: Vec<String>,
+    ports: Vec<u16>,
+    headers: Vec<(http::HeaderName, Vec<String>)>,
+    when: Option<Window>,
+}
+
+#[derive(Debug)]
+struct Window {
+    start: u16,
+    end: u16,
+    tz: jiff::tz::TimeZone,
+    days: Vec<Weekday>,
+}
+
+/// What is being authorized.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The caller's SPIFFE id (mutual TLS), if any.
+    pub peer: Option<&'a str>,
+    /// Method, path and headers; `None` for an opaque TCP connection.
+    pub http: Option<(&'a http::Method, &'a str, &'a http::HeaderMap)>,
+    /// The destination (application) port.
+    pub port: u16,
+}
+
+/// The outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Whether the request goes through.
+    pub allow: bool,
+    /// What decided: a policy (`namespace/name`), `default`, or `no-allow-policy-matched`.
+    pub policy: Arc<str>,
+    /// When an audit-mode policy (or default) would have denied a request that is allowed:
+    /// what would have denied it.
+    pub audit_denied_by: Option<Arc<str>>,
+}
+
+impl Authz {
+    /// Compiles `policies` (`(namespace/name, spec)`) with the namespace's default.
+    pub fn new(
+        policies: &[(String, &AuthorizationPolicySpec)],
+        default_action: AuthzAction,
+        default_mode: AuthzMode,
+        default_name: &str,
+    ) -> Result<Authz, String> {
+        let mut out = Vec::new();
+        for (name, spec) in policies {
+            let mut rules = Vec::new();
+            for r in &spec.rules {
+                let mut rule = Rule::default();
+                if let Some(f) = &r.from {
+                    rule.identities = f.identities.clone();
+                    rule.namespaces = f.namespaces.clone();
+                }
+                if let Some(t) = &r.to {
+                    rule.paths = t.paths.clone();
+                    rule.methods = t.methods.clone();
+                    rule.ports = t.ports.clone();
+                    for h in &t.headers {
+                        let n = http::HeaderName::from_bytes(h.name.as_bytes())
+                            .map_err(|e| format!("{name}: header {:?}: {e}", h.name))?;
+                        rule.headers.push((n, h.values.clone()));
+                    }
+                }
+                if let Some(w) = &r.when {
+                    rule.when = Some(Window {
+                        start: parse_hhmm(&w.start)
+                            .ok_or_else(|| format!("{name}: start {:?}", w.start))?,
+                        end: parse_hhmm(&w.end)
+                            .ok_or_else(|| format!("{name}: end {:?}", w.end))?,
+                        tz: jiff::tz::TimeZone::get(&w.time_zone)
+                            .map_err(|e| format!("{name}: time zone {:?}: {e}", w.time_zone))?,
+                        days: w.days.clone(),
+                    });
+                }
+                rules.push(rule);
+            }
+            out.push(Policy {
+                name: name.as_str().into(),
+                action: spec.action,
+                mode: spec.mode,
+                rules,
+            });
+        }
+        Ok(Authz {
+            policies: out,
+            default_action,
+            default_mode,
+            default_name: default_name.into(),
+        })
+    }
+
+    /// Whether anything is configured beyond allowing everything.
+    pub fn is_open(&self) -> bool {
+        self.policies.is_empty() && self.default_action == AuthzAction::Allow
+    }
+
+    /// Decides `req` at `now`.
+    pub fn decide(&self, req: &Request<'_>, now: jiff::Timestamp) -> Verdict {
+        let enforced = self.eval(req, now, false);
+        let full = self.eval(req, now, true);
+        match (enforced, full) {
+            ((true, policy), (false, audit)) => Verdict {
+                allow: true,
+                policy,
+                audit_denied_by: Some(audit),
+            },
+            ((allow, policy), _) => Verdict {
+                allow,
+                policy,
+                audit_denied_by: None,
+            },
+        }
+    }
+
+    /// The decision counting only enforcing policies (`with_audit` false) or all of them.
+    fn eval(&self, req: &Request<'_>, now: jiff::Timestamp, with_audit: bool) -> (bool, Arc<str>) {
+        let active = self
+            .policies
+            .iter()
+            .filter(|p| with_audit || p.mode == AuthzMode::Enforce);
+        let mut allow_policies = false;
+        let mut allowed_by = None;
+        for p in active {
+            let matched = p.rules.iter().any(|r| r.matches(req, now));
+            match p.action {
+                AuthzAction::Deny if matched => return (false, p.name.clone()),
+                AuthzAction::Deny => {}
+                AuthzAction::Allow => {
+                    allow_policies = true;
+                    if matched && allowed_by.is_none() {
+                        allowed_by = Some(p.name.clone());
+                    }
+                }
+            }
+        }
+        if allow_policies {
+            return match allowed_by {
+                Some(name) => (true, name),
+                None => (false, "no-allow-policy-matched".into()),
+            };
+        }
+        let default_allows = self.default_action == AuthzAction::Allow
+            || (!with_audit && self.default_mode == AuthzMode::Audit);
+        (default_allows, self.default_name.clone())
+    }
+}
+
+impl Rule {
+    fn matches(&self, req: &Request<'_>, now: jiff::Timestamp) -> bool {
+        if !self.identities.is_empty()
+            && !req
+                .peer
+                .is_some_and(|p| self.identities.iter().any(|i| i == p))
+        {
+            return false;
+        }
+        if !self.namespaces.is_empty()
+            && !req
+                .peer
+                .and_then(namespace_of)
+                .is_some_and(|ns| self.namespaces.iter().any(|n| n == ns))
+        {
+            return false;
+        }
+        if !self.ports.is_empty() && !self.ports.contains(&req.port) {
+            return false;
+        }
+        let needs_http =
+            !self.paths.is_empty() || !self.methods.is_empty() || !self.headers.is_empty();
+        if needs_http {
+            // HTTP conditions never match an opaque connection.
+            let Some((method, path, headers)) = req.http else {
+                return false;
+            };
+            if !self.paths.is_empty() && !self.paths.iter().any(|p| path_matches(p, path)) {
+                return false;
+            }
+            if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method.as_str()) {
+                return false;
+            }
+            for (name, values) in &self.headers {
+                let ok = headers
+                    .get_all(name)
+                    .iter()
+                    .any(|v| v.to_str().is_ok_and(|v| values.iter().any(|x| x == v)));
+                if !ok {
+                    return false;
+                }
+            }
+        }
+        match &self.when {
+            Some(w) => w.contains(now),
+            None => true,
+        }
+    }
+}
+
+impl Window {
+    fn contains(&self, now: jiff::Timestamp) -> bool {
+        let local = now.to_zoned(self.tz.clone());
+        let minute =
+            u16::try_from(i32::from(local.hour()) * 60 + i32::from(local.minute())).unwrap_or(0);
+        let today = weekday(local.weekday());
+        let yesterday = weekday(local.weekday().previous());
+        let day_ok = |d: Weekday| self.days.is_empty() || self.days.contains(&d);
+        if self.start < self.end {
+            day_ok(today) && minute >= self.start && minute < self.end
+        } else {
+            // Wraps past midnight: the evening part belongs to today, the early-morning part to
+            // the day the window started.
+            (day_ok(today) && minute >= self.start) || (day_ok(yesterday) && minute < self.end)
+        }
+    }
+}
+
+fn weekday(d: jiff::civil::Weekday) -> Weekday {
+    use jiff::civil::Weekday as W;
+    match d {
+        W::Monday => Weekday::Mon,
+        W::Tuesday => Weekday::Tue,
+        W::Wednesday => Weekday::Wed,
+        W::Thursday => Weekday::Thu,
+        W::Friday => Weekday::Fri,
+        W::Saturday => Weekday::Sat,
+        W::Sunday => Weekday::Sun,
+    }
+}
+
+/// The namespace of a SPIFFE id `spiffe://td/ns/NS/sa/SA`.
+fn namespace_of(id: &str) -> Option<&str> {
+    let rest = id.strip_prefix("spiffe://")?;
+    let mut parts = rest.split('/');
+    parts.next()?;
+    (parts.next()? == "ns").then_some(())?;
+    parts.next()
+}
+
+fn path_matches(pattern: &str, path: &str) -> bool {
+    let path = path.split('?').next().unwrap_or(path);
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_suffix("/*") {
+        Some(prefix) => path == prefix || path.starts_with(&format!("{prefix}/")),
+        None => path == pattern,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> AuthorizationPolicySpec {
+        serde_saphyr::from_str(yaml).unwrap()
+    }
+
+    const ORDERS: &str = "spiffe://td/ns/shop/sa/orders";
+    const WEB: &str = "spiffe://td/ns/web/sa/frontend";
+
+    fn at(text: &str) -> jiff::Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn rule_kinds_table() {
+        let get = http::Method::GET;
+        let post = http::Method::POST;
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-role", "admin".parse().unwrap());
+        let none = http::HeaderMap::new();
+        let noon = at("2026-11-23T12:00:00Z"); // a Monday
+        let http = |m, p, h| Request {
+            peer: Some(ORDERS),
+            http: Some((m, p, h)),
+            port: 8080,
+        };
+        let allow_orders =
+            format!("action: Allow\nrules: [{{from: {{identities: [\"{ORDERS}\"]}}}}]");
+        let allow_web = format!("action: Allow\nrules: [{{from: {{identities: [\"{WEB}\"]}}}}]");
+        type Case<'a> = (&'a str, Request<'a>, jiff::Timestamp, bool);
+        let cases: Vec<Case> = vec![
+            // identity: exact, and all of a namespace
+            (&allow_orders, http(&get, "/", &none), noon, true),
+            (&allow_web, http(&get, "/", &none), noon, false),
+            (
+                "action: Allow\nrules: [{from: {namespaces: [shop]}}]",
+                http(&get, "/", &none),
+                noon,
+                true,
+            ),
+            (
+                "action: Allow\nrules: [{from: {namespaces: [web]}}]",
+                http(&get, "/", &none),
+                noon,
+                false,
+            ),
+            // no identity (plaintext) never matches an identity condition
+            (
+                "action: Allow\nrules: [{from: {namespaces: [shop]}}]",
+                Request {
+                    peer: None,
+                    http: Some((&get, "/", &none)),
+                    port: 8080,
+                },
+                noon,
+                false,
+            ),
+            // path exact / prefix / any; method; header; port
+            (
+                "action: Allow\nrules: [{to: {paths: [/orders]}}]",
+                http(&get, "/orders?id=1", &none),
+                noon,
+                true,
+            ),
+            (
+                "action: Allow\nrules: [{to: {paths: [/orders]}}]",
+                http(&get, "/orders/1", &none),
+                noon,
+                false,
+            ),
+            (
+                "action: Allow\nrules: [{to: {paths: [/orders/*]}}]",
+                http(&get, "/orders/1", &none),
+                noon,
+                true,
+            ),
+            (
+                "action: Allow\nrules: [{to: {paths: [/orders/*]}}]",
+                http(&get, "/ordersx", &none),
+                noon,
+                false,
+            ),
+            (
+                "action: Allow\nrules: [{to: {paths: ['*']}}]",
+                http(&get, "/x", &none),
+                noon,
+                true,
+            ),
+            (
+                "action: Allow\nrules: [{to: {methods: [GET]}}]",
+                http(&post, "/", &none),
+                noon,
+                false,
+            ),
+            (
+                "action: Allow\nrules: [{to: {headers: [{name: X-Role, values: [admin]}]}}]",
+                http(&get, "/", &headers),
+                noon,
+                true,
+            ),
+            (
+                "action: Allow\nrules: [{to: {headers: [{name: x-role, values: [admin]}]}}]",
+                http(&get, "/", &none),
+                noon,
+                false,
+            ),
+            (
+                "action: Allow\nrules: [{to: {ports: [8080]}}]",
+                http(&get, "/", &none),
+                noon,
+                true,
+            ),
+            (
+                "action: Allow\nrules: [{to: {ports: [9090]}}]",
+                http(&get, "/", &none),
+                noon,
+                false,
+            ),
+            // HTTP conditions never match TCP; identity ones do
+            (
+                "action: Allow\nrules: [{to: {paths: ['*']}}]",
+                Request {
+                    peer: Some(ORDERS),
+                    http: None,
+                    port: 8080,
+                },
+                noon,
+                false,
+            ),
+            (
+                "action: Allow\nrules: [{from: {namespaces: [shop]}}]",
+                Request {
+                    peer: Some(ORDERS),
+                    http: None,
+                    port: 8080,
+                },
+                noon,
+                true,
+            ),
+            // deny wins over allow elsewhere; a non-matching deny denies nothing
+            (
+                "action: Deny\nrules: [{to: {paths: [/admin/*]}}]",
+                http(&get, "/admin/x", &none),
+                noon,
+                false,
+            ),
+            (
+                "action: Deny\nrules: [{to: {paths: [/admin/*]}}]",
+                http(&get, "/public", &none),
+                noon,
+                true,
+            ),
+            // time windows, in a time zone, with days; wrapping past midnight
+            (
+                "action: Allow\nrules: [{when: {start: '09:00', end: '17:00', timeZone: Europe/Berlin}}]",
+                http(&get, "/", &none),
+                noon,
+                true,
+            ),
+            (
+                "action: Allow\nrules: [{when: {start: '09:00', end: '12:30', timeZone: Europe/Berlin}}]",
+                http(&get, "/", &none),
+                noon,
+                false,
+            ),
+            (
+                "action: Allow\nrules: [{when: {start: '09:00', end: '17:00', timeZone: Europe/Berlin, days: [Sat, Sun]}}]",
+                http(&get, "/", &none),
+                noon,
+                false,
+            ),
+            (
+                "action: Allow\nrules: [{when: {start: '22:00', end: '06:00', timeZone: UTC, days: [Sun]}}]",
+                http(&get, "/", &none),
+                at("2026-11-23T03:00:00Z"),
+                true,
+            ),
+            (
+                "action: Allow\nrules: [{when: {start: '22:00', end: '06:00', timeZone: UTC, days: [Mon]}}]",
+                http(&get, "/", &none),
+                at("2026-11-23T03:00:00Z"),
+                false,
+            ),
+            (
+                "action: Allow\nrules: [{when: {start: '22:00', end: '06:00', timeZone: UTC}}]",
+                http(&get, "/", &none),
+                noon,
+                false,
+            ),
+        ];
+        for (yaml, req, now, want) in cases {
+            let s = spec(yaml);
+            let a = Authz::new(
+                &[("shop/p".into(), &s)],
+                AuthzAction::Allow,
+                AuthzMode::Enforce,
+                "default",
+            )
+            .unwrap();
+            assert_eq!(a.decide(&req, now).allow, want, "{yaml} {req:?} at {now}");
+        }
+    }
+
+    #[test]
+    fn defaults_deny_wins_and_audit_mode() {
+        let get = http::Method::GET;
+        let none = http::HeaderMap::new();
+        let now = at("2026-11-23T12:00:00Z");
+        let req = Request {
+            peer: Some(ORDERS),
+            http: Some((&get, "/admin/x", &none)),
+            port: 80,
+        };
+        // No policies: the default decides.
+        let open = Authz::new(&[], AuthzAction::Allow, AuthzMode::Enforce, "default").unwrap();
+        assert!(open.decide(&req, now).allow);
+        let closed = Authz::new(
+            &[],
+            AuthzAction::Deny,
+            AuthzMode::Enforce,
+            "MeshConfig default/mesh",
+        )
+        .unwrap();
+        let v = closed.decide(&req, now);
+        assert!(!v.allow);
+        assert_eq!(&*v.policy, "MeshConfig default/mesh");
+        // Default deny in audit mode: allowed, reported.
+        let audited = Authz::new(
+            &[],
+            AuthzAction::Deny,
+            AuthzMode::Audit,
+            "MeshConfig default/mesh",
+        )
+        .unwrap();
+        let v = audited.decide(&req, now);
+        assert!(v.allow);
+        assert_eq!(
+            v.audit_denied_by.as_deref(),
+            Some("MeshConfig default/mesh")
+        );
+        // Deny beats a matching allow, and names itself.
+        let allow = spec("action: Allow\nrules: [{from: {namespaces: [shop]}}]");
+        let deny = spec("action: Deny\nrules: [{to: {paths: [/admin/*]}}]");
+        let both = Authz::new(
+            &[("shop/allow".into(), &allow), ("shop/deny".into(), &deny)],
+            AuthzAction::Allow,
+            AuthzMode::Enforce,
+            "default",
+        )
+        .unwrap();
+        let v = both.decide(&req, now);
+        assert_eq!((v.allow, &*v.policy), (false, "shop/deny"));
+        // With an Allow policy present, a request it does not match is denied.
+        let other = Request {
+            peer: Some(WEB),
+            ..req
+        };
+        let only_allow = Authz::new(
+            &[("shop/allow".into(), &allow)],
+            AuthzAction::Allow,
+            AuthzMode::Enforce,
+            "default",
+        )
+        .unwrap();
+        let v = only_allow.decide(&other, now);
+        assert_eq!((v.allow, &*v.policy), (false, "no-allow-policy-matched"));
+        // The deny in audit mode: allowed, and reported as what would have denied.
+        let deny_audit = spec("action: Deny\nmode: Audit\nrules: [{to: {paths: [/admin/*]}}]");
+        let a = Authz::new(
+            &[
+                ("shop/allow".into(), &allow),
+                ("shop/deny".into(), &deny_audit),
+            ],
+            AuthzAction::Allow,
+            AuthzMode::Enforce,
+            "default",
+        )
+        .unwrap();
+        let v = a.decide(&req, now);
+        assert!(v.allow);
+        assert_eq!(&*v.policy, "shop/allow");
+        assert_eq!(v.audit_denied_by.as_deref(), Some("shop/deny"));
+    }
+}
