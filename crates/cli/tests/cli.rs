@@ -184,6 +184,17 @@ spec:
 #[test]
 fn config_reference_embeds_every_example_verbatim() {
     let doc = std::fs::read_to_string(repo().join("docs/config.md")).unwrap();
+    // Every kind has an example (which `every_example_validates` checks).
+    let examples: String = std::fs::read_dir(repo().join("docs/examples"))
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    for kind in trellis_api::Kind::ALL {
+        assert!(
+            examples.contains(&format!("kind: {kind}\n")),
+            "docs/examples has no {kind}"
+        );
+    }
     for entry in std::fs::read_dir(repo().join("docs/examples")).unwrap() {
         let path = entry.unwrap().path();
         let text = std::fs::read_to_string(&path).unwrap();
