@@ -48,6 +48,16 @@ pub async fn demo(o: DemoOptions) -> Result<i32> {
         trellis_control::Settings::default(),
     )
     .await?;
+    // Every sidecar gets an identity (a join token per service), so all demo traffic between
+    // sidecars is mutual TLS.
+    let mut tokens = std::collections::HashMap::new();
+    for svc in ["product-catalog", "inventory", "payment", "order-processing", "load-generator"] {
+        let (t, _) = control
+            .create_token("default", svc, Duration::from_secs(3600))
+            .await
+            .map_err(|e| anyhow::anyhow!("creating a join token: {e}"))?;
+        tokens.insert(svc, t);
+    }
     let stop_control = CancellationToken::new();
     let server = tokio::spawn(trellis_control::serve(
         control,
@@ -93,6 +103,9 @@ pub async fn demo(o: DemoOptions) -> Result<i32> {
             name
         };
         cmd.arg("--").arg(&exe).arg("demo-app").arg(app);
+        if let Some(t) = tokens.get(service.unwrap_or(name)) {
+            cmd.env("TRELLIS_TOKEN", t);
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -231,7 +244,8 @@ fn print_banner(control: &str, cli: &str, dir: &Path, logs: &Path, orders: u16) 
 Trellis demo is running.
 
   control plane   {control}   (data in {dir})
-  services        product-catalog (v1, v2), order-processing, inventory, payment
+  services        product-catalog (v1, v2), order-processing, inventory, payment;
+                  every sidecar has a SPIFFE identity and they talk mutual TLS
   load            order-processing via the load generator's sidecar (127.0.0.1:{orders})
   logs            {logs}
 

@@ -505,9 +505,30 @@ fn demo_starts_serves_traffic_through_sidecars_and_stops_cleanly() {
     let all = tree(demo.pid());
     assert!(all.len() >= 13, "demo, 6 sidecars and their apps: {all:?}");
     signal(demo.pid(), "INT");
-    let status = wait_for(Duration::from_secs(30), "the demo to stop", || {
-        demo.child.try_wait().ok().flatten()
-    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Ok(Some(s)) = demo.child.try_wait() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let left: Vec<String> = all
+                .iter()
+                .filter(|p| alive(**p))
+                .map(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                        .unwrap_or_default()
+                        .replace('\0', " ")
+                })
+                .collect();
+            let text = std::fs::read_to_string(&out).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            panic!(
+                "the demo did not stop in 30 s; still running: {left:#?}\nlast output:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert!(status.success(), "{status}");
     let left: Vec<u32> = all.into_iter().filter(|p| alive(*p)).collect();
     assert!(left.is_empty(), "processes left behind: {left:?}");
