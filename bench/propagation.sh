@@ -10,6 +10,8 @@ ROUNDS=${ROUNDS:-20}
 PROFILE=${PROFILE:-quick-release}
 # Each simulated proxy holds one socket in this process and one in the control plane.
 ulimit -n "$(( PROXIES * 2 + 1024 ))" 2>/dev/null || true
-cargo build --profile "$PROFILE" -p trellis-cli -p trellis-control --example propagation
+# `--example` alone would select only the example: build the binary separately.
+cargo build --profile "$PROFILE" -p trellis-cli
+cargo build --profile "$PROFILE" -p trellis-control --example propagation
 echo "== $(date -u +%FT%TZ) $(nproc) cores; PROXIES=$PROXIES ROUNDS=$ROUNDS PROFILE=$PROFILE"
 "target/$PROFILE/examples/propagation" "target/$PROFILE/trellis" "$PROXIES" "$ROUNDS"

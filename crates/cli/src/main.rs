@@ -51,6 +51,9 @@ enum Command {
         /// With --control: this proxy's id (default: the Proxy's name and the process id).
         #[arg(long)]
         node_id: Option<String>,
+        /// With --control: a join token for this proxy's certificate (mutual TLS).
+        #[arg(long, env = "TRELLIS_TOKEN", hide_env_values = true, requires = "control")]
+        token: Option<String>,
         /// Worker threads for the data path.
         #[arg(long, default_value_t = default_threads())]
         threads: usize,
@@ -312,11 +315,12 @@ fn run(command: Command) -> Result<i32> {
             control,
             state_dir,
             node_id,
+            token,
             threads,
             watch_interval,
         } => runtime(threads)?.block_on(async move {
             match control {
-                Some(url) => proxy_following(config, url, state_dir, node_id).await,
+                Some(url) => proxy_following(config, url, state_dir, node_id, token).await,
                 None => proxy(config, watch_interval).await,
             }
         }),
@@ -506,6 +510,7 @@ async fn proxy_following(
     url: String,
     state_dir: PathBuf,
     node_id: Option<String>,
+    token: Option<String>,
 ) -> Result<i32> {
     client::check_url(&url)?;
     let source = config.display().to_string();
@@ -521,6 +526,7 @@ async fn proxy_following(
     let id = node_id.unwrap_or_else(|| format!("{name}-{}", std::process::id()));
     let node = run::node_for(id, "", &local);
     let proxy = run::start_sidecar(&url, local, node, &state_dir).await?;
+    run::start_identity(&proxy, &url, token, &state_dir).await?;
     tracing::info!(admin = %proxy.admin_addr(), control = %url, "proxy started");
     shutdown_signal().await;
     let deadline = proxy.snapshot().settings.drain_timeout;

@@ -65,6 +65,31 @@ pub async fn start_sidecar(
     Ok(proxy)
 }
 
+/// Gives the proxy its identity: from the persisted certificate, or a join token; then keeps
+/// it renewed. Without either the sidecar runs without mutual TLS (peers in strict mode will
+/// refuse it). Returns the SPIFFE id.
+pub async fn start_identity(
+    proxy: &Arc<Proxy>,
+    control: &str,
+    token: Option<String>,
+    state_dir: &Path,
+) -> Result<Option<String>> {
+    let cfg = trellis_proxy::identity::IdentityConfig {
+        endpoints: endpoints(control),
+        token: token.clone(),
+        state_dir: state_dir.to_path_buf(),
+    };
+    if token.is_none() && !state_dir.join("identity.json").exists() {
+        tracing::warn!("no --token: this sidecar has no identity and uses no mutual TLS");
+        return Ok(None);
+    }
+    let (key, issued) = trellis_proxy::identity::bootstrap(proxy, &cfg)
+        .await
+        .context("getting a workload certificate")?;
+    tokio::spawn(trellis_proxy::identity::renew(proxy.clone(), cfg, key, issued));
+    Ok(proxy.credentials().map(|c| c.identity().to_string()))
+}
+
 /// The replicas in a `--control` value: comma-separated URLs.
 pub fn endpoints(control: &str) -> Vec<String> {
     control
@@ -87,6 +112,11 @@ pub fn node_for(id: String, service: &str, local: &[Located<Resource>]) -> wire:
     for r in local {
         if let Resource::Proxy(p) = &r.value {
             node.namespace = p.metadata.namespace.clone();
+            if node.service.is_empty()
+                && let Some(svc) = p.spec.inbound.iter().find_map(|l| l.service.clone())
+            {
+                node.service = svc;
+            }
             for l in &p.spec.outbound {
                 match &l.service {
                     Some(t) => node.upstreams.push(match &t.namespace {
@@ -264,28 +294,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
     let proxy = start_sidecar(&o.control, local, node, &state_dir).await?;
     tracing::info!(admin = %proxy.admin_addr(), http_proxy = %http_proxy, "sidecar started");
 
-    // Identity: from the persisted certificate, or a join token. Without either the
-    // sidecar runs without mutual TLS (peers in strict mode will refuse it).
-    let id_cfg = trellis_proxy::identity::IdentityConfig {
-        endpoints: endpoints(&o.control),
-        token: o.token.clone(),
-        state_dir: state_dir.clone(),
-    };
-    let identity = if o.token.is_some() || state_dir.join("identity.json").exists() {
-        let (key, issued) = trellis_proxy::identity::bootstrap(&proxy, &id_cfg)
-            .await
-            .context("getting a workload certificate")?;
-        tokio::spawn(trellis_proxy::identity::renew(
-            proxy.clone(),
-            id_cfg,
-            key,
-            issued,
-        ));
-        proxy.credentials().map(|c| c.identity().to_string())
-    } else {
-        tracing::warn!("no --token: this sidecar has no identity and uses no mutual TLS");
-        None
-    };
+    let identity = start_identity(&proxy, &o.control, o.token.clone(), &state_dir).await?;
 
     let mut cmd = tokio::process::Command::new(&o.command[0]);
     cmd.args(&o.command[1..])
