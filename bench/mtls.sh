@@ -43,7 +43,7 @@ NGINX
 nginx -c "$TMP/nginx.conf" & PIDS+=($!)
 wait_port "$UP"
 
-export TRELLIS_CONTROL=http://127.0.0.1:$CP
+export TRELLIS_CONTROL=http://127.0.0.1:$CP TRELLIS_ADMIN_TOKEN_FILE=$TMP/store/admin-token
 "$T" --log warn control --listen 127.0.0.1:$CP --store "$TMP/store" & PIDS+=($!)
 wait_port "$CP"
 TOK_IN=$("$T" token create --service upstream 2>/dev/null)

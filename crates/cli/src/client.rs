@@ -12,6 +12,7 @@ use serde::de::DeserializeOwned;
 /// The control plane a CLI command talks to.
 pub struct Api {
     base: String,
+    token: Option<String>,
     client: Client<HttpConnector, Full<Bytes>>,
 }
 
@@ -40,6 +41,7 @@ impl Api {
                 .trim_end_matches('/')
                 .to_string(),
             client: Client::builder(TokioExecutor::new()).build_http(),
+            token: admin_token(),
         }
     }
 
@@ -59,11 +61,14 @@ impl Api {
         body: Option<Vec<u8>>,
     ) -> Result<T> {
         let url = format!("{}{path}", self.base);
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method(method)
             .uri(&url)
-            .header(http::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+            .header(http::header::CONTENT_TYPE, "application/json");
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let resp = tokio::time::timeout(std::time::Duration::from_secs(30), self.client.request(req))
             .await
             .map_err(|_| anyhow!("{url}: no answer within 30s"))?
@@ -87,6 +92,23 @@ impl Api {
         }
         serde_json::from_slice(&bytes).with_context(|| format!("reading the answer from {url}"))
     }
+}
+
+/// The admin token: `TRELLIS_ADMIN_TOKEN`, else the file `TRELLIS_ADMIN_TOKEN_FILE` names,
+/// else `trellis-data/admin-token` (where `trellis control` with its default store writes it).
+fn admin_token() -> Option<String> {
+    if let Ok(t) = std::env::var("TRELLIS_ADMIN_TOKEN")
+        && !t.trim().is_empty()
+    {
+        return Some(t.trim().to_string());
+    }
+    let file = std::env::var_os("TRELLIS_ADMIN_TOKEN_FILE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| "trellis-data/admin-token".into());
+    std::fs::read_to_string(file)
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
 }
 
 /// Fails unless `text` is a URL this client can use.

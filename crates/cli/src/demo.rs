@@ -43,15 +43,25 @@ pub async fn demo(o: DemoOptions) -> Result<i32> {
     };
     let control_addr = listener.local_addr()?;
     let control_url = format!("http://{control_addr}");
+    let admin_token_file = dir.join("admin-token");
     let control = trellis_control::Control::open(
         &StoreSpec::Dir(dir.join("store")),
-        trellis_control::Settings::default(),
+        trellis_control::Settings {
+            admin_token_file: Some(admin_token_file.clone()),
+            ..trellis_control::Settings::default()
+        },
     )
     .await?;
     // Every sidecar gets an identity (a join token per service), so all demo traffic between
     // sidecars is mutual TLS.
     let mut tokens = std::collections::HashMap::new();
-    for svc in ["product-catalog", "inventory", "payment", "order-processing", "load-generator"] {
+    for svc in [
+        "product-catalog",
+        "inventory",
+        "payment",
+        "order-processing",
+        "load-generator",
+    ] {
         let (t, _) = control
             .create_token("default", svc, Duration::from_secs(3600))
             .await
@@ -164,7 +174,14 @@ pub async fn demo(o: DemoOptions) -> Result<i32> {
             &[("TARGET_URL", url(orders_up)), ("RATE", o.rate.to_string())],
         )?,
     ];
-    print_banner(&control_url, &cli_name(&exe), &dir, &logs, orders_up);
+    print_banner(
+        &control_url,
+        &cli_name(&exe),
+        &dir,
+        &logs,
+        orders_up,
+        &admin_token_file,
+    );
 
     let signal = crate::shutdown_signal();
     tokio::pin!(signal);
@@ -233,12 +250,16 @@ fn cli_name(exe: &Path) -> String {
     }
 }
 
-fn print_banner(control: &str, cli: &str, dir: &Path, logs: &Path, orders: u16) {
-    let env = if control == "http://127.0.0.1:7070" {
+fn print_banner(control: &str, cli: &str, dir: &Path, logs: &Path, orders: u16, token: &Path) {
+    let mut env = if control == "http://127.0.0.1:7070" {
         String::new()
     } else {
         format!("  export TRELLIS_CONTROL={control}\n")
     };
+    env.push_str(&format!(
+        "  export TRELLIS_ADMIN_TOKEN_FILE={}   # the config API needs the admin token\n",
+        token.display()
+    ));
     println!(
         r#"
 Trellis demo is running.

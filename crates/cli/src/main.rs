@@ -52,7 +52,12 @@ enum Command {
         #[arg(long)]
         node_id: Option<String>,
         /// With --control: a join token for this proxy's certificate (mutual TLS).
-        #[arg(long, env = "TRELLIS_TOKEN", hide_env_values = true, requires = "control")]
+        #[arg(
+            long,
+            env = "TRELLIS_TOKEN",
+            hide_env_values = true,
+            requires = "control"
+        )]
         token: Option<String>,
         /// Worker threads for the data path.
         #[arg(long, default_value_t = default_threads())]
@@ -91,6 +96,10 @@ enum Command {
         /// The roots to trust (PEM, several during a rotation); default: --ca-cert itself.
         #[arg(long)]
         ca_bundle: Option<PathBuf>,
+        /// Where the admin token is written when it is created (first start); default
+        /// STORE-DIR/admin-token, or ./trellis-admin-token with etcd.
+        #[arg(long)]
+        admin_token_file: Option<PathBuf>,
     },
     /// Join tokens: what a sidecar presents to get its first certificate.
     Token {
@@ -334,6 +343,7 @@ fn run(command: Command) -> Result<i32> {
             ca_key,
             ca_chain,
             ca_bundle,
+            admin_token_file,
         } => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -356,7 +366,12 @@ fn run(command: Command) -> Result<i32> {
                 }
                 _ => None,
             };
+            let admin_token_file = admin_token_file.or_else(|| match StoreSpec::parse(&store) {
+                Ok(StoreSpec::Dir(d)) => Some(d.join("admin-token")),
+                _ => Some(PathBuf::from("trellis-admin-token")),
+            });
             let settings = trellis_control::Settings {
+                admin_token_file,
                 default_ttl,
                 identity: trellis_control::identity::IdentitySettings {
                     trust_domain,

@@ -86,7 +86,12 @@ pub async fn start_identity(
     let (key, issued) = trellis_proxy::identity::bootstrap(proxy, &cfg)
         .await
         .context("getting a workload certificate")?;
-    tokio::spawn(trellis_proxy::identity::renew(proxy.clone(), cfg, key, issued));
+    tokio::spawn(trellis_proxy::identity::renew(
+        proxy.clone(),
+        cfg,
+        key,
+        issued,
+    ));
     Ok(proxy.credentials().map(|c| c.identity().to_string()))
 }
 

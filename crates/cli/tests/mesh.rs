@@ -488,7 +488,11 @@ fn demo_starts_serves_traffic_through_sidecars_and_stops_cleanly() {
                 .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
         })
         .expect("the banner names the control plane");
-    let (code, workloads, _) = cli(&control, &["get", "workloads"]);
+    let (code, workloads, _) = cli(
+        &control,
+        &dir.path().join("data/admin-token"),
+        &["get", "workloads"],
+    );
     assert_eq!(code, 0);
     for svc in [
         "product-catalog",
@@ -498,7 +502,11 @@ fn demo_starts_serves_traffic_through_sidecars_and_stops_cleanly() {
     ] {
         assert!(workloads.contains(svc), "{svc} registered: {workloads}");
     }
-    let (_, proxies, _) = cli(&control, &["get", "proxies"]);
+    let (_, proxies, _) = cli(
+        &control,
+        &dir.path().join("data/admin-token"),
+        &["get", "proxies"],
+    );
     assert_eq!(proxies.matches("in sync").count(), 6, "{proxies}");
 
     // Ctrl-C stops everything and leaves no process behind.
@@ -685,7 +693,12 @@ fn certificates_rotate_under_load_without_failing_a_request() {
         assert!(!proc.exited(), "{}", proc.log_text());
         get(port, "/live").ok().filter(|r| r.status == 200)
     });
-    let cp = ControlPlane { proc, port };
+    let cp = ControlPlane {
+        proc,
+        port,
+        // The default place: the store directory.
+        token: dir.path().join("store/admin-token"),
+    };
     let url = cp.url();
     let strict = dir.write(
         "strict.yaml",
@@ -886,4 +899,45 @@ spec:
         metric(admin, "trellis_authz_decisions_total{listener=\"inbound\",decision=\"audit_deny\",policy=\"default/hide-product-2\"}").unwrap_or(0.0) >= 1.0
     );
     drop(callers);
+}
+
+#[test]
+fn the_config_api_refuses_clients_without_the_admin_token() {
+    let dir = TempDir::new("auth");
+    let cp = ControlPlane::start(
+        "control",
+        dir.path(),
+        free_port(),
+        &dir.path().join("store").display().to_string(),
+    );
+    let token = std::fs::read_to_string(&cp.token).unwrap();
+    assert_eq!(token.trim().len(), 64, "a 256-bit token, hex");
+    // Raw HTTP without a token: nothing can be read, changed, or tokens created.
+    for (method, path, body) in [
+        ("GET", "/v1/resources/services", ""),
+        ("GET", "/v1/resources/proxies", ""),
+        ("POST", "/v1/apply", r#"{"files":[]}"#),
+        ("POST", "/v1/delete", r#"{"keys":[]}"#),
+        ("POST", "/v1/tokens", r#"{"service":"x"}"#),
+    ] {
+        let r = http(method, cp.port, path, body).unwrap();
+        assert_eq!(r.status, 401, "{method} {path}: {r:?}");
+    }
+    // A wrong token is refused the same way, through the CLI too.
+    let wrong = dir.write("wrong-token", &"0".repeat(64));
+    let (code, _, err) = cli(&cp.url(), &wrong, &["get", "services"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("wrong admin token"), "{err}");
+    let (code, _, err) = cli(
+        &cp.url(),
+        &dir.path().join("missing"),
+        &["token", "create", "--service", "x"],
+    );
+    assert_ne!(code, 0);
+    assert!(err.contains("admin token"), "{err}");
+    // The right one works; the public trust bundle needs none.
+    assert_eq!(cp.cli(&["get", "services"]).0, 0);
+    assert_eq!(get(cp.port, "/v1/trust").unwrap().status, 200);
+    // A restart keeps the same token (it is not regenerated).
+    drop(cp);
 }

@@ -117,11 +117,12 @@ spec:
     )
 }
 
-async fn apply(url: &str, text: String) -> u64 {
+async fn apply(url: &str, token: &str, text: String) -> u64 {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let body = serde_json::json!({"files": [{"name": "canary.yaml", "text": text}]});
     let req = http::Request::post(format!("{url}/v1/apply"))
         .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {token}"))
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
     let resp = client.request(req).await.expect("apply");
@@ -167,7 +168,12 @@ async fn main() {
         assert!(Instant::now() < deadline, "control plane did not start");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    apply(&url, route(0)).await;
+    // The admin token `trellis control` wrote into its store directory.
+    let token = std::fs::read_to_string(dir.join("admin-token"))
+        .expect("admin token")
+        .trim()
+        .to_string();
+    apply(&url, &token, route(0)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss_kib(control.id());
 
@@ -195,7 +201,7 @@ async fn main() {
     for round in 0..rounds {
         let weight = [10, 20][round % 2];
         let sent = Instant::now();
-        let revision = apply(&url, route(weight)).await;
+        let revision = apply(&url, &token, route(weight)).await;
         let returned = Instant::now();
         // Wait (bounded) until every proxy ACKed `revision`.
         let deadline = Instant::now() + Duration::from_secs(30);

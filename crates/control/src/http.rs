@@ -236,14 +236,42 @@ async fn trust(State(c): State<Shared>) -> Response {
     }
 }
 
+async fn require_admin(
+    State(c): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let token = req
+        .headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match token {
+        Some(t) if c.check_admin(t.trim()) => next.run(req).await,
+        Some(_) => error(StatusCode::UNAUTHORIZED, vec!["wrong admin token".into()]),
+        None => error(
+            StatusCode::UNAUTHORIZED,
+            vec!["the config API needs the admin token: set TRELLIS_ADMIN_TOKEN_FILE to the file `trellis control` wrote (or TRELLIS_ADMIN_TOKEN)".into()],
+        ),
+    }
+}
+
 /// The router: config API plus the gRPC proxy protocol.
 pub fn router(control: Shared) -> axum::Router {
-    let api = axum::Router::new()
+    // Reading or changing config and creating join tokens need the admin token.
+    let admin = axum::Router::new()
         .route("/v1/apply", post(apply))
         .route("/v1/delete", post(delete))
         .route("/v1/resources/{kind}", get(list))
         .route("/v1/resources/{kind}/{namespace}/{name}", get(get_one))
         .route("/v1/tokens", post(create_token))
+        .route_layer(axum::middleware::from_fn_with_state(
+            control.clone(),
+            require_admin,
+        ));
+    // The trust bundle is public; liveness tells nothing.
+    let api = axum::Router::new()
+        .merge(admin)
         .route("/v1/trust", get(trust))
         .route("/live", get(|| async { "ok\n" }))
         .with_state(control.clone());

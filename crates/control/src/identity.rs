@@ -253,3 +253,86 @@ impl Control {
         ))
     }
 }
+
+/// Store key of the admin token's hash.
+pub const ADMIN_KEY: &str = "auth/admin";
+
+impl Control {
+    /// Makes sure an admin token exists: at first start one is generated, its hash stored
+    /// (shared by replicas) and the token itself written to `file` (mode 0600), the only
+    /// place it ever appears.
+    pub(crate) async fn ensure_admin(&self) -> Result<(), StoreError> {
+        if self.state().admin_hash.is_some() {
+            if let Some(f) = &self.settings.admin_token_file
+                && !f.exists()
+            {
+                tracing::warn!(file = %f.display(), "an admin token exists in the store but not in this file; use the file of the replica that created it");
+            }
+            return Ok(());
+        }
+        let token =
+            trellis_identity::random_token().map_err(|e| StoreError::Backend(e.to_string()))?;
+        let value = serde_json::json!({ "sha256": trellis_identity::token_hash(&token) });
+        match self
+            .store
+            .commit(vec![Op::put(
+                ADMIN_KEY,
+                value.to_string().into_bytes(),
+                Expect::Absent,
+            )])
+            .await
+        {
+            Ok(rev) => {
+                self.wait_for(rev).await;
+                match &self.settings.admin_token_file {
+                    Some(f) => {
+                        write_secret(f, &token).map_err(|e| {
+                            StoreError::Backend(format!(
+                                "writing the admin token to {}: {e}",
+                                f.display()
+                            ))
+                        })?;
+                        tracing::info!(file = %f.display(), "admin token created (pass it to the CLI with TRELLIS_ADMIN_TOKEN_FILE)");
+                    }
+                    None => tracing::warn!(
+                        "admin token created but no --admin-token-file to write it to"
+                    ),
+                }
+                Ok(())
+            }
+            // Another replica created it first.
+            Err(StoreError::Conflict { .. }) => {
+                self.wait_newer(self.state().revision).await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether `token` is the admin token.
+    pub fn check_admin(&self, token: &str) -> bool {
+        self.state().admin_hash.as_deref().is_some_and(|h| {
+            constant_time_eq(h.as_bytes(), trellis_identity::token_hash(token).as_bytes())
+        })
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    writeln!(f, "{secret}")?;
+    f.sync_all()
+}

@@ -44,6 +44,8 @@ pub struct Settings {
     pub default_ttl: Duration,
     /// The CA and workload certificates.
     pub identity: identity::IdentitySettings,
+    /// Where a newly created admin token is written.
+    pub admin_token_file: Option<std::path::PathBuf>,
 }
 
 impl Default for Settings {
@@ -51,6 +53,7 @@ impl Default for Settings {
         Settings {
             default_ttl: Duration::from_secs(10),
             identity: identity::IdentitySettings::default(),
+            admin_token_file: None,
         }
     }
 }
@@ -76,6 +79,7 @@ impl Control {
             ca_cache: identity::CaCache::default(),
         });
         control.ensure_ca().await?;
+        control.ensure_admin().await?;
         Ok(control)
     }
 

@@ -85,6 +85,8 @@ pub struct State {
     pub ca: Option<Arc<crate::identity::StoredCa>>,
     /// Join tokens by hash.
     pub tokens: BTreeMap<String, crate::identity::Token>,
+    /// SHA-256 of the admin token.
+    pub admin_hash: Option<String>,
     /// Compiled proxy views, shared by every proxy with the same needs.
     pub(crate) views: Mutex<HashMap<ViewKey, Arc<View>>>,
 }
@@ -114,6 +116,7 @@ impl State {
                 workloads: self.workloads.clone(),
                 ca: self.ca.clone(),
                 tokens: self.tokens.clone(),
+                admin_hash: self.admin_hash.clone(),
                 views: Mutex::default(),
             }
         };
@@ -162,6 +165,10 @@ impl State {
                 Ok(ca) => self.ca = Some(Arc::new(ca)),
                 Err(err) => tracing::warn!(%err, "skipping unreadable CA"),
             }
+        } else if e.key == crate::identity::ADMIN_KEY {
+            self.admin_hash = serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["sha256"].as_str().map(String::from));
         } else if let Some(hash) = e.key.strip_prefix("tokens/") {
             if let Ok(t) = serde_json::from_str(&text) {
                 self.tokens.insert(hash.to_string(), t);

@@ -16,7 +16,8 @@ use trellis_identity::{Credentials, SpiffeId, WorkloadKey};
 #[tokio::main]
 async fn main() {
     let a: Vec<String> = std::env::args().collect();
-    let usage = "usage: handshakes CONTROL_URL TOKEN TARGET_ADDR TARGET_SPIFFE_ID [SECONDS] [CONCURRENCY]";
+    let usage =
+        "usage: handshakes CONTROL_URL TOKEN TARGET_ADDR TARGET_SPIFFE_ID [SECONDS] [CONCURRENCY]";
     let (url, token, target, id) = (
         a.get(1).expect(usage).clone(),
         a.get(2).expect(usage).clone(),

@@ -246,6 +246,8 @@ pub fn get(port: u16, path: &str) -> std::io::Result<Response> {
 pub struct ControlPlane {
     pub proc: Proc,
     pub port: u16,
+    /// The admin token's file.
+    pub token: PathBuf,
 }
 
 impl ControlPlane {
@@ -258,6 +260,9 @@ impl ControlPlane {
             "--store",
             store,
         ]);
+        // Replicas started in one directory share the token the first one created.
+        let token = dir.join("admin-token");
+        cmd.arg("--admin-token-file").arg(&token);
         let mut proc = Proc::spawn(name, dir, cmd);
         wait_for(
             Duration::from_secs(20),
@@ -269,7 +274,7 @@ impl ControlPlane {
                 get(port, "/live").ok().filter(|r| r.status == 200)
             },
         );
-        ControlPlane { proc, port }
+        ControlPlane { proc, port, token }
     }
 
     pub fn url(&self) -> String {
@@ -278,14 +283,17 @@ impl ControlPlane {
 
     /// Runs a CLI command against this control plane: (exit code, stdout, stderr).
     pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        cli(&self.url(), args)
+        cli(&self.url(), &self.token, args)
     }
 }
 
-pub fn cli(url: &str, args: &[&str]) -> (i32, String, String) {
+/// Runs a CLI command against the control plane at `url` with the admin token in
+/// `token_file`: (exit code, stdout, stderr).
+pub fn cli(url: &str, token_file: &Path, args: &[&str]) -> (i32, String, String) {
     let out = trellis()
         .args(args)
         .env("TRELLIS_CONTROL", url)
+        .env("TRELLIS_ADMIN_TOKEN_FILE", token_file)
         .output()
         .unwrap();
     (
