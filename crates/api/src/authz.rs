@@ -57,6 +57,21 @@ pub struct AuthzRule {
     /// When.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub when: Option<TimeWindow>,
+    /// Claims of the request's verified JSON Web Token (see `RequestAuthentication`); a
+    /// request without a verified token matches none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub claims: Vec<ClaimCondition>,
+}
+
+/// A claim and its accepted values: a string claim equal to one, or an array claim
+/// containing one.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimCondition {
+    /// Claim name, for example `role` or `iss`.
+    pub name: String,
+    /// Accepted values.
+    pub values: Vec<String>,
 }
 
 /// The caller, by its mutual TLS identity.

@@ -1,5 +1,6 @@
 //! The closed set of kinds, and the envelope every resource shares.
 
+use crate::authn::RequestAuthenticationSpec;
 use crate::authz::AuthorizationPolicySpec;
 use crate::mesh::MeshConfigSpec;
 use crate::meta::{Metadata, ObjectKey};
@@ -29,11 +30,13 @@ pub enum Kind {
     MeshConfig,
     /// Who may call what, enforced by inbound sidecars.
     AuthorizationPolicy,
+    /// JSON Web Tokens inbound sidecars verify.
+    RequestAuthentication,
 }
 
 impl Kind {
     /// All kinds, in the order resources are listed.
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::Proxy,
         Kind::Service,
         Kind::HttpRoute,
@@ -41,6 +44,7 @@ impl Kind {
         Kind::BackendPolicy,
         Kind::MeshConfig,
         Kind::AuthorizationPolicy,
+        Kind::RequestAuthentication,
     ];
 
     /// The kind as written in YAML.
@@ -53,6 +57,7 @@ impl Kind {
             Kind::BackendPolicy => "BackendPolicy",
             Kind::MeshConfig => "MeshConfig",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 
@@ -124,6 +129,8 @@ pub enum Resource {
     MeshConfig(Object<MeshConfigSpec>),
     /// An `AuthorizationPolicy`.
     AuthorizationPolicy(Object<AuthorizationPolicySpec>),
+    /// A `RequestAuthentication`.
+    RequestAuthentication(Object<RequestAuthenticationSpec>),
 }
 
 impl Resource {
@@ -137,6 +144,7 @@ impl Resource {
             Resource::BackendPolicy(_) => Kind::BackendPolicy,
             Resource::MeshConfig(_) => Kind::MeshConfig,
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -150,6 +158,7 @@ impl Resource {
             Resource::BackendPolicy(o) => &o.metadata,
             Resource::MeshConfig(o) => &o.metadata,
             Resource::AuthorizationPolicy(o) => &o.metadata,
+            Resource::RequestAuthentication(o) => &o.metadata,
         }
     }
 
@@ -163,6 +172,7 @@ impl Resource {
             Resource::BackendPolicy(o) => &mut o.metadata,
             Resource::MeshConfig(o) => &mut o.metadata,
             Resource::AuthorizationPolicy(o) => &mut o.metadata,
+            Resource::RequestAuthentication(o) => &mut o.metadata,
         }
     }
 
@@ -200,6 +210,7 @@ impl Resource {
             Kind::BackendPolicy => Resource::BackendPolicy(typed(text)?),
             Kind::MeshConfig => Resource::MeshConfig(typed(text)?),
             Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(text)?),
+            Kind::RequestAuthentication => Resource::RequestAuthentication(typed(text)?),
         })
     }
 
@@ -315,6 +326,11 @@ impl Resource {
                 c.parent(&t.namespace, &t.name, None);
             }
             Resource::AuthorizationPolicy(p) => {
+                if let Some(t) = &p.spec.target_ref {
+                    c.parent(&t.namespace, &t.name, None);
+                }
+            }
+            Resource::RequestAuthentication(p) => {
                 if let Some(t) = &p.spec.target_ref {
                     c.parent(&t.namespace, &t.name, None);
                 }

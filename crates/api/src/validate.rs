@@ -70,6 +70,7 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
                 }
             }
             Resource::AuthorizationPolicy(a) => v.authorization(&ctx, &a.spec),
+            Resource::RequestAuthentication(a) => v.authentication(&ctx, &a.spec),
             Resource::Proxy(p) => v.proxy(&ctx, p),
             Resource::Service(s) => v.service(&ctx, s),
             Resource::HttpRoute(h) => v.http_route(&ctx, &h.spec),
@@ -267,6 +268,63 @@ struct Validator {
 }
 
 impl Validator {
+    fn authentication(&mut self, ctx: &Ctx, spec: &crate::authn::RequestAuthenticationSpec) {
+        let r = ctx.r;
+        if let Some(t) = &spec.target_ref
+            && ctx.service(t.namespace.as_deref(), &t.name).is_none()
+        {
+            self.at(
+                r,
+                "spec.targetRef.name",
+                format!("no Service {}/{}", ctx.ns, t.name),
+            );
+        }
+        if spec.jwt_rules.is_empty() {
+            self.at(r, "spec.jwtRules", "at least one issuer");
+        }
+        let mut issuers = BTreeSet::new();
+        for (i, j) in spec.jwt_rules.iter().enumerate() {
+            let at = |f: &str| format!("spec.jwtRules[{i}].{f}");
+            if j.issuer.is_empty() {
+                self.at(r, &at("issuer"), "must not be empty");
+            } else if !issuers.insert(j.issuer.clone()) {
+                self.at(r, &at("issuer"), format!("duplicate issuer {:?}", j.issuer));
+            }
+            match (&j.jwks_file, &j.jwks_uri) {
+                (Some(_), None) => {}
+                (None, Some(u)) if u.starts_with("http://") => {}
+                (None, Some(u)) => self.at(
+                    r,
+                    &at("jwksUri"),
+                    format!("{u:?}: only http:// URLs are supported"),
+                ),
+                _ => self.at(
+                    r,
+                    &at("jwksFile"),
+                    "set exactly one of jwksFile and jwksUri",
+                ),
+            }
+            if j.algorithms.is_empty() {
+                self.at(r, &at("algorithms"), "at least one algorithm");
+            }
+            for (k, a) in j.algorithms.iter().enumerate() {
+                if !crate::authn::ALGORITHMS.contains(&a.as_str()) {
+                    self.at(
+                        r,
+                        &at(&format!("algorithms[{k}]")),
+                        format!(
+                            "{a:?} is not allowed; use one of {}",
+                            crate::authn::ALGORITHMS.join(", ")
+                        ),
+                    );
+                }
+            }
+            if j.clock_skew.get() > std::time::Duration::from_secs(600) {
+                self.at(r, &at("clockSkew"), "at most 10m");
+            }
+        }
+    }
+
     fn authorization(&mut self, ctx: &Ctx, spec: &crate::authz::AuthorizationPolicySpec) {
         let r = ctx.r;
         if let Some(t) = &spec.target_ref {

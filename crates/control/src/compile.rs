@@ -142,6 +142,14 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
                 add(&s.resource);
             }
         }
+        for s in state.of_kind(Kind::RequestAuthentication) {
+            if let Resource::RequestAuthentication(a) = &*s.resource
+                && &a.metadata.namespace == ns
+                && a.spec.target_ref.as_ref().is_none_or(|t| &t.name == name)
+            {
+                add(&s.resource);
+            }
+        }
     }
     view
 }

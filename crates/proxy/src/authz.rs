@@ -31,6 +31,7 @@ struct Rule {
     ports: Vec<u16>,
     headers: Vec<(http::HeaderName, Vec<String>)>,
     when: Option<Window>,
+    claims: Vec<(String, Vec<String>)>,
 }
 
 #[derive(Debug)]
@@ -50,6 +51,8 @@ pub struct Request<'a> {
     pub http: Option<(&'a http::Method, &'a str, &'a http::HeaderMap)>,
     /// The destination (application) port.
     pub port: u16,
+    /// Claims of the request's verified JSON Web Token, if any.
+    pub claims: Option<&'a serde_json::Map<String, serde_json::Value>>,
 }
 
 /// The outcome.
@@ -91,6 +94,11 @@ impl Authz {
                         rule.headers.push((n, h.values.clone()));
                     }
                 }
+                rule.claims = r
+                    .claims
+                    .iter()
+                    .map(|c| (c.name.clone(), c.values.clone()))
+                    .collect();
                 if let Some(w) = &r.when {
                     rule.when = Some(Window {
                         start: parse_hhmm(&w.start)
@@ -218,6 +226,21 @@ impl Rule {
                 }
             }
         }
+        for (name, values) in &self.claims {
+            let ok = req
+                .claims
+                .and_then(|c| c.get(name))
+                .is_some_and(|v| match v {
+                    serde_json::Value::String(s) => values.contains(s),
+                    serde_json::Value::Array(items) => items
+                        .iter()
+                        .any(|i| i.as_str().is_some_and(|s| values.iter().any(|v| v == s))),
+                    other => values.contains(&other.to_string()),
+                });
+            if !ok {
+                return false;
+            }
+        }
         match &self.when {
             Some(w) => w.contains(now),
             None => true,
@@ -303,6 +326,7 @@ mod tests {
             peer: Some(ORDERS),
             http: Some((m, p, h)),
             port: 8080,
+            claims: None,
         };
         let allow_orders =
             format!("action: Allow\nrules: [{{from: {{identities: [\"{ORDERS}\"]}}}}]");
@@ -331,6 +355,7 @@ mod tests {
                     peer: None,
                     http: Some((&get, "/", &none)),
                     port: 8080,
+                    claims: None,
                 },
                 noon,
                 false,
@@ -403,6 +428,7 @@ mod tests {
                     peer: Some(ORDERS),
                     http: None,
                     port: 8080,
+                    claims: None,
                 },
                 noon,
                 false,
@@ -413,6 +439,7 @@ mod tests {
                     peer: Some(ORDERS),
                     http: None,
                     port: 8080,
+                    claims: None,
                 },
                 noon,
                 true,
@@ -490,6 +517,7 @@ mod tests {
             peer: Some(ORDERS),
             http: Some((&get, "/admin/x", &none)),
             port: 80,
+            claims: None,
         };
         // No policies: the default decides.
         let open = Authz::new(&[], AuthzAction::Allow, AuthzMode::Enforce, "default").unwrap();
@@ -518,6 +546,40 @@ mod tests {
             v.audit_denied_by.as_deref(),
             Some("MeshConfig default/mesh")
         );
+        // Claims: a string claim equal to a value, or an array claim containing one.
+        let by_role = spec("action: Allow\nrules: [{claims: [{name: roles, values: [admin]}]}]");
+        let a = Authz::new(
+            &[("shop/admins".into(), &by_role)],
+            AuthzAction::Allow,
+            AuthzMode::Enforce,
+            "default",
+        )
+        .unwrap();
+        let admin: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"roles": ["reader", "admin"]}"#).unwrap();
+        let reader: serde_json::Map<String, serde_json::Value> =
+            serde_json::from_str(r#"{"roles": "reader"}"#).unwrap();
+        assert!(
+            a.decide(
+                &Request {
+                    claims: Some(&admin),
+                    ..req
+                },
+                now
+            )
+            .allow
+        );
+        assert!(
+            !a.decide(
+                &Request {
+                    claims: Some(&reader),
+                    ..req
+                },
+                now
+            )
+            .allow
+        );
+        assert!(!a.decide(&req, now).allow, "no token, no claims");
         // Deny beats a matching allow, and names itself.
         let allow = spec("action: Allow\nrules: [{from: {namespaces: [shop]}}]");
         let deny = spec("action: Deny\nrules: [{to: {paths: [/admin/*]}}]");

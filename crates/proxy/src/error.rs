@@ -45,6 +45,9 @@ pub enum ProxyError {
     /// An authorization policy (or the default) refused the caller.
     #[error("denied by {0}")]
     Denied(std::sync::Arc<str>),
+    /// Request authentication refused the request's token (or its absence).
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
 }
 
 impl ProxyError {
@@ -61,6 +64,7 @@ impl ProxyError {
             | ProxyError::UpstreamProtocol(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
+            ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
         }
     }
 
@@ -84,6 +88,7 @@ impl ProxyError {
             ProxyError::UpstreamProtocol(..) => "upstream",
             ProxyError::Timeout(_) => "timeout",
             ProxyError::Denied(_) => "denied",
+            ProxyError::Unauthenticated(_) => "unauthenticated",
         }
     }
 
@@ -100,6 +105,7 @@ impl ProxyError {
                 StatusCode::INTERNAL_SERVER_ERROR => "13", // INTERNAL
                 StatusCode::BAD_REQUEST => "3",            // INVALID_ARGUMENT
                 StatusCode::FORBIDDEN => "7",              // PERMISSION_DENIED
+                StatusCode::UNAUTHORIZED => "16",          // UNAUTHENTICATED
                 _ => "14",                                 // UNAVAILABLE
             };
             let mut r = Response::new(body::empty());

@@ -76,7 +76,39 @@ pub async fn handle(
             parts.headers.insert(PEER_IDENTITY, v);
         }
     }
-    // 0. Authorize, at the inbound sidecar (pure decision over the snapshot and the clock).
+    // 0. Authenticate the request's token and authorize it, at the inbound sidecar (pure
+    //    decisions over the snapshot and the clock).
+    let mut claims = None;
+    if let ListenerKind::Inbound { authn, .. } = &listener.kind
+        && !authn.is_empty()
+    {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match authn.check(&parts.headers, now) {
+            crate::jwt::Outcome::Valid(c) => claims = Some(c),
+            crate::jwt::Outcome::Anonymous => {}
+            crate::jwt::Outcome::Refused(why) => {
+                shared.metrics.authz_verdict(
+                    &listener.name,
+                    &crate::authz::Verdict {
+                        allow: false,
+                        policy: "request-authentication".into(),
+                        audit_denied_by: None,
+                    },
+                    &format_args!("{} {}: {why}", parts.method, parts.uri.path()),
+                );
+                return Ok(shared.fail(
+                    direction,
+                    &NONE,
+                    &NONE,
+                    ProxyError::Unauthenticated(why),
+                    grpc,
+                    start,
+                ));
+            }
+        }
+    }
     if let ListenerKind::Inbound { authz, port, .. } = &listener.kind
         && !authz.is_open()
     {
@@ -84,6 +116,7 @@ pub async fn handle(
             peer: conn.peer_identity.as_deref(),
             http: Some((&parts.method, parts.uri.path(), &parts.headers)),
             port: *port,
+            claims: claims.as_ref(),
         };
         let verdict = authz.decide(&request, jiff::Timestamp::now());
         shared.metrics.authz_verdict(

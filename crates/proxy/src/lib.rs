@@ -18,6 +18,7 @@ pub mod filters;
 mod http;
 pub mod identity;
 mod io;
+pub mod jwt;
 pub mod metrics;
 mod rand;
 pub mod route;

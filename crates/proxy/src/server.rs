@@ -31,6 +31,8 @@ pub struct Shared {
     pub tasks: TaskTracker,
     /// This proxy's mutual TLS state, once it has an identity.
     pub mesh: crate::tls::MeshSlot,
+    /// JWKS fetched from URLs, kept across snapshots.
+    pub jwks: crate::jwt::JwksCache,
 }
 
 impl Shared {
@@ -42,6 +44,7 @@ impl Shared {
             draining: CancellationToken::new(),
             tasks: TaskTracker::new(),
             mesh: Default::default(),
+            jwks: Default::default(),
         }
     }
 
@@ -400,6 +403,7 @@ async fn serve_connection(
                         peer: peer_identity.as_deref(),
                         http: None,
                         port: *port,
+                        claims: None,
                     },
                     jiff::Timestamp::now(),
                 );

@@ -93,6 +93,8 @@ pub enum ListenerKind {
         authz: Arc<crate::authz::Authz>,
         /// The application's port (authorization's destination port).
         port: u16,
+        /// JSON Web Tokens to verify.
+        authn: Arc<crate::jwt::Authn>,
     },
     /// Outbound to one service port (resolved when the snapshot is built).
     Service(ServiceKey, u16, Arc<PortEntry>),
@@ -407,6 +409,15 @@ impl Snapshot {
                 authz_for(resources, &proxy.metadata.namespace, l.service.as_deref())
                     .map_err(|e| Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", e)]))?,
             );
+            let authn = Arc::new(
+                authn_for(
+                    resources,
+                    &proxy.metadata.namespace,
+                    l.service.as_deref(),
+                    &shared.jwks,
+                )
+                .map_err(|e| Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", e)]))?,
+            );
             let backend = Arc::new(Backend {
                 name: format!("inbound/{}", l.name).into(),
                 protocol: l.protocol,
@@ -436,6 +447,7 @@ impl Snapshot {
                     mtls,
                     authz,
                     port: app.port(),
+                    authn,
                 },
                 protocol: l.protocol,
             });
@@ -561,6 +573,32 @@ fn mtls_mode(resources: &[Located<Resource>], namespace: &str, service: Option<&
         .or_else(|| by_namespace(namespace))
         .or_else(|| by_namespace(trellis_api::meta::DEFAULT_NAMESPACE))
         .unwrap_or_default()
+}
+
+/// The `RequestAuthentication`s of the namespace that target the listener's service (or no
+/// service), compiled.
+fn authn_for(
+    resources: &[Located<Resource>],
+    namespace: &str,
+    service: Option<&str>,
+    cache: &crate::jwt::JwksCache,
+) -> Result<crate::jwt::Authn, String> {
+    let specs: Vec<&trellis_api::authn::RequestAuthenticationSpec> = resources
+        .iter()
+        .filter_map(|r| match &r.value {
+            Resource::RequestAuthentication(a)
+                if a.metadata.namespace == namespace
+                    && a.spec
+                        .target_ref
+                        .as_ref()
+                        .is_none_or(|t| Some(t.name.as_str()) == service) =>
+            {
+                Some(&a.spec)
+            }
+            _ => None,
+        })
+        .collect();
+    crate::jwt::compile(&specs, cache)
 }
 
 /// The authorization an inbound listener enforces: the namespace's policies that target its
