@@ -1,0 +1,123 @@
+//! Mutual TLS between two real proxies carrying an application's own TLS untouched: the app's
+//! client and server complete their handshake end to end, inside the sidecars' mTLS.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use trellis_identity::{Ca, Credentials, SpiffeId, WorkloadKey};
+
+fn creds(ca: &Ca, sa: &str) -> Arc<Credentials> {
+    let id = SpiffeId::new("mesh.test", "default", sa).unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let issued = ca
+        .sign(
+            &key.csr(Some(&id)).unwrap(),
+            &id,
+            Duration::from_secs(600),
+            SystemTime::now(),
+        )
+        .unwrap();
+    Credentials::new("mesh.test", &issued.chain_pem, &key.pem(), ca.bundle_pem()).unwrap()
+}
+
+#[tokio::test]
+async fn an_applications_own_tls_passes_through_the_sidecars_mutual_tls() {
+    // The application: a TLS echo server with its own (self-signed) certificate.
+    let app_cert = rcgen::generate_simple_self_signed(vec!["app.example".into()]).unwrap();
+    let server_config =
+        rustls::ServerConfig::builder_with_provider(trellis_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![app_cert.cert.der().clone()],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(
+                    app_cert.signing_key.serialize_der().into(),
+                ),
+            )
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
+    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app_addr = app.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = app.accept().await.unwrap();
+        let mut tls = acceptor.accept(s).await.unwrap();
+        let mut buf = [0u8; 5];
+        tls.read_exact(&mut buf).await.unwrap();
+        tls.write_all(&buf).await.unwrap();
+        tls.flush().await.unwrap();
+    });
+
+    // Two sidecars with mesh identities; the receiving one is strict.
+    let ca = Ca::load(&Ca::generate("mesh.test", Duration::from_secs(86400)).unwrap()).unwrap();
+    let inbound = start_proxy(&format!(
+        "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: server}}
+spec:
+  admin: {{address: 127.0.0.1:0}}
+  inbound: [{{name: in, address: 127.0.0.1:0, forwardTo: '{app_addr}', service: app}}]
+---
+{}---
+apiVersion: trellis.dev/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh}}
+spec: {{mtls: {{mode: Strict}}}}
+",
+        service_yaml("app", 443, &[])
+    ))
+    .await;
+    inbound.proxy.set_identity(creds(&ca, "server"));
+    let in_addr = inbound.addr("in").await;
+    let outbound = start_proxy(&format!(
+        "{}---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: app}}
+spec:
+  ports: [{{port: 443}}]
+  endpoints: [{{address: '{in_addr}', identity: spiffe://mesh.test/ns/default/sa/server}}]
+",
+        proxy_yaml("app")
+    ))
+    .await;
+    outbound.proxy.set_identity(creds(&ca, "client"));
+
+    // The application's client speaks TLS to app.example through its sidecar.
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(app_cert.cert.der().clone()).unwrap();
+    let client_config =
+        rustls::ClientConfig::builder_with_provider(trellis_identity::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(outbound.addr("out").await)
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("app.example").unwrap();
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(client_config)).connect(name, tcp),
+    )
+    .await
+    .unwrap()
+    .expect("the app's own handshake completes end to end");
+    // The certificate the client verified is the app's own: nothing in between terminated it.
+    assert_eq!(
+        tls.get_ref().1.peer_certificates().unwrap()[0],
+        *app_cert.cert.der()
+    );
+    tls.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+    // And the hop between the sidecars was mutual TLS.
+    assert_eq!(
+        inbound.metric("trellis_inbound_connections_total{listener=\"in\",security=\"mtls\"}"),
+        1.0
+    );
+}
