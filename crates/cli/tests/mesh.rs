@@ -547,28 +547,14 @@ fn demo_starts_serves_traffic_through_sidecars_and_stops_cleanly() {
     );
 }
 
-/// Creates a join token through the CLI.
-fn token(cp: &ControlPlane, service: &str) -> String {
-    let (code, out, err) = cp.cli(&["token", "create", "--service", service]);
-    assert_eq!(code, 0, "{err}");
-    out.trim().to_string()
-}
-
-#[test]
-fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
-    let dir = TempDir::new("mtls");
-    let cp = ControlPlane::start(
-        "control",
-        dir.path(),
-        free_port(),
-        &dir.path().join("store").display().to_string(),
-    );
+/// A v1 catalog and a client sidecar (upstream port returned), both with identities.
+fn mtls_catalog_and_client(cp: &ControlPlane, dir: &std::path::Path) -> (Proc, Proc, u16) {
     let url = cp.url();
-    let cat_token = token(&cp, "product-catalog");
-    let client_token = token(&cp, "client");
+    let cat_token = token(cp, "product-catalog");
+    let client_token = token(cp, "client");
     let cat_port = free_port().to_string();
     let catalog = run(
-        dir.path(),
+        dir,
         "catalog",
         &[
             "--control",
@@ -587,8 +573,8 @@ fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
     );
     let up = free_port();
     let up_arg = format!("product-catalog={up}");
-    let _client = run(
-        dir.path(),
+    let client = run(
+        dir,
         "client",
         &[
             "--control",
@@ -601,6 +587,27 @@ fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
         &["sleep", "600"],
         &[],
     );
+    (catalog, client, up)
+}
+
+/// Creates a join token through the CLI.
+fn token(cp: &ControlPlane, service: &str) -> String {
+    let (code, out, err) = cp.cli(&["token", "create", "--service", service]);
+    assert_eq!(code, 0, "{err}");
+    out.trim().to_string()
+}
+
+#[test]
+fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
+    let dir = TempDir::new("mtls");
+    let cp = ControlPlane::start(
+        "control",
+        dir.path(),
+        free_port(),
+        &dir.path().join("store").display().to_string(),
+    );
+    let url = cp.url();
+    let (catalog, _client, up) = mtls_catalog_and_client(&cp, dir.path());
     wait_versions(up, &["v1"], Duration::from_secs(20));
 
     // Registered with their SPIFFE ids; the catalog's sidecar saw mutual TLS.
@@ -699,49 +706,12 @@ fn certificates_rotate_under_load_without_failing_a_request() {
         // The default place: the store directory.
         token: dir.path().join("store/admin-token"),
     };
-    let url = cp.url();
     let strict = dir.write(
         "strict.yaml",
         "apiVersion: trellis.dev/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\nspec:\n  mtls: {mode: Strict}\n",
     );
     assert_eq!(cp.cli(&["apply", "-f", strict.to_str().unwrap()]).0, 0);
-    let cat_token = token(&cp, "product-catalog");
-    let client_token = token(&cp, "client");
-    let cat_port = free_port().to_string();
-    let catalog = run(
-        dir.path(),
-        "catalog",
-        &[
-            "--control",
-            &url,
-            "--service",
-            "product-catalog",
-            "--port",
-            &cat_port,
-            "--health",
-            "http:/healthz",
-            "--token",
-            &cat_token,
-        ],
-        &[bin(), "demo-app", "product-catalog"],
-        &[("DEMO_VERSION", "v1")],
-    );
-    let up = free_port();
-    let up_arg = format!("product-catalog={up}");
-    let client = run(
-        dir.path(),
-        "client",
-        &[
-            "--control",
-            &url,
-            "--upstream",
-            &up_arg,
-            "--token",
-            &client_token,
-        ],
-        &["sleep", "600"],
-        &[],
-    );
+    let (catalog, client, up) = mtls_catalog_and_client(&cp, dir.path());
     wait_versions(up, &["v1"], Duration::from_secs(20));
     let cat_admin = admin_port(&catalog);
     let client_admin = admin_port(&client);

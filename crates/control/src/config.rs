@@ -83,10 +83,29 @@ impl Control {
         if !problems.is_empty() {
             return Err(WriteError::Invalid(Diagnostics(problems)));
         }
+        let now = now_rfc3339();
+        self.commit_plan(dry_run, |state| plan_apply(state, &parsed, &now))
+            .await
+    }
+
+    /// Deletes `keys` atomically, refusing when something still refers to them.
+    pub async fn delete(&self, keys: &[ObjectKey]) -> Result<WriteResult, WriteError> {
+        self.commit_plan(false, |state| plan_delete(state, keys))
+            .await
+    }
+
+    /// Plans a write on the latest state and commits it. When another writer committed
+    /// config in between (the config marker moved), the write is planned and validated again
+    /// on top of that, up to [`RETRIES`] times; a resource changed under it is a conflict.
+    async fn commit_plan(
+        &self,
+        dry_run: bool,
+        plan: impl Fn(&State) -> Result<Plan, WriteError>,
+    ) -> Result<WriteResult, WriteError> {
         let mut attempt = 0;
         loop {
             let state = self.state();
-            let plan = plan_apply(&state, &parsed, &now_rfc3339())?;
+            let plan = plan(&state)?;
             if dry_run || plan.ops.is_empty() {
                 return Ok(WriteResult {
                     revision: state.revision,
@@ -104,7 +123,6 @@ impl Control {
                 Err(StoreError::Conflict { key, .. })
                     if key == CONFIG_MARKER && attempt < RETRIES =>
                 {
-                    // Another writer got in first: validate again on top of its commit.
                     attempt += 1;
                     self.wait_newer(state.revision).await;
                 }
@@ -114,39 +132,7 @@ impl Control {
                     found,
                 }) => {
                     return Err(WriteError::Conflict(format!(
-                        "{key} was changed by another writer (expected {expected}, found {found}); get it again and reapply"
-                    )));
-                }
-                Err(e) => return Err(WriteError::Store(e)),
-            }
-        }
-    }
-
-    /// Deletes `keys` atomically, refusing when something still refers to them.
-    pub async fn delete(&self, keys: &[ObjectKey]) -> Result<WriteResult, WriteError> {
-        let mut attempt = 0;
-        loop {
-            let state = self.state();
-            let plan = plan_delete(&state, keys)?;
-            match self.store.commit(plan.ops).await {
-                Ok(revision) => {
-                    self.wait_for(revision).await;
-                    return Ok(WriteResult {
-                        revision,
-                        outcomes: plan.outcomes,
-                    });
-                }
-                Err(StoreError::Conflict { .. }) if attempt < RETRIES => {
-                    attempt += 1;
-                    self.wait_newer(state.revision).await;
-                }
-                Err(StoreError::Conflict {
-                    key,
-                    expected,
-                    found,
-                }) => {
-                    return Err(WriteError::Conflict(format!(
-                        "{key} was changed by another writer (expected {expected}, found {found})"
+                        "{key} was changed by another writer (expected {expected}, found {found}); get it again and retry"
                     )));
                 }
                 Err(e) => return Err(WriteError::Store(e)),
