@@ -540,8 +540,7 @@ async fn proxy_following(
         .map_or("proxy".to_string(), |r| r.value.metadata().name.clone());
     let id = node_id.unwrap_or_else(|| format!("{name}-{}", std::process::id()));
     let node = run::node_for(id, "", &local);
-    let proxy = run::start_sidecar(&url, local, node, &state_dir).await?;
-    run::start_identity(&proxy, &url, token, &state_dir).await?;
+    let (proxy, _) = run::start_sidecar(&url, local, node, &state_dir, token).await?;
     tracing::info!(admin = %proxy.admin_addr(), control = %url, "proxy started");
     shutdown_signal().await;
     let deadline = proxy.snapshot().settings.drain_timeout;

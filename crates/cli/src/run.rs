@@ -24,7 +24,8 @@ pub async fn start_sidecar(
     local: Vec<Located<Resource>>,
     node: wire::Node,
     state_dir: &Path,
-) -> Result<Arc<Proxy>> {
+    token: Option<String>,
+) -> Result<(Arc<Proxy>, Option<String>)> {
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating state directory {}", state_dir.display()))?;
     let state_file = state_dir.join("snapshot.json");
@@ -52,6 +53,8 @@ pub async fn start_sidecar(
         }
         Err(e) => return Err(anyhow!("cannot start:\n{e}")),
     };
+    // The identity first: the control plane authenticates proxies with it (or the token).
+    let identity = start_identity(&proxy, control, token.clone(), state_dir).await?;
     tokio::spawn(follow(
         proxy.clone(),
         Follow {
@@ -59,10 +62,11 @@ pub async fn start_sidecar(
             node,
             local,
             state_file: Some(state_file),
+            token,
         },
         held,
     ));
-    Ok(proxy)
+    Ok((proxy, identity))
 }
 
 /// Gives the proxy its identity: from the persisted certificate, or a join token; then keeps
@@ -296,10 +300,9 @@ pub async fn run(o: RunOptions) -> Result<i32> {
             o.port.unwrap_or(0)
         ))
     });
-    let proxy = start_sidecar(&o.control, local, node, &state_dir).await?;
+    let (proxy, identity) =
+        start_sidecar(&o.control, local, node, &state_dir, o.token.clone()).await?;
     tracing::info!(admin = %proxy.admin_addr(), http_proxy = %http_proxy, "sidecar started");
-
-    let identity = start_identity(&proxy, &o.control, o.token.clone(), &state_dir).await?;
 
     let mut cmd = tokio::process::Command::new(&o.command[0]);
     cmd.args(&o.command[1..])
@@ -327,6 +330,8 @@ pub async fn run(o: RunOptions) -> Result<i32> {
     let registry = match (inbound, &o.service, o.port) {
         (Some(address), Some(service), Some(port)) => Some(tokio::spawn(register_loop(
             Registration {
+                proxy: proxy.clone(),
+                token: o.token.clone(),
                 control: o.control.clone(),
                 instance: wire::Instance {
                     namespace: o.namespace.clone(),
@@ -384,6 +389,8 @@ pub async fn run(o: RunOptions) -> Result<i32> {
 }
 
 struct Registration {
+    proxy: Arc<Proxy>,
+    token: Option<String>,
     control: String,
     instance: wire::Instance,
     ttl: Duration,
@@ -420,15 +427,20 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
                 }
             },
         };
+        let signed = |body| {
+            let mut req = tonic::Request::new(body);
+            trellis_proxy::identity::authorize(&mut req, &r.proxy, r.token.as_deref());
+            req
+        };
         let result = match &id {
             None => c
-                .register(wire::RegisterRequest {
+                .register(signed(wire::RegisterRequest {
                     instance: Some(wire::Instance {
                         healthy,
                         ..r.instance.clone()
                     }),
                     ttl_seconds: u32::try_from(r.ttl.as_secs()).unwrap_or(30),
-                })
+                }))
                 .await
                 .map(|resp| {
                     let i = resp.into_inner().id;
@@ -436,9 +448,13 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
                     id = Some(i);
                 }),
             Some(i) => c
-                .heartbeat(wire::HeartbeatRequest {
-                    id: i.clone(),
-                    healthy,
+                .heartbeat({
+                    let mut req = tonic::Request::new(wire::HeartbeatRequest {
+                        id: i.clone(),
+                        healthy,
+                    });
+                    trellis_proxy::identity::authorize(&mut req, &r.proxy, r.token.as_deref());
+                    req
                 })
                 .await
                 .map(|_| ()),
@@ -466,10 +482,9 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
         }
     }
     if let (Some(i), Some(c)) = (id, client.as_mut()) {
-        match c
-            .deregister(wire::DeregisterRequest { id: i.clone() })
-            .await
-        {
+        let mut req = tonic::Request::new(wire::DeregisterRequest { id: i.clone() });
+        trellis_proxy::identity::authorize(&mut req, &r.proxy, r.token.as_deref());
+        match c.deregister(req).await {
             Ok(_) => tracing::info!(id = %i, "deregistered"),
             Err(e) => {
                 tracing::warn!(id = %i, error = %e.message(), "deregistration failed; the lease will lapse")

@@ -45,13 +45,19 @@ fn routes_and_instances_follow_the_control_plane() {
         free_port(),
         &dir.path().join("store").display().to_string(),
     );
-    let _v1 = catalog(dir.path(), &cp.url(), "v1");
+    let _v1 = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
     let up = free_port();
-    let _client = client(dir.path(), &cp.url(), up, "client-state");
+    let _client = client(
+        dir.path(),
+        &cp.url(),
+        up,
+        "client-state",
+        &token(&cp, "client"),
+    );
     wait_versions(up, &["v1"], Duration::from_secs(20));
 
     // A new instance joins rotation.
-    let mut v2 = catalog(dir.path(), &cp.url(), "v2");
+    let mut v2 = catalog(dir.path(), &cp.url(), "v2", &token(&cp, "product-catalog"));
     let t = wait_versions(up, &["v1", "v2"], Duration::from_secs(20));
     eprintln!("v2 in rotation after {t:?}");
 
@@ -92,7 +98,7 @@ fn routes_and_instances_follow_the_control_plane() {
     eprintln!("exited app out of rotation after {t:?}");
 
     // A sidecar that vanishes without a word leaves when its 2 s lease lapses.
-    let mut v2 = catalog(dir.path(), &cp.url(), "v2");
+    let mut v2 = catalog(dir.path(), &cp.url(), "v2", &token(&cp, "product-catalog"));
     wait_versions(up, &["v1", "v2"], Duration::from_secs(20));
     v2.kill_hard();
     // Requests never fail meanwhile (a refused connection is retried on another endpoint),
@@ -115,7 +121,7 @@ fn http_proxy_mode_routes_by_host_and_unhealthy_instances_get_no_traffic() {
         free_port(),
         &dir.path().join("store").display().to_string(),
     );
-    let _v1 = catalog(dir.path(), &cp.url(), "v1");
+    let _v1 = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
     // An instance whose health check fails: registered, but never in rotation.
     let mut cmd = trellis();
     cmd.args([
@@ -130,6 +136,8 @@ fn http_proxy_mode_routes_by_host_and_unhealthy_instances_get_no_traffic() {
         "version=sick",
         "--health",
         "http:/no-such-page",
+        "--token",
+        &token(&cp, "product-catalog"),
         "--state-dir",
     ])
     .arg(dir.path().join("sick-state"))
@@ -139,14 +147,21 @@ fn http_proxy_mode_routes_by_host_and_unhealthy_instances_get_no_traffic() {
     // A client app that records the HTTP_PROXY `trellis run` gives it.
     let env_file = dir.path().join("proxy.env");
     let mut cmd = trellis();
-    cmd.args(["run", "--control", &cp.url(), "--state-dir"])
-        .arg(dir.path().join("client-state"))
-        .args([
-            "--",
-            "sh",
-            "-c",
-            &format!("echo $HTTP_PROXY > {}; exec sleep 600", env_file.display()),
-        ]);
+    cmd.args([
+        "run",
+        "--control",
+        &cp.url(),
+        "--token",
+        &token(&cp, "client"),
+        "--state-dir",
+    ])
+    .arg(dir.path().join("client-state"))
+    .args([
+        "--",
+        "sh",
+        "-c",
+        &format!("echo $HTTP_PROXY > {}; exec sleep 600", env_file.display()),
+    ]);
     let _client = Proc::spawn("client", dir.path(), cmd);
     let proxy = wait_for(Duration::from_secs(20), "the app to see HTTP_PROXY", || {
         std::fs::read_to_string(&env_file)
@@ -191,9 +206,10 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
     let port = free_port();
     let mut cp = ControlPlane::start("control", dir.path(), port, &store);
     let url = cp.url();
-    let _v1 = catalog(dir.path(), &url, "v1");
+    let _v1 = catalog(dir.path(), &url, "v1", &token(&cp, "product-catalog"));
     let up = free_port();
-    let mut client1 = client(dir.path(), &url, up, "client-state");
+    let client_token = token(&cp, "client");
+    let mut client1 = client(dir.path(), &url, up, "client-state", &client_token);
     wait_versions(up, &["v1"], Duration::from_secs(20));
 
     // Acknowledged config survives a crash of the control plane.
@@ -210,7 +226,7 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
 
     // A restarted sidecar boots from its persisted config while the control plane is down.
     client1.stop(Duration::from_secs(10));
-    let client2 = client(dir.path(), &url, up, "client-state");
+    let client2 = client(dir.path(), &url, up, "client-state", &client_token);
     wait_versions(up, &["v1"], Duration::from_secs(10));
     assert!(
         wait_for(Duration::from_secs(5), "the boot log", || {
@@ -349,6 +365,8 @@ spec:
         local.to_str().unwrap(),
         "--node-id",
         "edge-1",
+        "--token",
+        &token(&cp, "edge"),
         "--state-dir",
     ])
     .arg(dir.path().join("edge-state"));
@@ -401,10 +419,10 @@ fn two_replicas_on_etcd_serve_the_same_state_and_proxies_move_to_the_survivor() 
     });
 
     // Instances and a client sidecar know both replicas; they start on the first (a).
-    let _v1 = catalog(dir.path(), &both, "v1");
-    let _v2 = catalog(dir.path(), &both, "v2");
+    let _v1 = catalog(dir.path(), &both, "v1", &token(&a, "product-catalog"));
+    let _v2 = catalog(dir.path(), &both, "v2", &token(&a, "product-catalog"));
     let up = free_port();
-    let _client = client(dir.path(), &both, up, "client-state");
+    let _client = client(dir.path(), &both, up, "client-state", &token(&a, "client"));
     wait_versions(up, &["v1", "v2"], Duration::from_secs(20));
     wait_for(
         Duration::from_secs(10),
@@ -590,13 +608,6 @@ fn mtls_catalog_and_client(cp: &ControlPlane, dir: &std::path::Path) -> (Proc, P
     (catalog, client, up)
 }
 
-/// Creates a join token through the CLI.
-fn token(cp: &ControlPlane, service: &str) -> String {
-    let (code, out, err) = cp.cli(&["token", "create", "--service", service]);
-    assert_eq!(code, 0, "{err}");
-    out.trim().to_string()
-}
-
 #[test]
 fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
     let dir = TempDir::new("mtls");
@@ -667,19 +678,29 @@ fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
     // A sidecar without an identity cannot reach a strict service.
     let up2 = free_port();
     let up2_arg = format!("product-catalog={up2}");
-    let _anon = run(
+    let anon = run(
         dir.path(),
         "anonymous",
         &["--control", &url, "--upstream", &up2_arg],
         &["sleep", "600"],
         &[],
     );
+    // A sidecar without credentials learns nothing from the control plane: its upstream
+    // stays unknown (503), and the refusal is in its log.
     let r = wait_for(
         Duration::from_secs(20),
         "the anonymous sidecar to answer",
         || get(up2, "/products/1").ok(),
     );
-    assert_eq!(r.status, 502, "{r:?}");
+    assert_eq!(r.status, 503, "{r:?}");
+    wait_for(Duration::from_secs(10), "the refusal in its log", || {
+        anon.log_text()
+            .contains("proxies must present a join token")
+            .then_some(())
+    });
+    let (_, proxies, _) = cp.cli(&["get", "proxies"]);
+    let anon_node = format!("sleep-{}", anon.pid());
+    assert!(!proxies.contains(&anon_node), "{proxies}");
 }
 
 #[test]

@@ -41,7 +41,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// One simulated proxy: its stream's ACK times, by revision.
-async fn proxy(url: String, id: usize, acks: Acks, connected: mpsc::Sender<()>) {
+async fn proxy(url: String, token: Arc<str>, id: usize, acks: Acks, connected: mpsc::Sender<()>) {
     let channel = tonic::transport::Endpoint::from_shared(url)
         .unwrap()
         .connect()
@@ -61,11 +61,12 @@ async fn proxy(url: String, id: usize, acks: Acks, connected: mpsc::Sender<()>) 
     })
     .await
     .unwrap();
-    let mut responses = client
-        .stream(ReceiverStream::new(rx))
-        .await
-        .expect("stream")
-        .into_inner();
+    // Authenticated like a sidecar before its first certificate: with a join token.
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut responses = client.stream(request).await.expect("stream").into_inner();
     let mut first = true;
     while let Ok(Some(r)) = responses.message().await {
         // Parse what a real proxy would, so the work per update is realistic.
@@ -133,6 +134,21 @@ async fn apply(url: &str, token: &str, text: String) -> u64 {
     v["revision"].as_u64().unwrap()
 }
 
+async fn create_token(url: &str, admin: &str) -> String {
+    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let req = http::Request::post(format!("{url}/v1/tokens"))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {admin}"))
+        .body(Full::new(Bytes::from(
+            r#"{"service":"bench-proxy","ttl_seconds":3600}"#,
+        )))
+        .unwrap();
+    let resp = client.request(req).await.expect("token");
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    v["token"].as_str().expect("a token").to_string()
+}
+
 #[tokio::main]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -174,6 +190,7 @@ async fn main() {
         .trim()
         .to_string();
     apply(&url, &token, route(0)).await;
+    let join: Arc<str> = create_token(&url, &token).await.into();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss_kib(control.id());
 
@@ -183,7 +200,7 @@ async fn main() {
     for i in 0..n {
         let acks: Acks = Arc::default();
         all.push(acks.clone());
-        tokio::spawn(proxy(url.clone(), i, acks, ctx.clone()));
+        tokio::spawn(proxy(url.clone(), join.clone(), i, acks, ctx.clone()));
     }
     for _ in 0..n {
         crx.recv().await;

@@ -336,3 +336,87 @@ fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
     writeln!(f, "{secret}")?;
     f.sync_all()
 }
+
+pub use trellis_identity::proof_metadata as metadata;
+
+/// Who a proxy is, as authenticated on the proxy protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    /// A join token's holder, before it has a certificate.
+    Token {
+        /// The token's namespace.
+        namespace: String,
+        /// The token's service.
+        service: String,
+    },
+    /// A workload proven by its certificate.
+    Workload(SpiffeId),
+}
+
+impl Principal {
+    /// Namespace and service (service account) this principal may act as.
+    pub fn service(&self) -> (&str, &str) {
+        match self {
+            Principal::Token { namespace, service } => (namespace, service),
+            Principal::Workload(id) => (&id.namespace, &id.service_account),
+        }
+    }
+}
+
+impl Control {
+    /// Authenticates a proxy: a proof made with its certificate, or a join token.
+    pub fn authenticate_proxy(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+    ) -> Result<Principal, IdentityError> {
+        let now = SystemTime::now();
+        if let Some(time) = md.get(metadata::TIME) {
+            let (_, ca) = self.ca()?;
+            let time: u64 = time
+                .to_str()
+                .ok()
+                .and_then(|t| t.parse().ok())
+                .ok_or_else(|| IdentityError::Unauthenticated("bad proof time".into()))?;
+            let chain: Vec<trellis_identity::CertificateDer<'static>> = md
+                .get_all_bin(metadata::CHAIN)
+                .iter()
+                .filter_map(|v| v.to_bytes().ok())
+                .map(|b| trellis_identity::CertificateDer::from(b.to_vec()))
+                .collect();
+            let signature = md
+                .get_bin(metadata::SIGNATURE)
+                .and_then(|v| v.to_bytes().ok())
+                .ok_or_else(|| {
+                    IdentityError::Unauthenticated("proof without a signature".into())
+                })?;
+            return ca
+                .verify_proof(&chain, time, &signature, now)
+                .map(Principal::Workload)
+                .map_err(|e| IdentityError::Unauthenticated(e.to_string()));
+        }
+        let token = md
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                IdentityError::Unauthenticated(
+                    "proxies must present a join token (trellis token create) or a proof with their certificate".into(),
+                )
+            })?;
+        let t = self
+            .state()
+            .tokens
+            .get(&trellis_identity::token_hash(token.trim()))
+            .cloned()
+            .ok_or_else(|| {
+                IdentityError::Unauthenticated("unknown or expired join token".into())
+            })?;
+        if t.expires_at <= unix(now) {
+            return Err(IdentityError::Unauthenticated("join token expired".into()));
+        }
+        Ok(Principal::Token {
+            namespace: t.namespace,
+            service: t.service,
+        })
+    }
+}

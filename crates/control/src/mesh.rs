@@ -52,6 +52,49 @@ pub(crate) struct MeshService {
     pub(crate) control: Arc<Control>,
 }
 
+fn identity_status(e: crate::identity::IdentityError) -> Status {
+    use crate::identity::IdentityError as E;
+    match e {
+        E::Unauthenticated(m) => Status::unauthenticated(m),
+        E::Denied(m) => Status::permission_denied(m),
+        E::Invalid(m) => Status::invalid_argument(m),
+        E::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+impl MeshService {
+    /// Heartbeats and deregistrations only for one's own instances.
+    fn check_instance(&self, p: &crate::identity::Principal, id: &str) -> Result<(), Status> {
+        match self.control.state().workloads.get(id) {
+            Some(w) => Self::check_owner(p, &w.namespace, &w.service),
+            // Unknown: the call reports NOT_FOUND itself.
+            None => Ok(()),
+        }
+    }
+
+    fn principal<T>(&self, r: &Request<T>) -> Result<crate::identity::Principal, Status> {
+        self.control
+            .authenticate_proxy(r.metadata())
+            .map_err(identity_status)
+    }
+
+    /// A principal may only act for its own service's instances.
+    fn check_owner(
+        p: &crate::identity::Principal,
+        namespace: &str,
+        service: &str,
+    ) -> Result<(), Status> {
+        if p.service() == (namespace, service) {
+            Ok(())
+        } else {
+            let (ns, svc) = p.service();
+            Err(Status::permission_denied(format!(
+                "credentials for {ns}/{svc} cannot act for {namespace}/{service}"
+            )))
+        }
+    }
+}
+
 fn status_of(e: RegistryError) -> Status {
     match e {
         RegistryError::Invalid(m) => Status::invalid_argument(m),
@@ -68,6 +111,7 @@ impl Mesh for MeshService {
         &self,
         request: Request<Streaming<wire::StreamRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
+        let principal = self.principal(&request)?;
         let peer = request
             .remote_addr()
             .map(|a| a.to_string())
@@ -80,6 +124,15 @@ impl Mesh for MeshService {
         let node = first.node.filter(|n| !n.id.is_empty()).ok_or_else(|| {
             Status::invalid_argument("the first message must carry a node with an id")
         })?;
+        // A proxy receives its own service's inbound policies: only for its own service.
+        if !node.service.is_empty() {
+            let ns = if node.namespace.is_empty() {
+                trellis_api::meta::DEFAULT_NAMESPACE
+            } else {
+                &node.namespace
+            };
+            Self::check_owner(&principal, ns, &node.service)?;
+        }
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
         tokio::spawn(async move {
@@ -98,10 +151,32 @@ impl Mesh for MeshService {
         &self,
         request: Request<wire::RegisterRequest>,
     ) -> Result<Response<wire::RegisterResponse>, Status> {
+        let principal = self.principal(&request)?;
         let r = request.into_inner();
         let i = r
             .instance
             .ok_or_else(|| Status::invalid_argument("missing instance"))?;
+        let ns = if i.namespace.is_empty() {
+            trellis_api::meta::DEFAULT_NAMESPACE
+        } else {
+            &i.namespace
+        };
+        Self::check_owner(&principal, ns, &i.service)?;
+        // Endpoints carry the identity other sidecars will require: only a proven one.
+        if let crate::identity::Principal::Workload(id) = &principal
+            && !i.identity.is_empty()
+            && i.identity != id.to_string()
+        {
+            return Err(Status::permission_denied(format!(
+                "an instance proven as {id} cannot register identity {}",
+                i.identity
+            )));
+        }
+        if matches!(principal, crate::identity::Principal::Token { .. }) && !i.identity.is_empty() {
+            return Err(Status::permission_denied(
+                "register with a certificate proof to announce an identity",
+            ));
+        }
         let port = u16::try_from(i.port)
             .map_err(|_| Status::invalid_argument(format!("port {} out of range", i.port)))?;
         let (id, ttl) = self
@@ -134,7 +209,9 @@ impl Mesh for MeshService {
         &self,
         request: Request<wire::HeartbeatRequest>,
     ) -> Result<Response<wire::HeartbeatResponse>, Status> {
+        let principal = self.principal(&request)?;
         let r = request.into_inner();
+        self.check_instance(&principal, &r.id)?;
         self.control
             .heartbeat(&r.id, r.healthy)
             .await
@@ -173,6 +250,8 @@ impl Mesh for MeshService {
         &self,
         request: Request<wire::DeregisterRequest>,
     ) -> Result<Response<wire::DeregisterResponse>, Status> {
+        let principal = self.principal(&request)?;
+        self.check_instance(&principal, &request.get_ref().id)?;
         self.control
             .deregister(&request.into_inner().id)
             .await

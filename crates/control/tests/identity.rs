@@ -159,6 +159,49 @@ async fn tokens_decide_identities_and_everything_else_is_refused() {
         .unwrap_err();
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 
+        // The proxy protocol: nothing without credentials; a token acts only for its service.
+        let mut mesh = MeshClient::connect(url.clone()).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(wire::StreamRequest {
+            node: Some(wire::Node {
+                id: "spy".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let e = mesh
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let instance = |service: &str| wire::RegisterRequest {
+            instance: Some(wire::Instance {
+                service: service.into(),
+                address: "127.0.0.1:1".into(),
+                port: 80,
+                ..Default::default()
+            }),
+            ttl_seconds: 5,
+        };
+        let e = mesh.register(instance("orders")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        let with_token = |body| {
+            let mut r = tonic::Request::new(body);
+            r.metadata_mut().insert(
+                "authorization",
+                format!("Bearer {orders_token}").parse().unwrap(),
+            );
+            r
+        };
+        let e = mesh
+            .register(with_token(instance("payment")))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        assert!(mesh.register(with_token(instance("orders"))).await.is_ok());
+
         // The CA survives a restart: the same root signs after reopening the store.
         let bundle = ok.bundle_pem;
         stop.cancel();

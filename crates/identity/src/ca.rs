@@ -171,9 +171,31 @@ impl Ca {
             CertificateDer::pem_slice_iter(current_chain_pem.as_bytes())
                 .collect::<Result<_, _>>()
                 .map_err(|e| CaError::Renewal(format!("current certificate: {e}")))?;
+        let id = self.verify_workload(&chain, now)?;
+        let leaf = &chain[0];
+        let (_, x509) = x509_parser::parse_x509_certificate(leaf)
+            .map_err(|e| CaError::Renewal(e.to_string()))?;
+        if x509.public_key().subject_public_key.data.as_ref()
+            != rcgen::PublicKeyData::der_bytes(&csr.public_key)
+        {
+            return Err(CaError::Renewal(
+                "the request is not signed with the current certificate's key".into(),
+            ));
+        }
+        let issued = self.issue(&csr, &id, ttl, now)?;
+        Ok((id, issued))
+    }
+
+    /// Checks that `chain` (leaf first) is a workload certificate this CA's bundle trusts,
+    /// unexpired at `now`; returns its identity.
+    pub fn verify_workload(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<SpiffeId, CaError> {
         let leaf = chain
             .first()
-            .ok_or_else(|| CaError::Renewal("no current certificate".into()))?;
+            .ok_or_else(|| CaError::Renewal("no certificate".into()))?;
         let mut roots = rustls::RootCertStore::empty();
         for c in CertificateDer::pem_slice_iter(self.bundle_pem.as_bytes()).flatten() {
             let _ = roots.add(c);
@@ -191,21 +213,40 @@ impl Ca {
             unix,
             crate::tls::provider().signature_verification_algorithms.all,
         )
-        .map_err(|e| CaError::Renewal(format!("current certificate: {e}")))?;
-        let (id, _) = crate::inspect(leaf).ok_or_else(|| {
-            CaError::Renewal("current certificate has no workload identity".into())
-        })?;
-        let (_, x509) = x509_parser::parse_x509_certificate(leaf)
-            .map_err(|e| CaError::Renewal(e.to_string()))?;
-        if x509.public_key().subject_public_key.data.as_ref()
-            != rcgen::PublicKeyData::der_bytes(&csr.public_key)
-        {
+        .map_err(|e| CaError::Renewal(format!("certificate: {e}")))?;
+        crate::inspect(leaf)
+            .map(|(id, _)| id)
+            .ok_or_else(|| CaError::Renewal("the certificate has no workload identity".into()))
+    }
+
+    /// Checks a proof of possession made with [`Credentials::prove`](crate::Credentials::prove):
+    /// the chain verifies, the time is within five minutes of `now`, and the signature over
+    /// it was made with the leaf's key. Returns the identity.
+    pub fn verify_proof(
+        &self,
+        chain: &[CertificateDer<'_>],
+        time: u64,
+        signature: &[u8],
+        now: SystemTime,
+    ) -> Result<SpiffeId, CaError> {
+        let now_secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if now_secs.abs_diff(time) > 300 {
             return Err(CaError::Renewal(
-                "the request is not signed with the current certificate's key".into(),
+                "the proof's time is more than five minutes off".into(),
             ));
         }
-        let issued = self.issue(&csr, &id, ttl, now)?;
-        Ok((id, issued))
+        let id = self.verify_workload(chain, now)?;
+        let (_, x509) = x509_parser::parse_x509_certificate(&chain[0])
+            .map_err(|e| CaError::Renewal(e.to_string()))?;
+        let key = aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+            x509.public_key().subject_public_key.data.as_ref(),
+        );
+        key.verify(crate::proof_message(time).as_bytes(), signature)
+            .map_err(|_| CaError::Renewal("the proof's signature does not verify".into()))?;
+        Ok(id)
     }
 
     fn issue(

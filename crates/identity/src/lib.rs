@@ -11,7 +11,7 @@ pub use ca::{Ca, CaError, CaMaterial, Issued};
 pub use spiffe::{ParseError, SpiffeId, check_trust_domain};
 pub use tls::{CredentialError, Credentials};
 
-use rustls::pki_types::CertificateDer;
+pub use rustls::pki_types::CertificateDer;
 use std::time::{Duration, SystemTime};
 
 /// A workload's private key, generated locally; it never leaves the process that made it.
@@ -95,4 +95,20 @@ pub fn token_hash(token: &str) -> String {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a proof of possession signs: a fixed label and the time, so a proof cannot be reused
+/// for anything else, nor for long.
+pub fn proof_message(time: u64) -> String {
+    format!("trellis-proxy-proof:{time}")
+}
+
+/// Metadata keys of a proxy's proof on the proxy protocol.
+pub mod proof_metadata {
+    /// Each certificate of the chain, DER, leaf first (binary metadata).
+    pub const CHAIN: &str = "x-trellis-chain-bin";
+    /// The proof's time, Unix seconds.
+    pub const TIME: &str = "x-trellis-proof-time";
+    /// The signature over the proof message (binary metadata).
+    pub const SIGNATURE: &str = "x-trellis-proof-bin";
 }

@@ -170,6 +170,19 @@ impl Credentials {
         Ok(())
     }
 
+    /// A proof that this workload holds its certificate's key, at `time` (Unix seconds): the
+    /// certificate chain (DER, leaf first) and a signature over
+    /// [`proof_message`](crate::proof_message). The control plane checks it with
+    /// [`Ca::verify_proof`](crate::Ca::verify_proof).
+    pub fn prove(&self, time: u64) -> Option<(Vec<CertificateDer<'static>>, Vec<u8>)> {
+        let certified = self.certified.load();
+        let signer = certified
+            .key
+            .choose_scheme(&[SignatureScheme::ECDSA_NISTP256_SHA256])?;
+        let signature = signer.sign(crate::proof_message(time).as_bytes()).ok()?;
+        Some((certified.cert.clone(), signature))
+    }
+
     /// This workload's identity.
     pub fn identity(&self) -> SpiffeId {
         (**self.identity.load()).clone()

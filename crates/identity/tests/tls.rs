@@ -432,3 +432,31 @@ fn renewal_needs_the_current_certificate_and_its_key() {
         .is_err()
     );
 }
+
+#[test]
+fn proofs_of_possession_verify_only_with_the_key_in_time_and_from_this_ca() {
+    let (_, ca) = new_ca();
+    let now = SystemTime::now();
+    let secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let orders = issue(&ca, "orders", Duration::from_secs(600), now);
+    let (chain, sig) = orders.prove(secs).unwrap();
+    assert_eq!(
+        ca.verify_proof(&chain, secs, &sig, now).unwrap(),
+        id("orders")
+    );
+    // Another time than the one signed, a stale proof, another key, another CA: refused.
+    assert!(ca.verify_proof(&chain, secs + 1, &sig, now).is_err());
+    let (old_chain, old_sig) = orders.prove(secs - 600).unwrap();
+    let e = ca
+        .verify_proof(&old_chain, secs - 600, &old_sig, now)
+        .unwrap_err();
+    assert!(e.to_string().contains("five minutes"), "{e}");
+    let payment = issue(&ca, "payment", Duration::from_secs(600), now);
+    let (_, other_sig) = payment.prove(secs).unwrap();
+    assert!(ca.verify_proof(&chain, secs, &other_sig, now).is_err());
+    let (_, foreign_ca) = new_ca();
+    assert!(foreign_ca.verify_proof(&chain, secs, &sig, now).is_err());
+}

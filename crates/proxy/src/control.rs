@@ -204,6 +204,8 @@ pub struct Follow {
     pub local: Vec<Located<Resource>>,
     /// Where the accepted set is persisted.
     pub state_file: Option<PathBuf>,
+    /// A join token, to authenticate before this proxy has a certificate.
+    pub token: Option<String>,
 }
 
 /// Follows the control plane until the proxy drains: connects, applies every update, and
@@ -267,7 +269,9 @@ async fn session(
         ..Default::default()
     };
     let _ = tx.send(hello).await;
-    let mut responses = client.stream(ReceiverStream::new(rx)).await?.into_inner();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    crate::identity::authorize(&mut request, proxy, cfg.token.as_deref());
+    let mut responses = client.stream(request).await?.into_inner();
     tracing::info!(%endpoint, "connected to the control plane");
     proxy.shared.metrics.control_connected.set(1);
     backoff.reset();

@@ -294,3 +294,29 @@ fn rcgen_key(key_pem: &str) -> Result<String, IdentityError> {
         .and_then(|k| k.csr(None))
         .map_err(|e| IdentityError::Invalid(e.to_string()))
 }
+
+/// Adds this proxy's credentials to a request on the proxy protocol: a proof made with its
+/// certificate when it has one, else its join token.
+pub fn authorize<T>(req: &mut tonic::Request<T>, proxy: &Proxy, token: Option<&str>) {
+    use tonic::metadata::{BinaryMetadataValue, MetadataValue};
+    use trellis_identity::proof_metadata as md;
+    let meta = req.metadata_mut();
+    if let Some(creds) = proxy.credentials() {
+        let now = unix(SystemTime::now());
+        if let Some((chain, signature)) = creds.prove(now)
+            && let Ok(time) = MetadataValue::try_from(now.to_string())
+        {
+            meta.insert(md::TIME, time);
+            for c in chain {
+                meta.append_bin(md::CHAIN, BinaryMetadataValue::from_bytes(c.as_ref()));
+            }
+            meta.insert_bin(md::SIGNATURE, BinaryMetadataValue::from_bytes(&signature));
+            return;
+        }
+    }
+    if let Some(t) = token
+        && let Ok(v) = MetadataValue::try_from(format!("Bearer {t}"))
+    {
+        meta.insert("authorization", v);
+    }
+}

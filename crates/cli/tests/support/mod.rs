@@ -303,8 +303,15 @@ pub fn cli(url: &str, token_file: &Path, args: &[&str]) -> (i32, String, String)
     )
 }
 
+/// A join token for `service`, created through the CLI.
+pub fn token(cp: &ControlPlane, service: &str) -> String {
+    let (code, out, err) = cp.cli(&["token", "create", "--service", service]);
+    assert_eq!(code, 0, "{err}");
+    out.trim().to_string()
+}
+
 /// `trellis run` of a demo catalog instance.
-pub fn catalog(dir: &Path, control: &str, version: &str) -> Proc {
+pub fn catalog(dir: &Path, control: &str, version: &str, token: &str) -> Proc {
     let mut cmd = trellis();
     cmd.args([
         "run",
@@ -320,6 +327,8 @@ pub fn catalog(dir: &Path, control: &str, version: &str) -> Proc {
         "http:/healthz",
         "--ttl",
         "2s",
+        "--token",
+        token,
         "--state-dir",
     ])
     .arg(dir.join(format!("state-catalog-{version}-{}", free_port())))
@@ -329,7 +338,7 @@ pub fn catalog(dir: &Path, control: &str, version: &str) -> Proc {
 }
 
 /// `trellis run` of a client-only app whose sidecar listens on `port` for product-catalog.
-pub fn client(dir: &Path, control: &str, port: u16, state: &str) -> Proc {
+pub fn client(dir: &Path, control: &str, port: u16, state: &str, token: &str) -> Proc {
     let mut cmd = trellis();
     cmd.args([
         "run",
@@ -337,6 +346,8 @@ pub fn client(dir: &Path, control: &str, port: u16, state: &str) -> Proc {
         control,
         "--upstream",
         &format!("product-catalog={port}"),
+        "--token",
+        token,
         "--state-dir",
     ])
     .arg(dir.join(state))
