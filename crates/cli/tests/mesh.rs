@@ -932,3 +932,58 @@ fn the_config_api_refuses_clients_without_the_admin_token() {
     // A restart keeps the same token (it is not regenerated).
     drop(cp);
 }
+
+#[test]
+fn a_user_provided_ca_signs_the_workload_certificates() {
+    let dir = TempDir::new("own-ca");
+    let m = trellis_identity::Ca::generate("corp.example", Duration::from_secs(86400)).unwrap();
+    let cert = dir.write("ca.pem", &m.cert_pem);
+    let key = dir.write("ca.key", &m.key_pem);
+    let port = free_port();
+    let mut cmd = trellis();
+    cmd.args([
+        "control",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--trust-domain",
+        "corp.example",
+        "--store",
+    ])
+    .arg(dir.path().join("store"))
+    .arg("--ca-cert")
+    .arg(&cert)
+    .arg("--ca-key")
+    .arg(&key);
+    let mut proc = Proc::spawn("control", dir.path(), cmd);
+    wait_for(Duration::from_secs(20), "the control plane", || {
+        assert!(!proc.exited(), "{}", proc.log_text());
+        get(port, "/v1/trust").ok().filter(|r| r.status == 200)
+    });
+    let cp = ControlPlane {
+        proc,
+        port,
+        token: dir.path().join("store/admin-token"),
+    };
+    // The published bundle is the user's root; its key is nowhere in the answer.
+    let trust = get(port, "/v1/trust").unwrap().body;
+    assert!(trust.contains("corp.example"), "{trust}");
+    let bundle: serde_json::Value = serde_json::from_str(&trust).unwrap();
+    assert_eq!(bundle["bundlePem"].as_str().unwrap(), m.cert_pem);
+    assert!(!trust.contains("PRIVATE KEY"));
+    // A sidecar gets its identity from it.
+    let _v1 = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
+    let up = free_port();
+    let _client = client(
+        dir.path(),
+        &cp.url(),
+        up,
+        "client-state",
+        &token(&cp, "client"),
+    );
+    wait_versions(up, &["v1"], Duration::from_secs(20));
+    let (_, workloads, _) = cp.cli(&["get", "workloads", "-o", "json"]);
+    assert!(
+        workloads.contains("spiffe://corp.example/ns/default/sa/product-catalog"),
+        "{workloads}"
+    );
+}

@@ -177,6 +177,52 @@ mod jwt {
         (url, EncodingKey::from_ec_der(&kp.serialize_der()))
     }
 
+    #[tokio::test]
+    async fn keys_can_come_from_a_jwks_file() {
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let raw = kp.public_key_raw().to_vec();
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let file = std::env::temp_dir().join(format!("trellis-jwks-{}.json", std::process::id()));
+        std::fs::write(
+            &file,
+            serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "kid": "k1", "x": b64(&raw[1..33]), "y": b64(&raw[33..65])}]})
+                .to_string(),
+        )
+        .unwrap();
+        let up = upstream("app").await;
+        let p = inbound(
+            up.addr,
+            None,
+            &format!(
+                "apiVersion: trellis.dev/v1alpha1
+kind: RequestAuthentication
+metadata: {{name: users}}
+spec:
+  required: true
+  jwtRules: [{{issuer: https://auth.test, jwksFile: '{}', algorithms: [ES256]}}]
+",
+                file.display()
+            ),
+        )
+        .await;
+        let key = EncodingKey::from_ec_der(&kp.serialize_der());
+        let addr = p.addr("in").await;
+        let req = |t: &str| {
+            http::Request::get(format!("http://{addr}/x"))
+                .header("authorization", format!("Bearer {t}"))
+                .body(Default::default())
+                .unwrap()
+        };
+        assert_eq!(
+            send(&h1_client(), req(&token(&key, "any", 300)))
+                .await
+                .status,
+            200
+        );
+        assert_eq!(send(&h1_client(), req("garbage")).await.status, 401);
+        let _ = std::fs::remove_file(&file);
+    }
+
     fn token(key: &EncodingKey, role: &str, exp_in: i64) -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -121,3 +121,51 @@ spec:
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_services_mode_overrides_the_mesh_wide_one() {
+    let app = upstream("app").await;
+    // Mesh-wide strict, but this service is permissive: plaintext is served.
+    let yaml = |service_mode: &str, mesh_mode: &str| {
+        format!(
+            "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: server}}
+spec:
+  admin: {{address: 127.0.0.1:0}}
+  inbound: [{{name: in, address: 127.0.0.1:0, forwardTo: '{}', service: app}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: app}}
+spec:
+  ports: [{{port: 80}}]
+  mtls: {{mode: {service_mode}}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: MeshConfig
+metadata: {{name: mesh}}
+spec: {{mtls: {{mode: {mesh_mode}}}}}
+",
+            app.addr
+        )
+    };
+    let p = start_proxy(&yaml("Permissive", "Strict")).await;
+    assert_eq!(get(p.addr("in").await, "/x").await.status, 200);
+    // And the other way round: a strict service in a permissive mesh closes plaintext.
+    let p = start_proxy(&yaml("Strict", "Permissive")).await;
+    let client = h1_client();
+    let req = http::Request::get(format!("http://{}/x", p.addr("in").await))
+        .body(Default::default())
+        .unwrap();
+    assert!(
+        client.request(req).await.is_err(),
+        "the connection is closed"
+    );
+    assert_eq!(
+        p.metric(
+            "trellis_inbound_connections_total{listener=\"in\",security=\"refused_plaintext\"}"
+        ),
+        1.0
+    );
+}
