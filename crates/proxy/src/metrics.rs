@@ -53,6 +53,15 @@ pub struct SecurityLabels {
     pub security: &'static str,
 }
 
+/// Labels of a mutual TLS connection's caller.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// The caller's SPIFFE id.
+    pub peer: Arc<str>,
+}
+
 /// Labels of an authorization decision.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AuthzLabels {
@@ -128,6 +137,8 @@ pub struct Metrics {
     pub cert_expiry: Gauge,
     /// Authorization decisions at inbound listeners.
     pub authz: Family<AuthzLabels, Counter>,
+    /// Mutual TLS connections by the caller's identity.
+    pub peers: Family<PeerLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -154,6 +165,7 @@ impl Default for Metrics {
             inbound_security: Family::default(),
             cert_expiry: Gauge::default(),
             authz: Family::default(),
+            peers: Family::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.clone());
@@ -221,6 +233,11 @@ impl Default for Metrics {
             "identity_certificate_expiry_timestamp_seconds",
             "When this proxy's workload certificate expires (Unix seconds; 0 without one)",
             m.cert_expiry.clone(),
+        );
+        registry.register(
+            "inbound_mtls_peer_connections",
+            "Inbound mutual TLS connections by the calling workload's SPIFFE id",
+            m.peers.clone(),
         );
         registry.register(
             "authz_decisions",

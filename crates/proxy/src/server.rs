@@ -258,7 +258,7 @@ async fn accept_inbound(
             let handshake = m.acceptor.accept(tls::Rewind::new(buf.freeze(), stream));
             match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
                 Ok(Ok(s)) => {
-                    let peer_identity = s
+                    let peer_identity: Option<Arc<str>> = s
                         .get_ref()
                         .1
                         .peer_certificates()
@@ -266,6 +266,17 @@ async fn accept_inbound(
                         .and_then(trellis_identity::inspect)
                         .map(|(id, _)| Arc::from(id.to_string()));
                     count("mtls");
+                    if let Some(id) = &peer_identity {
+                        tracing::debug!(listener = %listener.name, peer = %id, "mutual TLS connection");
+                        shared
+                            .metrics
+                            .peers
+                            .get_or_create(&crate::metrics::PeerLabels {
+                                listener: listener.name.clone(),
+                                peer: id.clone(),
+                            })
+                            .inc();
+                    }
                     Ok(Some(Accepted {
                         conn: Conn::Tls(Box::new(s)),
                         prefix: bytes::BytesMut::new(),

@@ -115,9 +115,13 @@ spec:
     let mut buf = [0u8; 5];
     tls.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"hello");
-    // And the hop between the sidecars was mutual TLS.
+    // And the hop between the sidecars was mutual TLS, from the client's identity.
     assert_eq!(
         inbound.metric("trellis_inbound_connections_total{listener=\"in\",security=\"mtls\"}"),
+        1.0
+    );
+    assert_eq!(
+        inbound.metric("trellis_inbound_mtls_peer_connections_total{listener=\"in\",peer=\"spiffe://mesh.test/ns/default/sa/client\"}"),
         1.0
     );
 }
