@@ -565,18 +565,16 @@ fn demo_starts_serves_traffic_through_sidecars_and_stops_cleanly() {
     );
 }
 
-/// A v1 catalog and a client sidecar (upstream port returned), both with identities.
-fn mtls_catalog_and_client(cp: &ControlPlane, dir: &std::path::Path) -> (Proc, Proc, u16) {
-    let url = cp.url();
+/// A v1 catalog under `trellis run` with an identity (JSON logs, for its admin port).
+fn mtls_catalog(cp: &ControlPlane, dir: &std::path::Path) -> Proc {
     let cat_token = token(cp, "product-catalog");
-    let client_token = token(cp, "client");
     let cat_port = free_port().to_string();
-    let catalog = run(
+    run(
         dir,
         "catalog",
         &[
             "--control",
-            &url,
+            &cp.url(),
             "--service",
             "product-catalog",
             "--port",
@@ -588,7 +586,14 @@ fn mtls_catalog_and_client(cp: &ControlPlane, dir: &std::path::Path) -> (Proc, P
         ],
         &[bin(), "demo-app", "product-catalog"],
         &[("DEMO_VERSION", "v1")],
-    );
+    )
+}
+
+/// A v1 catalog and a client sidecar (upstream port returned), both with identities.
+fn mtls_catalog_and_client(cp: &ControlPlane, dir: &std::path::Path) -> (Proc, Proc, u16) {
+    let url = cp.url();
+    let client_token = token(cp, "client");
+    let catalog = mtls_catalog(cp, dir);
     let up = free_port();
     let up_arg = format!("product-catalog={up}");
     let client = run(
@@ -792,26 +797,7 @@ fn authorization_by_identity_path_and_method_at_the_receiving_sidecar() {
         &dir.path().join("store").display().to_string(),
     );
     let url = cp.url();
-    let cat_port = free_port().to_string();
-    let cat_token = token(&cp, "product-catalog");
-    let _catalog = run(
-        dir.path(),
-        "catalog",
-        &[
-            "--control",
-            &url,
-            "--service",
-            "product-catalog",
-            "--port",
-            &cat_port,
-            "--health",
-            "http:/healthz",
-            "--token",
-            &cat_token,
-        ],
-        &[bin(), "demo-app", "product-catalog"],
-        &[("DEMO_VERSION", "v1")],
-    );
+    let catalog = mtls_catalog(&cp, dir.path());
     // Two callers with their own identities.
     let mut ports = Vec::new();
     let mut callers = Vec::new();
@@ -885,7 +871,7 @@ spec:
     wait_for(Duration::from_secs(10), "audit mode", || {
         get(orders, "/products/2").ok().filter(|r| r.status == 200)
     });
-    let admin = admin_port(&_catalog);
+    let admin = admin_port(&catalog);
     assert!(
         metric(admin, "trellis_authz_decisions_total{listener=\"inbound\",decision=\"audit_deny\",policy=\"default/hide-product-2\"}").unwrap_or(0.0) >= 1.0
     );
