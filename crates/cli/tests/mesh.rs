@@ -39,12 +39,7 @@ spec:
 #[test]
 fn routes_and_instances_follow_the_control_plane() {
     let dir = TempDir::new("follow");
-    let cp = ControlPlane::start(
-        "control",
-        dir.path(),
-        free_port(),
-        &dir.path().join("store").display().to_string(),
-    );
+    let cp = ControlPlane::start_in(dir.path());
     let _v1 = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
     let up = free_port();
     let _client = client(
@@ -115,12 +110,7 @@ fn routes_and_instances_follow_the_control_plane() {
 #[test]
 fn http_proxy_mode_routes_by_host_and_unhealthy_instances_get_no_traffic() {
     let dir = TempDir::new("proxy-mode");
-    let cp = ControlPlane::start(
-        "control",
-        dir.path(),
-        free_port(),
-        &dir.path().join("store").display().to_string(),
-    );
+    let cp = ControlPlane::start_in(dir.path());
     let _v1 = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
     // An instance whose health check fails: registered, but never in rotation.
     let mut cmd = trellis();
@@ -279,12 +269,7 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
 #[test]
 fn bad_config_is_rejected_whole_and_a_nack_is_reported() {
     let dir = TempDir::new("reject");
-    let cp = ControlPlane::start(
-        "control",
-        dir.path(),
-        free_port(),
-        &dir.path().join("store").display().to_string(),
-    );
+    let cp = ControlPlane::start_in(dir.path());
     let bad = dir.write(
         "bad.yaml",
         r#"apiVersion: trellis.dev/v1alpha1
@@ -616,12 +601,7 @@ fn mtls_catalog_and_client(cp: &ControlPlane, dir: &std::path::Path) -> (Proc, P
 #[test]
 fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
     let dir = TempDir::new("mtls");
-    let cp = ControlPlane::start(
-        "control",
-        dir.path(),
-        free_port(),
-        &dir.path().join("store").display().to_string(),
-    );
+    let cp = ControlPlane::start_in(dir.path());
     let url = cp.url();
     let (catalog, _client, up) = mtls_catalog_and_client(&cp, dir.path());
     wait_versions(up, &["v1"], Duration::from_secs(20));
@@ -790,12 +770,7 @@ fn certificates_rotate_under_load_without_failing_a_request() {
 #[test]
 fn authorization_by_identity_path_and_method_at_the_receiving_sidecar() {
     let dir = TempDir::new("authz");
-    let cp = ControlPlane::start(
-        "control",
-        dir.path(),
-        free_port(),
-        &dir.path().join("store").display().to_string(),
-    );
+    let cp = ControlPlane::start_in(dir.path());
     let url = cp.url();
     let catalog = mtls_catalog(&cp, dir.path());
     // Two callers with their own identities.
@@ -881,12 +856,7 @@ spec:
 #[test]
 fn the_config_api_refuses_clients_without_the_admin_token() {
     let dir = TempDir::new("auth");
-    let cp = ControlPlane::start(
-        "control",
-        dir.path(),
-        free_port(),
-        &dir.path().join("store").display().to_string(),
-    );
+    let cp = ControlPlane::start_in(dir.path());
     let token = std::fs::read_to_string(&cp.token).unwrap();
     assert_eq!(token.trim().len(), 64, "a 256-bit token, hex");
     // Raw HTTP without a token: nothing can be read, changed, or tokens created.

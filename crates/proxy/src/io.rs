@@ -9,6 +9,18 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+/// Copies what is left of `prefix` (bytes already read from a stream) into `buf`; false when
+/// nothing is left and reads go to the stream itself.
+pub fn replay(prefix: &mut Bytes, buf: &mut ReadBuf<'_>) -> bool {
+    if prefix.is_empty() {
+        return false;
+    }
+    let n = prefix.len().min(buf.remaining());
+    buf.put_slice(&prefix[..n]);
+    prefix.advance(n);
+    true
+}
+
 /// A client connection: plain TCP, or mutual TLS from another sidecar (whose first bytes
 /// were read to see the ClientHello).
 pub enum Conn {
@@ -104,10 +116,7 @@ impl AsyncRead for ClientIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
+        if replay(&mut self.prefix, buf) {
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

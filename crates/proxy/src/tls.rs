@@ -5,7 +5,7 @@
 //! the listener's mode.
 
 use arc_swap::ArcSwapOption;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use rustls::pki_types::ServerName;
 use std::io;
 use std::pin::Pin;
@@ -133,10 +133,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
+        if crate::io::replay(&mut self.prefix, buf) {
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

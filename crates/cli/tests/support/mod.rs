@@ -277,6 +277,12 @@ impl ControlPlane {
         ControlPlane { proc, port, token }
     }
 
+    /// A control plane named `control` on a free port, its store in `dir/store`.
+    pub fn start_in(dir: &Path) -> ControlPlane {
+        let store = dir.join("store").display().to_string();
+        ControlPlane::start("control", dir, free_port(), &store)
+    }
+
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
