@@ -262,9 +262,14 @@ impl Balancer {
         self.decay
     }
 
+    /// Whether choices use response latency, so that it is worth measuring.
+    pub fn measures_latency(&self) -> bool {
+        self.algorithm == Algorithm::PeakEwma && self.members.len() > 1
+    }
+
     /// Records a response latency for an endpoint, when the algorithm uses latency.
     pub fn observe(&self, endpoint: &EndpointState, rtt: Duration, now: tokio::time::Instant) {
-        if self.algorithm == Algorithm::PeakEwma && self.members.len() > 1 {
+        if self.measures_latency() {
             endpoint.observe(rtt, now, self.decay);
         }
     }

@@ -1,19 +1,121 @@
 //! The one body type the proxy moves around, and small constructors.
+//!
+//! An enum rather than a boxed trait object: every proxied request and response carries a
+//! body, and boxing one is an allocation per message (two per exchange) for no gain, since
+//! the kinds of body the proxy handles are few and known.
 
+use crate::http::Tracked;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Full, combinators::BoxBody};
+use http_body::{Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 /// A request or response body: streamed from a peer, or produced by the proxy.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub struct Body(Kind);
+
+enum Kind {
+    Empty,
+    /// Bytes produced by the proxy; `None` once sent.
+    Full(Option<Bytes>),
+    /// Streamed from a peer.
+    Incoming(Incoming),
+    /// An upstream response that releases its endpoint and connection when it ends.
+    Tracked(Tracked),
+}
 
 /// A body with these bytes.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into())
-        .map_err(|never| match never {})
-        .boxed()
+    let bytes = bytes.into();
+    Body(if bytes.is_empty() {
+        Kind::Empty
+    } else {
+        Kind::Full(Some(bytes))
+    })
 }
 
 /// An empty body.
 pub fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed()
+    Body(Kind::Empty)
+}
+
+impl From<Incoming> for Body {
+    fn from(b: Incoming) -> Body {
+        Body(Kind::Incoming(b))
+    }
+}
+
+impl From<Tracked> for Body {
+    fn from(b: Tracked) -> Body {
+        Body(Kind::Tracked(b))
+    }
+}
+
+impl http_body::Body for Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // Every variant is `Unpin`, so no projection is needed.
+        match &mut self.get_mut().0 {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            Kind::Incoming(b) => Pin::new(b).poll_frame(cx),
+            Kind::Tracked(b) => Pin::new(b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            Kind::Empty => true,
+            Kind::Full(b) => b.is_none(),
+            Kind::Incoming(b) => b.is_end_stream(),
+            Kind::Tracked(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Incoming(b) => b.size_hint(),
+            Kind::Tracked(b) => b.size_hint(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = match &self.0 {
+            Kind::Empty => "empty",
+            Kind::Full(_) => "full",
+            Kind::Incoming(_) => "incoming",
+            Kind::Tracked(_) => "tracked",
+        };
+        write!(f, "Body({kind})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn full_and_empty_bodies() {
+        let b = full("hello");
+        assert_eq!(http_body::Body::size_hint(&b).exact(), Some(5));
+        assert!(!http_body::Body::is_end_stream(&b));
+        assert_eq!(b.collect().await.unwrap().to_bytes(), "hello");
+
+        let e = empty();
+        assert!(http_body::Body::is_end_stream(&e));
+        assert_eq!(http_body::Body::size_hint(&e).exact(), Some(0));
+        assert!(e.collect().await.unwrap().to_bytes().is_empty());
+        // An empty `full` is the empty body: nothing to frame.
+        assert!(http_body::Body::is_end_stream(&full("")));
+    }
 }

@@ -92,11 +92,13 @@ impl EndpointState {
         self.ewma.store(next.to_bits(), Ordering::Relaxed);
     }
 
-    /// An HTTP/1.1 connection ready for a request: a pooled one, or a new one.
+    /// An HTTP/1.1 connection ready for a request: a pooled one idle for no longer than
+    /// `idle_timeout` at `now`, or a new one.
     pub async fn http1(
         &self,
         connect_timeout: Duration,
         idle_timeout: Duration,
+        now: Instant,
     ) -> Result<http1::SendRequest<Body>, ProxyError> {
         loop {
             let idle = {
@@ -104,7 +106,7 @@ impl EndpointState {
                 pool.pop()
             };
             let Some((mut tx, since)) = idle else { break };
-            if tx.is_closed() || since.elapsed() > idle_timeout {
+            if tx.is_closed() || now.saturating_duration_since(since) > idle_timeout {
                 continue;
             }
             if tx.ready().await.is_ok() {

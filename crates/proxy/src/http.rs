@@ -155,7 +155,7 @@ pub async fn handle(
             if let Some((n, v)) = filters::location_header(&location) {
                 resp.headers_mut().insert(n, v);
             }
-            shared.record(None, direction, &route, &NONE, status, "", start);
+            shared.record(None, direction, &route, &NONE, status, "", start.elapsed());
             return Ok(resp);
         }
     };
@@ -169,7 +169,7 @@ pub async fn handle(
     }
 
     // 3. Mirror: copy the request to mirror backends, when its body is small enough to copy.
-    let mut body = body.boxed();
+    let mut body = Body::from(body);
     if let Some(rule) = fwd.rule.as_ref().filter(|r| !r.filters.mirrors.is_empty()) {
         body = mirror(
             &shared,
@@ -185,8 +185,8 @@ pub async fn handle(
 
     // 4–5. Endpoint and forward, retrying other endpoints only when a connection failed.
     let req = Request::from_parts(parts, body);
-    let result = forward(&fwd, req, conn.client).await;
-    let (mut resp, endpoint) = match result {
+    let result = forward(&fwd, req, conn.client, start).await;
+    let (mut resp, endpoint, answered) = match result {
         Ok(r) => r,
         Err(e) => return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start)),
     };
@@ -228,7 +228,7 @@ pub async fn handle(
         &fwd.backend.name,
         resp.status(),
         "",
-        start,
+        answered - start,
     );
     Ok(resp)
 }
@@ -236,12 +236,14 @@ pub async fn handle(
 /// Sends the request to an endpoint of the backend, within the forward's timeout. A request
 /// that never left the proxy (connect failed, or a pooled connection closed before it was
 /// written) is tried again on another connection. Returns the response and, for upgrades,
-/// the in-flight guard (otherwise the response body holds it).
+/// the in-flight guard (otherwise the response body holds it), and when the response head
+/// arrived. The timeout runs from `start`, when the request arrived.
 async fn forward(
     fwd: &Forward,
     mut req: Request<Body>,
     client: SocketAddr,
-) -> Result<(Response<Body>, Option<InFlight>), ProxyError> {
+    start: Instant,
+) -> Result<(Response<Body>, Option<InFlight>, Instant), ProxyError> {
     let backend = &fwd.backend;
     let hash = backend
         .hash_on
@@ -249,7 +251,7 @@ async fn forward(
         .and_then(|on| hash_key(on, req.headers(), client));
     let h2 = use_http2(backend, req.version());
     prepare_upstream(&mut req, h2);
-    let deadline = fwd.timeout.map(|t| Instant::now() + t);
+    let deadline = fwd.timeout.map(|t| start + t);
     // An idempotent request without a body can be sent again if the connection closes before
     // any response (RFC 9110 §9.2.2): the keep-alive race where the upstream closes an idle
     // connection just as it is reused.
@@ -261,7 +263,7 @@ async fn forward(
             return Err(ProxyError::NoEndpoint(backend.name.to_string()));
         };
         let guard = endpoint.start();
-        let attempt = send(endpoint, backend, h2, &mut pending);
+        let attempt = send(endpoint, backend, h2, &mut pending, start);
         let outcome = match deadline {
             Some(d) => match tokio::time::timeout_at(d, attempt).await {
                 Ok(r) => r,
@@ -284,14 +286,20 @@ async fn forward(
             Err(e) => return Err(e),
             Ok(r) => r,
         };
-        let now = Instant::now();
-        backend.balancer.observe(endpoint, now - sent, now);
+        let answered = Instant::now();
+        if let Some(sent) = sent {
+            backend.balancer.observe(endpoint, answered - sent, answered);
+        }
         let (mut parts, incoming) = resp.into_parts();
         let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
         strip_hop_by_hop(&mut parts.headers, upgraded);
         if upgraded {
             // The connection now belongs to the upgraded stream: not pooled.
-            return Ok((Response::from_parts(parts, incoming.boxed()), Some(guard)));
+            return Ok((
+                Response::from_parts(parts, incoming.into()),
+                Some(guard),
+                answered,
+            ));
         }
         if incoming.is_end_stream() {
             // Nothing to read (204, HEAD, empty body): the writer will never poll this body,
@@ -300,7 +308,7 @@ async fn forward(
             if let Some(tx) = tx {
                 release(tx, endpoint.clone());
             }
-            return Ok((Response::from_parts(parts, incoming.boxed()), None));
+            return Ok((Response::from_parts(parts, incoming.into()), None, answered));
         }
         let pool = tx.map(|tx| (tx, endpoint.clone()));
         let tracked = Tracked {
@@ -308,33 +316,36 @@ async fn forward(
             guard: Some(guard),
             pool,
         };
-        return Ok((Response::from_parts(parts, tracked.boxed()), None));
+        return Ok((Response::from_parts(parts, tracked.into()), None, answered));
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoEndpoint(backend.name.to_string())))
 }
 
 /// One attempt on one endpoint. On a retryable failure the request is left in `pending`.
-/// Also returns when the request was handed to a ready connection: latency for balancing is
-/// measured from there, so connection setup does not count against the endpoint.
+/// Also returns, when the balancer uses latency, when the request was handed to a ready
+/// connection: latency is measured from there, so connection setup does not count against
+/// the endpoint. `start` (when the request arrived) dates an idle pooled connection.
 async fn send(
     endpoint: &Arc<EndpointState>,
     backend: &Backend,
     h2: bool,
     pending: &mut Option<Request<Body>>,
+    start: Instant,
 ) -> Result<Sent, ProxyError> {
     let no_request = || ProxyError::NoEndpoint(backend.name.to_string());
+    let clock = || backend.balancer.measures_latency().then(Instant::now);
     if h2 {
         let mut tx = endpoint.http2(backend.connect_timeout).await?;
-        let sent = Instant::now();
+        let sent = clock();
         let result = tx
             .try_send_request(pending.take().ok_or_else(no_request)?)
             .await;
         settle(result, endpoint, pending).map(|resp| (resp, None, sent))
     } else {
         let mut tx = endpoint
-            .http1(backend.connect_timeout, backend.idle_timeout)
+            .http1(backend.connect_timeout, backend.idle_timeout, start)
             .await?;
-        let sent = Instant::now();
+        let sent = clock();
         let result = tx
             .try_send_request(pending.take().ok_or_else(no_request)?)
             .await;
@@ -342,11 +353,12 @@ async fn send(
     }
 }
 
-/// A response, the HTTP/1.1 connection to pool afterwards, and when the request was sent.
+/// A response, the HTTP/1.1 connection to pool afterwards, and when the request was sent
+/// (read only for a balancer that uses latency).
 type Sent = (
     Response<Incoming>,
     Option<http1::SendRequest<Body>>,
-    Instant,
+    Option<Instant>,
 );
 
 /// Classifies a send failure: unsent (the request comes back into `pending`), closed before
@@ -518,14 +530,26 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     if !h.keys().any(hop) {
         return;
     }
-    let named: Vec<HeaderName> = h
+    // `Connection` may name further hop-by-hop headers. Its usual tokens (`keep-alive`,
+    // `close`, `upgrade`) name none beyond those removed below, so they cost no allocation.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for token in h
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
-        .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-        .filter(|n| !(keep_upgrade && n == header::UPGRADE))
-        .collect();
+        .map(str::trim)
+    {
+        if ["keep-alive", "close", "upgrade", ""]
+            .iter()
+            .any(|t| token.eq_ignore_ascii_case(t))
+        {
+            continue;
+        }
+        if let Ok(n) = HeaderName::try_from(token) {
+            named.push(n);
+        }
+    }
     for n in named {
         h.remove(n);
     }
@@ -616,7 +640,7 @@ async fn mirror(
             })
             .inc();
         tokio::spawn(async move {
-            if let Ok((resp, _)) = forward(&fwd, copy, client).await {
+            if let Ok((resp, ..)) = forward(&fwd, copy, client, Instant::now()).await {
                 // Drain so the pooled connection can be reused.
                 let _ = resp.into_body().collect().await;
             }
@@ -643,7 +667,7 @@ impl Shared {
             backend,
             e.status(),
             e.label(),
-            start,
+            start.elapsed(),
         );
         e.into_response(grpc)
     }
@@ -658,10 +682,10 @@ impl Shared {
         backend: &Arc<str>,
         status: StatusCode,
         error: &'static str,
-        start: Instant,
+        elapsed: std::time::Duration,
     ) {
         // Labels share the snapshot's strings: no allocation unless the series is new.
-        let elapsed = start.elapsed().as_secs_f64();
+        let elapsed = elapsed.as_secs_f64();
         if let Some(s) = stats {
             s.requests.inc();
             s.latency.observe(elapsed);
@@ -692,7 +716,7 @@ impl Shared {
 pin_project_lite::pin_project! {
     /// A response body that keeps its endpoint's in-flight count raised until it ends, and
     /// returns the HTTP/1.1 connection to the pool when the exchange finished cleanly.
-    struct Tracked {
+    pub(crate) struct Tracked {
         #[pin]
         inner: Incoming,
         guard: Option<InFlight>,
