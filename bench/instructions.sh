@@ -3,7 +3,7 @@
 # callgrind: deterministic, unlike CPU seconds on a shared or virtual machine, so small
 # per-request costs can be compared between builds and against HAProxy.
 #
-#   bash bench/instructions.sh                 # builds trellis (quick-release) if needed
+#   bash bench/instructions.sh                 # builds trellis (release) if needed
 #   TRELLIS_BIN=path/to/trellis bash bench/instructions.sh
 #
 # Each proxy runs under callgrind with one thread in front of an nginx upstream serving
@@ -14,8 +14,8 @@ REPO=$(cd "$(dirname "$0")/.." && pwd)
 for tool in valgrind nginx haproxy wrk curl; do
     command -v "$tool" >/dev/null || { apt-get update -q && apt-get install -y -q valgrind nginx haproxy wrk curl >/dev/null; break; }
 done
-BIN=${TRELLIS_BIN:-$REPO/target/quick-release/trellis}
-[[ -x $BIN ]] || (cd "$REPO" && cargo build --profile quick-release -p trellis-cli)
+BIN=${TRELLIS_BIN:-$REPO/target/release/trellis}
+[[ -x $BIN ]] || (cd "$REPO" && cargo build --release -p trellis-cli)
 TMP=$(mktemp -d /tmp/trellis-instr.XXXXXX)
 chmod 755 "$TMP"
 PIDS=()
