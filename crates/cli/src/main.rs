@@ -8,6 +8,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use trellis_control::store::StoreSpec;
 
+// Per-exchange buffers are cheap in mimalloc and slow in glibc's bins (docs/ARCHITECTURE.md).
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

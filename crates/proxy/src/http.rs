@@ -288,7 +288,9 @@ async fn forward(
         };
         let answered = Instant::now();
         if let Some(sent) = sent {
-            backend.balancer.observe(endpoint, answered - sent, answered);
+            backend
+                .balancer
+                .observe(endpoint, answered - sent, answered);
         }
         let (mut parts, incoming) = resp.into_parts();
         let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
