@@ -250,12 +250,12 @@ async fn forward(
         .as_ref()
         .and_then(|on| hash_key(on, req.headers(), client));
     let h2 = use_http2(backend, req.version());
-    prepare_upstream(&mut req, h2);
+    let upgrade = prepare_upstream(&mut req, h2);
     let deadline = fwd.timeout.map(|t| start + t);
     // An idempotent request without a body can be sent again if the connection closes before
     // any response (RFC 9110 §9.2.2): the keep-alive race where the upstream closes an idle
     // connection just as it is reused.
-    let replay = Replay::of(&req);
+    let replay = Replay::of(&req, upgrade);
     let mut pending = Some(req);
     let mut last_err = None;
     for _ in 0..SEND_ATTEMPTS {
@@ -419,7 +419,8 @@ struct Replay {
 }
 
 impl Replay {
-    fn of(req: &Request<Body>) -> Option<Replay> {
+    /// `upgrade`: the request asks the upstream for a protocol upgrade (never replayed).
+    fn of(req: &Request<Body>, upgrade: bool) -> Option<Replay> {
         use http::Method;
         let idempotent = matches!(
             *req.method(),
@@ -430,13 +431,11 @@ impl Replay {
                 | Method::PUT
                 | Method::DELETE
         );
-        (idempotent && req.body().is_end_stream() && !wants_upgrade(req.headers())).then(|| {
-            Replay {
-                method: req.method().clone(),
-                uri: req.uri().clone(),
-                version: req.version(),
-                headers: req.headers().clone(),
-            }
+        (idempotent && req.body().is_end_stream() && !upgrade).then(|| Replay {
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
         })
     }
 
@@ -461,8 +460,9 @@ fn use_http2(backend: &Backend, version: Version) -> bool {
 }
 
 /// Rewrites the request head for the upstream protocol: origin-form and `Host` for HTTP/1.1,
-/// an absolute URI (`:authority`) for HTTP/2, and no hop-by-hop headers.
-fn prepare_upstream(req: &mut Request<Body>, h2: bool) {
+/// an absolute URI (`:authority`) for HTTP/2, and no hop-by-hop headers. Returns whether
+/// the request asks the upstream for a protocol upgrade (HTTP/1.1 only).
+fn prepare_upstream(req: &mut Request<Body>, h2: bool) -> bool {
     let upgrade = !h2 && wants_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
     if h2 {
@@ -506,6 +506,7 @@ fn prepare_upstream(req: &mut Request<Body>, h2: bool) {
             *req.uri_mut() = Uri::from(pq);
         }
     }
+    upgrade
 }
 
 fn wants_upgrade(h: &HeaderMap) -> bool {
@@ -516,58 +517,66 @@ fn wants_upgrade(h: &HeaderMap) -> bool {
         })
 }
 
+/// Non-standard hop-by-hop names, built at compile time (a `from_static` at run time parses).
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
 /// Removes headers that describe one connection, not the message (RFC 9110 §7.6.1). `te:
 /// trailers` survives (gRPC needs it); `upgrade` survives when the exchange is an upgrade.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none of these: one pass over the (few) names, comparing without
-    // hashing, skips the removals entirely.
-    let hop = |n: &HeaderName| {
-        n == header::CONNECTION
-            || n == header::TRANSFER_ENCODING
+    // One pass over the (few) names, comparing without hashing, finds what is there: most
+    // messages carry only `connection: keep-alive`, or nothing at all.
+    let (mut connection, mut others) = (false, false);
+    for n in h.keys() {
+        if n == header::CONNECTION {
+            connection = true;
+        } else if n == header::TRANSFER_ENCODING
             || n == header::UPGRADE
             || n == header::TE
-            || n.as_str() == "keep-alive"
-            || n.as_str() == "proxy-connection"
-    };
-    if !h.keys().any(hop) {
-        return;
-    }
-    // `Connection` may name further hop-by-hop headers. Its usual tokens (`keep-alive`,
-    // `close`, `upgrade`) name none beyond those removed below, so they cost no allocation.
-    let mut named: Vec<HeaderName> = Vec::new();
-    for token in h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .map(str::trim)
-    {
-        if ["keep-alive", "close", "upgrade", ""]
-            .iter()
-            .any(|t| token.eq_ignore_ascii_case(t))
+            || n == KEEP_ALIVE
+            || n == PROXY_CONNECTION
         {
-            continue;
-        }
-        if let Ok(n) = HeaderName::try_from(token) {
-            named.push(n);
+            others = true;
         }
     }
-    for n in named {
-        h.remove(n);
+    if connection {
+        // `Connection` may name further hop-by-hop headers. Its usual tokens (`keep-alive`,
+        // `close`, `upgrade`) name none beyond those handled here, so they cost no allocation.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+        {
+            if ["keep-alive", "close", "upgrade", ""]
+                .iter()
+                .any(|t| token.eq_ignore_ascii_case(t))
+            {
+                continue;
+            }
+            if let Ok(n) = HeaderName::try_from(token) {
+                named.push(n);
+            }
+        }
+        for n in named {
+            h.remove(n);
+        }
+        if !keep_upgrade {
+            h.remove(header::CONNECTION);
+        }
     }
-    for n in [
-        header::TRANSFER_ENCODING,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-    ] {
-        h.remove(n);
-    }
-    if !keep_upgrade {
-        h.remove(header::CONNECTION);
-        h.remove(header::UPGRADE);
-    }
-    if h.get(header::TE).is_some_and(|v| v != "trailers") {
-        h.remove(header::TE);
+    if others {
+        h.remove(header::TRANSFER_ENCODING);
+        h.remove(KEEP_ALIVE);
+        h.remove(PROXY_CONNECTION);
+        if !keep_upgrade {
+            h.remove(header::UPGRADE);
+        }
+        if h.get(header::TE).is_some_and(|v| v != "trailers") {
+            h.remove(header::TE);
+        }
     }
 }
 
@@ -771,4 +780,90 @@ impl http_body::Body for Tracked {
 /// cheaper than a task per request waiting here.
 fn release(tx: http1::SendRequest<Body>, endpoint: Arc<EndpointState>) {
     endpoint.release_http1(tx);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    HeaderName::try_from(*n).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    fn names(h: &HeaderMap) -> Vec<&str> {
+        let mut n: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        n.sort_unstable();
+        n
+    }
+
+    /// Headers in, whether the exchange is an upgrade, the names left.
+    type Case<'a> = (&'a [(&'a str, &'a str)], bool, &'a [&'a str]);
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let cases: &[Case] = &[
+            (
+                &[("host", "a"), ("accept", "*/*")],
+                false,
+                &["accept", "host"],
+            ),
+            (
+                &[("host", "a"), ("connection", "keep-alive")],
+                false,
+                &["host"],
+            ),
+            (
+                &[("connection", "close"), ("keep-alive", "timeout=5")],
+                false,
+                &[],
+            ),
+            (
+                &[
+                    ("connection", "x-private, Keep-Alive"),
+                    ("x-private", "1"),
+                    ("x-public", "2"),
+                ],
+                false,
+                &["x-public"],
+            ),
+            (
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("proxy-connection", "keep-alive"),
+                ],
+                false,
+                &[],
+            ),
+            (
+                &[("te", "trailers"), ("content-type", "application/grpc")],
+                false,
+                &["content-type", "te"],
+            ),
+            (&[("te", "gzip")], false, &[]),
+            (
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                true,
+                &["connection", "upgrade"],
+            ),
+            (
+                &[("connection", "Upgrade"), ("upgrade", "websocket")],
+                false,
+                &[],
+            ),
+            (&[("upgrade", "websocket")], false, &[]),
+        ];
+        for (input, keep_upgrade, left) in cases {
+            let mut h = headers(input);
+            strip_hop_by_hop(&mut h, *keep_upgrade);
+            assert_eq!(names(&h), *left, "{input:?} keep_upgrade={keep_upgrade}");
+        }
+    }
 }
