@@ -105,6 +105,10 @@ mem_kb() {
 join_plus() { local s; s=$(printf '%s + ' "$@"); echo "${s% + }"; }
 kb_to_mb() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 
+# "steal_ticks total_ticks" from /proc/stat: time the hypervisor gave this VM's vCPUs to
+# someone else, and all time, summed over CPUs.
+steal_ticks() { awk '/^cpu / { print $9, $2+$3+$4+$5+$6+$7+$8+$9 }' /proc/stat; }
+
 # Whole-machine CPU busy % over one second, from /proc/stat.
 cpu_busy_pct() {
     local a b
@@ -368,9 +372,10 @@ oha_us() { jq -r "$2 // empty | . * 1000000 | round" "$1"; }
 measure_path() {
     local path=$1
     local json=$TMP/$path.oha.json wrk_out=$TMP/$path.wrk.txt
-    local t0 t1 ticks ok errs non200 pid f expected rss=() hwm=()
+    local t0 t1 ticks ok errs non200 pid f expected rss=() hwm=() steal0 steal1
 
     check_path "$PATH_URL" || return 1
+    steal0=$(steal_ticks)
 
     # Idle memory before any load.
     for pid in "${PATH_PROXIES[@]}"; do rss+=("$(kb_to_mb "$(mem_kb VmRSS "$pid")")"); done
@@ -422,6 +427,10 @@ measure_path() {
         || { log "$path: wrk failed"; cat "$wrk_out" >&2; return 1; }
     t1=$(cpu_ticks "${PATH_PROXIES[@]}")
     R[$path.rps]=$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' "$wrk_out")
+    # A busy neighbour shows as steal: CPU figures of a round with steal are inflated.
+    steal1=$(steal_ticks)
+    R[$path.steal]=$(awk -v a="$steal0" -v b="$steal1" 'BEGIN { split(a, x, " "); split(b, y, " ");
+        t = y[2] - x[2]; printf "%.1f", (t > 0) ? 100 * (y[1] - x[1]) / t : 0 }')
     # Throughput per proxy core: requests served per CPU-second the proxies used. The
     # proxies share two CPUs with wrk and the upstream, so raw rps alone favours whichever
     # proxy got more CPU in its run.
@@ -441,7 +450,7 @@ measure_path() {
 # Keep one round's figures: R[path.field.round].
 save_round() {
     local path=$1 round=$2 f
-    for f in p50 p90 p99 p999 rps rps_core cpu rate_errs wrk_errs idle_rss peak_rss; do
+    for f in p50 p90 p99 p999 rps rps_core cpu steal rate_errs wrk_errs idle_rss peak_rss; do
         R[$path.$f.$round]=${R[$path.$f]:-}
     done
 }
@@ -498,13 +507,13 @@ report() {
         echo
         echo "Figures are medians over $ROUNDS rounds (paths interleaved); errors are summed. Each round:"
         echo
-        echo "| path | round | p50 | p99 | p99.9 | max rps | rps per proxy core | CPU s / 1k req |"
-        echo "|---|--:|--:|--:|--:|--:|--:|--:|"
+        echo "| path | round | p50 | p99 | p99.9 | max rps | rps per proxy core | CPU s / 1k req | steal % |"
+        echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
         local r
         for path in $PATHS; do
             for ((r = 1; r <= ROUNDS; r++)); do
                 [[ -n ${R[$path.p50.$r]:-} ]] || continue
-                echo "| $path | $r | ${R[$path.p50.$r]} | ${R[$path.p99.$r]} | ${R[$path.p999.$r]} | ${R[$path.rps.$r]} | ${R[$path.rps_core.$r]:--} | ${R[$path.cpu.$r]:--} |"
+                echo "| $path | $r | ${R[$path.p50.$r]} | ${R[$path.p99.$r]} | ${R[$path.p999.$r]} | ${R[$path.rps.$r]} | ${R[$path.rps_core.$r]:--} | ${R[$path.cpu.$r]:--} | ${R[$path.steal.$r]:--} |"
             done
         done
     fi
