@@ -541,23 +541,20 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     }
     if connection {
         // `Connection` may name further hop-by-hop headers. Its usual tokens (`keep-alive`,
-        // `close`, `upgrade`) name none beyond those handled here, so they cost no allocation.
+        // `close`, `upgrade`) name none beyond those handled here; compared as bytes, a value
+        // made of one of them costs no split, no UTF-8 check and no allocation.
         let mut named: Vec<HeaderName> = Vec::new();
-        for token in h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|s| s.split(','))
-            .map(str::trim)
-        {
-            if ["keep-alive", "close", "upgrade", ""]
-                .iter()
-                .any(|t| token.eq_ignore_ascii_case(t))
-            {
+        for value in h.get_all(header::CONNECTION) {
+            if plain_connection_token(value.as_bytes()) {
                 continue;
             }
-            if let Ok(n) = HeaderName::try_from(token) {
-                named.push(n);
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                if !plain_connection_token(token)
+                    && let Ok(n) = HeaderName::from_bytes(token)
+                {
+                    named.push(n);
+                }
             }
         }
         for n in named {
@@ -578,6 +575,14 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             h.remove(header::TE);
         }
     }
+}
+
+/// A `Connection` token that names no header to remove beyond those always removed.
+fn plain_connection_token(t: &[u8]) -> bool {
+    t.is_empty()
+        || t.eq_ignore_ascii_case(b"keep-alive")
+        || t.eq_ignore_ascii_case(b"close")
+        || t.eq_ignore_ascii_case(b"upgrade")
 }
 
 /// The consistent-hash key of a request.
@@ -859,6 +864,21 @@ mod tests {
                 &[],
             ),
             (&[("upgrade", "websocket")], false, &[]),
+            (
+                &[("connection", "Keep-Alive"), ("x-a", "1")],
+                false,
+                &["x-a"],
+            ),
+            (
+                &[("connection", " close ,x-b,,"), ("x-b", "1"), ("x-c", "2")],
+                false,
+                &["x-c"],
+            ),
+            (
+                &[("connection", "not a name"), ("x-d", "1")],
+                false,
+                &["x-d"],
+            ),
         ];
         for (input, keep_upgrade, left) in cases {
             let mut h = headers(input);

@@ -104,7 +104,10 @@ impl AsyncWrite for Upstream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        delegate!(self, s => s.poll_write_vectored(cx, bufs))
+        match self.get_mut() {
+            Upstream::Plain(s) => crate::io::poll_write_tcp(Pin::new(s), cx, bufs),
+            Upstream::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
