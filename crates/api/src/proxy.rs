@@ -33,6 +33,11 @@ pub struct ProxySpec {
     /// On shutdown, how long in-flight work may finish before the proxy exits. Default `10s`.
     #[serde(default = "default_drain")]
     pub drain_timeout: Duration,
+    /// How long an HTTP/1.1 client connection may go without starting a request or receiving
+    /// response bytes, while no request of it is being handled, before it is closed: the
+    /// keep-alive idle timeout, which also bounds a request head sent slowly. Default `30s`.
+    #[serde(default = "default_client_idle")]
+    pub client_idle_timeout: Duration,
 }
 
 impl Default for ProxySpec {
@@ -46,6 +51,7 @@ impl Default for ProxySpec {
             request_timeout: default_request(),
             idle_timeout: default_idle(),
             drain_timeout: default_drain(),
+            client_idle_timeout: default_client_idle(),
         }
     }
 }
@@ -64,6 +70,9 @@ fn default_idle() -> Duration {
 }
 fn default_drain() -> Duration {
     Duration::from_secs(10)
+}
+fn default_client_idle() -> Duration {
+    Duration::from_secs(30)
 }
 
 /// The admin listener.

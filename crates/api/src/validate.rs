@@ -569,6 +569,9 @@ impl Validator {
         if s.connect_timeout.get().is_zero() {
             self.at(r, "spec.connectTimeout", "must be more than 0s");
         }
+        if s.client_idle_timeout.get() < std::time::Duration::from_millis(100) {
+            self.at(r, "spec.clientIdleTimeout", "must be at least 100ms");
+        }
     }
 
     fn service(&mut self, ctx: &Ctx, s: &Object<ServiceSpec>) {

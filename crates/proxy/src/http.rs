@@ -42,6 +42,8 @@ pub struct ConnInfo {
     pub client: SocketAddr,
     /// The client sidecar's SPIFFE id, for connections over mutual TLS.
     pub peer_identity: Option<Arc<str>>,
+    /// What the connection is doing, for its idle watchdog.
+    pub activity: Arc<crate::io::Activity>,
 }
 
 /// Request header carrying the calling sidecar's SPIFFE id to the app (mutual TLS only).
@@ -54,6 +56,8 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
+    // The connection is not idle while this request is handled (its idle watchdog).
+    let _busy = conn.activity.busy();
     let snap = shared.snapshot();
     // The listener as currently configured (a reload may have changed where it points).
     let listener = snap

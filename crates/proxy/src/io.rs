@@ -6,6 +6,8 @@ use prometheus_client::metrics::counter::Counter;
 use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -131,23 +133,75 @@ impl AsyncWrite for Conn {
     }
 }
 
-/// A client connection with replayed prefix and byte counters.
+/// What a client connection is doing, for its idle watchdog (`server.rs`): how many of its
+/// requests are being handled, and a count that moves whenever a request starts or ends or
+/// response bytes are written. The watchdog reads it every few seconds; the request path
+/// only bumps it, which is far cheaper than arming and disarming a timer per request.
+#[derive(Debug, Default)]
+pub struct Activity {
+    busy: AtomicU64,
+    progress: AtomicU64,
+}
+
+impl Activity {
+    /// Counts a request as being handled until the guard drops.
+    pub fn busy(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        self.moved();
+        Busy(self.clone())
+    }
+
+    /// Whether any request is being handled.
+    pub fn is_busy(&self) -> bool {
+        self.busy.load(Ordering::Relaxed) > 0
+    }
+
+    /// The progress count; equal readings mean nothing happened in between.
+    pub fn progress(&self) -> u64 {
+        self.progress.load(Ordering::Relaxed)
+    }
+
+    fn moved(&self) {
+        self.progress.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A request being handled (see [`Activity::busy`]).
+#[derive(Debug)]
+pub struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::Relaxed);
+        self.0.moved();
+    }
+}
+
+/// A client connection with replayed prefix, byte counters and activity.
 pub struct ClientIo {
     inner: Conn,
     prefix: Bytes,
     read: Counter,
     written: Counter,
+    activity: Arc<Activity>,
 }
 
 impl ClientIo {
     /// Wraps `inner`; `prefix` is what detection already read.
-    pub fn new(inner: Conn, prefix: Bytes, read: Counter, written: Counter) -> ClientIo {
+    pub fn new(
+        inner: Conn,
+        prefix: Bytes,
+        read: Counter,
+        written: Counter,
+        activity: Arc<Activity>,
+    ) -> ClientIo {
         read.inc_by(prefix.len() as u64);
         ClientIo {
             inner,
             prefix,
             read,
             written,
+            activity,
         }
     }
 
@@ -184,6 +238,7 @@ impl AsyncWrite for ClientIo {
         let res = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = res {
             self.written.inc_by(n as u64);
+            self.activity.moved();
         }
         res
     }
@@ -196,6 +251,7 @@ impl AsyncWrite for ClientIo {
         let res = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = res {
             self.written.inc_by(n as u64);
+            self.activity.moved();
         }
         res
     }

@@ -3,7 +3,7 @@
 
 use crate::detect::{self, Protocol};
 use crate::http::{self as proxy_http, ConnInfo};
-use crate::io::{ClientIo, Conn};
+use crate::io::{Activity, ClientIo, Conn};
 use crate::metrics::{ConnLabels, DetectLabels, Metrics, SecurityLabels};
 use crate::snapshot::{Listener, ListenerKind, Snapshot};
 use crate::{tcp, tls};
@@ -312,6 +312,47 @@ async fn accept_inbound(
     }
 }
 
+/// Watches an HTTP/1.1 client connection: once it has gone `idle` without a request being
+/// handled, a request starting or ending, or response bytes written, `stop` asks it to close
+/// gracefully (an idle keep-alive connection closes at once); if it then makes no progress
+/// for as long again, `abandon` drops it. Checks run every half period, so a connection is
+/// closed between one and one and a half `idle` after it went quiet.
+async fn watch_idle(
+    activity: Arc<Activity>,
+    stop: CancellationToken,
+    abandon: CancellationToken,
+    idle: std::time::Duration,
+) {
+    let tick = idle / 2;
+    let (mut last, mut quiet) = (activity.progress(), 0u32);
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = activity.progress();
+        if now != last || activity.is_busy() {
+            (last, quiet) = (now, 0);
+            continue;
+        }
+        quiet += 1;
+        if quiet >= 2 {
+            if stop.is_cancelled() {
+                abandon.cancel();
+                return;
+            }
+            stop.cancel();
+            quiet = 0;
+        }
+    }
+}
+
+/// Aborts a task when dropped: a watchdog ends with its connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 async fn serve_connection(
     shared: &Arc<Shared>,
     listener: Arc<Listener>,
@@ -398,11 +439,13 @@ async fn serve_connection(
         direction,
         listener: listener.name.clone(),
     };
+    let activity = Arc::new(Activity::default());
     let io = ClientIo::new(
         stream,
         prefix.freeze(),
         shared.metrics.read_bytes.get_or_create(&labels).clone(),
         shared.metrics.write_bytes.get_or_create(&labels).clone(),
+        activity.clone(),
     );
     match protocol {
         Protocol::Tcp => {
@@ -449,21 +492,40 @@ async fn serve_connection(
                 listener,
                 client: peer,
                 peer_identity,
+                activity: activity.clone(),
             });
             let shared2 = shared.clone();
             let svc = service_fn(move |req| proxy_http::handle(shared2.clone(), conn.clone(), req));
             let io = TokioIo::new(io);
             if protocol == Protocol::Http1 {
+                // No header-read timer from hyper: it arms and drops a timer for every
+                // request. The connection's watchdog covers the same ground (idle keep-alive
+                // connections, request heads sent slowly) from a task of its own.
                 let c = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
+                    .header_read_timeout(None)
                     .serve_connection(io, svc)
                     .with_upgrades();
                 tokio::pin!(c);
+                let stop = shared.draining.child_token();
+                let abandon = CancellationToken::new();
+                let watchdog = tokio::spawn(watch_idle(
+                    activity,
+                    stop.clone(),
+                    abandon.clone(),
+                    snap.settings.client_idle_timeout,
+                ));
+                let _watchdog = AbortOnDrop(watchdog);
                 tokio::select! {
                     r = c.as_mut() => return r.map_err(std::io::Error::other),
-                    _ = shared.draining.cancelled() => c.as_mut().graceful_shutdown(),
+                    _ = stop.cancelled() => c.as_mut().graceful_shutdown(),
                 }
-                c.await.map_err(std::io::Error::other)
+                // Draining or idle: requests in flight finish, then the connection closes.
+                // One that still makes no progress (a request head never completed) is
+                // dropped.
+                tokio::select! {
+                    r = c.as_mut() => r.map_err(std::io::Error::other),
+                    _ = abandon.cancelled() => Ok(()),
+                }
             } else {
                 let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())

@@ -134,6 +134,8 @@ pub struct Settings {
     pub detect_timeout: Duration,
     /// Drain deadline on shutdown.
     pub drain_timeout: Duration,
+    /// Idle time after which an HTTP/1.1 client connection is closed.
+    pub client_idle_timeout: Duration,
 }
 
 /// The whole resolved config.
@@ -177,6 +179,7 @@ impl Snapshot {
                 admin: SocketAddr::from(([127, 0, 0, 1], 9990)),
                 detect_timeout: Duration::from_millis(300),
                 drain_timeout: Duration::from_secs(10),
+                client_idle_timeout: Duration::from_secs(30),
             },
             listeners: vec![],
             services: HashMap::new(),
@@ -504,6 +507,7 @@ impl Snapshot {
                 })?,
                 detect_timeout: spec.detect_timeout.get(),
                 drain_timeout: spec.drain_timeout.get(),
+                client_idle_timeout: spec.client_idle_timeout.get(),
             },
             listeners,
             services,

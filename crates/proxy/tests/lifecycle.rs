@@ -453,3 +453,105 @@ async fn idempotent_requests_replay_when_a_reused_connection_closes() {
         reason(&got)
     );
 }
+
+/// Reads one HTTP/1.1 response with a `content-length` body from a raw connection; returns
+/// its head.
+async fn read_response(s: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed before a response head");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("content-length");
+    while buf.len() < head_end + len {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "connection closed inside a response body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    head
+}
+
+/// How long until the proxy closes `s` (EOF or reset), waiting at most `limit`.
+async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
+    use tokio::io::AsyncReadExt;
+    let start = std::time::Instant::now();
+    let mut chunk = [0u8; 1024];
+    match tokio::time::timeout(limit, s.read(&mut chunk)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => Some(start.elapsed()),
+        Ok(Ok(n)) => panic!("unexpected {n} bytes from the proxy"),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn idle_client_connections_are_closed_and_busy_ones_are_not() {
+    use tokio::io::AsyncWriteExt;
+    let up = upstream("app").await;
+    let yaml = format!(
+        "{}{}",
+        proxy_yaml("app").replace(
+            "  requestTimeout: 5s\n",
+            "  requestTimeout: 5s\n  clientIdleTimeout: 400ms\n"
+        ),
+        service_yaml("app", 80, &[up.addr])
+    );
+    let proxy = start_proxy(&yaml).await;
+    let addr = proxy.addr("out").await;
+
+    // A request the upstream answers after 1.2 s, three idle timeouts: the connection is busy,
+    // not idle, so the answer arrives, and the connection serves another request after it.
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /delay/1200 HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    s.write_all(b"GET /again HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    // Then idle keep-alive: closed between one and one and a half idle timeouts later.
+    let closed = closed_within(&mut s, Duration::from_secs(5)).await;
+    let closed = closed.expect("an idle keep-alive connection is closed");
+    assert!(
+        closed >= Duration::from_millis(350),
+        "closed after {closed:?}"
+    );
+
+    // A request head trickled a byte at a time never completes: reading bytes is not
+    // progress, so the connection is closed all the same.
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: app\r\nx-slow: ")
+        .await
+        .unwrap();
+    let trickle = async {
+        for _ in 0..40 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if slow.write_all(b"a").await.is_err() {
+                return;
+            }
+        }
+    };
+    let start = std::time::Instant::now();
+    trickle.await;
+    assert!(
+        start.elapsed() < Duration::from_millis(3900),
+        "a trickled request head kept its connection open for {:?}",
+        start.elapsed()
+    );
+    let _ = closed_within(&mut slow, Duration::from_secs(3)).await;
+}
