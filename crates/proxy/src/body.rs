@@ -51,6 +51,17 @@ impl From<Tracked> for Body {
     }
 }
 
+impl Body {
+    /// Keeps `busy` (the client connection's activity guard) alive until this body ends or is
+    /// dropped, when it streams from an upstream: a response that is still streaming keeps
+    /// its client connection from counting as idle, however long it pauses.
+    pub(crate) fn hold(&mut self, busy: crate::io::Busy) {
+        if let Kind::Tracked(t) = &mut self.0 {
+            t.hold(busy);
+        }
+    }
+}
+
 impl http_body::Body for Body {
     type Data = Bytes;
     type Error = hyper::Error;

@@ -56,8 +56,9 @@ pub async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
-    // The connection is not idle while this request is handled (its idle watchdog).
-    let _busy = conn.activity.busy();
+    // The connection is not idle while this request is handled, or its response streams
+    // (its idle watchdog).
+    let busy = conn.activity.busy();
     let snap = shared.snapshot();
     // The listener as currently configured (a reload may have changed where it points).
     let listener = snap
@@ -234,6 +235,7 @@ pub async fn handle(
         "",
         answered - start,
     );
+    resp.body_mut().hold(busy);
     Ok(resp)
 }
 
@@ -321,6 +323,7 @@ async fn forward(
             inner: incoming,
             guard: Some(guard),
             pool,
+            busy: None,
         };
         return Ok((Response::from_parts(parts, tracked.into()), None, answered));
     }
@@ -741,6 +744,13 @@ pin_project_lite::pin_project! {
         inner: Incoming,
         guard: Option<InFlight>,
         pool: Option<(http1::SendRequest<Body>, Arc<EndpointState>)>,
+        busy: Option<crate::io::Busy>,
+    }
+}
+
+impl Tracked {
+    pub(crate) fn hold(&mut self, busy: crate::io::Busy) {
+        self.busy = Some(busy);
     }
 }
 
@@ -762,12 +772,14 @@ impl http_body::Body for Tracked {
             Poll::Ready(Some(Err(_))) => {
                 this.guard.take();
                 this.pool.take();
+                this.busy.take();
                 false
             }
             Poll::Pending => false,
         };
         if finished {
             this.guard.take();
+            this.busy.take();
             if let Some((tx, endpoint)) = this.pool.take() {
                 release(tx, endpoint);
             }

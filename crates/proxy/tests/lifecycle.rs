@@ -486,6 +486,21 @@ async fn read_response(s: &mut tokio::net::TcpStream) -> String {
     head
 }
 
+/// Reads from `s` into `buf` until it contains `needle`.
+async fn read_until(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>, needle: &[u8]) {
+    use tokio::io::AsyncReadExt;
+    while !buf.windows(needle.len()).any(|w| w == needle) {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(
+            n > 0,
+            "connection closed; got {}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// How long until the proxy closes `s` (EOF or reset), waiting at most `limit`.
 async fn closed_within(s: &mut tokio::net::TcpStream, limit: Duration) -> Option<Duration> {
     use tokio::io::AsyncReadExt;
@@ -524,6 +539,23 @@ async fn idle_client_connections_are_closed_and_busy_ones_are_not() {
         .await
         .unwrap();
     assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    // A streaming exchange that pauses for three idle timeouts is not idle either: the
+    // response is still open (server-sent events, long polls).
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    read_until(&mut s, &mut got, b"hello").await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    s.write_all(b"5\r\nworld\r\n0\r\n\r\n").await.unwrap();
+    read_until(&mut s, &mut got, b"\r\n0\r\n\r\n").await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 200") && text.contains("world"),
+        "{text}"
+    );
     // Then idle keep-alive: closed between one and one and a half idle timeouts later.
     let closed = closed_within(&mut s, Duration::from_secs(5)).await;
     let closed = closed.expect("an idle keep-alive connection is closed");
