@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Throughput per proxy core, Trellis against HAProxy, as paired interleaved runs: on a
+# shared VM a single maximum-throughput run moves by ±10%, more than the difference being
+# measured, so this runs short wrk loads against each proxy in turn, many times, and compares
+# each Trellis run with the HAProxy run right after it.
+#
+#   bash bench/percore.sh                    # builds trellis (release) if needed
+#   RUNS=20 TRELLIS_BIN=path/to/trellis bash bench/percore.sh
+#
+# Each proxy runs with one thread in front of an nginx upstream serving 1 KiB. A run is
+# `wrk -t1 -c50 -d5s`; requests per proxy core = requests served / the proxy's utime+stime
+# in that run (from /proc). Reported: medians per proxy, and the median of the paired
+# ratios (Trellis / HAProxy) with how many pairs Trellis won.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+RUNS=${RUNS:-12}
+RUN_SECS=${RUN_SECS:-5}
+for tool in nginx haproxy wrk curl python3; do
+    command -v "$tool" >/dev/null || { apt-get update -q && apt-get install -y -q nginx haproxy wrk curl python3 >/dev/null; break; }
+done
+BIN=${TRELLIS_BIN:-$REPO/target/release/trellis}
+[[ -x $BIN ]] || (cd "$REPO" && cargo build --release -p trellis-cli)
+TMP=$(mktemp -d /tmp/trellis-percore.XXXXXX)
+chmod 755 "$TMP"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+UP=28180 TRELLIS=28101 HAPROXY=28102 ADMIN=28190
+mkdir -p "$TMP/www"
+head -c 1024 /dev/zero | tr '\0' x >"$TMP/www/1k"
+chmod -R a+rX "$TMP/www"
+cat >"$TMP/nginx.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $TMP/nginx.pid;
+events { worker_connections 1024; }
+http { access_log off; keepalive_requests 1000000; server { listen 127.0.0.1:$UP; root $TMP/www; } }
+NGINX
+cat >"$TMP/trellis.yaml" <<YAML
+apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {name: percore}
+spec:
+  admin: {address: 127.0.0.1:$ADMIN}
+  outbound: [{name: up, address: 127.0.0.1:$TRELLIS, service: {name: up}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: up}
+spec:
+  ports: [{port: 80, appProtocol: http}]
+  endpoints: [{address: "127.0.0.1:$UP"}]
+YAML
+sed -e "s/@@PORT@@/$HAPROXY/; s/@@UPSTREAM_PORT@@/$UP/" "$REPO/bench/templates/haproxy.cfg.tmpl" >"$TMP/haproxy.cfg"
+
+nginx -p "$TMP" -c "$TMP/nginx.conf" -e "$TMP/nginx.err" &
+PIDS+=($!)
+"$BIN" proxy --config "$TMP/trellis.yaml" --threads 1 --log warn >"$TMP/trellis.log" 2>&1 &
+TRELLIS_PID=$!
+PIDS+=("$TRELLIS_PID")
+haproxy -db -f "$TMP/haproxy.cfg" >"$TMP/haproxy.log" 2>&1 &
+HAPROXY_PID=$!
+PIDS+=("$HAPROXY_PID")
+for port in $UP $TRELLIS $HAPROXY; do
+    for _ in $(seq 50); do curl -sf -o /dev/null "http://127.0.0.1:$port/1k" && break; sleep 0.2; done
+    curl -sf -o /dev/null "http://127.0.0.1:$port/1k" || { echo "port $port does not answer" >&2; exit 1; }
+done
+
+# cpu_ticks PID: utime + stime in clock ticks.
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
+# one NAME PID PORT: one wrk run; prints "NAME requests ticks".
+one() {
+    local before after n
+    before=$(cpu_ticks "$2")
+    n=$(wrk -t1 -c50 -d"${RUN_SECS}s" "http://127.0.0.1:$3/1k" | awk '/requests in/ { print $1 }')
+    after=$(cpu_ticks "$2")
+    echo "$1 $n $((after - before))"
+}
+
+wrk -t1 -c50 -d2s "http://127.0.0.1:$TRELLIS/1k" >/dev/null   # warm-up: pools, lazy init
+wrk -t1 -c50 -d2s "http://127.0.0.1:$HAPROXY/1k" >/dev/null
+echo "$RUNS pairs of ${RUN_SECS} s wrk -t1 -c50 runs, trellis then haproxy; $(nproc) CPUs; $(date -u +%FT%TZ)" >&2
+for i in $(seq "$RUNS"); do
+    one trellis "$TRELLIS_PID" "$TRELLIS"
+    one haproxy "$HAPROXY_PID" "$HAPROXY"
+    echo "pair $i done" >&2
+done | python3 -c '
+import statistics as st, sys
+hz = int(sys.argv[1])
+rows = [l.split() for l in sys.stdin if l.strip()]
+per = {"trellis": [], "haproxy": []}
+for name, n, ticks in rows:
+    per[name].append(int(n) / max(int(ticks), 1) * hz)
+pairs = list(zip(per["trellis"], per["haproxy"]))
+ratios = [t / h for t, h in pairs]
+print("| proxy | median rps per proxy core | min | max |")
+print("|---|--:|--:|--:|")
+for name, v in per.items():
+    print(f"| {name} | {st.median(v):,.0f} | {min(v):,.0f} | {max(v):,.0f} |")
+print()
+listed = ", ".join("%.3f" % r for r in sorted(ratios))
+print(f"Paired ratio trellis / haproxy: median {st.median(ratios):.3f}, "
+      f"Trellis ahead in {sum(r > 1 for r in ratios)} of {len(ratios)} pairs "
+      f"(sorted: {listed}).")
+' "$(getconf CLK_TCK)"
