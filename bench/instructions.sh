@@ -23,6 +23,14 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 UP=28080 PROXY=28001 ADMIN=28990
+# Fixed ports: refuse to run against something else already listening there (it would be
+# measured, or serve as the upstream, without a word).
+for port in $UP $PROXY $ADMIN; do
+    if ss -ltnH "sport = :$port" 2>/dev/null | grep -q .; then
+        echo "port $port is in use; stop what listens there first" >&2
+        exit 1
+    fi
+done
 mkdir -p "$TMP/www"
 head -c 1024 /dev/zero | tr '\0' x >"$TMP/www/1k"
 chmod -R a+rX "$TMP/www"

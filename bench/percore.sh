@@ -27,6 +27,12 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -r
 trap cleanup EXIT
 
 UP=28180 TRELLIS=28101 HAPROXY=28102 ADMIN=28190
+for port in $UP $TRELLIS $HAPROXY $ADMIN; do
+    if ss -ltnH "sport = :$port" 2>/dev/null | grep -q .; then
+        echo "port $port is in use; stop what listens there first" >&2
+        exit 1
+    fi
+done
 mkdir -p "$TMP/www"
 head -c 1024 /dev/zero | tr '\0' x >"$TMP/www/1k"
 chmod -R a+rX "$TMP/www"
