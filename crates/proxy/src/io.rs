@@ -28,7 +28,8 @@ pub fn replay(prefix: &mut Bytes, buf: &mut ReadBuf<'_>) -> bool {
 ///
 /// hyper hands a message over as separate buffers (head, body chunks) for `writev`. For a
 /// small message one `send` of a copy is cheaper: the kernel's `writev` path costs more than
-/// copying a few KiB (measured in `bench/`: 0.4 µs less kernel time per 1 KiB exchange).
+/// copying a few KiB (measured: up to 0.4 µs less kernel time per 1 KiB exchange; see
+/// bench/RESULTS.md).
 /// Larger writes keep `writev`, where the copy would cost more than it saves.
 const COALESCE_LIMIT: usize = 4096;
 
