@@ -10,55 +10,12 @@
 # 1 KiB; wrk warms it up for 2 s, the counters are zeroed, and the instructions of the next
 # 6 s of wrk load are divided by the requests served in them.
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-for tool in valgrind nginx haproxy wrk curl; do
-    command -v "$tool" >/dev/null || { apt-get update -q && apt-get install -y -q valgrind nginx haproxy wrk curl >/dev/null; break; }
-done
-BIN=${TRELLIS_BIN:-$REPO/target/release/trellis}
-[[ -x $BIN ]] || (cd "$REPO" && cargo build --release -p trellis-cli)
-TMP=$(mktemp -d /tmp/trellis-instr.XXXXXX)
-chmod 755 "$TMP"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
-
+source "$(dirname "$0")/lib/one-hop.sh"
+one_hop_prepare instr valgrind nginx haproxy wrk curl
 UP=28080 PROXY=28001 ADMIN=28990
-# Fixed ports: refuse to run against something else already listening there (it would be
-# measured, or serve as the upstream, without a word).
-for port in $UP $PROXY $ADMIN; do
-    if ss -ltnH "sport = :$port" 2>/dev/null | grep -q .; then
-        echo "port $port is in use; stop what listens there first" >&2
-        exit 1
-    fi
-done
-mkdir -p "$TMP/www"
-head -c 1024 /dev/zero | tr '\0' x >"$TMP/www/1k"
-chmod -R a+rX "$TMP/www"
-cat >"$TMP/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $TMP/nginx.pid;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000; server { listen 127.0.0.1:$UP; root $TMP/www; } }
-NGINX
+one_hop_configs $UP $PROXY $PROXY $ADMIN
 nginx -p "$TMP" -c "$TMP/nginx.conf" -e "$TMP/nginx.err" &
 PIDS+=($!)
-cat >"$TMP/trellis.yaml" <<YAML
-apiVersion: trellis.dev/v1alpha1
-kind: Proxy
-metadata: {name: instr}
-spec:
-  admin: {address: 127.0.0.1:$ADMIN}
-  outbound: [{name: up, address: 127.0.0.1:$PROXY, service: {name: up}}]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: up}
-spec:
-  ports: [{port: 80, appProtocol: http}]
-  endpoints: [{address: "127.0.0.1:$UP"}]
-YAML
-sed -e "s/@@PORT@@/$PROXY/; s/@@UPSTREAM_PORT@@/$UP/" "$REPO/bench/templates/haproxy.cfg.tmpl" >"$TMP/haproxy.cfg"
 
 count() {
     local label=$1 n=0 r ir vpid

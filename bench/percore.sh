@@ -12,53 +12,12 @@
 # in that run (from /proc). Reported: medians per proxy, and the median of the paired
 # ratios (Trellis / HAProxy) with how many pairs Trellis won.
 set -euo pipefail
-REPO=$(cd "$(dirname "$0")/.." && pwd)
+source "$(dirname "$0")/lib/one-hop.sh"
 RUNS=${RUNS:-12}
 RUN_SECS=${RUN_SECS:-5}
-for tool in nginx haproxy wrk curl python3; do
-    command -v "$tool" >/dev/null || { apt-get update -q && apt-get install -y -q nginx haproxy wrk curl python3 >/dev/null; break; }
-done
-BIN=${TRELLIS_BIN:-$REPO/target/release/trellis}
-[[ -x $BIN ]] || (cd "$REPO" && cargo build --release -p trellis-cli)
-TMP=$(mktemp -d /tmp/trellis-percore.XXXXXX)
-chmod 755 "$TMP"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"; }
-trap cleanup EXIT
-
+one_hop_prepare percore nginx haproxy wrk curl python3
 UP=28180 TRELLIS=28101 HAPROXY=28102 ADMIN=28190
-for port in $UP $TRELLIS $HAPROXY $ADMIN; do
-    if ss -ltnH "sport = :$port" 2>/dev/null | grep -q .; then
-        echo "port $port is in use; stop what listens there first" >&2
-        exit 1
-    fi
-done
-mkdir -p "$TMP/www"
-head -c 1024 /dev/zero | tr '\0' x >"$TMP/www/1k"
-chmod -R a+rX "$TMP/www"
-cat >"$TMP/nginx.conf" <<NGINX
-worker_processes 1;
-daemon off;
-pid $TMP/nginx.pid;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000; server { listen 127.0.0.1:$UP; root $TMP/www; } }
-NGINX
-cat >"$TMP/trellis.yaml" <<YAML
-apiVersion: trellis.dev/v1alpha1
-kind: Proxy
-metadata: {name: percore}
-spec:
-  admin: {address: 127.0.0.1:$ADMIN}
-  outbound: [{name: up, address: 127.0.0.1:$TRELLIS, service: {name: up}}]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: up}
-spec:
-  ports: [{port: 80, appProtocol: http}]
-  endpoints: [{address: "127.0.0.1:$UP"}]
-YAML
-sed -e "s/@@PORT@@/$HAPROXY/; s/@@UPSTREAM_PORT@@/$UP/" "$REPO/bench/templates/haproxy.cfg.tmpl" >"$TMP/haproxy.cfg"
+one_hop_configs $UP $TRELLIS $HAPROXY $ADMIN
 
 nginx -p "$TMP" -c "$TMP/nginx.conf" -e "$TMP/nginx.err" &
 PIDS+=($!)
