@@ -16,7 +16,7 @@ use std::sync::Arc;
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use trellis_api::mesh::MtlsMode;
 use trellis_api::service::AppProtocol;
 
@@ -344,15 +344,6 @@ async fn watch_idle(
     }
 }
 
-/// Aborts a task when dropped: a watchdog ends with its connection.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 async fn serve_connection(
     shared: &Arc<Shared>,
     listener: Arc<Listener>,
@@ -508,13 +499,13 @@ async fn serve_connection(
                 tokio::pin!(c);
                 let stop = shared.draining.child_token();
                 let abandon = CancellationToken::new();
-                let watchdog = tokio::spawn(watch_idle(
+                // The watchdog ends with the connection.
+                let _watchdog = AbortOnDropHandle::new(tokio::spawn(watch_idle(
                     activity,
                     stop.clone(),
                     abandon.clone(),
                     snap.settings.client_idle_timeout,
-                ));
-                let _watchdog = AbortOnDrop(watchdog);
+                )));
                 tokio::select! {
                     r = c.as_mut() => return r.map_err(std::io::Error::other),
                     _ = stop.cancelled() => c.as_mut().graceful_shutdown(),
