@@ -172,14 +172,20 @@ impl Snapshot {
 
     /// An empty snapshot (no listeners), used before any config is accepted.
     pub fn empty() -> Snapshot {
+        // The API's defaults, so that they are written down once.
+        let spec = trellis_api::proxy::ProxySpec::default();
         Snapshot {
             version: 0,
             source: String::new(),
             settings: Settings {
-                admin: SocketAddr::from(([127, 0, 0, 1], 9990)),
-                detect_timeout: Duration::from_millis(300),
-                drain_timeout: Duration::from_secs(10),
-                client_idle_timeout: Duration::from_secs(30),
+                admin: spec
+                    .admin
+                    .address
+                    .parse()
+                    .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9990))),
+                detect_timeout: spec.detect_timeout.get(),
+                drain_timeout: spec.drain_timeout.get(),
+                client_idle_timeout: spec.client_idle_timeout.get(),
             },
             listeners: vec![],
             services: HashMap::new(),
