@@ -42,8 +42,8 @@ pub struct ConnInfo {
     pub client: SocketAddr,
     /// The client sidecar's SPIFFE id, for connections over mutual TLS.
     pub peer_identity: Option<Arc<str>>,
-    /// What the connection is doing, for its idle watchdog.
-    pub activity: Arc<crate::io::Activity>,
+    /// What the connection is doing, for its idle watchdog (HTTP/1.1 only).
+    pub activity: Option<Arc<crate::io::Activity>>,
 }
 
 /// Request header carrying the calling sidecar's SPIFFE id to the app (mutual TLS only).
@@ -58,7 +58,7 @@ pub async fn handle(
     let start = Instant::now();
     // The connection is not idle while this request is handled, or its response streams
     // (its idle watchdog).
-    let busy = conn.activity.busy();
+    let busy = conn.activity.as_ref().map(|a| a.busy());
     let snap = shared.snapshot();
     // The listener as currently configured (a reload may have changed where it points).
     let listener = snap
@@ -235,7 +235,9 @@ pub async fn handle(
         "",
         answered - start,
     );
-    resp.body_mut().hold(busy);
+    if let Some(busy) = busy {
+        resp.body_mut().hold(busy);
+    }
     Ok(resp)
 }
 

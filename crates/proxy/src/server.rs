@@ -430,13 +430,15 @@ async fn serve_connection(
         direction,
         listener: listener.name.clone(),
     };
+    // Only HTTP/1.1 connections have an idle watchdog; others keep no activity count.
     let activity = Arc::new(Activity::default());
+    let watched = (protocol == Protocol::Http1).then(|| activity.clone());
     let io = ClientIo::new(
         stream,
         prefix.freeze(),
         shared.metrics.read_bytes.get_or_create(&labels).clone(),
         shared.metrics.write_bytes.get_or_create(&labels).clone(),
-        activity.clone(),
+        watched.clone(),
     );
     match protocol {
         Protocol::Tcp => {
@@ -483,7 +485,7 @@ async fn serve_connection(
                 listener,
                 client: peer,
                 peer_identity,
-                activity: activity.clone(),
+                activity: watched,
             });
             let shared2 = shared.clone();
             let svc = service_fn(move |req| proxy_http::handle(shared2.clone(), conn.clone(), req));
