@@ -62,19 +62,25 @@ impl Body {
     }
 }
 
+/// Why a body stopped: hyper's error for a body hyper reads, the lean client's for the rest.
+/// Boxed, as hyper wants it; built only when something fails.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 impl http_body::Body for Body {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         // Every variant is `Unpin`, so no projection is needed.
         match &mut self.get_mut().0 {
             Kind::Empty => Poll::Ready(None),
             Kind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            Kind::Incoming(b) => Pin::new(b).poll_frame(cx),
+            Kind::Incoming(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(Into::into))),
             Kind::Tracked(b) => Pin::new(b).poll_frame(cx),
         }
     }

@@ -36,6 +36,9 @@ pub struct EndpointState {
     /// When `ewma` was last updated, nanoseconds since [`epoch`].
     stamp: AtomicU64,
     h1_idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
+    /// Idle connections of the lean client (requests without a body), kept apart from
+    /// hyper's: each kind of connection is driven by its own client.
+    lean_idle: Mutex<Vec<(crate::h1::Conn, Instant)>>,
     h2: Mutex<Option<http2::SendRequest<Body>>>,
 }
 
@@ -54,6 +57,7 @@ impl EndpointState {
             ewma: AtomicU64::new(DEFAULT_RTT.to_bits()),
             stamp: AtomicU64::new(nanos(Instant::now())),
             h1_idle: Mutex::new(Vec::new()),
+            lean_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
         }
     }
@@ -132,6 +136,35 @@ impl EndpointState {
         // Bound the pool: beyond this, connections are simply closed.
         if pool.len() < 256 {
             pool.push((tx, Instant::now()));
+        }
+    }
+
+    /// A connection for the lean HTTP/1.1 client: a pooled one idle for no longer than
+    /// `idle_timeout` at `now` that the upstream has not closed, or a new one.
+    pub async fn lean(
+        &self,
+        connect_timeout: Duration,
+        idle_timeout: Duration,
+        now: Instant,
+    ) -> Result<crate::h1::Conn, ProxyError> {
+        loop {
+            let idle = {
+                let mut pool = self.lean_idle.lock().unwrap_or_else(|e| e.into_inner());
+                pool.pop()
+            };
+            let Some((mut conn, since)) = idle else { break };
+            if now.saturating_duration_since(since) <= idle_timeout && conn.is_usable() {
+                return Ok(conn);
+            }
+        }
+        Ok(crate::h1::Conn::new(self.connect(connect_timeout).await?))
+    }
+
+    /// Returns a lean connection whose previous exchange finished cleanly.
+    pub fn release_lean(&self, conn: crate::h1::Conn) {
+        let mut pool = self.lean_idle.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < 256 {
+            pool.push((conn, Instant::now()));
         }
     }
 

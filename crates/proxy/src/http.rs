@@ -6,13 +6,14 @@ use crate::decide::{self, Decision, Forward};
 use crate::endpoint::{EndpointState, InFlight};
 use crate::error::ProxyError;
 use crate::filters;
+use crate::h1;
 use crate::metrics::{ResponseLabels, RouteLabels, RouteStats};
 use crate::rand;
 use crate::server::Shared;
 use crate::snapshot::{Backend, HashOn, Listener, ListenerKind};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
@@ -260,10 +261,18 @@ async fn forward(
     let h2 = use_http2(backend, req.version());
     let upgrade = prepare_upstream(&mut req, h2);
     let deadline = fwd.timeout.map(|t| start + t);
+    // A request without a body goes through the lean HTTP/1.1 client (module h1), which
+    // only reads it: sending it again needs no copy.
+    let lean = !h2 && !upgrade && req.body().is_end_stream() && req.method() != Method::CONNECT;
     // An idempotent request without a body can be sent again if the connection closes before
     // any response (RFC 9110 §9.2.2): the keep-alive race where the upstream closes an idle
     // connection just as it is reused.
-    let replay = Replay::of(&req, upgrade);
+    let replay = if lean {
+        None
+    } else {
+        Replay::of(&req, upgrade)
+    };
+    let replayable = replay.is_some() || (lean && idempotent(req.method()));
     let mut pending = Some(req);
     let mut last_err = None;
     for _ in 0..SEND_ATTEMPTS {
@@ -271,7 +280,12 @@ async fn forward(
             return Err(ProxyError::NoEndpoint(backend.name.to_string()));
         };
         let guard = endpoint.start();
-        let attempt = send(endpoint, backend, h2, &mut pending, start);
+        let attempt = async {
+            match &pending {
+                Some(req) if lean => send_lean(endpoint, backend, req, start).await,
+                _ => send(endpoint, backend, h2, &mut pending, start).await,
+            }
+        };
         let outcome = match deadline {
             Some(d) => match tokio::time::timeout_at(d, attempt).await {
                 Ok(r) => r,
@@ -285,9 +299,11 @@ async fn forward(
                 last_err = Some(e);
                 continue;
             }
-            Err(e @ ProxyError::Closed(..)) if replay.is_some() => {
+            Err(e @ ProxyError::Closed(..)) if replayable => {
                 tracing::debug!(endpoint = %endpoint.addr, error = %e, "connection closed before a response; replaying");
-                pending = replay.as_ref().map(Replay::request);
+                if !lean {
+                    pending = replay.as_ref().map(Replay::request);
+                }
                 last_err = Some(e);
                 continue;
             }
@@ -306,30 +322,57 @@ async fn forward(
         if upgraded {
             // The connection now belongs to the upgraded stream: not pooled.
             return Ok((
-                Response::from_parts(parts, incoming.into()),
+                Response::from_parts(
+                    parts,
+                    Tracked {
+                        inner: incoming,
+                        guard: None,
+                        pool: None,
+                        tx: None,
+                        busy: None,
+                    }
+                    .into(),
+                ),
                 Some(guard),
                 answered,
             ));
         }
-        if incoming.is_end_stream() {
-            // Nothing to read (204, HEAD, empty body): the writer will never poll this body,
-            // so the exchange is complete now.
-            drop(guard);
-            if let Some(tx) = tx {
-                release(tx, endpoint.clone());
-            }
-            return Ok((Response::from_parts(parts, incoming.into()), None, answered));
-        }
-        let pool = tx.map(|tx| (tx, endpoint.clone()));
-        let tracked = Tracked {
+        let mut tracked = Tracked {
             inner: incoming,
             guard: Some(guard),
-            pool,
+            pool: Some(endpoint.clone()),
+            tx,
             busy: None,
         };
+        if tracked.inner.is_end_stream() {
+            // Nothing to read (204, HEAD, empty body): the writer will never poll this body,
+            // so the exchange is complete now.
+            tracked.finish();
+        }
         return Ok((Response::from_parts(parts, tracked.into()), None, answered));
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoEndpoint(backend.name.to_string())))
+}
+
+/// One attempt through the lean client, for a request without a body.
+async fn send_lean(
+    endpoint: &Arc<EndpointState>,
+    backend: &Backend,
+    req: &Request<Body>,
+    start: Instant,
+) -> Result<Sent, ProxyError> {
+    let conn = endpoint
+        .lean(backend.connect_timeout, backend.idle_timeout, start)
+        .await?;
+    let sent = backend.balancer.measures_latency().then(Instant::now);
+    match conn.send(req.method(), req.uri(), req.headers()).await {
+        Ok(resp) => Ok((resp.map(UpstreamBody::Lean), None, sent)),
+        Err(e @ h1::Error::NotSent(_)) => Err(ProxyError::NotSent(endpoint.addr, e.to_string())),
+        Err(e @ h1::Error::Closed(_)) => Err(ProxyError::Closed(endpoint.addr, e.to_string())),
+        Err(e @ h1::Error::Malformed(_)) => {
+            Err(ProxyError::UpstreamProtocol(endpoint.addr, e.to_string()))
+        }
+    }
 }
 
 /// One attempt on one endpoint. On a retryable failure the request is left in `pending`.
@@ -351,7 +394,7 @@ async fn send(
         let result = tx
             .try_send_request(pending.take().ok_or_else(no_request)?)
             .await;
-        settle(result, endpoint, pending).map(|resp| (resp, None, sent))
+        settle(result, endpoint, pending).map(|resp| (resp.map(UpstreamBody::Hyper), None, sent))
     } else {
         let mut tx = endpoint
             .http1(backend.connect_timeout, backend.idle_timeout, start)
@@ -360,14 +403,15 @@ async fn send(
         let result = tx
             .try_send_request(pending.take().ok_or_else(no_request)?)
             .await;
-        settle(result, endpoint, pending).map(|resp| (resp, Some(tx), sent))
+        settle(result, endpoint, pending)
+            .map(|resp| (resp.map(UpstreamBody::Hyper), Some(tx), sent))
     }
 }
 
 /// A response, the HTTP/1.1 connection to pool afterwards, and when the request was sent
 /// (read only for a balancer that uses latency).
 type Sent = (
-    Response<Incoming>,
+    Response<UpstreamBody>,
     Option<http1::SendRequest<Body>>,
     Option<Instant>,
 );
@@ -421,26 +465,24 @@ fn connection_lost(e: &hyper::Error) -> bool {
 
 /// What is needed to send a bodiless idempotent request again.
 struct Replay {
-    method: http::Method,
+    method: Method,
     uri: Uri,
     version: Version,
     headers: HeaderMap,
 }
 
+/// Methods whose requests may be sent twice with the effect of once (RFC 9110 §9.2.2).
+fn idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
 impl Replay {
     /// `upgrade`: the request asks the upstream for a protocol upgrade (never replayed).
     fn of(req: &Request<Body>, upgrade: bool) -> Option<Replay> {
-        use http::Method;
-        let idempotent = matches!(
-            *req.method(),
-            Method::GET
-                | Method::HEAD
-                | Method::OPTIONS
-                | Method::TRACE
-                | Method::PUT
-                | Method::DELETE
-        );
-        (idempotent && req.body().is_end_stream() && !upgrade).then(|| Replay {
+        (idempotent(req.method()) && req.body().is_end_stream() && !upgrade).then(|| Replay {
             method: req.method().clone(),
             uri: req.uri().clone(),
             version: req.version(),
@@ -738,53 +780,88 @@ impl Shared {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A response body that keeps its endpoint's in-flight count raised until it ends, and
-    /// returns the HTTP/1.1 connection to the pool when the exchange finished cleanly.
-    pub(crate) struct Tracked {
-        #[pin]
-        inner: Incoming,
-        guard: Option<InFlight>,
-        pool: Option<(http1::SendRequest<Body>, Arc<EndpointState>)>,
-        busy: Option<crate::io::Busy>,
+/// An upstream response body, as read by hyper's client or by the lean one.
+pub(crate) enum UpstreamBody {
+    Hyper(Incoming),
+    Lean(h1::ResponseBody),
+}
+
+impl UpstreamBody {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(b) => b.is_end_stream(),
+            UpstreamBody::Lean(b) => b.is_end_stream(),
+        }
     }
+}
+
+/// A response body that keeps its endpoint's in-flight count raised until it ends, and
+/// returns the HTTP/1.1 connection to the pool when the exchange finished cleanly.
+pub(crate) struct Tracked {
+    inner: UpstreamBody,
+    guard: Option<InFlight>,
+    /// The endpoint whose pool takes the connection back (none: the connection is not
+    /// pooled, e.g. after an upgrade).
+    pool: Option<Arc<EndpointState>>,
+    /// hyper's handle on the connection; the lean client's connection is in its body.
+    tx: Option<http1::SendRequest<Body>>,
+    busy: Option<crate::io::Busy>,
 }
 
 impl Tracked {
     pub(crate) fn hold(&mut self, busy: crate::io::Busy) {
         self.busy = Some(busy);
     }
+
+    /// The exchange ended cleanly: release the endpoint and pool the connection.
+    fn finish(&mut self) {
+        self.guard.take();
+        self.busy.take();
+        let Some(endpoint) = self.pool.take() else {
+            return;
+        };
+        match (&mut self.inner, self.tx.take()) {
+            (UpstreamBody::Hyper(_), Some(tx)) => release(tx, endpoint),
+            (UpstreamBody::Lean(b), _) => {
+                if let Some(conn) = b.take_reusable() {
+                    endpoint.release_lean(conn);
+                }
+            }
+            (UpstreamBody::Hyper(_), None) => {}
+        }
+    }
 }
 
 impl http_body::Body for Tracked {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = body::BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        let res = this.inner.as_mut().poll_frame(cx);
-        let finished = match &res {
+    ) -> Poll<Option<Result<Frame<Bytes>, body::BodyError>>> {
+        // Both kinds of body are `Unpin`.
+        let this = self.get_mut();
+        let res: Poll<Option<Result<Frame<Bytes>, body::BodyError>>> = match &mut this.inner {
+            UpstreamBody::Hyper(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(Into::into))),
+            UpstreamBody::Lean(b) => Pin::new(b)
+                .poll_frame(cx)
+                .map(|f| f.map(|f| f.map_err(Into::into))),
+        };
+        match &res {
             // The writer stops polling once `is_end_stream` says so (a body with a known
             // length ends with its last data frame), so check after every frame.
-            Poll::Ready(Some(Ok(_))) => this.inner.is_end_stream(),
-            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.finish(),
+            Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 this.guard.take();
                 this.pool.take();
+                this.tx.take();
                 this.busy.take();
-                false
             }
-            Poll::Pending => false,
-        };
-        if finished {
-            this.guard.take();
-            this.busy.take();
-            if let Some((tx, endpoint)) = this.pool.take() {
-                release(tx, endpoint);
-            }
+            _ => {}
         }
         res
     }
@@ -794,7 +871,10 @@ impl http_body::Body for Tracked {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            UpstreamBody::Hyper(b) => b.size_hint(),
+            UpstreamBody::Lean(b) => b.size_hint(),
+        }
     }
 }
 

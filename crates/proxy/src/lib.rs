@@ -15,6 +15,7 @@ pub mod detect;
 pub mod endpoint;
 pub mod error;
 pub mod filters;
+mod h1;
 mod http;
 pub mod identity;
 mod io;

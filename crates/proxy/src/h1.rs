@@ -1,0 +1,814 @@
+//! A lean HTTP/1.1 client for upstream requests without a body — most proxied requests (GET,
+//! HEAD, DELETE, ...). It runs inside the task serving the downstream connection: no
+//! connection task, no channel to it, no second dispatcher. hyper's client handles everything
+//! else (request bodies, which need reading and writing at once; upgrades; HTTP/2).
+//!
+//! The request head is written in one `send`; the response head is parsed with `httparse`
+//! (what hyper uses) and its body framed by RFC 9112 §6.3: no body, `Content-Length`, chunked
+//! or until close. Header values and body bytes are slices of the read buffer, not copies.
+//! Anything the framing rules do not allow is a malformed response (502), never a guess.
+
+use crate::tls::Upstream;
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
+use http_body::{Frame, SizeHint};
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use tokio::io::AsyncWriteExt;
+
+/// Largest response head (and trailer block) accepted.
+const MAX_HEAD: usize = 64 * 1024;
+/// Most header fields in a response head (hyper's default too).
+const MAX_HEADERS: usize = 100;
+/// Longest chunk-size line, extensions included.
+const MAX_CHUNK_LINE: usize = 4096;
+/// First read size; doubled while reads fill it, up to [`MAX_READ`].
+const FIRST_READ: usize = 8 * 1024;
+const MAX_READ: usize = 256 * 1024;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Writing the request failed: the connection was already gone, so the upstream saw
+    /// no request.
+    #[error("writing the request: {0}")]
+    NotSent(io::Error),
+    /// The connection ended after the request was written, before a whole response head.
+    #[error("connection ended before a response: {0}")]
+    Closed(String),
+    /// The response broke HTTP/1.1.
+    #[error("malformed response: {0}")]
+    Malformed(String),
+}
+
+/// An upstream HTTP/1.1 connection and the bytes read from it but not yet used.
+pub struct Conn {
+    io: Upstream,
+    buf: BytesMut,
+    read_size: usize,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("buffered", &self.buf.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Conn {
+    /// A connection on `io`.
+    pub fn new(io: Upstream) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            read_size: FIRST_READ,
+        }
+    }
+
+    /// Whether an idle pooled connection can take a request: the upstream has not closed
+    /// it, nor sent anything unasked. Costs no system call while the socket has nothing to
+    /// read (the runtime knows it is not readable).
+    pub fn is_usable(&mut self) -> bool {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        self.buf.is_empty() && matches!(self.poll_read(&mut cx), Poll::Pending)
+    }
+
+    /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
+    fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
+            self.buf.reserve(self.read_size);
+        }
+        let spare = self.buf.capacity() - self.buf.len();
+        let n = ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.buf
+        ))?;
+        // A read that filled the space suggests a large body: read more at once next time.
+        if n == spare {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    async fn read(&mut self) -> io::Result<usize> {
+        std::future::poll_fn(|cx| self.poll_read(cx)).await
+    }
+
+    /// Sends a request without a body and reads the response head; the body streams from
+    /// the returned [`ResponseBody`], which owns the connection until it ends.
+    pub async fn send(
+        mut self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+    ) -> Result<http::Response<ResponseBody>, Error> {
+        let mut head = Vec::with_capacity(512);
+        encode_request(method, uri, headers, &mut head);
+        self.io.write_all(&head).await.map_err(Error::NotSent)?;
+        loop {
+            let parsed = match parse_response(&mut self.buf)? {
+                Some(p) => p,
+                None if self.buf.len() >= MAX_HEAD => {
+                    return Err(Error::Malformed(format!(
+                        "response head larger than {MAX_HEAD} bytes"
+                    )));
+                }
+                None => {
+                    let before = self.buf.len();
+                    match self.read().await {
+                        Ok(0) if before == 0 => {
+                            return Err(Error::Closed("no response".into()));
+                        }
+                        Ok(0) => {
+                            return Err(Error::Closed(format!(
+                                "after {before} bytes of a response head"
+                            )));
+                        }
+                        Ok(_) => continue,
+                        Err(e) => return Err(Error::Closed(e.to_string())),
+                    }
+                }
+            };
+            let (version, status, headers) = parsed;
+            if status.is_informational() {
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    return Err(Error::Malformed(
+                        "101 Switching Protocols to a request that asked for no upgrade".into(),
+                    ));
+                }
+                // 100 Continue, 103 Early Hints: interim, the final response follows.
+                continue;
+            }
+            let (framing, reusable) = framing(method == Method::HEAD, version, status, &headers)
+                .map_err(|e| Error::Malformed(e.into()))?;
+            let state = match framing {
+                Framing::Empty | Framing::Length(0) => State::Done,
+                Framing::Length(n) => State::Length(n),
+                Framing::Chunked => State::Chunked(Chunked::Size),
+                Framing::UntilClose => State::UntilClose,
+            };
+            let mut resp = http::Response::new(ResponseBody {
+                conn: Some(self),
+                state,
+                reusable,
+            });
+            *resp.status_mut() = status;
+            *resp.version_mut() = version;
+            *resp.headers_mut() = headers;
+            return Ok(resp);
+        }
+    }
+}
+
+/// Writes the request head: origin-form target, the caller's headers, and `content-length:
+/// 0` for the methods whose requests are expected to carry a body (as hyper's client does).
+fn encode_request(method: &Method, uri: &Uri, headers: &HeaderMap, out: &mut Vec<u8>) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(uri.path_and_query().map_or("/", |p| p.as_str()).as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in headers {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+        && !headers.contains_key(header::CONTENT_LENGTH)
+    {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Parses a response head at the front of `buf`; when whole, removes it from `buf` and
+/// returns it. Header values share the head's bytes.
+fn parse_response(buf: &mut BytesMut) -> Result<Option<(Version, StatusCode, HeaderMap)>, Error> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    // (name start, name end, value start, value end) of each field, as offsets into `buf`,
+    // so the head can be split off the buffer before the values are made from it.
+    let mut fields = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    let base = buf.as_ptr() as usize;
+    let (len, version, code, count) = {
+        let mut resp = httparse::Response::new(&mut []);
+        let len = match httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut resp, buf, &mut slots)
+        {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) => return Ok(None),
+            Err(e) => return Err(Error::Malformed(e.to_string())),
+        };
+        for (f, h) in fields.iter_mut().zip(resp.headers.iter()) {
+            let name = h.name.as_ptr() as usize - base;
+            let value = h.value.as_ptr() as usize - base;
+            *f = (name, name + h.name.len(), value, value + h.value.len());
+        }
+        let version = match resp.version {
+            Some(0) => Version::HTTP_10,
+            _ => Version::HTTP_11,
+        };
+        (len, version, resp.code.unwrap_or(0), resp.headers.len())
+    };
+    let status =
+        StatusCode::from_u16(code).map_err(|_| Error::Malformed(format!("status code {code}")))?;
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(ns, ne, vs, ve) in &fields[..count] {
+        let name = HeaderName::from_bytes(&head[ns..ne])
+            .map_err(|_| Error::Malformed("invalid header name".into()))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
+            .map_err(|_| Error::Malformed(format!("invalid value for header {name}")))?;
+        headers.append(name, value);
+    }
+    Ok(Some((version, status, headers)))
+}
+
+/// How a response body is delimited (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body: a response to HEAD, or 1xx, 204, 304.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// Chunked transfer coding.
+    Chunked,
+    /// Everything until the upstream closes the connection.
+    UntilClose,
+}
+
+/// The response's framing, and whether the connection can carry another request after it.
+/// Pure: a decision over the head alone.
+pub(crate) fn framing(
+    head_request: bool,
+    version: Version,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<(Framing, bool), &'static str> {
+    let keep_alive = keep_alive(version, headers);
+    if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        return Ok((Framing::Empty, keep_alive));
+    }
+    let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if codings.peek().is_some() {
+        let last = codings.last().map(|v| v.as_bytes()).unwrap_or_default();
+        let chunked = last
+            .rsplit(|&b| b == b',')
+            .next()
+            .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+        // With Transfer-Encoding, any Content-Length is ignored, and the connection is not
+        // trusted afterwards (§6.3 rule 3).
+        let reusable = keep_alive && !headers.contains_key(header::CONTENT_LENGTH);
+        return Ok(if chunked {
+            (Framing::Chunked, reusable)
+        } else {
+            (Framing::UntilClose, false)
+        });
+    }
+    let mut length = None;
+    for value in headers.get_all(header::CONTENT_LENGTH) {
+        for part in value.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(part.trim_ascii()).ok_or("invalid content-length")?;
+            if length.is_some_and(|l| l != n) {
+                return Err("conflicting content-length values");
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), keep_alive),
+        None => (Framing::UntilClose, false),
+    })
+}
+
+fn parse_length(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 19 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit().then(|| n * 10 + u64::from(d - b'0'))
+    })
+}
+
+/// Whether the upstream lets the connection stay open after this response.
+fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
+    let has = |token: &[u8]| {
+        headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    };
+    if version == Version::HTTP_10 {
+        has(b"keep-alive") && !has(b"close")
+    } else {
+        !has(b"close")
+    }
+}
+
+/// Where the body reader is.
+enum State {
+    Length(u64),
+    Chunked(Chunked),
+    UntilClose,
+    Done,
+}
+
+/// A response body read from the upstream connection. It owns the connection: when the body
+/// has been read to its end, [`ResponseBody::take_reusable`] gives it back for the pool.
+pub struct ResponseBody {
+    /// `None` once taken back for the pool.
+    conn: Option<Conn>,
+    state: State,
+    reusable: bool,
+}
+
+impl ResponseBody {
+    /// The connection, when the body ended cleanly and the connection may carry another
+    /// request: the upstream kept it alive and sent nothing beyond the response.
+    pub fn take_reusable(&mut self) -> Option<Conn> {
+        let clean = matches!(self.state, State::Done)
+            && self.reusable
+            && self.conn.as_ref().is_some_and(|c| c.buf.is_empty());
+        if clean { self.conn.take() } else { None }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        let this = self.get_mut();
+        let Some(conn) = this.conn.as_mut() else {
+            return Poll::Ready(None);
+        };
+        loop {
+            let buf = &mut conn.buf;
+            match &mut this.state {
+                State::Done => return Poll::Ready(None),
+                State::Length(left) if !buf.is_empty() => {
+                    let take = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= take as u64;
+                    if *left == 0 {
+                        this.state = State::Done;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(buf.split_to(take).freeze()))));
+                }
+                State::UntilClose if !buf.is_empty() => {
+                    return Poll::Ready(Some(Ok(Frame::data(buf.split().freeze()))));
+                }
+                State::Chunked(chunked) if !buf.is_empty() => match chunked.step(buf) {
+                    Ok(Some(Step::Data(data))) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Some(Step::End(trailers))) => {
+                        this.state = State::Done;
+                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        this.reusable = false;
+                        return Poll::Ready(Some(Err(e)));
+                    }
+                },
+                _ => {}
+            }
+            // Nothing (or not enough) buffered: read more.
+            let n = match ready!(conn.poll_read(cx)) {
+                Ok(n) => n,
+                Err(e) => {
+                    this.reusable = false;
+                    return Poll::Ready(Some(Err(Error::Closed(e.to_string()))));
+                }
+            };
+            if n == 0 {
+                this.reusable = false;
+                if matches!(this.state, State::UntilClose) {
+                    this.state = State::Done;
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(Err(Error::Closed(
+                    "connection ended before the end of the response body".into(),
+                ))));
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.state, State::Done)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.state {
+            State::Length(n) => SizeHint::with_exact(n),
+            State::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// What the chunked decoder produced from the buffer.
+#[derive(Debug, PartialEq)]
+enum Step {
+    Data(Bytes),
+    /// The last chunk, with the trailer fields if there were any.
+    End(Option<HeaderMap>),
+}
+
+/// The chunked transfer coding decoder (RFC 9112 §7.1), over a buffer refilled by the
+/// caller.
+#[derive(Debug)]
+enum Chunked {
+    /// Expecting a chunk-size line.
+    Size,
+    /// Inside a chunk's data, this many bytes left.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: the trailer section.
+    Trailers,
+}
+
+impl Chunked {
+    /// Consumes what it can from `buf`; `None` means more bytes are needed.
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Option<Step>, Error> {
+        let bad = |what: &str| Error::Malformed(format!("chunked body: {what}"));
+        loop {
+            match self {
+                Chunked::Size => {
+                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(bad("chunk-size line too long"));
+                        }
+                        return Ok(None);
+                    };
+                    let line = buf[..end]
+                        .strip_suffix(b"\r")
+                        .ok_or_else(|| bad("chunk-size line not ended by CRLF"))?;
+                    // chunk-size [ BWS ";" extensions ]: extensions are ignored.
+                    let digits = line.split(|&b| b == b';').next().unwrap_or_default();
+                    let size = parse_hex(digits.trim_ascii_end())
+                        .ok_or_else(|| bad("invalid chunk size"))?;
+                    buf.advance(end + 1);
+                    *self = if size == 0 {
+                        Chunked::Trailers
+                    } else {
+                        Chunked::Data(size)
+                    };
+                }
+                Chunked::Data(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = buf.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= take as u64;
+                    if *left == 0 {
+                        *self = Chunked::DataEnd;
+                    }
+                    return Ok(Some(Step::Data(buf.split_to(take).freeze())));
+                }
+                Chunked::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(bad("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = Chunked::Size;
+                }
+                Chunked::Trailers => {
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        return Ok(Some(Step::End(None)));
+                    }
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        if buf.len() > MAX_HEAD {
+                            return Err(bad("trailer section too large"));
+                        }
+                        return Ok(None);
+                    };
+                    let block = buf.split_to(end + 4);
+                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let fields = match httparse::parse_headers(&block, &mut slots) {
+                        Ok(httparse::Status::Complete((_, fields))) => fields,
+                        _ => return Err(bad("malformed trailer section")),
+                    };
+                    let mut trailers = HeaderMap::with_capacity(fields.len());
+                    for f in fields {
+                        let (Ok(name), Ok(value)) = (
+                            HeaderName::from_bytes(f.name.as_bytes()),
+                            HeaderValue::from_bytes(f.value),
+                        ) else {
+                            return Err(bad("malformed trailer field"));
+                        };
+                        trailers.append(name, value);
+                    }
+                    return Ok(Some(Step::End(Some(trailers))));
+                }
+            }
+        }
+    }
+}
+
+fn parse_hex(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let v = (d as char).to_digit(16)?;
+        Some(n << 4 | u64::from(v))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(n, v)| {
+                (
+                    HeaderName::try_from(*n).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        use Framing::*;
+        let v11 = Version::HTTP_11;
+        let v10 = Version::HTTP_10;
+        // (HEAD request, version, status, headers, expected framing and reusability)
+        type Case<'a> = (
+            bool,
+            Version,
+            u16,
+            &'a [(&'a str, &'a str)],
+            Result<(Framing, bool), &'a str>,
+        );
+        let cases: &[Case] = &[
+            (
+                false,
+                v11,
+                200,
+                &[("content-length", "5")],
+                Ok((Length(5), true)),
+            ),
+            (
+                false,
+                v11,
+                200,
+                &[("content-length", "0")],
+                Ok((Length(0), true)),
+            ),
+            (
+                true,
+                v11,
+                200,
+                &[("content-length", "5")],
+                Ok((Empty, true)),
+            ),
+            (false, v11, 204, &[], Ok((Empty, true))),
+            (
+                false,
+                v11,
+                304,
+                &[("content-length", "5")],
+                Ok((Empty, true)),
+            ),
+            (false, v11, 200, &[], Ok((UntilClose, false))),
+            (
+                false,
+                v11,
+                200,
+                &[("transfer-encoding", "chunked")],
+                Ok((Chunked, true)),
+            ),
+            (
+                false,
+                v11,
+                200,
+                &[("transfer-encoding", "gzip, Chunked")],
+                Ok((Chunked, true)),
+            ),
+            (
+                false,
+                v11,
+                200,
+                &[("transfer-encoding", "chunked, gzip")],
+                Ok((UntilClose, false)),
+            ),
+            // Transfer-Encoding overrides Content-Length, and the connection is not reused.
+            (
+                false,
+                v11,
+                200,
+                &[("transfer-encoding", "chunked"), ("content-length", "3")],
+                Ok((Chunked, false)),
+            ),
+            (
+                false,
+                v11,
+                200,
+                &[("content-length", "5, 5")],
+                Ok((Length(5), true)),
+            ),
+            (
+                false,
+                v11,
+                200,
+                &[("content-length", "5"), ("content-length", "6")],
+                Err("conflicting content-length values"),
+            ),
+            (
+                false,
+                v11,
+                200,
+                &[("content-length", "-1")],
+                Err("invalid content-length"),
+            ),
+            (
+                false,
+                v11,
+                200,
+                &[("content-length", "5x")],
+                Err("invalid content-length"),
+            ),
+            (
+                false,
+                v11,
+                200,
+                &[("content-length", "99999999999999999999")],
+                Err("invalid content-length"),
+            ),
+            (
+                false,
+                v11,
+                200,
+                &[("content-length", "5"), ("connection", "close")],
+                Ok((Length(5), false)),
+            ),
+            (
+                false,
+                v11,
+                200,
+                &[("content-length", "5"), ("connection", "foo, Close")],
+                Ok((Length(5), false)),
+            ),
+            (
+                false,
+                v10,
+                200,
+                &[("content-length", "5")],
+                Ok((Length(5), false)),
+            ),
+            (
+                false,
+                v10,
+                200,
+                &[("content-length", "5"), ("connection", "keep-alive")],
+                Ok((Length(5), true)),
+            ),
+        ];
+        for (head, version, status, h, want) in cases {
+            let got = framing(
+                *head,
+                *version,
+                StatusCode::from_u16(*status).unwrap(),
+                &headers(h),
+            );
+            assert_eq!(got, *want, "HEAD={head} {version:?} {status} {h:?}");
+        }
+    }
+
+    /// Feeds `input` to the decoder `split` bytes at a time; returns the data, the trailers,
+    /// or the error.
+    fn decode(input: &[u8], split: usize) -> Result<(Vec<u8>, Option<HeaderMap>), String> {
+        let mut c = Chunked::Size;
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        for piece in input.chunks(split) {
+            buf.extend_from_slice(piece);
+            loop {
+                match c.step(&mut buf).map_err(|e| e.to_string())? {
+                    Some(Step::Data(d)) => data.extend_from_slice(&d),
+                    Some(Step::End(t)) => {
+                        assert!(buf.is_empty(), "bytes left after the body");
+                        return Ok((data, t));
+                    }
+                    None => break,
+                }
+            }
+        }
+        Err("incomplete".into())
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_they_are_split() {
+        let body = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n";
+        let with_trailers = b"3\r\nabc\r\nA \r\n0123456789\r\n0\r\nx-sum: 42\r\nx-b: 1\r\n\r\n";
+        for split in [1, 2, 3, 7, 1000] {
+            let (data, t) = decode(body, split).unwrap();
+            assert_eq!(data, b"hello, world", "split {split}");
+            assert!(t.is_none());
+            let (data, t) = decode(with_trailers, split).unwrap();
+            assert_eq!(data, b"abc0123456789", "split {split}");
+            let t = t.unwrap();
+            assert_eq!(t["x-sum"], "42");
+            assert_eq!(t["x-b"], "1");
+        }
+    }
+
+    #[test]
+    fn malformed_chunked_bodies_are_refused() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"z\r\nhello\r\n0\r\n\r\n", "invalid chunk size"),
+            (b"5\nhello\r\n0\r\n\r\n", "not ended by CRLF"),
+            (b"5\r\nhelloXX0\r\n\r\n", "not followed by CRLF"),
+            (b"\r\n", "invalid chunk size"),
+            (b"1000000000000000\r\n", "invalid chunk size"),
+            (b"-5\r\nhello\r\n", "invalid chunk size"),
+            (b"0\r\nbad header\r\n\r\n", "malformed trailer"),
+        ];
+        for (input, want) in cases {
+            let err = decode(input, 1000).unwrap_err();
+            assert!(
+                err.contains(want),
+                "{:?}: {err}",
+                String::from_utf8_lossy(input)
+            );
+        }
+        let long = [b'1'; MAX_CHUNK_LINE + 1];
+        assert!(decode(&long, 1000).unwrap_err().contains("too long"));
+    }
+
+    #[test]
+    fn response_heads_parse_into_shared_headers() {
+        let mut buf = BytesMut::from(
+            &b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nX-A: 1\r\nx-a: 2\r\n\r\nabc"[..],
+        );
+        let (version, status, h) = parse_response(&mut buf).unwrap().unwrap();
+        assert_eq!((version, status), (Version::HTTP_11, StatusCode::NOT_FOUND));
+        assert_eq!(h["content-length"], "3");
+        let xa: Vec<_> = h.get_all("x-a").iter().collect();
+        assert_eq!(xa, ["1", "2"]);
+        assert_eq!(&buf[..], b"abc", "the body stays in the buffer");
+
+        let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Len"[..]);
+        assert!(parse_response(&mut partial).unwrap().is_none());
+        assert_eq!(
+            &partial[..],
+            b"HTTP/1.1 200 OK\r\nContent-Len",
+            "nothing consumed"
+        );
+
+        for bad in [
+            &b"HTTP/1.1 2000 OK\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            b"SMTP 220\r\n\r\n",
+        ] {
+            let mut b = BytesMut::from(bad);
+            assert!(
+                parse_response(&mut b).is_err(),
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+    }
+
+    #[test]
+    fn request_heads_are_origin_form_with_length_when_expected() {
+        let h = headers(&[("host", "a.example"), ("x-b", "1")]);
+        let mut out = Vec::new();
+        encode_request(&Method::GET, &Uri::from_static("/p?q=1"), &h, &mut out);
+        assert_eq!(
+            out,
+            b"GET /p?q=1 HTTP/1.1\r\nhost: a.example\r\nx-b: 1\r\n\r\n"
+        );
+        out.clear();
+        encode_request(&Method::POST, &Uri::from_static("/"), &h, &mut out);
+        assert!(out.ends_with(b"x-b: 1\r\ncontent-length: 0\r\n\r\n"));
+        out.clear();
+        encode_request(
+            &Method::OPTIONS,
+            &Uri::from_static("*"),
+            &HeaderMap::new(),
+            &mut out,
+        );
+        assert_eq!(out, b"OPTIONS * HTTP/1.1\r\n\r\n");
+    }
+}
