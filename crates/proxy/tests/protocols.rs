@@ -215,3 +215,143 @@ async fn malformed_http_gets_400_and_proxy_survives() {
     // Still serving.
     assert_eq!(get(addr, "/").await.status, 200);
 }
+
+/// An HTTP/1.1 upstream that answers each request path with a canned response, written as
+/// is; `close` paths close the connection after answering. Returns its address and a count
+/// of accepted connections.
+async fn scripted_upstream(
+    script: &'static [(&'static str, &'static [u8], bool)],
+) -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
+    use std::sync::atomic::Ordering;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            c.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    let mut line = head.split(' ');
+                    let (method, path) = (line.next().unwrap_or(""), line.next().unwrap_or(""));
+                    let Some((_, resp, close)) = script.iter().find(|(p, ..)| *p == path) else {
+                        return;
+                    };
+                    let resp = if method == "HEAD" {
+                        // The head alone: a response to HEAD has no body.
+                        let end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                        &resp[..end + 4]
+                    } else {
+                        resp
+                    };
+                    if s.write_all(resp).await.is_err() || *close {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// Every way an HTTP/1.1 response can be framed (RFC 9112 §6.3) arrives whole through the
+/// proxy, and what breaks the framing rules is a 502 that says why.
+#[tokio::test]
+async fn upstream_responses_are_framed_as_rfc_9112_says() {
+    use std::sync::atomic::Ordering;
+    static SCRIPT: &[(&str, &[u8], bool)] = &[
+        ("/length", b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello", false),
+        (
+            "/chunked",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n5\r\nhello\r\n6;x=y\r\n world\r\n0\r\nx-sum: 42\r\n\r\n",
+            false,
+        ),
+        ("/close", b"HTTP/1.1 200 OK\r\n\r\nuntil the end", true),
+        ("/http10", b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok", true),
+        (
+            "/early",
+            b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfinal",
+            false,
+        ),
+        ("/nothing", b"HTTP/1.1 204 No Content\r\n\r\n", false),
+        (
+            "/conflict",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
+            true,
+        ),
+        ("/garbage", b"SSH-2.0-OpenSSH_9.2\r\n\r\n", true),
+        ("/short", b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhel", true),
+    ];
+    let (up, conns) = scripted_upstream(SCRIPT).await;
+    let p = proxy_to(up, None).await;
+    let addr = p.addr("out").await;
+    let client = h1_client();
+    let get = |path: &str| {
+        Request::get(format!("http://{addr}{path}"))
+            .body(Full::default())
+            .unwrap()
+    };
+    for (path, status, body) in [
+        ("/length", 200, &b"hello"[..]),
+        ("/chunked", 200, b"hello world"),
+        ("/close", 200, b"until the end"),
+        ("/http10", 200, b"ok"),
+        ("/early", 200, b"final"),
+        ("/nothing", 204, b""),
+        ("/length", 200, b"hello"),
+    ] {
+        let got = send(&client, get(path)).await;
+        assert_eq!(got.status, status, "{path}");
+        assert_eq!(got.body, body, "{path}");
+    }
+    let head = send(
+        &client,
+        Request::head(format!("http://{addr}/length"))
+            .body(Full::default())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!((head.status, head.body.len()), (http::StatusCode::OK, 0));
+    assert_eq!(head.headers["content-length"], "5");
+    // Connections the upstream kept alive were reused; /close and /http10 each ended theirs.
+    assert_eq!(conns.load(Ordering::Relaxed), 3);
+
+    for (path, why) in [
+        ("/conflict", "conflicting content-length"),
+        ("/garbage", "malformed response"),
+    ] {
+        let got = send(&client, get(path)).await;
+        assert_eq!(got.status, 502, "{path}");
+        let reason = got.headers[trellis_proxy::ERROR_HEADER].to_str().unwrap();
+        assert!(reason.contains(why), "{path}: {reason}");
+    }
+    // A body cut short reaches the client broken (here the head and the first bytes go out
+    // together, so the whole response is cut short), never as a complete one.
+    if let Ok(resp) = client.request(get("/short")).await {
+        assert!(resp.into_body().collect().await.is_err());
+    }
+
+    // Declared trailers of a chunked response reach a client that accepts them.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /chunked HTTP/1.1\r\nhost: app\r\nte: trailers\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await.unwrap();
+    let raw = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(raw.contains("x-sum: 42"), "{raw}");
+}
