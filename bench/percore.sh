@@ -9,8 +9,9 @@
 #
 # Each proxy runs with one thread in front of an nginx upstream serving 1 KiB. A run is
 # `wrk -t1 -c50 -d5s`; requests per proxy core = requests served / the proxy's utime+stime
-# in that run (from /proc). Reported: medians per proxy, and the median of the paired
-# ratios (Trellis / HAProxy) with how many pairs Trellis won.
+# in that run (from /proc). Reported: medians per proxy, with user and system CPU per 1,000
+# requests apart, and the median of the paired ratios (Trellis / HAProxy) with how many
+# pairs Trellis won.
 set -euo pipefail
 source "$(dirname "$0")/lib/one-hop.sh"
 RUNS=${RUNS:-12}
@@ -32,15 +33,15 @@ for port in $UP $TRELLIS $HAPROXY; do
     curl -sf -o /dev/null "http://127.0.0.1:$port/1k" || { echo "port $port does not answer" >&2; exit 1; }
 done
 
-# cpu_ticks PID: utime + stime in clock ticks.
-cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12 + $13 }' "/proc/$1/stat"; }
-# one NAME PID PORT: one wrk run; prints "NAME requests ticks".
+# cpu_ticks PID: "utime stime" in clock ticks.
+cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12, $13 }' "/proc/$1/stat"; }
+# one NAME PID PORT: one wrk run; prints "NAME requests user-ticks system-ticks".
 one() {
-    local before after n
-    before=$(cpu_ticks "$2")
+    local u0 s0 u1 s1 n
+    read -r u0 s0 < <(cpu_ticks "$2")
     n=$(wrk -t1 -c50 -d"${RUN_SECS}s" "http://127.0.0.1:$3/1k" | awk '/requests in/ { print $1 }')
-    after=$(cpu_ticks "$2")
-    echo "$1 $n $((after - before))"
+    read -r u1 s1 < <(cpu_ticks "$2")
+    echo "$1 $n $((u1 - u0)) $((s1 - s0))"
 }
 
 wrk -t1 -c50 -d2s "http://127.0.0.1:$TRELLIS/1k" >/dev/null   # warm-up: pools, lazy init
@@ -55,14 +56,19 @@ import statistics as st, sys
 hz = int(sys.argv[1])
 rows = [l.split() for l in sys.stdin if l.strip()]
 per = {"trellis": [], "haproxy": []}
-for name, n, ticks in rows:
-    per[name].append(int(n) / max(int(ticks), 1) * hz)
+cpu = {"trellis": [], "haproxy": []}   # (user, system) ms of CPU per 1,000 requests
+for name, n, user, system in rows:
+    n, user, system = int(n), int(user), int(system)
+    per[name].append(n / max(user + system, 1) * hz)
+    cpu[name].append((user * 1e6 / hz / n, system * 1e6 / hz / n))
 pairs = list(zip(per["trellis"], per["haproxy"]))
 ratios = [t / h for t, h in pairs]
-print("| proxy | median rps per proxy core | min | max |")
-print("|---|--:|--:|--:|")
+print("| proxy | median rps per proxy core | min | max | user ms / 1k requests | system ms / 1k requests |")
+print("|---|--:|--:|--:|--:|--:|")
 for name, v in per.items():
-    print(f"| {name} | {st.median(v):,.0f} | {min(v):,.0f} | {max(v):,.0f} |")
+    user = st.median(u for u, _ in cpu[name])
+    system = st.median(s for _, s in cpu[name])
+    print(f"| {name} | {st.median(v):,.0f} | {min(v):,.0f} | {max(v):,.0f} | {user:.2f} | {system:.2f} |")
 print()
 listed = ", ".join("%.3f" % r for r in sorted(ratios))
 print(f"Paired ratio trellis / haproxy: median {st.median(ratios):.3f}, "
