@@ -49,6 +49,8 @@ pub struct Conn {
     io: Upstream,
     buf: BytesMut,
     read_size: usize,
+    /// The request head being written, kept for the next request's.
+    head: Vec<u8>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -66,6 +68,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             read_size: FIRST_READ,
+            head: Vec::new(),
         }
     }
 
@@ -107,9 +110,14 @@ impl Conn {
         uri: &Uri,
         headers: &HeaderMap,
     ) -> Result<http::Response<ResponseBody>, Error> {
-        let mut head = Vec::with_capacity(512);
+        let mut head = std::mem::take(&mut self.head);
+        head.clear();
         encode_request(method, uri, headers, &mut head);
+        // A failed write means the connection was already gone: the upstream saw nothing.
         self.io.write_all(&head).await.map_err(Error::NotSent)?;
+        // (TLS holds records until flushed; plain TCP has nothing to flush.)
+        self.io.flush().await.map_err(Error::NotSent)?;
+        self.head = head;
         loop {
             let parsed = match parse_response(&mut self.buf)? {
                 Some(p) => p,
