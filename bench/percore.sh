@@ -14,6 +14,7 @@
 # pairs Trellis won.
 set -euo pipefail
 source "$(dirname "$0")/lib/one-hop.sh"
+source "$(dirname "$0")/lib/paired.sh"
 RUNS=${RUNS:-12}
 RUN_SECS=${RUN_SECS:-5}
 one_hop_prepare percore nginx haproxy wrk curl python3
@@ -33,45 +34,8 @@ for port in $UP $TRELLIS $HAPROXY; do
     curl -sf -o /dev/null "http://127.0.0.1:$port/1k" || { echo "port $port does not answer" >&2; exit 1; }
 done
 
-# cpu_ticks PID: "utime stime" in clock ticks.
-cpu_ticks() { awk '{ sub(/.*\) /, ""); print $12, $13 }' "/proc/$1/stat"; }
-# one NAME PID PORT: one wrk run; prints "NAME requests user-ticks system-ticks".
-one() {
-    local u0 s0 u1 s1 n
-    read -r u0 s0 < <(cpu_ticks "$2")
-    n=$(wrk -t1 -c50 -d"${RUN_SECS}s" "http://127.0.0.1:$3/1k" | awk '/requests in/ { print $1 }')
-    read -r u1 s1 < <(cpu_ticks "$2")
-    echo "$1 $n $((u1 - u0)) $((s1 - s0))"
-}
-
 wrk -t1 -c50 -d2s "http://127.0.0.1:$TRELLIS/1k" >/dev/null   # warm-up: pools, lazy init
 wrk -t1 -c50 -d2s "http://127.0.0.1:$HAPROXY/1k" >/dev/null
 echo "$RUNS pairs of ${RUN_SECS} s wrk -t1 -c50 runs, trellis then haproxy; $(nproc) CPUs; $(date -u +%FT%TZ)" >&2
-for i in $(seq "$RUNS"); do
-    one trellis "$TRELLIS_PID" "$TRELLIS"
-    one haproxy "$HAPROXY_PID" "$HAPROXY"
-    echo "pair $i done" >&2
-done | python3 -c '
-import statistics as st, sys
-hz = int(sys.argv[1])
-rows = [l.split() for l in sys.stdin if l.strip()]
-per = {"trellis": [], "haproxy": []}
-cpu = {"trellis": [], "haproxy": []}   # (user, system) ms of CPU per 1,000 requests
-for name, n, user, system in rows:
-    n, user, system = int(n), int(user), int(system)
-    per[name].append(n / max(user + system, 1) * hz)
-    cpu[name].append((user * 1e6 / hz / n, system * 1e6 / hz / n))
-pairs = list(zip(per["trellis"], per["haproxy"]))
-ratios = [t / h for t, h in pairs]
-print("| proxy | median rps per proxy core | min | max | user ms / 1k requests | system ms / 1k requests |")
-print("|---|--:|--:|--:|--:|--:|")
-for name, v in per.items():
-    user = st.median(u for u, _ in cpu[name])
-    system = st.median(s for _, s in cpu[name])
-    print(f"| {name} | {st.median(v):,.0f} | {min(v):,.0f} | {max(v):,.0f} | {user:.2f} | {system:.2f} |")
-print()
-listed = ", ".join("%.3f" % r for r in sorted(ratios))
-print(f"Paired ratio trellis / haproxy: median {st.median(ratios):.3f}, "
-      f"Trellis ahead in {sum(r > 1 for r in ratios)} of {len(ratios)} pairs "
-      f"(sorted: {listed}).")
-' "$(getconf CLK_TCK)"
+paired_runs "$RUNS" "$RUN_SECS" trellis "$TRELLIS_PID" "http://127.0.0.1:$TRELLIS/1k" \
+    haproxy "$HAPROXY_PID" "http://127.0.0.1:$HAPROXY/1k"

@@ -7,6 +7,7 @@ set -euo pipefail
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$BENCH_DIR")
 TEMPLATES=$BENCH_DIR/templates
+source "$BENCH_DIR/lib/paired.sh"
 
 # ---------------------------------------------------------------- knobs ----
 RATE=${RATE:-1000}                 # constant request rate for the latency run
@@ -19,6 +20,8 @@ WRK_DURATION=${WRK_DURATION:-10s}
 BODY_BYTES=${BODY_BYTES:-1024}
 PATHS=${PATHS:-"direct trellis-1hop trellis-2hop haproxy-1hop nginx-1hop"}
 ROUNDS=${ROUNDS:-1}                # run every path this many times, round-robin; report medians
+PAIRS=${PAIRS:-12}                 # paired per-core runs, trellis-1hop vs haproxy-1hop (0 = none)
+PAIR_SECS=${PAIR_SECS:-5}          # length of each paired run
 SKIP_TRELLIS=${SKIP_TRELLIS:-0}
 TRELLIS_BIN=${TRELLIS_BIN:-}
 TRELLIS_LOG=${TRELLIS_LOG:-warn}   # like access_log off for the others
@@ -517,6 +520,12 @@ report() {
             done
         done
     fi
+    if [[ -n $PAIRED ]]; then
+        echo
+        echo "Throughput per proxy core, paired: $PAIRS pairs of \`wrk -t1 -c50 -d${PAIR_SECS}s\`, trellis-1hop then haproxy-1hop, both running; requests per proxy core = requests / the proxy's utime+stime in that run."
+        echo
+        echo "$PAIRED"
+    fi
     echo
     echo "## Machine"
     echo
@@ -548,6 +557,29 @@ report() {
         echo
         echo "</details>"
     done
+}
+
+# Throughput per proxy core, paired: one max-throughput run per round moves by ±10% on a
+# shared VM, so Trellis (1 hop) and HAProxy also run side by side for PAIRS pairs of short
+# wrk runs, each Trellis run compared with the HAProxy run right after it (lib/paired.sh).
+PAIRED=""
+paired_per_core() {
+    ((PAIRS > 0)) || return 0
+    [[ " $PATHS " == *" trellis-1hop "* && " $PATHS " == *" haproxy-1hop "* ]] || return 0
+    log "=== paired per-core runs: $PAIRS pairs of ${PAIR_SECS}s, trellis-1hop then haproxy-1hop"
+    local t_pid t_url h_pid h_url
+    PATH_PROXIES=()
+    start_trellis_1hop || { log "paired runs: trellis did not start"; return 0; }
+    t_pid=${PATH_PROXIES[0]} t_url=$PATH_URL
+    start_haproxy_1hop || { stop_pids "$t_pid"; log "paired runs: haproxy did not start"; return 0; }
+    h_pid=${PATH_PROXIES[0]} h_url=$PATH_URL
+    PAIRED_PREFIX=("${LOAD_PIN[@]}")
+    "${PAIRED_PREFIX[@]}" wrk -t1 -c50 -d2s "$t_url" >/dev/null   # warm-up: pools, lazy init
+    "${PAIRED_PREFIX[@]}" wrk -t1 -c50 -d2s "$h_url" >/dev/null
+    note_cmd "${PAIRED_PREFIX[@]}" wrk -t1 -c50 -d"${PAIR_SECS}s" "$t_url"
+    note_cmd "${PAIRED_PREFIX[@]}" wrk -t1 -c50 -d"${PAIR_SECS}s" "$h_url"
+    PAIRED=$(paired_runs "$PAIRS" "$PAIR_SECS" trellis-1hop "$t_pid" "$t_url" haproxy-1hop "$h_pid" "$h_url")
+    stop_pids "$t_pid" "$h_pid"
 }
 
 # --------------------------------------------------------------- main -----
@@ -599,6 +631,7 @@ main() {
     for path in $PATHS; do
         [[ ${R[$path.status]:-} == ok ]] && take_medians "$path"
     done
+    paired_per_core
 
     mkdir -p "$OUT_DIR"
     local out

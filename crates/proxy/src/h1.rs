@@ -51,6 +51,8 @@ pub struct Conn {
     read_size: usize,
     /// The request head being written, kept for the next request's.
     head: Vec<u8>,
+    /// Scratch space for parsing response heads.
+    fields: Vec<[usize; 4]>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -69,6 +71,7 @@ impl Conn {
             buf: BytesMut::new(),
             read_size: FIRST_READ,
             head: Vec::new(),
+            fields: Vec::new(),
         }
     }
 
@@ -119,7 +122,7 @@ impl Conn {
         self.io.flush().await.map_err(Error::NotSent)?;
         self.head = head;
         loop {
-            let parsed = match parse_response(&mut self.buf)? {
+            let parsed = match parse_response(&mut self.buf, &mut self.fields)? {
                 Some(p) => p,
                 None if self.buf.len() >= MAX_HEAD => {
                     return Err(Error::Malformed(format!(
@@ -195,12 +198,16 @@ fn encode_request(method: &Method, uri: &Uri, headers: &HeaderMap, out: &mut Vec
 }
 
 /// Parses a response head at the front of `buf`; when whole, removes it from `buf` and
-/// returns it. Header values share the head's bytes.
-fn parse_response(buf: &mut BytesMut) -> Result<Option<(Version, StatusCode, HeaderMap)>, Error> {
+/// returns it. Header values share the head's bytes. `fields` is scratch space, kept by the
+/// caller so that no parse allocates or clears it.
+fn parse_response(
+    buf: &mut BytesMut,
+    fields: &mut Vec<[usize; 4]>,
+) -> Result<Option<(Version, StatusCode, HeaderMap)>, Error> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-    // (name start, name end, value start, value end) of each field, as offsets into `buf`,
+    // [name start, name end, value start, value end] of each field, as offsets into `buf`,
     // so the head can be split off the buffer before the values are made from it.
-    let mut fields = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
+    fields.clear();
     let base = buf.as_ptr() as usize;
     let (len, version, code, count) = {
         let mut resp = httparse::Response::new(&mut []);
@@ -211,11 +218,11 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<(Version, StatusCode, Hea
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(Error::Malformed(e.to_string())),
         };
-        for (f, h) in fields.iter_mut().zip(resp.headers.iter()) {
+        fields.extend(resp.headers.iter().map(|h| {
             let name = h.name.as_ptr() as usize - base;
             let value = h.value.as_ptr() as usize - base;
-            *f = (name, name + h.name.len(), value, value + h.value.len());
-        }
+            [name, name + h.name.len(), value, value + h.value.len()]
+        }));
         let version = match resp.version {
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
@@ -226,7 +233,7 @@ fn parse_response(buf: &mut BytesMut) -> Result<Option<(Version, StatusCode, Hea
         StatusCode::from_u16(code).map_err(|_| Error::Malformed(format!("status code {code}")))?;
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
-    for &(ns, ne, vs, ve) in &fields[..count] {
+    for &[ns, ne, vs, ve] in &fields[..count] {
         let name = HeaderName::from_bytes(&head[ns..ne])
             .map_err(|_| Error::Malformed("invalid header name".into()))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs..ve))
@@ -769,7 +776,7 @@ mod tests {
         let mut buf = BytesMut::from(
             &b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\nX-A: 1\r\nx-a: 2\r\n\r\nabc"[..],
         );
-        let (version, status, h) = parse_response(&mut buf).unwrap().unwrap();
+        let (version, status, h) = parse_response(&mut buf, &mut Vec::new()).unwrap().unwrap();
         assert_eq!((version, status), (Version::HTTP_11, StatusCode::NOT_FOUND));
         assert_eq!(h["content-length"], "3");
         let xa: Vec<_> = h.get_all("x-a").iter().collect();
@@ -777,7 +784,11 @@ mod tests {
         assert_eq!(&buf[..], b"abc", "the body stays in the buffer");
 
         let mut partial = BytesMut::from(&b"HTTP/1.1 200 OK\r\nContent-Len"[..]);
-        assert!(parse_response(&mut partial).unwrap().is_none());
+        assert!(
+            parse_response(&mut partial, &mut Vec::new())
+                .unwrap()
+                .is_none()
+        );
         assert_eq!(
             &partial[..],
             b"HTTP/1.1 200 OK\r\nContent-Len",
@@ -791,7 +802,7 @@ mod tests {
         ] {
             let mut b = BytesMut::from(bad);
             assert!(
-                parse_response(&mut b).is_err(),
+                parse_response(&mut b, &mut Vec::new()).is_err(),
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
