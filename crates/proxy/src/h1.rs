@@ -13,6 +13,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version};
 use http_body::{Frame, SizeHint};
+use std::future::Future as _;
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
@@ -76,11 +77,28 @@ impl Conn {
     }
 
     /// Whether an idle pooled connection can take a request: the upstream has not closed
-    /// it, nor sent anything unasked. Costs no system call while the socket has nothing to
-    /// read (the runtime knows it is not readable).
+    /// it, nor sent anything unasked. Costs no system call when the last read emptied the
+    /// socket (the runtime then knows it is not readable until epoll says otherwise).
     pub fn is_usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        // One poll, outside the task's cooperative budget: with the budget spent, the read
+        // would answer "pending" without looking, and a closed connection would pass.
+        let check = std::pin::pin!(tokio::task::unconstrained(std::future::poll_fn(|cx| {
+            Poll::Ready(self.poll_read(cx))
+        })));
         let mut cx = Context::from_waker(std::task::Waker::noop());
-        self.buf.is_empty() && matches!(self.poll_read(&mut cx), Poll::Pending)
+        matches!(check.poll(&mut cx), Poll::Ready(Poll::Pending))
+    }
+
+    /// Drops a large read buffer before the connection idles in the pool, so that idle
+    /// connections do not each hold on to the last big body's buffer.
+    fn shrink(&mut self) {
+        if self.buf.capacity() > 2 * FIRST_READ {
+            self.buf = BytesMut::new();
+            self.read_size = FIRST_READ;
+        }
     }
 
     /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
@@ -157,6 +175,12 @@ impl Conn {
             }
             let (framing, reusable) = framing(method == Method::HEAD, version, status, &headers)
                 .map_err(|e| Error::Malformed(e.into()))?;
+            let mut headers = headers;
+            if headers.contains_key(header::TRANSFER_ENCODING) {
+                // The coding decides the length; a Content-Length beside it must not travel
+                // on (RFC 9112 §6.3 rule 3), or the next hop would cut the body to it.
+                headers.remove(header::CONTENT_LENGTH);
+            }
             let state = match framing {
                 Framing::Empty | Framing::Length(0) => State::Done,
                 Framing::Length(n) => State::Length(n),
@@ -273,6 +297,10 @@ pub(crate) fn framing(
         return Ok((Framing::Empty, keep_alive));
     }
     let mut codings = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if codings.peek().is_some() && version == Version::HTTP_10 {
+        // HTTP/1.0 has no transfer codings: the framing is faulty (RFC 9112 §6.1).
+        return Err("transfer-encoding in an HTTP/1.0 response");
+    }
     if codings.peek().is_some() {
         let last = codings.last().map(|v| v.as_bytes()).unwrap_or_default();
         let chunked = last
@@ -353,7 +381,12 @@ impl ResponseBody {
         let clean = matches!(self.state, State::Done)
             && self.reusable
             && self.conn.as_ref().is_some_and(|c| c.buf.is_empty());
-        if clean { self.conn.take() } else { None }
+        if !clean {
+            return None;
+        }
+        let mut conn = self.conn.take()?;
+        conn.shrink();
+        Some(conn)
     }
 }
 
@@ -461,10 +494,11 @@ impl Chunked {
         loop {
             match self {
                 Chunked::Size => {
-                    let Some(end) = buf.iter().position(|&b| b == b'\n') else {
-                        if buf.len() > MAX_CHUNK_LINE {
-                            return Err(bad("chunk-size line too long"));
-                        }
+                    let end = buf.iter().position(|&b| b == b'\n');
+                    if end.unwrap_or(buf.len()) > MAX_CHUNK_LINE {
+                        return Err(bad("chunk-size line too long"));
+                    }
+                    let Some(end) = end else {
                         return Ok(None);
                     };
                     let line = buf[..end]
@@ -537,7 +571,16 @@ impl Chunked {
 }
 
 fn parse_hex(digits: &[u8]) -> Option<u64> {
-    if digits.is_empty() || digits.len() > 15 {
+    if digits.is_empty() {
+        return None;
+    }
+    // Leading zeros are allowed; at most 15 significant digits, which a u64 holds with room.
+    let first = digits
+        .iter()
+        .position(|&d| d != b'0')
+        .unwrap_or(digits.len() - 1);
+    let digits = &digits[first..];
+    if digits.len() > 15 {
         return None;
     }
     digits.iter().try_fold(0u64, |n, &d| {
@@ -698,6 +741,16 @@ mod tests {
                 &[("content-length", "5"), ("connection", "keep-alive")],
                 Ok((Length(5), true)),
             ),
+            (
+                false,
+                v10,
+                200,
+                &[
+                    ("transfer-encoding", "chunked"),
+                    ("connection", "keep-alive"),
+                ],
+                Err("transfer-encoding in an HTTP/1.0 response"),
+            ),
         ];
         for (head, version, status, h, want) in cases {
             let got = framing(
@@ -769,6 +822,14 @@ mod tests {
         }
         let long = [b'1'; MAX_CHUNK_LINE + 1];
         assert!(decode(&long, 1000).unwrap_err().contains("too long"));
+        // A line too long is refused even when its end arrives in the same read.
+        let mut long_ext = b"5;".to_vec();
+        long_ext.resize(MAX_CHUNK_LINE + 10, b'x');
+        long_ext.extend_from_slice(b"\r\nhello\r\n0\r\n\r\n");
+        assert!(decode(&long_ext, 100_000).unwrap_err().contains("too long"));
+        // Leading zeros are only zeros.
+        let zeros = b"0000000000000000005\r\nhello\r\n0\r\n\r\n";
+        assert_eq!(decode(zeros, 1000).unwrap().0, b"hello");
     }
 
     #[test]
@@ -807,6 +868,35 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    /// Polls `conn.is_usable()` after spending the task's cooperative budget in the same poll.
+    async fn usable_with_budget_spent(conn: &mut Conn) -> bool {
+        std::future::poll_fn(|cx| {
+            while std::pin::pin!(tokio::task::consume_budget())
+                .poll(cx)
+                .is_ready()
+            {}
+            Poll::Ready(conn.is_usable())
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn pooled_connections_are_checked_even_with_the_budget_spent() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (_kept, _) = listener.accept().await.unwrap();
+        let closed = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (peer, _) = listener.accept().await.unwrap();
+        drop(peer);
+        // Let the runtime see the close.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let mut open = Conn::new(Upstream::Plain(open));
+        let mut closed = Conn::new(Upstream::Plain(closed));
+        assert!(usable_with_budget_spent(&mut open).await);
+        assert!(!usable_with_budget_spent(&mut closed).await);
     }
 
     #[test]

@@ -289,6 +289,11 @@ async fn upstream_responses_are_framed_as_rfc_9112_says() {
         ),
         ("/nothing", b"HTTP/1.1 204 No Content\r\n\r\n", false),
         (
+            "/coded-and-sized",
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 3\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            true,
+        ),
+        (
             "/conflict",
             b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
             true,
@@ -312,6 +317,8 @@ async fn upstream_responses_are_framed_as_rfc_9112_says() {
         ("/http10", 200, b"ok"),
         ("/early", 200, b"final"),
         ("/nothing", 204, b""),
+        // The coding wins over the length, and the length does not travel on.
+        ("/coded-and-sized", 200, b"hello"),
         ("/length", 200, b"hello"),
     ] {
         let got = send(&client, get(path)).await;
@@ -327,8 +334,9 @@ async fn upstream_responses_are_framed_as_rfc_9112_says() {
     .await;
     assert_eq!((head.status, head.body.len()), (http::StatusCode::OK, 0));
     assert_eq!(head.headers["content-length"], "5");
-    // Connections the upstream kept alive were reused; /close and /http10 each ended theirs.
-    assert_eq!(conns.load(Ordering::Relaxed), 3);
+    // Connections the upstream kept alive were reused; /close, /http10 and /coded-and-sized
+    // each ended theirs.
+    assert_eq!(conns.load(Ordering::Relaxed), 4);
 
     for (path, why) in [
         ("/conflict", "conflicting content-length"),
