@@ -13,6 +13,10 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+/// Idle connections kept per endpoint and client kind; beyond this, released connections are
+/// simply closed.
+const MAX_IDLE: usize = 256;
+
 /// Latency assumed for an endpoint that has not answered yet.
 const DEFAULT_RTT: f64 = 0.001;
 
@@ -104,12 +108,7 @@ impl EndpointState {
         idle_timeout: Duration,
         now: Instant,
     ) -> Result<http1::SendRequest<Body>, ProxyError> {
-        loop {
-            let idle = {
-                let mut pool = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-                pool.pop()
-            };
-            let Some((mut tx, since)) = idle else { break };
+        while let Some((mut tx, since)) = take_idle(&self.h1_idle) {
             if tx.is_closed() || now.saturating_duration_since(since) > idle_timeout {
                 continue;
             }
@@ -132,11 +131,7 @@ impl EndpointState {
 
     /// Returns a connection whose previous exchange finished cleanly.
     pub fn release_http1(&self, tx: http1::SendRequest<Body>) {
-        let mut pool = self.h1_idle.lock().unwrap_or_else(|e| e.into_inner());
-        // Bound the pool: beyond this, connections are simply closed.
-        if pool.len() < 256 {
-            pool.push((tx, Instant::now()));
-        }
+        park_idle(&self.h1_idle, tx);
     }
 
     /// A connection for the lean HTTP/1.1 client: a pooled one idle for no longer than
@@ -147,12 +142,7 @@ impl EndpointState {
         idle_timeout: Duration,
         now: Instant,
     ) -> Result<crate::h1::Conn, ProxyError> {
-        loop {
-            let idle = {
-                let mut pool = self.lean_idle.lock().unwrap_or_else(|e| e.into_inner());
-                pool.pop()
-            };
-            let Some((mut conn, since)) = idle else { break };
+        while let Some((mut conn, since)) = take_idle(&self.lean_idle) {
             if now.saturating_duration_since(since) <= idle_timeout && conn.is_usable() {
                 return Ok(conn);
             }
@@ -162,10 +152,7 @@ impl EndpointState {
 
     /// Returns a lean connection whose previous exchange finished cleanly.
     pub fn release_lean(&self, conn: crate::h1::Conn) {
-        let mut pool = self.lean_idle.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.len() < 256 {
-            pool.push((conn, Instant::now()));
-        }
+        park_idle(&self.lean_idle, conn);
     }
 
     /// The shared HTTP/2 connection, established on first use.
@@ -221,6 +208,19 @@ impl EndpointState {
                 format!("no connection within {timeout:?}"),
             )),
         }
+    }
+}
+
+/// The most recently parked idle connection of a pool, with when it was parked.
+fn take_idle<T>(pool: &Mutex<Vec<(T, Instant)>>) -> Option<(T, Instant)> {
+    pool.lock().unwrap_or_else(|e| e.into_inner()).pop()
+}
+
+/// Parks an idle connection, unless the pool is full (then it is closed by dropping it).
+fn park_idle<T>(pool: &Mutex<Vec<(T, Instant)>>, conn: T) {
+    let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+    if pool.len() < MAX_IDLE {
+        pool.push((conn, Instant::now()));
     }
 }
 

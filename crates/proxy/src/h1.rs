@@ -163,7 +163,7 @@ impl Conn {
                     }
                 }
             };
-            let (version, status, headers) = parsed;
+            let (version, status, mut headers) = parsed;
             if status.is_informational() {
                 if status == StatusCode::SWITCHING_PROTOCOLS {
                     return Err(Error::Malformed(
@@ -175,7 +175,6 @@ impl Conn {
             }
             let (framing, reusable) = framing(method == Method::HEAD, version, status, &headers)
                 .map_err(|e| Error::Malformed(e.into()))?;
-            let mut headers = headers;
             if headers.contains_key(header::TRANSFER_ENCODING) {
                 // The coding decides the length; a Content-Length beside it must not travel
                 // on (RFC 9112 §6.3 rule 3), or the next hop would cut the body to it.
@@ -592,18 +591,7 @@ fn parse_hex(digits: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(n, v)| {
-                (
-                    HeaderName::try_from(*n).unwrap(),
-                    HeaderValue::from_str(v).unwrap(),
-                )
-            })
-            .collect()
-    }
+    use crate::http::tests::headers;
 
     #[test]
     fn framing_follows_rfc_9112() {

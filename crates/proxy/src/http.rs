@@ -337,10 +337,12 @@ async fn forward(
                 answered,
             ));
         }
+        // Only HTTP/1.1 connections are pooled per exchange (HTTP/2's is shared).
+        let pooled = tx.is_some() || matches!(incoming, UpstreamBody::Lean(_));
         let mut tracked = Tracked {
             inner: incoming,
             guard: Some(guard),
-            pool: Some(endpoint.clone()),
+            pool: pooled.then(|| endpoint.clone()),
             tx,
             busy: None,
         };
@@ -886,10 +888,11 @@ fn release(tx: http1::SendRequest<Body>, endpoint: Arc<EndpointState>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    /// A header map from name/value pairs (also used by `h1`'s tests).
+    pub(crate) fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         pairs
             .iter()
             .map(|(n, v)| {
