@@ -110,7 +110,12 @@ pub struct InboundListener {
     /// mutual TLS mode applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
-    /// Declared protocol (skips detection).
+    /// The port of `service` this listener serves, whose `appProtocol` applies when
+    /// `protocol` is omitted. Omitted (or not a port of the service): the service port equal
+    /// to `forwardTo`'s port, else the service's only port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_port: Option<u16>,
+    /// Declared protocol (skips detection). Omitted: the service port's `appProtocol`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol: Option<AppProtocol>,
 }

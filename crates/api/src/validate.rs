@@ -511,6 +511,13 @@ impl Validator {
                     format!("no Service {}/{svc}", ctx.ns),
                 );
             }
+            if l.service_port.is_some() && l.service.is_none() {
+                self.at(
+                    r,
+                    &format!("spec.inbound[{i}].servicePort"),
+                    "servicePort needs `service`",
+                );
+            }
             if !names.insert(l.name.clone()) {
                 self.at(
                     r,
@@ -1236,10 +1243,16 @@ spec:
     - {name: a, address: 127.0.0.1:9990, service: {name: catalog}}
     - {name: b, address: nonsense, httpProxy: true}
     - {name: c, address: 127.0.0.1:7000}
+  inbound:
+    - {name: d, address: 127.0.0.1:0, forwardTo: 127.0.0.1:8080, servicePort: 80}
 ",
         )
         .unwrap_err();
         let text = err.to_string();
+        assert!(
+            text.contains("spec.inbound[0].servicePort: servicePort needs `service`"),
+            "{text}"
+        );
         assert!(text.contains("t.yaml:20: spec.outbound[0].address: address 127.0.0.1:9990 is already used by spec.admin.address"), "{text}");
         assert!(
             text.contains(

@@ -250,6 +250,8 @@ pub async fn run(o: RunOptions) -> Result<i32> {
                 address: addr.to_string(),
                 forward_to: SocketAddr::new(loopback, port).to_string(),
                 service: o.service.clone(),
+                // The protocol is the Service port's `appProtocol`, from the control plane.
+                service_port: Some(o.service_port),
                 protocol: None,
             });
             Some(addr)

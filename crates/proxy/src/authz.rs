@@ -132,6 +132,16 @@ impl Authz {
         self.policies.is_empty() && self.default_action == AuthzAction::Allow
     }
 
+    /// Whether some rule that applies at destination `port`, in any policy and mode, looks at
+    /// what only an HTTP request carries (path, method, headers, a token's claims). Such a
+    /// rule cannot be evaluated on opaque TCP, so the port must refuse what is not HTTP.
+    pub fn needs_layer7(&self, port: u16) -> bool {
+        self.policies
+            .iter()
+            .flat_map(|p| &p.rules)
+            .any(|r| (r.ports.is_empty() || r.ports.contains(&port)) && r.needs_layer7())
+    }
+
     /// Decides `req` at `now`.
     pub fn decide(&self, req: &Request<'_>, now: jiff::Timestamp) -> Verdict {
         let enforced = self.eval(req, now, false);
@@ -183,7 +193,21 @@ impl Authz {
     }
 }
 
+/// Whether an inbound port's policy needs layer 7: an authorization rule that reads the
+/// request (see [`Authz::needs_layer7`]) or a `RequestAuthentication` that applies. Such a
+/// port serves only HTTP: anything else is refused, never forwarded as bytes.
+pub fn requires_http(authz: &Authz, authn: &crate::jwt::Authn, port: u16) -> bool {
+    authz.needs_layer7(port) || !authn.is_empty()
+}
+
 impl Rule {
+    fn needs_layer7(&self) -> bool {
+        !self.paths.is_empty()
+            || !self.methods.is_empty()
+            || !self.headers.is_empty()
+            || !self.claims.is_empty()
+    }
+
     fn matches(&self, req: &Request<'_>, now: jiff::Timestamp) -> bool {
         if !self.identities.is_empty()
             && !req
@@ -506,6 +530,104 @@ mod tests {
             .unwrap();
             assert_eq!(a.decide(&req, now).allow, want, "{yaml} {req:?} at {now}");
         }
+    }
+
+    #[test]
+    fn layer7_needs_table() {
+        // (policies, destination port, whether the port must refuse what is not HTTP)
+        let cases: &[(&[&str], u16, bool)] = &[
+            (&[], 8080, false),
+            // identity, namespace, port and time conditions work on opaque TCP
+            (
+                &[&format!(
+                    "action: Allow\nrules: [{{from: {{identities: [\"{ORDERS}\"]}}}}]"
+                )],
+                8080,
+                false,
+            ),
+            (
+                &["action: Deny\nrules: [{from: {namespaces: [web]}, to: {ports: [8080]}}]"],
+                8080,
+                false,
+            ),
+            (
+                &["action: Allow\nrules: [{when: {start: '09:00', end: '17:00', timeZone: UTC}}]"],
+                8080,
+                false,
+            ),
+            // paths, methods, headers and claims need the request, whatever the action
+            (
+                &["action: Deny\nrules: [{to: {paths: [/admin/*]}}]"],
+                8080,
+                true,
+            ),
+            (
+                &["action: Allow\nrules: [{to: {methods: [GET]}}]"],
+                8080,
+                true,
+            ),
+            (
+                &["action: Allow\nrules: [{to: {headers: [{name: x-role, values: [a]}]}}]"],
+                8080,
+                true,
+            ),
+            (
+                &["action: Allow\nrules: [{claims: [{name: role, values: [admin]}]}]"],
+                8080,
+                true,
+            ),
+            // audit mode too: what it reports must be what the request was
+            (
+                &["action: Deny\nmode: Audit\nrules: [{to: {paths: [/admin/*]}}]"],
+                8080,
+                true,
+            ),
+            // one such rule among TCP-only ones is enough
+            (
+                &[
+                    "action: Allow\nrules: [{from: {namespaces: [shop]}}]",
+                    "action: Deny\nrules: [{from: {namespaces: [web]}}, {to: {paths: [/x]}}]",
+                ],
+                8080,
+                true,
+            ),
+            // a rule limited to other ports does not apply here
+            (
+                &["action: Deny\nrules: [{to: {ports: [9090], paths: [/admin/*]}}]"],
+                8080,
+                false,
+            ),
+            (
+                &["action: Deny\nrules: [{to: {ports: [9090], paths: [/admin/*]}}]"],
+                9090,
+                true,
+            ),
+        ];
+        for (yamls, port, want) in cases {
+            let specs: Vec<AuthorizationPolicySpec> = yamls.iter().map(|y| spec(y)).collect();
+            let named: Vec<(String, &AuthorizationPolicySpec)> = specs
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("shop/p{i}"), s))
+                .collect();
+            let a = Authz::new(&named, AuthzAction::Deny, AuthzMode::Enforce, "default").unwrap();
+            let none = crate::jwt::Authn::default();
+            assert_eq!(
+                requires_http(&a, &none, *port),
+                *want,
+                "{yamls:?} at {port}"
+            );
+        }
+        // A RequestAuthentication that applies needs the request's headers, even with no
+        // policy and a token that is optional.
+        let authn_spec: trellis_api::authn::RequestAuthenticationSpec = serde_saphyr::from_str(
+            "jwtRules: [{issuer: https://auth.test, jwksUri: 'http://127.0.0.1:9/jwks'}]",
+        )
+        .unwrap();
+        let authn = crate::jwt::compile(&[&authn_spec], &Default::default()).unwrap();
+        let open = Authz::new(&[], AuthzAction::Allow, AuthzMode::Enforce, "default").unwrap();
+        assert!(requires_http(&open, &authn, 8080));
+        assert!(!requires_http(&open, &Default::default(), 8080));
     }
 
     #[test]

@@ -58,6 +58,15 @@ pub fn classify(buf: &[u8]) -> Option<Protocol> {
     Some(if ok { Protocol::Http1 } else { Protocol::Tcp })
 }
 
+/// Why bytes classified as not HTTP are refused where HTTP is required, for metrics.
+pub fn not_http_reason(buf: &[u8]) -> &'static str {
+    if buf.len() > MAX_REQUEST_LINE && !buf.contains(&b'\n') {
+        "request_line_too_long"
+    } else {
+        "not_http"
+    }
+}
+
 /// Reads until the protocol is known or `timeout` passes. Returns the protocol, the bytes
 /// read (to replay) and whether the timeout decided.
 pub async fn detect(

@@ -85,6 +85,17 @@ pub struct DetectLabels {
     pub how: &'static str,
 }
 
+/// Labels of an inbound connection refused because its port's policy needs HTTP.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// `detect_timeout` (no HTTP request line in time), `not_http` (bytes that are not an
+    /// HTTP/1.0, HTTP/1.1 or HTTP/2 start), `request_line_too_long` or `declared_tcp` (the
+    /// port is declared TCP).
+    pub reason: &'static str,
+}
+
 /// Labels with a result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -139,6 +150,8 @@ pub struct Metrics {
     pub authz: Family<AuthzLabels, Counter>,
     /// Mutual TLS connections by the caller's identity.
     pub peers: Family<PeerLabels, Counter>,
+    /// Inbound connections refused because their port's policy needs HTTP and they were not.
+    pub inbound_refused: Family<RefusedLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -166,6 +179,7 @@ impl Default for Metrics {
             cert_expiry: Gauge::default(),
             authz: Family::default(),
             peers: Family::default(),
+            inbound_refused: Family::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.clone());
@@ -243,6 +257,11 @@ impl Default for Metrics {
             "authz_decisions",
             "Authorization decisions at inbound listeners, with the policy that decided",
             m.authz.clone(),
+        );
+        registry.register(
+            "inbound_refused",
+            "Inbound connections refused, never forwarded, because their port's policy needs HTTP and they were not HTTP",
+            m.inbound_refused.clone(),
         );
         Metrics { registry, ..m }
     }

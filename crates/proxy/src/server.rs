@@ -4,7 +4,7 @@
 use crate::detect::{self, Protocol};
 use crate::http::{self as proxy_http, ConnInfo};
 use crate::io::{Activity, ClientIo, Conn};
-use crate::metrics::{ConnLabels, DetectLabels, Metrics, SecurityLabels};
+use crate::metrics::{ConnLabels, DetectLabels, Metrics, RefusedLabels, SecurityLabels};
 use crate::snapshot::{Listener, ListenerKind, Snapshot};
 use crate::{tcp, tls};
 use arc_swap::ArcSwap;
@@ -13,7 +13,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
@@ -344,6 +344,31 @@ async fn watch_idle(
     }
 }
 
+/// Refuses a connection that is not HTTP on a port whose policy needs HTTP: counted, and
+/// closed. Bytes that are not an HTTP request get a 400 first, as a parser would answer them.
+async fn refuse(shared: &Shared, listener: &Arc<str>, reason: &'static str, stream: &mut Conn) {
+    tracing::debug!(%listener, reason, "connection refused: the port's policy needs HTTP");
+    shared
+        .metrics
+        .inbound_refused
+        .get_or_create(&RefusedLabels {
+            listener: listener.clone(),
+            reason,
+        })
+        .inc();
+    if matches!(reason, "not_http" | "request_line_too_long") {
+        let answer = async {
+            stream
+                .write_all(
+                    b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                )
+                .await?;
+            stream.shutdown().await
+        };
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), answer).await;
+    }
+}
+
 async fn serve_connection(
     shared: &Arc<Shared>,
     listener: Arc<Listener>,
@@ -387,7 +412,9 @@ async fn serve_connection(
         peer_identity,
         timed_out,
     } = accepted;
-    let (protocol, prefix, how) = match listener.protocol {
+    // The current declaration: a service's `appProtocol` may arrive after the listener was
+    // bound (a sidecar starts before the control plane's view reaches it).
+    let (protocol, prefix, how) = match current.protocol {
         Some(AppProtocol::Tcp) => (Protocol::Tcp, prefix, "declared"),
         Some(AppProtocol::Http2 | AppProtocol::Grpc) => (Protocol::Http2, prefix, "declared"),
         Some(AppProtocol::Http) => {
@@ -426,6 +453,22 @@ async fn serve_connection(
             how,
         })
         .inc();
+    // Fail closed: where the policy reads requests, what is not HTTP is never forwarded.
+    if protocol == Protocol::Tcp
+        && let ListenerKind::Inbound {
+            requires_http: true,
+            ..
+        } = current.kind
+    {
+        let reason = match how {
+            "declared" => "declared_tcp",
+            "timeout" => "detect_timeout",
+            _ if prefix.is_empty() => return Ok(()), // closed before sending anything
+            _ => detect::not_http_reason(&prefix),
+        };
+        refuse(shared, &listener.name, reason, &mut stream).await;
+        return Ok(());
+    }
     let labels = ConnLabels {
         direction,
         listener: listener.name.clone(),

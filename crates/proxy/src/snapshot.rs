@@ -95,6 +95,9 @@ pub enum ListenerKind {
         port: u16,
         /// JSON Web Tokens to verify.
         authn: Arc<crate::jwt::Authn>,
+        /// The policy reads requests (paths, methods, headers, tokens): a connection that is
+        /// not HTTP is refused, never forwarded as bytes.
+        requires_http: bool,
     },
     /// Outbound to one service port (resolved when the snapshot is built).
     Service(ServiceKey, u16, Arc<PortEntry>),
@@ -138,6 +141,9 @@ pub struct Settings {
     pub client_idle_timeout: Duration,
 }
 
+/// An endpoint's address and the SPIFFE id it must present (`None`: plaintext).
+pub type EndpointKey = (SocketAddr, Option<Arc<str>>);
+
 /// The whole resolved config.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -153,8 +159,9 @@ pub struct Snapshot {
     pub services: HashMap<ServiceKey, Vec<Arc<PortEntry>>>,
     /// Host names (`name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`) to services.
     pub hosts: HashMap<String, ServiceKey>,
-    /// Every endpoint's shared state, by address.
-    pub endpoints: HashMap<SocketAddr, Arc<EndpointState>>,
+    /// Every endpoint's shared state, by address and the identity it must present: two
+    /// services listing one address with different identities never share connections.
+    pub endpoints: HashMap<EndpointKey, Arc<EndpointState>>,
     /// The resources, as given, for `/config`.
     pub resources: Vec<Resource>,
 }
@@ -427,9 +434,18 @@ impl Snapshot {
                 )
                 .map_err(|e| Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", e)]))?,
             );
+            let requires_http = crate::authz::requires_http(&authz, &authn, app.port());
+            // The listener's own declaration, else its service port's `appProtocol`: a port
+            // declared HTTP never falls back to TCP.
+            let protocol = l.protocol.or_else(|| {
+                let svc = b
+                    .services
+                    .get(&key(&proxy.metadata.namespace, l.service.as_deref()?))?;
+                inbound_service_port(&svc.ports, l.service_port, app.port())?.app_protocol
+            });
             let backend = Arc::new(Backend {
                 name: format!("inbound/{}", l.name).into(),
-                protocol: l.protocol,
+                protocol,
                 balancer: Balancer::new(
                     Algorithm::RoundRobin,
                     vec![Member {
@@ -457,8 +473,9 @@ impl Snapshot {
                     authz,
                     port: app.port(),
                     authn,
+                    requires_http,
                 },
-                protocol: l.protocol,
+                protocol,
             });
         }
         for l in &spec.outbound {
@@ -558,6 +575,23 @@ fn key(ns: &str, name: &str) -> ServiceKey {
         namespace: ns.to_string(),
         name: name.to_string(),
     }
+}
+
+/// The port of its service an inbound listener serves: the one named, else the one equal to
+/// the application's port, else the only one.
+fn inbound_service_port(
+    ports: &[trellis_api::service::ServicePort],
+    named: Option<u16>,
+    app_port: u16,
+) -> Option<&trellis_api::service::ServicePort> {
+    let find = |n: u16| ports.iter().find(|p| p.port == n);
+    named
+        .and_then(find)
+        .or_else(|| find(app_port))
+        .or(match ports {
+            [only] => Some(only),
+            _ => None,
+        })
 }
 
 /// The mutual TLS mode of an inbound listener: its service's, else its namespace's
@@ -661,7 +695,7 @@ struct Builder<'a> {
     previous: Option<&'a Snapshot>,
     metrics: &'a Metrics,
     mesh: crate::tls::MeshSlot,
-    endpoints: HashMap<SocketAddr, Arc<EndpointState>>,
+    endpoints: HashMap<EndpointKey, Arc<EndpointState>>,
     backends: HashMap<(ServiceKey, u16), Arc<Backend>>,
     policies: HashMap<ServiceKey, &'a BackendPolicySpec>,
     services: HashMap<ServiceKey, &'a trellis_api::service::ServiceSpec>,
@@ -670,21 +704,19 @@ struct Builder<'a> {
 
 impl Builder<'_> {
     fn endpoint(&mut self, addr: SocketAddr, identity: Option<&str>) -> Arc<EndpointState> {
-        let name = identity.and_then(crate::tls::server_name);
-        // State (pools, latency) carries over only to the same endpoint with the same
-        // identity: a connection made for one identity must not serve another.
-        let prev = self
+        // State (pools, latency) is per address and identity, within a snapshot and across
+        // reloads: a connection made for one identity must not serve another.
+        let k: EndpointKey = (addr, identity.map(Arc::from));
+        if let Some(e) = self.endpoints.get(&k) {
+            return e.clone();
+        }
+        let state = self
             .previous
-            .and_then(|p| p.endpoints.get(&addr))
-            .filter(|e| e.identity == name)
-            .cloned();
-        let mesh = self.mesh.clone();
-        self.endpoints
-            .entry(addr)
-            .or_insert_with(|| {
-                prev.unwrap_or_else(|| Arc::new(EndpointState::new(addr, identity, mesh)))
-            })
-            .clone()
+            .and_then(|p| p.endpoints.get(&k))
+            .cloned()
+            .unwrap_or_else(|| Arc::new(EndpointState::new(addr, identity, self.mesh.clone())));
+        self.endpoints.insert(k, state.clone());
+        state
     }
 
     fn backend(&mut self, svc: &ServiceKey, port: u16) -> Arc<Backend> {
@@ -951,4 +983,172 @@ fn compile_grpc_match(m: &trellis_api::route::GrpcRouteMatch) -> Result<GrpcMatc
         method,
         headers: header_matches(&m.headers)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: &str = "spiffe://mesh.test/ns/default/sa/a";
+    const B: &str = "spiffe://mesh.test/ns/default/sa/b";
+
+    fn build(yaml: &str, previous: Option<&Snapshot>) -> Snapshot {
+        let resources = trellis_api::parse_documents("test.yaml", yaml).unwrap();
+        Snapshot::build(&resources, 1, "test.yaml", previous, &crate::Shared::new()).unwrap()
+    }
+
+    fn state(snap: &Snapshot, service: &str) -> Arc<EndpointState> {
+        snap.port(&key("default", service), None)
+            .unwrap()
+            .backend
+            .balancer
+            .members()[0]
+            .state
+            .clone()
+    }
+
+    /// Services `first`, `second` and `plain` on one address: the first two expecting the
+    /// given identities, the last none.
+    fn shared_address(first: (&str, &str), second: (&str, &str)) -> String {
+        let svc = |name: &str, identity: Option<&str>| {
+            let id = identity.map_or(String::new(), |i| format!(", identity: '{i}'"));
+            format!(
+                "---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{port: 80}}]\n  endpoints: [{{address: '127.0.0.1:7001'{id}}}]\n"
+            )
+        };
+        format!(
+            "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p}}\nspec: {{admin: {{address: 127.0.0.1:0}}}}\n{}{}{}",
+            svc(first.0, Some(first.1)),
+            svc(second.0, Some(second.1)),
+            svc("plain", None)
+        )
+    }
+
+    #[test]
+    fn endpoint_state_is_per_address_and_identity() {
+        // In both orders of the services (the first built used to win the address).
+        for (first, second) in [(("alpha", A), ("beta", B)), (("alpha", B), ("beta", A))] {
+            let snap = build(&shared_address(first, second), None);
+            assert_eq!(snap.endpoints.len(), 3, "{:?}", snap.endpoints.keys());
+            for (name, identity) in [first, second] {
+                let s = state(&snap, name);
+                assert_eq!(s.identity, crate::tls::server_name(identity), "{name}");
+                let k: EndpointKey = (s.addr, Some(identity.into()));
+                assert!(Arc::ptr_eq(&snap.endpoints[&k], &s));
+            }
+            assert_eq!(state(&snap, "plain").identity, None);
+            assert!(!Arc::ptr_eq(&state(&snap, "alpha"), &state(&snap, "beta")));
+
+            // Across a reload each keeps its own state; an identity that changes gets fresh
+            // state.
+            let again = build(&shared_address(first, second), Some(&snap));
+            for name in ["alpha", "beta", "plain"] {
+                assert!(
+                    Arc::ptr_eq(&state(&snap, name), &state(&again, name)),
+                    "{name}"
+                );
+            }
+            let swapped = build(
+                &shared_address((first.0, second.1), (second.0, first.1)),
+                Some(&snap),
+            );
+            assert!(Arc::ptr_eq(
+                &state(&snap, "alpha"),
+                &state(&swapped, "beta")
+            ));
+            assert!(Arc::ptr_eq(
+                &state(&snap, "beta"),
+                &state(&swapped, "alpha")
+            ));
+        }
+    }
+
+    #[test]
+    fn inbound_listeners_take_their_service_ports_protocol_and_layer7_need() {
+        let yaml = |listener: &str, ports: &str, extra: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: p}}
+spec:
+  admin: {{address: 127.0.0.1:0}}
+  inbound: [{{name: in, address: 127.0.0.1:0, forwardTo: '127.0.0.1:8080', service: app{listener}}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: app}}
+spec:
+  ports: {ports}
+{extra}"
+            )
+        };
+        let inbound = |snap: &Snapshot| {
+            let l = &snap.listeners[0];
+            match &l.kind {
+                ListenerKind::Inbound { requires_http, .. } => (l.protocol, *requires_http),
+                _ => unreachable!(),
+            }
+        };
+        let deny_admin = "---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin}
+spec:
+  action: Deny
+  rules: [{to: {paths: [/admin/*]}}]
+";
+        let by_identity = "---
+apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: shop-only}
+spec:
+  action: Allow
+  rules: [{from: {namespaces: [shop]}}]
+";
+        use AppProtocol::{Grpc, Http, Tcp};
+        // (listener fields, service ports, other resources, (protocol, requires HTTP))
+        type Case<'a> = (&'a str, &'a str, &'a str, (Option<AppProtocol>, bool));
+        let cases: &[Case] = &[
+            // the only port, the port equal to the app's, or the one named
+            (
+                "",
+                "[{port: 80, appProtocol: http}]",
+                "",
+                (Some(Http), false),
+            ),
+            (
+                "",
+                "[{port: 80, appProtocol: http}, {port: 8080, appProtocol: grpc}]",
+                "",
+                (Some(Grpc), false),
+            ),
+            (
+                ", servicePort: 80",
+                "[{port: 80, appProtocol: http}, {port: 8080, appProtocol: grpc}]",
+                "",
+                (Some(Http), false),
+            ),
+            // several ports, none chosen: detection
+            (
+                "",
+                "[{port: 80, appProtocol: http}, {port: 81, appProtocol: tcp}]",
+                "",
+                (None, false),
+            ),
+            // the listener's own declaration wins
+            (
+                ", protocol: tcp",
+                "[{port: 80, appProtocol: http}]",
+                "",
+                (Some(Tcp), false),
+            ),
+            // what the policy reads
+            ("", "[{port: 80}]", deny_admin, (None, true)),
+            ("", "[{port: 80}]", by_identity, (None, false)),
+        ];
+        for (listener, ports, extra, want) in cases {
+            let snap = build(&yaml(listener, ports, extra), None);
+            assert_eq!(inbound(&snap), *want, "{listener} {ports} {extra}");
+        }
+    }
 }
