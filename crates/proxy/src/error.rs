@@ -9,8 +9,18 @@ use std::time::Duration;
 /// The response header carrying the proxy's reason for an error it generated.
 pub const ERROR_HEADER: &str = "trellis-proxy-error";
 
+/// Who reads an error response, which decides how much it says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Audience {
+    /// The local app (outbound): the full reason, to help it and its operator.
+    App,
+    /// A remote caller (inbound): a generic reason only, naming no address, OS error or
+    /// policy.
+    Remote,
+}
+
 /// A failure the proxy answers for.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ProxyError {
     /// The request could not be understood.
     #[error("bad request: {0}")]
@@ -92,11 +102,35 @@ impl ProxyError {
         }
     }
 
-    /// The response for this error. gRPC clients get a trailers-only response with the
-    /// matching `grpc-status`, since they do not read HTTP statuses.
-    pub fn into_response(self, grpc: bool) -> Response<Body> {
-        let reason = self.to_string();
-        let reason_value = HeaderValue::from_str(&reason)
+    /// What a remote caller is told: one of a few fixed reasons, whatever the details.
+    pub fn generic_reason(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad request",
+            ProxyError::UnknownHost(_) | ProxyError::NoRoute(_) => "not found",
+            ProxyError::NoBackends(_)
+            | ProxyError::NoEndpoint(_)
+            | ProxyError::Connect(..)
+            | ProxyError::NotSent(..)
+            | ProxyError::Closed(..)
+            | ProxyError::UpstreamProtocol(..) => "upstream unavailable",
+            ProxyError::Timeout(_) => "timeout",
+            ProxyError::Denied(_) => "denied",
+            ProxyError::Unauthenticated(_) => "unauthenticated",
+        }
+    }
+
+    /// The response for this error, saying as much as `audience` may read. gRPC clients get
+    /// a trailers-only response with the matching `grpc-status`, since they do not read HTTP
+    /// statuses.
+    pub fn into_response(self, grpc: bool, audience: Audience) -> Response<Body> {
+        let reason = match audience {
+            Audience::App => self.to_string(),
+            Audience::Remote => self.generic_reason().to_string(),
+        };
+        // Header values must be visible ASCII; the same encoding as grpc-message keeps any
+        // other byte readable.
+        let encoded = grpc_message(&reason);
+        let reason_value = HeaderValue::from_str(&encoded)
             .unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
         let mut resp = if grpc {
             let code = match self.status() {
@@ -128,5 +162,119 @@ impl ProxyError {
         };
         resp.headers_mut().insert(ERROR_HEADER, reason_value);
         resp
+    }
+}
+
+/// Percent-encodes a `grpc-message` value as the gRPC spec requires (PROTOCOL-HTTP2.md):
+/// bytes outside 0x20–0x7E, and `%` itself, become `%XX` of the UTF-8 encoding.
+pub fn grpc_message(text: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |b: u8| (0x20..=0x7E).contains(&b) && b != b'%';
+    if text.bytes().all(plain) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for b in text.bytes() {
+        if plain(b) {
+            out.push(b as char);
+        } else {
+            const HEX: &[u8; 16] = b"0123456789ABCDEF";
+            out.push('%');
+            out.push(HEX[usize::from(b >> 4)] as char);
+            out.push(HEX[usize::from(b & 15)] as char);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// Decodes a percent-encoded grpc-message, as a gRPC client does.
+    fn decode(s: &str) -> String {
+        let b = s.as_bytes();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < b.len() {
+            if b[i] == b'%' {
+                out.push(u8::from_str_radix(&s[i + 1..i + 3], 16).unwrap());
+                i += 3;
+            } else {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn grpc_messages_are_percent_encoded_and_decode_back() {
+        let cases = [
+            ("upstream unavailable", "upstream unavailable"),
+            ("100% done", "100%25 done"),
+            ("caf\u{e9}", "caf%C3%A9"),
+            ("tab\there\nnl", "tab%09here%0Anl"),
+            ("\u{1F600}~", "%F0%9F%98%80~"),
+            ("%%", "%25%25"),
+        ];
+        for (text, want) in cases {
+            let got = grpc_message(text);
+            assert_eq!(got, want, "{text:?}");
+            assert!(got.bytes().all(|b| (0x20..=0x7E).contains(&b)));
+            assert_eq!(decode(&got), text);
+        }
+    }
+
+    fn addr() -> SocketAddr {
+        "10.1.2.3:8080".parse().unwrap()
+    }
+
+    fn text(resp: &Response<Body>, name: &str) -> String {
+        resp.headers()
+            .get(name)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn remote_callers_get_generic_reasons_and_the_app_the_full_one() {
+        let errors = [
+            ProxyError::Connect(addr(), "Connection refused (os error 111)".into()),
+            ProxyError::NotSent(addr(), "broken pipe".into()),
+            ProxyError::Closed(addr(), "reset".into()),
+            ProxyError::UpstreamProtocol(addr(), "bad head".into()),
+            ProxyError::NoEndpoint("default/app:80 at 10.1.2.3:8080".into()),
+            ProxyError::NoBackends("default/secret-route".into()),
+            ProxyError::Denied(Arc::from("default/secret-policy")),
+            ProxyError::Unauthenticated("issuer https://10.1.2.3/ unknown".into()),
+            ProxyError::Timeout(Duration::from_millis(1500)),
+            ProxyError::BadRequest("path: encoded slash (%2F) at byte 2".into()),
+            ProxyError::NoRoute("GET /internal/10.1.2.3".into()),
+            ProxyError::UnknownHost("secret.internal".into()),
+        ];
+        for e in errors {
+            let (generic, detail) = (e.generic_reason(), e.to_string());
+            for grpc in [false, true] {
+                let remote = e.clone().into_response(grpc, Audience::Remote);
+                assert_eq!(text(&remote, ERROR_HEADER), generic, "{detail}");
+                if grpc {
+                    assert_eq!(text(&remote, "grpc-message"), generic, "{detail}");
+                } else {
+                    assert_eq!(remote.status(), e.status(), "{detail}");
+                }
+                for v in remote.headers().values() {
+                    let v = v.to_str().unwrap();
+                    for secret in ["10.1.2.3", "secret", "os error", "%2F"] {
+                        assert!(!v.contains(secret), "{detail}: {v}");
+                    }
+                }
+                let app = e.clone().into_response(grpc, Audience::App);
+                assert_eq!(decode(&text(&app, ERROR_HEADER)), detail);
+                if grpc {
+                    assert_eq!(decode(&text(&app, "grpc-message")), detail);
+                }
+            }
+        }
     }
 }

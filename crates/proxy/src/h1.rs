@@ -909,3 +909,188 @@ mod tests {
         assert_eq!(out, b"OPTIONS * HTTP/1.1\r\n\r\n");
     }
 }
+
+/// Property tests: the parsers never panic, and what they make of a byte stream does not
+/// depend on how it was split into reads.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// What the chunked decoder made of a stream: the data, the trailers and how many bytes
+    /// it consumed, or its error, or `None` when it wanted more.
+    type Decoded = Option<Result<(Vec<u8>, Option<HeaderMap>, usize), String>>;
+
+    /// Feeds `input` in pieces of the given sizes (cycled; 0 counts as 1).
+    fn decode_in(input: &[u8], sizes: &[usize]) -> Decoded {
+        let mut c = Chunked::Size;
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        let (mut fed, mut sizes) = (0, sizes.iter().cycle());
+        while fed < input.len() {
+            let n = sizes.next().map_or(input.len(), |&n| n.max(1));
+            let piece = &input[fed..input.len().min(fed + n)];
+            fed += piece.len();
+            buf.extend_from_slice(piece);
+            loop {
+                match c.step(&mut buf) {
+                    Err(e) => return Some(Err(e.to_string())),
+                    Ok(Some(Step::Data(d))) => data.extend_from_slice(&d),
+                    Ok(Some(Step::End(t))) => return Some(Ok((data, t, fed - buf.len()))),
+                    Ok(None) => break,
+                }
+            }
+        }
+        None
+    }
+
+    /// A chunked body of these chunks (with an extension on some) and trailers.
+    fn chunked_body(chunks: &[Vec<u8>], trailers: &[(String, String)]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, c) in chunks.iter().enumerate() {
+            let ext = if i % 2 == 1 { ";x=1" } else { "" };
+            out.extend_from_slice(format!("{:X}{ext}\r\n", c.len()).as_bytes());
+            out.extend_from_slice(c);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n");
+        for (n, v) in trailers {
+            out.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+
+    fn chunks() -> impl Strategy<Value = Vec<Vec<u8>>> {
+        prop::collection::vec(prop::collection::vec(any::<u8>(), 1..40), 0..6)
+    }
+
+    fn fields() -> impl Strategy<Value = Vec<(String, String)>> {
+        prop::collection::vec(("x-[a-z]{1,8}", "[ -~]{0,12}"), 0..4).prop_map(|v| {
+            v.into_iter()
+                .map(|(n, v)| (n, v.trim().to_string()))
+                .collect()
+        })
+    }
+
+    /// Valid streams, the same damaged at one byte or cut short, and plain noise.
+    fn chunked_stream() -> impl Strategy<Value = (Vec<u8>, Option<Vec<u8>>)> {
+        prop_oneof![
+            (chunks(), fields()).prop_map(|(c, t)| (chunked_body(&c, &t), Some(c.concat()))),
+            (
+                chunks(),
+                fields(),
+                any::<prop::sample::Index>(),
+                any::<u8>()
+            )
+                .prop_map(|(c, t, at, b)| {
+                    let mut body = chunked_body(&c, &t);
+                    let i = at.index(body.len());
+                    body[i] = b;
+                    (body, None)
+                }),
+            (chunks(), any::<prop::sample::Index>()).prop_map(|(c, at)| {
+                let body = chunked_body(&c, &[]);
+                (body[..at.index(body.len())].to_vec(), None)
+            }),
+            prop::collection::vec(any::<u8>(), 0..200).prop_map(|b| (b, None)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn chunked_decoding_does_not_depend_on_the_reads(
+            (stream, data) in chunked_stream(),
+            sizes in prop::collection::vec(0usize..16, 1..8),
+        ) {
+            let whole = decode_in(&stream, &[stream.len()]);
+            let split = decode_in(&stream, &sizes);
+            prop_assert_eq!(&split, &whole);
+            let one_byte = decode_in(&stream, &[1]);
+            prop_assert_eq!(&one_byte, &whole);
+            if let Some(data) = data {
+                // A valid body decodes to its chunks, consuming all of it.
+                let Some(Ok((got, _, consumed))) = whole else {
+                    return Err(TestCaseError::fail(format!("not decoded: {whole:?}")));
+                };
+                prop_assert_eq!(got, data);
+                prop_assert_eq!(consumed, stream.len());
+            }
+        }
+    }
+
+    /// What the response-head parser made of a stream: the head and the bytes left after
+    /// it, or its error, or `None` while it wanted more.
+    type Parsed = Result<Option<(Version, StatusCode, HeaderMap, Vec<u8>)>, String>;
+
+    fn parse_in(input: &[u8], sizes: &[usize]) -> Parsed {
+        let (mut buf, mut fields) = (BytesMut::new(), Vec::new());
+        let (mut fed, mut sizes) = (0, sizes.iter().cycle());
+        while fed < input.len() {
+            let n = sizes.next().map_or(input.len(), |&n| n.max(1));
+            let piece = &input[fed..input.len().min(fed + n)];
+            fed += piece.len();
+            buf.extend_from_slice(piece);
+            match parse_response(&mut buf, &mut fields) {
+                Ok(None) => {}
+                Ok(Some((v, s, h))) => {
+                    // The parser leaves what follows the head in the buffer.
+                    let mut rest = buf.to_vec();
+                    rest.extend_from_slice(&input[fed..]);
+                    return Ok(Some((v, s, h, rest)));
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        Ok(None)
+    }
+
+    fn response_head() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop_oneof![Just("HTTP/1.1"), Just("HTTP/1.0")],
+            100u16..1000,
+            "[A-Za-z ]{0,12}",
+            fields(),
+            prop::collection::vec(any::<u8>(), 0..20),
+        )
+            .prop_map(|(version, status, reason, fields, body)| {
+                let mut out = format!("{version} {status} {reason}\r\n").into_bytes();
+                for (n, v) in fields {
+                    out.extend_from_slice(format!("{n}: {v}\r\n").as_bytes());
+                }
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&body);
+                out
+            })
+    }
+
+    fn response_stream() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            response_head(),
+            (response_head(), any::<prop::sample::Index>(), any::<u8>()).prop_map(
+                |(mut head, at, b)| {
+                    let i = at.index(head.len());
+                    head[i] = b;
+                    head
+                }
+            ),
+            prop::collection::vec(any::<u8>(), 0..200),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn response_heads_parse_the_same_however_they_are_split(
+            stream in response_stream(),
+            sizes in prop::collection::vec(0usize..16, 1..8),
+        ) {
+            let whole = parse_in(&stream, &[stream.len()]);
+            prop_assert_eq!(&parse_in(&stream, &sizes), &whole);
+            prop_assert_eq!(&parse_in(&stream, &[1]), &whole);
+        }
+    }
+}

@@ -4,7 +4,7 @@
 use crate::body::{self, Body};
 use crate::decide::{self, Decision, Forward};
 use crate::endpoint::{EndpointState, InFlight};
-use crate::error::ProxyError;
+use crate::error::{Audience, ProxyError};
 use crate::filters;
 use crate::h1;
 use crate::metrics::{ResponseLabels, RouteLabels, RouteStats};
@@ -70,7 +70,14 @@ pub async fn handle(
     let direction = listener.direction();
     let downstream_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // Before anything reads or sets a header: the client's hop-by-hop headers go now, so its
+    // `Connection` cannot remove what the mesh adds below (identity, route filters).
+    strip_hop_by_hop(&mut parts.headers, downstream_upgrade.is_some());
     let grpc = decide::is_grpc(&parts);
+    // One canonical path, before authentication, authorization and routing read it.
+    if let Err(e) = canonical_path(&mut parts) {
+        return Ok(shared.fail(direction, &NONE, &NONE, e, grpc, start));
+    }
     if matches!(listener.kind, ListenerKind::Inbound { .. }) {
         // The app learns who called it from the sidecar alone: a client-sent value is dropped.
         if parts.headers.contains_key(PEER_IDENTITY) {
@@ -562,6 +569,37 @@ fn prepare_upstream(req: &mut Request<Body>, h2: bool) -> bool {
     upgrade
 }
 
+/// Replaces the request's path with its canonical form (module `path`), for origin-form,
+/// absolute-form and HTTP/2 requests alike; the query stays as sent. `OPTIONS *` and
+/// CONNECT have no path to normalize.
+fn canonical_path(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
+    if parts.method == Method::CONNECT {
+        return Ok(());
+    }
+    let Some(pq) = parts.uri.path_and_query() else {
+        return Ok(());
+    };
+    let path = pq.path();
+    if path == "*" && parts.method == Method::OPTIONS {
+        return Ok(());
+    }
+    let bad = |why: String| ProxyError::BadRequest(format!("path {path:?}: {why}"));
+    let canonical = match crate::path::normalize(path) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(p)) => p,
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    let with_query = match pq.query() {
+        Some(q) => format!("{canonical}?{q}"),
+        None => canonical,
+    };
+    let pq = http::uri::PathAndQuery::try_from(with_query).map_err(|e| bad(e.to_string()))?;
+    let mut uri = parts.uri.clone().into_parts();
+    uri.path_and_query = Some(pq);
+    parts.uri = Uri::from_parts(uri).map_err(|e| bad(e.to_string()))?;
+    Ok(())
+}
+
 fn wants_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION).iter().any(|v| {
@@ -575,7 +613,9 @@ const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Removes headers that describe one connection, not the message (RFC 9110 §7.6.1). `te:
-/// trailers` survives (gRPC needs it); `upgrade` survives when the exchange is an upgrade.
+/// trailers` survives (gRPC needs it); `upgrade` survives when the exchange is an upgrade,
+/// with `Connection: upgrade` alone. `Connection` cannot remove a header the message needs
+/// or the mesh sets ([`protected`]): such tokens are ignored.
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the (few) names, comparing without hashing, finds what is there: most
     // messages carry only `connection: keep-alive`, or nothing at all.
@@ -605,6 +645,7 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
                 let token = token.trim_ascii();
                 if !plain_connection_token(token)
                     && let Ok(n) = HeaderName::from_bytes(token)
+                    && !protected(&n)
                 {
                     named.push(n);
                 }
@@ -613,7 +654,11 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         for n in named {
             h.remove(n);
         }
-        if !keep_upgrade {
+        if keep_upgrade {
+            // Its other tokens were acted on here: none may act again after the mesh's
+            // filters ran.
+            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        } else {
             h.remove(header::CONNECTION);
         }
     }
@@ -628,6 +673,16 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             h.remove(header::TE);
         }
     }
+}
+
+/// Headers `Connection` may not name: the ones that route and frame the message, and the
+/// ones the mesh sets (`x-trellis-*`).
+fn protected(n: &HeaderName) -> bool {
+    n == header::HOST
+        || n == header::CONTENT_LENGTH
+        || n == header::CONTENT_TYPE
+        || n == header::TE
+        || n.as_str().starts_with("x-trellis-")
 }
 
 /// A `Connection` token that names no header to remove beyond those always removed.
@@ -728,7 +783,7 @@ impl Shared {
         grpc: bool,
         start: Instant,
     ) -> Response<Body> {
-        tracing::debug!(error = %e, %route, %backend, "request failed");
+        tracing::debug!(error = %e, %route, %backend, direction, "request failed");
         self.record(
             None,
             direction,
@@ -738,7 +793,14 @@ impl Shared {
             e.label(),
             start.elapsed(),
         );
-        e.into_response(grpc)
+        // A remote caller learns no addresses, OS errors or policy names; the local app
+        // gets the whole reason.
+        let audience = if direction == "inbound" {
+            Audience::Remote
+        } else {
+            Audience::App
+        };
+        e.into_response(grpc, audience)
     }
 
     /// Records a response. `stats`, when the snapshot resolved them, saves two label lookups.
@@ -980,11 +1042,91 @@ pub(crate) mod tests {
                 false,
                 &["x-d"],
             ),
+            // `Connection` cannot remove what routes and frames the message, or what the
+            // mesh sets.
+            (
+                &[
+                    (
+                        "connection",
+                        "host, Content-Length, x-trellis-peer-identity, x-e",
+                    ),
+                    ("host", "a"),
+                    ("content-length", "0"),
+                    ("x-trellis-peer-identity", "spiffe://t/ns/a/sa/b"),
+                    ("x-e", "1"),
+                ],
+                false,
+                &["content-length", "host", "x-trellis-peer-identity"],
+            ),
+            (
+                &[
+                    ("connection", "te, content-type"),
+                    ("te", "trailers"),
+                    ("content-type", "application/grpc"),
+                ],
+                false,
+                &["content-type", "te"],
+            ),
         ];
         for (input, keep_upgrade, left) in cases {
             let mut h = headers(input);
             strip_hop_by_hop(&mut h, *keep_upgrade);
             assert_eq!(names(&h), *left, "{input:?} keep_upgrade={keep_upgrade}");
+        }
+    }
+
+    #[test]
+    fn an_upgrade_keeps_connection_upgrade_alone() {
+        let mut h = headers(&[
+            ("connection", "Upgrade, x-a"),
+            ("upgrade", "websocket"),
+            ("x-a", "1"),
+            ("x-b", "2"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(names(&h), ["connection", "upgrade", "x-b"]);
+        assert_eq!(h[header::CONNECTION], "upgrade");
+        // A second pass (after the mesh's filters) removes nothing more.
+        h.insert("x-a", HeaderValue::from_static("by-mesh"));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["x-a"], "by-mesh");
+    }
+
+    #[test]
+    fn paths_become_canonical_in_every_request_form() {
+        let cases: &[(Method, &str, Result<&str, &str>)] = &[
+            (Method::GET, "/a/../b?x=%2e/../", Ok("/b?x=%2e/../")),
+            (Method::GET, "/plain?q", Ok("/plain?q")),
+            (
+                Method::GET,
+                "http://h.example//%61/./b",
+                Ok("http://h.example/a/b"),
+            ),
+            (Method::GET, "http://h.example", Ok("http://h.example/")),
+            (Method::OPTIONS, "*", Ok("*")),
+            (Method::CONNECT, "h.example:443", Ok("h.example:443")),
+            (
+                Method::GET,
+                "/a%2fb?c",
+                Err("encoded slash (%2F) at byte 2"),
+            ),
+            (Method::GET, "/%zz", Err("invalid percent-encoding")),
+        ];
+        for (method, uri, want) in cases {
+            let (mut parts, ()) = Request::builder()
+                .method(method.clone())
+                .uri(*uri)
+                .body(())
+                .unwrap()
+                .into_parts();
+            match (canonical_path(&mut parts), want) {
+                (Ok(()), Ok(want)) => assert_eq!(parts.uri.to_string(), *want, "{uri}"),
+                (Err(e), Err(want)) => {
+                    assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+                    assert!(e.to_string().contains(want), "{uri}: {e}");
+                }
+                (got, want) => panic!("{uri}: {got:?}, want {want:?}"),
+            }
         }
     }
 }

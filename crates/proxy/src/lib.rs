@@ -21,6 +21,7 @@ pub mod identity;
 mod io;
 pub mod jwt;
 pub mod metrics;
+pub mod path;
 mod rand;
 pub mod route;
 mod server;

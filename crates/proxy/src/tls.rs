@@ -298,4 +298,77 @@ mod tests {
         assert!(is_mesh_name("orders.shop.trellis"));
         assert!(!is_mesh_name("example.com"));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// What the detector says after each read, when bytes arrive in pieces of the given
+        /// sizes (cycled; 0 counts as 1), up to its first answer other than `Incomplete`.
+        fn detect_in(input: &[u8], sizes: &[usize]) -> Hello {
+            let (mut seen, mut sizes) = (0, sizes.iter().cycle());
+            while seen < input.len() {
+                seen = input
+                    .len()
+                    .min(seen + sizes.next().map_or(1, |&n| n.max(1)));
+                match client_hello(&input[..seen]) {
+                    Hello::Incomplete => {}
+                    answer => return answer,
+                }
+            }
+            Hello::Incomplete
+        }
+
+        fn noise() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..300),
+                // A TLS record header, then anything.
+                (any::<u16>(), prop::collection::vec(any::<u8>(), 0..300)).prop_map(
+                    |(len, rest)| {
+                        let mut b = vec![0x16, 0x03, 0x01];
+                        b.extend_from_slice(&(len % 400).to_be_bytes());
+                        b.extend_from_slice(&rest);
+                        b
+                    }
+                ),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn arbitrary_bytes_get_one_answer_however_they_are_split(
+                bytes in noise(),
+                sizes in prop::collection::vec(0usize..32, 1..8),
+            ) {
+                let whole = client_hello(&bytes);
+                let split = detect_in(&bytes, &sizes);
+                if whole == Hello::Incomplete {
+                    prop_assert_eq!(split, Hello::Incomplete);
+                } else {
+                    // The first answer is final: more bytes never change it.
+                    prop_assert_eq!(split, whole);
+                }
+            }
+        }
+
+        proptest! {
+            // Each case builds a real ClientHello: few cases.
+            #![proptest_config(ProptestConfig::with_cases(24))]
+
+            #[test]
+            fn every_prefix_of_a_real_hello_is_incomplete(
+                name in "[a-z][a-z0-9]{0,20}(\\.[a-z]{1,10}){0,3}",
+                sizes in prop::collection::vec(0usize..64, 1..8),
+            ) {
+                let h = hello(&name);
+                for end in 0..h.len() {
+                    prop_assert_eq!(client_hello(&h[..end]), Hello::Incomplete, "prefix {}", end);
+                }
+                prop_assert_eq!(client_hello(&h), Hello::Tls(Some(name.clone())));
+                prop_assert_eq!(detect_in(&h, &sizes), Hello::Tls(Some(name)));
+            }
+        }
+    }
 }
