@@ -38,6 +38,36 @@ pub struct ProxySpec {
     /// keep-alive idle timeout, which also bounds a request head sent slowly. Default `30s`.
     #[serde(default = "default_client_idle")]
     pub client_idle_timeout: Duration,
+    /// How long an opaque TCP connection or an upgraded stream (WebSocket) may pass no byte
+    /// in either direction before it is closed. Generous by default because database and
+    /// similar connections are often quiet for long. Default `1h`.
+    #[serde(default = "default_tcp_idle")]
+    pub tcp_idle_timeout: Duration,
+    /// A client connection that has not sent a single byte (and, once forwarded as opaque
+    /// TCP, received none either) is closed after this long. Default `10s`.
+    #[serde(default = "default_first_byte")]
+    pub first_byte_timeout: Duration,
+    /// An HTTP/2 stream (request or response body) that moves no data for this long, for
+    /// example because its client never reads, is reset and its upstream stream released.
+    /// Default `5m`.
+    #[serde(default = "default_stream_idle")]
+    pub stream_idle_timeout: Duration,
+    /// Client connections open at once, over all listeners. Default: derived from the file
+    /// limit (half of it, less a reserve, since an opaque TCP connection holds two).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Client connections open at once on any one listener. Default: three quarters of
+    /// `maxConnections`, so that a flood on one listener leaves room on the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections_per_listener: Option<u32>,
+    /// Streams this proxy opens at once on one upstream HTTP/2 connection before it opens
+    /// another connection to the endpoint. Default `100` (RFC 9113 recommends that peers
+    /// allow at least 100).
+    #[serde(default = "default_h2_streams")]
+    pub upstream_http2_max_streams: u32,
+    /// Upstream HTTP/2 connections per endpoint. Default `8`.
+    #[serde(default = "default_h2_conns")]
+    pub upstream_http2_max_connections: u32,
 }
 
 impl Default for ProxySpec {
@@ -52,6 +82,13 @@ impl Default for ProxySpec {
             idle_timeout: default_idle(),
             drain_timeout: default_drain(),
             client_idle_timeout: default_client_idle(),
+            tcp_idle_timeout: default_tcp_idle(),
+            first_byte_timeout: default_first_byte(),
+            stream_idle_timeout: default_stream_idle(),
+            max_connections: None,
+            max_connections_per_listener: None,
+            upstream_http2_max_streams: default_h2_streams(),
+            upstream_http2_max_connections: default_h2_conns(),
         }
     }
 }
@@ -73,6 +110,21 @@ fn default_drain() -> Duration {
 }
 fn default_client_idle() -> Duration {
     Duration::from_secs(30)
+}
+fn default_tcp_idle() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_first_byte() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_stream_idle() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_h2_streams() -> u32 {
+    100
+}
+fn default_h2_conns() -> u32 {
+    8
 }
 
 /// The admin listener.

@@ -579,6 +579,36 @@ impl Validator {
         if s.client_idle_timeout.get() < std::time::Duration::from_millis(100) {
             self.at(r, "spec.clientIdleTimeout", "must be at least 100ms");
         }
+        let at_least_100ms = [
+            ("spec.tcpIdleTimeout", s.tcp_idle_timeout),
+            ("spec.firstByteTimeout", s.first_byte_timeout),
+            ("spec.streamIdleTimeout", s.stream_idle_timeout),
+        ];
+        for (field, d) in at_least_100ms {
+            if d.get() < std::time::Duration::from_millis(100) {
+                self.at(r, field, "must be at least 100ms");
+            }
+        }
+        if s.max_connections == Some(0) {
+            self.at(r, "spec.maxConnections", "must be at least 1");
+        }
+        if s.max_connections_per_listener == Some(0) {
+            self.at(r, "spec.maxConnectionsPerListener", "must be at least 1");
+        }
+        if !(1..=10_000).contains(&s.upstream_http2_max_streams) {
+            self.at(
+                r,
+                "spec.upstreamHttp2MaxStreams",
+                "must be between 1 and 10000",
+            );
+        }
+        if !(1..=1_000).contains(&s.upstream_http2_max_connections) {
+            self.at(
+                r,
+                "spec.upstreamHttp2MaxConnections",
+                "must be between 1 and 1000",
+            );
+        }
     }
 
     fn service(&mut self, ctx: &Ctx, s: &Object<ServiceSpec>) {
@@ -1142,6 +1172,56 @@ spec:
                 (Ok(()), None) => {}
                 (Err(d), Some(w)) => assert!(d.to_string().contains(w), "want {w}: {d}"),
                 (got, want) => panic!("{first}{second}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn connection_bounds_are_validated() {
+        let proxy = |fields: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p}}\nspec:\n{fields}"
+            )
+        };
+        let cases: &[(&str, Option<&str>)] = &[
+            (
+                "  tcpIdleTimeout: 2h\n  firstByteTimeout: 5s\n  streamIdleTimeout: 1m\n  maxConnections: 500\n  maxConnectionsPerListener: 100\n  upstreamHttp2MaxStreams: 50\n  upstreamHttp2MaxConnections: 4\n",
+                None,
+            ),
+            (
+                "  tcpIdleTimeout: 0s\n",
+                Some("spec.tcpIdleTimeout: must be at least 100ms"),
+            ),
+            (
+                "  firstByteTimeout: 10ms\n",
+                Some("spec.firstByteTimeout: must be at least 100ms"),
+            ),
+            (
+                "  streamIdleTimeout: 0s\n",
+                Some("spec.streamIdleTimeout: must be at least 100ms"),
+            ),
+            (
+                "  maxConnections: 0\n",
+                Some("spec.maxConnections: must be at least 1"),
+            ),
+            (
+                "  maxConnectionsPerListener: 0\n",
+                Some("spec.maxConnectionsPerListener: must be at least 1"),
+            ),
+            (
+                "  upstreamHttp2MaxStreams: 0\n",
+                Some("spec.upstreamHttp2MaxStreams: must be between 1 and 10000"),
+            ),
+            (
+                "  upstreamHttp2MaxConnections: 5000\n",
+                Some("spec.upstreamHttp2MaxConnections: must be between 1 and 1000"),
+            ),
+        ];
+        for (fields, want) in cases {
+            match (check(&proxy(fields)), want) {
+                (Ok(()), None) => {}
+                (Err(d), Some(w)) => assert!(d.to_string().contains(w), "want {w}: {d}"),
+                (got, want) => panic!("{fields}: got {got:?}, want {want:?}"),
             }
         }
     }

@@ -305,6 +305,17 @@ fn init_logging(filter: &str, format: LogFormat) {
     }
 }
 
+/// A sidecar raises its file limit to the hard limit before opening anything: each client
+/// connection holds a descriptor, opaque TCP two. The default connection caps follow it.
+fn raise_file_limit() {
+    let (limit, error) = trellis_proxy::limits::raise_file_limit();
+    let (soft, hard) = (limit.soft, limit.hard);
+    match error {
+        None => tracing::info!(?soft, ?hard, "file limit"),
+        Some(e) => tracing::warn!(?soft, ?hard, error = %e, "file limit: cannot raise it"),
+    }
+}
+
 fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
     // One thread: the current-thread scheduler, with no cross-thread work stealing.
     let mut builder = if threads <= 1 {
@@ -322,6 +333,9 @@ fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
 }
 
 fn run(command: Command) -> Result<i32> {
+    if matches!(command, Command::Proxy { .. } | Command::Run { .. }) {
+        raise_file_limit();
+    }
     match command {
         Command::Validate { files } => validate(&files),
         Command::Proxy {

@@ -22,6 +22,8 @@ enum Kind {
     Incoming(Incoming),
     /// An upstream response that releases its endpoint and connection when it ends.
     Tracked(Tracked),
+    /// A body under a stream idle timeout.
+    Watched(crate::streams::Watched),
 }
 
 /// A body with these bytes.
@@ -48,6 +50,12 @@ impl From<Incoming> for Body {
 impl From<Tracked> for Body {
     fn from(b: Tracked) -> Body {
         Body(Kind::Tracked(b))
+    }
+}
+
+impl From<crate::streams::Watched> for Body {
+    fn from(b: crate::streams::Watched) -> Body {
+        Body(Kind::Watched(b))
     }
 }
 
@@ -82,6 +90,7 @@ impl http_body::Body for Body {
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map_err(Into::into))),
             Kind::Tracked(b) => Pin::new(b).poll_frame(cx),
+            Kind::Watched(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -91,6 +100,7 @@ impl http_body::Body for Body {
             Kind::Full(b) => b.is_none(),
             Kind::Incoming(b) => b.is_end_stream(),
             Kind::Tracked(b) => b.is_end_stream(),
+            Kind::Watched(b) => b.is_end_stream(),
         }
     }
 
@@ -100,6 +110,7 @@ impl http_body::Body for Body {
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
             Kind::Incoming(b) => b.size_hint(),
             Kind::Tracked(b) => b.size_hint(),
+            Kind::Watched(b) => b.size_hint(),
         }
     }
 }
@@ -111,6 +122,7 @@ impl std::fmt::Debug for Body {
             Kind::Full(_) => "full",
             Kind::Incoming(_) => "incoming",
             Kind::Tracked(_) => "tracked",
+            Kind::Watched(_) => "watched",
         };
         write!(f, "Body({kind})")
     }

@@ -7,8 +7,8 @@ use crate::tls::Upstream;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -43,7 +43,78 @@ pub struct EndpointState {
     /// Idle connections of the lean client (requests without a body), kept apart from
     /// hyper's: each kind of connection is driven by its own client.
     lean_idle: Mutex<Vec<(crate::h1::Conn, Instant)>>,
-    h2: Mutex<Option<http2::SendRequest<Body>>>,
+    /// Upstream HTTP/2 connections, each with its count of open streams.
+    h2: Mutex<H2Pool>,
+}
+
+/// One upstream HTTP/2 connection and the streams this proxy has open on it.
+#[derive(Debug)]
+struct H2Conn {
+    tx: http2::SendRequest<Body>,
+    streams: Arc<AtomicUsize>,
+}
+
+/// The HTTP/2 connections of an endpoint, and how many are being established.
+#[derive(Debug, Default)]
+struct H2Pool {
+    conns: Vec<H2Conn>,
+    connecting: usize,
+}
+
+/// Where the next HTTP/2 request goes (pure; see [`H2Pool::choose`]).
+#[derive(Debug, PartialEq, Eq)]
+enum H2Choice {
+    /// This connection (index), which has room.
+    Use(usize),
+    /// A new connection, kept in the pool.
+    Connect,
+    /// Every connection is full and no more may be opened: the least loaded one, where the
+    /// request waits for a stream (the upstream queues it).
+    Crowd(usize),
+    /// No connection yet and the pool is at its connection cap with connections still
+    /// being established: a connection for this request alone.
+    Alone,
+}
+
+impl H2Pool {
+    /// Chooses from the open-stream counts of the pool's connections.
+    fn choose(
+        streams: &[usize],
+        connecting: usize,
+        max_streams: usize,
+        max_conns: usize,
+    ) -> H2Choice {
+        let least = streams
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, n)| **n)
+            .map(|(i, n)| (i, *n));
+        match least {
+            Some((i, n)) if n < max_streams => H2Choice::Use(i),
+            _ if streams.len() + connecting < max_conns => H2Choice::Connect,
+            Some((i, _)) => H2Choice::Crowd(i),
+            None => H2Choice::Alone,
+        }
+    }
+}
+
+/// An open stream on an upstream HTTP/2 connection: counted until dropped.
+#[derive(Debug)]
+pub struct H2Stream(Arc<AtomicUsize>);
+
+impl Drop for H2Stream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Limits of an endpoint's HTTP/2 pool.
+#[derive(Clone, Copy, Debug)]
+pub struct H2Limits {
+    /// Streams at once on one connection before another is opened.
+    pub max_streams: u32,
+    /// Connections per endpoint.
+    pub max_connections: u32,
 }
 
 impl EndpointState {
@@ -62,7 +133,7 @@ impl EndpointState {
             stamp: AtomicU64::new(nanos(Instant::now())),
             h1_idle: Mutex::new(Vec::new()),
             lean_idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(None),
+            h2: Mutex::new(H2Pool::default()),
         }
     }
 
@@ -155,16 +226,65 @@ impl EndpointState {
         park_idle(&self.lean_idle, conn);
     }
 
-    /// The shared HTTP/2 connection, established on first use.
+    /// An HTTP/2 connection with room for one more stream, and that stream's count: an open
+    /// one with fewer than `max_streams` streams of ours, else a new one while the endpoint
+    /// has fewer than `max_connections`, so that one client's stalled streams cannot fill
+    /// the one connection every other client shares.
     pub async fn http2(
         &self,
         connect_timeout: Duration,
-    ) -> Result<http2::SendRequest<Body>, ProxyError> {
-        if let Some(tx) = self.h2.lock().unwrap_or_else(|e| e.into_inner()).as_ref()
-            && !tx.is_closed()
-        {
-            return Ok(tx.clone());
+        limits: H2Limits,
+    ) -> Result<(http2::SendRequest<Body>, H2Stream), ProxyError> {
+        let take = |c: &H2Conn| {
+            c.streams.fetch_add(1, Ordering::Relaxed);
+            (c.tx.clone(), H2Stream(c.streams.clone()))
+        };
+        let choice = {
+            let mut pool = self.h2_pool();
+            pool.conns.retain(|c| !c.tx.is_closed());
+            let counts: Vec<usize> = pool
+                .conns
+                .iter()
+                .map(|c| c.streams.load(Ordering::Relaxed))
+                .collect();
+            let choice = H2Pool::choose(
+                &counts,
+                pool.connecting,
+                limits.max_streams as usize,
+                limits.max_connections as usize,
+            );
+            match choice {
+                H2Choice::Use(i) | H2Choice::Crowd(i) => return Ok(take(&pool.conns[i])),
+                H2Choice::Connect => pool.connecting += 1,
+                H2Choice::Alone => {}
+            }
+            choice
+        };
+        let pooled = choice == H2Choice::Connect;
+        let made = self.connect_h2(connect_timeout).await;
+        let mut pool = self.h2_pool();
+        if pooled {
+            pool.connecting -= 1;
         }
+        let conn = H2Conn {
+            tx: made?,
+            streams: Arc::new(AtomicUsize::new(0)),
+        };
+        let got = take(&conn);
+        if pooled {
+            pool.conns.push(conn);
+        }
+        Ok(got)
+    }
+
+    fn h2_pool(&self) -> std::sync::MutexGuard<'_, H2Pool> {
+        self.h2.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    async fn connect_h2(
+        &self,
+        connect_timeout: Duration,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
         let io = self.connect(connect_timeout).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(io))
@@ -175,7 +295,6 @@ impl EndpointState {
                 tracing::debug!(error = %e, "upstream http/2 connection ended");
             }
         });
-        *self.h2.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx.clone());
         Ok(tx)
     }
 
@@ -241,6 +360,33 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn http2_requests_spread_over_a_bounded_pool() {
+        use H2Choice::*;
+        // (open streams per connection, connecting, max streams, max connections, choice)
+        let cases: &[(&[usize], usize, usize, usize, H2Choice)] = &[
+            (&[], 0, 100, 8, Connect),
+            (&[3], 0, 100, 8, Use(0)),
+            // The least loaded connection with room.
+            (&[99, 40, 70], 0, 100, 8, Use(1)),
+            // Full: another connection.
+            (&[100], 0, 100, 8, Connect),
+            (&[100, 100], 1, 100, 8, Connect),
+            // At the connection cap: the least loaded full one.
+            (&[100, 120, 100, 100], 0, 100, 4, Crowd(0)),
+            (&[120, 101], 2, 100, 4, Crowd(1)),
+            // Nothing open yet and every allowed connection still being made.
+            (&[], 8, 100, 8, Alone),
+        ];
+        for (streams, connecting, max_streams, max_conns, want) in cases {
+            assert_eq!(
+                H2Pool::choose(streams, *connecting, *max_streams, *max_conns),
+                *want,
+                "{streams:?} connecting={connecting} max={max_streams}/{max_conns}"
+            );
+        }
+    }
 
     #[tokio::test(start_paused = true)]
     async fn peak_ewma_takes_peaks_and_decays() {

@@ -3,7 +3,7 @@
 
 use crate::body::{self, Body};
 use crate::decide::{self, Decision, Forward};
-use crate::endpoint::{EndpointState, InFlight};
+use crate::endpoint::{EndpointState, H2Limits, H2Stream, InFlight};
 use crate::error::{Audience, ProxyError};
 use crate::filters;
 use crate::h1;
@@ -43,8 +43,10 @@ pub struct ConnInfo {
     pub client: SocketAddr,
     /// The client sidecar's SPIFFE id, for connections over mutual TLS.
     pub peer_identity: Option<Arc<str>>,
-    /// What the connection is doing, for its idle watchdog (HTTP/1.1 only).
+    /// What the connection is doing, for its idle watchdog.
     pub activity: Option<Arc<crate::io::Activity>>,
+    /// Its streams, for the stream idle timeout.
+    pub streams: Arc<crate::streams::Streams>,
 }
 
 /// Request header carrying the calling sidecar's SPIFFE id to the app (mutual TLS only).
@@ -197,8 +199,24 @@ pub async fn handle(
     }
 
     // 4–5. Endpoint and forward, retrying other endpoints only when a connection failed.
+    //    A stream on HTTP/2 (either side) that moves no data for the stream idle timeout
+    //    is reset, so that a client that never reads cannot hold an upstream stream.
+    let bounds = &snap.settings.bounds;
+    let watch =
+        (parts.version == Version::HTTP_2 || use_http2(&fwd.backend, parts.version)).then(|| {
+            let expired = shared
+                .metrics
+                .idle_closed
+                .get_or_create(&crate::metrics::IdleLabels { kind: "stream" });
+            conn.streams.watch(bounds.stream_idle_timeout, &expired)
+        });
+    if let Some(w) = &watch
+        && !body.is_end_stream()
+    {
+        body = w.request(body);
+    }
     let req = Request::from_parts(parts, body);
-    let result = forward(&fwd, req, conn.client, start).await;
+    let result = forward(&fwd, req, conn.client, start, bounds.h2()).await;
     let (mut resp, endpoint, answered) = match result {
         Ok(r) => r,
         Err(e) => return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start)),
@@ -222,11 +240,18 @@ pub async fn handle(
         && let Some(down) = downstream_upgrade
     {
         let up = hyper::upgrade::on(&mut resp);
+        let idle = snap.settings.bounds.tcp_idle_timeout;
+        let shared = shared.clone();
         tokio::spawn(async move {
             match tokio::try_join!(down, up) {
                 Ok((d, u)) => {
-                    let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
-                    let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                    // Quiet both ways for the idle time: closed, like opaque TCP.
+                    let (d, u) = (TokioIo::new(d), TokioIo::new(u));
+                    if let Ok(crate::io::Spliced::Idle) =
+                        crate::io::splice(d, u, idle, idle, true).await
+                    {
+                        shared.metrics.idle("upgrade");
+                    }
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
@@ -246,6 +271,12 @@ pub async fn handle(
     if let Some(busy) = busy {
         resp.body_mut().hold(busy);
     }
+    if let Some(w) = watch
+        && !resp.body().is_end_stream()
+    {
+        let resp = resp.map(|b| w.response(b));
+        return Ok(resp);
+    }
     Ok(resp)
 }
 
@@ -259,6 +290,7 @@ async fn forward(
     mut req: Request<Body>,
     client: SocketAddr,
     start: Instant,
+    h2_limits: H2Limits,
 ) -> Result<(Response<Body>, Option<InFlight>, Instant), ProxyError> {
     let backend = &fwd.backend;
     let hash = backend
@@ -290,7 +322,7 @@ async fn forward(
         let attempt = async {
             match &pending {
                 Some(req) if lean => send_lean(endpoint, backend, req, start).await,
-                _ => send(endpoint, backend, h2, &mut pending, start).await,
+                _ => send(endpoint, backend, h2, h2_limits, &mut pending, start).await,
             }
         };
         let outcome = match deadline {
@@ -300,7 +332,7 @@ async fn forward(
             },
             None => attempt.await,
         };
-        let (resp, tx, sent) = match outcome {
+        let (resp, tx, sent, stream) = match outcome {
             Err(e) if e.retryable() && pending.is_some() => {
                 tracing::debug!(endpoint = %endpoint.addr, error = %e, "request not sent; trying again");
                 last_err = Some(e);
@@ -337,6 +369,7 @@ async fn forward(
                         pool: None,
                         tx: None,
                         busy: None,
+                        stream,
                     }
                     .into(),
                 ),
@@ -352,6 +385,7 @@ async fn forward(
             pool: pooled.then(|| endpoint.clone()),
             tx,
             busy: None,
+            stream,
         };
         if tracked.inner.is_end_stream() {
             // Nothing to read (204, HEAD, empty body): the writer will never poll this body,
@@ -375,7 +409,7 @@ async fn send_lean(
         .await?;
     let sent = backend.balancer.measures_latency().then(Instant::now);
     match conn.send(req.method(), req.uri(), req.headers()).await {
-        Ok(resp) => Ok((resp.map(UpstreamBody::Lean), None, sent)),
+        Ok(resp) => Ok((resp.map(UpstreamBody::Lean), None, sent, None)),
         Err(e @ h1::Error::NotSent(_)) => Err(ProxyError::NotSent(endpoint.addr, e.to_string())),
         Err(e @ h1::Error::Closed(_)) => Err(ProxyError::Closed(endpoint.addr, e.to_string())),
         Err(e @ h1::Error::Malformed(_)) => {
@@ -392,18 +426,20 @@ async fn send(
     endpoint: &Arc<EndpointState>,
     backend: &Backend,
     h2: bool,
+    h2_limits: H2Limits,
     pending: &mut Option<Request<Body>>,
     start: Instant,
 ) -> Result<Sent, ProxyError> {
     let no_request = || ProxyError::NoEndpoint(backend.name.to_string());
     let clock = || backend.balancer.measures_latency().then(Instant::now);
     if h2 {
-        let mut tx = endpoint.http2(backend.connect_timeout).await?;
+        let (mut tx, stream) = endpoint.http2(backend.connect_timeout, h2_limits).await?;
         let sent = clock();
         let result = tx
             .try_send_request(pending.take().ok_or_else(no_request)?)
             .await;
-        settle(result, endpoint, pending).map(|resp| (resp.map(UpstreamBody::Hyper), None, sent))
+        settle(result, endpoint, pending)
+            .map(|resp| (resp.map(UpstreamBody::Hyper), None, sent, Some(stream)))
     } else {
         let mut tx = endpoint
             .http1(backend.connect_timeout, backend.idle_timeout, start)
@@ -413,16 +449,17 @@ async fn send(
             .try_send_request(pending.take().ok_or_else(no_request)?)
             .await;
         settle(result, endpoint, pending)
-            .map(|resp| (resp.map(UpstreamBody::Hyper), Some(tx), sent))
+            .map(|resp| (resp.map(UpstreamBody::Hyper), Some(tx), sent, None))
     }
 }
 
-/// A response, the HTTP/1.1 connection to pool afterwards, and when the request was sent
-/// (read only for a balancer that uses latency).
+/// A response, the HTTP/1.1 connection to pool afterwards, when the request was sent (read
+/// only for a balancer that uses latency), and its stream on a pooled HTTP/2 connection.
 type Sent = (
     Response<UpstreamBody>,
     Option<http1::SendRequest<Body>>,
     Option<Instant>,
+    Option<H2Stream>,
 );
 
 /// Classifies a send failure: unsent (the request comes back into `pending`), closed before
@@ -739,6 +776,7 @@ async fn mirror(
         Ok(c) => c.to_bytes(),
         Err(_) => return body::empty(),
     };
+    let h2_limits = shared.snapshot().settings.bounds.h2();
     for m in chosen {
         let mut copy = Request::new(body::full(bytes.clone()));
         *copy.method_mut() = parts.method.clone();
@@ -764,7 +802,7 @@ async fn mirror(
             })
             .inc();
         tokio::spawn(async move {
-            if let Ok((resp, ..)) = forward(&fwd, copy, client, Instant::now()).await {
+            if let Ok((resp, ..)) = forward(&fwd, copy, client, Instant::now(), h2_limits).await {
                 // Drain so the pooled connection can be reused.
                 let _ = resp.into_body().collect().await;
             }
@@ -870,6 +908,8 @@ pub(crate) struct Tracked {
     /// hyper's handle on the connection; the lean client's connection is in its body.
     tx: Option<http1::SendRequest<Body>>,
     busy: Option<crate::io::Busy>,
+    /// The stream counted on its HTTP/2 connection until the response ends.
+    stream: Option<H2Stream>,
 }
 
 impl Tracked {
@@ -881,6 +921,7 @@ impl Tracked {
     fn finish(&mut self) {
         self.guard.take();
         self.busy.take();
+        self.stream.take();
         let Some(endpoint) = self.pool.take() else {
             return;
         };
@@ -924,6 +965,7 @@ impl http_body::Body for Tracked {
                 this.pool.take();
                 this.tx.take();
                 this.busy.take();
+                this.stream.take();
             }
             _ => {}
         }

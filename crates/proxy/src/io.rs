@@ -186,20 +186,25 @@ pub struct ClientIo {
     read: Counter,
     written: Counter,
     activity: Option<Arc<Activity>>,
+    /// The connection's place under the caps, until its first byte is read.
+    silent: Option<Arc<crate::conns::Slot>>,
 }
 
 impl ClientIo {
-    /// Wraps `inner`; `prefix` is what detection already read.
+    /// Wraps `inner`; `prefix` is what detection already read. `silent`, when the client
+    /// has sent nothing yet, is told when it does.
     pub fn new(
         inner: Conn,
         prefix: Bytes,
         read: Counter,
         written: Counter,
         activity: Option<Arc<Activity>>,
+        silent: Option<Arc<crate::conns::Slot>>,
     ) -> ClientIo {
         read.inc_by(prefix.len() as u64);
         ClientIo {
             inner,
+            silent: silent.filter(|_| prefix.is_empty()),
             prefix,
             read,
             written,
@@ -225,7 +230,13 @@ impl AsyncRead for ClientIo {
         let before = buf.filled().len();
         let res = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = res {
-            self.read.inc_by((buf.filled().len() - before) as u64);
+            let n = buf.filled().len() - before;
+            self.read.inc_by(n as u64);
+            if n > 0
+                && let Some(slot) = self.silent.take()
+            {
+                slot.heard();
+            }
         }
         res
     }
@@ -272,6 +283,112 @@ impl AsyncWrite for ClientIo {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// A stream that counts the reads that returned data, for an idle watchdog ([`quiet`]).
+pub struct Metered<T> {
+    inner: T,
+    moved: Arc<AtomicU64>,
+}
+
+impl<T> Metered<T> {
+    /// Wraps `inner`, counting into `moved`.
+    pub fn new(inner: T, moved: Arc<AtomicU64>) -> Metered<T> {
+        Metered { inner, moved }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let res = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(res, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        res
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Returns once `moved` has stayed still for `idle` (`first` while it is still zero: nothing
+/// has moved yet). Checks every half period, so it returns between one and one and a half
+/// periods after the last movement; a timer per read or write would cost more.
+pub async fn quiet(moved: &AtomicU64, first: std::time::Duration, idle: std::time::Duration) {
+    let (mut last, mut still) = (moved.load(Ordering::Relaxed), 0u32);
+    loop {
+        let period = if last == 0 { first } else { idle };
+        tokio::time::sleep(period / 2).await;
+        let now = moved.load(Ordering::Relaxed);
+        if now != last {
+            (last, still) = (now, 0);
+            continue;
+        }
+        still += 1;
+        if still >= 2 {
+            return;
+        }
+    }
+}
+
+/// How a splice ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Spliced {
+    /// One side closed (or failed).
+    Closed,
+    /// Nothing moved for the idle time: both sides were dropped.
+    Idle,
+}
+
+/// Copies bytes both ways between `a` and `b` until either side closes, or until no byte
+/// moves either way for `idle` (`first` while nothing has moved at all; `moved_already`
+/// says bytes were exchanged before the splice began).
+pub async fn splice<A, B>(
+    a: A,
+    b: B,
+    first: std::time::Duration,
+    idle: std::time::Duration,
+    moved_already: bool,
+) -> io::Result<Spliced>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let moved = Arc::new(AtomicU64::new(u64::from(moved_already)));
+    let mut a = Metered::new(a, moved.clone());
+    let mut b = Metered::new(b, moved.clone());
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut a, &mut b) => r.map(|_| Spliced::Closed),
+        _ = quiet(&moved, first, idle) => Ok(Spliced::Idle),
     }
 }
 
@@ -353,6 +470,65 @@ mod tests {
                 got.len(),
                 want.len()
             );
+        }
+    }
+
+    /// A splice ends when both sides are quiet for the idle time (the first-byte deadline
+    /// before anything moved), and not before while bytes keep moving. Paused clock.
+    #[tokio::test(start_paused = true)]
+    async fn splice_closes_quiet_streams_only() {
+        use std::time::Duration;
+        let first = Duration::from_secs(10);
+        let idle = Duration::from_secs(3600);
+        // (case, bytes moved before, pause between writes, writes, expected end, bound)
+        let cases = [
+            (
+                "silent: first-byte deadline",
+                false,
+                None,
+                Spliced::Idle,
+                first,
+            ),
+            (
+                "quiet after an exchange: idle time",
+                true,
+                None,
+                Spliced::Idle,
+                idle,
+            ),
+            (
+                "steady trickle outlives the first-byte deadline",
+                false,
+                Some(Duration::from_secs(4)),
+                Spliced::Closed,
+                Duration::from_secs(4 * 20),
+            ),
+        ];
+        for (name, moved, trickle, want, bound) in cases {
+            let (a, mut a_peer) = tokio::io::duplex(64);
+            let (b, mut b_peer) = tokio::io::duplex(64);
+            let started = tokio::time::Instant::now();
+            let task = tokio::spawn(splice(a, b, first, idle, moved));
+            // The peers stay open (silent) unless the case trickles and then hangs up.
+            let open = match trickle {
+                Some(pause) => {
+                    for _ in 0..20 {
+                        tokio::time::sleep(pause).await;
+                        a_peer.write_all(b"x").await.unwrap();
+                        let mut one = [0u8; 1];
+                        b_peer.read_exact(&mut one).await.unwrap();
+                    }
+                    drop((a_peer, b_peer));
+                    None
+                }
+                None => Some((a_peer, b_peer)),
+            };
+            let got = task.await.unwrap().unwrap();
+            let took = started.elapsed();
+            assert_eq!(got, want, "{name}");
+            assert!(took >= bound, "{name}: ended after {took:?}");
+            assert!(took <= bound + bound / 2, "{name}: ended after {took:?}");
+            drop(open);
         }
     }
 }

@@ -9,6 +9,7 @@ mod admin;
 pub mod authz;
 pub mod balance;
 pub mod body;
+mod conns;
 pub mod control;
 pub mod decide;
 pub mod detect;
@@ -20,12 +21,14 @@ mod http;
 pub mod identity;
 mod io;
 pub mod jwt;
+pub mod limits;
 pub mod metrics;
 pub mod path;
 mod rand;
 pub mod route;
 mod server;
 pub mod snapshot;
+mod streams;
 mod tcp;
 pub mod tls;
 mod watch;
@@ -118,13 +121,17 @@ impl Proxy {
         source: &str,
     ) -> Result<u64, ApplyError> {
         let current = self.shared.snapshot();
-        let result = match Snapshot::build(
+        let built = Snapshot::build(
             resources,
             current.version + 1,
             source,
             Some(&current),
             &self.shared,
-        ) {
+        );
+        // The old snapshot is released as soon as the new one is in, so that its metric
+        // series can be dropped.
+        drop(current);
+        let result = match built {
             Ok(snap) if snap.settings.admin != self.admin_configured => Err(
                 ApplyError::AdminMoved(self.admin_configured, snap.settings.admin),
             ),
@@ -147,6 +154,9 @@ impl Proxy {
         let snap = Arc::new(snap);
         self.shared.store(snap.clone());
         listeners.commit(&self.shared, &snap, fresh);
+        self.shared
+            .metrics
+            .set_listeners(snap.listeners.iter().map(|l| l.name.clone()));
         Ok(version)
     }
 

@@ -3,11 +3,14 @@
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
+use std::ops::Deref;
+use std::sync::{Arc, Mutex, Weak};
 
 /// Labels of a routed request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +99,25 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+/// Labels of a connection refused or shed at a cap.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Listener name.
+    pub listener: Arc<str>,
+    /// `listener` (its own cap), `total` (the proxy's cap) or `accept_error` (the system
+    /// refused, for example out of file descriptors).
+    pub limit: &'static str,
+}
+
+/// Labels of a connection or stream closed for being quiet.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdleLabels {
+    /// `tcp` (opaque TCP, including one that never sent a byte), `upgrade` (WebSocket and
+    /// other upgraded streams), `http2` (a client connection with no open stream) or
+    /// `stream` (an HTTP/2 stream that made no progress).
+    pub kind: &'static str,
+}
+
 /// Labels with a result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -115,25 +137,93 @@ pub struct RouteStats {
     pub ok: Counter,
 }
 
+/// A metric family that remembers its label sets, so that series of routes, backends and
+/// listeners a config no longer has can be found and dropped ([`Metrics::prune`]).
+pub struct Tracked<S, M, C = fn() -> M> {
+    family: Family<S, M, C>,
+    index: Mutex<HashSet<S>>,
+}
+
+impl<S: Clone + Hash + Eq, M: Default> Default for Tracked<S, M> {
+    fn default() -> Self {
+        Tracked::new(Family::default())
+    }
+}
+
+impl<S: Clone + Hash + Eq, M, C: MetricConstructor<M> + Clone> Tracked<S, M, C> {
+    fn new(family: Family<S, M, C>) -> Self {
+        Tracked {
+            family,
+            index: Mutex::default(),
+        }
+    }
+
+    /// The family, for registration.
+    fn family(&self) -> Family<S, M, C> {
+        self.family.clone()
+    }
+
+    /// The series for `labels`, created (and remembered) if new.
+    pub fn get_or_create(&self, labels: &S) -> impl Deref<Target = M> + '_ {
+        if let Some(m) = self.family.get(labels) {
+            return m;
+        }
+        self.lock().insert(labels.clone());
+        self.family.get_or_create(labels)
+    }
+
+    /// Drops every series whose labels `keep` refuses.
+    fn retain(&self, keep: impl Fn(&S) -> bool) {
+        let mut gone = Vec::new();
+        self.lock().retain(|l| {
+            let k = keep(l);
+            if !k {
+                gone.push(l.clone());
+            }
+            k
+        });
+        for l in &gone {
+            self.family.remove(l);
+        }
+    }
+
+    /// Series in the family.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// Whether the family has no series.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<S>> {
+        self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A route's (or the default route's) stats key: direction, route, backend.
+type StatsKey = (&'static str, Arc<str>, Arc<str>);
+
 /// Every metric the proxy exports.
 pub struct Metrics {
     registry: Registry,
     /// Requests routed.
-    pub requests: Family<RouteLabels, Counter>,
+    pub requests: Tracked<RouteLabels, Counter>,
     /// Responses by status.
-    pub responses: Family<ResponseLabels, Counter>,
+    pub responses: Tracked<ResponseLabels, Counter>,
     /// Time to response headers.
-    pub latency: Family<RouteLabels, Histogram>,
+    pub latency: Tracked<RouteLabels, Histogram>,
     /// Requests copied by RequestMirror.
-    pub mirrored: Family<RouteLabels, Counter>,
+    pub mirrored: Tracked<RouteLabels, Counter>,
     /// Connections accepted.
-    pub connections: Family<ConnLabels, Counter>,
+    pub connections: Tracked<ConnLabels, Counter>,
     /// Connections open now.
-    pub open_connections: Family<ConnLabels, Gauge>,
+    pub open_connections: Tracked<ConnLabels, Gauge>,
     /// Bytes read from clients.
-    pub read_bytes: Family<ConnLabels, Counter>,
+    pub read_bytes: Tracked<ConnLabels, Counter>,
     /// Bytes written to clients.
-    pub write_bytes: Family<ConnLabels, Counter>,
+    pub write_bytes: Tracked<ConnLabels, Counter>,
     /// Protocol detection outcomes.
     pub detect: Family<DetectLabels, Counter>,
     /// Config reloads.
@@ -143,15 +233,30 @@ pub struct Metrics {
     /// 1 while a control-plane stream is up, 0 otherwise.
     pub control_connected: Gauge,
     /// Inbound connections by transport security.
-    pub inbound_security: Family<SecurityLabels, Counter>,
+    pub inbound_security: Tracked<SecurityLabels, Counter>,
     /// Expiry of this proxy's certificate, Unix seconds (0 without one).
     pub cert_expiry: Gauge,
     /// Authorization decisions at inbound listeners.
-    pub authz: Family<AuthzLabels, Counter>,
+    pub authz: Tracked<AuthzLabels, Counter>,
     /// Mutual TLS connections by the caller's identity.
-    pub peers: Family<PeerLabels, Counter>,
+    pub peers: Tracked<PeerLabels, Counter>,
+    /// Connections refused at a cap (none silent to shed) or by an accept error.
+    pub refused: Tracked<LimitLabels, Counter>,
+    /// Silent connections closed to make room for a new one.
+    pub shed: Tracked<LimitLabels, Counter>,
+    /// The configured cap on open connections, per listener.
+    pub listener_limit: Tracked<ConnLabels, Gauge>,
+    /// The configured cap on open connections over all listeners.
+    pub total_limit: Gauge,
+    /// Connections and streams closed for being quiet.
+    pub idle_closed: Family<IdleLabels, Counter>,
+    /// The stats handed to snapshots, by route and backend: a pair is live while some
+    /// snapshot (or a listener or request still using one) holds its stats.
+    stats: Mutex<HashMap<StatsKey, Weak<RouteStats>>>,
+    /// Listeners of the active snapshot.
+    listeners: Mutex<HashSet<Arc<str>>>,
     /// Inbound connections refused because their port's policy needs HTTP and they were not.
-    pub inbound_refused: Family<RefusedLabels, Counter>,
+    pub inbound_refused: Tracked<RefusedLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -163,60 +268,69 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("trellis");
         let m = Metrics {
-            requests: Family::default(),
-            responses: Family::default(),
-            latency: Family::new_with_constructor(latency_histogram as fn() -> Histogram),
-            mirrored: Family::default(),
-            connections: Family::default(),
-            open_connections: Family::default(),
-            read_bytes: Family::default(),
-            write_bytes: Family::default(),
+            requests: Tracked::default(),
+            responses: Tracked::default(),
+            latency: Tracked::new(Family::new_with_constructor(
+                latency_histogram as fn() -> Histogram,
+            )),
+            mirrored: Tracked::default(),
+            connections: Tracked::default(),
+            open_connections: Tracked::default(),
+            read_bytes: Tracked::default(),
+            write_bytes: Tracked::default(),
             detect: Family::default(),
             reloads: Family::default(),
             config_version: Gauge::default(),
             control_connected: Gauge::default(),
-            inbound_security: Family::default(),
+            inbound_security: Tracked::default(),
             cert_expiry: Gauge::default(),
-            authz: Family::default(),
-            peers: Family::default(),
-            inbound_refused: Family::default(),
+            authz: Tracked::default(),
+            peers: Tracked::default(),
+            refused: Tracked::default(),
+            shed: Tracked::default(),
+            listener_limit: Tracked::default(),
+            total_limit: Gauge::default(),
+            idle_closed: Family::default(),
+            stats: Mutex::default(),
+            listeners: Mutex::default(),
+            inbound_refused: Tracked::default(),
             registry: Registry::default(),
         };
-        registry.register("http_requests", "HTTP requests routed", m.requests.clone());
+        registry.register("http_requests", "HTTP requests routed", m.requests.family());
         registry.register(
             "http_responses",
             "HTTP responses by status",
-            m.responses.clone(),
+            m.responses.family(),
         );
         registry.register(
             "http_response_latency_seconds",
             "Time from request to response headers",
-            m.latency.clone(),
+            m.latency.family(),
         );
         registry.register(
             "http_mirrored_requests",
             "Requests copied by RequestMirror",
-            m.mirrored.clone(),
+            m.mirrored.family(),
         );
         registry.register(
             "tcp_connections",
             "Connections accepted",
-            m.connections.clone(),
+            m.connections.family(),
         );
         registry.register(
             "tcp_open_connections",
             "Connections open now",
-            m.open_connections.clone(),
+            m.open_connections.family(),
         );
         registry.register(
             "tcp_read_bytes",
             "Bytes read from clients",
-            m.read_bytes.clone(),
+            m.read_bytes.family(),
         );
         registry.register(
             "tcp_write_bytes",
             "Bytes written to clients",
-            m.write_bytes.clone(),
+            m.write_bytes.family(),
         );
         registry.register(
             "protocol_detections",
@@ -241,7 +355,7 @@ impl Default for Metrics {
         registry.register(
             "inbound_connections",
             "Inbound connections by transport security (mtls, plaintext, refused_plaintext, refused_handshake)",
-            m.inbound_security.clone(),
+            m.inbound_security.family(),
         );
         registry.register(
             "identity_certificate_expiry_timestamp_seconds",
@@ -251,30 +365,61 @@ impl Default for Metrics {
         registry.register(
             "inbound_mtls_peer_connections",
             "Inbound mutual TLS connections by the calling workload's SPIFFE id",
-            m.peers.clone(),
+            m.peers.family(),
         );
         registry.register(
             "authz_decisions",
             "Authorization decisions at inbound listeners, with the policy that decided",
-            m.authz.clone(),
+            m.authz.family(),
+        );
+        registry.register(
+            "connections_refused",
+            "Client connections refused at a cap with no silent connection to shed, or by an accept error",
+            m.refused.family(),
+        );
+        registry.register(
+            "connections_shed",
+            "Client connections that had sent nothing, closed to make room at a cap",
+            m.shed.family(),
+        );
+        registry.register(
+            "connection_limit",
+            "Cap on open client connections per listener",
+            m.listener_limit.family(),
+        );
+        registry.register(
+            "connection_limit_total",
+            "Cap on open client connections over all listeners",
+            m.total_limit.clone(),
+        );
+        registry.register(
+            "idle_closed",
+            "Connections and streams closed because nothing moved for their idle timeout",
+            m.idle_closed.clone(),
         );
         registry.register(
             "inbound_refused",
             "Inbound connections refused, never forwarded, because their port's policy needs HTTP and they were not HTTP",
-            m.inbound_refused.clone(),
+            m.inbound_refused.family(),
         );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
-    /// The counter and histogram for `route` and `backend`.
+    /// The counter and histogram for `route` and `backend`: the ones already handed out
+    /// while some snapshot holds them, else new.
     pub fn route_stats(
         &self,
         direction: &'static str,
         route: &Arc<str>,
         backend: &Arc<str>,
     ) -> Arc<RouteStats> {
+        let key = (direction, route.clone(), backend.clone());
+        let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = stats.get(&key).and_then(Weak::upgrade) {
+            return s;
+        }
         let labels = RouteLabels {
             direction,
             route: route.clone(),
@@ -287,15 +432,64 @@ impl Metrics {
             status: 200,
             error: "",
         };
-        Arc::new(RouteStats {
+        let s = Arc::new(RouteStats {
             requests: self.requests.get_or_create(&labels).clone(),
             latency: self.latency.get_or_create(&labels).clone(),
             ok: self.responses.get_or_create(&ok).clone(),
-        })
+        });
+        stats.insert(key, Arc::downgrade(&s));
+        s
+    }
+
+    /// Records the listeners of the snapshot just installed, and prunes.
+    pub fn set_listeners(&self, names: impl IntoIterator<Item = Arc<str>>) {
+        *self.listeners.lock().unwrap_or_else(|e| e.into_inner()) = names.into_iter().collect();
+        self.prune();
+    }
+
+    /// Drops the series of routes and backends no snapshot holds any more, and of listeners
+    /// the active snapshot does not have, so that `/metrics` follows the config instead of
+    /// growing with every service that ever existed. Runs after each reload and scrape.
+    pub fn prune(&self) {
+        let (pairs, routes) = {
+            let mut stats = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+            stats.retain(|_, s| s.strong_count() > 0);
+            let pairs: HashSet<StatsKey> = stats.keys().cloned().collect();
+            let routes: HashSet<Arc<str>> = pairs.iter().map(|(_, r, _)| r.clone()).collect();
+            (pairs, routes)
+        };
+        // Requests that never reached a route or backend carry empty labels: always kept.
+        let live = |direction: &'static str, route: &Arc<str>, backend: &Arc<str>| {
+            route.is_empty()
+                || (backend.is_empty() && routes.contains(route))
+                || pairs.contains(&(direction, route.clone(), backend.clone()))
+        };
+        self.requests
+            .retain(|l| live(l.direction, &l.route, &l.backend));
+        self.latency
+            .retain(|l| live(l.direction, &l.route, &l.backend));
+        self.responses
+            .retain(|l| live(l.direction, &l.route, &l.backend));
+        self.mirrored.retain(|l| routes.contains(&l.route));
+        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        let on = |l: &Arc<str>| listeners.contains(l);
+        for f in [&self.connections, &self.read_bytes, &self.write_bytes] {
+            f.retain(|l| on(&l.listener));
+        }
+        self.open_connections.retain(|l| on(&l.listener));
+        self.listener_limit.retain(|l| on(&l.listener));
+        self.inbound_security.retain(|l| on(&l.listener));
+        self.inbound_refused.retain(|l| on(&l.listener));
+        self.authz.retain(|l| on(&l.listener));
+        self.peers.retain(|l| on(&l.listener));
+        self.refused.retain(|l| on(&l.listener));
+        self.shed.retain(|l| on(&l.listener));
     }
 
     /// Prometheus text exposition.
     pub fn encode(&self) -> String {
+        // Series of a route removed while a request still held its old snapshot go now.
+        self.prune();
         let mut out = String::new();
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -304,6 +498,11 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Counts a connection or stream closed for being quiet.
+    pub fn idle(&self, kind: &'static str) {
+        self.idle_closed.get_or_create(&IdleLabels { kind }).inc();
+    }
+
     /// Counts an authorization verdict (and logs denials and audited denials).
     pub fn authz_verdict(
         &self,

@@ -1,10 +1,13 @@
 //! Listeners and connections: accept, detect the protocol, hand the connection to the HTTP
 //! server or the TCP forwarder, and drain gracefully on shutdown.
 
+use crate::conns::{Admit, ConnTable, Slot};
 use crate::detect::{self, Protocol};
 use crate::http::{self as proxy_http, ConnInfo};
 use crate::io::{Activity, ClientIo, Conn};
-use crate::metrics::{ConnLabels, DetectLabels, Metrics, RefusedLabels, SecurityLabels};
+use crate::metrics::{
+    ConnLabels, DetectLabels, LimitLabels, Metrics, RefusedLabels, SecurityLabels,
+};
 use crate::snapshot::{Listener, ListenerKind, Snapshot};
 use crate::{tcp, tls};
 use arc_swap::ArcSwap;
@@ -33,6 +36,8 @@ pub struct Shared {
     pub mesh: crate::tls::MeshSlot,
     /// JWKS fetched from URLs, kept across snapshots.
     pub jwks: crate::jwt::JwksCache,
+    /// Open client connections, for the caps.
+    pub conns: Arc<ConnTable>,
 }
 
 impl Shared {
@@ -45,6 +50,7 @@ impl Shared {
             tasks: TaskTracker::new(),
             mesh: Default::default(),
             jwks: Default::default(),
+            conns: Default::default(),
         }
     }
 
@@ -71,6 +77,21 @@ struct Running {
     configured: SocketAddr,
     bound: SocketAddr,
     stop: CancellationToken,
+}
+
+/// Publishes the connection caps of `snap` as gauges.
+fn publish_limits(metrics: &Metrics, snap: &Snapshot) {
+    let b = &snap.settings.bounds;
+    metrics.total_limit.set(i64::from(b.max_connections));
+    for l in &snap.listeners {
+        metrics
+            .listener_limit
+            .get_or_create(&ConnLabels {
+                direction: l.direction(),
+                listener: l.name.clone(),
+            })
+            .set(i64::from(b.max_connections_per_listener));
+    }
 }
 
 /// The set of bound listeners, reconciled against each new snapshot.
@@ -124,6 +145,7 @@ impl Listeners {
         snap: &Snapshot,
         fresh: Vec<(Listener, TcpListener)>,
     ) {
+        publish_limits(&shared.metrics, snap);
         let keep: HashMap<&str, SocketAddr> =
             snap.listeners.iter().map(|l| (&*l.name, l.addr)).collect();
         self.running.retain(|name, r| {
@@ -174,19 +196,64 @@ async fn accept_loop(
     tcp: TcpListener,
     stop: CancellationToken,
 ) {
+    // This listener's open connections, against its cap.
+    let listener_open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let limit_labels = |limit: &'static str, listener: Arc<str>| LimitLabels { listener, limit };
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             r = tcp.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
+                    // Out of file descriptors and the like: free one by shedding a silent
+                    // connection, and back off instead of spinning.
                     tracing::warn!(listener = %listener.name, error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    shared.metrics.refused.get_or_create(&limit_labels("accept_error", listener.name.clone())).inc();
+                    if let Some(from) = shared.conns.shed_oldest(None) {
+                        shared.metrics.shed.get_or_create(&limit_labels("accept_error", from)).inc();
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 }
             },
         };
+        let snap = shared.snapshot();
+        let bounds = &snap.settings.bounds;
+        let decision = crate::conns::admit(
+            shared.conns.open(),
+            bounds.max_connections as usize,
+            listener_open.load(std::sync::atomic::Ordering::Relaxed),
+            bounds.max_connections_per_listener as usize,
+        );
+        let shed = match decision {
+            Admit::Accept => None,
+            Admit::ShedListener => {
+                Some(("listener", shared.conns.shed_oldest(Some(&listener.name))))
+            }
+            Admit::ShedAny => Some(("total", shared.conns.shed_oldest(None))),
+        };
+        match shed {
+            Some((limit, Some(from))) => {
+                shared
+                    .metrics
+                    .shed
+                    .get_or_create(&limit_labels(limit, from))
+                    .inc();
+            }
+            Some((limit, None)) => {
+                // Every connection at the cap is doing work: the newcomer waits its turn.
+                tracing::debug!(listener = %listener.name, %peer, limit, "connection refused at the cap");
+                shared
+                    .metrics
+                    .refused
+                    .get_or_create(&limit_labels(limit, listener.name.clone()))
+                    .inc();
+                drop(stream);
+                continue;
+            }
+            None => {}
+        }
+        let slot = shared.conns.register(&listener.name, &listener_open);
         let _ = stream.set_nodelay(true);
         let shared2 = shared.clone();
         let l = listener.clone();
@@ -202,8 +269,15 @@ async fn accept_loop(
                 .get_or_create(&labels)
                 .clone();
             open.inc();
-            if let Err(e) = serve_connection(&shared2, l, stream, peer).await {
-                tracing::debug!(error = %e, %peer, "connection ended with error");
+            let shed = slot.shed.clone();
+            tokio::select! {
+                r = serve_connection(&shared2, l, stream, peer, &slot) => {
+                    if let Err(e) = r {
+                        tracing::debug!(error = %e, %peer, "connection ended with error");
+                    }
+                }
+                // Shed to make room: dropping the connection closes it.
+                _ = shed.cancelled() => tracing::debug!(%peer, "silent connection shed"),
             }
             open.dec();
         });
@@ -374,6 +448,7 @@ async fn serve_connection(
     listener: Arc<Listener>,
     stream: TcpStream,
     peer: SocketAddr,
+    slot: &Arc<Slot>,
 ) -> std::io::Result<()> {
     let snap = shared.snapshot();
     let direction = listener.direction();
@@ -412,6 +487,10 @@ async fn serve_connection(
         peer_identity,
         timed_out,
     } = accepted;
+    // A completed mutual TLS handshake is work done by an authenticated peer: not shed.
+    if matches!(stream, Conn::Tls(_)) {
+        slot.heard();
+    }
     // The current declaration: a service's `appProtocol` may arrive after the listener was
     // bound (a sidecar starts before the control plane's view reaches it).
     let (protocol, prefix, how) = match current.protocol {
@@ -421,7 +500,8 @@ async fn serve_connection(
             // Declared HTTP: no TCP fallback, only HTTP/1 versus HTTP/2 prior knowledge.
             // Anything else is served as HTTP/1 and answered 400.
             let (p, buf, _) =
-                detect::detect(&mut stream, prefix, std::time::Duration::from_secs(30)).await?;
+                detect::detect(&mut stream, prefix, snap.settings.bounds.first_byte_timeout)
+                    .await?;
             (
                 if p == Protocol::Http2 {
                     Protocol::Http2
@@ -439,6 +519,9 @@ async fn serve_connection(
             (p, buf, if timed_out { "timeout" } else { "detected" })
         }
     };
+    if !prefix.is_empty() {
+        slot.heard();
+    }
     let name = match protocol {
         Protocol::Http1 => "http1",
         Protocol::Http2 => "http2",
@@ -473,15 +556,18 @@ async fn serve_connection(
         direction,
         listener: listener.name.clone(),
     };
-    // Only HTTP/1.1 connections have an idle watchdog; others keep no activity count.
+    // HTTP connections have an idle watchdog: HTTP/1.1 ones count response bytes written
+    // as progress, HTTP/2 ones only streams starting and ending (so that PING and SETTINGS
+    // frames do not keep an unused connection open).
     let activity = Arc::new(Activity::default());
-    let watched = (protocol == Protocol::Http1).then(|| activity.clone());
+    let watched = (protocol != Protocol::Tcp).then(|| activity.clone());
     let io = ClientIo::new(
         stream,
         prefix.freeze(),
         shared.metrics.read_bytes.get_or_create(&labels).clone(),
         shared.metrics.write_bytes.get_or_create(&labels).clone(),
-        watched.clone(),
+        watched.clone().filter(|_| protocol == Protocol::Http1),
+        Some(slot.clone()),
     );
     match protocol {
         Protocol::Tcp => {
@@ -517,18 +603,34 @@ async fn serve_connection(
                 ListenerKind::HttpProxy => return Ok(()),
             };
             let drain = shared.draining.clone();
+            let (first, idle) = (
+                snap.settings.bounds.first_byte_timeout,
+                snap.settings.bounds.tcp_idle_timeout,
+            );
+            // A long-lived connection does not pin the config it started under (nor the
+            // metric series only that config has).
+            drop(snap);
             // Opaque streams cannot be asked to finish: they run until the drain deadline.
             tokio::select! {
-                r = tcp::forward(&backend, io, peer) => r,
+                r = tcp::forward(&backend, io, peer, first, idle) => {
+                    if let Ok(Some(crate::io::Spliced::Idle)) = r {
+                        shared.metrics.idle("tcp");
+                    }
+                    r.map(|_| ())
+                }
                 _ = async { drain.cancelled().await; std::future::pending::<()>().await } => Ok(()),
             }
         }
         Protocol::Http1 | Protocol::Http2 => {
+            // Requests read the current snapshot; the connection keeps none of its own.
+            let client_idle = snap.settings.client_idle_timeout;
+            drop(snap);
             let conn = Arc::new(ConnInfo {
                 listener,
                 client: peer,
                 peer_identity,
                 activity: watched,
+                streams: Default::default(),
             });
             let shared2 = shared.clone();
             let svc = service_fn(move |req| proxy_http::handle(shared2.clone(), conn.clone(), req));
@@ -549,7 +651,7 @@ async fn serve_connection(
                     activity,
                     stop.clone(),
                     abandon.clone(),
-                    snap.settings.client_idle_timeout,
+                    client_idle,
                 )));
                 tokio::select! {
                     r = c.as_mut() => return r.map_err(std::io::Error::other),
@@ -563,15 +665,39 @@ async fn serve_connection(
                     _ = abandon.cancelled() => Ok(()),
                 }
             } else {
+                // Explicit limits (hyper's defaults today), so that an upgrade cannot
+                // loosen them unnoticed: concurrent streams, header list size (bounds
+                // CONTINUATION floods and HPACK bombs), streams reset before being served
+                // (rapid reset) and streams this side had to reset.
                 let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
+                    .max_concurrent_streams(200)
+                    .max_header_list_size(16 * 1024)
+                    .max_pending_accept_reset_streams(20)
+                    .max_local_error_reset_streams(1024)
                     .serve_connection(io, svc);
                 tokio::pin!(c);
+                let stop = shared.draining.child_token();
+                let abandon = CancellationToken::new();
+                // No stream for the client idle time: GOAWAY, then dropped if that does not
+                // finish it either.
+                let _watchdog = AbortOnDropHandle::new(tokio::spawn(watch_idle(
+                    activity,
+                    stop.clone(),
+                    abandon.clone(),
+                    client_idle,
+                )));
                 tokio::select! {
                     r = c.as_mut() => return r.map_err(std::io::Error::other),
-                    _ = shared.draining.cancelled() => c.as_mut().graceful_shutdown(),
+                    _ = stop.cancelled() => c.as_mut().graceful_shutdown(),
                 }
-                c.await.map_err(std::io::Error::other)
+                if !shared.draining.is_cancelled() {
+                    shared.metrics.idle("http2");
+                }
+                tokio::select! {
+                    r = c.as_mut() => r.map_err(std::io::Error::other),
+                    _ = abandon.cancelled() => Ok(()),
+                }
             }
         }
     }

@@ -139,6 +139,8 @@ pub struct Settings {
     pub drain_timeout: Duration,
     /// Idle time after which an HTTP/1.1 client connection is closed.
     pub client_idle_timeout: Duration,
+    /// Connection caps and the timeouts of quiet connections and streams.
+    pub bounds: crate::limits::Bounds,
 }
 
 /// An endpoint's address and the SPIFFE id it must present (`None`: plaintext).
@@ -193,6 +195,7 @@ impl Snapshot {
                 detect_timeout: spec.detect_timeout.get(),
                 drain_timeout: spec.drain_timeout.get(),
                 client_idle_timeout: spec.client_idle_timeout.get(),
+                bounds: crate::limits::Bounds::from_spec(&spec),
             },
             listeners: vec![],
             services: HashMap::new(),
@@ -531,6 +534,7 @@ impl Snapshot {
                 detect_timeout: spec.detect_timeout.get(),
                 drain_timeout: spec.drain_timeout.get(),
                 client_idle_timeout: spec.client_idle_timeout.get(),
+                bounds: crate::limits::Bounds::from_spec(&spec),
             },
             listeners,
             services,

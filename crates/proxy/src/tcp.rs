@@ -1,20 +1,25 @@
 //! Opaque TCP forwarding: pick an endpoint, connect (trying others if that fails), replay
 //! what detection read, then copy bytes both ways until either side closes.
 
-use crate::io::ClientIo;
+use crate::io::{ClientIo, Spliced, splice};
 use crate::snapshot::{Backend, HashOn};
 use std::net::SocketAddr;
+use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
 /// Attempts to connect before giving up on a connection.
 const CONNECT_ATTEMPTS: usize = 3;
 
-/// Forwards `client` to an endpoint of `backend` until either side closes.
+/// Forwards `client` to an endpoint of `backend` until either side closes, or no byte moves
+/// either way for `idle` (`first` while no byte has moved at all). Returns how it ended
+/// (`None`: no endpoint could be reached).
 pub async fn forward(
     backend: &Backend,
     mut client: ClientIo,
     peer: SocketAddr,
-) -> std::io::Result<()> {
+    first: Duration,
+    idle: Duration,
+) -> std::io::Result<Option<Spliced>> {
     let hash = match backend.hash_on {
         Some(HashOn::SourceIp) => Some(crate::rand::hash_bytes(peer.ip().to_string().as_bytes())),
         _ => None,
@@ -22,7 +27,7 @@ pub async fn forward(
     for _ in 0..CONNECT_ATTEMPTS {
         let Some(endpoint) = backend.balancer.pick(hash) else {
             tracing::debug!(backend = %backend.name, "no endpoint for TCP connection; closing");
-            return Ok(());
+            return Ok(None);
         };
         let _guard = endpoint.start();
         let mut upstream = match endpoint.connect(backend.connect_timeout).await {
@@ -36,8 +41,9 @@ pub async fn forward(
         if !prefix.is_empty() {
             upstream.write_all(&prefix).await?;
         }
-        tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
-        return Ok(());
+        return splice(client, upstream, first, idle, !prefix.is_empty())
+            .await
+            .map(Some);
     }
-    Ok(())
+    Ok(None)
 }
