@@ -666,7 +666,14 @@ fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
     let anon = run(
         dir.path(),
         "anonymous",
-        &["--control", &url, "--upstream", &up2_arg],
+        &[
+            "--control",
+            &url,
+            "--upstream",
+            &up2_arg,
+            "--ca-file",
+            cp.ca().to_str().unwrap(),
+        ],
         &["sleep", "600"],
         &[],
     );
@@ -704,7 +711,9 @@ fn certificates_rotate_under_load_without_failing_a_request() {
     let mut proc = Proc::spawn("control", dir.path(), cmd);
     wait_for(Duration::from_secs(20), "the control plane", || {
         assert!(!proc.exited(), "{}", proc.log_text());
-        get(port, "/live").ok().filter(|r| r.status == 200)
+        https("GET", port, "/live", "", &dir.path().join("store/ca.pem"))
+            .ok()
+            .filter(|r| r.status == 200)
     });
     let cp = ControlPlane {
         proc,
@@ -867,7 +876,7 @@ fn the_config_api_refuses_clients_without_the_admin_token() {
         ("POST", "/v1/delete", r#"{"keys":[]}"#),
         ("POST", "/v1/tokens", r#"{"service":"x"}"#),
     ] {
-        let r = http(method, cp.port, path, body).unwrap();
+        let r = cp.https(method, path, body).unwrap();
         assert_eq!(r.status, 401, "{method} {path}: {r:?}");
     }
     // A wrong token is refused the same way, through the CLI too.
@@ -884,7 +893,7 @@ fn the_config_api_refuses_clients_without_the_admin_token() {
     assert!(err.contains("admin token"), "{err}");
     // The right one works; the public trust bundle needs none.
     assert_eq!(cp.cli(&["get", "services"]).0, 0);
-    assert_eq!(get(cp.port, "/v1/trust").unwrap().status, 200);
+    assert_eq!(cp.https("GET", "/v1/trust", "").unwrap().status, 200);
     // A restart keeps the same token (it is not regenerated).
     drop(cp);
 }
@@ -895,6 +904,33 @@ fn a_user_provided_ca_signs_the_workload_certificates() {
     let m = trellis_identity::Ca::generate("corp.example", Duration::from_secs(86400)).unwrap();
     let cert = dir.write("ca.pem", &m.cert_pem);
     let key = dir.write("ca.key", &m.key_pem);
+    // A key others can read is refused, with the path and the fix.
+    let (code, _, err) = {
+        let out = trellis()
+            .args([
+                "control",
+                "--listen",
+                "127.0.0.1:0",
+                "--trust-domain",
+                "corp.example",
+                "--store",
+            ])
+            .arg(dir.path().join("store"))
+            .arg("--ca-cert")
+            .arg(&cert)
+            .arg("--ca-key")
+            .arg(&key)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::new(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("ca.key") && err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let port = free_port();
     let mut cmd = trellis();
     cmd.args([
@@ -913,7 +949,15 @@ fn a_user_provided_ca_signs_the_workload_certificates() {
     let mut proc = Proc::spawn("control", dir.path(), cmd);
     wait_for(Duration::from_secs(20), "the control plane", || {
         assert!(!proc.exited(), "{}", proc.log_text());
-        get(port, "/v1/trust").ok().filter(|r| r.status == 200)
+        https(
+            "GET",
+            port,
+            "/v1/trust",
+            "",
+            &dir.path().join("store/ca.pem"),
+        )
+        .ok()
+        .filter(|r| r.status == 200)
     });
     let cp = ControlPlane {
         proc,
@@ -921,7 +965,7 @@ fn a_user_provided_ca_signs_the_workload_certificates() {
         token: dir.path().join("store/admin-token"),
     };
     // The published bundle is the user's root; its key is nowhere in the answer.
-    let trust = get(port, "/v1/trust").unwrap().body;
+    let trust = cp.https("GET", "/v1/trust", "").unwrap().body;
     assert!(trust.contains("corp.example"), "{trust}");
     let bundle: serde_json::Value = serde_json::from_str(&trust).unwrap();
     assert_eq!(bundle["bundlePem"].as_str().unwrap(), m.cert_pem);

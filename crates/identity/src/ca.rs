@@ -56,6 +56,17 @@ pub struct Issued {
     pub not_after: SystemTime,
 }
 
+/// The control plane's TLS server certificate.
+#[derive(Clone, Debug)]
+pub struct ServerCert {
+    /// Leaf, intermediates and roots, PEM.
+    pub chain_pem: String,
+    /// The leaf's key, PKCS#8 PEM (kept in memory only).
+    pub key_pem: String,
+    /// When the leaf expires.
+    pub not_after: SystemTime,
+}
+
 /// A loaded CA.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -247,6 +258,50 @@ impl Ca {
         key.verify(crate::proof_message(time).as_bytes(), signature)
             .map_err(|_| CaError::Renewal("the proof's signature does not verify".into()))?;
         Ok(id)
+    }
+
+    /// Issues the control plane's own TLS server certificate for `names` (DNS names or IP
+    /// addresses), on a fresh key. The chain ends with the bundle's roots, so a client
+    /// that pins a root by fingerprint (a join token) finds it in the handshake.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<ServerCert, CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Material(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Trellis control plane");
+        for n in names {
+            let san = match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    n.as_str()
+                        .try_into()
+                        .map_err(|e: rcgen::Error| CaError::Material(format!("name {n:?}: {e}")))?,
+                ),
+            };
+            params.subject_alt_names.push(san);
+        }
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = offset(now - Duration::from_secs(60));
+        let not_after = now + ttl;
+        params.not_after = offset(not_after);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CaError::Material(e.to_string()))?;
+        let mut chain_pem = cert.pem();
+        chain_pem.push_str(&self.intermediates_pem);
+        chain_pem.push_str(&self.bundle_pem);
+        Ok(ServerCert {
+            chain_pem,
+            key_pem: key.serialize_pem(),
+            not_after,
+        })
     }
 
     fn issue(
