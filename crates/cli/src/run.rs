@@ -313,6 +313,9 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         .env("HTTP_PROXY", format!("http://{http_proxy}"))
         .env("http_proxy", format!("http://{http_proxy}"))
         .env("NO_PROXY", "")
+        // The sidecar's credential is not the app's.
+        .env_remove("TRELLIS_TOKEN")
+        .env_remove("TRELLIS_TOKEN_FILE")
         .env("TRELLIS_ADMIN", admin.to_string());
     if let Some(port) = o.port {
         cmd.env("PORT", port.to_string());

@@ -342,7 +342,13 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         let shutdown = shutdown.clone();
-        let acceptor = server_tls.as_ref().and_then(|t| t.acceptor());
+        let acceptor = match &server_tls {
+            Some(t) => match t.acceptor() {
+                Some(a) => Some(a),
+                None => continue, // never plaintext when TLS is on
+            },
+            None => None,
+        };
         let limits = limits.clone();
         tasks.spawn(async move {
             let _permit = permit;

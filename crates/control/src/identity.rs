@@ -6,7 +6,7 @@ use crate::store::{Expect, Op, StoreError};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use trellis_identity::{Ca, CaError, CaMaterial, Issued, SpiffeId};
+use trellis_identity::{Ca, CaError, CaMaterial, Issued, Signer, SpiffeId};
 
 /// Store key of the CA.
 pub const CA_KEY: &str = "ca/material";
@@ -85,7 +85,7 @@ pub enum IdentityError {
 
 /// The parsed CA, cached for the material it was built from.
 #[derive(Default)]
-pub(crate) struct CaCache(Mutex<Option<(Arc<StoredCa>, Arc<Ca>)>>);
+pub(crate) struct CaCache(Mutex<Option<(Arc<StoredCa>, Arc<dyn Signer>)>>);
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -168,7 +168,7 @@ impl Control {
         }
     }
 
-    fn ca(&self) -> Result<(Arc<StoredCa>, Arc<Ca>), IdentityError> {
+    fn ca(&self) -> Result<(Arc<StoredCa>, Arc<dyn Signer>), IdentityError> {
         let stored = self.state().ca.clone().ok_or_else(|| {
             IdentityError::Unavailable("the certificate authority is not ready".into())
         })?;
@@ -178,7 +178,7 @@ impl Control {
         {
             return Ok((s.clone(), ca.clone()));
         }
-        let ca = Arc::new(if stored.material.key_pem.is_empty() {
+        let ca: Arc<dyn Signer> = Arc::new(if stored.material.key_pem.is_empty() {
             // A CA whose key is kept outside the store (--ca-key-file).
             let f = self.settings.identity.key_file.as_ref().ok_or_else(|| {
                 IdentityError::Unavailable(
@@ -204,7 +204,7 @@ impl Control {
     /// The trust bundle and trust domain (public).
     pub fn trust(&self) -> Result<(String, String), IdentityError> {
         let (stored, ca) = self.ca()?;
-        Ok((stored.trust_domain.clone(), ca.bundle_pem().to_string()))
+        Ok((stored.trust_domain.clone(), ca.bundle().to_string()))
     }
 
     /// Creates a join token for one service's identity, valid for `ttl`. Returns the token
@@ -231,7 +231,7 @@ impl Control {
         }
         let secret = trellis_identity::random_token()
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
-        let fingerprint = trellis_identity::control::bundle_fingerprint(ca.bundle_pem())
+        let fingerprint = trellis_identity::control::bundle_fingerprint(ca.bundle())
             .ok_or_else(|| IdentityError::Unavailable("the trust bundle is empty".into()))?;
         let token = trellis_identity::control::format_token(&fingerprint, &secret);
         let expires_at = unix(SystemTime::now() + ttl);
@@ -287,11 +287,11 @@ impl Control {
             let id = SpiffeId::new(&stored.trust_domain, &t.namespace, &t.service)
                 .map_err(|e| IdentityError::Invalid(e.to_string()))?;
             // Signed before the use is spent, so a bad CSR costs no use.
-            let issued = ca.sign(csr_pem, &id, ttl, now).map_err(refused)?;
+            let issued = ca.sign_csr(csr_pem, &id, ttl, now).map_err(refused)?;
             self.spend_token(secret).await?;
             (id, issued)
         } else if !current_chain_pem.is_empty() {
-            ca.renew(csr_pem, current_chain_pem, ttl, now)
+            ca.renew_csr(csr_pem, current_chain_pem, ttl, now)
                 .map_err(refused)?
         } else {
             return Err(IdentityError::Unauthenticated(
@@ -302,7 +302,7 @@ impl Control {
         Ok((
             id,
             issued,
-            ca.bundle_pem().to_string(),
+            ca.bundle().to_string(),
             stored.trust_domain.clone(),
         ))
     }
@@ -366,9 +366,9 @@ impl Control {
     ) -> Result<(trellis_identity::ServerCert, String), IdentityError> {
         let (_, ca) = self.ca()?;
         let cert = ca
-            .issue_server(names, self.settings.identity.cert_ttl, SystemTime::now())
+            .issue_server_cert(names, self.settings.identity.cert_ttl, SystemTime::now())
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
-        Ok((cert, ca.bundle_pem().to_string()))
+        Ok((cert, ca.bundle().to_string()))
     }
 
     /// Writes the trust bundle to the configured `ca.pem`, for the CLI (public; it lets
@@ -523,10 +523,18 @@ impl Control {
         let now = SystemTime::now();
         let tls = peer.is_some_and(|p| p.tls);
         if let Some(certs) = peer.and_then(|p| p.certs.as_ref()) {
-            let (stored, ca) = self.ca()?;
-            let id = ca
-                .verify_workload(certs, now)
-                .map_err(|e| IdentityError::Unauthenticated(e.to_string()))?;
+            // The handshake verified the chain against the bundle; a connection stays
+            // authenticated as what it proved then (renewal does not cut it).
+            let (stored, _) = self.ca()?;
+            let id = certs
+                .first()
+                .and_then(trellis_identity::inspect)
+                .map(|(id, _)| id)
+                .ok_or_else(|| {
+                    IdentityError::Unauthenticated(
+                        "the client certificate carries no workload identity".into(),
+                    )
+                })?;
             if id.trust_domain != stored.trust_domain {
                 return Err(IdentityError::Unauthenticated(format!(
                     "client certificate {id} is not of trust domain {}",
@@ -559,10 +567,15 @@ impl Control {
                 .ok_or_else(|| {
                     IdentityError::Unauthenticated("proof without a signature".into())
                 })?;
-            return ca
-                .verify_proof(&chain, time, &signature, now)
-                .map(Principal::Workload)
-                .map_err(|e| IdentityError::Unauthenticated(e.to_string()));
+            return trellis_identity::ca::verify_proof_in(
+                ca.bundle(),
+                &chain,
+                time,
+                &signature,
+                now,
+            )
+            .map(Principal::Workload)
+            .map_err(|e| IdentityError::Unauthenticated(e.to_string()));
         }
         let token = md
             .get("authorization")

@@ -9,7 +9,7 @@ pub mod files;
 mod spiffe;
 pub mod tls;
 
-pub use ca::{Ca, CaError, CaMaterial, Issued, ServerCert};
+pub use ca::{Ca, CaError, CaMaterial, Issued, ServerCert, Signer};
 pub use control::{ControlTlsError, ControlTrust};
 pub use spiffe::{ParseError, SpiffeId, check_trust_domain};
 pub use tls::{CredentialError, Credentials};
