@@ -43,8 +43,9 @@ NGINX
 nginx -c "$TMP/nginx.conf" & PIDS+=($!)
 wait_port "$UP"
 
-export TRELLIS_CONTROL=http://127.0.0.1:$CP TRELLIS_ADMIN_TOKEN_FILE=$TMP/store/admin-token
-"$T" --log warn control --listen 127.0.0.1:$CP --store "$TMP/store" & PIDS+=($!)
+# Plaintext control channel: the handshakes example certifies over plain gRPC.
+export TRELLIS_CONTROL=http://127.0.0.1:$CP TRELLIS_ADMIN_TOKEN_FILE=$TMP/store/admin-token TRELLIS_INSECURE=true
+"$T" --log warn control --insecure --listen 127.0.0.1:$CP --store "$TMP/store" & PIDS+=($!)
 wait_port "$CP"
 TOK_IN=$("$T" token create --service upstream 2>/dev/null)
 TOK_OUT=$("$T" token create --service client 2>/dev/null)

@@ -42,12 +42,14 @@ pub async fn demo(o: DemoOptions) -> Result<i32> {
         }
     };
     let control_addr = listener.local_addr()?;
-    let control_url = format!("http://{control_addr}");
+    let control_url = format!("https://{control_addr}");
     let admin_token_file = dir.join("admin-token");
     let control = trellis_control::Control::open(
         &StoreSpec::Dir(dir.join("store")),
         trellis_control::Settings {
             admin_token_file: Some(admin_token_file.clone()),
+            // The CLI finds it beside the admin token (TRELLIS_ADMIN_TOKEN_FILE).
+            ca_file: Some(dir.join("ca.pem")),
             ..trellis_control::Settings::default()
         },
     )
@@ -62,8 +64,9 @@ pub async fn demo(o: DemoOptions) -> Result<i32> {
         "order-processing",
         "load-generator",
     ] {
+        // product-catalog runs two instances, each sidecar spends one use.
         let (t, _) = control
-            .create_token("default", svc, Duration::from_secs(3600))
+            .create_token("default", svc, Duration::from_secs(3600), 2)
             .await
             .map_err(|e| anyhow::anyhow!("creating a join token: {e}"))?;
         tokens.insert(svc, t);
@@ -251,13 +254,13 @@ fn cli_name(exe: &Path) -> String {
 }
 
 fn print_banner(control: &str, cli: &str, dir: &Path, logs: &Path, orders: u16, token: &Path) {
-    let mut env = if control == "http://127.0.0.1:7070" {
+    let mut env = if control == "https://127.0.0.1:7070" {
         String::new()
     } else {
         format!("  export TRELLIS_CONTROL={control}\n")
     };
     env.push_str(&format!(
-        "  export TRELLIS_ADMIN_TOKEN_FILE={}   # the config API needs the admin token\n",
+        "  export TRELLIS_ADMIN_TOKEN_FILE={}   # the admin token; ca.pem beside it verifies the control plane\n",
         token.display()
     ));
     println!(

@@ -56,7 +56,8 @@ enum Command {
         /// With --control: this proxy's id (default: the Proxy's name and the process id).
         #[arg(long)]
         node_id: Option<String>,
-        /// With --control: a join token for this proxy's certificate (mutual TLS).
+        /// With --control: a join token for this proxy's certificate (mutual TLS). Prefer
+        /// TRELLIS_TOKEN or --token-file: arguments show in /proc/PID/cmdline.
         #[arg(
             long,
             env = "TRELLIS_TOKEN",
@@ -64,6 +65,22 @@ enum Command {
             requires = "control"
         )]
         token: Option<String>,
+        /// With --control: read the join token from this file (owner-only).
+        #[arg(
+            long,
+            env = "TRELLIS_TOKEN_FILE",
+            conflicts_with = "token",
+            requires = "control"
+        )]
+        token_file: Option<PathBuf>,
+        /// With --control: the control plane's trust bundle (its ca.pem), for a proxy whose
+        /// token carries no CA fingerprint.
+        #[arg(long, env = "TRELLIS_CA_FILE", requires = "control")]
+        ca_file: Option<PathBuf>,
+        /// With --control: allow an http:// control plane URL (plaintext; tests and
+        /// benchmarks only).
+        #[arg(long, env = "TRELLIS_INSECURE")]
+        insecure: bool,
         /// Worker threads for the data path.
         #[arg(long, default_value_t = default_threads())]
         threads: usize,
@@ -102,9 +119,31 @@ enum Command {
         #[arg(long)]
         ca_bundle: Option<PathBuf>,
         /// Where the admin token is written when it is created (first start); default
-        /// STORE-DIR/admin-token, or ./trellis-admin-token with etcd.
+        /// STORE-DIR/admin-token, or ./trellis-admin-token with etcd. The trust bundle
+        /// (public) is written beside it as ca.pem.
         #[arg(long)]
         admin_token_file: Option<PathBuf>,
+        /// Keep a generated CA's private key in this file (0600) instead of the store
+        /// (with etcd the store is replicated; see docs/security.md).
+        #[arg(long, conflicts_with = "ca_cert")]
+        ca_key_file: Option<PathBuf>,
+        /// Extra names (DNS or IP) in the control plane's TLS certificate, besides
+        /// localhost, the loopback addresses and the --listen address.
+        #[arg(long = "tls-name")]
+        tls_names: Vec<String>,
+        /// Serve plaintext instead of TLS (tests and benchmarks only): tokens and the admin
+        /// token then cross the network in clear.
+        #[arg(long)]
+        insecure: bool,
+        /// Most connections served at once.
+        #[arg(long, default_value_t = 4096)]
+        max_connections: usize,
+        /// A connection must finish its TLS handshake within this.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        handshake_timeout: Duration,
+        /// A connection that sends nothing for this long is closed (proxies ping every 10s).
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        idle_timeout: Duration,
     },
     /// Join tokens: what a sidecar presents to get its first certificate.
     Token {
@@ -197,9 +236,13 @@ enum Command {
         #[arg(long)]
         state_dir: Option<PathBuf>,
         /// Join token for the sidecar's first certificate (trellis token create); without
-        /// one (and no persisted certificate) it runs without mutual TLS.
+        /// one (and no persisted certificate) it runs without mutual TLS. Prefer
+        /// TRELLIS_TOKEN or --token-file: arguments show in /proc/PID/cmdline.
         #[arg(long, env = "TRELLIS_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Read the join token from this file (owner-only).
+        #[arg(long, env = "TRELLIS_TOKEN_FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
         #[command(flatten)]
         control: ControlArg,
         /// The app and its arguments.
@@ -239,6 +282,9 @@ enum TokenCommand {
         /// How long the token can be used.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
+        /// How many sidecars may use it (each use issues one certificate).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -250,9 +296,57 @@ struct ControlArg {
     #[arg(
         long = "control",
         env = "TRELLIS_CONTROL",
-        default_value = "http://127.0.0.1:7070"
+        default_value = "https://127.0.0.1:7070"
     )]
     url: String,
+    /// The control plane's trust bundle; default: ca.pem beside the admin token file
+    /// (TRELLIS_ADMIN_TOKEN_FILE, else trellis-data/).
+    #[arg(long, env = "TRELLIS_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// Allow an http:// URL (plaintext; tests and benchmarks only).
+    #[arg(long, env = "TRELLIS_INSECURE")]
+    insecure: bool,
+}
+
+/// A join token from `--token`/TRELLIS_TOKEN or `--token-file`/TRELLIS_TOKEN_FILE.
+fn read_token(token: Option<String>, file: Option<PathBuf>) -> Result<Option<String>> {
+    let Some(file) = file else {
+        return Ok(token
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()));
+    };
+    trellis_identity::files::check_private(&file).context("--token-file")?;
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("--token-file {}", file.display()))?;
+    let t = text.trim();
+    if t.is_empty() {
+        bail!("--token-file {}: the file is empty", file.display());
+    }
+    Ok(Some(t.to_string()))
+}
+
+/// The control channel's security for a sidecar.
+fn control_tls(
+    url: &str,
+    insecure: bool,
+    ca_file: Option<&Path>,
+    token: Option<String>,
+) -> Result<trellis_proxy::control::ControlTls> {
+    client::check_url(url, insecure)?;
+    if insecure {
+        tracing::warn!(control = %url, "--insecure: the control channel may be plaintext");
+    }
+    let ca_bundle = match ca_file {
+        Some(f) => {
+            Some(std::fs::read_to_string(f).with_context(|| format!("--ca-file {}", f.display()))?)
+        }
+        None => None,
+    };
+    Ok(trellis_proxy::control::ControlTls {
+        insecure,
+        ca_bundle,
+        token,
+    })
 }
 
 fn parse_upstream(s: &str) -> Result<(String, u16), String> {
@@ -344,11 +438,22 @@ fn run(command: Command) -> Result<i32> {
             state_dir,
             node_id,
             token,
+            token_file,
+            ca_file,
+            insecure,
             threads,
             watch_interval,
         } => runtime(threads)?.block_on(async move {
             match control {
-                Some(url) => proxy_following(config, url, state_dir, node_id, token).await,
+                Some(url) => {
+                    let tls = control_tls(
+                        &url,
+                        insecure,
+                        ca_file.as_deref(),
+                        read_token(token, token_file)?,
+                    )?;
+                    proxy_following(config, url, state_dir, node_id, tls).await
+                }
                 None => proxy(config, watch_interval).await,
             }
         }),
@@ -363,12 +468,19 @@ fn run(command: Command) -> Result<i32> {
             ca_chain,
             ca_bundle,
             admin_token_file,
+            ca_key_file,
+            tls_names,
+            insecure,
+            max_connections,
+            handshake_timeout,
+            idle_timeout,
         } => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
             };
             let ca = match (ca_cert, ca_key) {
                 (Some(cert), Some(key)) => {
+                    trellis_identity::files::check_private(&key).context("--ca-key")?;
                     let cert_pem = read(&cert)?;
                     Some(trellis_identity::CaMaterial {
                         bundle_pem: match &ca_bundle {
@@ -389,13 +501,26 @@ fn run(command: Command) -> Result<i32> {
                 Ok(StoreSpec::Dir(d)) => Some(d.join("admin-token")),
                 _ => Some(PathBuf::from("trellis-admin-token")),
             });
+            let ca_file = admin_token_file
+                .as_ref()
+                .and_then(|f| f.parent())
+                .map(|d| d.join("ca.pem"));
             let settings = trellis_control::Settings {
                 admin_token_file,
+                ca_file,
+                insecure,
+                server_names: tls_names,
+                limits: trellis_control::Limits {
+                    handshake_timeout,
+                    idle_timeout,
+                    max_connections,
+                },
                 default_ttl,
                 identity: trellis_control::identity::IdentitySettings {
                     trust_domain,
                     cert_ttl,
                     ca,
+                    key_file: ca_key_file,
                 },
             };
             runtime(default_threads())?.block_on(control(listen, store, settings))
@@ -406,6 +531,7 @@ fn run(command: Command) -> Result<i32> {
                     service,
                     namespace,
                     ttl,
+                    uses,
                     control,
                 },
         } => runtime(1)?.block_on(async move {
@@ -413,11 +539,12 @@ fn run(command: Command) -> Result<i32> {
                 "service": service,
                 "namespace": namespace,
                 "ttl_seconds": ttl.as_secs().max(1),
+                "uses": uses,
             });
             let v: serde_json::Value = api(&control)?.post("/v1/tokens", &body).await?;
             println!("{}", v["token"].as_str().unwrap_or_default());
             eprintln!(
-                "token for ns/{namespace}/sa/{service}, valid until {} (Unix {}); pass it to trellis run --token",
+                "token for ns/{namespace}/sa/{service}, {uses} use(s), valid until {} (Unix {}); pass it to trellis run with TRELLIS_TOKEN or --token-file",
                 trellis_control::config::rfc3339(v["expiresAt"].as_u64().unwrap_or(0)),
                 v["expiresAt"]
             );
@@ -468,10 +595,16 @@ fn run(command: Command) -> Result<i32> {
             advertise,
             state_dir,
             token,
+            token_file,
             control,
             command,
         } => {
-            client::check_url(&control.url)?;
+            let tls = control_tls(
+                &control.url,
+                control.insecure,
+                control.ca_file.as_deref(),
+                read_token(token, token_file)?,
+            )?;
             runtime(2)?.block_on(run::run(run::RunOptions {
                 service,
                 namespace,
@@ -486,7 +619,7 @@ fn run(command: Command) -> Result<i32> {
                 advertise,
                 control: control.url,
                 state_dir,
-                token,
+                tls,
                 command,
             }))
         }
@@ -513,8 +646,7 @@ fn run(command: Command) -> Result<i32> {
 }
 
 fn api(control: &ControlArg) -> Result<client::Api> {
-    client::check_url(&control.url)?;
-    Ok(client::Api::new(&control.url))
+    client::Api::new(&control.url, control.insecure, control.ca_file.clone())
 }
 
 async fn control(
@@ -544,9 +676,8 @@ async fn proxy_following(
     url: String,
     state_dir: PathBuf,
     node_id: Option<String>,
-    token: Option<String>,
+    tls: trellis_proxy::control::ControlTls,
 ) -> Result<i32> {
-    client::check_url(&url)?;
     let source = config.display().to_string();
     let text = std::fs::read_to_string(&config).with_context(|| format!("reading {source}"))?;
     let local = match trellis_api::parse_documents(&source, &text) {
@@ -559,7 +690,7 @@ async fn proxy_following(
         .map_or("proxy".to_string(), |r| r.value.metadata().name.clone());
     let id = node_id.unwrap_or_else(|| format!("{name}-{}", std::process::id()));
     let node = run::node_for(id, "", &local);
-    let (proxy, _) = run::start_sidecar(&url, local, node, &state_dir, token).await?;
+    let (proxy, _) = run::start_sidecar(&url, local, node, &state_dir, tls).await?;
     tracing::info!(admin = %proxy.admin_addr(), control = %url, "proxy started");
     shutdown_signal().await;
     let deadline = proxy.snapshot().settings.drain_timeout;

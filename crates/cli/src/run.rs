@@ -15,7 +15,7 @@ use trellis_api::proxy::{
 use trellis_api::wire::{self, mesh_client::MeshClient};
 use trellis_api::{Kind, Located, Object, Resource, TRELLIS_API_VERSION};
 use trellis_proxy::Proxy;
-use trellis_proxy::control::{Follow, HeldSet, SOURCE, assemble, follow};
+use trellis_proxy::control::{ControlTls, Follow, HeldSet, SOURCE, assemble, follow};
 
 /// Starts a proxy that follows the control plane: from its persisted set when there is one
 /// (so it serves even if the control plane is down), else from local config alone.
@@ -24,11 +24,14 @@ pub async fn start_sidecar(
     local: Vec<Located<Resource>>,
     node: wire::Node,
     state_dir: &Path,
-    token: Option<String>,
+    tls: ControlTls,
 ) -> Result<(Arc<Proxy>, Option<String>)> {
-    std::fs::create_dir_all(state_dir)
-        .with_context(|| format!("creating state directory {}", state_dir.display()))?;
+    // The state directory holds the workload key: owner-only, checked before use.
+    trellis_identity::files::private_dir(state_dir).context("the proxy's state directory")?;
     let state_file = state_dir.join("snapshot.json");
+    for f in [&state_file, &state_dir.join("identity.json")] {
+        trellis_identity::files::check_private(f).context("the proxy's state directory")?;
+    }
     let held = match HeldSet::load(&state_file) {
         Ok(h) => h.unwrap_or_default(),
         Err(e) => {
@@ -54,7 +57,7 @@ pub async fn start_sidecar(
         Err(e) => return Err(anyhow!("cannot start:\n{e}")),
     };
     // The identity first: the control plane authenticates proxies with it (or the token).
-    let identity = start_identity(&proxy, control, token.clone(), state_dir).await?;
+    let identity = start_identity(&proxy, control, tls.clone(), state_dir).await?;
     tokio::spawn(follow(
         proxy.clone(),
         Follow {
@@ -62,7 +65,7 @@ pub async fn start_sidecar(
             node,
             local,
             state_file: Some(state_file),
-            token,
+            tls,
         },
         held,
     ));
@@ -75,15 +78,16 @@ pub async fn start_sidecar(
 pub async fn start_identity(
     proxy: &Arc<Proxy>,
     control: &str,
-    token: Option<String>,
+    tls: ControlTls,
     state_dir: &Path,
 ) -> Result<Option<String>> {
+    let no_token = tls.token.is_none();
     let cfg = trellis_proxy::identity::IdentityConfig {
         endpoints: endpoints(control),
-        token: token.clone(),
+        tls,
         state_dir: state_dir.to_path_buf(),
     };
-    if token.is_none() && !state_dir.join("identity.json").exists() {
+    if no_token && !state_dir.join("identity.json").exists() {
         tracing::warn!("no --token: this sidecar has no identity and uses no mutual TLS");
         return Ok(None);
     }
@@ -217,7 +221,7 @@ pub struct RunOptions {
     pub advertise: std::net::IpAddr,
     pub control: String,
     pub state_dir: Option<PathBuf>,
-    pub token: Option<String>,
+    pub tls: ControlTls,
     pub command: Vec<String>,
 }
 
@@ -303,7 +307,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         ))
     });
     let (proxy, identity) =
-        start_sidecar(&o.control, local, node, &state_dir, o.token.clone()).await?;
+        start_sidecar(&o.control, local, node, &state_dir, o.tls.clone()).await?;
     tracing::info!(admin = %proxy.admin_addr(), http_proxy = %http_proxy, "sidecar started");
 
     let mut cmd = tokio::process::Command::new(&o.command[0]);
@@ -311,6 +315,9 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         .env("HTTP_PROXY", format!("http://{http_proxy}"))
         .env("http_proxy", format!("http://{http_proxy}"))
         .env("NO_PROXY", "")
+        // The sidecar's credential is not the app's.
+        .env_remove("TRELLIS_TOKEN")
+        .env_remove("TRELLIS_TOKEN_FILE")
         .env("TRELLIS_ADMIN", admin.to_string());
     if let Some(port) = o.port {
         cmd.env("PORT", port.to_string());
@@ -333,7 +340,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         (Some(address), Some(service), Some(port)) => Some(tokio::spawn(register_loop(
             Registration {
                 proxy: proxy.clone(),
-                token: o.token.clone(),
+                tls: o.tls.clone(),
                 control: o.control.clone(),
                 instance: wire::Instance {
                     namespace: o.namespace.clone(),
@@ -392,7 +399,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
 
 struct Registration {
     proxy: Arc<Proxy>,
-    token: Option<String>,
+    tls: ControlTls,
     control: String,
     instance: wire::Instance,
     ttl: Duration,
@@ -415,14 +422,15 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
         let healthy = check(&r.probe, r.app, Duration::from_secs(1)).await;
         let c = match &mut client {
             Some(c) => c,
-            None => match tonic::transport::Endpoint::from_shared(
-                replicas[next % replicas.len()].clone(),
-            ) {
-                Ok(e) => client.insert(MeshClient::new(
+            None => match r.tls.connect_lazy(
+                &replicas[next % replicas.len()],
+                r.proxy.credentials().as_ref(),
+                |e| {
                     e.connect_timeout(Duration::from_secs(2))
                         .timeout(Duration::from_secs(5))
-                        .connect_lazy(),
-                )),
+                },
+            ) {
+                Ok(ch) => client.insert(MeshClient::new(ch)),
                 Err(e) => {
                     tracing::error!(error = %e, "bad control plane URL");
                     return;
@@ -431,7 +439,7 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
         };
         let signed = |body| {
             let mut req = tonic::Request::new(body);
-            trellis_proxy::identity::authorize(&mut req, &r.proxy, r.token.as_deref());
+            trellis_proxy::identity::authorize(&mut req, &r.proxy, &r.tls);
             req
         };
         let result = match &id {
@@ -455,7 +463,7 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
                         id: i.clone(),
                         healthy,
                     });
-                    trellis_proxy::identity::authorize(&mut req, &r.proxy, r.token.as_deref());
+                    trellis_proxy::identity::authorize(&mut req, &r.proxy, &r.tls);
                     req
                 })
                 .await
@@ -485,7 +493,7 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
     }
     if let (Some(i), Some(c)) = (id, client.as_mut()) {
         let mut req = tonic::Request::new(wire::DeregisterRequest { id: i.clone() });
-        trellis_proxy::identity::authorize(&mut req, &r.proxy, r.token.as_deref());
+        trellis_proxy::identity::authorize(&mut req, &r.proxy, &r.tls);
         match c.deregister(req).await {
             Ok(_) => tracing::info!(id = %i, "deregistered"),
             Err(e) => {

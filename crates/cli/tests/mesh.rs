@@ -666,7 +666,14 @@ fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
     let anon = run(
         dir.path(),
         "anonymous",
-        &["--control", &url, "--upstream", &up2_arg],
+        &[
+            "--control",
+            &url,
+            "--upstream",
+            &up2_arg,
+            "--ca-file",
+            cp.ca().to_str().unwrap(),
+        ],
         &["sleep", "600"],
         &[],
     );
@@ -704,7 +711,9 @@ fn certificates_rotate_under_load_without_failing_a_request() {
     let mut proc = Proc::spawn("control", dir.path(), cmd);
     wait_for(Duration::from_secs(20), "the control plane", || {
         assert!(!proc.exited(), "{}", proc.log_text());
-        get(port, "/live").ok().filter(|r| r.status == 200)
+        https("GET", port, "/live", "", &dir.path().join("store/ca.pem"))
+            .ok()
+            .filter(|r| r.status == 200)
     });
     let cp = ControlPlane {
         proc,
@@ -865,7 +874,7 @@ fn the_config_api_refuses_clients_without_the_admin_token() {
         ("POST", "/v1/delete", r#"{"keys":[]}"#),
         ("POST", "/v1/tokens", r#"{"service":"x"}"#),
     ] {
-        let r = http(method, cp.port, path, body).unwrap();
+        let r = cp.https(method, path, body).unwrap();
         assert_eq!(r.status, 401, "{method} {path}: {r:?}");
     }
     // A wrong token is refused the same way, through the CLI too.
@@ -882,7 +891,7 @@ fn the_config_api_refuses_clients_without_the_admin_token() {
     assert!(err.contains("admin token"), "{err}");
     // The right one works; the public trust bundle needs none.
     assert_eq!(cp.cli(&["get", "services"]).0, 0);
-    assert_eq!(get(cp.port, "/v1/trust").unwrap().status, 200);
+    assert_eq!(cp.https("GET", "/v1/trust", "").unwrap().status, 200);
     // A restart keeps the same token (it is not regenerated).
     drop(cp);
 }
@@ -893,6 +902,33 @@ fn a_user_provided_ca_signs_the_workload_certificates() {
     let m = trellis_identity::Ca::generate("corp.example", Duration::from_secs(86400)).unwrap();
     let cert = dir.write("ca.pem", &m.cert_pem);
     let key = dir.write("ca.key", &m.key_pem);
+    // A key others can read is refused, with the path and the fix.
+    let (code, _, err) = {
+        let out = trellis()
+            .args([
+                "control",
+                "--listen",
+                "127.0.0.1:0",
+                "--trust-domain",
+                "corp.example",
+                "--store",
+            ])
+            .arg(dir.path().join("store"))
+            .arg("--ca-cert")
+            .arg(&cert)
+            .arg("--ca-key")
+            .arg(&key)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::new(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("ca.key") && err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let port = free_port();
     let mut cmd = trellis();
     cmd.args([
@@ -911,7 +947,15 @@ fn a_user_provided_ca_signs_the_workload_certificates() {
     let mut proc = Proc::spawn("control", dir.path(), cmd);
     wait_for(Duration::from_secs(20), "the control plane", || {
         assert!(!proc.exited(), "{}", proc.log_text());
-        get(port, "/v1/trust").ok().filter(|r| r.status == 200)
+        https(
+            "GET",
+            port,
+            "/v1/trust",
+            "",
+            &dir.path().join("store/ca.pem"),
+        )
+        .ok()
+        .filter(|r| r.status == 200)
     });
     let cp = ControlPlane {
         proc,
@@ -919,7 +963,7 @@ fn a_user_provided_ca_signs_the_workload_certificates() {
         token: dir.path().join("store/admin-token"),
     };
     // The published bundle is the user's root; its key is nowhere in the answer.
-    let trust = get(port, "/v1/trust").unwrap().body;
+    let trust = cp.https("GET", "/v1/trust", "").unwrap().body;
     assert!(trust.contains("corp.example"), "{trust}");
     let bundle: serde_json::Value = serde_json::from_str(&trust).unwrap();
     assert_eq!(bundle["bundlePem"].as_str().unwrap(), m.cert_pem);
@@ -940,4 +984,108 @@ fn a_user_provided_ca_signs_the_workload_certificates() {
         workloads.contains("spiffe://corp.example/ns/default/sa/product-catalog"),
         "{workloads}"
     );
+}
+
+#[test]
+fn the_control_channel_is_verified_and_credentials_stay_off_the_command_line() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new("channel");
+    let cp = ControlPlane::start_in(dir.path());
+    let other = TempDir::new("impostor");
+    let impostor = ControlPlane::start_in(other.path());
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&dir.path().join("store")), 0o700);
+    assert_eq!(mode(&dir.path().join("store/trellis.redb")), 0o600);
+    assert_eq!(mode(&cp.token), 0o600);
+
+    // Plaintext needs --insecure; an impostor fails the CLI's check against ca.pem.
+    let plain = cp.url().replace("https://", "http://");
+    let (code, _, err) = cli(&plain, &cp.token, &["get", "services"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("--insecure"), "{err}");
+    let (code, _, err) = cli(&impostor.url(), &cp.token, &["get", "services"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not issued by the trusted mesh CA"), "{err}");
+
+    // A token in a file others can read is refused; an owner-only one works.
+    let catalog_token = token(&cp, "product-catalog");
+    assert!(catalog_token.starts_with("trellis1."), "{catalog_token}");
+    let file = dir.write("catalog.token", &catalog_token);
+    let args = |state: &str| {
+        let mut cmd = trellis();
+        cmd.args(["--log-format", "json", "run", "--control", &cp.url()])
+            .args([
+                "--service",
+                "product-catalog",
+                "--port",
+                &free_port().to_string(),
+            ])
+            .arg("--token-file")
+            .arg(&file)
+            .arg("--state-dir")
+            .arg(dir.path().join(state))
+            .args(["--", bin(), "demo-app", "product-catalog"]);
+        cmd
+    };
+    let out = args("state-open").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("catalog.token") && err.contains("chmod 600"),
+        "{err}"
+    );
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let _catalog = Proc::spawn("catalog", dir.path(), args("state-1"));
+    wait_for(Duration::from_secs(20), "the catalog to register", || {
+        let (_, out, _) = cp.cli(&["get", "workloads", "-o", "json"]);
+        out.contains("spiffe://trellis.local/ns/default/sa/product-catalog")
+            .then_some(())
+    });
+    let state = dir.path().join("state-1");
+    assert_eq!(mode(&state), 0o700);
+    assert_eq!(mode(&state.join("identity.json")), 0o600);
+    wait_for(Duration::from_secs(10), "the persisted config", || {
+        state.join("snapshot.json").exists().then_some(())
+    });
+    assert_eq!(mode(&state.join("snapshot.json")), 0o600);
+
+    // The token was single-use: a second sidecar with it gets no identity.
+    let mut second = Proc::spawn("second", dir.path(), args("state-2"));
+    let log = wait_for(
+        Duration::from_secs(20),
+        "the second sidecar to give up",
+        || second.exited().then(|| second.log_text()),
+    );
+    assert!(log.contains("already used"), "{log}");
+
+    // A sidecar whose token pins the real CA refuses the impostor before sending it.
+    let fresh = token(&cp, "payment");
+    let mut fooled = trellis();
+    fooled
+        .args(["run", "--control", &impostor.url(), "--service", "payment"])
+        .args(["--port", &free_port().to_string(), "--state-dir"])
+        .arg(dir.path().join("state-3"))
+        .args(["--", "sleep", "600"])
+        .env("TRELLIS_TOKEN", &fresh);
+    let mut fooled = Proc::spawn("fooled", dir.path(), fooled);
+    let log = wait_for(Duration::from_secs(20), "the sidecar to refuse", || {
+        fooled.exited().then(|| fooled.log_text())
+    });
+    assert!(
+        log.contains("untrusted control plane") && log.contains("pinned by the join token"),
+        "{log}"
+    );
+    // The real control plane still takes that token: the impostor never saw it.
+    let mut payment = trellis();
+    payment
+        .args(["run", "--control", &cp.url(), "--service", "payment"])
+        .args(["--port", &free_port().to_string(), "--state-dir"])
+        .arg(dir.path().join("state-4"))
+        .args(["--", "sleep", "600"])
+        .env("TRELLIS_TOKEN", &fresh);
+    let _payment = Proc::spawn("payment", dir.path(), payment);
+    wait_for(Duration::from_secs(20), "payment to register", || {
+        let (_, out, _) = cp.cli(&["get", "workloads", "-o", "json"]);
+        out.contains("sa/payment").then_some(())
+    });
 }

@@ -168,6 +168,8 @@ async fn main() {
             "--log",
             "warn",
             "control",
+            // Plaintext: this measures distribution, not the channel's TLS.
+            "--insecure",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--store",

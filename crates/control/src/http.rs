@@ -4,6 +4,7 @@
 use crate::Control;
 use crate::config::{SourceFile, WriteError};
 use crate::mesh::MeshService;
+use crate::tls;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -194,6 +195,13 @@ pub struct TokenRequest {
     /// Lifetime in seconds (default one hour).
     #[serde(default = "default_token_ttl")]
     pub ttl_seconds: u64,
+    /// How many certificates it may obtain (default one).
+    #[serde(default = "default_uses")]
+    pub uses: u32,
+}
+
+fn default_uses() -> u32 {
+    1
 }
 
 fn default_namespace() -> String {
@@ -211,6 +219,7 @@ async fn create_token(State(c): State<Shared>, Json(req): Json<TokenRequest>) ->
             &req.namespace,
             &req.service,
             std::time::Duration::from_secs(req.ttl_seconds),
+            req.uses,
         )
         .await
     {
@@ -280,17 +289,36 @@ pub fn router(control: Shared) -> axum::Router {
         .merge(api)
 }
 
-/// Serves HTTP/1.1 and HTTP/2 (gRPC) connections until `shutdown` fires, then lets open
-/// connections finish their requests (streams are closed).
+/// Serves HTTP/1.1 and HTTP/2 (gRPC) connections, over TLS unless the control plane runs
+/// `--insecure`, until `shutdown` fires, then lets open connections finish their requests
+/// (streams are closed).
 pub async fn serve(
     control: Shared,
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let limits = control.settings.limits.clone();
+    let server_tls = if control.settings.insecure {
+        tracing::warn!(
+            "--insecure: the control plane serves plaintext; join tokens and the admin token cross the network in clear and anyone on the path can impersonate it"
+        );
+        None
+    } else {
+        let names = tls::server_names(listener.local_addr()?, &control.settings.server_names);
+        let t = tls::ServerTls::new(&control, &names)?;
+        tracing::info!(?names, "control plane serving TLS");
+        tokio::spawn(
+            t.clone()
+                .keep_renewed(control.clone(), names, shutdown.clone()),
+        );
+        Some(t)
+    };
     let service = TowerToHyperService::new(router(control));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut warned: Option<tokio::time::Instant> = None;
     let tasks = TaskTracker::new();
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, addr) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -301,18 +329,62 @@ pub async fn serve(
             },
             () = shutdown.cancelled() => break,
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            if warned.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1)) {
+                warned = Some(tokio::time::Instant::now());
+                tracing::warn!(
+                    max = limits.max_connections,
+                    "connection limit reached; closing new connections"
+                );
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         let shutdown = shutdown.clone();
+        let acceptor = match &server_tls {
+            Some(t) => match t.acceptor() {
+                Some(a) => Some(a),
+                None => continue, // never plaintext when TLS is on
+            },
+            None => None,
+        };
+        let limits = limits.clone();
         tasks.spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = shutdown.cancelled() => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+            let _permit = permit;
+            let io = tls::Idle::new(stream, limits.handshake_timeout, limits.idle_timeout);
+            match acceptor {
+                Some(acceptor) => {
+                    let accepted =
+                        tokio::time::timeout(limits.handshake_timeout, acceptor.accept(io)).await;
+                    let stream = match accepted {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%addr, error = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            tracing::debug!(%addr, "TLS handshake deadline passed");
+                            return;
+                        }
+                    };
+                    let certs = stream.get_ref().1.peer_certificates().map(|c| {
+                        Arc::new(c.iter().map(|c| c.clone().into_owned()).collect::<Vec<_>>())
+                    });
+                    let peer = tls::Peer {
+                        addr,
+                        certs,
+                        tls: true,
+                    };
+                    serve_connection(stream, peer, service, shutdown).await;
+                }
+                None => {
+                    let peer = tls::Peer {
+                        addr,
+                        certs: None,
+                        tls: false,
+                    };
+                    serve_connection(io, peer, service, shutdown).await;
                 }
             }
         });
@@ -320,4 +392,30 @@ pub async fn serve(
     tasks.close();
     tasks.wait().await;
     Ok(())
+}
+
+/// One connection, with its [`Peer`](tls::Peer) attached to every request.
+async fn serve_connection<S>(
+    io: S,
+    peer: tls::Peer,
+    service: TowerToHyperService<axum::Router>,
+    shutdown: CancellationToken,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            hyper::service::Service::call(&service, req)
+        });
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), conn).await;
+        }
+    }
 }

@@ -6,7 +6,7 @@ use crate::store::{Expect, Op, StoreError};
 use serde::{Deserialize, Serialize};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
-use trellis_identity::{Ca, CaError, CaMaterial, Issued, SpiffeId};
+use trellis_identity::{Ca, CaError, CaMaterial, Issued, Signer, SpiffeId};
 
 /// Store key of the CA.
 pub const CA_KEY: &str = "ca/material";
@@ -31,6 +31,14 @@ pub struct Token {
     pub service: String,
     /// Expiry, Unix seconds.
     pub expires_at: u64,
+    /// Certificates it may still obtain; each use is a compare-and-swap in the store, so
+    /// replicas cannot both accept the last one.
+    #[serde(default = "one")]
+    pub uses: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// Identity settings of a control plane.
@@ -42,6 +50,9 @@ pub struct IdentitySettings {
     pub cert_ttl: Duration,
     /// A user-provided root or intermediate, replacing the stored CA.
     pub ca: Option<CaMaterial>,
+    /// Keep a generated CA's private key in this file (0600) instead of the store; the
+    /// store then holds only the public certificate.
+    pub key_file: Option<std::path::PathBuf>,
 }
 
 impl Default for IdentitySettings {
@@ -50,6 +61,7 @@ impl Default for IdentitySettings {
             trust_domain: "trellis.local".into(),
             cert_ttl: Duration::from_secs(24 * 3600),
             ca: None,
+            key_file: None,
         }
     }
 }
@@ -73,7 +85,7 @@ pub enum IdentityError {
 
 /// The parsed CA, cached for the material it was built from.
 #[derive(Default)]
-pub(crate) struct CaCache(Mutex<Option<(Arc<StoredCa>, Arc<Ca>)>>);
+pub(crate) struct CaCache(Mutex<Option<(Arc<StoredCa>, Arc<dyn Signer>)>>);
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -109,6 +121,28 @@ impl Control {
             },
         };
         Ca::load(&wanted.material).map_err(|e| StoreError::Backend(e.to_string()))?;
+        let mut wanted = wanted;
+        if s.ca.is_none()
+            && let Some(f) = &s.key_file
+        {
+            // The key goes to its own file; the store keeps only the public certificate.
+            let key = std::mem::take(&mut wanted.material.key_pem);
+            if f.exists() {
+                return Err(StoreError::Backend(format!(
+                    "--ca-key-file {}: the file exists but the store holds no CA; remove the file or use the store it belongs to",
+                    f.display()
+                )));
+            }
+            if let Some(dir) = f.parent()
+                && !dir.as_os_str().is_empty()
+            {
+                trellis_identity::files::private_dir(dir)
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+            }
+            trellis_identity::files::write_private(f, key.as_bytes())
+                .map_err(|e| StoreError::Backend(e.to_string()))?;
+            tracing::info!(file = %f.display(), "CA key written outside the store");
+        }
         let expect = if s.ca.is_some() {
             Expect::Any
         } else {
@@ -134,7 +168,7 @@ impl Control {
         }
     }
 
-    fn ca(&self) -> Result<(Arc<StoredCa>, Arc<Ca>), IdentityError> {
+    fn ca(&self) -> Result<(Arc<StoredCa>, Arc<dyn Signer>), IdentityError> {
         let stored = self.state().ca.clone().ok_or_else(|| {
             IdentityError::Unavailable("the certificate authority is not ready".into())
         })?;
@@ -144,9 +178,25 @@ impl Control {
         {
             return Ok((s.clone(), ca.clone()));
         }
-        let ca = Arc::new(
-            Ca::load(&stored.material).map_err(|e| IdentityError::Unavailable(e.to_string()))?,
-        );
+        let ca: Arc<dyn Signer> = Arc::new(if stored.material.key_pem.is_empty() {
+            // A CA whose key is kept outside the store (--ca-key-file).
+            let f = self.settings.identity.key_file.as_ref().ok_or_else(|| {
+                IdentityError::Unavailable(
+                    "the store's CA key is kept outside the store: start with --ca-key-file FILE"
+                        .into(),
+                )
+            })?;
+            trellis_identity::files::check_private(f)
+                .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+            let key_pem = std::fs::read_to_string(f).map_err(|e| {
+                IdentityError::Unavailable(format!("--ca-key-file {}: {e}", f.display()))
+            })?;
+            let mut m = stored.material.clone();
+            m.key_pem = key_pem;
+            Ca::load(&m).map_err(|e| IdentityError::Unavailable(e.to_string()))?
+        } else {
+            Ca::load(&stored.material).map_err(|e| IdentityError::Unavailable(e.to_string()))?
+        });
         *cache = Some((stored.clone(), ca.clone()));
         Ok((stored, ca))
     }
@@ -154,7 +204,7 @@ impl Control {
     /// The trust bundle and trust domain (public).
     pub fn trust(&self) -> Result<(String, String), IdentityError> {
         let (stored, ca) = self.ca()?;
-        Ok((stored.trust_domain.clone(), ca.bundle_pem().to_string()))
+        Ok((stored.trust_domain.clone(), ca.bundle().to_string()))
     }
 
     /// Creates a join token for one service's identity, valid for `ttl`. Returns the token
@@ -164,8 +214,14 @@ impl Control {
         namespace: &str,
         service: &str,
         ttl: Duration,
+        uses: u32,
     ) -> Result<(String, u64), IdentityError> {
-        let (stored, _) = self.ca()?;
+        let (stored, ca) = self.ca()?;
+        if !(1..=10_000).contains(&uses) {
+            return Err(IdentityError::Invalid(
+                "uses must be between 1 and 10000".into(),
+            ));
+        }
         SpiffeId::new(&stored.trust_domain, namespace, service)
             .map_err(|e| IdentityError::Invalid(e.to_string()))?;
         if ttl.is_zero() || ttl > Duration::from_secs(366 * 86400) {
@@ -173,13 +229,17 @@ impl Control {
                 "ttl must be between 1s and 366d".into(),
             ));
         }
-        let token = trellis_identity::random_token()
+        let secret = trellis_identity::random_token()
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+        let fingerprint = trellis_identity::control::bundle_fingerprint(ca.bundle())
+            .ok_or_else(|| IdentityError::Unavailable("the trust bundle is empty".into()))?;
+        let token = trellis_identity::control::format_token(&fingerprint, &secret);
         let expires_at = unix(SystemTime::now() + ttl);
         let record = Token {
             namespace: namespace.into(),
             service: service.into(),
             expires_at,
+            uses,
         };
         let lease = self
             .store
@@ -187,7 +247,7 @@ impl Control {
             .await
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
         let mut op = Op::put(
-            format!("tokens/{}", trellis_identity::token_hash(&token)),
+            format!("tokens/{}", trellis_identity::token_hash(&secret)),
             serde_json::to_vec(&record).map_err(|e| IdentityError::Unavailable(e.to_string()))?,
             Expect::Absent,
         );
@@ -198,13 +258,14 @@ impl Control {
             .await
             .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
         self.wait_for(rev).await;
-        tracing::info!(namespace, service, expires_at, "join token created");
+        tracing::info!(namespace, service, expires_at, uses, "join token created");
         Ok((token, expires_at))
     }
 
-    /// Issues a certificate for `csr_pem`: the identity a join token grants, or (renewal) the
-    /// identity of the current certificate, whose key must have signed the CSR.
-    pub fn certify(
+    /// Issues a certificate for `csr_pem`: the identity a join token grants (spending one of
+    /// its uses), or (renewal) the identity of the current certificate, whose key must have
+    /// signed the CSR.
+    pub async fn certify(
         &self,
         token: &str,
         csr_pem: &str,
@@ -221,23 +282,16 @@ impl Control {
             CaError::Material(m) => IdentityError::Unavailable(m),
         };
         let (id, issued) = if !token.is_empty() {
-            let t = self
-                .state()
-                .tokens
-                .get(&trellis_identity::token_hash(token))
-                .cloned()
-                .ok_or_else(|| {
-                    IdentityError::Unauthenticated("unknown or expired join token".into())
-                })?;
-            if t.expires_at <= unix(now) {
-                return Err(IdentityError::Unauthenticated("join token expired".into()));
-            }
+            let secret = secret_of(token)?;
+            let t = self.live_token(secret)?.token;
             let id = SpiffeId::new(&stored.trust_domain, &t.namespace, &t.service)
                 .map_err(|e| IdentityError::Invalid(e.to_string()))?;
-            let issued = ca.sign(csr_pem, &id, ttl, now).map_err(refused)?;
+            // Signed before the use is spent, so a bad CSR costs no use.
+            let issued = ca.sign_csr(csr_pem, &id, ttl, now).map_err(refused)?;
+            self.spend_token(secret).await?;
             (id, issued)
         } else if !current_chain_pem.is_empty() {
-            ca.renew(csr_pem, current_chain_pem, ttl, now)
+            ca.renew_csr(csr_pem, current_chain_pem, ttl, now)
                 .map_err(refused)?
         } else {
             return Err(IdentityError::Unauthenticated(
@@ -248,10 +302,108 @@ impl Control {
         Ok((
             id,
             issued,
-            ca.bundle_pem().to_string(),
+            ca.bundle().to_string(),
             stored.trust_domain.clone(),
         ))
     }
+
+    /// The unexpired token with uses left whose secret is `secret`.
+    fn live_token(&self, secret: &str) -> Result<crate::state::TokenEntry, IdentityError> {
+        let t = self
+            .state()
+            .tokens
+            .get(&trellis_identity::token_hash(secret))
+            .cloned()
+            .ok_or_else(|| {
+                IdentityError::Unauthenticated("unknown or expired join token".into())
+            })?;
+        if t.token.expires_at <= unix(SystemTime::now()) {
+            return Err(IdentityError::Unauthenticated("join token expired".into()));
+        }
+        if t.token.uses == 0 {
+            return Err(IdentityError::Unauthenticated(
+                "join token already used (tokens are single-use unless created with --uses N)"
+                    .into(),
+            ));
+        }
+        Ok(t)
+    }
+
+    /// Spends one use of a token: a compare-and-swap on its stored version, retried when
+    /// another writer (another replica) changed it first.
+    async fn spend_token(&self, secret: &str) -> Result<(), IdentityError> {
+        let key = format!("tokens/{}", trellis_identity::token_hash(secret));
+        for _ in 0..8 {
+            let revision = self.state().revision;
+            let entry = self.live_token(secret)?;
+            let mut record = entry.token.clone();
+            record.uses -= 1;
+            let mut op = Op::put(
+                key.clone(),
+                serde_json::to_vec(&record)
+                    .map_err(|e| IdentityError::Unavailable(e.to_string()))?,
+                Expect::Version(entry.version),
+            );
+            op.lease = entry.lease;
+            match self.store.commit(vec![op]).await {
+                Ok(rev) => {
+                    self.wait_for(rev).await;
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => self.wait_newer(revision).await,
+                Err(e) => return Err(IdentityError::Unavailable(e.to_string())),
+            }
+        }
+        Err(IdentityError::Unavailable(
+            "join token busy: too many concurrent uses".into(),
+        ))
+    }
+
+    /// The control plane's own TLS certificate for `names`, and the trust bundle.
+    pub(crate) fn issue_server_cert(
+        &self,
+        names: &[String],
+    ) -> Result<(trellis_identity::ServerCert, String), IdentityError> {
+        let (_, ca) = self.ca()?;
+        let cert = ca
+            .issue_server_cert(names, self.settings.identity.cert_ttl, SystemTime::now())
+            .map_err(|e| IdentityError::Unavailable(e.to_string()))?;
+        Ok((cert, ca.bundle().to_string()))
+    }
+
+    /// Writes the trust bundle to the configured `ca.pem`, for the CLI (public; it lets
+    /// clients verify this control plane).
+    pub(crate) fn write_ca_file(&self) -> Result<(), StoreError> {
+        let Some(path) = &self.settings.ca_file else {
+            return Ok(());
+        };
+        let (_, bundle) = self
+            .trust()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        if std::fs::read_to_string(path).ok().as_deref() == Some(bundle.as_str()) {
+            return Ok(());
+        }
+        let write = || -> std::io::Result<()> {
+            if let Some(dir) = path.parent()
+                && !dir.as_os_str().is_empty()
+            {
+                std::fs::create_dir_all(dir)?;
+            }
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, bundle.as_bytes())?;
+            std::fs::rename(&tmp, path)
+        };
+        write().map_err(|e| StoreError::Backend(format!("writing {}: {e}", path.display())))?;
+        tracing::info!(file = %path.display(), "trust bundle written (clients verify the control plane with it: TRELLIS_CA_FILE)");
+        Ok(())
+    }
+}
+
+/// The secret part of a join token, however it was written.
+fn secret_of(token: &str) -> Result<&str, IdentityError> {
+    trellis_identity::control::parse_token(token)
+        .map(|t| t.secret)
+        .map_err(IdentityError::Unauthenticated)
 }
 
 /// Store key of the admin token's hash.
@@ -321,20 +473,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn write_secret(path: &std::path::Path, secret: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+fn write_secret(path: &std::path::Path, secret: &str) -> Result<(), String> {
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        trellis_identity::files::private_dir(dir).map_err(|e| e.to_string())?;
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    writeln!(f, "{secret}")?;
-    f.sync_all()
+    trellis_identity::files::write_private(path, format!("{secret}\n").as_bytes())
+        .map_err(|e| e.to_string())
 }
 
 pub use trellis_identity::proof_metadata as metadata;
@@ -364,13 +511,44 @@ impl Principal {
 }
 
 impl Control {
-    /// Authenticates a proxy: a proof made with its certificate, or a join token.
+    /// Authenticates a proxy. Over TLS: the workload certificate it presented as its client
+    /// certificate (verified in the handshake, so bound to this connection), or a join token
+    /// with uses left. Proofs in metadata are refused over TLS, since they can be replayed;
+    /// only an `--insecure` control plane still takes them.
     pub fn authenticate_proxy(
         &self,
         md: &tonic::metadata::MetadataMap,
+        peer: Option<&crate::tls::Peer>,
     ) -> Result<Principal, IdentityError> {
         let now = SystemTime::now();
+        let tls = peer.is_some_and(|p| p.tls);
+        if let Some(certs) = peer.and_then(|p| p.certs.as_ref()) {
+            // The handshake verified the chain against the bundle; a connection stays
+            // authenticated as what it proved then (renewal does not cut it).
+            let (stored, _) = self.ca()?;
+            let id = certs
+                .first()
+                .and_then(trellis_identity::inspect)
+                .map(|(id, _)| id)
+                .ok_or_else(|| {
+                    IdentityError::Unauthenticated(
+                        "the client certificate carries no workload identity".into(),
+                    )
+                })?;
+            if id.trust_domain != stored.trust_domain {
+                return Err(IdentityError::Unauthenticated(format!(
+                    "client certificate {id} is not of trust domain {}",
+                    stored.trust_domain
+                )));
+            }
+            return Ok(Principal::Workload(id));
+        }
         if let Some(time) = md.get(metadata::TIME) {
+            if tls || !self.settings.insecure {
+                return Err(IdentityError::Unauthenticated(
+                    "proofs in metadata are not accepted over TLS: present the workload certificate as the TLS client certificate".into(),
+                ));
+            }
             let (_, ca) = self.ca()?;
             let time: u64 = time
                 .to_str()
@@ -389,10 +567,15 @@ impl Control {
                 .ok_or_else(|| {
                     IdentityError::Unauthenticated("proof without a signature".into())
                 })?;
-            return ca
-                .verify_proof(&chain, time, &signature, now)
-                .map(Principal::Workload)
-                .map_err(|e| IdentityError::Unauthenticated(e.to_string()));
+            return trellis_identity::ca::verify_proof_in(
+                ca.bundle(),
+                &chain,
+                time,
+                &signature,
+                now,
+            )
+            .map(Principal::Workload)
+            .map_err(|e| IdentityError::Unauthenticated(e.to_string()));
         }
         let token = md
             .get("authorization")
@@ -400,20 +583,10 @@ impl Control {
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| {
                 IdentityError::Unauthenticated(
-                    "proxies must present a join token (trellis token create) or a proof with their certificate".into(),
+                    "proxies must present a join token (trellis token create) or their workload certificate".into(),
                 )
             })?;
-        let t = self
-            .state()
-            .tokens
-            .get(&trellis_identity::token_hash(token.trim()))
-            .cloned()
-            .ok_or_else(|| {
-                IdentityError::Unauthenticated("unknown or expired join token".into())
-            })?;
-        if t.expires_at <= unix(now) {
-            return Err(IdentityError::Unauthenticated("join token expired".into()));
-        }
+        let t = self.live_token(secret_of(token)?)?.token;
         Ok(Principal::Token {
             namespace: t.namespace,
             service: t.service,

@@ -15,9 +15,11 @@ mod mesh;
 pub mod registry;
 pub mod state;
 pub mod store;
+mod tls;
 
 pub use config::{SourceFile, WriteError, WriteResult};
 pub use mesh::ProxyStatus;
+pub use tls::{Limits, Peer};
 
 use state::State;
 use std::collections::BTreeMap;
@@ -46,6 +48,16 @@ pub struct Settings {
     pub identity: identity::IdentitySettings,
     /// Where a newly created admin token is written.
     pub admin_token_file: Option<std::path::PathBuf>,
+    /// Where the trust bundle (public) is written for the CLI, `ca.pem` beside the admin
+    /// token by default.
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Serve plaintext instead of TLS (tests and benchmarks only).
+    pub insecure: bool,
+    /// Names (DNS or IP) for the server certificate besides the loopback names and the
+    /// listen address.
+    pub server_names: Vec<String>,
+    /// Connection bounds.
+    pub limits: Limits,
 }
 
 impl Default for Settings {
@@ -54,6 +66,10 @@ impl Default for Settings {
             default_ttl: Duration::from_secs(10),
             identity: identity::IdentitySettings::default(),
             admin_token_file: None,
+            ca_file: None,
+            insecure: false,
+            server_names: Vec::new(),
+            limits: Limits::default(),
         }
     }
 }
@@ -61,6 +77,18 @@ impl Default for Settings {
 impl Control {
     /// Opens the store and starts following its changes.
     pub async fn open(spec: &StoreSpec, settings: Settings) -> Result<Arc<Control>, StoreError> {
+        // Keys and tokens at rest: refuse a store, token or key file others can read.
+        let secret = |e: trellis_identity::files::FileModeError| StoreError::Backend(e.to_string());
+        if let StoreSpec::Dir(dir) = spec {
+            trellis_identity::files::private_dir(dir).map_err(secret)?;
+            trellis_identity::files::check_private(&dir.join(store::REDB_FILE)).map_err(secret)?;
+        }
+        if let Some(f) = &settings.admin_token_file {
+            trellis_identity::files::check_private(f).map_err(secret)?;
+        }
+        if let Some(f) = &settings.identity.key_file {
+            trellis_identity::files::check_private(f).map_err(secret)?;
+        }
         let (store, loaded, mut changes) = Store::open(spec).await?;
         let (tx, rx) = watch::channel(Arc::new(State::load(&loaded)));
         tokio::spawn(async move {
@@ -78,8 +106,16 @@ impl Control {
             settings,
             ca_cache: identity::CaCache::default(),
         });
+        if let StoreSpec::Dir(dir) = spec {
+            // redb creates its file with the process umask.
+            trellis_identity::files::restrict(&dir.join(store::REDB_FILE)).map_err(secret)?;
+        }
         control.ensure_ca().await?;
         control.ensure_admin().await?;
+        control
+            .trust()
+            .map_err(|e| StoreError::Backend(e.to_string()))?;
+        control.write_ca_file()?;
         Ok(control)
     }
 

@@ -74,7 +74,7 @@ impl MeshService {
 
     fn principal<T>(&self, r: &Request<T>) -> Result<crate::identity::Principal, Status> {
         self.control
-            .authenticate_proxy(r.metadata())
+            .authenticate_proxy(r.metadata(), r.extensions().get::<crate::tls::Peer>())
             .map_err(identity_status)
     }
 
@@ -113,7 +113,10 @@ impl Mesh for MeshService {
     ) -> Result<Response<Self::StreamStream>, Status> {
         let principal = self.principal(&request)?;
         let peer = request
-            .remote_addr()
+            .extensions()
+            .get::<crate::tls::Peer>()
+            .map(|p| p.addr)
+            .or_else(|| request.remote_addr())
             .map(|a| a.to_string())
             .unwrap_or_default();
         let mut inbound = request.into_inner();
@@ -228,6 +231,7 @@ impl Mesh for MeshService {
         let (id, issued, bundle_pem, trust_domain) = self
             .control
             .certify(&r.token, &r.csr_pem, &r.current_chain_pem)
+            .await
             .map_err(|e| match e {
                 E::Unauthenticated(m) => Status::unauthenticated(m),
                 E::Denied(m) => Status::permission_denied(m),

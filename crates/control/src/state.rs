@@ -52,6 +52,17 @@ pub struct Workload {
     pub identity: Option<String>,
 }
 
+/// A stored join token, with what a compare-and-swap of its use count needs.
+#[derive(Clone, Debug)]
+pub struct TokenEntry {
+    /// The record.
+    pub token: crate::identity::Token,
+    /// The store revision that last wrote it.
+    pub version: Revision,
+    /// Its lease (it lapses with the token).
+    pub lease: Option<crate::store::LeaseId>,
+}
+
 /// A stored config resource and its version.
 #[derive(Clone, Debug)]
 pub struct Stored {
@@ -84,7 +95,7 @@ pub struct State {
     /// The certificate authority, once stored.
     pub ca: Option<Arc<crate::identity::StoredCa>>,
     /// Join tokens by hash.
-    pub tokens: BTreeMap<String, crate::identity::Token>,
+    pub tokens: BTreeMap<String, TokenEntry>,
     /// SHA-256 of the admin token.
     pub admin_hash: Option<String>,
     /// Compiled proxy views, shared by every proxy with the same needs.
@@ -170,8 +181,15 @@ impl State {
                 .ok()
                 .and_then(|v| v["sha256"].as_str().map(String::from));
         } else if let Some(hash) = e.key.strip_prefix("tokens/") {
-            if let Ok(t) = serde_json::from_str(&text) {
-                self.tokens.insert(hash.to_string(), t);
+            if let Ok(token) = serde_json::from_str(&text) {
+                self.tokens.insert(
+                    hash.to_string(),
+                    TokenEntry {
+                        token,
+                        version: e.version,
+                        lease: e.lease,
+                    },
+                );
             }
         } else if e.key.starts_with("workloads/") {
             match serde_json::from_str::<Workload>(&text) {

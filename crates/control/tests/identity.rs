@@ -7,9 +7,17 @@ use tokio_util::sync::CancellationToken;
 use trellis_api::wire::{self, mesh_client::MeshClient};
 use trellis_control::store::StoreSpec;
 use trellis_control::{Control, Settings};
-use trellis_identity::{SpiffeId, WorkloadKey};
+use trellis_identity::{Credentials, SpiffeId, WorkloadKey};
+use trellis_proxy::control::ControlTls;
 
 async fn start() -> (Arc<Control>, String, CancellationToken, std::path::PathBuf) {
+    start_with(|_| {}).await
+}
+
+/// A control plane serving TLS on a loopback port, with `tune` applied to its settings.
+async fn start_with(
+    tune: impl FnOnce(&mut Settings),
+) -> (Arc<Control>, String, CancellationToken, std::path::PathBuf) {
     let dir = std::env::temp_dir().join(format!(
         "trellis-identity-test-{}-{}",
         std::process::id(),
@@ -20,11 +28,12 @@ async fn start() -> (Arc<Control>, String, CancellationToken, std::path::PathBuf
     ));
     let mut settings = Settings::default();
     settings.identity.trust_domain = "mesh.test".into();
+    tune(&mut settings);
     let control = Control::open(&StoreSpec::Dir(dir.clone()), settings)
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let url = format!("https://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
     tokio::spawn(trellis_control::serve(
         control.clone(),
@@ -38,11 +47,28 @@ fn id(sa: &str) -> SpiffeId {
     SpiffeId::new("mesh.test", "default", sa).unwrap()
 }
 
-async fn certify(
+/// TLS to the control plane, verified with its bundle; `creds` as the client certificate.
+fn tls_for(control: &Control) -> ControlTls {
+    ControlTls {
+        ca_bundle: Some(control.trust().unwrap().1),
+        ..ControlTls::default()
+    }
+}
+
+async fn mesh(
+    control: &Control,
+    url: &str,
+    creds: Option<&Arc<Credentials>>,
+) -> MeshClient<tonic::transport::Channel> {
+    MeshClient::new(tls_for(control).connect(url, creds, |e| e).await.unwrap())
+}
+
+async fn certify_with(
+    control: &Control,
     url: &str,
     req: wire::CertifyRequest,
 ) -> Result<wire::CertifyResponse, tonic::Status> {
-    let mut c = MeshClient::connect(url.to_string()).await.unwrap();
+    let mut c = mesh(control, url, None).await;
     c.certify(req).await.map(|r| r.into_inner())
 }
 
@@ -50,14 +76,16 @@ async fn certify(
 async fn tokens_decide_identities_and_everything_else_is_refused() {
     tokio::time::timeout(Duration::from_secs(30), async {
         let (control, url, stop, dir) = start().await;
+        // Two uses: one certificate below, and registrations while it has uses left.
         let (orders_token, _) = control
-            .create_token("default", "orders", Duration::from_secs(3600))
+            .create_token("default", "orders", Duration::from_secs(3600), 2)
             .await
             .unwrap();
         let key = WorkloadKey::generate().unwrap();
 
         // The token grants its own identity.
-        let ok = certify(
+        let ok = certify_with(
+            &control,
             &url,
             wire::CertifyRequest {
                 token: orders_token.clone(),
@@ -73,7 +101,8 @@ async fn tokens_decide_identities_and_everything_else_is_refused() {
         assert!(!ok.chain_pem.contains("PRIVATE KEY") && !ok.bundle_pem.contains("PRIVATE KEY"));
 
         // A token for orders cannot obtain payment's identity.
-        let e = certify(
+        let e = certify_with(
+            &control,
             &url,
             wire::CertifyRequest {
                 token: orders_token.clone(),
@@ -112,17 +141,18 @@ async fn tokens_decide_identities_and_everything_else_is_refused() {
                 tonic::Code::InvalidArgument,
             ),
         ] {
-            let e = certify(&url, req).await.unwrap_err();
+            let e = certify_with(&control, &url, req).await.unwrap_err();
             assert_eq!(e.code(), code, "{e:?}");
         }
 
         // An expired token is refused.
         let (short, _) = control
-            .create_token("default", "orders", Duration::from_secs(1))
+            .create_token("default", "orders", Duration::from_secs(1), 1)
             .await
             .unwrap();
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let e = certify(
+        let e = certify_with(
+            &control,
             &url,
             wire::CertifyRequest {
                 token: short,
@@ -135,7 +165,8 @@ async fn tokens_decide_identities_and_everything_else_is_refused() {
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 
         // Renewal: the current certificate and its key renew it; another key cannot.
-        let renewed = certify(
+        let renewed = certify_with(
+            &control,
             &url,
             wire::CertifyRequest {
                 csr_pem: key.csr(None).unwrap(),
@@ -147,7 +178,8 @@ async fn tokens_decide_identities_and_everything_else_is_refused() {
         .unwrap();
         assert_eq!(renewed.spiffe_id, id("orders").to_string());
         let thief = WorkloadKey::generate().unwrap();
-        let e = certify(
+        let e = certify_with(
+            &control,
             &url,
             wire::CertifyRequest {
                 csr_pem: thief.csr(None).unwrap(),
@@ -160,7 +192,7 @@ async fn tokens_decide_identities_and_everything_else_is_refused() {
         assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 
         // The proxy protocol: nothing without credentials; a token acts only for its service.
-        let mut mesh = MeshClient::connect(url.clone()).await.unwrap();
+        let mut mesh = mesh(&control, &url, None).await;
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tx.send(wire::StreamRequest {
             node: Some(wire::Node {

@@ -56,6 +56,157 @@ pub struct Issued {
     pub not_after: SystemTime,
 }
 
+/// The control plane's TLS server certificate.
+#[derive(Clone, Debug)]
+pub struct ServerCert {
+    /// Leaf, intermediates and roots, PEM.
+    pub chain_pem: String,
+    /// The leaf's key, PKCS#8 PEM (kept in memory only).
+    pub key_pem: String,
+    /// When the leaf expires.
+    pub not_after: SystemTime,
+}
+
+/// What issues certificates. [`Ca`] holds its key in memory; a KMS or PKCS#11 backend
+/// implements the signing methods with a remote key (rcgen's `SigningKey` is the seam) and
+/// keeps the default verification, which needs only the public bundle.
+pub trait Signer: Send + Sync {
+    /// Signs `csr_pem` for exactly `id` (see [`Ca::sign`]).
+    fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, CaError>;
+
+    /// Renews the identity of `current_chain_pem` for a CSR signed with its key (see
+    /// [`Ca::renew`]).
+    fn renew_csr(
+        &self,
+        csr_pem: &str,
+        current_chain_pem: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(SpiffeId, Issued), CaError>;
+
+    /// Issues the control plane's TLS server certificate (see [`Ca::issue_server`]).
+    fn issue_server_cert(
+        &self,
+        names: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<ServerCert, CaError>;
+
+    /// The trust bundle, PEM.
+    fn bundle(&self) -> &str;
+
+    /// Checks a workload chain against the bundle (see [`Ca::verify_workload`]).
+    fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<SpiffeId, CaError> {
+        verify_workload_in(self.bundle(), chain, now)
+    }
+}
+
+impl Signer for Ca {
+    fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Issued, CaError> {
+        self.sign(csr_pem, id, ttl, now)
+    }
+
+    fn renew_csr(
+        &self,
+        csr_pem: &str,
+        current_chain_pem: &str,
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(SpiffeId, Issued), CaError> {
+        self.renew(csr_pem, current_chain_pem, ttl, now)
+    }
+
+    fn issue_server_cert(
+        &self,
+        names: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<ServerCert, CaError> {
+        self.issue_server(names, ttl, now)
+    }
+
+    fn bundle(&self) -> &str {
+        &self.bundle_pem
+    }
+}
+
+/// Checks that `chain` (leaf first) is a workload certificate that `bundle_pem` trusts,
+/// unexpired at `now`; returns its identity.
+pub fn verify_workload_in(
+    bundle_pem: &str,
+    chain: &[CertificateDer<'_>],
+    now: SystemTime,
+) -> Result<SpiffeId, CaError> {
+    let leaf = chain
+        .first()
+        .ok_or_else(|| CaError::Renewal("no certificate".into()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()).flatten() {
+        let _ = roots.add(c);
+    }
+    let parsed = rustls::server::ParsedCertificate::try_from(leaf)
+        .map_err(|e| CaError::Renewal(e.to_string()))?;
+    let unix = rustls::pki_types::UnixTime::since_unix_epoch(
+        now.duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default(),
+    );
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        &roots,
+        &chain[1..],
+        unix,
+        crate::tls::provider().signature_verification_algorithms.all,
+    )
+    .map_err(|e| CaError::Renewal(format!("certificate: {e}")))?;
+    crate::inspect(leaf)
+        .map(|(id, _)| id)
+        .ok_or_else(|| CaError::Renewal("the certificate has no workload identity".into()))
+}
+
+/// [`Ca::verify_proof`] against `bundle_pem`.
+pub fn verify_proof_in(
+    bundle_pem: &str,
+    chain: &[CertificateDer<'_>],
+    time: u64,
+    signature: &[u8],
+    now: SystemTime,
+) -> Result<SpiffeId, CaError> {
+    let now_secs = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if now_secs.abs_diff(time) > 300 {
+        return Err(CaError::Renewal(
+            "the proof's time is more than five minutes off".into(),
+        ));
+    }
+    let id = verify_workload_in(bundle_pem, chain, now)?;
+    let (_, x509) = x509_parser::parse_x509_certificate(&chain[0])
+        .map_err(|e| CaError::Renewal(e.to_string()))?;
+    let key = aws_lc_rs::signature::UnparsedPublicKey::new(
+        &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+        x509.public_key().subject_public_key.data.as_ref(),
+    );
+    key.verify(crate::proof_message(time).as_bytes(), signature)
+        .map_err(|_| CaError::Renewal("the proof's signature does not verify".into()))?;
+    Ok(id)
+}
+
 /// A loaded CA.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
@@ -193,30 +344,7 @@ impl Ca {
         chain: &[CertificateDer<'_>],
         now: SystemTime,
     ) -> Result<SpiffeId, CaError> {
-        let leaf = chain
-            .first()
-            .ok_or_else(|| CaError::Renewal("no certificate".into()))?;
-        let mut roots = rustls::RootCertStore::empty();
-        for c in CertificateDer::pem_slice_iter(self.bundle_pem.as_bytes()).flatten() {
-            let _ = roots.add(c);
-        }
-        let parsed = rustls::server::ParsedCertificate::try_from(leaf)
-            .map_err(|e| CaError::Renewal(e.to_string()))?;
-        let unix = rustls::pki_types::UnixTime::since_unix_epoch(
-            now.duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap_or_default(),
-        );
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &roots,
-            &chain[1..],
-            unix,
-            crate::tls::provider().signature_verification_algorithms.all,
-        )
-        .map_err(|e| CaError::Renewal(format!("certificate: {e}")))?;
-        crate::inspect(leaf)
-            .map(|(id, _)| id)
-            .ok_or_else(|| CaError::Renewal("the certificate has no workload identity".into()))
+        verify_workload_in(&self.bundle_pem, chain, now)
     }
 
     /// Checks a proof of possession made with [`Credentials::prove`](crate::Credentials::prove):
@@ -229,24 +357,51 @@ impl Ca {
         signature: &[u8],
         now: SystemTime,
     ) -> Result<SpiffeId, CaError> {
-        let now_secs = now
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        if now_secs.abs_diff(time) > 300 {
-            return Err(CaError::Renewal(
-                "the proof's time is more than five minutes off".into(),
-            ));
+        verify_proof_in(&self.bundle_pem, chain, time, signature, now)
+    }
+
+    /// Issues the control plane's own TLS server certificate for `names` (DNS names or IP
+    /// addresses), on a fresh key. The chain ends with the bundle's roots, so a client
+    /// that pins a root by fingerprint (a join token) finds it in the handshake.
+    pub fn issue_server(
+        &self,
+        names: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<ServerCert, CaError> {
+        let key = KeyPair::generate().map_err(|e| CaError::Material(e.to_string()))?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Trellis control plane");
+        for n in names {
+            let san = match n.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(
+                    n.as_str()
+                        .try_into()
+                        .map_err(|e: rcgen::Error| CaError::Material(format!("name {n:?}: {e}")))?,
+                ),
+            };
+            params.subject_alt_names.push(san);
         }
-        let id = self.verify_workload(chain, now)?;
-        let (_, x509) = x509_parser::parse_x509_certificate(&chain[0])
-            .map_err(|e| CaError::Renewal(e.to_string()))?;
-        let key = aws_lc_rs::signature::UnparsedPublicKey::new(
-            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
-            x509.public_key().subject_public_key.data.as_ref(),
-        );
-        key.verify(crate::proof_message(time).as_bytes(), signature)
-            .map_err(|_| CaError::Renewal("the proof's signature does not verify".into()))?;
-        Ok(id)
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = offset(now - Duration::from_secs(60));
+        let not_after = now + ttl;
+        params.not_after = offset(not_after);
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| CaError::Material(e.to_string()))?;
+        let mut chain_pem = cert.pem();
+        chain_pem.push_str(&self.intermediates_pem);
+        chain_pem.push_str(&self.bundle_pem);
+        Ok(ServerCert {
+            chain_pem,
+            key_pem: key.serialize_pem(),
+            not_after,
+        })
     }
 
     fn issue(

@@ -4,10 +4,13 @@
 #![forbid(unsafe_code)]
 
 pub mod ca;
+pub mod control;
+pub mod files;
 mod spiffe;
 pub mod tls;
 
-pub use ca::{Ca, CaError, CaMaterial, Issued};
+pub use ca::{Ca, CaError, CaMaterial, Issued, ServerCert, Signer};
+pub use control::{ControlTlsError, ControlTrust};
 pub use spiffe::{ParseError, SpiffeId, check_trust_domain};
 pub use tls::{CredentialError, Credentials};
 

@@ -60,6 +60,7 @@ pub struct Credentials {
     identity: ArcSwap<SpiffeId>,
     not_after: ArcSwap<SystemTime>,
     roots: ArcSwap<RootCertStore>,
+    bundle_pem: ArcSwap<String>,
     provider: Arc<CryptoProvider>,
 }
 
@@ -145,6 +146,7 @@ impl Credentials {
             identity: ArcSwap::from_pointee(p.identity),
             not_after: ArcSwap::from_pointee(p.not_after),
             roots: ArcSwap::from_pointee(p.roots),
+            bundle_pem: ArcSwap::from_pointee(bundle_pem.to_string()),
             provider,
         }))
     }
@@ -164,6 +166,7 @@ impl Credentials {
             &self.provider,
         )?;
         self.roots.store(Arc::new(p.roots));
+        self.bundle_pem.store(Arc::new(bundle_pem.to_string()));
         self.certified.store(Arc::new(p.certified));
         self.identity.store(Arc::new(p.identity));
         self.not_after.store(Arc::new(p.not_after));
@@ -191,6 +194,11 @@ impl Credentials {
     /// When the current certificate expires.
     pub fn not_after(&self) -> SystemTime {
         **self.not_after.load()
+    }
+
+    /// The trust bundle, PEM (it also verifies the control plane).
+    pub fn bundle_pem(&self) -> String {
+        (**self.bundle_pem.load()).clone()
     }
 
     /// The trust domain.
@@ -221,6 +229,11 @@ impl Credentials {
             .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
         c.alpn_protocols = vec![ALPN_MESH.to_vec()];
         Arc::new(c)
+    }
+
+    /// Presents the current certificate as a client certificate (the control channel).
+    pub(crate) fn client_resolver(self: &Arc<Self>) -> Arc<dyn ResolvesClientCert> {
+        Arc::new(Resolver(self.clone()))
     }
 
     fn algorithms(&self) -> WebPkiSupportedAlgorithms {

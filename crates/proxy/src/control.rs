@@ -82,15 +82,12 @@ impl HeldSet {
             path: path.into(),
             source,
         };
-        let tmp = path.with_extension("tmp");
         let bytes = serde_json::to_vec(self).unwrap_or_default();
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp).map_err(io)?;
-            f.write_all(&bytes).map_err(io)?;
-            f.sync_all().map_err(io)?;
-        }
-        std::fs::rename(&tmp, path).map_err(io)
+        // Owner-only, like the rest of the state directory.
+        trellis_identity::files::write_private(path, &bytes).map_err(|e| match e {
+            trellis_identity::files::FileModeError::Io { source, .. } => io(source),
+            other => io(std::io::Error::other(other.to_string())),
+        })
     }
 
     /// The resources, parsed.
@@ -193,6 +190,166 @@ pub fn assemble(
     out
 }
 
+/// How this process secures its connections to the control plane.
+#[derive(Clone, Debug, Default)]
+pub struct ControlTls {
+    /// Plaintext (`--insecure` with an `http://` URL): tests and benchmarks only.
+    pub insecure: bool,
+    /// The trust bundle from `--ca-file`, for a proxy that holds no certificate yet.
+    pub ca_bundle: Option<String>,
+    /// The join token: authenticates before the first certificate, and its CA fingerprint
+    /// pins the control plane when nothing else does.
+    pub token: Option<String>,
+}
+
+/// The control plane presented a certificate this process does not trust: an impostor or
+/// a misconfiguration; retrying does not help.
+#[derive(Debug, thiserror::Error)]
+#[error("untrusted control plane: {0}")]
+pub struct Untrusted(pub String);
+
+impl ControlTls {
+    /// How the server is verified now: the bundle that came with this proxy's certificate,
+    /// else `--ca-file`, else the join token's CA fingerprint.
+    pub fn trust(
+        &self,
+        creds: Option<&Arc<trellis_identity::Credentials>>,
+    ) -> Result<trellis_identity::ControlTrust, String> {
+        use trellis_identity::ControlTrust;
+        if let Some(c) = creds {
+            return Ok(ControlTrust::Bundle(c.bundle_pem()));
+        }
+        if let Some(b) = &self.ca_bundle {
+            return Ok(ControlTrust::Bundle(b.clone()));
+        }
+        if let Some(t) = &self.token {
+            let parsed = trellis_identity::control::parse_token(t)?;
+            if let Some(fp) = parsed.ca_fingerprint {
+                return Ok(ControlTrust::Fingerprint(fp.to_string()));
+            }
+        }
+        Err("no way to verify the control plane: pass --ca-file (the ca.pem `trellis control` writes) or a join token that carries the CA fingerprint (trellis token create)".into())
+    }
+
+    /// A channel to `url`, configured by `configure` (timeouts, keepalive): TLS with the
+    /// server verified and `creds` presented as the client certificate, unless insecure.
+    pub async fn connect(
+        &self,
+        url: &str,
+        creds: Option<&Arc<trellis_identity::Credentials>>,
+        configure: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+    ) -> Result<tonic::transport::Channel, String> {
+        let endpoint = configure(self.endpoint(url)?);
+        let result = match self.connector(creds)? {
+            Some(c) => endpoint.connect_with_connector(c).await,
+            None => endpoint.connect().await,
+        };
+        result.map_err(|e| format!("{url}: {}", error_chain(&e)))
+    }
+
+    /// Like [`ControlTls::connect`], connecting on first use.
+    pub fn connect_lazy(
+        &self,
+        url: &str,
+        creds: Option<&Arc<trellis_identity::Credentials>>,
+        configure: impl FnOnce(tonic::transport::Endpoint) -> tonic::transport::Endpoint,
+    ) -> Result<tonic::transport::Channel, String> {
+        let endpoint = configure(self.endpoint(url)?);
+        Ok(match self.connector(creds)? {
+            Some(c) => endpoint.connect_with_connector_lazy(c),
+            None => endpoint.connect_lazy(),
+        })
+    }
+
+    fn endpoint(&self, url: &str) -> Result<tonic::transport::Endpoint, String> {
+        check_scheme(url, self.insecure)?;
+        tonic::transport::Endpoint::from_shared(url.to_string()).map_err(|e| format!("{url}: {e}"))
+    }
+
+    fn connector(
+        &self,
+        creds: Option<&Arc<trellis_identity::Credentials>>,
+    ) -> Result<Option<TlsConnect>, String> {
+        if self.insecure {
+            return Ok(None);
+        }
+        let trust = self.trust(creds)?;
+        let config = trellis_identity::control::control_client_config(&trust, creds, &[b"h2"])
+            .map_err(|e| e.to_string())?;
+        Ok(Some(tls_connector(config)))
+    }
+}
+
+/// Checks that `url` fits the security mode: `https://` normally, `http://` only with
+/// `--insecure`.
+pub fn check_scheme(url: &str, insecure: bool) -> Result<(), String> {
+    match (url.split_once("://").map(|(s, _)| s), insecure) {
+        (Some("https"), _) => Ok(()),
+        (Some("http"), true) => Ok(()),
+        (Some("http"), false) => Err(format!(
+            "{url}: plaintext to the control plane needs --insecure (use https:// URLs)"
+        )),
+        _ => Err(format!("{url}: control plane URLs start with https://")),
+    }
+}
+
+/// Every message in an error's source chain, so a TLS refusal is not reduced to
+/// "transport error".
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let m = s.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = s.source();
+    }
+    out
+}
+
+type TlsIo = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+type TlsConnect = tower::util::BoxCloneSyncService<http::Uri, TlsIo, std::io::Error>;
+
+/// TCP then TLS to the URI's host, verifying the server by `config`.
+fn tls_connector(config: Arc<rustls::ClientConfig>) -> TlsConnect {
+    let connector = tokio_rustls::TlsConnector::from(config);
+    tower::util::BoxCloneSyncService::new(tower::service_fn(move |uri: http::Uri| {
+        let connector = connector.clone();
+        async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| std::io::Error::other(format!("{uri}: no host")))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
+            let _ = tcp.set_nodelay(true);
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|e| std::io::Error::other(format!("{host}: {e}")))?;
+            let tls = connector.connect(name, tcp).await.map_err(|e| {
+                let refused = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| {
+                        matches!(
+                            r,
+                            rustls::Error::InvalidCertificate(_) | rustls::Error::General(_)
+                        )
+                    });
+                if refused {
+                    std::io::Error::other(Untrusted(e.to_string()))
+                } else {
+                    e
+                }
+            })?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        }
+    }))
+}
+
 /// How to follow the control plane.
 #[derive(Clone, Debug)]
 pub struct Follow {
@@ -204,8 +361,8 @@ pub struct Follow {
     pub local: Vec<Located<Resource>>,
     /// Where the accepted set is persisted.
     pub state_file: Option<PathBuf>,
-    /// A join token, to authenticate before this proxy has a certificate.
-    pub token: Option<String>,
+    /// TLS and credentials for the control channel.
+    pub tls: ControlTls,
 }
 
 /// Follows the control plane until the proxy drains: connects, applies every update, and
@@ -249,14 +406,16 @@ async fn session(
     held: &mut HeldSet,
     backoff: &mut Backoff,
 ) -> Result<(), tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect()
+    let creds = proxy.credentials();
+    let channel = cfg
+        .tls
+        .connect(endpoint, creds.as_ref(), |e| {
+            e.connect_timeout(Duration::from_secs(2))
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(5))
+        })
         .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        .map_err(tonic::Status::unavailable)?;
     let mut client = MeshClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     let hello = wire::StreamRequest {
@@ -270,7 +429,7 @@ async fn session(
     };
     let _ = tx.send(hello).await;
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    crate::identity::authorize(&mut request, proxy, cfg.token.as_deref());
+    crate::identity::authorize(&mut request, proxy, &cfg.tls);
     let mut responses = client.stream(request).await?.into_inner();
     tracing::info!(%endpoint, "connected to the control plane");
     proxy.shared.metrics.control_connected.set(1);

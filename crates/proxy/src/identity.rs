@@ -31,8 +31,8 @@ pub enum IdentityError {
 pub struct IdentityConfig {
     /// Control-plane replicas.
     pub endpoints: Vec<String>,
-    /// A join token, for the first certificate.
-    pub token: Option<String>,
+    /// TLS for the control channel; its join token gets the first certificate.
+    pub tls: crate::control::ControlTls,
     /// Directory for `identity.json` (certificate, key, bundle).
     pub state_dir: PathBuf,
 }
@@ -56,24 +56,10 @@ fn file(dir: &Path) -> PathBuf {
 }
 
 fn persist(dir: &Path, p: &Persisted) -> Result<(), IdentityError> {
-    let path = file(dir);
-    let tmp = path.with_extension("tmp");
     let bytes = serde_json::to_vec(p).map_err(|e| IdentityError::Invalid(e.to_string()))?;
-    let write = || -> std::io::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        // The private key: readable by this user only.
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)
-    };
-    write().map_err(|e| IdentityError::Invalid(format!("{}: {e}", path.display())))
+    // The private key: readable by this user only.
+    trellis_identity::files::write_private(&file(dir), &bytes)
+        .map_err(|e| IdentityError::Invalid(e.to_string()))
 }
 
 fn load(dir: &Path) -> Option<Persisted> {
@@ -81,24 +67,27 @@ fn load(dir: &Path) -> Option<Persisted> {
 }
 
 async fn certify(
-    endpoints: &[String],
+    cfg: &IdentityConfig,
+    creds: Option<&Arc<Credentials>>,
     request: wire::CertifyRequest,
 ) -> Result<wire::CertifyResponse, IdentityError> {
     let mut last = String::from("no control plane configured");
-    for url in endpoints {
-        let channel = match tonic::transport::Endpoint::from_shared(url.clone()) {
-            Ok(e) => {
+    for url in &cfg.endpoints {
+        let channel = cfg
+            .tls
+            .connect(url, creds, |e| {
                 e.connect_timeout(Duration::from_secs(2))
                     .timeout(Duration::from_secs(10))
-                    .connect()
-                    .await
-            }
-            Err(e) => return Err(IdentityError::Invalid(e.to_string())),
-        };
+            })
+            .await;
         let channel = match channel {
             Ok(c) => c,
+            // An impostor (or the wrong CA file): retrying will not change its certificate.
+            Err(e) if e.contains("untrusted control plane") => {
+                return Err(IdentityError::Refused(e));
+            }
             Err(e) => {
-                last = format!("{url}: {e}");
+                last = e;
                 continue;
             }
         };
@@ -157,7 +146,7 @@ pub async fn bootstrap(
             _ => tracing::info!("persisted certificate expired or unusable; requesting a new one"),
         }
     }
-    let token = cfg.token.clone().ok_or_else(|| {
+    let token = cfg.tls.token.clone().ok_or_else(|| {
         IdentityError::Refused(
             "no join token (trellis token create) and no valid persisted certificate".into(),
         )
@@ -169,7 +158,8 @@ pub async fn bootstrap(
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let response = loop {
         match certify(
-            &cfg.endpoints,
+            cfg,
+            None,
             wire::CertifyRequest {
                 token: token.clone(),
                 csr_pem: csr.clone(),
@@ -257,7 +247,7 @@ pub async fn renew(
             .map(|p| p.chain_pem)
             .unwrap_or_default();
         let expired = creds.not_after() <= SystemTime::now();
-        let request = match (&cfg.token, expired || current.is_empty()) {
+        let request = match (&cfg.tls.token, expired || current.is_empty()) {
             (Some(t), true) => wire::CertifyRequest {
                 token: t.clone(),
                 csr_pem: key.clone(),
@@ -269,7 +259,8 @@ pub async fn renew(
                 ..Default::default()
             },
         };
-        match certify(&cfg.endpoints, request).await {
+        let present = (!expired).then_some(&creds);
+        match certify(&cfg, present, request).await {
             Ok(r) => {
                 let now = SystemTime::now();
                 if install(&proxy, &cfg, &r, &key_pem, now).is_ok() {
@@ -295,13 +286,18 @@ fn rcgen_key(key_pem: &str) -> Result<String, IdentityError> {
         .map_err(|e| IdentityError::Invalid(e.to_string()))
 }
 
-/// Adds this proxy's credentials to a request on the proxy protocol: a proof made with its
-/// certificate when it has one, else its join token.
-pub fn authorize<T>(req: &mut tonic::Request<T>, proxy: &Proxy, token: Option<&str>) {
+/// Adds this proxy's credentials to a request on the proxy protocol. Over TLS a proxy with
+/// a certificate needs nothing here (it is the TLS client certificate); without one it sends
+/// its join token (inside TLS). Only on an `--insecure` channel does a proxy with a
+/// certificate send a proof in metadata, which anyone on the path could replay.
+pub fn authorize<T>(req: &mut tonic::Request<T>, proxy: &Proxy, tls: &crate::control::ControlTls) {
     use tonic::metadata::{BinaryMetadataValue, MetadataValue};
     use trellis_identity::proof_metadata as md;
     let meta = req.metadata_mut();
     if let Some(creds) = proxy.credentials() {
+        if !tls.insecure {
+            return;
+        }
         let now = unix(SystemTime::now());
         if let Some((chain, signature)) = creds.prove(now)
             && let Ok(time) = MetadataValue::try_from(now.to_string())
@@ -314,8 +310,8 @@ pub fn authorize<T>(req: &mut tonic::Request<T>, proxy: &Proxy, token: Option<&s
             return;
         }
     }
-    if let Some(t) = token
-        && let Ok(v) = MetadataValue::try_from(format!("Bearer {t}"))
+    if let Some(t) = &tls.token
+        && let Ok(v) = MetadataValue::try_from(format!("Bearer {}", t.trim()))
     {
         meta.insert("authorization", v);
     }

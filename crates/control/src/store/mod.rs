@@ -18,7 +18,7 @@ mod redb;
 
 #[cfg(feature = "etcd")]
 pub use self::etcd::EtcdStore;
-pub use self::redb::RedbStore;
+pub use self::redb::{FILE as REDB_FILE, RedbStore};
 
 use std::path::PathBuf;
 use std::time::Duration;

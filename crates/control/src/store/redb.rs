@@ -25,7 +25,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use super::{Change, Entry, Event, Expect, LeaseId, Loaded, Op, Revision, StoreError};
 
 /// The file inside the data directory.
-const FILE: &str = "trellis.redb";
+pub const FILE: &str = "trellis.redb";
 /// key → (value, version, lease id or 0 for none).
 const ENTRIES: TableDefinition<&str, (&[u8], u64, u64)> = TableDefinition::new("entries");
 /// lease id → TTL in milliseconds.

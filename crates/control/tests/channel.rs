@@ -1,0 +1,369 @@
+//! The control channel: TLS verified against the mesh CA or the fingerprint a join token
+//! pins, proxy identity from the TLS client certificate (no replayable proofs), single-use
+//! join tokens, secrets at rest, and bounded connections.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use trellis_api::wire::{self, mesh_client::MeshClient};
+use trellis_control::store::StoreSpec;
+use trellis_control::{Control, Settings};
+use trellis_identity::{Credentials, WorkloadKey};
+use trellis_proxy::control::ControlTls;
+
+struct Plane {
+    control: Arc<Control>,
+    url: String,
+    stop: CancellationToken,
+    dir: PathBuf,
+}
+
+impl Plane {
+    /// Stops serving and removes the data directory.
+    fn finish(self) {
+        self.stop.cancel();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "trellis-channel-{tag}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ))
+}
+
+async fn start(tag: &str, tune: impl FnOnce(&mut Settings)) -> Plane {
+    let dir = temp_dir(tag);
+    let mut settings = Settings::default();
+    settings.identity.trust_domain = "mesh.test".into();
+    settings.admin_token_file = Some(dir.join("store/admin-token"));
+    tune(&mut settings);
+    let control = Control::open(&StoreSpec::Dir(dir.join("store")), settings)
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(trellis_control::serve(
+        control.clone(),
+        listener,
+        stop.clone(),
+    ));
+    Plane {
+        control,
+        url,
+        stop,
+        dir,
+    }
+}
+
+impl Plane {
+    fn bundle(&self) -> String {
+        self.control.trust().unwrap().1
+    }
+
+    fn tls(&self) -> ControlTls {
+        ControlTls {
+            ca_bundle: Some(self.bundle()),
+            ..ControlTls::default()
+        }
+    }
+
+    async fn client(
+        &self,
+        creds: Option<&Arc<Credentials>>,
+    ) -> MeshClient<tonic::transport::Channel> {
+        MeshClient::new(self.tls().connect(&self.url, creds, |e| e).await.unwrap())
+    }
+
+    async fn token(&self, service: &str, uses: u32) -> String {
+        self.control
+            .create_token("default", service, Duration::from_secs(600), uses)
+            .await
+            .unwrap()
+            .0
+    }
+
+    /// A certificate for `service` through the protocol, as a proxy gets it.
+    async fn credentials(&self, service: &str) -> Arc<Credentials> {
+        let key = WorkloadKey::generate().unwrap();
+        let r = self
+            .client(None)
+            .await
+            .certify(wire::CertifyRequest {
+                token: self.token(service, 1).await,
+                csr_pem: key.csr(None).unwrap(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        Credentials::new(&r.trust_domain, &r.chain_pem, &key.pem(), &r.bundle_pem).unwrap()
+    }
+}
+
+fn register(service: &str) -> wire::RegisterRequest {
+    wire::RegisterRequest {
+        instance: Some(wire::Instance {
+            service: service.into(),
+            address: "127.0.0.1:1".into(),
+            port: 80,
+            ..Default::default()
+        }),
+        ttl_seconds: 5,
+    }
+}
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(60), f)
+        .await
+        .expect("test timed out")
+}
+
+#[tokio::test]
+async fn a_captured_proof_replayed_on_a_new_connection_is_refused() {
+    bounded(async {
+        let cp = start("replay", |_| {}).await;
+        let creds = cp.credentials("orders").await;
+        // What an observer of the old protocol captured: a signed time and the chain.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let (chain, signature) = creds.prove(now).unwrap();
+        let mut replayed = tonic::Request::new(register("orders"));
+        {
+            use tonic::metadata::{BinaryMetadataValue, MetadataValue};
+            use trellis_identity::proof_metadata as md;
+            let m = replayed.metadata_mut();
+            m.insert(md::TIME, MetadataValue::try_from(now.to_string()).unwrap());
+            for c in &chain {
+                m.append_bin(md::CHAIN, BinaryMetadataValue::from_bytes(c.as_ref()));
+            }
+            m.insert_bin(md::SIGNATURE, BinaryMetadataValue::from_bytes(&signature));
+        }
+        // Replayed on a new connection without the key: refused.
+        let e = cp.client(None).await.register(replayed).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        assert!(
+            e.message().contains("client certificate"),
+            "{}",
+            e.message()
+        );
+        // The holder of the key proves itself in the handshake, and acts as itself only.
+        let mut own = cp.client(Some(&creds)).await;
+        assert!(own.register(register("orders")).await.is_ok());
+        let e = own.register(register("payment")).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        cp.finish();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn join_tokens_are_single_use_unless_created_with_more_uses() {
+    bounded(async {
+        let cp = start("uses", |_| {}).await;
+        let certify = |token: String| {
+            let cp = &cp;
+            async move {
+                let key = WorkloadKey::generate().unwrap();
+                cp.client(None)
+                    .await
+                    .certify(wire::CertifyRequest {
+                        token,
+                        csr_pem: key.csr(None).unwrap(),
+                        ..Default::default()
+                    })
+                    .await
+            }
+        };
+        let once = cp.token("orders", 1).await;
+        assert!(once.starts_with("trellis1."), "{once}");
+        assert!(certify(once.clone()).await.is_ok());
+        let e = certify(once.clone()).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        assert!(e.message().contains("already used"), "{}", e.message());
+        // A spent token authorizes nothing else either.
+        let mut r = tonic::Request::new(register("orders"));
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {once}").parse().unwrap());
+        let e = cp.client(None).await.register(r).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+
+        let twice = cp.token("orders", 2).await;
+        assert!(certify(twice.clone()).await.is_ok());
+        assert!(certify(twice.clone()).await.is_ok());
+        assert!(certify(twice).await.is_err());
+
+        // Racing uses of one single-use token: exactly one wins.
+        let racy = cp.token("orders", 1).await;
+        let results = futures_util::future::join_all((0..6).map(|_| certify(racy.clone()))).await;
+        let won = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(won, 1, "{results:?}");
+        cp.finish();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_impostor_control_plane_is_refused_by_fingerprint_and_by_bundle() {
+    bounded(async {
+        let real = start("real", |_| {}).await;
+        let impostor = start("impostor", |_| {}).await;
+        let token = real.token("orders", 1).await;
+        let pinned = ControlTls {
+            token: Some(token.clone()),
+            ..ControlTls::default()
+        };
+        // A first-time proxy with only its token: the impostor's CA is not the pinned one.
+        let e = pinned
+            .connect(&impostor.url, None, |e| e)
+            .await
+            .unwrap_err();
+        assert!(e.contains("untrusted control plane"), "{e}");
+        assert!(e.contains("pinned by the join token"), "{e}");
+        // With the real bundle, the same.
+        let e = real
+            .tls()
+            .connect(&impostor.url, None, |e| e)
+            .await
+            .unwrap_err();
+        assert!(e.contains("not issued by the trusted mesh CA"), "{e}");
+        // The real control plane passes the pin and hands out the bundle.
+        let key = WorkloadKey::generate().unwrap();
+        let r = MeshClient::new(pinned.connect(&real.url, None, |e| e).await.unwrap())
+            .certify(wire::CertifyRequest {
+                token,
+                csr_pem: key.csr(None).unwrap(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.bundle_pem, real.bundle());
+        // Plaintext needs --insecure on the client side.
+        let plain = real.url.replace("https://", "http://");
+        let e = real.tls().connect(&plain, None, |e| e).await.unwrap_err();
+        assert!(e.contains("--insecure"), "{e}");
+        real.finish();
+        impostor.finish();
+    })
+    .await;
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+#[tokio::test]
+async fn store_and_key_files_are_owner_only_and_open_ones_are_refused() {
+    bounded(async {
+        let key_file = temp_dir("cakey").join("ca.key");
+        let cp = start("modes", |s| s.identity.key_file = Some(key_file.clone())).await;
+        let store = cp.dir.join("store");
+        assert_eq!(mode(&store), 0o700);
+        assert_eq!(mode(&store.join("trellis.redb")), 0o600);
+        assert_eq!(mode(&store.join("admin-token")), 0o600);
+        assert_eq!(mode(&key_file), 0o600);
+        // The CA key is in its file, not in the store.
+        let redb = std::fs::read(store.join("trellis.redb")).unwrap();
+        let key = std::fs::read_to_string(&key_file).unwrap();
+        assert!(key.contains("PRIVATE KEY"));
+        assert!(
+            !redb.windows(11).any(|w| w == b"PRIVATE KEY"),
+            "the store holds a private key"
+        );
+        // It still signs (a certificate comes from the key in the file).
+        cp.credentials("orders").await;
+        let dir = cp.dir.clone();
+        cp.stop.cancel();
+        drop(cp);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+
+        let reopen = |key_file: PathBuf| {
+            let dir = dir.clone();
+            async move {
+                let mut s = Settings::default();
+                s.identity.trust_domain = "mesh.test".into();
+                s.identity.key_file = Some(key_file);
+                s.admin_token_file = Some(dir.join("store/admin-token"));
+                Control::open(&StoreSpec::Dir(dir.join("store")), s)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            }
+        };
+        let set = |p: &Path, m: u32| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
+        };
+        for (path, open, fix) in [
+            (store.join("trellis.redb"), 0o644, "chmod 600"),
+            (store.join("admin-token"), 0o640, "chmod 600"),
+            (key_file.clone(), 0o644, "chmod 600"),
+            (store.clone(), 0o755, "chmod 700"),
+        ] {
+            let closed = mode(&path);
+            set(&path, open);
+            let e = reopen(key_file.clone()).await.unwrap_err();
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains(fix),
+                "{path:?}: {e}"
+            );
+            set(&path, closed);
+        }
+        reopen(key_file.clone()).await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(key_file.parent().unwrap());
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_while_a_well_behaved_client_is_served() {
+    bounded(async {
+        let cp = start("flood", |s| {
+            s.limits.handshake_timeout = Duration::from_secs(1);
+        })
+        .await;
+        let addr = cp.url.trim_start_matches("https://").to_string();
+        // 500 connections that never speak.
+        let mut idle = Vec::new();
+        for _ in 0..500 {
+            idle.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        }
+        // A well-behaved client is served at once, flood or not.
+        let start = tokio::time::Instant::now();
+        let creds = cp.credentials("orders").await;
+        let mut c = cp.client(Some(&creds)).await;
+        c.register(register("orders")).await.unwrap();
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            start.elapsed()
+        );
+        // Every silent connection is closed by the server after the handshake deadline.
+        let closed = futures_util::future::join_all(idle.iter_mut().map(|s| async move {
+            use tokio::io::AsyncReadExt;
+            let mut b = [0u8; 1];
+            matches!(
+                tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await,
+                Ok(Ok(0) | Err(_))
+            )
+        }))
+        .await;
+        let n = closed.iter().filter(|c| **c).count();
+        assert_eq!(n, 500, "{n} of 500 idle connections closed");
+        // The live connection is untouched: it still works.
+        c.register(register("orders")).await.unwrap();
+        cp.finish();
+    })
+    .await;
+}
