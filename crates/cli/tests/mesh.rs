@@ -1089,3 +1089,37 @@ fn the_control_channel_is_verified_and_credentials_stay_off_the_command_line() {
         out.contains("sa/payment").then_some(())
     });
 }
+
+#[test]
+fn trellis_run_takes_its_inbound_protocol_from_the_service() {
+    let dir = TempDir::new("app-protocol");
+    let cp = ControlPlane::start_in(dir.path());
+    let svc = dir.write(
+        "service.yaml",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: product-catalog}\nspec:\n  ports: [{port: 80, appProtocol: http}]\n",
+    );
+    let (code, _, err) = cp.cli(&["apply", "-f", svc.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    // No protocol flag: the sidecar binds its inbound listener before the control plane's
+    // view (with the Service) arrives, and takes the declaration from it.
+    let catalog = mtls_catalog(&cp, dir.path());
+    let admin = admin_port(&catalog);
+    let inbound_port: u16 = wait_for(Duration::from_secs(20), "the catalog to register", || {
+        let (_, workloads, _) = cp.cli(&["get", "workloads", "-o", "json"]);
+        workloads
+            .lines()
+            .find(|l| l.contains("\"address\""))
+            .and_then(|l| l.split('"').nth(3))
+            .and_then(|a| a.rsplit(':').next()?.parse().ok())
+    });
+    let declared = "trellis_protocol_detections_total{direction=\"inbound\",protocol=\"http1\",how=\"declared\"}";
+    wait_for(
+        Duration::from_secs(20),
+        "the inbound listener to take the Service's appProtocol",
+        || {
+            let r = get(inbound_port, "/products/1").ok()?;
+            assert_eq!(r.status, 200, "{r:?}");
+            (metric(admin, declared).unwrap_or(0.0) >= 1.0).then_some(())
+        },
+    );
+}
