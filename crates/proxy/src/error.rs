@@ -127,11 +127,17 @@ impl ProxyError {
             Audience::App => self.to_string(),
             Audience::Remote => self.generic_reason().to_string(),
         };
-        // Header values must be visible ASCII; the same encoding as grpc-message keeps any
-        // other byte readable.
-        let encoded = grpc_message(&reason);
-        let reason_value = HeaderValue::from_str(&encoded)
-            .unwrap_or_else(|_| HeaderValue::from_static("proxy error"));
+        // grpc-message is always percent-encoded (the gRPC spec); the readable header only
+        // when the reason holds a byte beyond printable ASCII.
+        let encoded = || {
+            HeaderValue::from_str(&grpc_message(&reason))
+                .unwrap_or_else(|_| HeaderValue::from_static("proxy error"))
+        };
+        let reason_value = if reason.bytes().all(|b| (0x20..=0x7E).contains(&b)) {
+            HeaderValue::from_str(&reason).unwrap_or_else(|_| encoded())
+        } else {
+            encoded()
+        };
         let mut resp = if grpc {
             let code = match self.status() {
                 StatusCode::NOT_FOUND => "12",             // UNIMPLEMENTED
@@ -149,7 +155,7 @@ impl ProxyError {
                 HeaderValue::from_static("application/grpc"),
             );
             h.insert("grpc-status", HeaderValue::from_static(code));
-            h.insert("grpc-message", reason_value.clone());
+            h.insert("grpc-message", encoded());
             r
         } else {
             let mut r = Response::new(body::full(format!("{reason}\n")));
@@ -238,6 +244,18 @@ mod tests {
     }
 
     #[test]
+    fn reasons_a_header_cannot_carry_are_encoded_in_it_too() {
+        let e = ProxyError::BadRequest("caf\u{e9} 100%".into());
+        let resp = e.clone().into_response(false, Audience::App);
+        assert_eq!(text(&resp, ERROR_HEADER), "bad request: caf%C3%A9 100%25");
+        let resp = e.into_response(true, Audience::App);
+        assert_eq!(
+            decode(&text(&resp, "grpc-message")),
+            "bad request: caf\u{e9} 100%"
+        );
+    }
+
+    #[test]
     fn remote_callers_get_generic_reasons_and_the_app_the_full_one() {
         let errors = [
             ProxyError::Connect(addr(), "Connection refused (os error 111)".into()),
@@ -270,7 +288,7 @@ mod tests {
                     }
                 }
                 let app = e.clone().into_response(grpc, Audience::App);
-                assert_eq!(decode(&text(&app, ERROR_HEADER)), detail);
+                assert_eq!(text(&app, ERROR_HEADER), detail);
                 if grpc {
                     assert_eq!(decode(&text(&app, "grpc-message")), detail);
                 }
