@@ -18,7 +18,9 @@ pub struct ProxySpec {
     #[serde(default)]
     pub outbound: Vec<OutboundListener>,
     /// How long to wait for a client's first bytes before treating the connection as opaque
-    /// TCP (so server-speaks-first protocols are never stalled for long). Default `300ms`.
+    /// TCP (so server-speaks-first protocols are never stalled for long), or, on an inbound
+    /// port whose policy reads requests (paths, methods, headers, tokens), refusing it.
+    /// Default `300ms`.
     #[serde(default = "default_detect")]
     pub detect_timeout: Duration,
     /// Default time to establish an upstream connection. Default `1s`.

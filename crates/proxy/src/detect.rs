@@ -1,6 +1,7 @@
 //! Protocol detection from a connection's first bytes: HTTP/2 prior knowledge, HTTP/1.x, or
 //! opaque TCP. A client that sends nothing within the detect timeout is treated as TCP, so a
-//! server-speaks-first protocol is delayed by at most that timeout.
+//! server-speaks-first protocol is delayed by at most that timeout; on an inbound port whose
+//! policy needs HTTP, the server refuses what this calls TCP instead of forwarding it.
 
 use bytes::BytesMut;
 use std::time::Duration;
