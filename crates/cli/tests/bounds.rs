@@ -79,16 +79,7 @@ spec:
     wait_for(Duration::from_secs(20), "the proxy to be ready", || {
         get(admin, "/ready").ok().filter(|r| r.status == 200)
     });
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", proxy.pid())).unwrap();
-    let nofile = limits
-        .lines()
-        .find(|l| l.starts_with("Max open files"))
-        .unwrap()
-        .split_whitespace()
-        .skip(3)
-        .take(2)
-        .collect::<Vec<_>>();
-    assert_eq!(nofile, ["1024", "1024"], "{limits}");
+    assert_eq!(nofile(proxy.pid()), ["1024", "1024"]);
     assert!(
         proxy.log_text().contains("file limit"),
         "{}",
@@ -131,4 +122,51 @@ spec:
     );
     assert!(!proxy.log_text().contains("panicked"));
     drop(idle);
+}
+
+/// The soft and hard file limits of process `pid`.
+fn nofile(pid: u32) -> Vec<String> {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .skip(3)
+        .take(2)
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn the_proxy_raises_its_file_limit_to_the_hard_limit() {
+    let dir = TempDir::new("bounds-nofile");
+    let admin = free_port();
+    let config = dir.write(
+        "proxy.yaml",
+        &format!(
+            "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: nofile}}
+spec:
+  admin: {{address: 127.0.0.1:{admin}}}
+"
+        ),
+    );
+    let mut cmd = std::process::Command::new("prlimit");
+    cmd.args(["--nofile=512:4096", "--", bin(), "proxy", "--config"])
+        .arg(&config);
+    let proxy = Proc::spawn("proxy", dir.path(), cmd);
+    wait_for(Duration::from_secs(20), "the proxy to be ready", || {
+        get(admin, "/ready").ok().filter(|r| r.status == 200)
+    });
+    assert_eq!(nofile(proxy.pid()), ["4096", "4096"]);
+    let log = proxy.log_text();
+    assert!(log.contains("file limit") && log.contains("4096"), "{log}");
+    // The default caps follow the raised limit: (4096 - 256) / 2.
+    let metrics = get(admin, "/metrics").unwrap().body;
+    assert!(
+        metrics.contains("trellis_connection_limit_total 1920"),
+        "{metrics}"
+    );
 }

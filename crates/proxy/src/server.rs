@@ -199,19 +199,14 @@ async fn accept_loop(
     // This listener's open connections, against its cap.
     let listener_open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let limit_labels = |limit: &'static str, listener: Arc<str>| LimitLabels { listener, limit };
+    let mut warned: Option<tokio::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => break,
             r = tcp.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    // Out of file descriptors and the like: free one by shedding a silent
-                    // connection, and back off instead of spinning.
-                    tracing::warn!(listener = %listener.name, error = %e, "accept failed");
-                    shared.metrics.refused.get_or_create(&limit_labels("accept_error", listener.name.clone())).inc();
-                    if let Some(from) = shared.conns.shed_oldest(None) {
-                        shared.metrics.shed.get_or_create(&limit_labels("accept_error", from)).inc();
-                    }
+                    accept_failed(&shared, &listener.name, &e, &mut warned);
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     continue;
                 }
@@ -281,6 +276,33 @@ async fn accept_loop(
             }
             open.dec();
         });
+    }
+}
+
+/// An accept error (out of file descriptors and the like): counted, logged at most once a
+/// second (a flood must not become a log flood), and a silent connection is shed to free a
+/// descriptor, so that such a flood cannot lock every client out.
+fn accept_failed(
+    shared: &Shared,
+    listener: &Arc<str>,
+    e: &std::io::Error,
+    warned: &mut Option<tokio::time::Instant>,
+) {
+    if warned.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1)) {
+        tracing::warn!(listener = %listener, error = %e, "accept failed");
+        *warned = Some(tokio::time::Instant::now());
+    }
+    let labels = |listener: Arc<str>| LimitLabels {
+        listener,
+        limit: "accept_error",
+    };
+    shared
+        .metrics
+        .refused
+        .get_or_create(&labels(listener.clone()))
+        .inc();
+    if let Some(from) = shared.conns.shed_oldest(None) {
+        shared.metrics.shed.get_or_create(&labels(from)).inc();
     }
 }
 
