@@ -1048,6 +1048,27 @@ fn the_control_channel_is_verified_and_credentials_stay_off_the_command_line() {
         state.join("snapshot.json").exists().then_some(())
     });
     assert_eq!(mode(&state.join("snapshot.json")), 0o600);
+    // A sidecar refuses a state directory whose key others can read.
+    std::fs::set_permissions(
+        state.join("identity.json"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let mut open = Proc::spawn("open-state", dir.path(), args("state-1"));
+    let log = wait_for(
+        Duration::from_secs(20),
+        "the open state to be refused",
+        || open.exited().then(|| open.log_text()),
+    );
+    assert!(
+        log.contains("identity.json") && log.contains("chmod 600"),
+        "{log}"
+    );
+    std::fs::set_permissions(
+        state.join("identity.json"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
 
     // The token was single-use: a second sidecar with it gets no identity.
     let mut second = Proc::spawn("second", dir.path(), args("state-2"));

@@ -85,7 +85,10 @@ pub enum IdentityError {
 
 /// The parsed CA, cached for the material it was built from.
 #[derive(Default)]
-pub(crate) struct CaCache(Mutex<Option<(Arc<StoredCa>, Arc<dyn Signer>)>>);
+pub(crate) struct CaCache(Mutex<Option<LoadedCa>>);
+
+/// The stored CA and the signer built from it.
+type LoadedCa = (Arc<StoredCa>, Arc<dyn Signer>);
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -109,6 +112,11 @@ impl Control {
                 material: m.clone(),
             },
             (None, Some(c)) => {
+                if s.key_file.is_some() && !c.material.key_pem.is_empty() {
+                    tracing::warn!(
+                        "--ca-key-file is ignored: this store's CA keeps its key in the store (it was created without --ca-key-file)"
+                    );
+                }
                 if c.trust_domain != s.trust_domain {
                     tracing::warn!(stored = %c.trust_domain, flag = %s.trust_domain, "the store's CA belongs to another trust domain; keeping the stored one");
                 }
@@ -168,7 +176,7 @@ impl Control {
         }
     }
 
-    fn ca(&self) -> Result<(Arc<StoredCa>, Arc<dyn Signer>), IdentityError> {
+    fn ca(&self) -> Result<LoadedCa, IdentityError> {
         let stored = self.state().ca.clone().ok_or_else(|| {
             IdentityError::Unavailable("the certificate authority is not ready".into())
         })?;

@@ -13,6 +13,10 @@ use trellis_control::{Control, Settings};
 use trellis_identity::{Credentials, WorkloadKey};
 use trellis_proxy::control::ControlTls;
 
+#[cfg(feature = "etcd")]
+#[path = "support/etcd.rs"]
+mod etcd;
+
 struct Plane {
     control: Arc<Control>,
     url: String,
@@ -364,6 +368,49 @@ async fn idle_connections_are_closed_while_a_well_behaved_client_is_served() {
         // The live connection is untouched: it still works.
         c.register(register("orders")).await.unwrap();
         cp.finish();
+    })
+    .await;
+}
+
+/// Two replicas on one etcd race for the last use of a token: exactly one certificate.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_etcd_never_both_accept_the_last_use_of_a_token() {
+    let etcd = etcd::Etcd::start();
+    bounded(async {
+        let spec = StoreSpec::Etcd {
+            endpoints: vec![etcd.endpoint.clone()],
+            prefix: "/token-race/".into(),
+        };
+        let open = || async {
+            let mut s = Settings::default();
+            s.identity.trust_domain = "mesh.test".into();
+            Control::open(&spec, s).await.unwrap()
+        };
+        let (a, b) = (open().await, open().await);
+        for _ in 0..5 {
+            let (token, _) = a
+                .create_token("default", "orders", Duration::from_secs(600), 1)
+                .await
+                .unwrap();
+            // Both replicas see the token before the race.
+            for _ in 0..100 {
+                if b.state().tokens.len() == a.state().tokens.len() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let csr = |_| WorkloadKey::generate().unwrap().csr(None).unwrap();
+            let (ca, cb) = (csr(0), csr(1));
+            let (ra, rb) = tokio::join!(a.certify(&token, &ca, ""), b.certify(&token, &cb, ""));
+            assert_eq!(
+                usize::from(ra.is_ok()) + usize::from(rb.is_ok()),
+                1,
+                "{:?} / {:?}",
+                ra.err(),
+                rb.err()
+            );
+        }
     })
     .await;
 }
