@@ -4,7 +4,7 @@
 //! algorithm is table-tested without sockets; [`Balancer`] gathers the live loads from each
 //! endpoint's shared counters and feeds them in.
 
-use crate::endpoint::EndpointState;
+use crate::endpoint::{EndpointState, Health};
 use crate::rand;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +20,48 @@ pub struct Load {
     pub in_flight: u64,
     /// Peak-EWMA latency estimate, seconds.
     pub ewma: f64,
+    /// Its recent failures.
+    pub health: Health,
+    /// This request already failed on it (a re-attempt).
+    pub tried: bool,
+}
+
+impl Load {
+    /// A healthy, untried endpoint.
+    pub fn new(weight: u32, in_flight: u64, ewma: f64) -> Load {
+        Load {
+            weight,
+            in_flight,
+            ewma,
+            health: Health::default(),
+            tried: false,
+        }
+    }
+
+    /// How much the endpoint is to be avoided: 0 healthy; 1 failing (in backoff, or out of
+    /// it with its one probe request still outstanding); 2 already tried by this request.
+    /// Only the lowest rank present takes traffic, so a failing endpoint is chosen only
+    /// when every other one is failing too, and a re-attempt goes back to an endpoint only
+    /// when no other is left.
+    fn rank(&self) -> u8 {
+        if self.tried {
+            2
+        } else if self.health.backoff || (self.health.failures > 0 && self.in_flight > 0) {
+            1
+        } else {
+            0
+        }
+    }
+
+    /// The failure penalty: a multiplier on cost for an endpoint in backoff, which only
+    /// competes when all do; then the one with fewer failures costs less.
+    fn penalty(&self) -> f64 {
+        if self.health.backoff {
+            1.0 + f64::from(self.health.failures)
+        } else {
+            1.0
+        }
+    }
 }
 
 /// Inputs of one decision that are not loads: randomness, the round-robin counter and the
@@ -65,7 +107,8 @@ impl Ring {
     }
 }
 
-/// Picks an endpoint index, or `None` when no endpoint can take traffic.
+/// Picks an endpoint index, or `None` when no endpoint can take traffic. Endpoints are
+/// first narrowed to the best [`Load::rank`] present; the algorithm chooses among those.
 pub fn choose(
     algorithm: Algorithm,
     loads: &[Load],
@@ -73,40 +116,48 @@ pub fn choose(
     ring: Option<&Ring>,
     bound: f64,
 ) -> Option<usize> {
-    let live: usize = loads.iter().filter(|l| l.weight > 0).count();
-    if live == 0 {
-        return None;
-    }
+    let best = loads
+        .iter()
+        .filter(|l| l.weight > 0)
+        .map(Load::rank)
+        .min()?;
+    let ok = |i: usize| loads[i].weight > 0 && loads[i].rank() <= best;
+    let live: usize = (0..loads.len()).filter(|&i| ok(i)).count();
+    let total: u64 = (0..loads.len())
+        .filter(|&i| ok(i))
+        .map(|i| u64::from(loads[i].weight))
+        .sum();
     match algorithm {
-        Algorithm::RoundRobin => Some(weighted_position(loads, draw.turn as u64)),
+        Algorithm::RoundRobin => Some(weighted_position(loads, draw.turn as u64, total, ok)),
         Algorithm::LeastRequest => {
             // Fewest outstanding requests per unit of weight; ties broken from a random start
             // so equal endpoints share evenly.
             let start = (draw.random[0] % loads.len() as u64) as usize;
             (0..loads.len())
                 .map(|i| (start + i) % loads.len())
-                .filter(|&i| loads[i].weight > 0)
+                .filter(|&i| ok(i))
                 .min_by(|&a, &b| {
-                    let ca = loads[a].in_flight as f64 / f64::from(loads[a].weight);
-                    let cb = loads[b].in_flight as f64 / f64::from(loads[b].weight);
-                    ca.total_cmp(&cb)
+                    let cost = |i: usize| {
+                        loads[i].in_flight as f64 * loads[i].penalty() / f64::from(loads[i].weight)
+                    };
+                    cost(a).total_cmp(&cost(b))
                 })
         }
         Algorithm::PeakEwma => {
-            let total = total_weight(loads);
-            let a = weighted_position(loads, draw.random[0] % total);
+            let a = weighted_position(loads, draw.random[0], total, ok);
             if live == 1 {
                 return Some(a);
             }
-            let mut b = weighted_position(loads, draw.random[1] % total);
+            let mut b = weighted_position(loads, draw.random[1], total, ok);
             if b == a {
-                // Second choice must differ; step to the next live endpoint.
+                // Second choice must differ; step to the next eligible endpoint.
                 b = (1..loads.len())
                     .map(|k| (a + k) % loads.len())
-                    .find(|&i| loads[i].weight > 0)?;
+                    .find(|&i| ok(i))?;
             }
             let cost = |i: usize| {
-                loads[i].ewma * (loads[i].in_flight + 1) as f64 / f64::from(loads[i].weight)
+                let l = &loads[i];
+                l.ewma * (l.in_flight + 1) as f64 * l.penalty() / f64::from(l.weight)
             };
             Some(if cost(b) < cost(a) { b } else { a })
         }
@@ -114,33 +165,31 @@ pub fn choose(
             let ring = ring.filter(|r| !r.points.is_empty());
             let (Some(ring), Some(hash)) = (ring, draw.hash) else {
                 // No key on this request (or no ring): fall back to a random weighted pick.
-                return Some(weighted_position(
-                    loads,
-                    draw.random[0] % total_weight(loads),
-                ));
+                return Some(weighted_position(loads, draw.random[0], total, ok));
             };
             // Bounded load: an endpoint may hold at most `bound` times the average load
             // (counting this request), so a hot key spills to the next endpoint on the ring.
-            let total: u64 = loads.iter().map(|l| l.in_flight).sum::<u64>() + 1;
-            let cap = (bound * total as f64 / live as f64).ceil().max(1.0) as u64;
+            // A failing endpoint's keys move to the next eligible one on the ring.
+            let in_flight: u64 = loads.iter().map(|l| l.in_flight).sum::<u64>() + 1;
+            let cap = (bound * in_flight as f64 / live as f64).ceil().max(1.0) as u64;
             let start = ring.points.partition_point(|(p, _)| *p < hash);
             let n = ring.points.len();
-            (0..n)
-                .map(|k| ring.points[(start + k) % n].1)
-                .find(|&i| loads[i].weight > 0 && loads[i].in_flight < cap)
-                .or_else(|| Some(ring.points[start % n].1))
+            let walk = || (0..n).map(|k| ring.points[(start + k) % n].1);
+            walk()
+                .find(|&i| ok(i) && loads[i].in_flight < cap)
+                .or_else(|| walk().find(|&i| ok(i)))
         }
     }
 }
 
-fn total_weight(loads: &[Load]) -> u64 {
-    loads.iter().map(|l| u64::from(l.weight)).sum()
-}
-
-/// The endpoint owning position `pos` (mod total weight) when weights are laid end to end.
-fn weighted_position(loads: &[Load], pos: u64) -> usize {
-    let mut pos = pos % total_weight(loads);
+/// The eligible endpoint owning position `pos` (mod `total`, their total weight) when their
+/// weights are laid end to end.
+fn weighted_position(loads: &[Load], pos: u64, total: u64, ok: impl Fn(usize) -> bool) -> usize {
+    let mut pos = pos % total.max(1);
     for (i, l) in loads.iter().enumerate() {
+        if !ok(i) {
+            continue;
+        }
         let w = u64::from(l.weight);
         if pos < w {
             return i;
@@ -211,6 +260,16 @@ impl Balancer {
 
     /// Chooses an endpoint for a request whose hash key (if the algorithm uses one) is `hash`.
     pub fn pick(&self, hash: Option<u64>) -> Option<&Arc<EndpointState>> {
+        self.pick_avoiding(hash, &[])
+    }
+
+    /// Like [`Balancer::pick`], avoiding the endpoints in `tried` (where this request already
+    /// failed) while any other can take it.
+    pub fn pick_avoiding(
+        &self,
+        hash: Option<u64>,
+        tried: &[&EndpointState],
+    ) -> Option<&Arc<EndpointState>> {
         // One endpoint (an inbound sidecar's app, a single-instance service): nothing to
         // compare, so no loads to gather and no clock to read.
         if let [only] = self.members.as_slice() {
@@ -218,23 +277,12 @@ impl Balancer {
         }
         let now = tokio::time::Instant::now();
         // Small backends are the common case: keep the loads on the stack.
-        let mut buf = [Load {
-            weight: 0,
-            in_flight: 0,
-            ewma: 0.0,
-        }; 16];
+        let mut buf = [Load::new(0, 0, 0.0); 16];
         let mut heap;
         let loads: &mut [Load] = if self.members.len() <= buf.len() {
             &mut buf[..self.members.len()]
         } else {
-            heap = vec![
-                Load {
-                    weight: 0,
-                    in_flight: 0,
-                    ewma: 0.0
-                };
-                self.members.len()
-            ];
+            heap = vec![Load::new(0, 0, 0.0); self.members.len()];
             &mut heap
         };
         for (l, m) in loads.iter_mut().zip(&self.members) {
@@ -242,6 +290,8 @@ impl Balancer {
                 weight: m.weight,
                 in_flight: m.state.in_flight(),
                 ewma: m.state.ewma(now, self.decay),
+                health: m.state.health(now),
+                tried: tried.iter().any(|t| std::ptr::eq(*t, &*m.state)),
             };
         }
         let draw = Draw {
@@ -280,11 +330,7 @@ mod tests {
     use super::*;
 
     fn l(weight: u32, in_flight: u64, ewma_ms: f64) -> Load {
-        Load {
-            weight,
-            in_flight,
-            ewma: ewma_ms / 1000.0,
-        }
+        Load::new(weight, in_flight, ewma_ms / 1000.0)
     }
 
     fn draw(r0: u64, r1: u64) -> Draw {
@@ -407,6 +453,167 @@ mod tests {
         ];
         for (name, algo, loads, d, want) in cases {
             assert_eq!(choose(*algo, loads, *d, None, 1.25), *want, "{name}");
+        }
+    }
+
+    /// An endpoint in backoff after `failures` failures.
+    fn backed_off(mut l: Load, failures: u32) -> Load {
+        l.health = Health {
+            failures,
+            backoff: true,
+        };
+        l
+    }
+
+    fn tried(mut l: Load) -> Load {
+        l.tried = true;
+        l
+    }
+
+    #[test]
+    fn failing_and_tried_endpoints_are_avoided_by_every_algorithm() {
+        use Algorithm::*;
+        let dead = |ewma| backed_off(l(1, 0, ewma), 1);
+        // Out of backoff with its one probe request outstanding.
+        let probing = Load {
+            health: Health {
+                failures: 2,
+                backoff: false,
+            },
+            ..l(1, 1, 0.0)
+        };
+        let out_of_backoff = Load {
+            health: Health {
+                failures: 2,
+                backoff: false,
+            },
+            ..l(1, 0, 0.0)
+        };
+        type Case = (&'static str, Algorithm, Vec<Load>, Draw, Option<usize>);
+        let cases: Vec<Case> = vec![
+            // The dead endpoint's latency has decayed to nothing: still never chosen.
+            (
+                "ewma: backed-off endpoint loses though cheapest",
+                PeakEwma,
+                vec![dead(0.0), l(1, 3, 5.0), l(1, 3, 5.0)],
+                draw(0, 1),
+                Some(1),
+            ),
+            (
+                "ewma: backed-off endpoint is no second choice",
+                PeakEwma,
+                vec![l(1, 3, 5.0), dead(0.0), l(1, 3, 5.0)],
+                draw(0, 1),
+                Some(0),
+            ),
+            (
+                "ewma: one endpoint left",
+                PeakEwma,
+                vec![dead(0.0), l(1, 9, 50.0), dead(0.0)],
+                draw(0, 2),
+                Some(1),
+            ),
+            (
+                "ewma: all failing, fewest failures",
+                PeakEwma,
+                vec![backed_off(l(1, 0, 1.0), 5), backed_off(l(1, 0, 1.0), 1)],
+                draw(0, 1),
+                Some(1),
+            ),
+            (
+                "ewma: one probe at a time",
+                PeakEwma,
+                vec![probing, l(1, 3, 5.0), l(1, 3, 5.0)],
+                draw(0, 0),
+                Some(1),
+            ),
+            (
+                "ewma: out of backoff, the endpoint is probed",
+                PeakEwma,
+                vec![out_of_backoff, l(1, 3, 5.0)],
+                draw(0, 1),
+                Some(0),
+            ),
+            (
+                "rr: skips the backed-off endpoint",
+                RoundRobin,
+                vec![l(1, 0, 1.0), dead(1.0), l(1, 0, 1.0)],
+                Draw {
+                    turn: 1,
+                    ..draw(0, 0)
+                },
+                Some(2),
+            ),
+            (
+                "rr: all backed off still answers",
+                RoundRobin,
+                vec![dead(1.0), dead(1.0)],
+                Draw {
+                    turn: 1,
+                    ..draw(0, 0)
+                },
+                Some(1),
+            ),
+            (
+                "least request: idle but failing loses",
+                LeastRequest,
+                vec![dead(1.0), l(1, 7, 1.0), l(1, 4, 1.0)],
+                draw(0, 0),
+                Some(2),
+            ),
+            (
+                "least request: all failing, fewest failures",
+                LeastRequest,
+                vec![backed_off(l(1, 1, 1.0), 4), backed_off(l(1, 1, 1.0), 1)],
+                draw(0, 0),
+                Some(1),
+            ),
+            (
+                "re-attempt: never the endpoint just tried while another is there",
+                PeakEwma,
+                vec![tried(l(1, 0, 0.0)), l(1, 9, 90.0)],
+                draw(0, 0),
+                Some(1),
+            ),
+            (
+                "re-attempt: a backed-off untried one before the tried one",
+                RoundRobin,
+                vec![tried(l(1, 0, 1.0)), dead(1.0)],
+                Draw {
+                    turn: 0,
+                    ..draw(0, 0)
+                },
+                Some(1),
+            ),
+            (
+                "re-attempt: the tried one when it is the only one",
+                LeastRequest,
+                vec![tried(l(1, 0, 1.0)), l(0, 0, 1.0)],
+                draw(0, 0),
+                Some(0),
+            ),
+        ];
+        for (name, algo, loads, d, want) in &cases {
+            assert_eq!(choose(*algo, loads, *d, None, 1.25), *want, "{name}");
+        }
+    }
+
+    #[test]
+    fn consistent_hash_moves_only_a_failing_endpoints_keys() {
+        let (ring, loads) = ring_of(4);
+        for key in 0..1000u64 {
+            let d = Draw {
+                hash: Some(rand::mix(key)),
+                ..draw(0, 0)
+            };
+            let home = choose(Algorithm::ConsistentHash, &loads, d, Some(&ring), 1.25).unwrap();
+            let mut failing = loads.clone();
+            failing[2] = backed_off(failing[2], 1);
+            let now = choose(Algorithm::ConsistentHash, &failing, d, Some(&ring), 1.25).unwrap();
+            assert_ne!(now, 2, "key {key} went to the failing endpoint");
+            if home != 2 {
+                assert_eq!(home, now, "key {key} moved though its endpoint is fine");
+            }
         }
     }
 

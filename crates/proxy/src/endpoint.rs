@@ -7,7 +7,7 @@ use crate::tls::Upstream;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -39,6 +39,11 @@ pub struct EndpointState {
     ewma: AtomicU64,
     /// When `ewma` was last updated, nanoseconds since [`epoch`].
     stamp: AtomicU64,
+    /// Failures (connect, reset, 5xx, timeout) since the last success.
+    failures: AtomicU32,
+    /// Until when the endpoint is backed off after its last failure, nanoseconds since
+    /// [`epoch`] (0: never failed).
+    backoff_until: AtomicU64,
     h1_idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
     /// Idle connections of the lean client (requests without a body), kept apart from
     /// hyper's: each kind of connection is driven by its own client.
@@ -131,6 +136,8 @@ impl EndpointState {
             in_flight: AtomicU64::new(0),
             ewma: AtomicU64::new(DEFAULT_RTT.to_bits()),
             stamp: AtomicU64::new(nanos(Instant::now())),
+            failures: AtomicU32::new(0),
+            backoff_until: AtomicU64::new(0),
             h1_idle: Mutex::new(Vec::new()),
             lean_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(H2Pool::default()),
@@ -169,6 +176,38 @@ impl EndpointState {
             prev * w + rtt * (1.0 - w)
         };
         self.ewma.store(next.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The endpoint's failure state at `now`, for the balancer.
+    pub fn health(&self, now: Instant) -> Health {
+        let failures = self.failures.load(Ordering::Relaxed);
+        if failures == 0 {
+            return Health::default();
+        }
+        Health {
+            failures,
+            backoff: nanos(now) < self.backoff_until.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records a failure at `now`: the endpoint is backed off for a time that doubles with
+    /// each consecutive failure. Returns the consecutive count.
+    pub fn failed(&self, now: Instant) -> u32 {
+        let n = self
+            .failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let until = nanos(now).saturating_add(backoff(n).as_nanos() as u64);
+        self.backoff_until.store(until, Ordering::Relaxed);
+        n
+    }
+
+    /// Records a success: the failure count starts over. Only a load on the common path
+    /// where nothing failed, so that healthy endpoints' cache lines stay shared.
+    pub fn succeeded(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
     }
 
     /// An HTTP/1.1 connection ready for a request: a pooled one idle for no longer than
@@ -343,6 +382,27 @@ fn park_idle<T>(pool: &Mutex<Vec<(T, Instant)>>, conn: T) {
     }
 }
 
+/// Backoff after the first failure.
+pub const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// Longest backoff: a failing endpoint is tried again (one request at a time) at least this
+/// often, so a recovered one gets traffic back within it.
+pub const BACKOFF_MAX: Duration = Duration::from_millis(3200);
+
+/// How long an endpoint stays out after `failures` consecutive failures (pure).
+pub fn backoff(failures: u32) -> Duration {
+    let doublings = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE.saturating_mul(1 << doublings).min(BACKOFF_MAX)
+}
+
+/// What the balancer knows about an endpoint's recent failures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Consecutive failures (0: healthy).
+    pub failures: u32,
+    /// Still within the backoff that followed the last failure.
+    pub backoff: bool,
+}
+
 fn nanos(t: Instant) -> u64 {
     t.saturating_duration_since(epoch()).as_nanos() as u64
 }
@@ -386,6 +446,51 @@ mod tests {
                 "{streams:?} connecting={connecting} max={max_streams}/{max_conns}"
             );
         }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_a_cap() {
+        let ms = |n| backoff(n).as_millis();
+        let cases = [
+            (0, 100),
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (6, 3200),
+            (7, 3200),
+            (u32::MAX, 3200),
+        ];
+        for (n, want) in cases {
+            assert_eq!(ms(n), want, "{n} failures");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_and_a_success_clears_them() {
+        let e = EndpointState::new("127.0.0.1:1".parse().unwrap(), None, Default::default());
+        assert_eq!(e.health(Instant::now()), Health::default());
+        assert_eq!(e.failed(Instant::now()), 1);
+        let h = e.health(Instant::now());
+        assert!(h.backoff && h.failures == 1, "{h:?}");
+        tokio::time::advance(BACKOFF_BASE).await;
+        // Out of backoff, but still remembered as failing until it succeeds.
+        assert_eq!(
+            e.health(Instant::now()),
+            Health {
+                failures: 1,
+                backoff: false
+            }
+        );
+        assert_eq!(e.failed(Instant::now()), 2);
+        tokio::time::advance(BACKOFF_BASE).await;
+        assert!(
+            e.health(Instant::now()).backoff,
+            "second backoff is twice as long"
+        );
+        tokio::time::advance(BACKOFF_BASE).await;
+        assert!(!e.health(Instant::now()).backoff);
+        e.succeeded();
+        assert_eq!(e.health(Instant::now()), Health::default());
     }
 
     #[tokio::test(start_paused = true)]

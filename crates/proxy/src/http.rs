@@ -7,7 +7,7 @@ use crate::endpoint::{EndpointState, H2Limits, H2Stream, InFlight};
 use crate::error::{Audience, ProxyError};
 use crate::filters;
 use crate::h1;
-use crate::metrics::{ResponseLabels, RouteLabels, RouteStats};
+use crate::metrics::{Metrics, ResponseLabels, RouteLabels, RouteStats};
 use crate::rand;
 use crate::server::Shared;
 use crate::snapshot::{Backend, HashOn, Listener, ListenerKind};
@@ -216,7 +216,7 @@ pub async fn handle(
         body = w.request(body);
     }
     let req = Request::from_parts(parts, body);
-    let result = forward(&fwd, req, conn.client, start, bounds.h2()).await;
+    let result = forward(&fwd, req, conn.client, start, bounds.h2(), &shared.metrics).await;
     let (mut resp, endpoint, answered) = match result {
         Ok(r) => r,
         Err(e) => return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start)),
@@ -291,6 +291,7 @@ async fn forward(
     client: SocketAddr,
     start: Instant,
     h2_limits: H2Limits,
+    metrics: &Metrics,
 ) -> Result<(Response<Body>, Option<InFlight>, Instant), ProxyError> {
     let backend = &fwd.backend;
     let hash = backend
@@ -314,8 +315,18 @@ async fn forward(
     let replayable = replay.is_some() || (lean && idempotent(req.method()));
     let mut pending = Some(req);
     let mut last_err = None;
+    // Endpoints this request failed on: a re-attempt goes elsewhere while it can (allocates
+    // only once something failed).
+    let mut tried: Vec<&EndpointState> = Vec::new();
+    // Counts a failure against the endpoint (its backoff) and in metrics.
+    let fail = |endpoint: &EndpointState, e: &ProxyError| {
+        if let Some(kind) = failure_kind(e) {
+            endpoint.failed(Instant::now());
+            metrics.endpoint_failure(&backend.name, kind);
+        }
+    };
     for _ in 0..SEND_ATTEMPTS {
-        let Some(endpoint) = backend.balancer.pick(hash) else {
+        let Some(endpoint) = backend.balancer.pick_avoiding(hash, &tried) else {
             return Err(ProxyError::NoEndpoint(backend.name.to_string()));
         };
         let guard = endpoint.start();
@@ -328,27 +339,42 @@ async fn forward(
         let outcome = match deadline {
             Some(d) => match tokio::time::timeout_at(d, attempt).await {
                 Ok(r) => r,
-                Err(_) => return Err(ProxyError::Timeout(fwd.timeout.unwrap_or_default())),
+                Err(_) => Err(ProxyError::Timeout(fwd.timeout.unwrap_or_default())),
             },
             None => attempt.await,
         };
         let (resp, tx, sent, stream) = match outcome {
             Err(e) if e.retryable() && pending.is_some() => {
                 tracing::debug!(endpoint = %endpoint.addr, error = %e, "request not sent; trying again");
+                fail(endpoint, &e);
+                tried.push(endpoint);
                 last_err = Some(e);
                 continue;
             }
             Err(e @ ProxyError::Closed(..)) if replayable => {
                 tracing::debug!(endpoint = %endpoint.addr, error = %e, "connection closed before a response; replaying");
+                fail(endpoint, &e);
+                tried.push(endpoint);
                 if !lean {
                     pending = replay.as_ref().map(Replay::request);
                 }
                 last_err = Some(e);
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => {
+                fail(endpoint, &e);
+                return Err(e);
+            }
             Ok(r) => r,
         };
+        // A 5xx is a failure of the endpoint however fast it came: counted, so that an
+        // endpoint answering errors at once does not look like the fastest one.
+        if resp.status().is_server_error() {
+            endpoint.failed(Instant::now());
+            metrics.endpoint_failure(&backend.name, "5xx");
+        } else {
+            endpoint.succeeded();
+        }
         let answered = Instant::now();
         if let Some(sent) = sent {
             backend
@@ -395,6 +421,19 @@ async fn forward(
         return Ok((Response::from_parts(parts, tracked.into()), None, answered));
     }
     Err(last_err.unwrap_or_else(|| ProxyError::NoEndpoint(backend.name.to_string())))
+}
+
+/// The `kind` label of an attempt's error that counts against its endpoint, or `None` for
+/// one that says nothing about it (a pooled connection found closed before the request was
+/// written is the keep-alive race, not a failing endpoint).
+fn failure_kind(e: &ProxyError) -> Option<&'static str> {
+    match e {
+        ProxyError::Connect(..) => Some("connect"),
+        ProxyError::Closed(..) => Some("reset"),
+        ProxyError::UpstreamProtocol(..) => Some("protocol"),
+        ProxyError::Timeout(..) => Some("timeout"),
+        _ => None,
+    }
 }
 
 /// One attempt through the lean client, for a request without a body.
@@ -801,8 +840,17 @@ async fn mirror(
                 backend: m.backend.name.clone(),
             })
             .inc();
+        let shared = shared.clone();
         tokio::spawn(async move {
-            if let Ok((resp, ..)) = forward(&fwd, copy, client, Instant::now(), h2_limits).await {
+            let sent = forward(
+                &fwd,
+                copy,
+                client,
+                Instant::now(),
+                h2_limits,
+                &shared.metrics,
+            );
+            if let Ok((resp, ..)) = sent.await {
                 // Drain so the pooled connection can be reused.
                 let _ = resp.into_body().collect().await;
             }

@@ -118,6 +118,16 @@ pub struct IdleLabels {
     pub kind: &'static str,
 }
 
+/// Labels of a failure counted against an endpoint: per backend, not per address, so the
+/// series stay as few as the config's backends.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointFailureLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+    /// `connect`, `reset` (closed before a response), `protocol`, `timeout` or `5xx`.
+    pub kind: &'static str,
+}
+
 /// Labels with a result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -257,6 +267,8 @@ pub struct Metrics {
     listeners: Mutex<HashSet<Arc<str>>>,
     /// Inbound connections refused because their port's policy needs HTTP and they were not.
     pub inbound_refused: Tracked<RefusedLabels, Counter>,
+    /// Failures counted against endpoints, which back them off in balancing.
+    pub endpoint_failures: Tracked<EndpointFailureLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -294,6 +306,7 @@ impl Default for Metrics {
             stats: Mutex::default(),
             listeners: Mutex::default(),
             inbound_refused: Tracked::default(),
+            endpoint_failures: Tracked::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
@@ -402,6 +415,11 @@ impl Default for Metrics {
             "Inbound connections refused, never forwarded, because their port's policy needs HTTP and they were not HTTP",
             m.inbound_refused.family(),
         );
+        registry.register(
+            "endpoint_failures",
+            "Failures counted against an endpoint (it is then backed off in balancing), by backend and kind",
+            m.endpoint_failures.family(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -471,6 +489,8 @@ impl Metrics {
         self.responses
             .retain(|l| live(l.direction, &l.route, &l.backend));
         self.mirrored.retain(|l| routes.contains(&l.route));
+        self.endpoint_failures
+            .retain(|l| pairs.iter().any(|(_, _, b)| *b == l.backend));
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let on = |l: &Arc<str>| listeners.contains(l);
         for f in [&self.connections, &self.read_bytes, &self.write_bytes] {
@@ -498,6 +518,16 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Counts a failure against an endpoint of `backend`.
+    pub fn endpoint_failure(&self, backend: &Arc<str>, kind: &'static str) {
+        self.endpoint_failures
+            .get_or_create(&EndpointFailureLabels {
+                backend: backend.clone(),
+                kind,
+            })
+            .inc();
+    }
+
     /// Counts a connection or stream closed for being quiet.
     pub fn idle(&self, kind: &'static str) {
         self.idle_closed.get_or_create(&IdleLabels { kind }).inc();
