@@ -606,7 +606,7 @@ fn prepare_upstream(req: &mut Request<Body>, h2: bool) -> bool {
     upgrade
 }
 
-/// Replaces the request's path with its canonical form (module `path`), for origin-form,
+/// Replaces the request's path with its canonical form (`trellis_api::path`), for origin-form,
 /// absolute-form and HTTP/2 requests alike; the query stays as sent. `OPTIONS *` and
 /// CONNECT have no path to normalize.
 fn canonical_path(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
@@ -621,7 +621,7 @@ fn canonical_path(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
         return Ok(());
     }
     let bad = |why: String| ProxyError::BadRequest(format!("path {path:?}: {why}"));
-    let canonical = match crate::path::normalize(path) {
+    let canonical = match trellis_api::path::normalize(path) {
         Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
         Ok(std::borrow::Cow::Owned(p)) => p,
         Err(e) => return Err(bad(e.to_string())),
