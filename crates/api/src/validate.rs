@@ -1313,7 +1313,8 @@ spec:
         let mv = "spec.rules[0].matches[0].path.value";
         let rw = "spec.rules[0].filters[0].urlRewrite.path";
         // (document, Some((line, field, message)) or None when valid)
-        let cases: Vec<(String, Option<(u32, String, &str)>)> = vec![
+        type Want<'a> = Option<(u32, String, &'a str)>;
+        let cases: Vec<(String, Want)> = vec![
             // AuthorizationPolicy: `*`, exact, prefix; canonical ones pass.
             (policy("*"), None),
             (policy("/*"), None),

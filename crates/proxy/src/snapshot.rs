@@ -534,7 +534,7 @@ impl Snapshot {
                 detect_timeout: spec.detect_timeout.get(),
                 drain_timeout: spec.drain_timeout.get(),
                 client_idle_timeout: spec.client_idle_timeout.get(),
-                bounds: crate::limits::Bounds::from_spec(&spec),
+                bounds: crate::limits::Bounds::from_spec(spec),
             },
             listeners,
             services,
