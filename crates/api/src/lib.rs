@@ -12,6 +12,7 @@ pub mod duration;
 mod load;
 pub mod mesh;
 pub mod meta;
+pub mod path;
 pub mod policy;
 pub mod proxy;
 mod resource;

@@ -386,6 +386,8 @@ impl Validator {
                             &at(&format!("to.paths[{j}]")),
                             format!("{p:?}: use an exact path (/a/b), a prefix (/a/*) or *"),
                         );
+                    } else if let Err(e) = authz_path_canonical(p) {
+                        self.at(r, &at(&format!("to.paths[{j}]")), e);
                     }
                 }
                 for (j, m) in to.methods.iter().enumerate() {
@@ -461,6 +463,58 @@ fn http_header_name(name: &str) -> Result<(), ()> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
     if ok { Ok(()) } else { Err(()) }
+}
+
+/// Why a path that is compared with request paths may not be written non-canonically.
+const NEVER_MATCHES: &str =
+    "requests are made canonical before anything matches them, so it would never match";
+/// Why a path the proxy sends may not be written non-canonically.
+const SENT_AS_WRITTEN: &str =
+    "the proxy sends it as written, and the app would see a path no policy was written for";
+
+/// Checks that `path` is in the one form the proxy gives request paths (`crate::path`), so
+/// that a rule or a rewrite means what it says. The error names the canonical spelling.
+fn path_canonical(path: &str, why: &str) -> Result<(), String> {
+    match crate::path::normalize(path) {
+        Ok(c) if c == path => Ok(()),
+        Ok(c) => Err(format!(
+            "{path:?} is not a canonical path ({why}); use {c:?} instead"
+        )),
+        Err(e) => Err(format!(
+            "{path:?} is not a valid request path ({e}); the proxy refuses such requests with 400"
+        )),
+    }
+}
+
+/// [`path_canonical`] for an `AuthorizationPolicy` path (already known to start with `/` or
+/// be `*`): `*`, an exact path, or a prefix `/a/*` whose `/a` is canonical and has no
+/// trailing slash (`/a//*` would match only `/a/`).
+fn authz_path_canonical(pattern: &str) -> Result<(), String> {
+    let Some(body) = pattern.strip_suffix("/*") else {
+        return if pattern == "*" {
+            Ok(())
+        } else {
+            path_canonical(pattern, NEVER_MATCHES)
+        };
+    };
+    if body.is_empty() {
+        return Ok(());
+    }
+    match crate::path::normalize(body) {
+        Ok(c) => {
+            let want = format!("{}/*", c.trim_end_matches('/'));
+            if want == pattern {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{pattern:?} is not a canonical path ({NEVER_MATCHES}); use {want:?} instead"
+                ))
+            }
+        }
+        Err(e) => Err(format!(
+            "{pattern:?} is not a valid request path ({e}); the proxy refuses such requests with 400"
+        )),
+    }
 }
 
 fn header_value_ok(value: &str) -> bool {
@@ -792,7 +846,11 @@ impl Validator {
     ) {
         match p.kind {
             PathModifierType::ReplaceFullPath => match &p.replace_full_path {
-                Some(v) if v.starts_with('/') => {}
+                Some(v) if v.starts_with('/') => {
+                    if let Err(e) = path_canonical(v, SENT_AS_WRITTEN) {
+                        self.at(ctx.r, &format!("{field}.replaceFullPath"), e);
+                    }
+                }
                 _ => self.at(
                     ctx.r,
                     &format!("{field}.replaceFullPath"),
@@ -801,7 +859,11 @@ impl Validator {
             },
             PathModifierType::ReplacePrefixMatch => {
                 match &p.replace_prefix_match {
-                    Some(v) if v.starts_with('/') => {}
+                    Some(v) if v.starts_with('/') => {
+                        if let Err(e) = path_canonical(v, SENT_AS_WRITTEN) {
+                            self.at(ctx.r, &format!("{field}.replacePrefixMatch"), e);
+                        }
+                    }
                     _ => self.at(
                         ctx.r,
                         &format!("{field}.replacePrefixMatch"),
@@ -1011,14 +1073,8 @@ impl Validator {
                         PathMatchType::Exact | PathMatchType::PathPrefix => {
                             if !p.value.starts_with('/') {
                                 self.at(ctx.r, &format!("{mf}.path.value"), "must start with '/'");
-                            }
-                            if p.value.contains("//")
-                                || p.value.contains("/./")
-                                || p.value.contains("/../")
-                                || p.value.contains('?')
-                                || p.value.contains('#')
-                            {
-                                self.at(ctx.r, &format!("{mf}.path.value"), "must be a normalized path without '//', '/./', '/../', '?' or '#'");
+                            } else if let Err(e) = path_canonical(&p.value, NEVER_MATCHES) {
+                                self.at(ctx.r, &format!("{mf}.path.value"), e);
                             }
                         }
                         PathMatchType::RegularExpression => {
@@ -1222,6 +1278,181 @@ spec:
                 (Ok(()), None) => {}
                 (Err(d), Some(w)) => assert!(d.to_string().contains(w), "want {w}: {d}"),
                 (got, want) => panic!("{fields}: got {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn paths_must_be_canonical() {
+        let policy = |path: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: p}}\nspec:\n  action: Deny\n  rules:\n    - to: {{paths: ['{path}']}}\n"
+            )
+        };
+        let route = |rule: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: catalog}}]\n  rules:\n    - backendRefs: [{{name: catalog, port: 8080}}]\n      {rule}\n"
+            )
+        };
+        let m = |kind: &str, value: &str| {
+            route(&format!(
+                "matches: [{{path: {{type: {kind}, value: '{value}'}}}}]"
+            ))
+        };
+        let rewrite = |kind: &str, field: &str, value: &str| {
+            route(&format!(
+                "matches: [{{path: {{type: PathPrefix, value: /api}}}}]\n      filters: [{{type: URLRewrite, urlRewrite: {{path: {{type: {kind}, {field}: '{value}'}}}}}}]"
+            ))
+        };
+        let redirect = |value: &str| {
+            route(&format!(
+                "filters: [{{type: RequestRedirect, requestRedirect: {{path: {{type: ReplaceFullPath, replaceFullPath: '{value}'}}}}}}]"
+            ))
+        };
+        let to = "spec.rules[0].to.paths[0]";
+        let mv = "spec.rules[0].matches[0].path.value";
+        let rw = "spec.rules[0].filters[0].urlRewrite.path";
+        // (document, Some((line, field, message)) or None when valid)
+        type Want<'a> = Option<(u32, String, &'a str)>;
+        let cases: Vec<(String, Want)> = vec![
+            // AuthorizationPolicy: `*`, exact, prefix; canonical ones pass.
+            (policy("*"), None),
+            (policy("/*"), None),
+            (policy("/admin"), None),
+            (policy("/admin/"), None),
+            (policy("/admin/*"), None),
+            (policy("/a%3Fb/*"), None),
+            (policy("/a;b=c/*"), None),
+            (
+                policy("/admin//*"),
+                Some((
+                    20,
+                    to.into(),
+                    "\"/admin//*\" is not a canonical path (requests are made canonical before anything matches them, so it would never match); use \"/admin/*\" instead",
+                )),
+            ),
+            (policy("//*"), Some((20, to.into(), "use \"/*\" instead"))),
+            (
+                policy("/%61dmin/*"),
+                Some((20, to.into(), "use \"/admin/*\" instead")),
+            ),
+            (
+                policy("/a/./b"),
+                Some((20, to.into(), "use \"/a/b\" instead")),
+            ),
+            (
+                policy("/a/../admin"),
+                Some((20, to.into(), "use \"/admin\" instead")),
+            ),
+            (
+                policy("/a/../admin/*"),
+                Some((20, to.into(), "use \"/admin/*\" instead")),
+            ),
+            (
+                policy("//admin"),
+                Some((20, to.into(), "use \"/admin\" instead")),
+            ),
+            (
+                policy("/a%3fb"),
+                Some((20, to.into(), "use \"/a%3Fb\" instead")),
+            ),
+            (
+                policy("/caf\u{e9}/*"),
+                Some((20, to.into(), "use \"/caf%C3%A9/*\" instead")),
+            ),
+            (
+                policy("/a%2Fb/*"),
+                Some((
+                    20,
+                    to.into(),
+                    "\"/a%2Fb/*\" is not a valid request path (encoded slash (%2F) at byte 2); the proxy refuses such requests with 400",
+                )),
+            ),
+            (
+                policy("/a\\b"),
+                Some((20, to.into(), "backslash at byte 2")),
+            ),
+            // HTTPRoute path matches, Exact and PathPrefix; RegularExpression is not a path.
+            (m("Exact", "/api/v1"), None),
+            (m("PathPrefix", "/api/"), None),
+            (m("PathPrefix", "/"), None),
+            (m("RegularExpression", "/api//.*"), None),
+            (
+                m("Exact", "/api//v1"),
+                Some((21, mv.into(), "use \"/api/v1\" instead")),
+            ),
+            (
+                m("Exact", "/api/./v1"),
+                Some((21, mv.into(), "use \"/api/v1\" instead")),
+            ),
+            (
+                m("PathPrefix", "/x/../admin"),
+                Some((21, mv.into(), "use \"/admin\" instead")),
+            ),
+            (
+                m("PathPrefix", "/%61pi"),
+                Some((21, mv.into(), "use \"/api\" instead")),
+            ),
+            (
+                m("PathPrefix", "/api/.."),
+                Some((21, mv.into(), "use \"/\" instead")),
+            ),
+            (
+                m("Exact", "/search?q=1"),
+                Some((21, mv.into(), "use \"/search%3Fq=1\" instead")),
+            ),
+            (
+                m("Exact", "/a#b"),
+                Some((21, mv.into(), "use \"/a%23b\" instead")),
+            ),
+            (
+                m("Exact", "/a%"),
+                Some((21, mv.into(), "invalid percent-encoding at byte 2")),
+            ),
+            // Paths the proxy sends: rewrites and redirects.
+            (
+                rewrite("ReplacePrefixMatch", "replacePrefixMatch", "/v2/"),
+                None,
+            ),
+            (rewrite("ReplaceFullPath", "replaceFullPath", "/v2/x"), None),
+            (
+                rewrite("ReplacePrefixMatch", "replacePrefixMatch", "/v2//x"),
+                Some((
+                    22,
+                    format!("{rw}.replacePrefixMatch"),
+                    "(the proxy sends it as written, and the app would see a path no policy was written for); use \"/v2/x\" instead",
+                )),
+            ),
+            (
+                rewrite("ReplaceFullPath", "replaceFullPath", "/x/../admin"),
+                Some((
+                    22,
+                    format!("{rw}.replaceFullPath"),
+                    "use \"/admin\" instead",
+                )),
+            ),
+            (
+                redirect("/a/./b"),
+                Some((
+                    21,
+                    "spec.rules[0].filters[0].requestRedirect.path.replaceFullPath".into(),
+                    "use \"/a/b\" instead",
+                )),
+            ),
+        ];
+        for (doc, want) in &cases {
+            match (check(doc), want) {
+                (Ok(()), None) => {}
+                (Err(d), Some((line, field, msg))) => {
+                    let want = format!("t.yaml:{line}: {field}: ");
+                    assert!(
+                        d.0.len() == 1
+                            && d.to_string().contains(&want)
+                            && d.to_string().contains(msg),
+                        "{doc}want {want}...{msg}\ngot {d}"
+                    );
+                }
+                (got, want) => panic!("{doc}got {got:?}, want {want:?}"),
             }
         }
     }

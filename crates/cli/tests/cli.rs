@@ -61,6 +61,38 @@ fn validate_reports_file_line_and_field() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[test]
+fn validate_refuses_a_policy_path_that_could_never_match() {
+    let dir = std::env::temp_dir().join(format!("trellis-cli-canon-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("policy.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: trellis.dev/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: no-admin}
+spec:
+  action: Deny
+  rules:
+    - to:
+        paths:
+          - /%61dmin/*
+",
+    )
+    .unwrap();
+    let out = trellis()
+        .args(["validate", "-f"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let want = "policy.yaml:9: spec.rules[0].to.paths[0]: \"/%61dmin/*\" is not a canonical path";
+    assert!(err.contains(want), "want {want} in {err}");
+    assert!(err.contains("use \"/admin/*\" instead"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Serves each HTTP/1.1 request after `delay`, one connection at a time per thread.
 fn slow_upstream(delay: Duration) -> SocketAddr {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -645,13 +645,11 @@ fn prepare_upstream(req: &mut Request<Body>, h2: bool) -> bool {
     upgrade
 }
 
-/// Replaces the request's path with its canonical form (module `path`), for origin-form,
-/// absolute-form and HTTP/2 requests alike; the query stays as sent. `OPTIONS *` and
-/// CONNECT have no path to normalize.
+/// Replaces the request's path with its canonical form (`trellis_api::path`), for origin-form,
+/// absolute-form and HTTP/2 requests alike; the query stays as sent. `OPTIONS *` and an
+/// authority-form CONNECT (`CONNECT host:port`) have no path to normalize; a CONNECT with a
+/// path does (apps that route on the path alone serve it).
 fn canonical_path(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
-    if parts.method == Method::CONNECT {
-        return Ok(());
-    }
     let Some(pq) = parts.uri.path_and_query() else {
         return Ok(());
     };
@@ -660,7 +658,7 @@ fn canonical_path(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
         return Ok(());
     }
     let bad = |why: String| ProxyError::BadRequest(format!("path {path:?}: {why}"));
-    let canonical = match crate::path::normalize(path) {
+    let canonical = match trellis_api::path::normalize(path) {
         Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
         Ok(std::borrow::Cow::Owned(p)) => p,
         Err(e) => return Err(bad(e.to_string())),
@@ -676,11 +674,19 @@ fn canonical_path(parts: &mut http::request::Parts) -> Result<(), ProxyError> {
     Ok(())
 }
 
+/// Whether the client asks for a protocol upgrade the proxy will pass. Never to `h2c`: after
+/// the app's 101 the connection would carry HTTP/2 requests that no policy sees (h2c
+/// smuggling); such a request goes on as a plain request, its `Upgrade` removed.
 fn wants_upgrade(h: &HeaderMap) -> bool {
     h.contains_key(header::UPGRADE)
         && h.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str()
                 .is_ok_and(|s| s.to_ascii_lowercase().contains("upgrade"))
+        })
+        && !h.get_all(header::UPGRADE).iter().any(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
         })
 }
 

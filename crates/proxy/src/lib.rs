@@ -23,7 +23,6 @@ mod io;
 pub mod jwt;
 pub mod limits;
 pub mod metrics;
-pub mod path;
 mod rand;
 pub mod route;
 mod server;

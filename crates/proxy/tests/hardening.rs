@@ -340,3 +340,144 @@ async fn connection_cannot_remove_the_peer_identity_and_a_sent_one_is_dropped() 
         "{seen}"
     );
 }
+
+/// CONNECT may carry an origin-form target (`CONNECT /admin/x HTTP/1.1`), and apps that route
+/// on the path alone serve it: its path is made canonical like any other.
+#[tokio::test]
+async fn connect_with_a_path_is_normalized_before_authorization() {
+    let up = upstream("app").await;
+    let p = inbound(up.addr, DENY_ADMIN).await;
+    let addr = p.addr("in").await;
+    let cases: &[(&str, u16)] = &[
+        ("/admin/x", 403),
+        ("//admin/x", 403),
+        ("/x/../admin/x", 403),
+        ("/%61dmin/x", 403),
+        ("/admin%2fx", 400),
+    ];
+    for (target, want) in cases {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!("CONNECT {target} HTTP/1.1\r\nHost: app\r\nConnection: close\r\n\r\n");
+        let got = exchange(s, req.as_bytes()).await;
+        assert_eq!(got.status, *want, "CONNECT {target}: {got:?}");
+    }
+    assert_eq!(
+        up.hits.load(Ordering::Relaxed),
+        0,
+        "CONNECT reached the app"
+    );
+}
+
+/// An app that accepts `Upgrade: h2c`: it answers 101, then serves HTTP/2 on the same
+/// connection and records every path it serves there.
+async fn h2c_upgrading_app() -> (SocketAddr, Arc<std::sync::Mutex<Vec<String>>>) {
+    use hyper::service::service_fn;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = served.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            let svc = service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
+                let log = log.clone();
+                async move {
+                    let h2c = req
+                        .headers()
+                        .get("upgrade")
+                        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"h2c"));
+                    if !h2c {
+                        let resp = http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from_static(b"plain"),
+                        ));
+                        return Ok::<_, std::convert::Infallible>(resp);
+                    }
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(io) = upgrade.await else { return };
+                        let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                            log.lock().unwrap().push(req.uri().path().to_string());
+                            async {
+                                Ok::<_, std::convert::Infallible>(http::Response::new(
+                                    http_body_util::Full::new(bytes::Bytes::from_static(b"secret")),
+                                ))
+                            }
+                        });
+                        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .serve_connection(io, svc)
+                            .await;
+                    });
+                    let mut resp =
+                        http::Response::new(http_body_util::Full::new(bytes::Bytes::new()));
+                    *resp.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut()
+                        .insert("connection", "Upgrade".parse().unwrap());
+                    resp.headers_mut().insert("upgrade", "h2c".parse().unwrap());
+                    Ok(resp)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .with_upgrades(),
+            );
+        }
+    });
+    (addr, served)
+}
+
+/// h2c smuggling: an allowed request asks to upgrade to HTTP/2 in clear; if the app agrees,
+/// the connection becomes a tunnel whose HTTP/2 requests the proxy never sees. The proxy
+/// must not offer the app that upgrade.
+#[tokio::test]
+async fn an_h2c_upgrade_cannot_tunnel_past_authorization() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (app, served) = h2c_upgrading_app().await;
+    let p = inbound(app, DENY_ADMIN).await;
+    let addr = p.addr("in").await;
+    for upgrade in ["h2c", "H2C"] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let req = format!(
+            "GET /public HTTP/1.1\r\nHost: app\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: {upgrade}\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        // The response head, byte by byte so that nothing after it is consumed.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut b = [0u8; 1];
+            let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut b))
+                .await
+                .expect("a response in time")
+                .unwrap();
+            assert_eq!(n, 1, "closed after {:?}", String::from_utf8_lossy(&head));
+            head.push(b[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        if head.starts_with("HTTP/1.1 101") {
+            // The tunnel is open: try the denied path through it.
+            let (mut tx, conn) = hyper::client::conn::http2::handshake::<
+                _,
+                _,
+                http_body_util::Empty<bytes::Bytes>,
+            >(TokioExecutor::new(), TokioIo::new(s))
+            .await
+            .unwrap();
+            tokio::spawn(conn);
+            let req = http::Request::get("http://app/admin/x")
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let status = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req))
+                .await
+                .expect("an answer in time")
+                .map(|r| r.status());
+            panic!("{upgrade}: the proxy passed the upgrade; /admin/x through it: {status:?}");
+        }
+        assert!(head.starts_with("HTTP/1.1 200"), "{upgrade}: {head}");
+    }
+    assert!(
+        served.lock().unwrap().is_empty(),
+        "{:?}",
+        served.lock().unwrap()
+    );
+}
