@@ -237,6 +237,14 @@ impl AsyncRead for ClientIo {
             {
                 slot.heard();
             }
+            // A request body arriving is progress; bytes between requests are not (a head
+            // trickled in must not keep a connection).
+            if n > 0
+                && let Some(a) = &self.activity
+                && a.is_busy()
+            {
+                a.moved();
+            }
         }
         res
     }

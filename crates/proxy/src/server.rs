@@ -408,34 +408,53 @@ async fn accept_inbound(
     }
 }
 
-/// Watches an HTTP/1.1 client connection: once it has gone `idle` without a request being
-/// handled, a request starting or ending, or response bytes written, `stop` asks it to close
-/// gracefully (an idle keep-alive connection closes at once); if it then makes no progress
-/// for as long again, `abandon` drops it. Checks run every half period, so a connection is
-/// closed between one and one and a half `idle` after it went quiet.
+/// Watches a client connection: once it has gone `idle` without a request being handled, a
+/// request starting or ending, or bytes moving, `stop` asks it to close gracefully (an idle
+/// keep-alive connection closes at once); if it then makes no progress for as long again,
+/// `abandon` drops it. With `stalled` (HTTP/1.1, where a request is the whole connection), a
+/// request in flight that moves no byte for that long (a client that never reads its
+/// response, a request body that stops) drops the connection too, releasing its upstream
+/// connection; HTTP/2 resets such streams one by one instead (`streams.rs`). Checks run every
+/// half of the shorter period, so a connection is closed within one and a half periods.
 async fn watch_idle(
     activity: Arc<Activity>,
     stop: CancellationToken,
     abandon: CancellationToken,
     idle: std::time::Duration,
+    stalled: Option<(
+        std::time::Duration,
+        prometheus_client::metrics::counter::Counter,
+    )>,
 ) {
-    let tick = idle / 2;
-    let (mut last, mut quiet) = (activity.progress(), 0u32);
+    let tick = stalled.as_ref().map_or(idle, |(s, _)| idle.min(*s)) / 2;
+    let mut last = activity.progress();
+    let mut since = tokio::time::Instant::now();
     loop {
         tokio::time::sleep(tick).await;
         let now = activity.progress();
-        if now != last || activity.is_busy() {
-            (last, quiet) = (now, 0);
+        if now != last {
+            (last, since) = (now, tokio::time::Instant::now());
             continue;
         }
-        quiet += 1;
-        if quiet >= 2 {
+        let quiet = since.elapsed();
+        if activity.is_busy() {
+            if let Some((limit, counter)) = &stalled
+                && quiet >= *limit
+            {
+                tracing::debug!(quiet = ?quiet, "request made no progress; connection dropped");
+                counter.inc();
+                abandon.cancel();
+                return;
+            }
+            continue;
+        }
+        if quiet >= idle {
             if stop.is_cancelled() {
                 abandon.cancel();
                 return;
             }
             stop.cancel();
-            quiet = 0;
+            since = tokio::time::Instant::now();
         }
     }
 }
@@ -646,6 +665,12 @@ async fn serve_connection(
         Protocol::Http1 | Protocol::Http2 => {
             // Requests read the current snapshot; the connection keeps none of its own.
             let client_idle = snap.settings.client_idle_timeout;
+            let stream_idle = snap.settings.bounds.stream_idle_timeout;
+            let stalled_counter = shared
+                .metrics
+                .idle_closed
+                .get_or_create(&crate::metrics::IdleLabels { kind: "stream" })
+                .clone();
             drop(snap);
             let conn = Arc::new(ConnInfo {
                 listener,
@@ -674,10 +699,13 @@ async fn serve_connection(
                     stop.clone(),
                     abandon.clone(),
                     client_idle,
+                    Some((stream_idle, stalled_counter)),
                 )));
                 tokio::select! {
                     r = c.as_mut() => return r.map_err(std::io::Error::other),
                     _ = stop.cancelled() => c.as_mut().graceful_shutdown(),
+                    // A stalled request: nothing to finish gracefully.
+                    _ = abandon.cancelled() => return Ok(()),
                 }
                 // Draining or idle: requests in flight finish, then the connection closes.
                 // One that still makes no progress (a request head never completed) is
@@ -708,6 +736,7 @@ async fn serve_connection(
                     stop.clone(),
                     abandon.clone(),
                     client_idle,
+                    None,
                 )));
                 tokio::select! {
                     r = c.as_mut() => return r.map_err(std::io::Error::other),

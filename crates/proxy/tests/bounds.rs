@@ -317,6 +317,12 @@ spec:
 /// An HTTP/2 upstream that allows `max_streams` concurrent streams. `/stall` answers a body
 /// that never ends (counted in `stalled` while the stream lives); anything else answers "ok".
 async fn h2_backend(max_streams: u32) -> (SocketAddr, Arc<AtomicUsize>) {
+    stalling_backend(Some(max_streams)).await
+}
+
+/// A backend whose `/stall` streams an endless body, counting the responses alive; HTTP/2
+/// with `max_streams`, else HTTP/1.1.
+async fn stalling_backend(h2_max_streams: Option<u32>) -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stalled = Arc::new(AtomicUsize::new(0));
@@ -332,6 +338,8 @@ async fn h2_backend(max_streams: u32) -> (SocketAddr, Arc<AtomicUsize>) {
                     let s = s.clone();
                     async move {
                         if req.uri().path() != "/stall" {
+                            // The whole request body first (uploads).
+                            let _ = req.into_body().collect().await;
                             let body = Full::new(Bytes::from_static(b"ok"))
                                 .map_err(|n| match n {})
                                 .boxed();
@@ -353,10 +361,20 @@ async fn h2_backend(max_streams: u32) -> (SocketAddr, Arc<AtomicUsize>) {
                         Ok(Response::new(StreamBody::new(chunks).boxed()))
                     }
                 });
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .max_concurrent_streams(max_streams)
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let io = TokioIo::new(stream);
+                let _ = match h2_max_streams {
+                    Some(max) => {
+                        hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                            .max_concurrent_streams(max)
+                            .serve_connection(io, svc)
+                            .await
+                    }
+                    None => {
+                        hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, svc)
+                            .await
+                    }
+                };
             });
         }
     });
@@ -472,6 +490,77 @@ async fn stalled_streams_are_reset_after_the_stream_idle_timeout() {
     let t = Instant::now();
     while t.elapsed() < Duration::from_millis(1500) {
         body.frame().await.unwrap().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// An HTTP/1.1 client that never reads its response holds its upstream connection only
+/// until the stream idle timeout: then its connection is dropped, and with it the upstream
+/// one. A response read steadily is not cut.
+#[tokio::test]
+async fn an_http1_client_that_never_reads_is_dropped_after_the_stream_idle_timeout() {
+    let (backend, stalled) = stalling_backend(None).await;
+    let p = proxy_with("  streamIdleTimeout: 500ms\n", None, backend, Some("http")).await;
+    let addr = p.addr("out").await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /stall HTTP/1.1\r\nhost: app\r\n\r\n")
+            .await
+            .unwrap();
+        held.push(s);
+    }
+    wait_for(
+        "5 stalled upstream responses",
+        Duration::from_secs(10),
+        || stalled.load(Ordering::SeqCst) == 5,
+    )
+    .await;
+    let t = Instant::now();
+    wait_for(
+        "the upstream responses to be dropped",
+        Duration::from_secs(10),
+        || stalled.load(Ordering::SeqCst) == 0,
+    )
+    .await;
+    assert!(
+        t.elapsed() >= Duration::from_millis(300),
+        "{:?}",
+        t.elapsed()
+    );
+    assert_eq!(p.metric("trellis_idle_closed_total{kind=\"stream\"}"), 5.0);
+    for s in &mut held {
+        assert!(closed_within(s, Duration::from_secs(5)).await);
+    }
+    // An upload sent slowly but steadily for 1.5s is not cut.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 30\r\n\r\n")
+        .await
+        .unwrap();
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.write_all(b"x").await.unwrap();
+    }
+    let mut answer = vec![0u8; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut answer))
+        .await
+        .expect("an answer to the upload")
+        .unwrap();
+    assert!(
+        answer[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer[..n])
+    );
+    // A response read steadily for 1.5s is not cut.
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /stall HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 16 * 1024];
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_millis(1500) {
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the steadily read response was cut");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
