@@ -682,6 +682,20 @@ async fn serve_connection(
             let shared2 = shared.clone();
             let svc = service_fn(move |req| proxy_http::handle(shared2.clone(), conn.clone(), req));
             let io = TokioIo::new(io);
+            // One watchdog per connection, ending with it: idle (HTTP/1.1 between requests,
+            // HTTP/2 without a stream: GOAWAY) asks for a graceful close, then drops a
+            // connection that does not finish; a stalled HTTP/1.1 request drops it at once
+            // (HTTP/2 resets stalled streams one by one instead).
+            let stop = shared.draining.child_token();
+            let abandon = CancellationToken::new();
+            let stalled = (protocol == Protocol::Http1).then_some((stream_idle, stalled_counter));
+            let _watchdog = AbortOnDropHandle::new(tokio::spawn(watch_idle(
+                activity,
+                stop.clone(),
+                abandon.clone(),
+                client_idle,
+                stalled,
+            )));
             if protocol == Protocol::Http1 {
                 // No header-read timer from hyper: it arms and drops a timer for every
                 // request. The connection's watchdog covers the same ground (idle keep-alive
@@ -691,16 +705,6 @@ async fn serve_connection(
                     .serve_connection(io, svc)
                     .with_upgrades();
                 tokio::pin!(c);
-                let stop = shared.draining.child_token();
-                let abandon = CancellationToken::new();
-                // The watchdog ends with the connection.
-                let _watchdog = AbortOnDropHandle::new(tokio::spawn(watch_idle(
-                    activity,
-                    stop.clone(),
-                    abandon.clone(),
-                    client_idle,
-                    Some((stream_idle, stalled_counter)),
-                )));
                 tokio::select! {
                     r = c.as_mut() => return r.map_err(std::io::Error::other),
                     _ = stop.cancelled() => c.as_mut().graceful_shutdown(),
@@ -727,17 +731,6 @@ async fn serve_connection(
                     .max_local_error_reset_streams(1024)
                     .serve_connection(io, svc);
                 tokio::pin!(c);
-                let stop = shared.draining.child_token();
-                let abandon = CancellationToken::new();
-                // No stream for the client idle time: GOAWAY, then dropped if that does not
-                // finish it either.
-                let _watchdog = AbortOnDropHandle::new(tokio::spawn(watch_idle(
-                    activity,
-                    stop.clone(),
-                    abandon.clone(),
-                    client_idle,
-                    None,
-                )));
                 tokio::select! {
                     r = c.as_mut() => return r.map_err(std::io::Error::other),
                     _ = stop.cancelled() => c.as_mut().graceful_shutdown(),
