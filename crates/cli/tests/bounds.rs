@@ -170,3 +170,44 @@ spec:
         "{metrics}"
     );
 }
+
+/// `trellis control --max-connections`: connections over the cap are closed at once, silent
+/// ones at the handshake deadline, and both are counted on the public `/metrics` page.
+#[test]
+fn the_control_planes_connection_cap_is_counted_in_its_metrics() {
+    let dir = TempDir::new("bounds-control-cap");
+    let port = free_port();
+    let store = dir.path().join("store");
+    let cp = ControlPlane::start_with(
+        "control",
+        dir.path(),
+        port,
+        store.to_str().unwrap(),
+        &["--max-connections", "5", "--handshake-timeout", "1s"],
+    );
+    // Eight silent connections: five take the five slots, three are over the cap.
+    let silent: Vec<TcpStream> = (0..8)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+        .collect();
+    // Every silent one is closed by the server: at once over the cap, after 1 s otherwise.
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut b = [0u8; 1];
+        assert!(matches!(s.read(&mut b), Ok(0) | Err(_)));
+    }
+    let page = wait_for(Duration::from_secs(10), "the counts on /metrics", || {
+        let r = cp.https("GET", "/metrics", "").ok()?;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+            .contains("trellis_control_connections_refused_total{reason=\"handshake_timeout\"} 5")
+            .then_some(r.body)
+    });
+    for line in [
+        "trellis_control_connection_limit 5",
+        "trellis_control_connections_refused_total{reason=\"limit\"} 3",
+        // This scrape's own connection.
+        "trellis_control_connections 1",
+    ] {
+        assert!(page.lines().any(|l| l == line), "no `{line}` in\n{page}");
+    }
+}

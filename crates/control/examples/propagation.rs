@@ -7,17 +7,23 @@
 //! (0 when a proxy ACKed before the apply's answer arrived), and from the apply being sent.
 //! Also reports the control plane's RSS per connected proxy.
 //!
-//! Usage: propagation TRELLIS_BIN [PROXIES] [ROUNDS]
+//! With `tls` as the fourth argument the control plane serves TLS, as in production: each
+//! simulated proxy first gets a certificate with a join token (timed apart), then holds its
+//! stream over mutual TLS; without it, plaintext (`--insecure`) with the token on the stream.
+//! Comparing the two runs gives the control channel's TLS cost.
+//!
+//! Usage: propagation TRELLIS_BIN [PROXIES] [ROUNDS] [tls]
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use trellis_api::wire::{self, mesh_client::MeshClient};
+use trellis_identity::{Credentials, WorkloadKey};
+use trellis_proxy::control::ControlTls;
 
 type Acks = Arc<Mutex<Vec<(u64, Instant)>>>;
 
@@ -41,12 +47,29 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 /// One simulated proxy: its stream's ACK times, by revision.
-async fn proxy(url: String, token: Arc<str>, id: usize, acks: Acks, connected: mpsc::Sender<()>) {
-    let channel = tonic::transport::Endpoint::from_shared(url)
-        .unwrap()
-        .connect()
+/// How a simulated proxy reaches the control plane.
+#[derive(Clone)]
+enum Channel {
+    /// Plaintext, authenticated by the join token on the stream.
+    Insecure(Arc<str>),
+    /// TLS: the server verified against the bundle, the proxy's certificate presented.
+    Tls(ControlTls, Arc<Credentials>),
+}
+
+async fn proxy(url: String, how: Channel, id: usize, acks: Acks, connected: mpsc::Sender<()>) {
+    let channel = match &how {
+        Channel::Insecure(_) => ControlTls {
+            insecure: true,
+            ..ControlTls::default()
+        }
+        .connect(&url, None, |e| e)
         .await
-        .expect("connect");
+        .expect("connect"),
+        Channel::Tls(tls, creds) => tls
+            .connect(&url, Some(creds), |e| e)
+            .await
+            .expect("connect"),
+    };
     let mut client = MeshClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
     tx.send(wire::StreamRequest {
@@ -61,11 +84,13 @@ async fn proxy(url: String, token: Arc<str>, id: usize, acks: Acks, connected: m
     })
     .await
     .unwrap();
-    // Authenticated like a sidecar before its first certificate: with a join token.
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    request
-        .metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    if let Channel::Insecure(token) = &how {
+        // Authenticated like a sidecar before its first certificate: with a join token.
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
     let mut responses = client.stream(request).await.expect("stream").into_inner();
     let mut first = true;
     while let Ok(Some(r)) = responses.message().await {
@@ -118,35 +143,92 @@ spec:
     )
 }
 
-async fn apply(url: &str, token: &str, text: String) -> u64 {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let body = serde_json::json!({"files": [{"name": "canary.yaml", "text": text}]});
-    let req = http::Request::post(format!("{url}/v1/apply"))
+/// The config API over one fresh connection (TLS when `tls` is set): the JSON answer.
+async fn admin(
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    path: &str,
+    token: &str,
+    body: serde_json::Value,
+) -> serde_json::Value {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    let req = http::Request::post(path)
+        .header("host", format!("127.0.0.1:{port}"))
         .header("content-type", "application/json")
         .header("authorization", format!("Bearer {token}"))
         .body(Full::new(Bytes::from(body.to_string())))
         .unwrap();
-    let resp = client.request(req).await.expect("apply");
+    let resp = match tls {
+        Some(config) => {
+            let name =
+                rustls::pki_types::ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+            let stream = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .expect("TLS to the control plane");
+            send(TokioIo::new(stream), req).await
+        }
+        None => send(TokioIo::new(tcp), req).await,
+    };
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     assert!(status.is_success(), "{}", String::from_utf8_lossy(&bytes));
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    v["revision"].as_u64().unwrap()
+    serde_json::from_slice(&bytes).unwrap()
 }
 
-async fn create_token(url: &str, admin: &str) -> String {
-    let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let req = http::Request::post(format!("{url}/v1/tokens"))
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {admin}"))
-        .body(Full::new(Bytes::from(
-            r#"{"service":"bench-proxy","ttl_seconds":3600}"#,
-        )))
-        .unwrap();
-    let resp = client.request(req).await.expect("token");
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
-    v["token"].as_str().expect("a token").to_string()
+async fn send<T>(io: T, req: http::Request<Full<Bytes>>) -> http::Response<hyper::body::Incoming>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    tx.send_request(req).await.expect("request")
+}
+
+async fn apply(
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    token: &str,
+    text: String,
+) -> u64 {
+    let body = serde_json::json!({"files": [{"name": "canary.yaml", "text": text}]});
+    admin(port, tls, "/v1/apply", token, body).await["revision"]
+        .as_u64()
+        .unwrap()
+}
+
+/// A join token good for `uses` certificates.
+async fn create_token(
+    port: u16,
+    tls: Option<&Arc<rustls::ClientConfig>>,
+    admin_token: &str,
+    uses: usize,
+) -> String {
+    let body = serde_json::json!({"service": "bench-proxy", "ttl_seconds": 3600, "uses": uses});
+    admin(port, tls, "/v1/tokens", admin_token, body).await["token"]
+        .as_str()
+        .expect("a token")
+        .to_string()
+}
+
+/// A certificate for one simulated proxy, obtained with the join token as a sidecar does.
+async fn certify(url: String, tls: ControlTls, token: Arc<str>) -> Arc<Credentials> {
+    let key = WorkloadKey::generate().unwrap();
+    let channel = tls.connect(&url, None, |e| e).await.expect("connect");
+    let r = MeshClient::new(channel)
+        .certify(wire::CertifyRequest {
+            token: token.to_string(),
+            csr_pem: key.csr(None).unwrap(),
+            ..Default::default()
+        })
+        .await
+        .expect("certify")
+        .into_inner();
+    Credentials::new(&r.trust_domain, &r.chain_pem, &key.pem(), &r.bundle_pem).unwrap()
 }
 
 #[tokio::main]
@@ -157,27 +239,24 @@ async fn main() {
         .expect("usage: propagation TRELLIS_BIN [PROXIES] [ROUNDS]");
     let n: usize = args.get(2).map_or(1000, |s| s.parse().unwrap());
     let rounds: usize = args.get(3).map_or(20, |s| s.parse().unwrap());
+    let tls = args.get(4).is_some_and(|a| a == "tls");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .port();
     let dir = std::env::temp_dir().join(format!("trellis-propagation-{}", std::process::id()));
-    let mut control = std::process::Command::new(bin)
-        .args([
-            "--log",
-            "warn",
-            "control",
-            // Plaintext: this measures distribution, not the channel's TLS.
-            "--insecure",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--store",
-        ])
+    let mut control = std::process::Command::new(bin);
+    control.args(["--log", "warn", "control"]);
+    if !tls {
+        control.arg("--insecure");
+    }
+    let mut control = control
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--store"])
         .arg(&dir)
         .spawn()
         .expect("starting trellis control");
-    let url = format!("http://127.0.0.1:{port}");
+    let url = format!("{}://127.0.0.1:{port}", if tls { "https" } else { "http" });
     let deadline = Instant::now() + Duration::from_secs(20);
     while tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -191,18 +270,50 @@ async fn main() {
         .expect("admin token")
         .trim()
         .to_string();
-    apply(&url, &token, route(0)).await;
-    let join: Arc<str> = create_token(&url, &token).await.into();
+    // The trust bundle `trellis control` wrote beside its admin token.
+    let bundle = tls.then(|| std::fs::read_to_string(dir.join("ca.pem")).expect("ca.pem"));
+    let client_tls = bundle.as_ref().map(|b| {
+        let trust = trellis_identity::ControlTrust::Bundle(b.clone());
+        Arc::new(
+            trellis_identity::control::control_client_config(&trust, None, &[b"http/1.1"]).unwrap(),
+        )
+    });
+    let client_tls = client_tls.as_ref();
+    apply(port, client_tls, &token, route(0)).await;
+    let join: Arc<str> = create_token(port, client_tls, &token, n).await.into();
+    let channels: Vec<Channel> = match &bundle {
+        None => vec![Channel::Insecure(join); n],
+        Some(b) => {
+            let tls = ControlTls {
+                ca_bundle: Some(b.clone()),
+                ..ControlTls::default()
+            };
+            let start = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..n {
+                tasks.spawn(certify(url.clone(), tls.clone(), join.clone()));
+            }
+            let creds = tasks.join_all().await;
+            println!(
+                "{n} proxies got their certificates in {:?}",
+                start.elapsed()
+            );
+            creds
+                .into_iter()
+                .map(|c| Channel::Tls(tls.clone(), c))
+                .collect()
+        }
+    };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss_kib(control.id());
 
     let (ctx, mut crx) = mpsc::channel(n);
     let mut all = Vec::new();
     let start = Instant::now();
-    for i in 0..n {
+    for (i, how) in channels.into_iter().enumerate() {
         let acks: Acks = Arc::default();
         all.push(acks.clone());
-        tokio::spawn(proxy(url.clone(), join.clone(), i, acks, ctx.clone()));
+        tokio::spawn(proxy(url.clone(), how, i, acks, ctx.clone()));
     }
     for _ in 0..n {
         crx.recv().await;
@@ -220,7 +331,7 @@ async fn main() {
     for round in 0..rounds {
         let weight = [10, 20][round % 2];
         let sent = Instant::now();
-        let revision = apply(&url, &token, route(weight)).await;
+        let revision = apply(port, client_tls, &token, route(weight)).await;
         let returned = Instant::now();
         // Wait (bounded) until every proxy ACKed `revision`.
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -263,7 +374,14 @@ async fn main() {
     per_round.sort();
     per_proxy.sort();
     from_sent.sort();
-    println!("\nproxies: {n}, rounds: {rounds}");
+    println!(
+        "\nproxies: {n}, rounds: {rounds}, channel: {}",
+        if tls {
+            "mutual TLS"
+        } else {
+            "plaintext (--insecure)"
+        }
+    );
     println!(
         "per proxy, apply returned -> ACK: p50 {:?}  p99 {:?}  max {:?}",
         percentile(&per_proxy, 0.5),

@@ -234,6 +234,22 @@ async fn create_token(State(c): State<Shared>, Json(req): Json<TokenRequest>) ->
     }
 }
 
+/// Prometheus text: connection and proxy counts, no names (so no credentials needed).
+async fn metrics(State(c): State<Shared>) -> Response {
+    let proxies = c.proxies.lock().unwrap_or_else(|e| e.into_inner()).len();
+    c.metrics
+        .proxies
+        .set(i64::try_from(proxies).unwrap_or(i64::MAX));
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        c.metrics.encode(),
+    )
+        .into_response()
+}
+
 async fn trust(State(c): State<Shared>) -> Response {
     match c.trust() {
         Ok((trust_domain, bundle)) => Json(serde_json::json!({
@@ -278,11 +294,12 @@ pub fn router(control: Shared) -> axum::Router {
             control.clone(),
             require_admin,
         ));
-    // The trust bundle is public; liveness tells nothing.
+    // The trust bundle is public; liveness and the metrics (counts only) tell nothing.
     let api = axum::Router::new()
         .merge(admin)
         .route("/v1/trust", get(trust))
         .route("/live", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
         .with_state(control.clone());
     tonic::service::Routes::new(MeshServer::new(MeshService { control }))
         .into_axum_router()
@@ -313,7 +330,9 @@ pub async fn serve(
         );
         Some(t)
     };
-    let service = TowerToHyperService::new(router(control));
+    let metrics = control.clone();
+    let metrics = &metrics.metrics;
+    let service = TowerToHyperService::new(router(control.clone()));
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut warned: Option<tokio::time::Instant> = None;
     let tasks = TaskTracker::new();
@@ -330,6 +349,7 @@ pub async fn serve(
             () = shutdown.cancelled() => break,
         };
         let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics.refuse("limit");
             if warned.is_none_or(|t| t.elapsed() > std::time::Duration::from_secs(1)) {
                 warned = Some(tokio::time::Instant::now());
                 tracing::warn!(
@@ -339,6 +359,9 @@ pub async fn serve(
             }
             continue;
         };
+        metrics.accepted.inc();
+        let open = crate::metrics::OpenConnection::new(&metrics.open);
+        let control = control.clone();
         let _ = stream.set_nodelay(true);
         let service = service.clone();
         let shutdown = shutdown.clone();
@@ -351,7 +374,7 @@ pub async fn serve(
         };
         let limits = limits.clone();
         tasks.spawn(async move {
-            let _permit = permit;
+            let _permit = (permit, open);
             let io = tls::Idle::new(stream, limits.handshake_timeout, limits.idle_timeout);
             match acceptor {
                 Some(acceptor) => {
@@ -360,10 +383,18 @@ pub async fn serve(
                     let stream = match accepted {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
+                            // A silent client's handshake ends at the Idle deadline.
+                            let reason = if e.kind() == std::io::ErrorKind::TimedOut {
+                                "handshake_timeout"
+                            } else {
+                                "handshake"
+                            };
+                            control.metrics.refuse(reason);
                             tracing::debug!(%addr, error = %e, "TLS handshake failed");
                             return;
                         }
                         Err(_) => {
+                            control.metrics.refuse("handshake_timeout");
                             tracing::debug!(%addr, "TLS handshake deadline passed");
                             return;
                         }

@@ -12,6 +12,7 @@ pub mod config;
 mod http;
 pub mod identity;
 mod mesh;
+pub mod metrics;
 pub mod registry;
 pub mod state;
 pub mod store;
@@ -37,6 +38,8 @@ pub struct Control {
     pub(crate) proxies: Mutex<BTreeMap<String, ProxyStatus>>,
     pub(crate) settings: Settings,
     pub(crate) ca_cache: identity::CaCache,
+    /// Connection and proxy counts, served at `/metrics`.
+    pub metrics: metrics::Metrics,
 }
 
 /// Tunables.
@@ -103,6 +106,7 @@ impl Control {
             store,
             state: rx,
             proxies: Mutex::default(),
+            metrics: metrics::Metrics::new(settings.limits.max_connections),
             settings,
             ca_cache: identity::CaCache::default(),
         });

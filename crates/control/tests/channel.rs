@@ -414,3 +414,77 @@ async fn replicas_on_etcd_never_both_accept_the_last_use_of_a_token() {
     })
     .await;
 }
+
+/// The value of one sample line of the control plane's `/metrics` page (0 when absent).
+fn sample(page: &str, name: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_connection_cap_holds_and_is_counted_in_metrics() {
+    bounded(async {
+        let cp = start("cap", |s| {
+            s.limits.handshake_timeout = Duration::from_secs(1);
+            s.limits.max_connections = 20;
+        })
+        .await;
+        let addr = cp.url.trim_start_matches("https://").to_string();
+        let mut silent = Vec::new();
+        for _ in 0..30 {
+            silent.push(tokio::net::TcpStream::connect(&addr).await.unwrap());
+        }
+        // The 20 admitted wait for their handshake deadline; the 10 over the cap are closed
+        // at once. Read the counters once all 30 have been seen by the accept loop.
+        let m = &cp.control.metrics;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while m.accepted.get() + refused(m, "limit") < 30 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "accept loop stalled"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let page = m.encode();
+        assert_eq!(
+            sample(&page, "trellis_control_connection_limit"),
+            20,
+            "{page}"
+        );
+        assert_eq!(
+            sample(
+                &page,
+                "trellis_control_connections_refused_total{reason=\"limit\"}"
+            ),
+            10,
+            "{page}"
+        );
+        assert_eq!(sample(&page, "trellis_control_connections"), 20, "{page}");
+        // After the handshake deadline the silent ones are gone, counted, and a
+        // well-behaved client is served again.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while m.open.get() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "silent connections kept"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(refused(m, "handshake_timeout"), 20);
+        let creds = cp.credentials("orders").await;
+        cp.client(Some(&creds))
+            .await
+            .register(register("orders"))
+            .await
+            .unwrap();
+        cp.finish();
+    })
+    .await;
+}
+
+fn refused(m: &trellis_control::metrics::Metrics, reason: &'static str) -> u64 {
+    m.refused
+        .get_or_create(&trellis_control::metrics::RefusedLabels { reason })
+        .get()
+}

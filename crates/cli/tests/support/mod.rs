@@ -297,6 +297,17 @@ pub struct ControlPlane {
 
 impl ControlPlane {
     pub fn start(name: &str, dir: &Path, port: u16, store: &str) -> ControlPlane {
+        Self::start_with(name, dir, port, store, &[])
+    }
+
+    /// Like [`ControlPlane::start`], with more `trellis control` flags.
+    pub fn start_with(
+        name: &str,
+        dir: &Path,
+        port: u16,
+        store: &str,
+        flags: &[&str],
+    ) -> ControlPlane {
         let mut cmd = trellis();
         cmd.args([
             "control",
@@ -305,6 +316,7 @@ impl ControlPlane {
             "--store",
             store,
         ]);
+        cmd.args(flags);
         // Replicas started in one directory share the token the first one created, and
         // the trust bundle (ca.pem) beside it.
         let token = dir.join("admin-token");
