@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 use trellis_api::mesh::MtlsMode;
 use trellis_api::policy::{Algorithm, BackendPolicySpec};
 use trellis_api::route::{
@@ -61,6 +62,10 @@ pub struct Backend {
     pub request_timeout: Option<Duration>,
     /// Pooled connection idle time.
     pub idle_timeout: Duration,
+    /// Retries towards this backend (the defaults unless a `BackendPolicy` says otherwise).
+    pub retry: Arc<crate::retry::Policy>,
+    /// How many retries it may see.
+    pub budget: crate::retry::Budget,
 }
 
 /// One port of a service, with the routes attached to it.
@@ -347,6 +352,11 @@ impl Snapshot {
                                     .as_ref()
                                     .and_then(|t| t.request)
                                     .map(|d| d.non_zero()),
+                                rule.timeouts
+                                    .as_ref()
+                                    .and_then(|t| t.backend_request)
+                                    .and_then(|d| d.non_zero()),
+                                rule.retry.as_ref(),
                                 r,
                             )?,
                         );
@@ -372,6 +382,8 @@ impl Snapshot {
                             rule.name.as_deref(),
                             &rule.filters,
                             &rule.backend_refs,
+                            None,
+                            None,
                             None,
                             r,
                         )?);
@@ -463,6 +475,8 @@ impl Snapshot {
                 connect_timeout: b.defaults.connect,
                 request_timeout: b.defaults.request,
                 idle_timeout: b.defaults.idle,
+                retry: Arc::default(),
+                budget: crate::retry::Budget::new(&Default::default(), Instant::now()),
             });
             listeners.push(Listener {
                 name: l.name.as_str().into(),
@@ -753,6 +767,7 @@ impl Builder<'_> {
         });
         let bound = lb.consistent_hash.as_ref().map_or(1.25, |h| h.bounded_load);
         let t = policy.map(|p| p.timeouts.clone()).unwrap_or_default();
+        let retry = policy.and_then(|p| p.retry.clone()).unwrap_or_default();
         let backend = Arc::new(Backend {
             name: format!("{}/{}:{port}", svc.namespace, svc.name).into(),
             protocol: spec
@@ -765,6 +780,8 @@ impl Builder<'_> {
             connect_timeout: t.connect.map_or(self.defaults.connect, |d| d.get()),
             request_timeout: t.request.map_or(self.defaults.request, |d| d.non_zero()),
             idle_timeout: t.idle.map_or(self.defaults.idle, |d| d.get()),
+            retry: Arc::new(crate::retry::Policy::from_config(&retry)),
+            budget: crate::retry::Budget::new(&retry.budget, Instant::now()),
         });
         self.backends.insert((svc.clone(), port), backend.clone());
         backend
@@ -805,6 +822,8 @@ impl Builder<'_> {
         filters: &[HttpRouteFilter],
         refs: &[trellis_api::route::HttpBackendRef],
         timeout: Option<Option<Duration>>,
+        try_timeout: Option<Duration>,
+        retry: Option<&trellis_api::retry::HttpRouteRetry>,
         loc: &Located<Resource>,
     ) -> Result<Rule, Diagnostics> {
         let id: Arc<str> = match name {
@@ -819,11 +838,13 @@ impl Builder<'_> {
             let backend = self.backend_ref(ns, &r.name, r.namespace.as_deref(), r.port);
             let f = self.filters(ns, &r.filters).map_err(at)?;
             let stats = self.metrics.route_stats("outbound", &id, &backend.name);
+            let retry = retry.map(|r| Arc::new(backend.retry.for_rule(r)));
             backends.push(WeightedBackend {
                 backend,
                 weight: r.weight,
                 filters: f,
                 stats,
+                retry,
             });
         }
         Ok(Rule {
@@ -831,6 +852,7 @@ impl Builder<'_> {
             filters,
             backends,
             timeout,
+            try_timeout,
         })
     }
 
