@@ -42,10 +42,10 @@ pub(crate) struct Answer {
     pub answered: Instant,
 }
 
-/// What one try came to.
-pub(crate) enum Tried<'a> {
-    Answered(&'a Arc<EndpointState>, Answer),
-    Failed(&'a Arc<EndpointState>, ProxyError),
+/// What one try came to, and where.
+pub(crate) struct Tried<'a> {
+    pub endpoint: &'a Arc<EndpointState>,
+    pub outcome: Result<Answer, ProxyError>,
 }
 
 /// Sends the request once, to an endpoint not in `tried` while another can take it. The
@@ -76,26 +76,24 @@ pub(crate) async fn attempt<'a>(
         None => send.await,
     };
     let now = Instant::now();
-    Ok(match outcome {
+    let outcome = match outcome {
         Ok((resp, tx, sent, stream)) => {
             let latency = sent.map(|s| now - s);
             report(backend, endpoint, metrics, Ok(resp.status()), latency, now);
-            Tried::Answered(
-                endpoint,
-                Answer {
-                    resp,
-                    guard,
-                    tx,
-                    stream,
-                    answered: now,
-                },
-            )
+            Ok(Answer {
+                resp,
+                guard,
+                tx,
+                stream,
+                answered: now,
+            })
         }
         Err(e) => {
             report(backend, endpoint, metrics, Err(&e), None, now);
-            Tried::Failed(endpoint, e)
+            Err(e)
         }
-    })
+    };
+    Ok(Tried { endpoint, outcome })
 }
 
 /// Tells the endpoint (its failure backoff), the balancer (its latency estimate) and the

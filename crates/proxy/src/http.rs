@@ -1,5 +1,6 @@
 //! The HTTP request path, top to bottom. Each step is one line in [`handle`]:
-//! decide (route) → filters → mirror → endpoint → forward → response filters → metrics.
+//! decide (route) → filters → mirror → forward (deadline → retries → one try: endpoint,
+//! send, report) → response filters → metrics.
 
 use crate::attempt;
 use crate::body::{self, Body};
@@ -334,18 +335,27 @@ async fn forward(
     // 2. Retries: the budget counts every request; what a retry replays is kept as the
     //    first try streams (an upgrade or CONNECT is never sent twice).
     backend.budget.request(start);
-    let may_retry = policy.retries > 0 && !upgrade && req.method() != Method::CONNECT;
+    let may_retry = !upgrade
+        && req.method() != Method::CONNECT
+        && retry::may_replay(policy, req.method(), grpc);
     let replay = if lean || !may_retry {
         None
     } else {
         Replay::of(&mut req, policy.max_body)
     };
-    let method = req.method().clone();
+    let mut retries = Retries {
+        policy,
+        backend,
+        metrics,
+        method: req.method().clone(),
+        deadline,
+        sent: 0,
+        resent: 0,
+    };
     let mut pending = Some(req);
     // Endpoints this request failed on: a retry goes elsewhere while it can (allocates
     // only once something failed).
     let mut tried: Vec<&EndpointState> = Vec::new();
-    let (mut retries, mut resends) = (0, 0);
     loop {
         // 3. One try, within its own timeout and the deadline.
         // (The clock is read only when a per-try timeout or a gRPC deadline needs it.)
@@ -367,11 +377,8 @@ async fn forward(
             req.headers_mut()
                 .insert(deadline::GRPC_TIMEOUT, deadline::format(left));
         }
-        let (endpoint, outcome) =
-            match attempt::attempt(&t, &tried, &mut pending, until, metrics).await? {
-                attempt::Tried::Answered(e, a) => (e, Ok(a)),
-                attempt::Tried::Failed(e, err) => (e, Err(err)),
-            };
+        let attempt::Tried { endpoint, outcome } =
+            attempt::attempt(&t, &tried, &mut pending, until, metrics).await?;
         // 4. Retry? Only while nothing reached the client, and when the policy, the method,
         //    the count, the time left and the budget all allow it.
         let why = match &outcome {
@@ -385,33 +392,8 @@ async fn forward(
             Err(e) => retry::reason(policy, retry::Outcome::Error(e)),
         };
         let wait = why.and_then(|why| {
-            if why == retry::reason::NOT_SENT {
-                // Never left the proxy: sent again at once, outside policy and budget.
-                resends += 1;
-                return (resends <= NOT_SENT_RESENDS && pending.is_some())
-                    .then_some(Duration::ZERO);
-            }
             let replayable = pending.is_some() || replay.as_ref().is_some_and(Replay::available);
-            if retries >= policy.retries
-                || !replayable
-                || !retry::method_allows(policy, &method, why)
-            {
-                return None;
-            }
-            let now = Instant::now();
-            let remaining = deadline.map(|d| d.saturating_duration_since(now));
-            let retry_after = outcome.as_ref().ok().and_then(|a| {
-                let v = a.resp.headers().get(header::RETRY_AFTER)?;
-                retry::retry_after(v, jiff::Timestamp::now())
-            });
-            let n = retries + 1;
-            let wait = retry::wait(&policy.backoff, n, rand::u64(), retry_after, remaining)?;
-            if !backend.budget.try_retry(now) {
-                metrics.retry_budget_exhausted(&backend.name);
-                return None;
-            }
-            retries = n;
-            Some(wait)
+            retries.wait(why, &outcome, replayable)
         });
         let Some(wait) = wait else {
             return match outcome {
@@ -431,6 +413,57 @@ async fn forward(
         if pending.is_none() {
             pending = replay.as_ref().map(Replay::request);
         }
+    }
+}
+
+/// One request's retries so far, and what decides the next.
+struct Retries<'a> {
+    policy: &'a retry::Policy,
+    backend: &'a Backend,
+    metrics: &'a Metrics,
+    method: Method,
+    deadline: Option<Instant>,
+    /// Retries sent.
+    sent: u32,
+    /// Unsent requests sent again.
+    resent: u32,
+}
+
+impl Retries<'_> {
+    /// The wait before retrying a try that failed for `why`, or `None` when it is not
+    /// retried: the method, the count, the time left (with `Retry-After`) and last the
+    /// backend's budget (a refusal counted) decide. `replayable`: the request is at hand.
+    fn wait(
+        &mut self,
+        why: &'static str,
+        outcome: &Result<attempt::Answer, ProxyError>,
+        replayable: bool,
+    ) -> Option<Duration> {
+        if why == retry::reason::NOT_SENT {
+            // Never left the proxy: sent again at once, outside policy and budget.
+            self.resent += 1;
+            return (self.resent <= NOT_SENT_RESENDS && replayable).then_some(Duration::ZERO);
+        }
+        if self.sent >= self.policy.retries
+            || !replayable
+            || !retry::method_allows(self.policy, &self.method, why)
+        {
+            return None;
+        }
+        let now = Instant::now();
+        let remaining = self.deadline.map(|d| d.saturating_duration_since(now));
+        let retry_after = outcome.as_ref().ok().and_then(|a| {
+            let v = a.resp.headers().get(header::RETRY_AFTER)?;
+            retry::retry_after(v, jiff::Timestamp::now())
+        });
+        let n = self.sent + 1;
+        let wait = retry::wait(&self.policy.backoff, n, rand::u64(), retry_after, remaining)?;
+        if !self.backend.budget.try_retry(now) {
+            self.metrics.retry_budget_exhausted(&self.backend.name);
+            return None;
+        }
+        self.sent = n;
+        Some(wait)
     }
 }
 

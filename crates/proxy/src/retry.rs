@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode};
 use std::sync::Mutex;
 use std::time::Duration;
 use tokio::time::Instant;
-use trellis_api::retry::{HttpRouteRetry, RetryOn, RetryPolicy, grpc_status_code};
+use trellis_api::retry::{HttpRouteRetry, RetryBudget, RetryOn, RetryPolicy, grpc_status_code};
 
 /// Conditions, as bits.
 const CONNECT: u8 = 1;
@@ -179,6 +179,12 @@ pub fn method_allows(p: &Policy, method: &Method, why: &str) -> bool {
         || idempotent(method)
 }
 
+/// Whether a request could be retried after it reached an endpoint, so that keeping a copy
+/// of it (its body) is worth it. Unsent requests need no copy.
+pub fn may_replay(p: &Policy, method: &Method, grpc: bool) -> bool {
+    p.retries > 0 && (p.all_methods || idempotent(method) || (grpc && p.grpc != 0))
+}
+
 /// Methods whose requests may be sent twice with the effect of once (RFC 9110 §9.2.2).
 pub fn idempotent(method: &Method) -> bool {
     matches!(
@@ -243,6 +249,7 @@ const BUCKETS: usize = 10;
 /// requests plus `min_per_second` per second of the window.
 #[derive(Debug)]
 pub struct Budget {
+    config: RetryBudget,
     ratio: f64,
     floor: f64,
     window: Mutex<Window>,
@@ -253,10 +260,16 @@ impl Budget {
     pub fn new(c: &trellis_api::retry::RetryBudget, now: Instant) -> Budget {
         let window = c.window.get();
         Budget {
+            config: *c,
             ratio: c.ratio,
             floor: f64::from(c.min_per_second) * window.as_secs_f64(),
             window: Mutex::new(Window::new(window, now)),
         }
+    }
+
+    /// Whether it was built from `c` (then a reload keeps it, with its counts).
+    pub fn configured_as(&self, c: &RetryBudget) -> bool {
+        self.config == *c
     }
 
     /// Counts a request.
@@ -340,7 +353,6 @@ impl Window {
 mod tests {
     use super::*;
     use std::net::SocketAddr;
-    use trellis_api::retry::RetryBudget;
 
     fn addr() -> SocketAddr {
         "127.0.0.1:1".parse().unwrap()
@@ -427,6 +439,20 @@ mod tests {
         ];
         for (p, m, why, want) in cases {
             assert_eq!(method_allows(p, m, why), *want, "{m} {why}");
+        }
+        let grpc = policy("grpcStatuses: [UNAVAILABLE]");
+        let none = policy("attempts: 0\nallowNonIdempotent: true");
+        let cases: &[(&Policy, Method, bool, bool)] = &[
+            (&strict, Method::GET, false, true),
+            (&strict, Method::POST, false, false),
+            (&strict, Method::POST, true, false),
+            (&grpc, Method::POST, true, true),
+            (&grpc, Method::POST, false, false),
+            (&all, Method::PATCH, false, true),
+            (&none, Method::GET, false, false),
+        ];
+        for (p, m, grpc, want) in cases {
+            assert_eq!(may_replay(p, m, *grpc), *want, "{m} grpc={grpc}");
         }
     }
 

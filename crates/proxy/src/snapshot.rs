@@ -64,8 +64,8 @@ pub struct Backend {
     pub idle_timeout: Duration,
     /// Retries towards this backend (the defaults unless a `BackendPolicy` says otherwise).
     pub retry: Arc<crate::retry::Policy>,
-    /// How many retries it may see.
-    pub budget: crate::retry::Budget,
+    /// How many retries it may see; kept across reloads while its config stays the same.
+    pub budget: Arc<crate::retry::Budget>,
 }
 
 /// One port of a service, with the routes attached to it.
@@ -476,7 +476,10 @@ impl Snapshot {
                 request_timeout: b.defaults.request,
                 idle_timeout: b.defaults.idle,
                 retry: Arc::default(),
-                budget: crate::retry::Budget::new(&Default::default(), Instant::now()),
+                budget: Arc::new(crate::retry::Budget::new(
+                    &Default::default(),
+                    Instant::now(),
+                )),
             });
             listeners.push(Listener {
                 name: l.name.as_str().into(),
@@ -768,6 +771,13 @@ impl Builder<'_> {
         let bound = lb.consistent_hash.as_ref().map_or(1.25, |h| h.bounded_load);
         let t = policy.map(|p| p.timeouts.clone()).unwrap_or_default();
         let retry = policy.and_then(|p| p.retry.clone()).unwrap_or_default();
+        // A reload (every endpoint change) must not refill the budget during an outage.
+        let budget = self
+            .previous
+            .and_then(|p| p.port(svc, Some(port)))
+            .map(|e| e.backend.budget.clone())
+            .filter(|b| b.configured_as(&retry.budget))
+            .unwrap_or_else(|| Arc::new(crate::retry::Budget::new(&retry.budget, Instant::now())));
         let backend = Arc::new(Backend {
             name: format!("{}/{}:{port}", svc.namespace, svc.name).into(),
             protocol: spec
@@ -781,7 +791,7 @@ impl Builder<'_> {
             request_timeout: t.request.map_or(self.defaults.request, |d| d.non_zero()),
             idle_timeout: t.idle.map_or(self.defaults.idle, |d| d.get()),
             retry: Arc::new(crate::retry::Policy::from_config(&retry)),
-            budget: crate::retry::Budget::new(&retry.budget, Instant::now()),
+            budget,
         });
         self.backends.insert((svc.clone(), port), backend.clone());
         backend
@@ -1048,6 +1058,27 @@ mod tests {
             svc(second.0, Some(second.1)),
             svc("plain", None)
         )
+    }
+
+    #[test]
+    fn a_reload_keeps_the_retry_budget_unless_its_config_changes() {
+        let yaml = |budget: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p}}\nspec: {{admin: {{address: 127.0.0.1:0}}}}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  ports: [{{port: 80}}]\n  endpoints: [{{address: '127.0.0.1:7001'}}]\n---\napiVersion: trellis.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: s}}\n  retry: {{budget: {budget}}}\n"
+            )
+        };
+        let budget = |snap: &Snapshot| {
+            snap.port(&key("default", "s"), None)
+                .unwrap()
+                .backend
+                .budget
+                .clone()
+        };
+        let first = build(&yaml("{ratio: 0.2}"), None);
+        let same = build(&yaml("{ratio: 0.2}"), Some(&first));
+        assert!(Arc::ptr_eq(&budget(&first), &budget(&same)));
+        let changed = build(&yaml("{ratio: 0.5}"), Some(&same));
+        assert!(!Arc::ptr_eq(&budget(&same), &budget(&changed)));
     }
 
     #[test]
