@@ -16,6 +16,7 @@ pub mod path;
 pub mod policy;
 pub mod proxy;
 mod resource;
+pub mod retry;
 pub mod route;
 pub mod service;
 mod validate;

@@ -15,6 +15,9 @@ pub struct BackendPolicySpec {
     /// Connection and request timeouts towards this service; unset fields use the proxy's.
     #[serde(default)]
     pub timeouts: BackendTimeouts,
+    /// Retries towards this service (the defaults apply when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<crate::retry::RetryPolicy>,
 }
 
 /// Points a policy at a resource.

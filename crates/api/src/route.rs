@@ -64,6 +64,9 @@ pub struct HttpRouteRule {
     /// Request timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<HttpRouteTimeouts>,
+    /// Retries for this rule, overriding the backend's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<crate::retry::HttpRouteRetry>,
 }
 
 /// Conditions on a request; all present conditions must hold.
@@ -362,10 +365,11 @@ impl HttpBackendRef {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteTimeouts {
-    /// Time until the response headers arrive, end to end; `0s` disables.
+    /// Time until the response headers arrive, end to end, retries included; `0s` disables.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request: Option<Duration>,
-    /// Time for one attempt to the backend.
+    /// Time until the response headers of one try; a try that runs out is retried when the
+    /// rule's retries allow.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend_request: Option<Duration>,
 }

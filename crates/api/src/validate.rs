@@ -97,6 +97,9 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
                         ),
                     );
                 }
+                for (field, e) in b.spec.retry.iter().flat_map(|p| p.problems()) {
+                    v.at(r, &format!("spec.retry.{field}"), e);
+                }
                 let lb = &b.spec.load_balancer;
                 match (lb.algorithm, &lb.consistent_hash) {
                     (Algorithm::ConsistentHash, None) => v.at(
@@ -1101,6 +1104,9 @@ impl Validator {
             }
             self.filters(ctx, &field, &rule.filters, Some(all_prefix), false);
             self.backends(ctx, &field, &rule.backend_refs, false);
+            for (f, e) in rule.retry.iter().flat_map(|p| p.problems()) {
+                self.at(ctx.r, &format!("{field}.retry.{f}"), e);
+            }
             if let Some(t) = &rule.timeouts
                 && let (Some(req), Some(be)) = (t.request, t.backend_request)
                 && !req.get().is_zero()
@@ -1230,6 +1236,99 @@ spec:
                 (got, want) => panic!("{first}{second}: got {got:?}, want {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn retries_are_validated() {
+        let policy = |retry: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: catalog}}\n  retry:\n{retry}"
+            )
+        };
+        let route = |retry: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{kind: Service, name: catalog}}]\n  rules:\n    - backendRefs: [{{name: catalog-v2, port: 8080}}]\n      retry: {retry}\n"
+            )
+        };
+        let cases: &[(String, Option<&str>)] = &[
+            (
+                policy(
+                    "    on: [connect-failure, 5xx, retriable-status-codes]\n    codes: [429]\n    attempts: 3\n    backoff: {base: 10ms, max: 1s}\n    grpcStatuses: [UNAVAILABLE]\n    allowNonIdempotent: true\n    maxBodyBytes: 1024\n    budget: {ratio: 0.1, minPerSecond: 5, window: 30s}\n",
+                ),
+                None,
+            ),
+            (
+                policy("    on: [retriable-status-codes]\n"),
+                Some("spec.retry.codes: required when `on` has retriable-status-codes"),
+            ),
+            (
+                policy("    codes: [503]\n"),
+                Some("spec.retry.on: add retriable-status-codes"),
+            ),
+            (
+                policy("    on: [retriable-status-codes]\n    codes: [302]\n"),
+                Some("spec.retry.codes[0]: 302 is not between 400 and 599"),
+            ),
+            (
+                policy("    attempts: 11\n"),
+                Some("spec.retry.attempts: at most 10"),
+            ),
+            (
+                policy("    backoff: {base: 0s}\n"),
+                Some("spec.retry.backoff.base: must be more than 0s"),
+            ),
+            (
+                policy("    backoff: {base: 1s, max: 100ms}\n"),
+                Some("spec.retry.backoff.max: must not be less than backoff.base"),
+            ),
+            (
+                policy("    grpcStatuses: [unavailable]\n"),
+                Some("spec.retry.grpcStatuses[0]: \"unavailable\" is not a gRPC error status"),
+            ),
+            (
+                policy("    grpcStatuses: [OK]\n"),
+                Some("spec.retry.grpcStatuses[0]"),
+            ),
+            (
+                policy("    budget: {ratio: -1}\n"),
+                Some("spec.retry.budget.ratio: must be between 0 and 10"),
+            ),
+            (
+                policy("    budget: {window: 0s}\n"),
+                Some("spec.retry.budget.window: must be between 1s and 300s"),
+            ),
+            (
+                policy("    maxBodyBytes: 100000000\n"),
+                Some("spec.retry.maxBodyBytes: at most 16777216"),
+            ),
+            (
+                route("{codes: [500, 503], attempts: 2, backoff: 100ms}"),
+                None,
+            ),
+            (
+                route("{codes: [200]}"),
+                Some("spec.rules[0].retry.codes[0]: 200 is not between 400 and 599"),
+            ),
+            (
+                route("{attempts: 20}"),
+                Some("spec.rules[0].retry.attempts: at most 10"),
+            ),
+            (
+                route("{backoff: 0s}"),
+                Some("spec.rules[0].retry.backoff: must be more than 0s"),
+            ),
+        ];
+        for (doc, want) in cases {
+            match (check(doc), want) {
+                (Ok(()), None) => {}
+                (Err(d), Some(w)) => assert!(d.to_string().contains(w), "want {w}: {d}"),
+                (got, want) => panic!("{doc}: got {got:?}, want {want:?}"),
+            }
+        }
+        // Unknown fields are refused at parse time, naming the field.
+        let bad = format!("{BASE}---\n{}", policy("    retries: 3\n"));
+        let e = parse_documents("t.yaml", &bad).unwrap_err().to_string();
+        assert!(e.contains("retries"), "{e}");
     }
 
     #[test]

@@ -24,6 +24,11 @@ enum Kind {
     Tracked(Tracked),
     /// A body under a stream idle timeout.
     Watched(crate::streams::Watched),
+    /// A request body recorded for retries.
+    Replayed(crate::replay::Replayed),
+    /// Any stream, in unit tests.
+    #[cfg(test)]
+    Test(http_body_util::combinators::BoxBody<Bytes, BodyError>),
 }
 
 /// A body with these bytes.
@@ -59,6 +64,27 @@ impl From<crate::streams::Watched> for Body {
     }
 }
 
+impl From<crate::replay::Replayed> for Body {
+    fn from(b: crate::replay::Replayed) -> Body {
+        Body(Kind::Replayed(b))
+    }
+}
+
+/// A body streaming `s`, for unit tests.
+#[cfg(test)]
+pub(crate) fn test_stream<S, E>(s: S) -> Body
+where
+    S: futures_util::Stream<Item = Result<Frame<Bytes>, E>> + Send + Sync + 'static,
+    E: Into<BodyError> + 'static,
+{
+    use http_body_util::BodyExt;
+    Body(Kind::Test(
+        http_body_util::StreamBody::new(s)
+            .map_err(Into::into)
+            .boxed(),
+    ))
+}
+
 impl Body {
     /// Keeps `busy` (the client connection's activity guard) alive until this body ends or is
     /// dropped, when it streams from an upstream: a response that is still streaming keeps
@@ -91,6 +117,9 @@ impl http_body::Body for Body {
                 .map(|f| f.map(|f| f.map_err(Into::into))),
             Kind::Tracked(b) => Pin::new(b).poll_frame(cx),
             Kind::Watched(b) => Pin::new(b).poll_frame(cx),
+            Kind::Replayed(b) => Pin::new(b).poll_frame(cx),
+            #[cfg(test)]
+            Kind::Test(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -101,6 +130,9 @@ impl http_body::Body for Body {
             Kind::Incoming(b) => b.is_end_stream(),
             Kind::Tracked(b) => b.is_end_stream(),
             Kind::Watched(b) => b.is_end_stream(),
+            Kind::Replayed(b) => b.is_end_stream(),
+            #[cfg(test)]
+            Kind::Test(b) => b.is_end_stream(),
         }
     }
 
@@ -111,6 +143,9 @@ impl http_body::Body for Body {
             Kind::Incoming(b) => b.size_hint(),
             Kind::Tracked(b) => b.size_hint(),
             Kind::Watched(b) => b.size_hint(),
+            Kind::Replayed(b) => b.size_hint(),
+            #[cfg(test)]
+            Kind::Test(b) => b.size_hint(),
         }
     }
 }
@@ -123,6 +158,9 @@ impl std::fmt::Debug for Body {
             Kind::Incoming(_) => "incoming",
             Kind::Tracked(_) => "tracked",
             Kind::Watched(_) => "watched",
+            Kind::Replayed(_) => "replayed",
+            #[cfg(test)]
+            Kind::Test(_) => "test",
         };
         write!(f, "Body({kind})")
     }

@@ -47,8 +47,12 @@ pub struct Forward {
     pub backend: Arc<Backend>,
     /// Length of the path prefix matched, for `ReplacePrefixMatch`.
     pub prefix_len: usize,
-    /// Time allowed until response headers.
+    /// Time allowed until response headers, retries included.
     pub timeout: Option<Duration>,
+    /// Time allowed for one try (`timeouts.backendRequest`).
+    pub try_timeout: Option<Duration>,
+    /// The rule's retry policy, when it has its own (else the backend's).
+    pub retry: Option<Arc<crate::retry::Policy>>,
     /// Request metrics for this route and backend (none for mirrored copies).
     pub stats: Option<Arc<crate::metrics::RouteStats>>,
 }
@@ -83,6 +87,8 @@ pub fn decide(snap: &Snapshot, listener: &Listener, parts: &Parts, random: u64) 
                 backend: app.clone(),
                 prefix_len: 0,
                 timeout: app.request_timeout,
+                try_timeout: None,
+                retry: None,
                 stats: Some(stats.clone()),
             });
         }
@@ -152,6 +158,8 @@ pub fn route(entry: &PortEntry, listener_port: u16, parts: &Parts, random: u64) 
             backend: entry.backend.clone(),
             prefix_len: 0,
             timeout: entry.backend.request_timeout,
+            try_timeout: None,
+            retry: None,
             stats: Some(entry.stats.clone()),
         });
     };
@@ -170,6 +178,8 @@ pub fn route(entry: &PortEntry, listener_port: u16, parts: &Parts, random: u64) 
     Decision::Forward(Forward {
         route: rule.id.clone(),
         timeout: rule.timeout.unwrap_or(backend.request_timeout),
+        try_timeout: rule.try_timeout,
+        retry: rule.backends[index].retry.clone(),
         rule: Some(rule.clone()),
         backend_index: Some(index),
         backend,

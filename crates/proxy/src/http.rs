@@ -1,7 +1,10 @@
 //! The HTTP request path, top to bottom. Each step is one line in [`handle`]:
-//! decide (route) → filters → mirror → endpoint → forward → response filters → metrics.
+//! decide (route) → filters → mirror → forward (deadline → retries → one try: endpoint,
+//! send, report) → response filters → metrics.
 
+use crate::attempt;
 use crate::body::{self, Body};
+use crate::deadline;
 use crate::decide::{self, Decision, Forward};
 use crate::endpoint::{EndpointState, H2Limits, H2Stream, InFlight};
 use crate::error::{Audience, ProxyError};
@@ -9,6 +12,8 @@ use crate::filters;
 use crate::h1;
 use crate::metrics::{Metrics, ResponseLabels, RouteLabels, RouteStats};
 use crate::rand;
+use crate::replay::Replay;
+use crate::retry;
 use crate::server::Shared;
 use crate::snapshot::{Backend, HashOn, Listener, ListenerKind};
 use bytes::Bytes;
@@ -24,13 +29,11 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::time::Instant;
 
 /// Largest request body copied for RequestMirror; larger or unsized bodies are not mirrored.
 const MIRROR_BODY_LIMIT: u64 = 64 * 1024;
-/// Attempts for a request that never left the proxy (connect failed, or a pooled connection
-/// closed before the request was written).
-const SEND_ATTEMPTS: usize = 3;
 
 /// The empty label, for requests that never reached a route or backend.
 static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
@@ -157,7 +160,7 @@ pub async fn handle(
     }
 
     // 1. Decide: which rule, which backend (pure).
-    let fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {
+    let mut fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {
         Decision::Forward(f) => f,
         Decision::Fail(e) => return Ok(shared.fail(direction, &NONE, &NONE, e, grpc, start)),
         Decision::Redirect {
@@ -174,6 +177,11 @@ pub async fn handle(
             return Ok(resp);
         }
     };
+
+    // A gRPC call's own deadline counts when it is the sooner.
+    if grpc && let Some(t) = parts.headers.get(deadline::GRPC_TIMEOUT) {
+        fwd.timeout = deadline::effective(fwd.timeout, deadline::parse(t));
+    }
 
     // 2. Request filters: the rule's, then the chosen backend's.
     if let Some(rule) = &fwd.rule {
@@ -198,7 +206,7 @@ pub async fn handle(
         .await;
     }
 
-    // 4–5. Endpoint and forward, retrying other endpoints only when a connection failed.
+    // 4–5. Endpoint and forward, with retries.
     //    A stream on HTTP/2 (either side) that moves no data for the stream idle timeout
     //    is reset, so that a client that never reads cannot hold an upstream stream.
     let bounds = &snap.settings.bounds;
@@ -216,7 +224,16 @@ pub async fn handle(
         body = w.request(body);
     }
     let req = Request::from_parts(parts, body);
-    let result = forward(&fwd, req, conn.client, start, bounds.h2(), &shared.metrics).await;
+    let result = forward(
+        &fwd,
+        req,
+        conn.client,
+        start,
+        bounds.h2(),
+        &shared.metrics,
+        grpc,
+    )
+    .await;
     let (mut resp, endpoint, answered) = match result {
         Ok(r) => r,
         Err(e) => return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start)),
@@ -280,11 +297,11 @@ pub async fn handle(
     Ok(resp)
 }
 
-/// Sends the request to an endpoint of the backend, within the forward's timeout. A request
-/// that never left the proxy (connect failed, or a pooled connection closed before it was
-/// written) is tried again on another connection. Returns the response and, for upgrades,
-/// the in-flight guard (otherwise the response body holds it), and when the response head
-/// arrived. The timeout runs from `start`, when the request arrived.
+/// Sends the request to the backend, top to bottom: the request's deadline (the route's
+/// timeout, or a gRPC call's own if sooner; `start` is when the request arrived) → the
+/// retry loop (eligibility, budget, backoff, replay; module `retry`) → one try (module
+/// `attempt`). Returns the response and, for upgrades, the in-flight guard (otherwise the
+/// response body holds it), and when the response head arrived.
 async fn forward(
     fwd: &Forward,
     mut req: Request<Body>,
@@ -292,297 +309,216 @@ async fn forward(
     start: Instant,
     h2_limits: H2Limits,
     metrics: &Metrics,
+    grpc: bool,
 ) -> Result<(Response<Body>, Option<InFlight>, Instant), ProxyError> {
     let backend = &fwd.backend;
+    let policy = fwd.retry.as_deref().unwrap_or(&backend.retry);
     let hash = backend
         .hash_on
         .as_ref()
         .and_then(|on| hash_key(on, req.headers(), client));
     let h2 = use_http2(backend, req.version());
     let upgrade = prepare_upstream(&mut req, h2);
-    let deadline = fwd.timeout.map(|t| start + t);
     // A request without a body goes through the lean HTTP/1.1 client (module h1), which
     // only reads it: sending it again needs no copy.
     let lean = !h2 && !upgrade && req.body().is_end_stream() && req.method() != Method::CONNECT;
-    // An idempotent request without a body can be sent again if the connection closes before
-    // any response (RFC 9110 §9.2.2): the keep-alive race where the upstream closes an idle
-    // connection just as it is reused.
-    let replay = if lean {
+    let t = attempt::Try {
+        backend,
+        hash,
+        h2,
+        lean,
+        h2_limits,
+        start,
+    };
+    // 1. The deadline bounds the whole request, retries included.
+    let deadline = fwd.timeout.map(|d| start + d);
+    // 2. Retries: the budget counts every request; what a retry replays is kept as the
+    //    first try streams (an upgrade or CONNECT is never sent twice).
+    backend.budget.request(start);
+    let may_retry = !upgrade
+        && req.method() != Method::CONNECT
+        && retry::may_replay(policy, req.method(), grpc);
+    let replay = if lean || !may_retry {
         None
     } else {
-        Replay::of(&req, upgrade)
+        Replay::of(&mut req, policy.max_body)
     };
-    let replayable = replay.is_some() || (lean && idempotent(req.method()));
+    let mut retries = Retries {
+        policy,
+        backend,
+        metrics,
+        method: req.method().clone(),
+        deadline,
+        sent: 0,
+        resent: 0,
+    };
     let mut pending = Some(req);
-    let mut last_err = None;
-    // Endpoints this request failed on: a re-attempt goes elsewhere while it can (allocates
+    // Endpoints this request failed on: a retry goes elsewhere while it can (allocates
     // only once something failed).
     let mut tried: Vec<&EndpointState> = Vec::new();
-    // Counts a failure against the endpoint (its backoff) and in metrics.
-    let fail = |endpoint: &EndpointState, e: &ProxyError| {
-        if let Some(kind) = failure_kind(e) {
-            endpoint.failed(Instant::now());
-            metrics.endpoint_failure(&backend.name, kind);
+    loop {
+        // 3. One try, within its own timeout and the deadline.
+        // (The clock is read only when a per-try timeout or a gRPC deadline needs it.)
+        let now = (fwd.try_timeout.is_some() || grpc).then(Instant::now);
+        let until = match now {
+            Some(now) => deadline::try_limit(now, deadline, fwd.try_timeout),
+            None => deadline,
         }
-    };
-    for _ in 0..SEND_ATTEMPTS {
-        let Some(endpoint) = backend.balancer.pick_avoiding(hash, &tried) else {
-            return Err(ProxyError::NoEndpoint(backend.name.to_string()));
-        };
-        let guard = endpoint.start();
-        let attempt = async {
-            match &pending {
-                Some(req) if lean => send_lean(endpoint, backend, req, start).await,
-                _ => send(endpoint, backend, h2, h2_limits, &mut pending, start).await,
-            }
-        };
-        let outcome = match deadline {
-            Some(d) => match tokio::time::timeout_at(d, attempt).await {
-                Ok(r) => r,
-                Err(_) => Err(ProxyError::Timeout(fwd.timeout.unwrap_or_default())),
-            },
-            None => attempt.await,
-        };
-        let (resp, tx, sent, stream) = match outcome {
-            Err(e) if e.retryable() && pending.is_some() => {
-                tracing::debug!(endpoint = %endpoint.addr, error = %e, "request not sent; trying again");
-                fail(endpoint, &e);
-                tried.push(endpoint);
-                last_err = Some(e);
-                continue;
-            }
-            Err(e @ ProxyError::Closed(..)) if replayable => {
-                tracing::debug!(endpoint = %endpoint.addr, error = %e, "connection closed before a response; replaying");
-                fail(endpoint, &e);
-                tried.push(endpoint);
-                if !lean {
-                    pending = replay.as_ref().map(Replay::request);
-                }
-                last_err = Some(e);
-                continue;
-            }
-            Err(e) => {
-                fail(endpoint, &e);
-                return Err(e);
-            }
-            Ok(r) => r,
-        };
-        // A 5xx is a failure of the endpoint however fast it came: counted, so that an
-        // endpoint answering errors at once does not look like the fastest one.
-        if resp.status().is_server_error() {
-            endpoint.failed(Instant::now());
-            metrics.endpoint_failure(&backend.name, "5xx");
-        } else {
-            endpoint.succeeded();
+        .map(|at| {
+            let own = deadline.is_none_or(|d| at < d);
+            let timeout = if own { fwd.try_timeout } else { fwd.timeout };
+            (at, timeout.unwrap_or_default())
+        });
+        if let (Some(now), Some((at, _)), Some(req)) =
+            (now.filter(|_| grpc), until, pending.as_mut())
+        {
+            // The upstream learns how long the caller still waits.
+            let left = at.saturating_duration_since(now);
+            req.headers_mut()
+                .insert(deadline::GRPC_TIMEOUT, deadline::format(left));
         }
-        let answered = Instant::now();
-        if let Some(sent) = sent {
-            backend
-                .balancer
-                .observe(endpoint, answered - sent, answered);
+        let attempt::Tried { endpoint, outcome } =
+            attempt::attempt(&t, &tried, &mut pending, until, metrics).await?;
+        // 4. Retry? Only while nothing reached the client, and when the policy, the method,
+        //    the count, the time left and the budget all allow it.
+        let why = match &outcome {
+            Ok(a) => {
+                let grpc_status = grpc.then(|| retry::grpc_status(a.resp.headers())).flatten();
+                retry::reason(
+                    policy,
+                    retry::Outcome::Response(a.resp.status(), grpc_status),
+                )
+            }
+            Err(e) => retry::reason(policy, retry::Outcome::Error(e)),
+        };
+        let wait = why.and_then(|why| {
+            let replayable = pending.is_some() || replay.as_ref().is_some_and(Replay::available);
+            retries.wait(why, &outcome, replayable)
+        });
+        let Some(wait) = wait else {
+            return match outcome {
+                Ok(a) => Ok(respond(endpoint, a)),
+                Err(e) => Err(e),
+            };
+        };
+        let why = why.unwrap_or_default();
+        metrics.retry(&backend.name, why);
+        tracing::debug!(endpoint = %endpoint.addr, reason = why, ?wait, "retrying");
+        tried.push(endpoint);
+        // The failed try's response (and its connection) goes now, before the wait.
+        drop(outcome);
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
         }
-        let (mut parts, incoming) = resp.into_parts();
-        let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
-        strip_hop_by_hop(&mut parts.headers, upgraded);
-        if upgraded {
-            // The connection now belongs to the upgraded stream: not pooled.
-            return Ok((
-                Response::from_parts(
-                    parts,
-                    Tracked {
-                        inner: incoming,
-                        guard: None,
-                        pool: None,
-                        tx: None,
-                        busy: None,
-                        stream,
-                    }
-                    .into(),
-                ),
-                Some(guard),
-                answered,
-            ));
+        if pending.is_none() {
+            pending = replay.as_ref().map(Replay::request);
         }
-        // Only HTTP/1.1 connections are pooled per exchange (HTTP/2's is shared).
-        let pooled = tx.is_some() || matches!(incoming, UpstreamBody::Lean(_));
-        let mut tracked = Tracked {
+    }
+}
+
+/// One request's retries so far, and what decides the next.
+struct Retries<'a> {
+    policy: &'a retry::Policy,
+    backend: &'a Backend,
+    metrics: &'a Metrics,
+    method: Method,
+    deadline: Option<Instant>,
+    /// Retries sent.
+    sent: u32,
+    /// Unsent requests sent again.
+    resent: u32,
+}
+
+impl Retries<'_> {
+    /// The wait before retrying a try that failed for `why`, or `None` when it is not
+    /// retried: the method, the count, the time left (with `Retry-After`) and last the
+    /// backend's budget (a refusal counted) decide. `replayable`: the request is at hand.
+    fn wait(
+        &mut self,
+        why: &'static str,
+        outcome: &Result<attempt::Answer, ProxyError>,
+        replayable: bool,
+    ) -> Option<Duration> {
+        if why == retry::reason::NOT_SENT {
+            // Never left the proxy: sent again at once, outside policy and budget.
+            self.resent += 1;
+            return (self.resent <= NOT_SENT_RESENDS && replayable).then_some(Duration::ZERO);
+        }
+        if self.sent >= self.policy.retries
+            || !replayable
+            || !retry::method_allows(self.policy, &self.method, why)
+        {
+            return None;
+        }
+        let now = Instant::now();
+        let remaining = self.deadline.map(|d| d.saturating_duration_since(now));
+        let retry_after = outcome.as_ref().ok().and_then(|a| {
+            let v = a.resp.headers().get(header::RETRY_AFTER)?;
+            retry::retry_after(v, jiff::Timestamp::now())
+        });
+        let n = self.sent + 1;
+        let wait = retry::wait(&self.policy.backoff, n, rand::u64(), retry_after, remaining)?;
+        if !self.backend.budget.try_retry(now) {
+            self.metrics.retry_budget_exhausted(&self.backend.name);
+            return None;
+        }
+        self.sent = n;
+        Some(wait)
+    }
+}
+
+/// Times a request that never left the proxy (a pooled connection found closed before it
+/// was written) is sent again, beyond the policy's retries.
+const NOT_SENT_RESENDS: u32 = 2;
+
+/// The response to hand on: its hop-by-hop headers gone, its body releasing the endpoint
+/// and pooling the connection when it ends.
+fn respond(
+    endpoint: &Arc<EndpointState>,
+    a: attempt::Answer,
+) -> (Response<Body>, Option<InFlight>, Instant) {
+    let attempt::Answer {
+        resp,
+        guard,
+        tx,
+        stream,
+        answered,
+    } = a;
+    let (mut parts, incoming) = resp.into_parts();
+    let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    strip_hop_by_hop(&mut parts.headers, upgraded);
+    if upgraded {
+        // The connection now belongs to the upgraded stream: not pooled.
+        let body = Tracked {
             inner: incoming,
-            guard: Some(guard),
-            pool: pooled.then(|| endpoint.clone()),
-            tx,
+            guard: None,
+            pool: None,
+            tx: None,
             busy: None,
             stream,
         };
-        if tracked.inner.is_end_stream() {
-            // Nothing to read (204, HEAD, empty body): the writer will never poll this body,
-            // so the exchange is complete now.
-            tracked.finish();
-        }
-        return Ok((Response::from_parts(parts, tracked.into()), None, answered));
+        return (
+            Response::from_parts(parts, body.into()),
+            Some(guard),
+            answered,
+        );
     }
-    Err(last_err.unwrap_or_else(|| ProxyError::NoEndpoint(backend.name.to_string())))
-}
-
-/// The `kind` label of an attempt's error that counts against its endpoint, or `None` for
-/// one that says nothing about it (a pooled connection found closed before the request was
-/// written is the keep-alive race, not a failing endpoint).
-fn failure_kind(e: &ProxyError) -> Option<&'static str> {
-    match e {
-        ProxyError::Connect(..) => Some("connect"),
-        ProxyError::Closed(..) => Some("reset"),
-        ProxyError::UpstreamProtocol(..) => Some("protocol"),
-        ProxyError::Timeout(..) => Some("timeout"),
-        _ => None,
-    }
-}
-
-/// One attempt through the lean client, for a request without a body.
-async fn send_lean(
-    endpoint: &Arc<EndpointState>,
-    backend: &Backend,
-    req: &Request<Body>,
-    start: Instant,
-) -> Result<Sent, ProxyError> {
-    let conn = endpoint
-        .lean(backend.connect_timeout, backend.idle_timeout, start)
-        .await?;
-    let sent = backend.balancer.measures_latency().then(Instant::now);
-    match conn.send(req.method(), req.uri(), req.headers()).await {
-        Ok(resp) => Ok((resp.map(UpstreamBody::Lean), None, sent, None)),
-        Err(e @ h1::Error::NotSent(_)) => Err(ProxyError::NotSent(endpoint.addr, e.to_string())),
-        Err(e @ h1::Error::Closed(_)) => Err(ProxyError::Closed(endpoint.addr, e.to_string())),
-        Err(e @ h1::Error::Malformed(_)) => {
-            Err(ProxyError::UpstreamProtocol(endpoint.addr, e.to_string()))
-        }
-    }
-}
-
-/// One attempt on one endpoint. On a retryable failure the request is left in `pending`.
-/// Also returns, when the balancer uses latency, when the request was handed to a ready
-/// connection: latency is measured from there, so connection setup does not count against
-/// the endpoint. `start` (when the request arrived) dates an idle pooled connection.
-async fn send(
-    endpoint: &Arc<EndpointState>,
-    backend: &Backend,
-    h2: bool,
-    h2_limits: H2Limits,
-    pending: &mut Option<Request<Body>>,
-    start: Instant,
-) -> Result<Sent, ProxyError> {
-    let no_request = || ProxyError::NoEndpoint(backend.name.to_string());
-    let clock = || backend.balancer.measures_latency().then(Instant::now);
-    if h2 {
-        let (mut tx, stream) = endpoint.http2(backend.connect_timeout, h2_limits).await?;
-        let sent = clock();
-        let result = tx
-            .try_send_request(pending.take().ok_or_else(no_request)?)
-            .await;
-        settle(result, endpoint, pending)
-            .map(|resp| (resp.map(UpstreamBody::Hyper), None, sent, Some(stream)))
-    } else {
-        let mut tx = endpoint
-            .http1(backend.connect_timeout, backend.idle_timeout, start)
-            .await?;
-        let sent = clock();
-        let result = tx
-            .try_send_request(pending.take().ok_or_else(no_request)?)
-            .await;
-        settle(result, endpoint, pending)
-            .map(|resp| (resp.map(UpstreamBody::Hyper), Some(tx), sent, None))
-    }
-}
-
-/// A response, the HTTP/1.1 connection to pool afterwards, when the request was sent (read
-/// only for a balancer that uses latency), and its stream on a pooled HTTP/2 connection.
-type Sent = (
-    Response<UpstreamBody>,
-    Option<http1::SendRequest<Body>>,
-    Option<Instant>,
-    Option<H2Stream>,
-);
-
-/// Classifies a send failure: unsent (the request comes back into `pending`), closed before
-/// any response, or a protocol failure.
-fn settle(
-    result: Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>>,
-    endpoint: &EndpointState,
-    pending: &mut Option<Request<Body>>,
-) -> Result<Response<Incoming>, ProxyError> {
-    let mut e = match result {
-        Ok(resp) => return Ok(resp),
-        Err(e) => e,
+    // Only HTTP/1.1 connections are pooled per exchange (HTTP/2's is shared).
+    let pooled = tx.is_some() || matches!(incoming, UpstreamBody::Lean(_));
+    let mut tracked = Tracked {
+        inner: incoming,
+        guard: Some(guard),
+        pool: pooled.then(|| endpoint.clone()),
+        tx,
+        busy: None,
+        stream,
     };
-    if let Some(req) = e.take_message() {
-        *pending = Some(req);
-        return Err(ProxyError::NotSent(
-            endpoint.addr,
-            e.into_error().to_string(),
-        ));
+    if tracked.inner.is_end_stream() {
+        // Nothing to read (204, HEAD, empty body): the writer will never poll this body,
+        // so the exchange is complete now.
+        tracked.finish();
     }
-    let e = e.into_error();
-    Err(if connection_lost(&e) {
-        ProxyError::Closed(endpoint.addr, e.to_string())
-    } else {
-        ProxyError::UpstreamProtocol(endpoint.addr, e.to_string())
-    })
-}
-
-/// Whether a send failed because the connection went away (closed, reset, broken) before any
-/// response, as opposed to the endpoint answering with something malformed.
-fn connection_lost(e: &hyper::Error) -> bool {
-    use std::error::Error as _;
-    if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
-        return true;
-    }
-    let mut source = e.source();
-    while let Some(s) = source {
-        if let Some(io) = s.downcast_ref::<std::io::Error>() {
-            use std::io::ErrorKind::*;
-            return matches!(
-                io.kind(),
-                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
-            );
-        }
-        source = s.source();
-    }
-    false
-}
-
-/// What is needed to send a bodiless idempotent request again.
-struct Replay {
-    method: Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
-}
-
-/// Methods whose requests may be sent twice with the effect of once (RFC 9110 §9.2.2).
-fn idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
-    )
-}
-
-impl Replay {
-    /// `upgrade`: the request asks the upstream for a protocol upgrade (never replayed).
-    fn of(req: &Request<Body>, upgrade: bool) -> Option<Replay> {
-        (idempotent(req.method()) && req.body().is_end_stream() && !upgrade).then(|| Replay {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
-            version: req.version(),
-            headers: req.headers().clone(),
-        })
-    }
-
-    fn request(&self) -> Request<Body> {
-        let mut r = Request::new(body::empty());
-        *r.method_mut() = self.method.clone();
-        *r.uri_mut() = self.uri.clone();
-        *r.version_mut() = self.version;
-        *r.headers_mut() = self.headers.clone();
-        r
-    }
+    (Response::from_parts(parts, tracked.into()), None, answered)
 }
 
 /// Whether to speak HTTP/2 to the backend: when the client did, or the port says so.
@@ -835,6 +771,8 @@ async fn mirror(
             backend: m.backend.clone(),
             prefix_len: 0,
             timeout: m.backend.request_timeout,
+            try_timeout: None,
+            retry: None,
             stats: None,
         };
         shared
@@ -855,6 +793,7 @@ async fn mirror(
                 Instant::now(),
                 h2_limits,
                 &shared.metrics,
+                false,
             );
             if let Ok((resp, ..)) = sent.await {
                 // Drain so the pooled connection can be reused.

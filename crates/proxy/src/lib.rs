@@ -6,11 +6,13 @@
 #![forbid(unsafe_code)]
 
 mod admin;
+mod attempt;
 pub mod authz;
 pub mod balance;
 pub mod body;
 mod conns;
 pub mod control;
+mod deadline;
 pub mod decide;
 pub mod detect;
 pub mod endpoint;
@@ -24,6 +26,8 @@ pub mod jwt;
 pub mod limits;
 pub mod metrics;
 mod rand;
+mod replay;
+pub mod retry;
 pub mod route;
 mod server;
 pub mod snapshot;

@@ -128,6 +128,23 @@ pub struct EndpointFailureLabels {
     pub kind: &'static str,
 }
 
+/// Labels of a retry.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RetryLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+    /// What failed: `connect_failure`, `reset`, `not_sent`, `timeout`, `5xx`,
+    /// `gateway_error`, `status_code` or `grpc`.
+    pub reason: &'static str,
+}
+
+/// Labels of a backend.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+}
+
 /// Labels with a result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -269,6 +286,10 @@ pub struct Metrics {
     pub inbound_refused: Tracked<RefusedLabels, Counter>,
     /// Failures counted against endpoints, which back them off in balancing.
     pub endpoint_failures: Tracked<EndpointFailureLabels, Counter>,
+    /// Retries sent, by reason.
+    pub retries: Tracked<RetryLabels, Counter>,
+    /// Retries refused because the backend's retry budget was spent.
+    pub retry_budget_exhausted: Tracked<BackendLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -307,6 +328,8 @@ impl Default for Metrics {
             listeners: Mutex::default(),
             inbound_refused: Tracked::default(),
             endpoint_failures: Tracked::default(),
+            retries: Tracked::default(),
+            retry_budget_exhausted: Tracked::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
@@ -420,6 +443,16 @@ impl Default for Metrics {
             "Failures counted against an endpoint (it is then backed off in balancing), by backend and kind",
             m.endpoint_failures.family(),
         );
+        registry.register(
+            "retries",
+            "Retries sent to a backend, by what failed",
+            m.retries.family(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not sent because the backend's retry budget was spent",
+            m.retry_budget_exhausted.family(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -489,8 +522,11 @@ impl Metrics {
         self.responses
             .retain(|l| live(l.direction, &l.route, &l.backend));
         self.mirrored.retain(|l| routes.contains(&l.route));
-        self.endpoint_failures
-            .retain(|l| pairs.iter().any(|(_, _, b)| *b == l.backend));
+        let backend_live = |b: &Arc<str>| pairs.iter().any(|(_, _, p)| p == b);
+        self.endpoint_failures.retain(|l| backend_live(&l.backend));
+        self.retries.retain(|l| backend_live(&l.backend));
+        self.retry_budget_exhausted
+            .retain(|l| backend_live(&l.backend));
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let on = |l: &Arc<str>| listeners.contains(l);
         for f in [&self.connections, &self.read_bytes, &self.write_bytes] {
@@ -524,6 +560,25 @@ impl Metrics {
             .get_or_create(&EndpointFailureLabels {
                 backend: backend.clone(),
                 kind,
+            })
+            .inc();
+    }
+
+    /// Counts a retry sent to `backend`.
+    pub fn retry(&self, backend: &Arc<str>, reason: &'static str) {
+        self.retries
+            .get_or_create(&RetryLabels {
+                backend: backend.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts a retry the budget of `backend` refused.
+    pub fn retry_budget_exhausted(&self, backend: &Arc<str>) {
+        self.retry_budget_exhausted
+            .get_or_create(&BackendLabels {
+                backend: backend.clone(),
             })
             .inc();
     }

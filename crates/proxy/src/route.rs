@@ -26,6 +26,8 @@ pub struct WeightedBackend {
     pub filters: Filters,
     /// Request metrics for this rule and backend.
     pub stats: Arc<crate::metrics::RouteStats>,
+    /// The rule's `retry` over this backend's policy, when the rule has one.
+    pub retry: Option<Arc<crate::retry::Policy>>,
 }
 
 /// One compiled rule.
@@ -39,6 +41,8 @@ pub struct Rule {
     pub backends: Vec<WeightedBackend>,
     /// End-to-end request timeout, overriding the backend's.
     pub timeout: Option<Option<Duration>>,
+    /// Time for one try (`timeouts.backendRequest`).
+    pub try_timeout: Option<Duration>,
 }
 
 impl Rule {

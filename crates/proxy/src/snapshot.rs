@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::time::Instant;
 use trellis_api::mesh::MtlsMode;
 use trellis_api::policy::{Algorithm, BackendPolicySpec};
 use trellis_api::route::{
@@ -61,6 +62,10 @@ pub struct Backend {
     pub request_timeout: Option<Duration>,
     /// Pooled connection idle time.
     pub idle_timeout: Duration,
+    /// Retries towards this backend (the defaults unless a `BackendPolicy` says otherwise).
+    pub retry: Arc<crate::retry::Policy>,
+    /// How many retries it may see; kept across reloads while its config stays the same.
+    pub budget: Arc<crate::retry::Budget>,
 }
 
 /// One port of a service, with the routes attached to it.
@@ -347,6 +352,11 @@ impl Snapshot {
                                     .as_ref()
                                     .and_then(|t| t.request)
                                     .map(|d| d.non_zero()),
+                                rule.timeouts
+                                    .as_ref()
+                                    .and_then(|t| t.backend_request)
+                                    .and_then(|d| d.non_zero()),
+                                rule.retry.as_ref(),
                                 r,
                             )?,
                         );
@@ -372,6 +382,8 @@ impl Snapshot {
                             rule.name.as_deref(),
                             &rule.filters,
                             &rule.backend_refs,
+                            None,
+                            None,
                             None,
                             r,
                         )?);
@@ -463,6 +475,11 @@ impl Snapshot {
                 connect_timeout: b.defaults.connect,
                 request_timeout: b.defaults.request,
                 idle_timeout: b.defaults.idle,
+                retry: Arc::default(),
+                budget: Arc::new(crate::retry::Budget::new(
+                    &Default::default(),
+                    Instant::now(),
+                )),
             });
             listeners.push(Listener {
                 name: l.name.as_str().into(),
@@ -753,6 +770,14 @@ impl Builder<'_> {
         });
         let bound = lb.consistent_hash.as_ref().map_or(1.25, |h| h.bounded_load);
         let t = policy.map(|p| p.timeouts.clone()).unwrap_or_default();
+        let retry = policy.and_then(|p| p.retry.clone()).unwrap_or_default();
+        // A reload (every endpoint change) must not refill the budget during an outage.
+        let budget = self
+            .previous
+            .and_then(|p| p.port(svc, Some(port)))
+            .map(|e| e.backend.budget.clone())
+            .filter(|b| b.configured_as(&retry.budget))
+            .unwrap_or_else(|| Arc::new(crate::retry::Budget::new(&retry.budget, Instant::now())));
         let backend = Arc::new(Backend {
             name: format!("{}/{}:{port}", svc.namespace, svc.name).into(),
             protocol: spec
@@ -765,6 +790,8 @@ impl Builder<'_> {
             connect_timeout: t.connect.map_or(self.defaults.connect, |d| d.get()),
             request_timeout: t.request.map_or(self.defaults.request, |d| d.non_zero()),
             idle_timeout: t.idle.map_or(self.defaults.idle, |d| d.get()),
+            retry: Arc::new(crate::retry::Policy::from_config(&retry)),
+            budget,
         });
         self.backends.insert((svc.clone(), port), backend.clone());
         backend
@@ -805,6 +832,8 @@ impl Builder<'_> {
         filters: &[HttpRouteFilter],
         refs: &[trellis_api::route::HttpBackendRef],
         timeout: Option<Option<Duration>>,
+        try_timeout: Option<Duration>,
+        retry: Option<&trellis_api::retry::HttpRouteRetry>,
         loc: &Located<Resource>,
     ) -> Result<Rule, Diagnostics> {
         let id: Arc<str> = match name {
@@ -819,11 +848,13 @@ impl Builder<'_> {
             let backend = self.backend_ref(ns, &r.name, r.namespace.as_deref(), r.port);
             let f = self.filters(ns, &r.filters).map_err(at)?;
             let stats = self.metrics.route_stats("outbound", &id, &backend.name);
+            let retry = retry.map(|r| Arc::new(backend.retry.for_rule(r)));
             backends.push(WeightedBackend {
                 backend,
                 weight: r.weight,
                 filters: f,
                 stats,
+                retry,
             });
         }
         Ok(Rule {
@@ -831,6 +862,7 @@ impl Builder<'_> {
             filters,
             backends,
             timeout,
+            try_timeout,
         })
     }
 
@@ -1026,6 +1058,27 @@ mod tests {
             svc(second.0, Some(second.1)),
             svc("plain", None)
         )
+    }
+
+    #[test]
+    fn a_reload_keeps_the_retry_budget_unless_its_config_changes() {
+        let yaml = |budget: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p}}\nspec: {{admin: {{address: 127.0.0.1:0}}}}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: s}}\nspec:\n  ports: [{{port: 80}}]\n  endpoints: [{{address: '127.0.0.1:7001'}}]\n---\napiVersion: trellis.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: s}}\n  retry: {{budget: {budget}}}\n"
+            )
+        };
+        let budget = |snap: &Snapshot| {
+            snap.port(&key("default", "s"), None)
+                .unwrap()
+                .backend
+                .budget
+                .clone()
+        };
+        let first = build(&yaml("{ratio: 0.2}"), None);
+        let same = build(&yaml("{ratio: 0.2}"), Some(&first));
+        assert!(Arc::ptr_eq(&budget(&first), &budget(&same)));
+        let changed = build(&yaml("{ratio: 0.5}"), Some(&same));
+        assert!(!Arc::ptr_eq(&budget(&same), &budget(&changed)));
     }
 
     #[test]

@@ -388,3 +388,87 @@ pub async fn get(addr: SocketAddr, path: &str) -> Got {
     )
     .await
 }
+
+/// What a scripted upstream answers: status, extra headers, and whether to echo the request
+/// body (else the body is `name`).
+pub struct Script {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub echo: bool,
+    /// Wait before answering.
+    pub delay: Duration,
+}
+
+impl Script {
+    pub fn status(status: u16) -> Script {
+        Script {
+            status,
+            headers: Vec::new(),
+            echo: false,
+            delay: Duration::ZERO,
+        }
+    }
+    pub fn header(mut self, name: &'static str, value: impl Into<String>) -> Script {
+        self.headers.push((name, value.into()));
+        self
+    }
+    pub fn echo(mut self) -> Script {
+        self.echo = true;
+        self
+    }
+}
+
+/// An upstream (HTTP/1.1 and h2c) that reads each request's body whole, then answers as
+/// `script` says given the request's head and its number (from 0). `hits` counts requests.
+pub async fn scripted_upstream<F>(name: &'static str, script: F) -> Upstream
+where
+    F: Fn(u64, &http::request::Parts) -> Script + Send + Sync + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicU64::new(0));
+    let conns = Arc::new(AtomicU64::new(0));
+    let (h, c) = (hits.clone(), conns.clone());
+    let script = Arc::new(script);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+            let (h, script) = (h.clone(), script.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let n = h.fetch_add(1, Ordering::Relaxed);
+                    let script = script.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let s = script(n, &parts);
+                        let bytes = body
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        if !s.delay.is_zero() {
+                            tokio::time::sleep(s.delay).await;
+                        }
+                        let body = if s.echo { bytes } else { Bytes::from(name) };
+                        let mut resp =
+                            Response::new(Full::new(body).map_err(|n| match n {}).boxed());
+                        *resp.status_mut() = StatusCode::from_u16(s.status).unwrap();
+                        resp.headers_mut()
+                            .insert("x-upstream", name.parse().unwrap());
+                        for (k, v) in s.headers {
+                            resp.headers_mut().insert(k, v.parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Upstream { addr, hits, conns }
+}

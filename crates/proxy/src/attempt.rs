@@ -1,0 +1,255 @@
+//! One try of a request: pick an endpoint (avoiding those the request already failed on),
+//! send within the try's time, and report what came back to the endpoint, the balancer and
+//! the metrics ([`report`], once per try). The retry loop around it is `http::forward`.
+
+use crate::body::Body;
+use crate::endpoint::{EndpointState, H2Limits, H2Stream, InFlight};
+use crate::error::ProxyError;
+use crate::h1;
+use crate::http::UpstreamBody;
+use crate::metrics::Metrics;
+use crate::snapshot::Backend;
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// What every try of one request shares.
+pub(crate) struct Try<'a> {
+    pub backend: &'a Backend,
+    /// Consistent-hash key.
+    pub hash: Option<u64>,
+    /// HTTP/2 to the endpoint.
+    pub h2: bool,
+    /// Through the lean HTTP/1.1 client (no body, nothing to upgrade).
+    pub lean: bool,
+    pub h2_limits: H2Limits,
+    /// When the request arrived: dates an idle pooled connection.
+    pub start: Instant,
+}
+
+/// A response head, and what keeps its exchange going.
+pub(crate) struct Answer {
+    pub resp: Response<UpstreamBody>,
+    /// The endpoint's in-flight count, raised until the response ends.
+    pub guard: InFlight,
+    /// The HTTP/1.1 connection to pool afterwards (hyper's client).
+    pub tx: Option<http1::SendRequest<Body>>,
+    /// The stream on a pooled HTTP/2 connection.
+    pub stream: Option<H2Stream>,
+    pub answered: Instant,
+}
+
+/// What one try came to, and where.
+pub(crate) struct Tried<'a> {
+    pub endpoint: &'a Arc<EndpointState>,
+    pub outcome: Result<Answer, ProxyError>,
+}
+
+/// Sends the request once, to an endpoint not in `tried` while another can take it. The
+/// try ends at `until` (answering `Timeout(timeout)`). A request that was not sent stays in
+/// `pending` (the lean client only borrows it). `Err`: no endpoint at all.
+pub(crate) async fn attempt<'a>(
+    t: &Try<'a>,
+    tried: &[&EndpointState],
+    pending: &mut Option<Request<Body>>,
+    until: Option<(Instant, Duration)>,
+    metrics: &Metrics,
+) -> Result<Tried<'a>, ProxyError> {
+    let backend = t.backend;
+    let Some(endpoint) = backend.balancer.pick_avoiding(t.hash, tried) else {
+        return Err(ProxyError::NoEndpoint(backend.name.to_string()));
+    };
+    let guard = endpoint.start();
+    let send = async {
+        match &*pending {
+            Some(req) if t.lean => send_lean(endpoint, backend, req, t.start).await,
+            _ => send(endpoint, backend, t.h2, t.h2_limits, pending, t.start).await,
+        }
+    };
+    let outcome = match until {
+        Some((at, timeout)) => tokio::time::timeout_at(at, send)
+            .await
+            .unwrap_or(Err(ProxyError::Timeout(timeout))),
+        None => send.await,
+    };
+    let now = Instant::now();
+    let outcome = match outcome {
+        Ok((resp, tx, sent, stream)) => {
+            let latency = sent.map(|s| now - s);
+            report(backend, endpoint, metrics, Ok(resp.status()), latency, now);
+            Ok(Answer {
+                resp,
+                guard,
+                tx,
+                stream,
+                answered: now,
+            })
+        }
+        Err(e) => {
+            report(backend, endpoint, metrics, Err(&e), None, now);
+            Err(e)
+        }
+    };
+    Ok(Tried { endpoint, outcome })
+}
+
+/// Tells the endpoint (its failure backoff), the balancer (its latency estimate) and the
+/// metrics how a try went: a response's status, or the error it failed with. A 5xx counts
+/// against the endpoint however fast it came, so an endpoint that fails at once does not
+/// look like the fastest one.
+pub(crate) fn report(
+    backend: &Backend,
+    endpoint: &EndpointState,
+    metrics: &Metrics,
+    outcome: Result<StatusCode, &ProxyError>,
+    latency: Option<Duration>,
+    now: Instant,
+) {
+    let failure = match outcome {
+        Ok(s) if s.is_server_error() => Some("5xx"),
+        Ok(_) => None,
+        Err(e) => match failure_kind(e) {
+            Some(kind) => Some(kind),
+            // Says nothing about the endpoint.
+            None => return,
+        },
+    };
+    match failure {
+        Some(kind) => {
+            endpoint.failed(now);
+            metrics.endpoint_failure(&backend.name, kind);
+        }
+        None => endpoint.succeeded(),
+    }
+    if let Some(rtt) = latency {
+        backend.balancer.observe(endpoint, rtt, now);
+    }
+}
+
+/// The `kind` label of an attempt's error that counts against its endpoint, or `None` for
+/// one that says nothing about it (a pooled connection found closed before the request was
+/// written is the keep-alive race, not a failing endpoint).
+fn failure_kind(e: &ProxyError) -> Option<&'static str> {
+    match e {
+        ProxyError::Connect(..) => Some("connect"),
+        ProxyError::Closed(..) => Some("reset"),
+        ProxyError::UpstreamProtocol(..) => Some("protocol"),
+        ProxyError::Timeout(..) => Some("timeout"),
+        _ => None,
+    }
+}
+
+/// One attempt through the lean client, for a request without a body.
+async fn send_lean(
+    endpoint: &Arc<EndpointState>,
+    backend: &Backend,
+    req: &Request<Body>,
+    start: Instant,
+) -> Result<Sent, ProxyError> {
+    let conn = endpoint
+        .lean(backend.connect_timeout, backend.idle_timeout, start)
+        .await?;
+    let sent = backend.balancer.measures_latency().then(Instant::now);
+    match conn.send(req.method(), req.uri(), req.headers()).await {
+        Ok(resp) => Ok((resp.map(UpstreamBody::Lean), None, sent, None)),
+        Err(e @ h1::Error::NotSent(_)) => Err(ProxyError::NotSent(endpoint.addr, e.to_string())),
+        Err(e @ h1::Error::Closed(_)) => Err(ProxyError::Closed(endpoint.addr, e.to_string())),
+        Err(e @ h1::Error::Malformed(_)) => {
+            Err(ProxyError::UpstreamProtocol(endpoint.addr, e.to_string()))
+        }
+    }
+}
+
+/// One attempt on one endpoint. On a retryable failure the request is left in `pending`.
+/// Also returns, when the balancer uses latency, when the request was handed to a ready
+/// connection: latency is measured from there, so connection setup does not count against
+/// the endpoint. `start` (when the request arrived) dates an idle pooled connection.
+async fn send(
+    endpoint: &Arc<EndpointState>,
+    backend: &Backend,
+    h2: bool,
+    h2_limits: H2Limits,
+    pending: &mut Option<Request<Body>>,
+    start: Instant,
+) -> Result<Sent, ProxyError> {
+    let no_request = || ProxyError::NoEndpoint(backend.name.to_string());
+    let clock = || backend.balancer.measures_latency().then(Instant::now);
+    if h2 {
+        let (mut tx, stream) = endpoint.http2(backend.connect_timeout, h2_limits).await?;
+        let sent = clock();
+        let result = tx
+            .try_send_request(pending.take().ok_or_else(no_request)?)
+            .await;
+        settle(result, endpoint, pending)
+            .map(|resp| (resp.map(UpstreamBody::Hyper), None, sent, Some(stream)))
+    } else {
+        let mut tx = endpoint
+            .http1(backend.connect_timeout, backend.idle_timeout, start)
+            .await?;
+        let sent = clock();
+        let result = tx
+            .try_send_request(pending.take().ok_or_else(no_request)?)
+            .await;
+        settle(result, endpoint, pending)
+            .map(|resp| (resp.map(UpstreamBody::Hyper), Some(tx), sent, None))
+    }
+}
+
+/// A response, the HTTP/1.1 connection to pool afterwards, when the request was sent (read
+/// only for a balancer that uses latency), and its stream on a pooled HTTP/2 connection.
+type Sent = (
+    Response<UpstreamBody>,
+    Option<http1::SendRequest<Body>>,
+    Option<Instant>,
+    Option<H2Stream>,
+);
+
+/// Classifies a send failure: unsent (the request comes back into `pending`), closed before
+/// any response, or a protocol failure.
+fn settle(
+    result: Result<Response<Incoming>, hyper::client::conn::TrySendError<Request<Body>>>,
+    endpoint: &EndpointState,
+    pending: &mut Option<Request<Body>>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let mut e = match result {
+        Ok(resp) => return Ok(resp),
+        Err(e) => e,
+    };
+    if let Some(req) = e.take_message() {
+        *pending = Some(req);
+        return Err(ProxyError::NotSent(
+            endpoint.addr,
+            e.into_error().to_string(),
+        ));
+    }
+    let e = e.into_error();
+    Err(if connection_lost(&e) {
+        ProxyError::Closed(endpoint.addr, e.to_string())
+    } else {
+        ProxyError::UpstreamProtocol(endpoint.addr, e.to_string())
+    })
+}
+
+/// Whether a send failed because the connection went away (closed, reset, broken) before any
+/// response, as opposed to the endpoint answering with something malformed.
+fn connection_lost(e: &hyper::Error) -> bool {
+    use std::error::Error as _;
+    if e.is_incomplete_message() || e.is_closed() || e.is_canceled() {
+        return true;
+    }
+    let mut source = e.source();
+    while let Some(s) = source {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            return matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            );
+        }
+        source = s.source();
+    }
+    false
+}
