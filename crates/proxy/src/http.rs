@@ -457,7 +457,14 @@ impl Retries<'_> {
             retry::retry_after(v, jiff::Timestamp::now())
         });
         let n = self.sent + 1;
-        let wait = retry::wait(&self.policy.backoff, n, rand::u64(), retry_after, remaining)?;
+        // A refused connection never reached its endpoint and the retry goes to another:
+        // the first one is sent at once (a dead host must not add a backoff to every
+        // request that drew it). Later ones back off like any other.
+        let wait = if why == retry::reason::CONNECT_FAILURE && n == 1 {
+            Duration::ZERO
+        } else {
+            retry::wait(&self.policy.backoff, n, rand::u64(), retry_after, remaining)?
+        };
         if !self.backend.budget.try_retry(now) {
             self.metrics.retry_budget_exhausted(&self.backend.name);
             return None;
