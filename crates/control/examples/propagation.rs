@@ -274,9 +274,7 @@ async fn main() {
     let bundle = tls.then(|| std::fs::read_to_string(dir.join("ca.pem")).expect("ca.pem"));
     let client_tls = bundle.as_ref().map(|b| {
         let trust = trellis_identity::ControlTrust::Bundle(b.clone());
-        Arc::new(
-            trellis_identity::control::control_client_config(&trust, None, &[b"http/1.1"]).unwrap(),
-        )
+        trellis_identity::control::control_client_config(&trust, None, &[b"http/1.1"]).unwrap()
     });
     let client_tls = client_tls.as_ref();
     apply(port, client_tls, &token, route(0)).await;
