@@ -637,7 +637,9 @@ async fn serve_connection(
                     return Ok(());
                 }
             }
-            let backend = match &listener.kind {
+            // From the current snapshot, not the one the listener was bound under: endpoints
+            // that arrived or changed since then are used by each new connection.
+            let backend = match &current.kind {
                 ListenerKind::Inbound { app, .. } => app.clone(),
                 ListenerKind::Service(_, _, entry) => entry.backend.clone(),
                 // Without an HTTP Host there is nothing to route on.
