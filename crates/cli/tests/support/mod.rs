@@ -486,3 +486,108 @@ pub fn metric(admin: u16, prefix: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+/// An HTTP/1.1 client that keeps one connection open across requests, as an app's client
+/// library does (responses must carry `content-length`).
+pub struct KeepAlive {
+    port: u16,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl KeepAlive {
+    pub fn new(port: u16) -> KeepAlive {
+        KeepAlive { port, conn: None }
+    }
+
+    /// GET `path` on the open connection (a new one if there is none), bounded to 10 s.
+    pub fn get(&mut self, path: &str) -> std::io::Result<Response> {
+        let r = self.exchange(path);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    fn exchange(&mut self, path: &str) -> std::io::Result<Response> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => {
+                let s = TcpStream::connect(("127.0.0.1", self.port))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                self.conn.insert(BufReader::new(s))
+            }
+        };
+        write!(
+            conn.get_mut(),
+            "GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\n\r\n",
+            self.port
+        )?;
+        let mut line = String::new();
+        conn.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut headers = BTreeMap::new();
+        loop {
+            let mut h = String::new();
+            conn.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no content-length"))?;
+        let mut body = vec![0; len];
+        conn.read_exact(&mut body)?;
+        if headers.get("connection").is_some_and(|v| v == "close") {
+            self.conn = None;
+        }
+        Ok(Response {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
+
+/// `trellis run` of a product-catalog instance whose app listens on `port`, with JSON logs
+/// and its state in `dir/state-NAME` (so a restart under the same name keeps its identity).
+pub fn catalog_on(
+    dir: &Path,
+    name: &str,
+    control: &str,
+    port: u16,
+    version: &str,
+    token: &str,
+) -> Proc {
+    run(
+        dir,
+        name,
+        &[
+            "--control",
+            control,
+            "--service",
+            "product-catalog",
+            "--port",
+            &port.to_string(),
+            "--label",
+            &format!("version={version}"),
+            "--health",
+            "http:/healthz",
+            "--ttl",
+            "2s",
+            "--token",
+            token,
+        ],
+        &[bin(), "demo-app", "product-catalog"],
+        &[("DEMO_VERSION", version)],
+    )
+}

@@ -1,0 +1,154 @@
+//! Instances that come and go, with real processes on loopback: `trellis run` killed
+//! outright, graceful restarts under load, restarts during a control-plane outage.
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+use support::*;
+
+/// The app `trellis run` started: its only child.
+fn app_of(p: &Proc) -> u32 {
+    wait_for(
+        Duration::from_secs(60),
+        "trellis run to start its app",
+        || match children(p.pid()).as_slice() {
+            [app] => Some(*app),
+            _ => None,
+        },
+    )
+}
+
+/// Waits (bounded) until the app on `port` answers its health check.
+fn wait_healthy(port: u16) {
+    wait_for(Duration::from_secs(60), "the app to answer", || {
+        get(port, "/healthz").ok().filter(|r| r.status == 200)
+    });
+}
+
+#[test]
+fn a_killed_trellis_run_takes_its_app_with_it_and_the_instance_restarts_on_its_port() {
+    let dir = TempDir::new("sigkill");
+    let cp = ControlPlane::start_in(dir.path());
+    let port = free_port();
+    let tok = token(&cp, "product-catalog");
+    let mut first = catalog_on(dir.path(), "catalog", &cp.url(), port, "v1", &tok);
+    let app = app_of(&first);
+    wait_healthy(port);
+
+    // SIGKILL to `trellis run` alone (not its children): the app dies with it.
+    signal(first.pid(), "KILL");
+    let _ = first.child.wait();
+    let start = Instant::now();
+    wait_for(Duration::from_secs(10), "the orphaned app to die", || {
+        (!alive(app)).then_some(())
+    });
+    eprintln!(
+        "app gone {:?} after trellis run was killed",
+        start.elapsed()
+    );
+
+    // The same instance restarts on the same port and serves through the mesh.
+    let second = catalog_on(dir.path(), "catalog", &cp.url(), port, "v1", &tok);
+    let app2 = app_of(&second);
+    wait_healthy(port);
+    let up = free_port();
+    let _client = client(
+        dir.path(),
+        &cp.url(),
+        up,
+        "client-state",
+        &token(&cp, "client"),
+    );
+    wait_versions(up, &["v1"], Duration::from_secs(60));
+    assert!(
+        alive(app2),
+        "the restarted app runs:\n{}",
+        second.log_text()
+    );
+    assert!(
+        !second.log_text().contains("Address already in use"),
+        "{}",
+        second.log_text()
+    );
+}
+
+/// Keep-alive GETs through the client sidecar on `port` until `stop`: (answers by version,
+/// failures).
+fn load(port: u16, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<(Vec<String>, Vec<String>)> {
+    std::thread::spawn(move || {
+        let mut c = KeepAlive::new(port);
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        while !stop.load(Ordering::Relaxed) && ok.len() + failed.len() < 100_000 {
+            match c.get("/products/1") {
+                Ok(r) if r.status == 200 => {
+                    ok.push(r.headers.get("x-demo-version").cloned().unwrap_or_default())
+                }
+                Ok(r) => failed.push(format!("{} {:?} {}", r.status, r.headers, r.body)),
+                Err(e) => failed.push(e.to_string()),
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (ok, failed)
+    })
+}
+
+#[test]
+fn a_graceful_restart_under_keep_alive_load_loses_no_request() {
+    let dir = TempDir::new("graceful");
+    let cp = ControlPlane::start_in(dir.path());
+    let port_a = free_port();
+    let tok_a = token(&cp, "product-catalog");
+    let mut a = catalog_on(dir.path(), "a", &cp.url(), port_a, "a", &tok_a);
+    let _b = catalog_on(
+        dir.path(),
+        "b",
+        &cp.url(),
+        free_port(),
+        "b",
+        &token(&cp, "product-catalog"),
+    );
+    let up = free_port();
+    let _client = client(
+        dir.path(),
+        &cp.url(),
+        up,
+        "client-state",
+        &token(&cp, "client"),
+    );
+    wait_versions(up, &["a", "b"], Duration::from_secs(60));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let loader = load(up, stop.clone());
+    std::thread::sleep(Duration::from_secs(1));
+    // SIGTERM: deregister, drain, then stop the app.
+    let status = a.stop(Duration::from_secs(30));
+    assert!(status.is_some_and(|s| s.success()), "{}", a.log_text());
+    // (Read now: the restart under the same name writes the same log file.)
+    let log = a.log_text();
+    // The instance comes back on the same port and gets traffic again.
+    let _a2 = catalog_on(dir.path(), "a", &cp.url(), port_a, "a", &tok_a);
+    wait_for(
+        Duration::from_secs(60),
+        "the restarted instance to serve",
+        || versions(up, 10).contains_key("a").then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = loader.join().unwrap();
+    eprintln!(
+        "{} requests, {} failed",
+        ok.len() + failed.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert!(ok.len() > 20, "too little load: {}", ok.len());
+    assert!(ok.iter().any(|v| v == "b"));
+    let at = |what: &str| {
+        log.find(what)
+            .unwrap_or_else(|| panic!("no {what:?} in the log:\n{log}"))
+    };
+    assert!(at("deregistered") < at("draining"), "{log}");
+    assert!(at("draining") < at("stopping the app"), "{log}");
+}
