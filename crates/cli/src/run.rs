@@ -364,6 +364,11 @@ pub async fn run(o: RunOptions) -> Result<i32> {
                     healthy: false,
                     node: node_id,
                     identity: identity.unwrap_or_default(),
+                    // The app's address is what a restart keeps; the newest process wins it.
+                    slot: SocketAddr::new(o.advertise, port).to_string(),
+                    epoch: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                 },
                 ttl: o.ttl,
                 probe: o.probe.clone(),
@@ -525,6 +530,11 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
                 if s.code() == tonic::Code::NotFound {
                     tracing::warn!("registration lapsed; registering again");
                     id = None;
+                } else if s.code() == tonic::Code::FailedPrecondition {
+                    // A newer process of this instance took over its registration.
+                    tracing::error!(error = %s.message(), "superseded; no longer registering");
+                    id = None;
+                    break;
                 } else {
                     tracing::warn!(error = %s.message(), "registry call failed; trying the next replica");
                     client = None;

@@ -152,3 +152,81 @@ fn a_graceful_restart_under_keep_alive_load_loses_no_request() {
     assert!(at("deregistered") < at("draining"), "{log}");
     assert!(at("draining") < at("stopping the app"), "{log}");
 }
+
+/// The workloads the control plane lists for product-catalog: their `version` labels.
+fn registered(cp: &ControlPlane) -> Vec<String> {
+    let (_, out, _) = cp.cli(&["get", "workloads"]);
+    out.split_whitespace()
+        .filter_map(|w| w.split(',').find_map(|l| l.strip_prefix("version=")))
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn an_instance_restarted_during_a_control_plane_outage_replaces_its_stale_registration() {
+    let dir = TempDir::new("stale");
+    let store = dir.path().join("store").display().to_string();
+    let cp_port = free_port();
+    let mut cp = ControlPlane::start("control", dir.path(), cp_port, &store);
+    let url = cp.url();
+    let port = free_port();
+    let tok = token(&cp, "product-catalog");
+    // The default 10 s lease: a stale registration would outlive the checks below.
+    let instance = |name: &str, version: &str| {
+        run(
+            dir.path(),
+            name,
+            &[
+                "--control",
+                &url,
+                "--service",
+                "product-catalog",
+                "--port",
+                &port.to_string(),
+                "--label",
+                &format!("version={version}"),
+                "--health",
+                "http:/healthz",
+                "--token",
+                &tok,
+            ],
+            &[bin(), "demo-app", "product-catalog"],
+            &[("DEMO_VERSION", version)],
+        )
+    };
+    let mut old = instance("catalog", "old");
+    let up = free_port();
+    let _client = client(dir.path(), &url, up, "client-state", &token(&cp, "client"));
+    wait_versions(up, &["old"], Duration::from_secs(60));
+
+    // The control plane goes down; meanwhile the instance crashes and restarts (same
+    // service, same app port, same state directory, a new process).
+    cp.proc.kill_hard();
+    old.kill_hard();
+    let new = instance("catalog", "new");
+    wait_healthy(port);
+
+    // The control plane returns: the new instance replaces the stale registration at once.
+    let cp = ControlPlane::start("control-2", dir.path(), cp_port, &store);
+    let start = Instant::now();
+    wait_for(
+        Duration::from_secs(60),
+        "only the new instance to be registered",
+        || (registered(&cp) == ["new"]).then_some(()),
+    );
+    let replaced = start.elapsed();
+    wait_versions(up, &["new"], Duration::from_secs(60));
+    let serving = start.elapsed();
+    eprintln!(
+        "stale registration replaced after {replaced:?}, new instance serving after {serving:?}"
+    );
+    assert!(
+        replaced < Duration::from_secs(8),
+        "the stale registration stayed {replaced:?}:\n{}",
+        new.log_text()
+    );
+    assert!(
+        serving < Duration::from_secs(8),
+        "serving after {serving:?}"
+    );
+}
