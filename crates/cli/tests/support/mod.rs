@@ -312,7 +312,7 @@ impl ControlPlane {
         let mut proc = Proc::spawn(name, dir, cmd);
         let ca = dir.join("ca.pem");
         wait_for(
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             "the control plane to listen",
             || {
                 if proc.exited() {
@@ -466,13 +466,28 @@ pub fn run(dir: &Path, name: &str, args: &[&str], app: &[&str], env: &[(&str, &s
 /// The admin port a `trellis run` sidecar logged.
 pub fn admin_port(p: &Proc) -> u16 {
     wait_for(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "the sidecar's admin address",
         || {
-            let log = p.log_text();
-            let i = log.find("\"admin\":\"127.0.0.1:")?;
-            let rest = &log[i + "\"admin\":\"127.0.0.1:".len()..];
-            rest[..rest.find('"')?].parse().ok()
+            // JSON logs, or text ones (without their colours).
+            let mut log = String::new();
+            let mut in_escape = false;
+            for c in p.log_text().chars() {
+                match c {
+                    '\x1b' => in_escape = true,
+                    'm' if in_escape => in_escape = false,
+                    _ if in_escape => {}
+                    c => log.push(c),
+                }
+            }
+            for key in ["\"admin\":\"127.0.0.1:", "admin=127.0.0.1:"] {
+                if let Some(i) = log.find(key) {
+                    let rest = &log[i + key.len()..];
+                    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+                    return rest[..end].parse().ok();
+                }
+            }
+            None
         },
     )
 }
@@ -590,4 +605,38 @@ pub fn catalog_on(
         &[bin(), "demo-app", "product-catalog"],
         &[("DEMO_VERSION", version)],
     )
+}
+
+/// The endpoint addresses of `service` in the config the sidecar with admin port `admin` has
+/// applied (its `/config`): a readiness signal that needs no traffic.
+pub fn sidecar_endpoints(admin: u16, service: &str) -> Option<Vec<String>> {
+    let r = get(admin, "/config").ok().filter(|r| r.status == 200)?;
+    let doc: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+    let svc = doc["resources"]
+        .as_array()?
+        .iter()
+        .find(|r| r["kind"] == "Service" && r["metadata"]["name"] == service)?;
+    Some(
+        svc["spec"]["endpoints"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter_map(|e| e["address"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
+/// Waits (bounded) until the sidecar with admin port `admin` is ready and has applied config
+/// with exactly `n` endpoints for `service`.
+pub fn wait_endpoints(admin: u16, service: &str, n: usize) {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("the sidecar to apply {n} endpoint(s) of {service}"),
+        || {
+            let ready = get(admin, "/ready").ok()?.status == 200;
+            (ready && sidecar_endpoints(admin, service)?.len() == n).then_some(())
+        },
+    );
 }
