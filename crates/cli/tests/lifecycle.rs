@@ -230,3 +230,117 @@ fn an_instance_restarted_during_a_control_plane_outage_replaces_its_stale_regist
         "serving after {serving:?}"
     );
 }
+
+/// A TCP server in this process: sends `banner` on connect (if any), then echoes until the
+/// client's end, then closes.
+fn tcp_server(banner: &'static [u8]) -> u16 {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let _ = s.write_all(banner);
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+/// `trellis run` of an instance of the opaque TCP service `echo` whose app is the server on
+/// `port` (the app process itself only sleeps).
+fn tcp_instance(dir: &std::path::Path, name: &str, cp: &ControlPlane, port: u16) -> Proc {
+    run(
+        dir,
+        name,
+        &[
+            "--control",
+            &cp.url(),
+            "--service",
+            "echo",
+            "--service-port",
+            "7000",
+            "--port",
+            &port.to_string(),
+            "--ttl",
+            "2s",
+            "--token",
+            &token(cp, "echo"),
+        ],
+        &["sleep", "600"],
+        &[],
+    )
+}
+
+#[test]
+fn opaque_tcp_across_mutual_tls_follows_endpoints_from_the_control_plane() {
+    use std::io::{Read, Write};
+    let dir = TempDir::new("tcp-follow");
+    let cp = ControlPlane::start_in(dir.path());
+    let svc = dir.write(
+        "echo.yaml",
+        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: echo}\nspec:\n  ports: [{port: 7000, appProtocol: tcp}]\n",
+    );
+    let (code, out, err) = cp.cli(&["apply", "-f", svc.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    // The client's sidecar starts before any instance of echo exists.
+    let up = free_port();
+    let client = run(
+        dir.path(),
+        "client",
+        &[
+            "--control",
+            &cp.url(),
+            "--upstream",
+            &format!("echo={up}"),
+            "--token",
+            &token(&cp, "client"),
+        ],
+        &["sleep", "600"],
+        &[],
+    );
+    let admin = admin_port(&client);
+    wait_endpoints(admin, "echo", 0);
+    let connect = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", up)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s
+    };
+
+    // The first instance registers: echo, and a half-close that still gets its reply.
+    let mut first = tcp_instance(dir.path(), "echo-1", &cp, tcp_server(b""));
+    wait_endpoints(admin, "echo", 1);
+    let mut s = connect();
+    s.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello");
+    s.write_all(b"bye").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+
+    // It is replaced by a server-speaks-first one: new connections go there.
+    let old = sidecar_endpoints(admin, "echo").unwrap();
+    let _second = tcp_instance(dir.path(), "echo-2", &cp, tcp_server(b"220 ready\r\n"));
+    wait_endpoints(admin, "echo", 2);
+    first.stop(Duration::from_secs(30));
+    wait_for(Duration::from_secs(60), "the old endpoint to leave", || {
+        let now = sidecar_endpoints(admin, "echo")?;
+        (now.len() == 1 && now != old).then_some(())
+    });
+    let mut s = connect();
+    let mut buf = [0u8; 11];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"220 ready\r\n");
+    let log = client.log_text();
+    assert!(!log.contains("no endpoint for TCP"), "{log}");
+}
