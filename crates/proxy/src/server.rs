@@ -281,7 +281,7 @@ fn accepted(
         }
         None => {}
     }
-    let slot = shared.conns.register(&listener.name, &listener_open);
+    let slot = shared.conns.register(&listener.name, listener_open);
     let _ = stream.set_nodelay(true);
     let shared2 = shared.clone();
     let l = listener.clone();

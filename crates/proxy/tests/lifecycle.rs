@@ -614,21 +614,19 @@ async fn a_draining_proxy_answers_every_connection_it_accepted() {
     }
     let proxy = p.proxy.clone();
     let drain = tokio::spawn(async move { proxy.drain(Duration::from_secs(10)).await });
-    let mut answered = 0;
-    for mut s in conns {
+    for (i, mut s) in conns.into_iter().enumerate() {
         let mut got = Vec::new();
         let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
         let text = String::from_utf8_lossy(&got);
         assert!(
             text.starts_with("HTTP/1.1 200"),
-            "connection {answered} got {text:?}"
+            "connection {i} got {text:?}"
         );
         // Served once, then closed: the proxy is stopping.
         assert!(
             text.to_ascii_lowercase().contains("connection: close"),
             "{text}"
         );
-        answered += 1;
     }
     assert!(drain.await.unwrap(), "drain finished before its deadline");
 }
