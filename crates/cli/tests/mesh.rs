@@ -235,8 +235,12 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
         let (_, out, _) = cp.cli(&["get", "proxies"]);
         (out.matches("in sync").count() == 2).then_some(())
     });
-    let (_, out, _) = cp.cli(&["get", "workloads"]);
-    assert!(out.contains("version=v1"), "{out}");
+    // Registered: kept through the restart, or registered again by its sidecar (its 2 s
+    // lease can lapse before a slow machine lets the sidecar's heartbeat through).
+    wait_for(READY, "the instance to be registered", || {
+        let (_, out, _) = cp.cli(&["get", "workloads"]);
+        out.contains("version=v1").then_some(())
+    });
     let (_, out, _) = cp.cli(&["get", "services"]);
     assert!(
         out.contains("billing"),
