@@ -261,6 +261,17 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// How `trellis run` starts its app: this process arms a parent-death signal (so the
+    /// app dies with `trellis run`, even on SIGKILL), then becomes the app.
+    #[command(hide = true)]
+    ExecApp {
+        /// The `trellis run` process the app belongs to.
+        #[arg(long)]
+        parent: u32,
+        /// The app and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// One demo service (used by `trellis demo`).
     #[command(hide = true)]
     DemoApp {
@@ -632,6 +643,7 @@ fn run(command: Command) -> Result<i32> {
             rate,
             data_dir,
         })),
+        Command::ExecApp { parent, command } => run::exec_app(parent, &command),
         Command::DemoApp { name } => {
             let Some(app) = trellis_demo::App::parse(&name) else {
                 bail!("unknown demo app {name:?}");

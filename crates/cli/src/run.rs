@@ -310,8 +310,20 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         start_sidecar(&o.control, local, node, &state_dir, o.tls.clone()).await?;
     tracing::info!(admin = %proxy.admin_addr(), http_proxy = %http_proxy, "sidecar started");
 
-    let mut cmd = tokio::process::Command::new(&o.command[0]);
-    cmd.args(&o.command[1..])
+    // The app starts through `trellis exec-app`, which arms a parent-death signal and then
+    // becomes the app: if `trellis run` is killed outright, the kernel kills the app, so no
+    // orphan keeps the port. The signal fires when the *thread* that forked exits: this
+    // runs in `block_on` on the main thread, which lives as long as the process (never
+    // spawn from a runtime worker or the blocking pool, whose threads come and go).
+    let exe = std::env::current_exe().context("finding the trellis binary")?;
+    let mut cmd = tokio::process::Command::new(exe);
+    cmd.arg("exec-app")
+        .arg("--parent")
+        .arg(std::process::id().to_string())
+        .arg("--")
+        .args(&o.command)
+        // Its own process group: a graceful stop signals the app and what it started.
+        .process_group(0)
         .env("HTTP_PROXY", format!("http://{http_proxy}"))
         .env("http_proxy", format!("http://{http_proxy}"))
         .env("NO_PROXY", "")
@@ -352,6 +364,11 @@ pub async fn run(o: RunOptions) -> Result<i32> {
                     healthy: false,
                     node: node_id,
                     identity: identity.unwrap_or_default(),
+                    // The app's address is what a restart keeps; the newest process wins it.
+                    slot: SocketAddr::new(o.advertise, port).to_string(),
+                    epoch: std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
                 },
                 ttl: o.ttl,
                 probe: o.probe.clone(),
@@ -363,38 +380,73 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         _ => None,
     };
 
-    let code = tokio::select! {
+    let exited = tokio::select! {
         status = child.wait() => {
             let status = status?;
             tracing::info!(%status, "app exited");
-            status.code().unwrap_or(1)
+            Some(status.code().unwrap_or(1))
         }
-        () = crate::shutdown_signal() => {
-            tracing::info!("stopping the app");
-            if let Some(pid) = pid {
-                // SIGTERM through kill(1): this crate forbids unsafe code, so no libc call.
-                let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-            }
-            match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-                Ok(s) => s.ok().and_then(|s| s.code()).unwrap_or(0),
-                Err(_) => {
-                    let _ = child.kill().await;
-                    137
-                }
-            }
-        }
+        () = crate::shutdown_signal() => None,
     };
+    // The order that loses nothing: leave the registry (no new traffic is sent here), drain
+    // (requests in flight finish, in and out, while the app still runs), then stop the app.
     stop.cancel();
     if let Some(r) = registry {
         let _ = r.await;
     }
-    let deadline = proxy
-        .snapshot()
-        .settings
-        .drain_timeout
-        .min(Duration::from_secs(5));
-    proxy.drain(deadline).await;
+    let deadline = proxy.snapshot().settings.drain_timeout;
+    tracing::info!(?deadline, "draining");
+    if !proxy.drain(deadline).await {
+        tracing::warn!("drain deadline passed with work in flight");
+    }
+    let code = match (exited, pid) {
+        (Some(code), _) => code,
+        (None, Some(pid)) => stop_app(&mut child, pid, APP_GRACE).await,
+        (None, None) => 0,
+    };
     Ok(code)
+}
+
+/// How long the app has to exit after SIGTERM before it is killed.
+const APP_GRACE: Duration = Duration::from_secs(10);
+
+/// Stops the app's process group: SIGTERM, then SIGKILL after `grace`. Returns its exit code.
+async fn stop_app(child: &mut tokio::process::Child, pid: u32, grace: Duration) -> i32 {
+    use rustix::process::{Pid, Signal, kill_process_group};
+    tracing::info!(pid, "stopping the app");
+    let group = i32::try_from(pid).ok().and_then(Pid::from_raw);
+    if let Some(g) = group {
+        let _ = kill_process_group(g, Signal::TERM);
+    }
+    match tokio::time::timeout(grace, child.wait()).await {
+        Ok(s) => s.ok().and_then(|s| s.code()).unwrap_or(0),
+        Err(_) => {
+            tracing::warn!(pid, ?grace, "the app did not exit; killing it");
+            if let Some(g) = group {
+                let _ = kill_process_group(g, Signal::KILL);
+            }
+            let _ = child.kill().await;
+            137
+        }
+    }
+}
+
+/// `trellis exec-app`: arms the parent-death signal, checks that `trellis run` (`parent`) is
+/// still there (it may have died before the signal was armed, and then nothing would fire),
+/// and becomes the app. Returns only on failure.
+pub fn exec_app(parent: u32, command: &[String]) -> Result<i32> {
+    use std::os::unix::process::CommandExt;
+    rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))
+        .context("setting the parent-death signal")?;
+    let ppid = rustix::process::getppid().map(|p| p.as_raw_pid());
+    if ppid != i32::try_from(parent).ok() {
+        anyhow::bail!("trellis run (pid {parent}) exited before its app started");
+    }
+    // The parent-death signal survives execve.
+    let e = std::process::Command::new(&command[0])
+        .args(&command[1..])
+        .exec();
+    Err(anyhow!(e).context(format!("starting {}", command[0])))
 }
 
 struct Registration {
@@ -478,6 +530,11 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
                 if s.code() == tonic::Code::NotFound {
                     tracing::warn!("registration lapsed; registering again");
                     id = None;
+                } else if s.code() == tonic::Code::FailedPrecondition {
+                    // A newer process of this instance took over its registration.
+                    tracing::error!(error = %s.message(), "superseded; no longer registering");
+                    id = None;
+                    break;
                 } else {
                     tracing::warn!(error = %s.message(), "registry call failed; trying the next replica");
                     client = None;

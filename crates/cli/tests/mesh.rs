@@ -6,6 +6,10 @@ mod support;
 use std::time::Duration;
 use support::*;
 
+/// The ceiling of every wait for a readiness signal: generous, since a loaded CI machine can
+/// take many times longer than a quiet one, and a wait returns as soon as its signal shows.
+const READY: Duration = Duration::from_secs(60);
+
 const ROUTE_ALL_V2: &str = r#"
 apiVersion: trellis.dev/v1alpha1
 kind: Service
@@ -49,11 +53,11 @@ fn routes_and_instances_follow_the_control_plane() {
         "client-state",
         &token(&cp, "client"),
     );
-    wait_versions(up, &["v1"], Duration::from_secs(20));
+    wait_versions(up, &["v1"], READY);
 
     // A new instance joins rotation.
     let mut v2 = catalog(dir.path(), &cp.url(), "v2", &token(&cp, "product-catalog"));
-    let t = wait_versions(up, &["v1", "v2"], Duration::from_secs(20));
+    let t = wait_versions(up, &["v1", "v2"], READY);
     eprintln!("v2 in rotation after {t:?}");
 
     // A route sends everything to v2, within a bounded time after `apply` returns.
@@ -64,7 +68,7 @@ fn routes_and_instances_follow_the_control_plane() {
         out.contains("HTTPRoute default/catalog-split created"),
         "{out}"
     );
-    let t = wait_versions(up, &["v2"], Duration::from_secs(5));
+    let t = wait_versions(up, &["v2"], READY);
     eprintln!("route followed {t:?} after apply");
     let r = get(up, "/products/1").unwrap();
     assert_eq!(
@@ -78,28 +82,26 @@ fn routes_and_instances_follow_the_control_plane() {
     // Deleting it restores the even split.
     let (code, out, err) = cp.cli(&["delete", "-f", route.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    wait_versions(up, &["v1", "v2"], Duration::from_secs(5));
+    wait_versions(up, &["v1", "v2"], READY);
 
     // The app exits: its sidecar deregisters it and exits too.
     let app = children(v2.pid());
     assert_eq!(app.len(), 1, "trellis run has one child, the app");
     signal(app[0], "KILL");
-    wait_for(
-        Duration::from_secs(10),
-        "trellis run to exit with its app",
-        || v2.exited().then_some(()),
-    );
-    let t = wait_versions(up, &["v1"], Duration::from_secs(5));
+    wait_for(READY, "trellis run to exit with its app", || {
+        v2.exited().then_some(())
+    });
+    let t = wait_versions(up, &["v1"], READY);
     eprintln!("exited app out of rotation after {t:?}");
 
     // A sidecar that vanishes without a word leaves when its 2 s lease lapses.
     let mut v2 = catalog(dir.path(), &cp.url(), "v2", &token(&cp, "product-catalog"));
-    wait_versions(up, &["v1", "v2"], Duration::from_secs(20));
+    wait_versions(up, &["v1", "v2"], READY);
     v2.kill_hard();
     // Requests never fail meanwhile (a refused connection is retried on another endpoint),
     // and the registry drops the instance when its lease lapses.
     let start = std::time::Instant::now();
-    wait_for(Duration::from_secs(10), "the lease to lapse", || {
+    wait_for(READY, "the lease to lapse", || {
         let (_, out, _) = cp.cli(&["get", "workloads"]);
         (out.matches("version=").count() == 1).then_some(())
     });
@@ -152,29 +154,26 @@ fn http_proxy_mode_routes_by_host_and_unhealthy_instances_get_no_traffic() {
         "-c",
         &format!("echo $HTTP_PROXY > {}; exec sleep 600", env_file.display()),
     ]);
-    let _client = Proc::spawn("client", dir.path(), cmd);
-    let proxy = wait_for(Duration::from_secs(20), "the app to see HTTP_PROXY", || {
+    let client = Proc::spawn("client", dir.path(), cmd);
+    let proxy = wait_for(READY, "the app to see HTTP_PROXY", || {
         std::fs::read_to_string(&env_file)
             .ok()
             .filter(|s| s.ends_with('\n'))
     });
     let port: u16 = proxy.trim().rsplit(':').next().unwrap().parse().unwrap();
-    wait_for(
-        Duration::from_secs(20),
-        "both instances registered, one unhealthy",
-        || {
-            let (_, out, _) = cp.cli(&["get", "workloads"]);
-            (out.contains("version=sick")
-                && out
-                    .lines()
-                    .any(|l| l.contains("false") && l.contains("version=sick")))
-            .then_some(())
-        },
-    );
+    wait_for(READY, "both instances registered, one unhealthy", || {
+        let (_, out, _) = cp.cli(&["get", "workloads"]);
+        let lines = || out.lines();
+        (lines().any(|l| l.contains("false") && l.contains("version=sick"))
+            && lines().any(|l| l.contains("true") && l.contains("version=v1")))
+        .then_some(())
+    });
+    // Readiness, not a guess: the client's sidecar has applied the healthy instance.
+    wait_endpoints(admin_port(&client), "product-catalog", 1);
     // Absolute-form requests through the sidecar's HTTP proxy port are routed by Host, and
     // only the healthy instance answers.
     let mut seen = std::collections::BTreeMap::new();
-    wait_for(Duration::from_secs(10), "the route by Host", || {
+    wait_for(READY, "the route by Host", || {
         get(port, "http://product-catalog/products/1")
             .ok()
             .filter(|r| r.status == 200)
@@ -200,7 +199,7 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
     let up = free_port();
     let client_token = token(&cp, "client");
     let mut client1 = client(dir.path(), &url, up, "client-state", &client_token);
-    wait_versions(up, &["v1"], Duration::from_secs(20));
+    wait_versions(up, &["v1"], READY);
 
     // Acknowledged config survives a crash of the control plane.
     let svc = dir.write(
@@ -217,9 +216,11 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
     // A restarted sidecar boots from its persisted config while the control plane is down.
     client1.stop(Duration::from_secs(10));
     let client2 = client(dir.path(), &url, up, "client-state", &client_token);
-    wait_versions(up, &["v1"], Duration::from_secs(10));
+    // Ready, serving the persisted config (a loaded machine can take seconds to get here).
+    wait_endpoints(admin_port(&client2), "product-catalog", 1);
+    wait_versions(up, &["v1"], READY);
     assert!(
-        wait_for(Duration::from_secs(5), "the boot log", || {
+        wait_for(READY, "the boot log", || {
             let log = client2.log_text();
             log.contains("booted from the persisted config")
                 .then_some(log)
@@ -230,16 +231,16 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
     // The control plane returns with everything it acknowledged (the instance is still
     // registered), the proxies reconnect, and new config reaches them.
     let cp = ControlPlane::start("control-2", dir.path(), port, &store);
-    wait_for(
-        Duration::from_secs(15),
-        "both sidecars to reconnect",
-        || {
-            let (_, out, _) = cp.cli(&["get", "proxies"]);
-            (out.matches("in sync").count() == 2).then_some(())
-        },
-    );
-    let (_, out, _) = cp.cli(&["get", "workloads"]);
-    assert!(out.contains("version=v1"), "{out}");
+    wait_for(READY, "both sidecars to reconnect", || {
+        let (_, out, _) = cp.cli(&["get", "proxies"]);
+        (out.matches("in sync").count() == 2).then_some(())
+    });
+    // Registered: kept through the restart, or registered again by its sidecar (its 2 s
+    // lease can lapse before a slow machine lets the sidecar's heartbeat through).
+    wait_for(READY, "the instance to be registered", || {
+        let (_, out, _) = cp.cli(&["get", "workloads"]);
+        out.contains("version=v1").then_some(())
+    });
     let (_, out, _) = cp.cli(&["get", "services"]);
     assert!(
         out.contains("billing"),
@@ -254,15 +255,11 @@ fn proxies_survive_a_control_plane_outage_and_boot_from_their_persisted_config()
     );
     let (code, out, err) = cp.cli(&["apply", "-f", route.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    wait_for(
-        Duration::from_secs(5),
-        "the route to reach the restarted sidecar",
-        || {
-            get(up, "/products/1")
-                .ok()
-                .filter(|r| r.headers.contains_key("x-route"))
-        },
-    );
+    wait_for(READY, "the route to reach the restarted sidecar", || {
+        get(up, "/products/1")
+            .ok()
+            .filter(|r| r.headers.contains_key("x-route"))
+    });
     drop(client2);
 }
 
@@ -356,7 +353,7 @@ spec:
     ])
     .arg(dir.path().join("edge-state"));
     let _edge = Proc::spawn("edge", dir.path(), cmd);
-    let nack = wait_for(Duration::from_secs(15), "the NACK to show", || {
+    let nack = wait_for(READY, "the NACK to show", || {
         let (_, out, _) = cp.cli(&["get", "proxies", "edge-1", "-o", "json"]);
         out.contains("\"nack\"").then_some(out)
     });
@@ -368,7 +365,7 @@ spec:
     let fixed = dir.write("fixed.yaml", &std::fs::read_to_string(&good).unwrap());
     let (code, _, err) = cp.cli(&["apply", "-f", fixed.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    wait_for(Duration::from_secs(10), "the proxy to accept", || {
+    wait_for(READY, "the proxy to accept", || {
         let (_, out, _) = cp.cli(&["get", "proxies", "edge-1", "-o", "json"]);
         (!out.contains("\"nack\"") && out.contains("edge-1")).then_some(())
     });
@@ -398,7 +395,7 @@ fn two_replicas_on_etcd_serve_the_same_state_and_proxies_move_to_the_survivor() 
     );
     let (code, _, err) = a.cli(&["apply", "-f", svc.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    wait_for(Duration::from_secs(5), "replica b to see the write", || {
+    wait_for(READY, "replica b to see the write", || {
         let (_, out, _) = b.cli(&["get", "services"]);
         out.contains("billing").then_some(())
     });
@@ -408,15 +405,11 @@ fn two_replicas_on_etcd_serve_the_same_state_and_proxies_move_to_the_survivor() 
     let _v2 = catalog(dir.path(), &both, "v2", &token(&a, "product-catalog"));
     let up = free_port();
     let _client = client(dir.path(), &both, up, "client-state", &token(&a, "client"));
-    wait_versions(up, &["v1", "v2"], Duration::from_secs(20));
-    wait_for(
-        Duration::from_secs(10),
-        "the sidecars to connect to replica a",
-        || {
-            let (_, out, _) = a.cli(&["get", "proxies"]);
-            (out.matches("in sync").count() == 3).then_some(())
-        },
-    );
+    wait_versions(up, &["v1", "v2"], READY);
+    wait_for(READY, "the sidecars to connect to replica a", || {
+        let (_, out, _) = a.cli(&["get", "proxies"]);
+        (out.matches("in sync").count() == 3).then_some(())
+    });
     let (_, out, _) = b.cli(&["get", "workloads"]);
     assert_eq!(
         out.matches("version=").count(),
@@ -426,18 +419,14 @@ fn two_replicas_on_etcd_serve_the_same_state_and_proxies_move_to_the_survivor() 
 
     // Replica a dies: the sidecars move to b, and config applied through b reaches them.
     a.proc.kill_hard();
-    wait_for(
-        Duration::from_secs(15),
-        "the sidecars to move to replica b",
-        || {
-            let (_, out, _) = b.cli(&["get", "proxies"]);
-            (out.matches("in sync").count() == 3).then_some(())
-        },
-    );
+    wait_for(READY, "the sidecars to move to replica b", || {
+        let (_, out, _) = b.cli(&["get", "proxies"]);
+        (out.matches("in sync").count() == 3).then_some(())
+    });
     let route = dir.write("route.yaml", ROUTE_ALL_V2);
     let (code, out, err) = b.cli(&["apply", "-f", route.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    wait_versions(up, &["v2"], Duration::from_secs(5));
+    wait_versions(up, &["v2"], READY);
     // Registrations made through a keep their leases through b.
     std::thread::sleep(Duration::from_secs(3));
     let (_, out, _) = b.cli(&["get", "workloads"]);
@@ -467,20 +456,14 @@ fn demo_starts_serves_traffic_through_sidecars_and_stops_cleanly() {
     };
     // The load generator reports orders that went through order-processing's sidecar to
     // catalog, inventory and payment sidecars.
-    let line = wait_for(
-        Duration::from_secs(40),
-        "a load-generator summary with orders",
-        || {
-            let text = std::fs::read_to_string(&out).unwrap_or_default();
-            text.lines()
-                .find(|l| {
-                    l.starts_with("load-generator:")
-                        && l.contains("201×")
-                        && l.contains("catalog v")
-                })
-                .map(String::from)
-        },
-    );
+    let line = wait_for(READY, "a load-generator summary with orders", || {
+        let text = std::fs::read_to_string(&out).unwrap_or_default();
+        text.lines()
+            .find(|l| {
+                l.starts_with("load-generator:") && l.contains("201×") && l.contains("catalog v")
+            })
+            .map(String::from)
+    });
     eprintln!("{line}");
     let text = std::fs::read_to_string(&out).unwrap();
     let control = text
@@ -615,7 +598,7 @@ fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
     let cp = ControlPlane::start_in(dir.path());
     let url = cp.url();
     let (catalog, _client, up) = mtls_catalog_and_client(&cp, dir.path());
-    wait_versions(up, &["v1"], Duration::from_secs(20));
+    wait_versions(up, &["v1"], READY);
 
     // Registered with their SPIFFE ids; the catalog's sidecar saw mutual TLS.
     let (_, workloads, _) = cp.cli(&["get", "workloads", "-o", "json"]);
@@ -658,7 +641,7 @@ fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
     );
     let (code, _, err) = cp.cli(&["apply", "-f", strict.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    wait_for(Duration::from_secs(10), "plaintext to be refused", || {
+    wait_for(READY, "plaintext to be refused", || {
         get(inbound_port, "/products/1").is_err().then_some(())
     });
     assert!(
@@ -690,13 +673,11 @@ fn sidecars_use_mutual_tls_and_strict_mode_refuses_plaintext() {
     );
     // A sidecar without credentials learns nothing from the control plane: its upstream
     // stays unknown (503), and the refusal is in its log.
-    let r = wait_for(
-        Duration::from_secs(20),
-        "the anonymous sidecar to answer",
-        || get(up2, "/products/1").ok(),
-    );
+    let r = wait_for(READY, "the anonymous sidecar to answer", || {
+        get(up2, "/products/1").ok()
+    });
     assert_eq!(r.status, 503, "{r:?}");
-    wait_for(Duration::from_secs(10), "the refusal in its log", || {
+    wait_for(READY, "the refusal in its log", || {
         anon.log_text()
             .contains("proxies must present a join token")
             .then_some(())
@@ -720,7 +701,7 @@ fn certificates_rotate_under_load_without_failing_a_request() {
     .arg(dir.path().join("store"))
     .args(["--cert-ttl", "3s"]);
     let mut proc = Proc::spawn("control", dir.path(), cmd);
-    wait_for(Duration::from_secs(20), "the control plane", || {
+    wait_for(READY, "the control plane", || {
         assert!(!proc.exited(), "{}", proc.log_text());
         https("GET", port, "/live", "", &dir.path().join("store/ca.pem"))
             .ok()
@@ -740,7 +721,7 @@ fn certificates_rotate_under_load_without_failing_a_request() {
     let (catalog, client, up) = mtls_catalog_and_client(&cp, dir.path());
     // Setup only: with 3-second certificates the first mutual TLS path can take longer than
     // usual on a loaded 2-core CI machine (seen once at over 20 s).
-    wait_versions(up, &["v1"], Duration::from_secs(60));
+    wait_versions(up, &["v1"], READY);
     let cat_admin = admin_port(&catalog);
     let client_admin = admin_port(&client);
     let expiry = |admin| {
@@ -812,8 +793,8 @@ fn authorization_by_identity_path_and_method_at_the_receiving_sidecar() {
         ports.push(up);
     }
     let (orders, intruder) = (ports[0], ports[1]);
-    wait_versions(orders, &["v1"], Duration::from_secs(20));
-    wait_versions(intruder, &["v1"], Duration::from_secs(20));
+    wait_versions(orders, &["v1"], READY);
+    wait_versions(intruder, &["v1"], READY);
 
     let policy = dir.write(
         "authz.yaml",
@@ -839,7 +820,7 @@ spec:
     );
     let (code, out, err) = cp.cli(&["apply", "-f", policy.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");
-    let denied = wait_for(Duration::from_secs(10), "the intruder to be denied", || {
+    let denied = wait_for(READY, "the intruder to be denied", || {
         get(intruder, "/products/1")
             .ok()
             .filter(|r| r.status == 403)
@@ -863,7 +844,7 @@ spec:
             .replace("  action: Deny\n", "  action: Deny\n  mode: Audit\n"),
     );
     assert_eq!(cp.cli(&["apply", "-f", audit.to_str().unwrap()]).0, 0);
-    wait_for(Duration::from_secs(10), "audit mode", || {
+    wait_for(READY, "audit mode", || {
         get(orders, "/products/2").ok().filter(|r| r.status == 200)
     });
     let admin = admin_port(&catalog);
@@ -958,7 +939,7 @@ fn a_user_provided_ca_signs_the_workload_certificates() {
     .arg("--ca-key")
     .arg(&key);
     let mut proc = Proc::spawn("control", dir.path(), cmd);
-    wait_for(Duration::from_secs(20), "the control plane", || {
+    wait_for(READY, "the control plane", || {
         assert!(!proc.exited(), "{}", proc.log_text());
         https(
             "GET",
@@ -991,7 +972,7 @@ fn a_user_provided_ca_signs_the_workload_certificates() {
         "client-state",
         &token(&cp, "client"),
     );
-    wait_versions(up, &["v1"], Duration::from_secs(20));
+    wait_versions(up, &["v1"], READY);
     let (_, workloads, _) = cp.cli(&["get", "workloads", "-o", "json"]);
     assert!(
         workloads.contains("spiffe://corp.example/ns/default/sa/product-catalog"),
@@ -1049,7 +1030,7 @@ fn the_control_channel_is_verified_and_credentials_stay_off_the_command_line() {
     );
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
     let _catalog = Proc::spawn("catalog", dir.path(), args("state-1"));
-    wait_for(Duration::from_secs(20), "the catalog to register", || {
+    wait_for(READY, "the catalog to register", || {
         let (_, out, _) = cp.cli(&["get", "workloads", "-o", "json"]);
         out.contains("spiffe://trellis.local/ns/default/sa/product-catalog")
             .then_some(())
@@ -1057,7 +1038,7 @@ fn the_control_channel_is_verified_and_credentials_stay_off_the_command_line() {
     let state = dir.path().join("state-1");
     assert_eq!(mode(&state), 0o700);
     assert_eq!(mode(&state.join("identity.json")), 0o600);
-    wait_for(Duration::from_secs(10), "the persisted config", || {
+    wait_for(READY, "the persisted config", || {
         state.join("snapshot.json").exists().then_some(())
     });
     assert_eq!(mode(&state.join("snapshot.json")), 0o600);
@@ -1068,11 +1049,9 @@ fn the_control_channel_is_verified_and_credentials_stay_off_the_command_line() {
     )
     .unwrap();
     let mut open = Proc::spawn("open-state", dir.path(), args("state-1"));
-    let log = wait_for(
-        Duration::from_secs(20),
-        "the open state to be refused",
-        || open.exited().then(|| open.log_text()),
-    );
+    let log = wait_for(READY, "the open state to be refused", || {
+        open.exited().then(|| open.log_text())
+    });
     assert!(
         log.contains("identity.json") && log.contains("chmod 600"),
         "{log}"
@@ -1085,11 +1064,9 @@ fn the_control_channel_is_verified_and_credentials_stay_off_the_command_line() {
 
     // The token was single-use: a second sidecar with it gets no identity.
     let mut second = Proc::spawn("second", dir.path(), args("state-2"));
-    let log = wait_for(
-        Duration::from_secs(20),
-        "the second sidecar to give up",
-        || second.exited().then(|| second.log_text()),
-    );
+    let log = wait_for(READY, "the second sidecar to give up", || {
+        second.exited().then(|| second.log_text())
+    });
     assert!(log.contains("already used"), "{log}");
 
     // A sidecar whose token pins the real CA refuses the impostor before sending it.
@@ -1102,7 +1079,7 @@ fn the_control_channel_is_verified_and_credentials_stay_off_the_command_line() {
         .args(["--", "sleep", "600"])
         .env("TRELLIS_TOKEN", &fresh);
     let mut fooled = Proc::spawn("fooled", dir.path(), fooled);
-    let log = wait_for(Duration::from_secs(20), "the sidecar to refuse", || {
+    let log = wait_for(READY, "the sidecar to refuse", || {
         fooled.exited().then(|| fooled.log_text())
     });
     assert!(
@@ -1118,7 +1095,7 @@ fn the_control_channel_is_verified_and_credentials_stay_off_the_command_line() {
         .args(["--", "sleep", "600"])
         .env("TRELLIS_TOKEN", &fresh);
     let _payment = Proc::spawn("payment", dir.path(), payment);
-    wait_for(Duration::from_secs(20), "payment to register", || {
+    wait_for(READY, "payment to register", || {
         let (_, out, _) = cp.cli(&["get", "workloads", "-o", "json"]);
         out.contains("sa/payment").then_some(())
     });
@@ -1138,7 +1115,7 @@ fn trellis_run_takes_its_inbound_protocol_from_the_service() {
     // view (with the Service) arrives, and takes the declaration from it.
     let catalog = mtls_catalog(&cp, dir.path());
     let admin = admin_port(&catalog);
-    let inbound_port: u16 = wait_for(Duration::from_secs(20), "the catalog to register", || {
+    let inbound_port: u16 = wait_for(READY, "the catalog to register", || {
         let (_, workloads, _) = cp.cli(&["get", "workloads", "-o", "json"]);
         workloads
             .lines()
@@ -1148,7 +1125,7 @@ fn trellis_run_takes_its_inbound_protocol_from_the_service() {
     });
     let declared = "trellis_protocol_detections_total{direction=\"inbound\",protocol=\"http1\",how=\"declared\"}";
     wait_for(
-        Duration::from_secs(20),
+        READY,
         "the inbound listener to take the Service's appProtocol",
         || {
             let r = get(inbound_port, "/products/1").ok()?;

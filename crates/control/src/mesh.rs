@@ -99,6 +99,7 @@ fn status_of(e: RegistryError) -> Status {
     match e {
         RegistryError::Invalid(m) => Status::invalid_argument(m),
         RegistryError::NotFound(_) => Status::not_found(e.to_string()),
+        RegistryError::Superseded { .. } => Status::failed_precondition(e.to_string()),
         RegistryError::Store(e) => Status::unavailable(e.to_string()),
     }
 }
@@ -198,6 +199,8 @@ impl Mesh for MeshService {
                 healthy: i.healthy,
                 node: i.node,
                 identity: Some(i.identity).filter(|x| !x.is_empty()),
+                slot: Some(i.slot).filter(|x| !x.is_empty()),
+                epoch: i.epoch,
                 ttl: (r.ttl_seconds > 0).then(|| Duration::from_secs(r.ttl_seconds.into())),
             })
             .await

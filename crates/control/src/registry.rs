@@ -20,9 +20,55 @@ pub enum RegistryError {
     /// The instance is unknown: its lease lapsed or it deregistered. Register again.
     #[error("instance {0} is not registered (lease lapsed or deregistered); register again")]
     NotFound(String),
+    /// A newer process of the same instance (same slot) is registered: this one is stale.
+    #[error(
+        "instance slot {slot} is held by a newer process (instance {by}); not registering a stale one"
+    )]
+    Superseded {
+        /// The slot.
+        slot: String,
+        /// The newer registration's id.
+        by: String,
+    },
     /// The store failed.
     #[error("store: {0}")]
     Store(StoreError),
+}
+
+/// What a registration for `slot` at `epoch` does to the instances registered before it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Supersede {
+    /// Register, after removing these registrations (the same slot, from older or the same
+    /// process): a restarted instance replaces its stale registration at once.
+    Replace(Vec<String>),
+    /// A newer process holds the slot: refuse, so a stale process cannot come back.
+    Refuse {
+        /// The newer registration.
+        by: String,
+    },
+}
+
+/// Pure: decides [`Supersede`] from `existing` (id, slot, epoch) registrations of the same
+/// service. Without a slot nothing is superseded; epoch 0 (unknown) is the oldest.
+pub fn supersede<'a>(
+    slot: Option<&str>,
+    epoch: u64,
+    existing: impl IntoIterator<Item = (&'a str, Option<&'a str>, u64)>,
+) -> Supersede {
+    let Some(slot) = slot else {
+        return Supersede::Replace(Vec::new());
+    };
+    let mut older = Vec::new();
+    for (id, s, e) in existing {
+        if s != Some(slot) {
+            continue;
+        }
+        if e > epoch {
+            return Supersede::Refuse { by: id.to_string() };
+        }
+        older.push(id.to_string());
+    }
+    Supersede::Replace(older)
 }
 
 /// What an instance registers.
@@ -46,6 +92,10 @@ pub struct Registration {
     pub node: String,
     /// The SPIFFE id its sidecar presents.
     pub identity: Option<String>,
+    /// What stays the same when the instance restarts (the app's `IP:PORT`).
+    pub slot: Option<String>,
+    /// When the registering process started (Unix ms).
+    pub epoch: u64,
     /// Requested lease; the default when `None`.
     pub ttl: Option<Duration>,
 }
@@ -73,6 +123,38 @@ impl Control {
         if r.port == 0 {
             return Err(RegistryError::Invalid("port: must be 1-65535".into()));
         }
+        // A restarted instance replaces its stale registration now, not when its lease
+        // lapses (a control-plane restart renews every lease it finds).
+        let stale = {
+            let state = self.state();
+            let same = state
+                .workloads
+                .values()
+                .filter(|w| w.namespace == r.namespace && w.service == r.service);
+            supersede(
+                r.slot.as_deref(),
+                r.epoch,
+                same.map(|w| (w.id.as_str(), w.slot.as_deref(), w.epoch)),
+            )
+        };
+        match stale {
+            Supersede::Refuse { by } => {
+                return Err(RegistryError::Superseded {
+                    slot: r.slot.unwrap_or_default(),
+                    by,
+                });
+            }
+            Supersede::Replace(ids) => {
+                for id in ids {
+                    match self.store.revoke(parse_id(&id)?).await {
+                        Ok(()) | Err(StoreError::LeaseNotFound(_)) => {
+                            tracing::info!(id, service = %r.service, "superseded by a newer process of the same instance")
+                        }
+                        Err(e) => return Err(RegistryError::Store(e)),
+                    }
+                }
+            }
+        }
         let ttl = r
             .ttl
             .unwrap_or(self.settings.default_ttl)
@@ -91,6 +173,8 @@ impl Control {
             healthy: r.healthy,
             node: r.node,
             identity: r.identity,
+            slot: r.slot,
+            epoch: r.epoch,
         };
         self.put(&w, lease).await?;
         tracing::info!(id = %w.id, service = %w.service, address = %w.address, "registered");
@@ -139,5 +223,43 @@ impl Control {
         })?;
         self.wait_for(revision).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_newer_process_of_a_slot_replaces_older_ones_and_an_older_one_is_refused() {
+        let a = "10.0.0.1:8080";
+        let b = "10.0.0.2:8080";
+        let existing = [
+            ("1", Some(a), 100),
+            ("2", Some(b), 300),
+            ("3", None, 0),
+            ("4", Some(a), 0),
+        ];
+        let replace =
+            |ids: &[&str]| Supersede::Replace(ids.iter().map(|s| s.to_string()).collect());
+        let cases: &[(Option<&str>, u64, Supersede)] = &[
+            // No slot: nothing is superseded.
+            (None, 500, replace(&[])),
+            // A newer process: the older registrations of its slot go, others stay.
+            (Some(a), 200, replace(&["1", "4"])),
+            // The same process registering again (its lease lapsed): it replaces itself.
+            (Some(a), 100, replace(&["1", "4"])),
+            // An older process than the one registered: refused.
+            (Some(b), 200, Supersede::Refuse { by: "2".into() }),
+            // A slot nobody holds.
+            (Some("10.0.0.3:1"), 1, replace(&[])),
+        ];
+        for (slot, epoch, want) in cases {
+            assert_eq!(
+                &supersede(*slot, *epoch, existing.iter().copied()),
+                want,
+                "{slot:?} at {epoch}"
+            );
+        }
     }
 }

@@ -50,6 +50,16 @@ pub struct Workload {
     /// The SPIFFE id its sidecar presents, when it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// What stays the same across restarts of this instance (the app's `IP:PORT`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// When the registering process started (Unix ms): the newest one of a slot wins.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A stored join token, with what a compare-and-swap of its use count needs.

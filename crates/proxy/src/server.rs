@@ -198,7 +198,6 @@ async fn accept_loop(
 ) {
     // This listener's open connections, against its cap.
     let listener_open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let limit_labels = |limit: &'static str, listener: Arc<str>| LimitLabels { listener, limit };
     let mut warned: Option<tokio::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
@@ -212,71 +211,104 @@ async fn accept_loop(
                 }
             },
         };
-        let snap = shared.snapshot();
-        let bounds = &snap.settings.bounds;
-        let decision = crate::conns::admit(
-            shared.conns.open(),
-            bounds.max_connections as usize,
-            listener_open.load(std::sync::atomic::Ordering::Relaxed),
-            bounds.max_connections_per_listener as usize,
-        );
-        let shed = match decision {
-            Admit::Accept => None,
-            Admit::ShedListener => {
-                Some(("listener", shared.conns.shed_oldest(Some(&listener.name))))
-            }
-            Admit::ShedAny => Some(("total", shared.conns.shed_oldest(None))),
-        };
-        match shed {
-            Some((limit, Some(from))) => {
-                shared
-                    .metrics
-                    .shed
-                    .get_or_create(&limit_labels(limit, from))
-                    .inc();
-            }
-            Some((limit, None)) => {
-                // Every connection at the cap is doing work: the newcomer waits its turn.
-                tracing::debug!(listener = %listener.name, %peer, limit, "connection refused at the cap");
-                shared
-                    .metrics
-                    .refused
-                    .get_or_create(&limit_labels(limit, listener.name.clone()))
-                    .inc();
-                drop(stream);
-                continue;
-            }
-            None => {}
-        }
-        let slot = shared.conns.register(&listener.name, &listener_open);
-        let _ = stream.set_nodelay(true);
-        let shared2 = shared.clone();
-        let l = listener.clone();
-        shared.tasks.spawn(async move {
-            let labels = ConnLabels {
-                direction: l.direction(),
-                listener: l.name.clone(),
-            };
-            shared2.metrics.connections.get_or_create(&labels).inc();
-            let open = shared2
-                .metrics
-                .open_connections
-                .get_or_create(&labels)
-                .clone();
-            open.inc();
-            let shed = slot.shed.clone();
-            tokio::select! {
-                r = serve_connection(&shared2, l, stream, peer, &slot) => {
-                    if let Err(e) = r {
-                        tracing::debug!(error = %e, %peer, "connection ended with error");
-                    }
-                }
-                // Shed to make room: dropping the connection closes it.
-                _ = shed.cancelled() => tracing::debug!(%peer, "silent connection shed"),
-            }
-            open.dec();
-        });
+        accepted(&shared, &listener, &listener_open, stream, peer);
     }
+    // Connections the kernel already completed are clients that sent (or are sending) a
+    // request: served, not reset by closing the listener on them. Taken with plain
+    // non-blocking accepts (tokio's would wait for the reactor to report readiness).
+    let Ok(queue) = tcp.into_std() else { return };
+    loop {
+        match queue.accept() {
+            Ok((stream, peer)) => {
+                match stream
+                    .set_nonblocking(true)
+                    .and_then(|()| TcpStream::from_std(stream))
+                {
+                    Ok(stream) => accepted(&shared, &listener, &listener_open, stream, peer),
+                    Err(e) => tracing::debug!(error = %e, %peer, "queued connection lost"),
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+            Err(e) => {
+                accept_failed(&shared, &listener.name, &e, &mut warned);
+                return;
+            }
+        }
+    }
+}
+
+/// Admits an accepted connection against the caps (shedding a silent one to make room, or
+/// refusing it) and serves it on a task of its own.
+fn accepted(
+    shared: &Arc<Shared>,
+    listener: &Arc<Listener>,
+    listener_open: &Arc<std::sync::atomic::AtomicUsize>,
+    stream: TcpStream,
+    peer: SocketAddr,
+) {
+    let limit_labels = |limit: &'static str, listener: Arc<str>| LimitLabels { listener, limit };
+    let snap = shared.snapshot();
+    let bounds = &snap.settings.bounds;
+    let decision = crate::conns::admit(
+        shared.conns.open(),
+        bounds.max_connections as usize,
+        listener_open.load(std::sync::atomic::Ordering::Relaxed),
+        bounds.max_connections_per_listener as usize,
+    );
+    let shed = match decision {
+        Admit::Accept => None,
+        Admit::ShedListener => Some(("listener", shared.conns.shed_oldest(Some(&listener.name)))),
+        Admit::ShedAny => Some(("total", shared.conns.shed_oldest(None))),
+    };
+    match shed {
+        Some((limit, Some(from))) => {
+            shared
+                .metrics
+                .shed
+                .get_or_create(&limit_labels(limit, from))
+                .inc();
+        }
+        Some((limit, None)) => {
+            // Every connection at the cap is doing work: the newcomer waits its turn.
+            tracing::debug!(listener = %listener.name, %peer, limit, "connection refused at the cap");
+            shared
+                .metrics
+                .refused
+                .get_or_create(&limit_labels(limit, listener.name.clone()))
+                .inc();
+            drop(stream);
+            return;
+        }
+        None => {}
+    }
+    let slot = shared.conns.register(&listener.name, listener_open);
+    let _ = stream.set_nodelay(true);
+    let shared2 = shared.clone();
+    let l = listener.clone();
+    shared.tasks.spawn(async move {
+        let labels = ConnLabels {
+            direction: l.direction(),
+            listener: l.name.clone(),
+        };
+        shared2.metrics.connections.get_or_create(&labels).inc();
+        let open = shared2
+            .metrics
+            .open_connections
+            .get_or_create(&labels)
+            .clone();
+        open.inc();
+        let shed = slot.shed.clone();
+        tokio::select! {
+            r = serve_connection(&shared2, l, stream, peer, &slot) => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, %peer, "connection ended with error");
+                }
+            }
+            // Shed to make room: dropping the connection closes it.
+            _ = shed.cancelled() => tracing::debug!(%peer, "silent connection shed"),
+        }
+        open.dec();
+    });
 }
 
 /// An accept error (out of file descriptors and the like): counted, logged at most once a
@@ -637,7 +669,9 @@ async fn serve_connection(
                     return Ok(());
                 }
             }
-            let backend = match &listener.kind {
+            // From the current snapshot, not the one the listener was bound under: endpoints
+            // that arrived or changed since then are used by each new connection.
+            let backend = match &current.kind {
                 ListenerKind::Inbound { app, .. } => app.clone(),
                 ListenerKind::Service(_, _, entry) => entry.backend.clone(),
                 // Without an HTTP Host there is nothing to route on.
@@ -697,14 +731,25 @@ async fn serve_connection(
                 stalled,
             )));
             if protocol == Protocol::Http1 {
+                // Accepted while draining: its request is served, with `connection: close`.
+                // (A graceful shutdown before hyper has read the request would close the
+                // connection unanswered.) The watchdog and the drain deadline bound it.
+                let late = stop.is_cancelled();
                 // No header-read timer from hyper: it arms and drops a timer for every
                 // request. The connection's watchdog covers the same ground (idle keep-alive
                 // connections, request heads sent slowly) from a task of its own.
                 let c = hyper::server::conn::http1::Builder::new()
                     .header_read_timeout(None)
+                    .keep_alive(!late)
                     .serve_connection(io, svc)
                     .with_upgrades();
                 tokio::pin!(c);
+                if late {
+                    return tokio::select! {
+                        r = c.as_mut() => r.map_err(std::io::Error::other),
+                        _ = abandon.cancelled() => Ok(()),
+                    };
+                }
                 tokio::select! {
                     r = c.as_mut() => return r.map_err(std::io::Error::other),
                     _ = stop.cancelled() => c.as_mut().graceful_shutdown(),

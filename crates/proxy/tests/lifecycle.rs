@@ -593,3 +593,40 @@ async fn idle_client_connections_are_closed_and_busy_ones_are_not() {
     );
     let _ = closed_within(&mut slow, Duration::from_secs(3)).await;
 }
+
+#[tokio::test]
+async fn a_draining_proxy_answers_every_connection_it_accepted() {
+    use tokio::io::AsyncReadExt;
+    let up = upstream("a").await;
+    let p = app_proxy(&[up.addr]).await;
+    let addr = p.addr("out").await;
+    // Connections the kernel completed, each with a request sent, made without yielding to
+    // the proxy (blocking calls on this runtime's only thread): when the drain starts they
+    // are all still in the listen queue, accepted by the kernel but not yet by the proxy.
+    let mut conns = Vec::new();
+    for _ in 0..20 {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.write_all(b"GET /delay/100 HTTP/1.1\r\nhost: app\r\n\r\n")
+            .unwrap();
+        s.set_nonblocking(true).unwrap();
+        conns.push(tokio::net::TcpStream::from_std(s).unwrap());
+    }
+    let proxy = p.proxy.clone();
+    let drain = tokio::spawn(async move { proxy.drain(Duration::from_secs(10)).await });
+    for (i, mut s) in conns.into_iter().enumerate() {
+        let mut got = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut got)).await;
+        let text = String::from_utf8_lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 200"),
+            "connection {i} got {text:?}"
+        );
+        // Served once, then closed: the proxy is stopping.
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
+    }
+    assert!(drain.await.unwrap(), "drain finished before its deadline");
+}

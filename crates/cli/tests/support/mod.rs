@@ -324,7 +324,7 @@ impl ControlPlane {
         let mut proc = Proc::spawn(name, dir, cmd);
         let ca = dir.join("ca.pem");
         wait_for(
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             "the control plane to listen",
             || {
                 if proc.exited() {
@@ -478,13 +478,28 @@ pub fn run(dir: &Path, name: &str, args: &[&str], app: &[&str], env: &[(&str, &s
 /// The admin port a `trellis run` sidecar logged.
 pub fn admin_port(p: &Proc) -> u16 {
     wait_for(
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         "the sidecar's admin address",
         || {
-            let log = p.log_text();
-            let i = log.find("\"admin\":\"127.0.0.1:")?;
-            let rest = &log[i + "\"admin\":\"127.0.0.1:".len()..];
-            rest[..rest.find('"')?].parse().ok()
+            // JSON logs, or text ones (without their colours).
+            let mut log = String::new();
+            let mut in_escape = false;
+            for c in p.log_text().chars() {
+                match c {
+                    '\x1b' => in_escape = true,
+                    'm' if in_escape => in_escape = false,
+                    _ if in_escape => {}
+                    c => log.push(c),
+                }
+            }
+            for key in ["\"admin\":\"127.0.0.1:", "admin=127.0.0.1:"] {
+                if let Some(i) = log.find(key) {
+                    let rest = &log[i + key.len()..];
+                    let end = rest.find(|c: char| !c.is_ascii_digit())?;
+                    return rest[..end].parse().ok();
+                }
+            }
+            None
         },
     )
 }
@@ -497,4 +512,143 @@ pub fn metric(admin: u16, prefix: &str) -> Option<f64> {
         .find(|l| l.starts_with(prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+/// An HTTP/1.1 client that keeps one connection open across requests, as an app's client
+/// library does (responses must carry `content-length`).
+pub struct KeepAlive {
+    port: u16,
+    conn: Option<BufReader<TcpStream>>,
+}
+
+impl KeepAlive {
+    pub fn new(port: u16) -> KeepAlive {
+        KeepAlive { port, conn: None }
+    }
+
+    /// GET `path` on the open connection (a new one if there is none), bounded to 10 s.
+    pub fn get(&mut self, path: &str) -> std::io::Result<Response> {
+        let r = self.exchange(path);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
+    }
+
+    fn exchange(&mut self, path: &str) -> std::io::Result<Response> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => {
+                let s = TcpStream::connect(("127.0.0.1", self.port))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                self.conn.insert(BufReader::new(s))
+            }
+        };
+        write!(
+            conn.get_mut(),
+            "GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\n\r\n",
+            self.port
+        )?;
+        let mut line = String::new();
+        conn.read_line(&mut line)?;
+        let status = line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+        let mut headers = BTreeMap::new();
+        loop {
+            let mut h = String::new();
+            conn.read_line(&mut h)?;
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+        }
+        let len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| std::io::Error::other("no content-length"))?;
+        let mut body = vec![0; len];
+        conn.read_exact(&mut body)?;
+        if headers.get("connection").is_some_and(|v| v == "close") {
+            self.conn = None;
+        }
+        Ok(Response {
+            status,
+            headers,
+            body: String::from_utf8_lossy(&body).into_owned(),
+        })
+    }
+}
+
+/// `trellis run` of a product-catalog instance whose app listens on `port`, with JSON logs
+/// and its state in `dir/state-NAME` (so a restart under the same name keeps its identity).
+pub fn catalog_on(
+    dir: &Path,
+    name: &str,
+    control: &str,
+    port: u16,
+    version: &str,
+    token: &str,
+) -> Proc {
+    run(
+        dir,
+        name,
+        &[
+            "--control",
+            control,
+            "--service",
+            "product-catalog",
+            "--port",
+            &port.to_string(),
+            "--label",
+            &format!("version={version}"),
+            "--health",
+            "http:/healthz",
+            "--ttl",
+            "2s",
+            "--token",
+            token,
+        ],
+        &[bin(), "demo-app", "product-catalog"],
+        &[("DEMO_VERSION", version)],
+    )
+}
+
+/// The endpoint addresses of `service` in the config the sidecar with admin port `admin` has
+/// applied (its `/config`): a readiness signal that needs no traffic.
+pub fn sidecar_endpoints(admin: u16, service: &str) -> Option<Vec<String>> {
+    let r = get(admin, "/config").ok().filter(|r| r.status == 200)?;
+    let doc: serde_json::Value = serde_json::from_str(&r.body).ok()?;
+    let svc = doc["resources"]
+        .as_array()?
+        .iter()
+        .find(|r| r["kind"] == "Service" && r["metadata"]["name"] == service)?;
+    Some(
+        svc["spec"]["endpoints"]
+            .as_array()
+            .map(|e| {
+                e.iter()
+                    .filter_map(|e| e["address"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    )
+}
+
+/// Waits (bounded) until the sidecar with admin port `admin` is ready and has applied config
+/// with exactly `n` endpoints for `service`.
+pub fn wait_endpoints(admin: u16, service: &str, n: usize) {
+    wait_for(
+        Duration::from_secs(60),
+        &format!("the sidecar to apply {n} endpoint(s) of {service}"),
+        || {
+            let ready = get(admin, "/ready").ok()?.status == 200;
+            (ready && sidecar_endpoints(admin, service)?.len() == n).then_some(())
+        },
+    );
 }
