@@ -15,6 +15,12 @@ pub struct BackendPolicySpec {
     /// Connection and request timeouts towards this service; unset fields use the proxy's.
     #[serde(default)]
     pub timeouts: BackendTimeouts,
+    /// Locality-aware balancing: prefer endpoints near the caller, spill over by priority.
+    #[serde(default)]
+    pub locality: crate::locality::LocalityPolicy,
+    /// The service used while this one has no usable endpoint at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<crate::locality::Fallback>,
 }
 
 /// Points a policy at a resource.

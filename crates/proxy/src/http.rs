@@ -293,7 +293,9 @@ async fn forward(
     h2_limits: H2Limits,
     metrics: &Metrics,
 ) -> Result<(Response<Body>, Option<InFlight>, Instant), ProxyError> {
-    let backend = &fwd.backend;
+    // The fallback step: another service while this one has no usable endpoint.
+    let mut backend = fwd.backend.or_fallback();
+    let version = req.version();
     let hash = backend
         .hash_on
         .as_ref()
@@ -319,13 +321,21 @@ async fn forward(
     // only once something failed).
     let mut tried: Vec<&EndpointState> = Vec::new();
     // Counts a failure against the endpoint (its backoff) and in metrics.
-    let fail = |endpoint: &EndpointState, e: &ProxyError| {
+    let fail = |backend: &Backend, endpoint: &EndpointState, e: &ProxyError| {
         if let Some(kind) = failure_kind(e) {
             endpoint.failed(Instant::now());
             metrics.endpoint_failure(&backend.name, kind);
         }
     };
     for _ in 0..SEND_ATTEMPTS {
+        // A re-attempt once nothing usable is left untried here goes to the fallback (when
+        // it speaks the same protocol upstream, as the request is already prepared for it).
+        if !tried.is_empty()
+            && let Some(f) = backend.fallback_avoiding(&tried)
+            && use_http2(f, version) == h2
+        {
+            backend = f;
+        }
         let Some(endpoint) = backend.balancer.pick_avoiding(hash, &tried) else {
             return Err(ProxyError::NoEndpoint(backend.name.to_string()));
         };
@@ -346,14 +356,14 @@ async fn forward(
         let (resp, tx, sent, stream) = match outcome {
             Err(e) if e.retryable() && pending.is_some() => {
                 tracing::debug!(endpoint = %endpoint.addr, error = %e, "request not sent; trying again");
-                fail(endpoint, &e);
+                fail(backend, endpoint, &e);
                 tried.push(endpoint);
                 last_err = Some(e);
                 continue;
             }
             Err(e @ ProxyError::Closed(..)) if replayable => {
                 tracing::debug!(endpoint = %endpoint.addr, error = %e, "connection closed before a response; replaying");
-                fail(endpoint, &e);
+                fail(backend, endpoint, &e);
                 tried.push(endpoint);
                 if !lean {
                     pending = replay.as_ref().map(Replay::request);
@@ -362,7 +372,7 @@ async fn forward(
                 continue;
             }
             Err(e) => {
-                fail(endpoint, &e);
+                fail(backend, endpoint, &e);
                 return Err(e);
             }
             Ok(r) => r,

@@ -22,6 +22,7 @@ pub mod identity;
 mod io;
 pub mod jwt;
 pub mod limits;
+pub mod locality;
 pub mod metrics;
 mod rand;
 pub mod route;

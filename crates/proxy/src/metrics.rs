@@ -128,6 +128,24 @@ pub struct EndpointFailureLabels {
     pub kind: &'static str,
 }
 
+/// Labels of an endpoint choice made by the locality step.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalityLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+    /// The priority chosen: `zone`, `cluster`, `region` or `remote`.
+    pub priority: &'static str,
+}
+
+/// Labels of a request sent to a backend's fallback.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    /// The backend with no usable endpoint.
+    pub backend: Arc<str>,
+    /// The backend that took the request instead.
+    pub fallback: Arc<str>,
+}
+
 /// Labels with a result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -269,6 +287,10 @@ pub struct Metrics {
     pub inbound_refused: Tracked<RefusedLabels, Counter>,
     /// Failures counted against endpoints, which back them off in balancing.
     pub endpoint_failures: Tracked<EndpointFailureLabels, Counter>,
+    /// Endpoint choices by locality priority.
+    pub locality_picks: Tracked<LocalityLabels, Counter>,
+    /// Requests sent to a fallback backend.
+    pub fallbacks: Tracked<FallbackLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -307,6 +329,8 @@ impl Default for Metrics {
             listeners: Mutex::default(),
             inbound_refused: Tracked::default(),
             endpoint_failures: Tracked::default(),
+            locality_picks: Tracked::default(),
+            fallbacks: Tracked::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
@@ -420,6 +444,16 @@ impl Default for Metrics {
             "Failures counted against an endpoint (it is then backed off in balancing), by backend and kind",
             m.endpoint_failures.family(),
         );
+        registry.register(
+            "locality_picks",
+            "Endpoint choices by the locality step, by backend and the priority chosen (zone, cluster, region, remote)",
+            m.locality_picks.family(),
+        );
+        registry.register(
+            "fallback",
+            "Requests sent to a backend's fallback because it had no usable endpoint",
+            m.fallbacks.family(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -491,6 +525,10 @@ impl Metrics {
         self.mirrored.retain(|l| routes.contains(&l.route));
         self.endpoint_failures
             .retain(|l| pairs.iter().any(|(_, _, b)| *b == l.backend));
+        let backend_live = |b: &Arc<str>| pairs.iter().any(|(_, _, x)| x == b);
+        self.locality_picks.retain(|l| backend_live(&l.backend));
+        self.fallbacks
+            .retain(|l| backend_live(&l.backend) && backend_live(&l.fallback));
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let on = |l: &Arc<str>| listeners.contains(l);
         for f in [&self.connections, &self.read_bytes, &self.write_bytes] {
@@ -526,6 +564,27 @@ impl Metrics {
                 kind,
             })
             .inc();
+    }
+
+    /// The counter of locality choices of `backend` at `priority` (an index into
+    /// [`crate::locality::LABELS`]), handed to its balancer when the snapshot is built.
+    pub fn locality_counter(&self, backend: &Arc<str>, priority: usize) -> Counter {
+        self.locality_picks
+            .get_or_create(&LocalityLabels {
+                backend: backend.clone(),
+                priority: crate::locality::LABELS[priority],
+            })
+            .clone()
+    }
+
+    /// The counter of requests `backend` sends to `fallback`.
+    pub fn fallback_counter(&self, backend: &Arc<str>, fallback: &Arc<str>) -> Counter {
+        self.fallbacks
+            .get_or_create(&FallbackLabels {
+                backend: backend.clone(),
+                fallback: fallback.clone(),
+            })
+            .clone()
     }
 
     /// Counts a connection or stream closed for being quiet.
