@@ -10,6 +10,7 @@ pub mod authn;
 pub mod authz;
 pub mod duration;
 mod load;
+pub mod locality;
 pub mod mesh;
 pub mod meta;
 pub mod path;

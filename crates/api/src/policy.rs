@@ -18,6 +18,12 @@ pub struct BackendPolicySpec {
     /// Retries towards this service (the defaults apply when unset).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<crate::retry::RetryPolicy>,
+    /// Locality-aware balancing: prefer endpoints near the caller, spill over by priority.
+    #[serde(default)]
+    pub locality: crate::locality::LocalityPolicy,
+    /// The service used while this one has no usable endpoint at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<crate::locality::Fallback>,
 }
 
 /// Points a policy at a resource.

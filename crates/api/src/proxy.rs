@@ -70,6 +70,10 @@ pub struct ProxySpec {
     /// Upstream HTTP/2 connections per endpoint. Default `8`.
     #[serde(default = "default_h2_conns")]
     pub upstream_http2_max_connections: u32,
+    /// Where this proxy runs: its backends prefer endpoints in the same zone, cluster and
+    /// region (see `BackendPolicy.spec.locality`).
+    #[serde(default, skip_serializing_if = "crate::locality::Locality::is_empty")]
+    pub locality: crate::locality::Locality,
 }
 
 impl Default for ProxySpec {
@@ -91,6 +95,7 @@ impl Default for ProxySpec {
             max_connections_per_listener: None,
             upstream_http2_max_streams: default_h2_streams(),
             upstream_http2_max_connections: default_h2_conns(),
+            locality: Default::default(),
         }
     }
 }

@@ -324,6 +324,11 @@ impl Resource {
             Resource::BackendPolicy(p) => {
                 let t = &p.spec.target_ref;
                 c.parent(&t.namespace, &t.name, None);
+                // Its fallback takes the target's traffic, so it must be reachable too.
+                if let Some(f) = &p.spec.fallback {
+                    let k = c.key(&f.namespace, &f.name, f.port);
+                    c.refs.sends_to.push(k);
+                }
             }
             Resource::AuthorizationPolicy(p) => {
                 if let Some(t) = &p.spec.target_ref {

@@ -28,6 +28,7 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
         }
     }
     let mut mesh_configs: BTreeMap<String, &Located<Resource>> = BTreeMap::new();
+    let mut fallbacks = Fallbacks::new();
     for r in resources {
         let m = r.value.metadata();
         if let Err(e) = check_name(&m.name) {
@@ -100,6 +101,7 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
                 for (field, e) in b.spec.retry.iter().flat_map(|p| p.problems()) {
                     v.at(r, &format!("spec.retry.{field}"), e);
                 }
+                v.locality(&ctx, &b.spec, &mut fallbacks);
                 let lb = &b.spec.load_balancer;
                 match (lb.algorithm, &lb.consistent_hash) {
                     (Algorithm::ConsistentHash, None) => v.at(
@@ -147,10 +149,44 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
         }
     }
     route_conflicts(&mut v, resources);
+    fallback_cycles(&mut v, &fallbacks);
     if v.out.is_empty() {
         Ok(())
     } else {
         Err(Diagnostics(v.out))
+    }
+}
+
+/// Each service's fallback (from its `BackendPolicy`), and the policy that names it.
+type Fallbacks<'a> = BTreeMap<(String, String), ((String, String), &'a Located<Resource>)>;
+
+/// A chain of fallbacks that comes back to where it started would pass traffic round in a
+/// circle when every member is down: reported at each policy on the cycle.
+fn fallback_cycles(v: &mut Validator, fallbacks: &Fallbacks) {
+    for (start, (_, r)) in fallbacks {
+        let mut path = vec![start];
+        let mut at = start;
+        while let Some((next, _)) = fallbacks.get(at) {
+            if next == start {
+                let names: Vec<String> = path
+                    .iter()
+                    .chain([&start])
+                    .map(|(ns, n)| format!("{ns}/{n}"))
+                    .collect();
+                v.at(
+                    r,
+                    "spec.fallback.name",
+                    format!("fallbacks form a cycle: {}", names.join(" -> ")),
+                );
+                break;
+            }
+            if path.contains(&next) {
+                // A cycle further on, reported at its own members.
+                break;
+            }
+            path.push(next);
+            at = next;
+        }
     }
 }
 
@@ -666,6 +702,61 @@ impl Validator {
                 "must be between 1 and 1000",
             );
         }
+    }
+
+    /// `spec.locality` and `spec.fallback` of a `BackendPolicy`; records the fallback for the
+    /// cycle check.
+    fn locality<'a>(
+        &mut self,
+        ctx: &Ctx<'a>,
+        spec: &crate::policy::BackendPolicySpec,
+        fallbacks: &mut Fallbacks<'a>,
+    ) {
+        let r = ctx.r;
+        let f = spec.locality.overprovisioning_factor;
+        if !(f.is_finite() && f >= 1.0) {
+            self.at(
+                r,
+                "spec.locality.overprovisioningFactor",
+                format!("must be a number of at least 1.0, not {f}"),
+            );
+        }
+        let Some(fb) = &spec.fallback else { return };
+        let t = &spec.target_ref;
+        let target = (
+            t.namespace.clone().unwrap_or_else(|| ctx.ns.to_string()),
+            t.name.clone(),
+        );
+        let to = (
+            fb.namespace.clone().unwrap_or_else(|| ctx.ns.to_string()),
+            fb.name.clone(),
+        );
+        if to == target {
+            self.at(
+                r,
+                "spec.fallback.name",
+                format!("{}/{} cannot be its own fallback", to.0, to.1),
+            );
+            return;
+        }
+        let Some(svc) = ctx.service(Some(&to.0), &to.1) else {
+            self.at(
+                r,
+                "spec.fallback.name",
+                format!("no Service {}/{}", to.0, to.1),
+            );
+            return;
+        };
+        if let Some(p) = fb.port
+            && !svc.ports.iter().any(|sp| sp.port == p)
+        {
+            self.at(
+                r,
+                "spec.fallback.port",
+                format!("Service {}/{} has no port {p}", to.0, to.1),
+            );
+        }
+        fallbacks.insert(target, (to, r));
     }
 
     fn service(&mut self, ctx: &Ctx, s: &Object<ServiceSpec>) {
@@ -1677,5 +1768,107 @@ spec:
                 .contains("duplicate Service default/catalog"),
             "{err}"
         );
+    }
+}
+
+#[cfg(test)]
+mod locality_tests {
+    use super::*;
+    use crate::parse_documents;
+
+    const SERVICES: &str = "\
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: a}
+spec:
+  ports: [{port: 8080}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: b}
+spec:
+  ports: [{port: 8080}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: c}
+spec:
+  ports: [{port: 9090}]
+";
+
+    fn policy(name: &str, target: &str, extra: &str) -> String {
+        format!(
+            "---\napiVersion: trellis.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: {name}}}\nspec:\n  targetRef: {{name: {target}}}\n{extra}"
+        )
+    }
+
+    #[test]
+    fn locality_and_fallback_are_validated() {
+        let cases: Vec<(String, Option<(&str, &str)>)> = vec![
+            (
+                policy(
+                    "p",
+                    "a",
+                    "  locality: {enabled: true, overprovisioningFactor: 1.2}\n  fallback: {name: b}\n",
+                ),
+                None,
+            ),
+            (
+                policy("p", "a", "  fallback: {name: c, port: 9090}\n"),
+                None,
+            ),
+            // A chain without a cycle is fine.
+            (
+                policy("p", "a", "  fallback: {name: b}\n")
+                    + &policy("q", "b", "  fallback: {name: c}\n"),
+                None,
+            ),
+            (
+                policy("p", "a", "  locality: {overprovisioningFactor: 0.5}\n"),
+                Some((
+                    "spec.locality.overprovisioningFactor",
+                    "must be a number of at least 1.0",
+                )),
+            ),
+            (
+                policy("p", "a", "  locality: {spill: 3}\n"),
+                // A parse error: it names the field and the ones allowed.
+                Some(("", "unknown field `spill`, expected one of enabled")),
+            ),
+            (
+                policy("p", "a", "  fallback: {name: nope}\n"),
+                Some(("spec.fallback.name", "no Service default/nope")),
+            ),
+            (
+                policy("p", "a", "  fallback: {name: a}\n"),
+                Some(("spec.fallback.name", "default/a cannot be its own fallback")),
+            ),
+            (
+                policy("p", "a", "  fallback: {name: c, port: 8080}\n"),
+                Some(("spec.fallback.port", "Service default/c has no port 8080")),
+            ),
+            (
+                policy("p", "a", "  fallback: {name: b}\n")
+                    + &policy("q", "b", "  fallback: {name: c}\n")
+                    + &policy("r", "c", "  fallback: {name: a}\n"),
+                Some((
+                    "spec.fallback.name",
+                    "fallbacks form a cycle: default/a -> default/b -> default/c -> default/a",
+                )),
+            ),
+        ];
+        for (extra, want) in &cases {
+            let text = format!("{SERVICES}{extra}");
+            let got = parse_documents("t.yaml", &text).and_then(|r| validate(&r));
+            match (got, want) {
+                (Ok(()), None) => {}
+                (Err(d), Some((field, msg))) => assert!(
+                    d.0.iter()
+                        .any(|x| x.field.starts_with(field) && x.message.contains(msg)),
+                    "{extra}\nwant {field}: {msg}\ngot {d}"
+                ),
+                (got, want) => panic!("{extra}\ngot {got:?}, want {want:?}"),
+            }
+        }
     }
 }

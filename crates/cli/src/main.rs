@@ -217,9 +217,16 @@ enum Command {
         /// KEY=VALUE labels on the instance (for example version=v2).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
-        /// Locality zone.
-        #[arg(long)]
+        /// Locality zone of the instance and its sidecar (the sidecar prefers endpoints in
+        /// its own zone, cluster and region).
+        #[arg(long, env = "TRELLIS_ZONE")]
         zone: Option<String>,
+        /// Locality region.
+        #[arg(long, env = "TRELLIS_REGION")]
+        region: Option<String>,
+        /// Locality cluster.
+        #[arg(long, env = "TRELLIS_CLUSTER")]
+        cluster: Option<String>,
         /// Health check: tcp, http:/PATH or none.
         #[arg(long, default_value = "tcp")]
         health: run::Probe,
@@ -600,6 +607,8 @@ fn run(command: Command) -> Result<i32> {
             upstreams,
             labels,
             zone,
+            region,
+            cluster,
             health,
             health_interval,
             ttl,
@@ -624,6 +633,8 @@ fn run(command: Command) -> Result<i32> {
                 upstreams,
                 labels: labels.into_iter().collect(),
                 zone,
+                region,
+                cluster,
                 probe: health,
                 probe_interval: health_interval,
                 ttl,

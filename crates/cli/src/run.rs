@@ -215,6 +215,8 @@ pub struct RunOptions {
     pub upstreams: Vec<(String, u16)>,
     pub labels: BTreeMap<String, String>,
     pub zone: Option<String>,
+    pub region: Option<String>,
+    pub cluster: Option<String>,
     pub probe: Probe,
     pub probe_interval: Duration,
     pub ttl: Duration,
@@ -243,6 +245,12 @@ pub async fn run(o: RunOptions) -> Result<i32> {
     let mut spec = ProxySpec {
         admin: AdminListener {
             address: admin.to_string(),
+        },
+        // The sidecar's own locality: its backends prefer endpoints near it.
+        locality: trellis_api::locality::Locality {
+            region: o.region.clone(),
+            cluster: o.cluster.clone(),
+            zone: o.zone.clone(),
         },
         ..ProxySpec::default()
     };
@@ -361,6 +369,8 @@ pub async fn run(o: RunOptions) -> Result<i32> {
                     port: u32::from(o.service_port),
                     labels: o.labels.clone().into_iter().collect(),
                     zone: o.zone.clone().unwrap_or_default(),
+                    region: o.region.clone().unwrap_or_default(),
+                    cluster: o.cluster.clone().unwrap_or_default(),
                     healthy: false,
                     node: node_id,
                     identity: identity.unwrap_or_default(),

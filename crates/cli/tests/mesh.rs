@@ -1134,3 +1134,99 @@ fn trellis_run_takes_its_inbound_protocol_from_the_service() {
         },
     );
 }
+
+#[test]
+fn registered_instances_carry_their_locality_and_sidecars_prefer_their_zone() {
+    let dir = TempDir::new("locality");
+    let cp = ControlPlane::start_in(dir.path());
+    let url = cp.url();
+    // v1 in zone a (flags), v2 in zone b (environment), both in region r1.
+    let instance = |version: &str, zone_args: &[&str], env: &[(&str, &str)]| {
+        let port = free_port().to_string();
+        let token = token(&cp, "product-catalog");
+        let label = format!("version={version}");
+        let mut args = vec![
+            "--control",
+            &url,
+            "--service",
+            "product-catalog",
+            "--port",
+            &port,
+            "--label",
+            &label,
+            "--health",
+            "http:/healthz",
+            "--ttl",
+            "2s",
+            "--token",
+            &token,
+            "--region",
+            "r1",
+        ];
+        args.extend_from_slice(zone_args);
+        let mut env = env.to_vec();
+        env.push(("DEMO_VERSION", version));
+        run(
+            dir.path(),
+            &format!("catalog-{version}"),
+            &args,
+            &[bin(), "demo-app", "product-catalog"],
+            &env,
+        )
+    };
+    let mut v1 = instance("v1", &["--zone", "a"], &[]);
+    let _v2 = instance("v2", &[], &[("TRELLIS_ZONE", "b")]);
+    // The registry stores each instance's locality.
+    wait_for(
+        Duration::from_secs(30),
+        "both instances registered healthy with their zones",
+        || {
+            let (_, w, _) = cp.cli(&["get", "workloads", "-o", "json"]);
+            (w.contains("\"zone\": \"a\"")
+                && w.contains("\"zone\": \"b\"")
+                && w.matches("\"region\": \"r1\"").count() == 2
+                && w.matches("\"healthy\": true").count() == 2)
+                .then_some(())
+        },
+    );
+
+    // A client sidecar in zone a: once it knows both instances (its locality step counts a
+    // choice), every request stays in zone a.
+    let up = free_port();
+    let client_token = token(&cp, "client");
+    let client = run(
+        dir.path(),
+        "client",
+        &[
+            "--control",
+            &url,
+            "--upstream",
+            &format!("product-catalog={up}"),
+            "--token",
+            &client_token,
+            "--zone",
+            "a",
+            "--region",
+            "r1",
+        ],
+        &["sleep", "600"],
+        &[],
+    );
+    let admin = admin_port(&client);
+    let zone_picks =
+        "trellis_locality_picks_total{backend=\"default/product-catalog:80\",priority=\"zone\"}";
+    wait_for(
+        Duration::from_secs(30),
+        "the client's sidecar to choose by locality",
+        || {
+            let _ = get(up, "/products/1");
+            (metric(admin, zone_picks).unwrap_or(0.0) >= 1.0).then_some(())
+        },
+    );
+    let v = versions(up, 50);
+    assert_eq!(v.get("v1"), Some(&50), "{v:?}");
+
+    // Zone a's only instance stops: traffic fails over to zone b.
+    v1.stop(Duration::from_secs(10));
+    wait_versions(up, &["v2"], Duration::from_secs(20));
+}

@@ -231,6 +231,8 @@ pub fn effective_service(
                 address: w.address.clone(),
                 weight: 1,
                 zone: w.zone.clone(),
+                region: w.region.clone(),
+                cluster: w.cluster.clone(),
                 labels: w.labels.clone(),
                 identity: w.identity.clone(),
             });

@@ -196,6 +196,8 @@ impl Mesh for MeshService {
                 port,
                 labels: i.labels.into_iter().collect(),
                 zone: Some(i.zone).filter(|z| !z.is_empty()),
+                region: Some(i.region).filter(|z| !z.is_empty()),
+                cluster: Some(i.cluster).filter(|z| !z.is_empty()),
                 healthy: i.healthy,
                 node: i.node,
                 identity: Some(i.identity).filter(|x| !x.is_empty()),

@@ -86,6 +86,10 @@ pub struct Registration {
     pub labels: std::collections::BTreeMap<String, String>,
     /// Zone.
     pub zone: Option<String>,
+    /// Region.
+    pub region: Option<String>,
+    /// Cluster.
+    pub cluster: Option<String>,
     /// Initial health.
     pub healthy: bool,
     /// Registering node.
@@ -170,6 +174,8 @@ impl Control {
             port: r.port,
             labels,
             zone: r.zone,
+            region: r.region,
+            cluster: r.cluster,
             healthy: r.healthy,
             node: r.node,
             identity: r.identity,

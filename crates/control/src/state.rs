@@ -42,6 +42,12 @@ pub struct Workload {
     /// Locality zone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// Locality region (absent in registrations stored before it existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    /// Locality cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
     /// The latest health the sidecar reported.
     pub healthy: bool,
     /// The registering proxy's node id.

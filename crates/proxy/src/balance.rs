@@ -206,8 +206,8 @@ pub struct Member {
     pub state: Arc<EndpointState>,
     /// Relative weight.
     pub weight: u32,
-    /// Locality zone.
-    pub zone: Option<Arc<str>>,
+    /// Where it runs.
+    pub locality: crate::locality::Locality,
 }
 
 /// A backend's balancer: its endpoints and algorithm, immutable except for counters.
@@ -219,6 +219,16 @@ pub struct Balancer {
     bound: f64,
     decay: Duration,
     turn: AtomicUsize,
+    locality: Option<LocalityStep>,
+}
+
+/// The locality step: each member's priority for this proxy (computed once, when the
+/// balancer is built), the overprovisioning factor, and each priority's pick counter.
+#[derive(Debug)]
+struct LocalityStep {
+    priority: Vec<u8>,
+    overprovisioning: f64,
+    picks: [prometheus_client::metrics::counter::Counter; crate::locality::PRIORITIES],
 }
 
 impl Balancer {
@@ -245,6 +255,71 @@ impl Balancer {
             bound,
             decay,
             turn: AtomicUsize::new(start),
+            locality: None,
+        }
+    }
+
+    /// Prefers members near `caller` (see [`crate::locality`]); `picks` counts the choices
+    /// per priority. No step when every usable member has the same priority (the caller or
+    /// the endpoints have no locality): choices are then exactly as without it.
+    pub fn with_locality(
+        mut self,
+        caller: &crate::locality::Locality,
+        overprovisioning: f64,
+        picks: impl Fn(usize) -> prometheus_client::metrics::counter::Counter,
+    ) -> Balancer {
+        if caller.is_empty() {
+            return self;
+        }
+        let priority: Vec<u8> = self
+            .members
+            .iter()
+            .map(|m| crate::locality::priority(caller, &m.locality))
+            .collect();
+        let mut used = priority
+            .iter()
+            .zip(&self.members)
+            .filter(|(_, m)| m.weight > 0)
+            .map(|(p, _)| *p);
+        let Some(first) = used.next() else {
+            return self;
+        };
+        if used.all(|p| p == first) {
+            return self;
+        }
+        self.locality = Some(LocalityStep {
+            priority,
+            overprovisioning,
+            picks: std::array::from_fn(picks),
+        });
+        self
+    }
+
+    /// The locality step: keeps only the members of one priority, drawn by each priority's
+    /// share of healthy capacity, by zeroing the others' weights. A consistent-hash key
+    /// draws the priority (mixed, so that it does not pick ring positions along with it),
+    /// so a key keeps its place while the shares hold.
+    fn narrow(&self, loads: &mut [Load], hash: Option<u64>) {
+        let Some(step) = &self.locality else { return };
+        const N: usize = crate::locality::PRIORITIES;
+        let (mut healthy, mut total) = ([0u64; N], [0u64; N]);
+        for (l, p) in loads.iter().zip(&step.priority) {
+            let w = u64::from(l.weight);
+            total[usize::from(*p)] += w;
+            if l.rank() == 0 {
+                healthy[usize::from(*p)] += w;
+            }
+        }
+        let Some(shares) = crate::locality::shares(healthy, total, step.overprovisioning) else {
+            // Nothing healthy anywhere: the ranks alone choose the least bad.
+            return;
+        };
+        let chosen = crate::locality::pick(&shares, hash.map_or_else(rand::u64, rand::mix));
+        step.picks[chosen].inc();
+        for (l, p) in loads.iter_mut().zip(&step.priority) {
+            if usize::from(*p) != chosen {
+                l.weight = 0;
+            }
         }
     }
 
@@ -294,6 +369,7 @@ impl Balancer {
                 tried: tried.iter().any(|t| std::ptr::eq(*t, &*m.state)),
             };
         }
+        self.narrow(loads, hash);
         let draw = Draw {
             random: [rand::u64(), rand::u64()],
             turn: if self.algorithm == Algorithm::RoundRobin {
@@ -305,6 +381,20 @@ impl Balancer {
         };
         choose(self.algorithm, loads, draw, self.ring.as_ref(), self.bound)
             .map(|i| &self.members[i].state)
+    }
+
+    /// Whether any endpoint not in `tried` can take traffic now without being avoided
+    /// (weight above zero, healthy by [`Load::rank`]). False drives the fallback step.
+    pub fn usable(&self, tried: &[&EndpointState]) -> bool {
+        let now = tokio::time::Instant::now();
+        self.members.iter().any(|m| {
+            let load = Load {
+                health: m.state.health(now),
+                tried: tried.iter().any(|t| std::ptr::eq(*t, &*m.state)),
+                ..Load::new(m.weight, m.state.in_flight(), 0.0)
+            };
+            m.weight > 0 && load.rank() == 0
+        })
     }
 
     /// The EWMA decay window.

@@ -311,7 +311,9 @@ async fn forward(
     metrics: &Metrics,
     grpc: bool,
 ) -> Result<(Response<Body>, Option<InFlight>, Instant), ProxyError> {
-    let backend = &fwd.backend;
+    // The fallback step: another service while this one has no usable endpoint.
+    let backend = fwd.backend.or_fallback();
+    let version = req.version();
     let policy = fwd.retry.as_deref().unwrap_or(&backend.retry);
     let hash = backend
         .hash_on
@@ -322,7 +324,7 @@ async fn forward(
     // A request without a body goes through the lean HTTP/1.1 client (module h1), which
     // only reads it: sending it again needs no copy.
     let lean = !h2 && !upgrade && req.body().is_end_stream() && req.method() != Method::CONNECT;
-    let t = attempt::Try {
+    let mut t = attempt::Try {
         backend,
         hash,
         h2,
@@ -357,6 +359,14 @@ async fn forward(
     // only once something failed).
     let mut tried: Vec<&EndpointState> = Vec::new();
     loop {
+        // A retry once nothing usable is left untried here goes to the fallback (when it
+        // speaks the same protocol upstream, as the request is already prepared for it).
+        if !tried.is_empty()
+            && let Some(f) = t.backend.fallback_avoiding(&tried)
+            && use_http2(f, version) == h2
+        {
+            t.backend = f;
+        }
         // 3. One try, within its own timeout and the deadline.
         // (The clock is read only when a per-try timeout or a gRPC deadline needs it.)
         let now = (fwd.try_timeout.is_some() || grpc).then(Instant::now);

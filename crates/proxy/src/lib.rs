@@ -24,6 +24,7 @@ pub mod identity;
 mod io;
 pub mod jwt;
 pub mod limits;
+pub mod locality;
 pub mod metrics;
 mod rand;
 mod replay;

@@ -145,6 +145,24 @@ pub struct BackendLabels {
     pub backend: Arc<str>,
 }
 
+/// Labels of an endpoint choice made by the locality step.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LocalityLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+    /// The priority chosen: `zone`, `cluster`, `region` or `remote`.
+    pub priority: &'static str,
+}
+
+/// Labels of a request sent to a backend's fallback.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    /// The backend with no usable endpoint.
+    pub backend: Arc<str>,
+    /// The backend that took the request instead.
+    pub fallback: Arc<str>,
+}
+
 /// Labels with a result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -290,6 +308,10 @@ pub struct Metrics {
     pub retries: Tracked<RetryLabels, Counter>,
     /// Retries refused because the backend's retry budget was spent.
     pub retry_budget_exhausted: Tracked<BackendLabels, Counter>,
+    /// Endpoint choices by locality priority.
+    pub locality_picks: Tracked<LocalityLabels, Counter>,
+    /// Requests sent to a fallback backend.
+    pub fallbacks: Tracked<FallbackLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -330,6 +352,8 @@ impl Default for Metrics {
             endpoint_failures: Tracked::default(),
             retries: Tracked::default(),
             retry_budget_exhausted: Tracked::default(),
+            locality_picks: Tracked::default(),
+            fallbacks: Tracked::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
@@ -453,6 +477,16 @@ impl Default for Metrics {
             "Retries not sent because the backend's retry budget was spent",
             m.retry_budget_exhausted.family(),
         );
+        registry.register(
+            "locality_picks",
+            "Endpoint choices by the locality step, by backend and the priority chosen (zone, cluster, region, remote)",
+            m.locality_picks.family(),
+        );
+        registry.register(
+            "fallback",
+            "Requests sent to a backend's fallback because it had no usable endpoint",
+            m.fallbacks.family(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -527,6 +561,9 @@ impl Metrics {
         self.retries.retain(|l| backend_live(&l.backend));
         self.retry_budget_exhausted
             .retain(|l| backend_live(&l.backend));
+        self.locality_picks.retain(|l| backend_live(&l.backend));
+        self.fallbacks
+            .retain(|l| backend_live(&l.backend) && backend_live(&l.fallback));
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let on = |l: &Arc<str>| listeners.contains(l);
         for f in [&self.connections, &self.read_bytes, &self.write_bytes] {
@@ -581,6 +618,27 @@ impl Metrics {
                 backend: backend.clone(),
             })
             .inc();
+    }
+
+    /// The counter of locality choices of `backend` at `priority` (an index into
+    /// [`crate::locality::LABELS`]), handed to its balancer when the snapshot is built.
+    pub fn locality_counter(&self, backend: &Arc<str>, priority: usize) -> Counter {
+        self.locality_picks
+            .get_or_create(&LocalityLabels {
+                backend: backend.clone(),
+                priority: crate::locality::LABELS[priority],
+            })
+            .clone()
+    }
+
+    /// The counter of requests `backend` sends to `fallback`.
+    pub fn fallback_counter(&self, backend: &Arc<str>, fallback: &Arc<str>) -> Counter {
+        self.fallbacks
+            .get_or_create(&FallbackLabels {
+                backend: backend.clone(),
+                fallback: fallback.clone(),
+            })
+            .clone()
     }
 
     /// Counts a connection or stream closed for being quiet.

@@ -66,6 +66,50 @@ pub struct Backend {
     pub retry: Arc<crate::retry::Policy>,
     /// How many retries it may see; kept across reloads while its config stays the same.
     pub budget: Arc<crate::retry::Budget>,
+    /// The backend that takes requests while this one has no usable endpoint.
+    pub fallback: Option<Fallback>,
+}
+
+/// A backend's fallback.
+#[derive(Debug)]
+pub struct Fallback {
+    /// The fallback service port.
+    pub backend: Arc<Backend>,
+    /// Requests it took.
+    pub taken: prometheus_client::metrics::counter::Counter,
+}
+
+impl Backend {
+    /// The fallback step: this backend, or while it has no usable endpoint, the first usable
+    /// one along its fallbacks. When none is usable either, this one (its own balancer then
+    /// picks the least bad endpoint, or answers that there is none).
+    pub fn or_fallback(&self) -> &Backend {
+        self.fallback_avoiding(&[]).unwrap_or(self)
+    }
+
+    /// The first usable backend along this one's fallbacks, when this one has no usable
+    /// endpoint beyond those in `tried`: where a re-attempt goes once this request has
+    /// failed on every endpoint that looked usable.
+    pub fn fallback_avoiding(&self, tried: &[&EndpointState]) -> Option<&Backend> {
+        match &self.fallback {
+            Some(f) if !self.balancer.usable(tried) => {
+                let b = f.backend.first_usable()?;
+                f.taken.inc();
+                Some(b)
+            }
+            _ => None,
+        }
+    }
+
+    fn first_usable(&self) -> Option<&Backend> {
+        if self.balancer.usable(&[]) {
+            return Some(self);
+        }
+        let f = self.fallback.as_ref()?;
+        let b = f.backend.first_usable()?;
+        f.taken.inc();
+        Some(b)
+    }
 }
 
 /// One port of a service, with the routes attached to it.
@@ -260,6 +304,11 @@ impl Snapshot {
                 request: spec.request_timeout.non_zero(),
                 idle: spec.idle_timeout.get(),
             },
+            locality: crate::locality::Locality::new(
+                spec.locality.region.as_deref(),
+                spec.locality.cluster.as_deref(),
+                spec.locality.zone.as_deref(),
+            ),
         };
         for r in resources {
             match &r.value {
@@ -466,7 +515,7 @@ impl Snapshot {
                     vec![Member {
                         state,
                         weight: 1,
-                        zone: None,
+                        locality: Default::default(),
                     }],
                     1.25,
                     Duration::from_secs(10),
@@ -480,6 +529,7 @@ impl Snapshot {
                     &Default::default(),
                     Instant::now(),
                 )),
+                fallback: None,
             });
             listeners.push(Listener {
                 name: l.name.as_str().into(),
@@ -721,6 +771,8 @@ struct Builder<'a> {
     policies: HashMap<ServiceKey, &'a BackendPolicySpec>,
     services: HashMap<ServiceKey, &'a trellis_api::service::ServiceSpec>,
     defaults: Defaults,
+    /// Where this proxy runs, for its backends' locality step.
+    locality: crate::locality::Locality,
 }
 
 impl Builder<'_> {
@@ -755,7 +807,11 @@ impl Builder<'_> {
                 Some(Member {
                     state: self.endpoint(addr, e.identity.as_deref()),
                     weight: e.weight,
-                    zone: e.zone.as_deref().map(Into::into),
+                    locality: crate::locality::Locality::new(
+                        e.region.as_deref(),
+                        e.cluster.as_deref(),
+                        e.zone.as_deref(),
+                    ),
                 })
             })
             .collect();
@@ -778,20 +834,44 @@ impl Builder<'_> {
             .map(|e| e.backend.budget.clone())
             .filter(|b| b.configured_as(&retry.budget))
             .unwrap_or_else(|| Arc::new(crate::retry::Budget::new(&retry.budget, Instant::now())));
+        let name: Arc<str> = format!("{}/{}:{port}", svc.namespace, svc.name).into();
+        let mut balancer = Balancer::new(lb.algorithm, members, bound, lb.ewma_decay.get());
+        let locality = policy.map(|p| p.locality.clone()).unwrap_or_default();
+        if locality.enabled {
+            balancer =
+                balancer.with_locality(&self.locality, locality.overprovisioning_factor, |p| {
+                    self.metrics.locality_counter(&name, p)
+                });
+        }
+        // Validation rules out cycles, so this recursion ends.
+        let fallback = policy.and_then(|p| p.fallback.as_ref()).map(|f| {
+            let k = key(f.namespace.as_deref().unwrap_or(&svc.namespace), &f.name);
+            let ports = &self.services[&k].ports;
+            let port = f
+                .port
+                .or_else(|| ports.iter().any(|p| p.port == port).then_some(port))
+                .unwrap_or(ports[0].port);
+            let backend = self.backend(&k, port);
+            Fallback {
+                taken: self.metrics.fallback_counter(&name, &backend.name),
+                backend,
+            }
+        });
         let backend = Arc::new(Backend {
-            name: format!("{}/{}:{port}", svc.namespace, svc.name).into(),
+            name,
             protocol: spec
                 .ports
                 .iter()
                 .find(|p| p.port == port)
                 .and_then(|p| p.app_protocol),
-            balancer: Balancer::new(lb.algorithm, members, bound, lb.ewma_decay.get()),
+            balancer,
             hash_on,
             connect_timeout: t.connect.map_or(self.defaults.connect, |d| d.get()),
             request_timeout: t.request.map_or(self.defaults.request, |d| d.non_zero()),
             idle_timeout: t.idle.map_or(self.defaults.idle, |d| d.get()),
             retry: Arc::new(crate::retry::Policy::from_config(&retry)),
             budget,
+            fallback,
         });
         self.backends.insert((svc.clone(), port), backend.clone());
         backend

@@ -20,6 +20,8 @@ pub async fn forward(
     first: Duration,
     idle: Duration,
 ) -> std::io::Result<Option<Spliced>> {
+    // The fallback step: another service while this one has no usable endpoint.
+    let backend = backend.or_fallback();
     let hash = match backend.hash_on {
         Some(HashOn::SourceIp) => Some(crate::rand::hash_bytes(peer.ip().to_string().as_bytes())),
         _ => None,

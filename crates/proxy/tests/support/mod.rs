@@ -62,6 +62,81 @@ pub async fn upstream_with_delay(name: &'static str, delay_ms: u64) -> Upstream 
     Upstream { addr, hits, conns }
 }
 
+/// An upstream like [`upstream`] that can be stopped (its listener and every connection
+/// closed, as when its host dies) and started again on the same address.
+pub struct Stoppable {
+    pub name: &'static str,
+    pub addr: SocketAddr,
+    pub hits: Arc<AtomicU64>,
+    stop: Option<tokio::sync::watch::Sender<()>>,
+}
+
+impl Stoppable {
+    /// Serves on a new loopback port.
+    pub async fn start(name: &'static str) -> Stoppable {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut s = Stoppable {
+            name,
+            addr: listener.local_addr().unwrap(),
+            hits: Arc::default(),
+            stop: None,
+        };
+        s.serve(listener);
+        s
+    }
+
+    /// Closes the listener and every open connection; returns once the port refuses.
+    pub async fn stop(&mut self) {
+        self.stop = None;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("upstream still accepting after stop");
+    }
+
+    /// Serves again on the same address.
+    pub async fn restart(&mut self) {
+        let listener = TcpListener::bind(self.addr).await.unwrap();
+        self.serve(listener);
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let (tx, rx) = tokio::sync::watch::channel(());
+        self.stop = Some(tx);
+        let (name, hits) = (self.name, self.hits.clone());
+        tokio::spawn(async move {
+            let mut closed = rx.clone();
+            loop {
+                let stream = tokio::select! {
+                    _ = closed.changed() => return,
+                    a = listener.accept() => match a {
+                        Ok((s, _)) => s,
+                        Err(_) => return,
+                    },
+                };
+                let (h, mut closed) = (hits.clone(), rx.clone());
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        h.fetch_add(1, Ordering::Relaxed);
+                        answer(name, 0, req)
+                    });
+                    let builder =
+                        hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+                    // Dropping the connection closes its socket.
+                    tokio::select! {
+                        _ = conn => {}
+                        _ = closed.changed() => {}
+                    }
+                });
+            }
+        });
+    }
+}
+
 async fn answer(
     name: &'static str,
     delay_ms: u64,
