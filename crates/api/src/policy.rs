@@ -15,6 +15,12 @@ pub struct BackendPolicySpec {
     /// Connection and request timeouts towards this service; unset fields use the proxy's.
     #[serde(default)]
     pub timeouts: BackendTimeouts,
+    /// Passive outlier detection; on by default.
+    #[serde(default)]
+    pub outlier_detection: crate::health::OutlierDetection,
+    /// Active health checks from the proxy; off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<crate::health::HealthCheck>,
 }
 
 /// Points a policy at a resource.
