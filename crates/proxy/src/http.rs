@@ -8,6 +8,7 @@ use crate::error::{Audience, ProxyError};
 use crate::filters;
 use crate::h1;
 use crate::metrics::{Metrics, ResponseLabels, RouteLabels, RouteStats};
+use crate::outlier::Outcome;
 use crate::rand;
 use crate::server::Shared;
 use crate::snapshot::{Backend, HashOn, Listener, ListenerKind};
@@ -318,11 +319,17 @@ async fn forward(
     // Endpoints this request failed on: a re-attempt goes elsewhere while it can (allocates
     // only once something failed).
     let mut tried: Vec<&EndpointState> = Vec::new();
-    // Counts a failure against the endpoint (its backoff) and in metrics.
+    // Counts a failure against the endpoint (its backoff, outlier detection) and in metrics.
     let fail = |endpoint: &EndpointState, e: &ProxyError| {
         if let Some(kind) = failure_kind(e) {
-            endpoint.failed(Instant::now());
-            metrics.endpoint_failure(&backend.name, kind);
+            crate::outlier::report(
+                backend,
+                endpoint,
+                Outcome::Gateway,
+                Some(kind),
+                None,
+                metrics,
+            );
         }
     };
     for _ in 0..SEND_ATTEMPTS {
@@ -369,13 +376,12 @@ async fn forward(
         };
         // A 5xx is a failure of the endpoint however fast it came: counted, so that an
         // endpoint answering errors at once does not look like the fastest one.
-        if resp.status().is_server_error() {
-            endpoint.failed(Instant::now());
-            metrics.endpoint_failure(&backend.name, "5xx");
-        } else {
-            endpoint.succeeded();
-        }
         let answered = Instant::now();
+        let status = resp.status();
+        let kind = status.is_server_error().then_some("5xx");
+        let latency = sent.map(|s| answered - s);
+        let outcome = Outcome::of_status(status.as_u16());
+        crate::outlier::report(backend, endpoint, outcome, kind, latency, metrics);
         if let Some(sent) = sent {
             backend
                 .balancer
@@ -446,7 +452,7 @@ async fn send_lean(
     let conn = endpoint
         .lean(backend.connect_timeout, backend.idle_timeout, start)
         .await?;
-    let sent = backend.balancer.measures_latency().then(Instant::now);
+    let sent = backend.measures_latency().then(Instant::now);
     match conn.send(req.method(), req.uri(), req.headers()).await {
         Ok(resp) => Ok((resp.map(UpstreamBody::Lean), None, sent, None)),
         Err(e @ h1::Error::NotSent(_)) => Err(ProxyError::NotSent(endpoint.addr, e.to_string())),
@@ -470,7 +476,7 @@ async fn send(
     start: Instant,
 ) -> Result<Sent, ProxyError> {
     let no_request = || ProxyError::NoEndpoint(backend.name.to_string());
-    let clock = || backend.balancer.measures_latency().then(Instant::now);
+    let clock = || backend.measures_latency().then(Instant::now);
     if h2 {
         let (mut tx, stream) = endpoint.http2(backend.connect_timeout, h2_limits).await?;
         let sent = clock();

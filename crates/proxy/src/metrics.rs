@@ -128,6 +128,31 @@ pub struct EndpointFailureLabels {
     pub kind: &'static str,
 }
 
+/// Labels of an outlier ejection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutlierLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+    /// `consecutive_5xx`, `gateway_errors`, `latency` or `probe_failed`.
+    pub reason: &'static str,
+}
+
+/// Labels of a per-backend series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+}
+
+/// Labels of an active health check's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthCheckLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+    /// `pass` or `fail`.
+    pub result: &'static str,
+}
+
 /// Labels with a result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -269,6 +294,14 @@ pub struct Metrics {
     pub inbound_refused: Tracked<RefusedLabels, Counter>,
     /// Failures counted against endpoints, which back them off in balancing.
     pub endpoint_failures: Tracked<EndpointFailureLabels, Counter>,
+    /// Outlier ejections by backend and reason.
+    pub outlier_ejections: Tracked<OutlierLabels, Counter>,
+    /// Endpoints ejected now, by backend (set when scraped).
+    pub outlier_ejected: Tracked<BackendLabels, Gauge>,
+    /// Active health check results by backend.
+    pub health_checks: Tracked<HealthCheckLabels, Counter>,
+    /// Active health checker tasks running.
+    pub health_checkers: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -307,6 +340,10 @@ impl Default for Metrics {
             listeners: Mutex::default(),
             inbound_refused: Tracked::default(),
             endpoint_failures: Tracked::default(),
+            outlier_ejections: Tracked::default(),
+            outlier_ejected: Tracked::default(),
+            health_checks: Tracked::default(),
+            health_checkers: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
@@ -420,6 +457,26 @@ impl Default for Metrics {
             "Failures counted against an endpoint (it is then backed off in balancing), by backend and kind",
             m.endpoint_failures.family(),
         );
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection, by backend and reason",
+            m.outlier_ejections.family(),
+        );
+        registry.register(
+            "outlier_ejected",
+            "Endpoints of a backend ejected by outlier detection now",
+            m.outlier_ejected.family(),
+        );
+        registry.register(
+            "health_checks",
+            "Active health check probes, by backend and result",
+            m.health_checks.family(),
+        );
+        registry.register(
+            "health_checkers",
+            "Active health checker tasks running (one per checked endpoint and check)",
+            m.health_checkers.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -491,6 +548,10 @@ impl Metrics {
         self.mirrored.retain(|l| routes.contains(&l.route));
         self.endpoint_failures
             .retain(|l| pairs.iter().any(|(_, _, b)| *b == l.backend));
+        let backend = |b: &Arc<str>| pairs.iter().any(|(_, _, p)| p == b);
+        self.outlier_ejections.retain(|l| backend(&l.backend));
+        self.outlier_ejected.retain(|l| backend(&l.backend));
+        self.health_checks.retain(|l| backend(&l.backend));
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let on = |l: &Arc<str>| listeners.contains(l);
         for f in [&self.connections, &self.read_bytes, &self.write_bytes] {
@@ -518,6 +579,26 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Counts an outlier ejection from `backend`.
+    pub fn outlier_ejection(&self, backend: &Arc<str>, reason: &'static str) {
+        self.outlier_ejections
+            .get_or_create(&OutlierLabels {
+                backend: backend.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts a health check probe of an endpoint of `backend`.
+    pub fn health_check(&self, backend: &Arc<str>, passed: bool) {
+        self.health_checks
+            .get_or_create(&HealthCheckLabels {
+                backend: backend.clone(),
+                result: if passed { "pass" } else { "fail" },
+            })
+            .inc();
+    }
+
     /// Counts a failure against an endpoint of `backend`.
     pub fn endpoint_failure(&self, backend: &Arc<str>, kind: &'static str) {
         self.endpoint_failures

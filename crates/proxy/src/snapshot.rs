@@ -61,6 +61,12 @@ pub struct Backend {
     pub request_timeout: Option<Duration>,
     /// Pooled connection idle time.
     pub idle_timeout: Duration,
+    /// Outlier detection; `None` when every trigger is off.
+    pub outlier: Option<crate::outlier::Policy>,
+    /// Held while deciding an ejection, so the ejection cap holds exactly.
+    pub ejecting: std::sync::Mutex<()>,
+    /// Active health check of every endpoint, if configured.
+    pub health_check: Option<trellis_api::health::HealthCheck>,
 }
 
 /// One port of a service, with the routes attached to it.
@@ -463,6 +469,10 @@ impl Snapshot {
                 connect_timeout: b.defaults.connect,
                 request_timeout: b.defaults.request,
                 idle_timeout: b.defaults.idle,
+                // One endpoint: nothing to eject it in favour of.
+                outlier: None,
+                ejecting: Default::default(),
+                health_check: None,
             });
             listeners.push(Listener {
                 name: l.name.as_str().into(),
@@ -765,6 +775,13 @@ impl Builder<'_> {
             connect_timeout: t.connect.map_or(self.defaults.connect, |d| d.get()),
             request_timeout: t.request.map_or(self.defaults.request, |d| d.non_zero()),
             idle_timeout: t.idle.map_or(self.defaults.idle, |d| d.get()),
+            outlier: crate::outlier::Policy::on(
+                &policy
+                    .map(|p| p.outlier_detection.clone())
+                    .unwrap_or_default(),
+            ),
+            ejecting: Default::default(),
+            health_check: policy.and_then(|p| p.health_check.clone()),
         });
         self.backends.insert((svc.clone(), port), backend.clone());
         backend
