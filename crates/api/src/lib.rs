@@ -9,6 +9,7 @@
 pub mod authn;
 pub mod authz;
 pub mod duration;
+pub mod health;
 mod load;
 pub mod locality;
 pub mod mesh;

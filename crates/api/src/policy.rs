@@ -24,6 +24,12 @@ pub struct BackendPolicySpec {
     /// The service used while this one has no usable endpoint at all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<crate::locality::Fallback>,
+    /// Passive outlier detection; on by default.
+    #[serde(default)]
+    pub outlier_detection: crate::health::OutlierDetection,
+    /// Active health checks from the proxy; off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<crate::health::HealthCheck>,
 }
 
 /// Points a policy at a resource.

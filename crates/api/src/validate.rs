@@ -102,6 +102,11 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
                     v.at(r, &format!("spec.retry.{field}"), e);
                 }
                 v.locality(&ctx, &b.spec, &mut fallbacks);
+                for (field, message) in
+                    crate::health::problems(&b.spec.outlier_detection, b.spec.health_check.as_ref())
+                {
+                    v.at(r, field, message);
+                }
                 let lb = &b.spec.load_balancer;
                 match (lb.algorithm, &lb.consistent_hash) {
                     (Algorithm::ConsistentHash, None) => v.at(
@@ -1420,6 +1425,71 @@ spec:
         let bad = format!("{BASE}---\n{}", policy("    retries: 3\n"));
         let e = parse_documents("t.yaml", &bad).unwrap_err().to_string();
         assert!(e.contains("retries"), "{e}");
+    }
+
+    #[test]
+    fn outlier_detection_and_health_checks_are_validated() {
+        let policy = |fields: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: catalog}}\n{fields}"
+            )
+        };
+        let cases: &[(&str, Option<&str>)] = &[
+            ("", None),
+            (
+                "  outlierDetection: {consecutive5xx: 0, latency: {factor: 2, minLatency: 50ms}}\n  healthCheck: {http: {path: /healthz, expectedStatuses: [200, 204]}, interval: 2s}\n",
+                None,
+            ),
+            ("  healthCheck: {grpc: {service: x}}\n", None),
+            ("  healthCheck: {tcp: {}}\n", None),
+            (
+                "  outlierDetection: {maxEjectionPercent: 101}\n",
+                Some("spec.outlierDetection.maxEjectionPercent: 101 is above 100"),
+            ),
+            (
+                "  outlierDetection: {baseEjectionTime: 60s, maxEjectionTime: 10s}\n",
+                Some("spec.outlierDetection.maxEjectionTime: must be at least baseEjectionTime"),
+            ),
+            (
+                "  outlierDetection: {latency: {factor: 0.5}}\n",
+                Some("spec.outlierDetection.latency.factor: 0.5 must be above 1"),
+            ),
+            (
+                "  healthCheck: {interval: 5s}\n",
+                Some("spec.healthCheck: set exactly one of http, grpc, tcp"),
+            ),
+            (
+                "  healthCheck: {tcp: {}, grpc: {}}\n",
+                Some("spec.healthCheck: set exactly one of http, grpc, tcp"),
+            ),
+            (
+                "  healthCheck: {http: {path: healthz}}\n",
+                Some("spec.healthCheck.http.path: \"healthz\" is not an absolute path"),
+            ),
+            (
+                "  healthCheck: {http: {expectedStatuses: [999]}}\n",
+                Some("spec.healthCheck.http.expectedStatuses: 999 is not an HTTP status"),
+            ),
+            (
+                "  healthCheck: {tcp: {}, unhealthyThreshold: 0}\n",
+                Some("spec.healthCheck.unhealthyThreshold: must be at least 1"),
+            ),
+            (
+                "  healthCheck: {tcp: {}, timeout: 0s}\n",
+                Some("spec.healthCheck.timeout: must be above 0s"),
+            ),
+            (
+                "  healthCheck: {tcp: {}, jitter: 150}\n",
+                Some("spec.healthCheck.jitter: 150% is above 100%"),
+            ),
+        ];
+        for (fields, want) in cases {
+            match (check(&policy(fields)), want) {
+                (Ok(()), None) => {}
+                (Err(d), Some(w)) => assert!(d.to_string().contains(w), "want {w}: {d}"),
+                (got, want) => panic!("{fields}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

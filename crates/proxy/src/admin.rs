@@ -1,4 +1,4 @@
-//! The admin listener: `/live`, `/ready`, `/config` and `/metrics`. It runs on its own
+//! The admin listener: `/live`, `/ready`, `/config`, `/endpoints` and `/metrics`. It runs on its own
 //! single-threaded runtime and thread so that scrapes never compete with the data path.
 
 use crate::body::{self, Body};
@@ -95,10 +95,19 @@ async fn respond(
                 )
             }
         }
-        "/metrics" => text(
+        "/metrics" => {
+            crate::outlier::refresh_gauges(&shared);
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                shared.metrics.encode(),
+            )
+        }
+        "/endpoints" => text(
             StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.encode(),
+            "application/json",
+            serde_json::to_string_pretty(&crate::outlier::endpoints_view(&shared.snapshot()))
+                .unwrap_or_default(),
         ),
         "/config" => {
             let snap = shared.snapshot();
@@ -116,7 +125,7 @@ async fn respond(
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /live, /ready, /config or /metrics\n".into(),
+            "try /live, /ready, /config, /endpoints or /metrics\n".into(),
         ),
     })
 }

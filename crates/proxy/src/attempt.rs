@@ -108,22 +108,19 @@ pub(crate) fn report(
     latency: Option<Duration>,
     now: Instant,
 ) {
-    let failure = match outcome {
-        Ok(s) if s.is_server_error() => Some("5xx"),
-        Ok(_) => None,
+    let (kind, judged) = match outcome {
+        Ok(s) => (
+            s.is_server_error().then_some("5xx"),
+            crate::outlier::Outcome::of_status(s.as_u16()),
+        ),
         Err(e) => match failure_kind(e) {
-            Some(kind) => Some(kind),
+            Some(kind) => (Some(kind), crate::outlier::Outcome::Gateway),
             // Says nothing about the endpoint.
             None => return,
         },
     };
-    match failure {
-        Some(kind) => {
-            endpoint.failed(now);
-            metrics.endpoint_failure(&backend.name, kind);
-        }
-        None => endpoint.succeeded(),
-    }
+    // The endpoint's backoff, outlier detection and their metrics.
+    crate::outlier::report(backend, endpoint, judged, kind, latency, metrics);
     if let Some(rtt) = latency {
         backend.balancer.observe(endpoint, rtt, now);
     }
@@ -152,7 +149,7 @@ async fn send_lean(
     let conn = endpoint
         .lean(backend.connect_timeout, backend.idle_timeout, start)
         .await?;
-    let sent = backend.balancer.measures_latency().then(Instant::now);
+    let sent = backend.measures_latency().then(Instant::now);
     match conn.send(req.method(), req.uri(), req.headers()).await {
         Ok(resp) => Ok((resp.map(UpstreamBody::Lean), None, sent, None)),
         Err(e @ h1::Error::NotSent(_)) => Err(ProxyError::NotSent(endpoint.addr, e.to_string())),
@@ -176,7 +173,7 @@ async fn send(
     start: Instant,
 ) -> Result<Sent, ProxyError> {
     let no_request = || ProxyError::NoEndpoint(backend.name.to_string());
-    let clock = || backend.balancer.measures_latency().then(Instant::now);
+    let clock = || backend.measures_latency().then(Instant::now);
     if h2 {
         let (mut tx, stream) = endpoint.http2(backend.connect_timeout, h2_limits).await?;
         let sent = clock();

@@ -39,14 +39,19 @@ impl Load {
     }
 
     /// How much the endpoint is to be avoided: 0 healthy; 1 failing (in backoff, or out of
-    /// it with its one probe request still outstanding); 2 already tried by this request.
-    /// Only the lowest rank present takes traffic, so a failing endpoint is chosen only
-    /// when every other one is failing too, and a re-attempt goes back to an endpoint only
-    /// when no other is left.
+    /// it, or back from an ejection, with its one probe request still outstanding); 2
+    /// already tried by this request; 3 not usable (ejected by outlier detection, or
+    /// failing its health check). Only the lowest rank present takes traffic, so a failing
+    /// endpoint is chosen only when every other one is failing too, a re-attempt goes back
+    /// to an endpoint only when no other is left, and an unusable one only when nothing
+    /// else is (failing open beats refusing every request).
     fn rank(&self) -> u8 {
-        if self.tried {
+        let h = &self.health;
+        if h.usable().is_err() {
+            3
+        } else if self.tried {
             2
-        } else if self.health.backoff || (self.health.failures > 0 && self.in_flight > 0) {
+        } else if h.backoff || ((h.failures > 0 || h.probing) && self.in_flight > 0) {
             1
         } else {
             0
@@ -551,6 +556,7 @@ mod tests {
         l.health = Health {
             failures,
             backoff: true,
+            ..Default::default()
         };
         l
     }
@@ -558,6 +564,72 @@ mod tests {
     fn tried(mut l: Load) -> Load {
         l.tried = true;
         l
+    }
+
+    #[test]
+    fn ejected_and_check_failing_endpoints_are_out_of_every_algorithm() {
+        use Algorithm::*;
+        let with = |health: Health| Load {
+            health,
+            ..l(1, 0, 0.0)
+        };
+        let ejected = with(Health {
+            ejected: true,
+            ..Default::default()
+        });
+        let down = with(Health {
+            down: true,
+            ..Default::default()
+        });
+        let probing = |in_flight| Load {
+            in_flight,
+            ..with(Health {
+                probing: true,
+                ..Default::default()
+            })
+        };
+        let ring = Ring::new(&[("a".into(), 1), ("b".into(), 1), ("c".into(), 1)]);
+        let two = Ring::new(&[("a".into(), 1), ("b".into(), 1)]);
+        for algo in [PeakEwma, RoundRobin, LeastRequest, ConsistentHash] {
+            for out in [ejected, down] {
+                // Idle and fast, yet never chosen while another endpoint is usable, even one
+                // this request already failed on.
+                for r in 0..12u64 {
+                    let d = Draw {
+                        random: [r, r + 1],
+                        turn: r as usize,
+                        hash: Some(r.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+                    };
+                    let loads = [out, l(1, 5, 9.0), out];
+                    assert_eq!(
+                        choose(algo, &loads, d, Some(&ring), 1.25),
+                        Some(1),
+                        "{algo:?} {out:?}"
+                    );
+                    let loads = [out, tried(l(1, 5, 9.0))];
+                    assert_eq!(choose(algo, &loads, d, Some(&two), 1.25), Some(1));
+                }
+                // Nothing else left: still answered.
+                assert!(choose(algo, &[out, out], draw(0, 1), Some(&two), 1.25).is_some());
+            }
+            // Back from an ejection: one request at a time.
+            let d = draw(0, 1);
+            assert_eq!(
+                choose(algo, &[probing(1), l(1, 5, 9.0)], d, None, 1.25),
+                Some(1)
+            );
+        }
+        // Idle, the probing endpoint is tried.
+        assert_eq!(
+            choose(
+                LeastRequest,
+                &[probing(0), l(1, 5, 9.0)],
+                draw(0, 1),
+                None,
+                1.25
+            ),
+            Some(0)
+        );
     }
 
     #[test]
@@ -569,6 +641,7 @@ mod tests {
             health: Health {
                 failures: 2,
                 backoff: false,
+                ..Default::default()
             },
             ..l(1, 1, 0.0)
         };
@@ -576,6 +649,7 @@ mod tests {
             health: Health {
                 failures: 2,
                 backoff: false,
+                ..Default::default()
             },
             ..l(1, 0, 0.0)
         };

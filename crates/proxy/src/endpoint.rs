@@ -44,6 +44,10 @@ pub struct EndpointState {
     /// Until when the endpoint is backed off after its last failure, nanoseconds since
     /// [`epoch`] (0: never failed).
     backoff_until: AtomicU64,
+    /// Outlier detection: ejected or not, and the state that decides it.
+    pub outlier: crate::outlier::Slot,
+    /// The active health check's verdict.
+    pub check: crate::health::CheckSlot,
     h1_idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
     /// Idle connections of the lean client (requests without a body), kept apart from
     /// hyper's: each kind of connection is driven by its own client.
@@ -138,6 +142,8 @@ impl EndpointState {
             stamp: AtomicU64::new(nanos(Instant::now())),
             failures: AtomicU32::new(0),
             backoff_until: AtomicU64::new(0),
+            outlier: Default::default(),
+            check: Default::default(),
             h1_idle: Mutex::new(Vec::new()),
             lean_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(H2Pool::default()),
@@ -178,16 +184,27 @@ impl EndpointState {
         self.ewma.store(next.to_bits(), Ordering::Relaxed);
     }
 
-    /// The endpoint's failure state at `now`, for the balancer.
+    /// The endpoint's state at `now`, for the balancer: the one view of whether it is
+    /// usable (outlier ejection, health check, failures and backoff).
     pub fn health(&self, now: Instant) -> Health {
         let failures = self.failures.load(Ordering::Relaxed);
-        if failures == 0 {
-            return Health::default();
-        }
+        let at = nanos(now);
         Health {
             failures,
-            backoff: nanos(now) < self.backoff_until.load(Ordering::Relaxed),
+            backoff: failures != 0 && at < self.backoff_until.load(Ordering::Relaxed),
+            ejected: self.outlier.ejected(at),
+            probing: self.outlier.probing(),
+            down: self.check.down(),
         }
+    }
+
+    /// Consecutive failures and until when the endpoint is backed off, for the admin API.
+    pub fn failures(&self) -> (u32, Option<Instant>) {
+        let until = self.backoff_until.load(Ordering::Relaxed);
+        (
+            self.failures.load(Ordering::Relaxed),
+            (until != 0).then(|| epoch() + Duration::from_nanos(until)),
+        )
     }
 
     /// Records a failure at `now`: the endpoint is backed off for a time that doubles with
@@ -394,16 +411,36 @@ pub fn backoff(failures: u32) -> Duration {
     BACKOFF_BASE.saturating_mul(1 << doublings).min(BACKOFF_MAX)
 }
 
-/// What the balancer knows about an endpoint's recent failures.
+/// What the balancer knows about an endpoint's health.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Health {
     /// Consecutive failures (0: healthy).
     pub failures: u32,
     /// Still within the backoff that followed the last failure.
     pub backoff: bool,
+    /// Ejected by outlier detection.
+    pub ejected: bool,
+    /// Back from an ejection and not yet answered well: one request at a time.
+    pub probing: bool,
+    /// Failing its active health check.
+    pub down: bool,
 }
 
-fn nanos(t: Instant) -> u64 {
+impl Health {
+    /// Whether the endpoint takes traffic at all while others do, and if not, why.
+    pub fn usable(&self) -> Result<(), &'static str> {
+        if self.ejected {
+            Err("ejected")
+        } else if self.down {
+            Err("health check failing")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// `t` in nanoseconds on the endpoint clock (since the first use of it).
+pub fn nanos(t: Instant) -> u64 {
     t.saturating_duration_since(epoch()).as_nanos() as u64
 }
 
@@ -478,7 +515,8 @@ mod tests {
             e.health(Instant::now()),
             Health {
                 failures: 1,
-                backoff: false
+                backoff: false,
+                ..Default::default()
             }
         );
         assert_eq!(e.failed(Instant::now()), 2);

@@ -19,6 +19,7 @@ pub mod endpoint;
 pub mod error;
 pub mod filters;
 mod h1;
+pub mod health;
 mod http;
 pub mod identity;
 mod io;
@@ -26,6 +27,7 @@ pub mod jwt;
 pub mod limits;
 pub mod locality;
 pub mod metrics;
+pub mod outlier;
 mod rand;
 mod replay;
 pub mod retry;
@@ -71,6 +73,7 @@ pub struct Proxy {
     admin_addr: SocketAddr,
     admin_configured: SocketAddr,
     admin_stop: tokio_util::sync::CancellationToken,
+    checkers: health::Checkers,
 }
 
 impl Proxy {
@@ -108,6 +111,7 @@ impl Proxy {
             admin_addr,
             admin_configured,
             admin_stop,
+            checkers: health::Checkers::default(),
         });
         if let Err(e) = proxy.install(snap).await {
             proxy.admin_stop.cancel();
@@ -158,6 +162,7 @@ impl Proxy {
         let snap = Arc::new(snap);
         self.shared.store(snap.clone());
         listeners.commit(&self.shared, &snap, fresh);
+        self.checkers.sync(&snap, &self.shared);
         self.shared
             .metrics
             .set_listeners(snap.listeners.iter().map(|l| l.name.clone()));
@@ -171,7 +176,13 @@ impl Proxy {
 
     /// Metrics in Prometheus text format.
     pub fn metrics_text(&self) -> String {
+        outlier::refresh_gauges(&self.shared);
         self.shared.metrics.encode()
+    }
+
+    /// Active health checker tasks that should be running.
+    pub fn health_checkers(&self) -> usize {
+        self.checkers.len()
     }
 
     /// The admin listener's bound address.

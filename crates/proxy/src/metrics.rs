@@ -138,7 +138,16 @@ pub struct RetryLabels {
     pub reason: &'static str,
 }
 
-/// Labels of a backend.
+/// Labels of an outlier ejection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutlierLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+    /// `consecutive_5xx`, `gateway_errors`, `latency` or `probe_failed`.
+    pub reason: &'static str,
+}
+
+/// Labels of a per-backend series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
     /// `namespace/name:port`.
@@ -161,6 +170,15 @@ pub struct FallbackLabels {
     pub backend: Arc<str>,
     /// The backend that took the request instead.
     pub fallback: Arc<str>,
+}
+
+/// Labels of an active health check's result.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthCheckLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+    /// `pass` or `fail`.
+    pub result: &'static str,
 }
 
 /// Labels with a result.
@@ -312,6 +330,14 @@ pub struct Metrics {
     pub locality_picks: Tracked<LocalityLabels, Counter>,
     /// Requests sent to a fallback backend.
     pub fallbacks: Tracked<FallbackLabels, Counter>,
+    /// Outlier ejections by backend and reason.
+    pub outlier_ejections: Tracked<OutlierLabels, Counter>,
+    /// Endpoints ejected now, by backend (set when scraped).
+    pub outlier_ejected: Tracked<BackendLabels, Gauge>,
+    /// Active health check results by backend.
+    pub health_checks: Tracked<HealthCheckLabels, Counter>,
+    /// Active health checker tasks running.
+    pub health_checkers: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -354,6 +380,10 @@ impl Default for Metrics {
             retry_budget_exhausted: Tracked::default(),
             locality_picks: Tracked::default(),
             fallbacks: Tracked::default(),
+            outlier_ejections: Tracked::default(),
+            outlier_ejected: Tracked::default(),
+            health_checks: Tracked::default(),
+            health_checkers: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
@@ -487,6 +517,26 @@ impl Default for Metrics {
             "Requests sent to a backend's fallback because it had no usable endpoint",
             m.fallbacks.family(),
         );
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection, by backend and reason",
+            m.outlier_ejections.family(),
+        );
+        registry.register(
+            "outlier_ejected",
+            "Endpoints of a backend ejected by outlier detection now",
+            m.outlier_ejected.family(),
+        );
+        registry.register(
+            "health_checks",
+            "Active health check probes, by backend and result",
+            m.health_checks.family(),
+        );
+        registry.register(
+            "health_checkers",
+            "Active health checker tasks running (one per checked endpoint and check)",
+            m.health_checkers.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -564,6 +614,9 @@ impl Metrics {
         self.locality_picks.retain(|l| backend_live(&l.backend));
         self.fallbacks
             .retain(|l| backend_live(&l.backend) && backend_live(&l.fallback));
+        self.outlier_ejections.retain(|l| backend_live(&l.backend));
+        self.outlier_ejected.retain(|l| backend_live(&l.backend));
+        self.health_checks.retain(|l| backend_live(&l.backend));
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let on = |l: &Arc<str>| listeners.contains(l);
         for f in [&self.connections, &self.read_bytes, &self.write_bytes] {
@@ -591,6 +644,26 @@ impl Metrics {
 }
 
 impl Metrics {
+    /// Counts an outlier ejection from `backend`.
+    pub fn outlier_ejection(&self, backend: &Arc<str>, reason: &'static str) {
+        self.outlier_ejections
+            .get_or_create(&OutlierLabels {
+                backend: backend.clone(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Counts a health check probe of an endpoint of `backend`.
+    pub fn health_check(&self, backend: &Arc<str>, passed: bool) {
+        self.health_checks
+            .get_or_create(&HealthCheckLabels {
+                backend: backend.clone(),
+                result: if passed { "pass" } else { "fail" },
+            })
+            .inc();
+    }
+
     /// Counts a failure against an endpoint of `backend`.
     pub fn endpoint_failure(&self, backend: &Arc<str>, kind: &'static str) {
         self.endpoint_failures

@@ -68,6 +68,12 @@ pub struct Backend {
     pub budget: Arc<crate::retry::Budget>,
     /// The backend that takes requests while this one has no usable endpoint.
     pub fallback: Option<Fallback>,
+    /// Outlier detection; `None` when every trigger is off.
+    pub outlier: Option<crate::outlier::Policy>,
+    /// Held while deciding an ejection, so the ejection cap holds exactly.
+    pub ejecting: std::sync::Mutex<()>,
+    /// Active health check of every endpoint, if configured.
+    pub health_check: Option<trellis_api::health::HealthCheck>,
 }
 
 /// A backend's fallback.
@@ -530,6 +536,10 @@ impl Snapshot {
                     Instant::now(),
                 )),
                 fallback: None,
+                // One endpoint: nothing to eject it in favour of.
+                outlier: None,
+                ejecting: Default::default(),
+                health_check: None,
             });
             listeners.push(Listener {
                 name: l.name.as_str().into(),
@@ -872,6 +882,13 @@ impl Builder<'_> {
             retry: Arc::new(crate::retry::Policy::from_config(&retry)),
             budget,
             fallback,
+            outlier: crate::outlier::Policy::on(
+                &policy
+                    .map(|p| p.outlier_detection.clone())
+                    .unwrap_or_default(),
+            ),
+            ejecting: Default::default(),
+            health_check: policy.and_then(|p| p.health_check.clone()),
         });
         self.backends.insert((svc.clone(), port), backend.clone());
         backend

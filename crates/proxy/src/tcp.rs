@@ -2,6 +2,7 @@
 //! what detection read, then copy bytes both ways until either side closes.
 
 use crate::io::{ClientIo, Spliced, splice};
+use crate::outlier::Outcome;
 use crate::snapshot::{Backend, HashOn};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -19,6 +20,7 @@ pub async fn forward(
     peer: SocketAddr,
     first: Duration,
     idle: Duration,
+    metrics: &crate::metrics::Metrics,
 ) -> std::io::Result<Option<Spliced>> {
     // The fallback step: another service while this one has no usable endpoint.
     let backend = backend.or_fallback();
@@ -36,9 +38,18 @@ pub async fn forward(
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "TCP connect failed; trying another endpoint");
+                crate::outlier::report(
+                    backend,
+                    endpoint,
+                    Outcome::Gateway,
+                    Some("connect"),
+                    None,
+                    metrics,
+                );
                 continue;
             }
         };
+        crate::outlier::report(backend, endpoint, Outcome::Success, None, None, metrics);
         let prefix = client.take_prefix();
         if !prefix.is_empty() {
             upstream.write_all(&prefix).await?;

@@ -403,7 +403,22 @@ async fn load_counting(addr: SocketAddr, total: usize, workers: usize) -> HashMa
 async fn dead_endpoint_gets_traffic_again_once_it_is_back() {
     let (a, b) = (upstream("a").await, upstream("b").await);
     let (bad_addr, _) = bad_endpoint(Bad::Dead).await;
-    let (p, addr) = proxy_over(&[a.addr, bad_addr, b.addr], None).await;
+    // Backoff alone: outlier detection (on by default) would eject it for 30 s after five
+    // failures in a row; tests/health.rs covers that.
+    let p = start_proxy(&format!(
+        "{}{}---
+apiVersion: trellis.dev/v1alpha1
+kind: BackendPolicy
+metadata: {{name: lb}}
+spec:
+  targetRef: {{kind: Service, name: app}}
+  outlierDetection: {{consecutive5xx: 0, consecutiveGatewayErrors: 0}}
+",
+        proxy_yaml("app"),
+        service_yaml("app", 8080, &[a.addr, bad_addr, b.addr])
+    ))
+    .await;
+    let addr = p.addr("out").await;
     let client = h1_client();
     // Fail it a few times, so that it is well into its backoff.
     for _ in 0..200 {

@@ -547,3 +547,80 @@ where
     });
     Upstream { addr, hits, conns }
 }
+
+/// An HTTP/1.1 upstream answering every request with the status currently in `status`
+/// (a body naming it, and `x-upstream: name`), and `/healthz` with the one in `health`;
+/// counts requests by path (`/healthz` apart).
+pub struct StatusUpstream {
+    pub addr: SocketAddr,
+    pub status: Arc<std::sync::atomic::AtomicU16>,
+    /// The status of `/healthz` (200 to begin with).
+    pub health: Arc<std::sync::atomic::AtomicU16>,
+    /// Requests other than `/healthz`.
+    pub hits: Arc<AtomicU64>,
+    /// Requests for `/healthz`.
+    pub checks: Arc<AtomicU64>,
+}
+
+/// A [`StatusUpstream`] answering `status` to begin with.
+pub async fn status_upstream(name: &'static str, status: u16) -> StatusUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let status = Arc::new(std::sync::atomic::AtomicU16::new(status));
+    let health = Arc::new(std::sync::atomic::AtomicU16::new(200));
+    let (hits, checks) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (s, hs, h, c) = (status.clone(), health.clone(), hits.clone(), checks.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (s, hs, h, c) = (s.clone(), hs.clone(), h.clone(), c.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let (counter, status) = if req.uri().path() == "/healthz" {
+                        (&c, &hs)
+                    } else {
+                        (&h, &s)
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let resp = Response::builder()
+                        .status(status.load(Ordering::Relaxed))
+                        .header("x-upstream", name)
+                        .body(Full::new(Bytes::from_static(b"x")))
+                        .unwrap();
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    StatusUpstream {
+        addr,
+        status,
+        health,
+        hits,
+        checks,
+    }
+}
+
+/// A hung upstream (the effect of SIGSTOP on its process): connections are accepted and
+/// held open, and nothing is ever read or answered. Counts accepted connections.
+pub async fn hung_upstream() -> (SocketAddr, Arc<AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicU64::new(0));
+    let a = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::Relaxed);
+            held.push(s);
+        }
+    });
+    (addr, accepted)
+}
+
+/// GET `path` on a proxy's admin listener, as JSON.
+pub async fn admin_json(p: &TestProxy, path: &str) -> serde_json::Value {
+    get(p.proxy.admin_addr(), path).await.json()
+}
