@@ -9,6 +9,7 @@
 pub mod authn;
 pub mod authz;
 pub mod duration;
+pub mod fault;
 mod load;
 pub mod mesh;
 pub mod meta;

@@ -175,6 +175,32 @@ pub async fn handle(
         }
     };
 
+    // 1b. Fault injection (the rule's FaultInjection): maybe a delay, then maybe an abort.
+    if let Some(fault) = fwd.rule.as_ref().and_then(|r| r.filters.fault.as_deref()) {
+        let deadline = fwd.timeout.map(|t| (start + t, t));
+        let injected =
+            crate::fault::inject(fault, &fwd.route, grpc, deadline, &shared.metrics).await;
+        match injected {
+            Ok(None) => {}
+            Ok(Some(resp)) => {
+                let (route, backend) = (&fwd.route, &fwd.backend.name);
+                shared.record(
+                    None,
+                    direction,
+                    route,
+                    backend,
+                    resp.status(),
+                    "fault",
+                    start.elapsed(),
+                );
+                return Ok(resp);
+            }
+            Err(e) => {
+                return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start));
+            }
+        }
+    }
+
     // 2. Request filters: the rule's, then the chosen backend's.
     if let Some(rule) = &fwd.rule {
         filters::apply_request(&rule.filters, &mut parts, fwd.prefix_len);
@@ -329,6 +355,14 @@ async fn forward(
         let Some(endpoint) = backend.balancer.pick_avoiding(hash, &tried) else {
             return Err(ProxyError::NoEndpoint(backend.name.to_string()));
         };
+        // The circuit breaker admits the attempt; it holds the permit while in flight.
+        let permit = match &backend.gate {
+            Some(g) => Some(
+                g.request()
+                    .map_err(|l| ProxyError::Overloaded(backend.name.clone(), l, g.limits.of(l)))?,
+            ),
+            None => None,
+        };
         let guard = endpoint.start();
         let attempt = async {
             match &pending {
@@ -392,6 +426,7 @@ async fn forward(
                     Tracked {
                         inner: incoming,
                         guard: None,
+                        permit,
                         pool: None,
                         tx: None,
                         busy: None,
@@ -408,6 +443,7 @@ async fn forward(
         let mut tracked = Tracked {
             inner: incoming,
             guard: Some(guard),
+            permit,
             pool: pooled.then(|| endpoint.clone()),
             tx,
             busy: None,
@@ -444,7 +480,12 @@ async fn send_lean(
     start: Instant,
 ) -> Result<Sent, ProxyError> {
     let conn = endpoint
-        .lean(backend.connect_timeout, backend.idle_timeout, start)
+        .lean(
+            backend.connect_timeout,
+            backend.idle_timeout,
+            start,
+            backend.gate.as_ref(),
+        )
         .await?;
     let sent = backend.balancer.measures_latency().then(Instant::now);
     match conn.send(req.method(), req.uri(), req.headers()).await {
@@ -472,7 +513,9 @@ async fn send(
     let no_request = || ProxyError::NoEndpoint(backend.name.to_string());
     let clock = || backend.balancer.measures_latency().then(Instant::now);
     if h2 {
-        let (mut tx, stream) = endpoint.http2(backend.connect_timeout, h2_limits).await?;
+        let (mut tx, stream) = endpoint
+            .http2(backend.connect_timeout, h2_limits, backend.gate.as_ref())
+            .await?;
         let sent = clock();
         let result = tx
             .try_send_request(pending.take().ok_or_else(no_request)?)
@@ -481,7 +524,12 @@ async fn send(
             .map(|resp| (resp.map(UpstreamBody::Hyper), None, sent, Some(stream)))
     } else {
         let mut tx = endpoint
-            .http1(backend.connect_timeout, backend.idle_timeout, start)
+            .http1(
+                backend.connect_timeout,
+                backend.idle_timeout,
+                start,
+                backend.gate.as_ref(),
+            )
             .await?;
         let sent = clock();
         let result = tx
@@ -876,6 +924,9 @@ impl Shared {
         start: Instant,
     ) -> Response<Body> {
         tracing::debug!(error = %e, %route, %backend, direction, "request failed");
+        if let ProxyError::Overloaded(backend, limit, _) = &e {
+            self.metrics.breaker_rejected(backend, *limit);
+        }
         self.record(
             None,
             direction,
@@ -956,6 +1007,8 @@ impl UpstreamBody {
 pub(crate) struct Tracked {
     inner: UpstreamBody,
     guard: Option<InFlight>,
+    /// The circuit breaker's count of this request, until the response ends.
+    permit: Option<crate::breaker::RequestPermit>,
     /// The endpoint whose pool takes the connection back (none: the connection is not
     /// pooled, e.g. after an upgrade).
     pool: Option<Arc<EndpointState>>,
@@ -974,6 +1027,7 @@ impl Tracked {
     /// The exchange ended cleanly: release the endpoint and pool the connection.
     fn finish(&mut self) {
         self.guard.take();
+        self.permit.take();
         self.busy.take();
         self.stream.take();
         let Some(endpoint) = self.pool.take() else {
@@ -1016,6 +1070,7 @@ impl http_body::Body for Tracked {
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 this.guard.take();
+                this.permit.take();
                 this.pool.take();
                 this.tx.take();
                 this.busy.take();

@@ -653,7 +653,7 @@ async fn serve_connection(
             drop(snap);
             // Opaque streams cannot be asked to finish: they run until the drain deadline.
             tokio::select! {
-                r = tcp::forward(&backend, io, peer, first, idle) => {
+                r = tcp::forward(&backend, io, peer, first, idle, &shared.metrics) => {
                     if let Ok(Some(crate::io::Spliced::Idle)) = r {
                         shared.metrics.idle("tcp");
                     }

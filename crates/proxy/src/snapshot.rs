@@ -61,6 +61,8 @@ pub struct Backend {
     pub request_timeout: Option<Duration>,
     /// Pooled connection idle time.
     pub idle_timeout: Duration,
+    /// Circuit breaker limits, when the backend's policy sets any.
+    pub gate: Option<crate::breaker::Gate>,
 }
 
 /// One port of a service, with the routes attached to it.
@@ -164,6 +166,9 @@ pub struct Snapshot {
     /// Every endpoint's shared state, by address and the identity it must present: two
     /// services listing one address with different identities never share connections.
     pub endpoints: HashMap<EndpointKey, Arc<EndpointState>>,
+    /// Circuit breaker counters, by backend name: like endpoint state, carried over to the
+    /// next snapshot for backends that remain.
+    pub breakers: HashMap<Arc<str>, Arc<crate::breaker::Breaker>>,
     /// The resources, as given, for `/config`.
     pub resources: Vec<Resource>,
 }
@@ -201,6 +206,7 @@ impl Snapshot {
             services: HashMap::new(),
             hosts: HashMap::new(),
             endpoints: HashMap::new(),
+            breakers: HashMap::new(),
             resources: vec![],
         }
     }
@@ -247,6 +253,8 @@ impl Snapshot {
             metrics,
             mesh: shared.mesh.clone(),
             endpoints: HashMap::new(),
+            breakers: HashMap::new(),
+            faults: HashMap::new(),
             backends: HashMap::new(),
             policies: HashMap::new(),
             services: HashMap::new(),
@@ -270,6 +278,12 @@ impl Snapshot {
                             &t.name,
                         ),
                         &p.spec,
+                    );
+                }
+                Resource::FaultInjection(f) => {
+                    b.faults.insert(
+                        key(&f.metadata.namespace, &f.metadata.name),
+                        Arc::new(crate::fault::Fault::new(&f.spec)),
                     );
                 }
                 _ => {}
@@ -463,6 +477,7 @@ impl Snapshot {
                 connect_timeout: b.defaults.connect,
                 request_timeout: b.defaults.request,
                 idle_timeout: b.defaults.idle,
+                gate: None,
             });
             listeners.push(Listener {
                 name: l.name.as_str().into(),
@@ -540,6 +555,7 @@ impl Snapshot {
             services,
             hosts,
             endpoints: b.endpoints,
+            breakers: b.breakers,
             resources: resources.iter().map(|r| r.value.clone()).collect(),
         })
     }
@@ -700,6 +716,9 @@ struct Builder<'a> {
     metrics: &'a Metrics,
     mesh: crate::tls::MeshSlot,
     endpoints: HashMap<EndpointKey, Arc<EndpointState>>,
+    breakers: HashMap<Arc<str>, Arc<crate::breaker::Breaker>>,
+    /// FaultInjections, compiled.
+    faults: HashMap<ServiceKey, Arc<crate::fault::Fault>>,
     backends: HashMap<(ServiceKey, u16), Arc<Backend>>,
     policies: HashMap<ServiceKey, &'a BackendPolicySpec>,
     services: HashMap<ServiceKey, &'a trellis_api::service::ServiceSpec>,
@@ -730,7 +749,8 @@ impl Builder<'_> {
         let spec = self.services[svc];
         let policy = self.policies.get(svc).copied();
         let lb = policy.map(|p| p.load_balancer.clone()).unwrap_or_default();
-        let members = spec
+        let name: Arc<str> = format!("{}/{}:{port}", svc.namespace, svc.name).into();
+        let members: Vec<Member> = spec
             .endpoints
             .iter()
             .filter_map(|e| {
@@ -753,8 +773,11 @@ impl Builder<'_> {
         });
         let bound = lb.consistent_hash.as_ref().map_or(1.25, |h| h.bounded_load);
         let t = policy.map(|p| p.timeouts.clone()).unwrap_or_default();
+        let gate = policy
+            .and_then(|p| p.circuit_breaker.as_ref())
+            .map(|cb| self.gate(&name, cb, &members));
         let backend = Arc::new(Backend {
-            name: format!("{}/{}:{port}", svc.namespace, svc.name).into(),
+            name,
             protocol: spec
                 .ports
                 .iter()
@@ -765,9 +788,32 @@ impl Builder<'_> {
             connect_timeout: t.connect.map_or(self.defaults.connect, |d| d.get()),
             request_timeout: t.request.map_or(self.defaults.request, |d| d.non_zero()),
             idle_timeout: t.idle.map_or(self.defaults.idle, |d| d.get()),
+            gate,
         });
         self.backends.insert((svc.clone(), port), backend.clone());
         backend
+    }
+
+    /// A backend's circuit breaker: this config's limits over the counters it had in the
+    /// previous snapshot, so what is in flight stays counted across a reload.
+    fn gate(
+        &mut self,
+        name: &Arc<str>,
+        cb: &trellis_api::policy::CircuitBreaker,
+        members: &[Member],
+    ) -> crate::breaker::Gate {
+        let state = self
+            .previous
+            .and_then(|p| p.breakers.get(name))
+            .cloned()
+            .unwrap_or_default();
+        self.breakers.insert(name.clone(), state.clone());
+        crate::breaker::Gate {
+            name: name.clone(),
+            state,
+            limits: crate::breaker::Limits::from_spec(cb),
+            endpoints: members.iter().map(|m| m.state.clone()).collect(),
+        }
     }
 
     fn backend_ref(
@@ -862,6 +908,10 @@ impl Builder<'_> {
                         .map_err(|e| e.to_string())?,
                     path: r.path.as_ref().map(path_change),
                 });
+            }
+            if let Some(e) = &f.extension_ref {
+                // Validation checked that it names a FaultInjection of this namespace.
+                out.fault = self.faults.get(&key(ns, &e.name)).cloned();
             }
             if let Some(m) = &f.request_mirror {
                 let b = &m.backend_ref;
