@@ -10,6 +10,7 @@ pub mod authn;
 pub mod authz;
 pub mod duration;
 pub mod health;
+pub mod fault;
 mod load;
 pub mod locality;
 pub mod mesh;

@@ -184,6 +184,7 @@ fn parse_one(file: &Arc<str>, first_line: u64, doc: &str) -> Result<Located<Reso
         Kind::MeshConfig => typed(doc).map(Resource::MeshConfig),
         Kind::AuthorizationPolicy => typed(doc).map(Resource::AuthorizationPolicy),
         Kind::RequestAuthentication => typed(doc).map(Resource::RequestAuthentication),
+        Kind::FaultInjection => typed(doc).map(Resource::FaultInjection),
     }
     .map_err(|e| yaml_error(&e, &at))?;
     Ok(Located {

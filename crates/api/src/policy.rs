@@ -30,6 +30,27 @@ pub struct BackendPolicySpec {
     /// Active health checks from the proxy; off unless set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<crate::health::HealthCheck>,
+    /// Limits on what this proxy sends to the service at once; excess fails fast with 503.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreaker>,
+}
+
+/// Per-backend limits, shared by every route to the service. A limit left out is not
+/// enforced.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CircuitBreaker {
+    /// Upstream connections open to all the service's endpoints together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection because `maxConnections` is reached; `0` fails
+    /// them at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight to the service (from the request being sent until its response
+    /// ends).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
 }
 
 /// Points a policy at a resource.

@@ -2,6 +2,7 @@
 
 use crate::authn::RequestAuthenticationSpec;
 use crate::authz::AuthorizationPolicySpec;
+use crate::fault::FaultInjectionSpec;
 use crate::mesh::MeshConfigSpec;
 use crate::meta::{Metadata, ObjectKey};
 use crate::policy::BackendPolicySpec;
@@ -32,11 +33,13 @@ pub enum Kind {
     AuthorizationPolicy,
     /// JSON Web Tokens inbound sidecars verify.
     RequestAuthentication,
+    /// Delays and aborts injected on the route rules that reference it.
+    FaultInjection,
 }
 
 impl Kind {
     /// All kinds, in the order resources are listed.
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Proxy,
         Kind::Service,
         Kind::HttpRoute,
@@ -45,6 +48,7 @@ impl Kind {
         Kind::MeshConfig,
         Kind::AuthorizationPolicy,
         Kind::RequestAuthentication,
+        Kind::FaultInjection,
     ];
 
     /// The kind as written in YAML.
@@ -58,6 +62,7 @@ impl Kind {
             Kind::MeshConfig => "MeshConfig",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::RequestAuthentication => "RequestAuthentication",
+            Kind::FaultInjection => "FaultInjection",
         }
     }
 
@@ -131,6 +136,8 @@ pub enum Resource {
     AuthorizationPolicy(Object<AuthorizationPolicySpec>),
     /// A `RequestAuthentication`.
     RequestAuthentication(Object<RequestAuthenticationSpec>),
+    /// A `FaultInjection`.
+    FaultInjection(Object<FaultInjectionSpec>),
 }
 
 impl Resource {
@@ -145,6 +152,7 @@ impl Resource {
             Resource::MeshConfig(_) => Kind::MeshConfig,
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
+            Resource::FaultInjection(_) => Kind::FaultInjection,
         }
     }
 
@@ -159,6 +167,7 @@ impl Resource {
             Resource::MeshConfig(o) => &o.metadata,
             Resource::AuthorizationPolicy(o) => &o.metadata,
             Resource::RequestAuthentication(o) => &o.metadata,
+            Resource::FaultInjection(o) => &o.metadata,
         }
     }
 
@@ -173,6 +182,7 @@ impl Resource {
             Resource::MeshConfig(o) => &mut o.metadata,
             Resource::AuthorizationPolicy(o) => &mut o.metadata,
             Resource::RequestAuthentication(o) => &mut o.metadata,
+            Resource::FaultInjection(o) => &mut o.metadata,
         }
     }
 
@@ -211,6 +221,7 @@ impl Resource {
             Kind::MeshConfig => Resource::MeshConfig(typed(text)?),
             Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(text)?),
             Kind::RequestAuthentication => Resource::RequestAuthentication(typed(text)?),
+            Kind::FaultInjection => Resource::FaultInjection(typed(text)?),
         })
     }
 
@@ -243,6 +254,31 @@ mod json_tests {
                 .unwrap_err()
                 .contains("unknown kind")
         );
+    }
+}
+
+impl Resource {
+    /// The `FaultInjection`s a route's rules reference through `ExtensionRef` filters, as
+    /// `(namespace, name)`: what a proxy's view must carry with the route.
+    pub fn fault_refs(&self) -> Vec<(String, String)> {
+        let (ns, rules): (&str, Vec<&[crate::route::HttpRouteFilter]>) = match self {
+            Resource::HttpRoute(r) => (
+                &r.metadata.namespace,
+                r.spec.rules.iter().map(|r| &r.filters[..]).collect(),
+            ),
+            Resource::GrpcRoute(r) => (
+                &r.metadata.namespace,
+                r.spec.rules.iter().map(|r| &r.filters[..]).collect(),
+            ),
+            _ => return Vec::new(),
+        };
+        rules
+            .into_iter()
+            .flatten()
+            .filter_map(|f| f.extension_ref.as_ref())
+            .filter(|e| e.kind == Kind::FaultInjection.as_str())
+            .map(|e| (ns.to_string(), e.name.clone()))
+            .collect()
     }
 }
 
@@ -302,7 +338,10 @@ impl Resource {
             refs: ServiceRefs::default(),
         };
         match self {
-            Resource::Proxy(_) | Resource::Service(_) | Resource::MeshConfig(_) => {}
+            Resource::Proxy(_)
+            | Resource::Service(_)
+            | Resource::MeshConfig(_)
+            | Resource::FaultInjection(_) => {}
             Resource::HttpRoute(r) => {
                 for p in &r.spec.parent_refs {
                     c.parent(&p.namespace, &p.name, p.port);

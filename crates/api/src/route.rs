@@ -142,8 +142,8 @@ pub enum ValueMatchType {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteFilter {
-    /// `RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestRedirect`, `URLRewrite` or
-    /// `RequestMirror`.
+    /// `RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestRedirect`, `URLRewrite`,
+    /// `RequestMirror` or `ExtensionRef`.
     #[serde(rename = "type")]
     pub kind: FilterType,
     /// Settings for `RequestHeaderModifier`.
@@ -165,6 +165,22 @@ pub struct HttpRouteFilter {
     /// Settings for `RequestMirror`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub request_mirror: Option<RequestMirror>,
+    /// Settings for `ExtensionRef`: a Trellis resource in the route's namespace, for example
+    /// a `FaultInjection`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extension_ref: Option<LocalObjectReference>,
+}
+
+/// A resource in the referring resource's namespace (Gateway API `LocalObjectReference`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalObjectReference {
+    /// API group: `trellis.dev` for Trellis's own kinds.
+    pub group: String,
+    /// Kind, for example `FaultInjection`.
+    pub kind: String,
+    /// Name.
+    pub name: String,
 }
 
 /// Filter types.
@@ -181,6 +197,8 @@ pub enum FilterType {
     UrlRewrite,
     /// Copy a share of requests to another backend, discarding its responses.
     RequestMirror,
+    /// Apply a Trellis resource, for example a `FaultInjection`.
+    ExtensionRef,
 }
 
 /// Header edits.

@@ -27,6 +27,15 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
             );
         }
     }
+    let faults: BTreeSet<(String, String)> = resources
+        .iter()
+        .filter_map(|r| match &r.value {
+            Resource::FaultInjection(f) => {
+                Some((f.metadata.namespace.clone(), f.metadata.name.clone()))
+            }
+            _ => None,
+        })
+        .collect();
     let mut mesh_configs: BTreeMap<String, &Located<Resource>> = BTreeMap::new();
     let mut fallbacks = Fallbacks::new();
     for r in resources {
@@ -52,6 +61,7 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
         let ctx = Ctx {
             r,
             services: &services,
+            faults: &faults,
             ns: &m.namespace,
         };
         match &r.value {
@@ -72,6 +82,7 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
             }
             Resource::AuthorizationPolicy(a) => v.authorization(&ctx, &a.spec),
             Resource::RequestAuthentication(a) => v.authentication(&ctx, &a.spec),
+            Resource::FaultInjection(f) => v.fault(&ctx, &f.spec),
             Resource::Proxy(p) => v.proxy(&ctx, p),
             Resource::Service(s) => v.service(&ctx, s),
             Resource::HttpRoute(h) => v.http_route(&ctx, &h.spec),
@@ -106,6 +117,27 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
                     crate::health::problems(&b.spec.outlier_detection, b.spec.health_check.as_ref())
                 {
                     v.at(r, field, message);
+                }
+                if let Some(cb) = &b.spec.circuit_breaker {
+                    for (field, value) in [
+                        ("maxConnections", cb.max_connections),
+                        ("maxRequests", cb.max_requests),
+                    ] {
+                        if value == Some(0) {
+                            v.at(
+                                r,
+                                &format!("spec.circuitBreaker.{field}"),
+                                "must be at least 1 (leave it out for no limit)",
+                            );
+                        }
+                    }
+                    if cb.max_pending_requests.is_some() && cb.max_connections.is_none() {
+                        v.at(
+                            r,
+                            "spec.circuitBreaker.maxPendingRequests",
+                            "requests wait only when maxConnections is reached: set maxConnections too",
+                        );
+                    }
                 }
                 let lb = &b.spec.load_balancer;
                 match (lb.algorithm, &lb.consistent_hash) {
@@ -490,6 +522,8 @@ impl Validator {
 struct Ctx<'a> {
     r: &'a Located<Resource>,
     services: &'a BTreeMap<(String, String), &'a ServiceSpec>,
+    /// Every `FaultInjection`, as `(namespace, name)`.
+    faults: &'a BTreeSet<(String, String)>,
     ns: &'a str,
 }
 
@@ -1021,6 +1055,11 @@ impl Validator {
                     f.request_mirror.is_some(),
                     "requestMirror",
                 ),
+                (
+                    FilterType::ExtensionRef,
+                    f.extension_ref.is_some(),
+                    "extensionRef",
+                ),
             ];
             for (kind, present, name) in set {
                 if kind == f.kind && !present {
@@ -1038,7 +1077,10 @@ impl Validator {
                 }
             }
             if grpc && matches!(f.kind, FilterType::RequestRedirect | FilterType::UrlRewrite) {
-                self.at(ctx.r, &format!("{ff}.type"), "GRPCRoute supports RequestHeaderModifier, ResponseHeaderModifier and RequestMirror");
+                self.at(ctx.r, &format!("{ff}.type"), "GRPCRoute supports RequestHeaderModifier, ResponseHeaderModifier, RequestMirror and ExtensionRef");
+            }
+            if let Some(e) = &f.extension_ref {
+                self.extension_ref(ctx, &ff, e, field.contains(".backendRefs["));
             }
             if f.kind != FilterType::RequestMirror && !kinds.insert(f.kind) {
                 self.at(
@@ -1157,6 +1199,88 @@ impl Validator {
                 &format!("{field}.filters"),
                 "RequestRedirect and URLRewrite cannot be used together",
             );
+        }
+    }
+
+    /// An `ExtensionRef` filter: only a `FaultInjection` of the route's namespace, on a
+    /// rule (a fault applies before a backend is chosen).
+    fn extension_ref(
+        &mut self,
+        ctx: &Ctx,
+        field: &str,
+        e: &crate::route::LocalObjectReference,
+        on_backend: bool,
+    ) {
+        let fault = crate::Kind::FaultInjection.as_str();
+        if e.group != crate::fault::GROUP || e.kind != fault {
+            self.at(
+                ctx.r,
+                &format!("{field}.extensionRef.kind"),
+                format!(
+                    "only {}/{fault} is supported, not {}/{}",
+                    crate::fault::GROUP,
+                    e.group,
+                    e.kind
+                ),
+            );
+            return;
+        }
+        if on_backend {
+            self.at(
+                ctx.r,
+                &format!("{field}.type"),
+                "a FaultInjection applies to a rule's filters, not a backend's",
+            );
+        }
+        if !ctx.faults.contains(&(ctx.ns.to_string(), e.name.clone())) {
+            let rule = field.split(".filters").next().unwrap_or(field);
+            self.at(
+                ctx.r,
+                &format!("{field}.extensionRef.name"),
+                format!(
+                    "{} {rule} references FaultInjection {}/{}, which does not exist",
+                    ctx.r.value.key(),
+                    ctx.ns,
+                    e.name
+                ),
+            );
+        }
+    }
+
+    fn fault(&mut self, ctx: &Ctx, spec: &crate::fault::FaultInjectionSpec) {
+        let r = ctx.r;
+        if spec.delay.is_none() && spec.abort.is_none() {
+            self.at(r, "spec", "set delay, abort or both");
+        }
+        let share = |p: f64| p.is_finite() && (0.0..=100.0).contains(&p);
+        if let Some(d) = &spec.delay {
+            if d.fixed_delay.get().is_zero() {
+                self.at(r, "spec.delay.fixedDelay", "must be more than 0s");
+            }
+            if !share(d.percentage) {
+                self.at(r, "spec.delay.percentage", "must be 0-100");
+            }
+        }
+        if let Some(a) = &spec.abort {
+            if !share(a.percentage) {
+                self.at(r, "spec.abort.percentage", "must be 0-100");
+            }
+            match (a.http_status, a.grpc_status) {
+                (Some(s), None) if !(200..=599).contains(&s) => {
+                    self.at(r, "spec.abort.httpStatus", "must be 200-599")
+                }
+                (None, Some(s)) if !(1..=16).contains(&s) => self.at(
+                    r,
+                    "spec.abort.grpcStatus",
+                    "must be a gRPC status code 1-16 (0 is OK, not an abort)",
+                ),
+                (Some(_), None) | (None, Some(_)) => {}
+                _ => self.at(
+                    r,
+                    "spec.abort",
+                    "set exactly one of httpStatus and grpcStatus",
+                ),
+            }
         }
     }
 
@@ -1800,6 +1924,179 @@ spec:
             assert!(d.message.contains(msg), "{rule}: {d}");
             assert!(d.line >= 13, "{rule}: line {}", d.line);
         }
+    }
+
+    #[test]
+    fn fault_injections_and_their_references_are_validated() {
+        let fault = |spec: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: FaultInjection\nmetadata: {{name: outage}}\nspec: {spec}\n"
+            )
+        };
+        let route = |kind: &str, filter: &str| {
+            let api = "gateway.networking.k8s.io/v1";
+            format!(
+                "apiVersion: {api}\nkind: {kind}\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: catalog}}]\n  rules:\n    - backendRefs: [{{name: catalog, port: 8080}}]\n      filters: [{filter}]\n"
+            )
+        };
+        let ext = |group: &str, kind: &str, name: &str| {
+            format!(
+                "{{type: ExtensionRef, extensionRef: {{group: {group}, kind: {kind}, name: {name}}}}}"
+            )
+        };
+        let ok_fault = fault("{abort: {httpStatus: 503, percentage: 30}}");
+        let good = ext("trellis.dev", "FaultInjection", "outage");
+        // (resources, field with the error, words of the message); no field: valid.
+        let cases: Vec<(String, &str, &str)> = vec![
+            (
+                format!("{ok_fault}---\n{}", route("HTTPRoute", &good)),
+                "",
+                "",
+            ),
+            (
+                format!("{ok_fault}---\n{}", route("GRPCRoute", &good)),
+                "",
+                "",
+            ),
+            (
+                fault("{delay: {fixedDelay: 50ms}, abort: {grpcStatus: 14, percentage: 0.5}}"),
+                "",
+                "",
+            ),
+            (
+                route("HTTPRoute", &ext("trellis.dev", "FaultInjection", "nope")),
+                "spec.rules[0].filters[0].extensionRef.name",
+                "HTTPRoute default/r spec.rules[0] references FaultInjection default/nope, which does not exist",
+            ),
+            (
+                format!(
+                    "{ok_fault}---\n{}",
+                    route("HTTPRoute", &ext("example.com", "Thing", "outage"))
+                ),
+                "spec.rules[0].filters[0].extensionRef.kind",
+                "only trellis.dev/FaultInjection",
+            ),
+            (
+                format!(
+                    "{ok_fault}---\n{}",
+                    route("HTTPRoute", "{type: ExtensionRef}")
+                ),
+                "spec.rules[0].filters[0]",
+                "needs the `extensionRef` field",
+            ),
+            (fault("{}"), "spec", "set delay, abort or both"),
+            (
+                fault("{delay: {fixedDelay: 0s}}"),
+                "spec.delay.fixedDelay",
+                "more than 0s",
+            ),
+            (
+                fault("{delay: {fixedDelay: 1s, percentage: 100.5}}"),
+                "spec.delay.percentage",
+                "0-100",
+            ),
+            (
+                fault("{abort: {httpStatus: 503, percentage: -1}}"),
+                "spec.abort.percentage",
+                "0-100",
+            ),
+            (
+                fault("{abort: {httpStatus: 99}}"),
+                "spec.abort.httpStatus",
+                "200-599",
+            ),
+            (
+                fault("{abort: {grpcStatus: 0}}"),
+                "spec.abort.grpcStatus",
+                "1-16",
+            ),
+            (
+                fault("{abort: {grpcStatus: 17}}"),
+                "spec.abort.grpcStatus",
+                "1-16",
+            ),
+            (
+                fault("{abort: {httpStatus: 503, grpcStatus: 14}}"),
+                "spec.abort",
+                "exactly one of httpStatus and grpcStatus",
+            ),
+            (
+                fault("{abort: {percentage: 5}}"),
+                "spec.abort",
+                "exactly one",
+            ),
+        ];
+        for (text, field, msg) in &cases {
+            match (check(text), *field) {
+                (Ok(()), "") => {}
+                (Err(e), "") => panic!("{text}: {e}"),
+                (Ok(()), _) => panic!("{text}: accepted, want {field}: {msg}"),
+                (Err(e), _) => {
+                    let d =
+                        e.0.iter()
+                            .find(|d| d.field == *field)
+                            .unwrap_or_else(|| panic!("{text}: no error at {field}: {e}"));
+                    assert!(d.message.contains(msg), "{text}: {d}");
+                }
+            }
+        }
+        // Only on a rule: on a backend the fault would apply after the backend was chosen.
+        let on_backend = format!(
+            "{ok_fault}---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: catalog}}]\n  rules:\n    - backendRefs: [{{name: catalog, port: 8080, filters: [{good}]}}]\n"
+        );
+        let e = check(&on_backend).unwrap_err().to_string();
+        assert!(
+            e.contains("spec.rules[0].backendRefs[0].filters[0].type: a FaultInjection applies to a rule's filters"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn circuit_breaker_limits_are_validated() {
+        let policy = |cb: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: BackendPolicy\nmetadata: {{name: p}}\nspec:\n  targetRef: {{name: catalog}}\n  circuitBreaker: {cb}\n"
+            )
+        };
+        let cases: &[(&str, Option<(&str, &str)>)] = &[
+            ("{}", None),
+            (
+                "{maxConnections: 10, maxPendingRequests: 0, maxRequests: 100}",
+                None,
+            ),
+            (
+                "{maxConnections: 0}",
+                Some(("spec.circuitBreaker.maxConnections", "at least 1")),
+            ),
+            (
+                "{maxRequests: 0}",
+                Some(("spec.circuitBreaker.maxRequests", "at least 1")),
+            ),
+            (
+                "{maxPendingRequests: 5}",
+                Some((
+                    "spec.circuitBreaker.maxPendingRequests",
+                    "set maxConnections too",
+                )),
+            ),
+        ];
+        for (cb, want) in cases {
+            match (check(&policy(cb)), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some((field, msg))) => {
+                    let d =
+                        e.0.iter()
+                            .find(|d| d.field == *field)
+                            .unwrap_or_else(|| panic!("{cb}: no error at {field}: {e}"));
+                    assert!(d.message.contains(msg), "{cb}: {d}");
+                }
+                (got, want) => panic!("{cb}: got {got:?}, want {want:?}"),
+            }
+        }
+        let unknown = parse_documents("t.yaml", &policy("{maxRetries: 3}"))
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("maxRetries"), "{unknown}");
     }
 
     #[test]

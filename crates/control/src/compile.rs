@@ -126,6 +126,17 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
     }
     for i in included {
         add(attached[i].0);
+        // The FaultInjections its rules reference travel with the route.
+        for (ns, name) in attached[i].0.fault_refs() {
+            let k = trellis_api::ObjectKey {
+                kind: Kind::FaultInjection.as_str().into(),
+                namespace: ns,
+                name,
+            };
+            if let Some(f) = state.config.get(&k) {
+                add(&f.resource);
+            }
+        }
     }
     // Mesh-wide settings reach every proxy.
     for s in state.of_kind(Kind::MeshConfig) {
@@ -293,4 +304,58 @@ pub fn fnv1a(bytes: &[u8]) -> u64 {
         h = h.wrapping_mul(0x0100_0000_01b3);
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Stored;
+
+    #[test]
+    fn a_routes_fault_injections_travel_with_it() {
+        let service = |name: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n---\n"
+            )
+        };
+        let fault = |name: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: FaultInjection\nmetadata: {{name: {name}}}\nspec: {{abort: {{httpStatus: 503}}}}\n---\n"
+            )
+        };
+        let yaml = format!(
+            "{}{}{}{}apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: r}}
+spec:
+  parentRefs: [{{name: catalog}}]
+  rules:
+    - backendRefs: [{{name: catalog, port: 80}}]
+      filters: [{{type: ExtensionRef, extensionRef: {{group: trellis.dev, kind: FaultInjection, name: outage}}}}]
+",
+            service("catalog"),
+            service("orders"),
+            fault("outage"),
+            fault("unused")
+        );
+        let mut state = State::default();
+        for r in trellis_api::parse_documents("t.yaml", &yaml).unwrap() {
+            state.config.insert(
+                r.value.key(),
+                Stored {
+                    resource: Arc::new(r.value),
+                    version: 1,
+                },
+            );
+        }
+        let faults = |upstream: &str| -> Vec<String> {
+            compile(&state, &ViewKey::new("default", &[upstream.into()], false))
+                .items
+                .into_keys()
+                .filter(|k| k.starts_with("FaultInjection/"))
+                .collect()
+        };
+        assert_eq!(faults("catalog"), ["FaultInjection/default/outage"]);
+        assert!(faults("orders").is_empty());
+    }
 }

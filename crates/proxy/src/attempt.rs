@@ -35,6 +35,8 @@ pub(crate) struct Answer {
     pub resp: Response<UpstreamBody>,
     /// The endpoint's in-flight count, raised until the response ends.
     pub guard: InFlight,
+    /// The circuit breaker's count of this request, until the response ends.
+    pub permit: Option<crate::breaker::RequestPermit>,
     /// The HTTP/1.1 connection to pool afterwards (hyper's client).
     pub tx: Option<http1::SendRequest<Body>>,
     /// The stream on a pooled HTTP/2 connection.
@@ -50,7 +52,8 @@ pub(crate) struct Tried<'a> {
 
 /// Sends the request once, to an endpoint not in `tried` while another can take it. The
 /// try ends at `until` (answering `Timeout(timeout)`). A request that was not sent stays in
-/// `pending` (the lean client only borrows it). `Err`: no endpoint at all.
+/// `pending` (the lean client only borrows it). `Err`: no endpoint at all, or the circuit
+/// breaker refused the try (neither is worth another try).
 pub(crate) async fn attempt<'a>(
     t: &Try<'a>,
     tried: &[&EndpointState],
@@ -61,6 +64,14 @@ pub(crate) async fn attempt<'a>(
     let backend = t.backend;
     let Some(endpoint) = backend.balancer.pick_avoiding(t.hash, tried) else {
         return Err(ProxyError::NoEndpoint(backend.name.to_string()));
+    };
+    // The circuit breaker admits the try; the permit is held while it is in flight.
+    let permit = match &backend.gate {
+        Some(g) => Some(
+            g.request()
+                .map_err(|l| ProxyError::Overloaded(backend.name.clone(), l, g.limits.of(l)))?,
+        ),
+        None => None,
     };
     let guard = endpoint.start();
     let send = async {
@@ -83,6 +94,7 @@ pub(crate) async fn attempt<'a>(
             Ok(Answer {
                 resp,
                 guard,
+                permit,
                 tx,
                 stream,
                 answered: now,
@@ -147,7 +159,12 @@ async fn send_lean(
     start: Instant,
 ) -> Result<Sent, ProxyError> {
     let conn = endpoint
-        .lean(backend.connect_timeout, backend.idle_timeout, start)
+        .lean(
+            backend.connect_timeout,
+            backend.idle_timeout,
+            start,
+            backend.gate.as_ref(),
+        )
         .await?;
     let sent = backend.measures_latency().then(Instant::now);
     match conn.send(req.method(), req.uri(), req.headers()).await {
@@ -175,7 +192,9 @@ async fn send(
     let no_request = || ProxyError::NoEndpoint(backend.name.to_string());
     let clock = || backend.measures_latency().then(Instant::now);
     if h2 {
-        let (mut tx, stream) = endpoint.http2(backend.connect_timeout, h2_limits).await?;
+        let (mut tx, stream) = endpoint
+            .http2(backend.connect_timeout, h2_limits, backend.gate.as_ref())
+            .await?;
         let sent = clock();
         let result = tx
             .try_send_request(pending.take().ok_or_else(no_request)?)
@@ -184,7 +203,12 @@ async fn send(
             .map(|resp| (resp.map(UpstreamBody::Hyper), None, sent, Some(stream)))
     } else {
         let mut tx = endpoint
-            .http1(backend.connect_timeout, backend.idle_timeout, start)
+            .http1(
+                backend.connect_timeout,
+                backend.idle_timeout,
+                start,
+                backend.gate.as_ref(),
+            )
             .await?;
         let sent = clock();
         let result = tx

@@ -2,6 +2,7 @@
 //! pool of upstream connections.
 
 use crate::body::Body;
+use crate::breaker::{ConnAdmission, ConnPermit, Gate};
 use crate::error::ProxyError;
 use crate::tls::Upstream;
 use hyper::client::conn::{http1, http2};
@@ -54,6 +55,11 @@ pub struct EndpointState {
     lean_idle: Mutex<Vec<(crate::h1::Conn, Instant)>>,
     /// Upstream HTTP/2 connections, each with its count of open streams.
     h2: Mutex<H2Pool>,
+    /// The circuit breaker whose connection limit this endpoint's connections count
+    /// against, woken when a connection goes back to a pool (set once a connection is made
+    /// under one; `gated` keeps the pool path to one load otherwise).
+    breaker: Mutex<std::sync::Weak<crate::breaker::Breaker>>,
+    gated: std::sync::atomic::AtomicBool,
 }
 
 /// One upstream HTTP/2 connection and the streams this proxy has open on it.
@@ -86,6 +92,15 @@ enum H2Choice {
 }
 
 impl H2Pool {
+    /// The connection with the fewest open streams (`conns` is not empty).
+    fn least(conns: &[H2Conn]) -> usize {
+        conns
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, c)| c.streams.load(Ordering::Relaxed))
+            .map_or(0, |(i, _)| i)
+    }
+
     /// Chooses from the open-stream counts of the pool's connections.
     fn choose(
         streams: &[usize],
@@ -105,6 +120,14 @@ impl H2Pool {
             None => H2Choice::Alone,
         }
     }
+}
+
+/// What a request that found no pooled connection does next.
+enum Checkout {
+    /// Open a connection, counted by this circuit breaker permit (if any).
+    Open(Option<ConnPermit>),
+    /// Look at the pool again.
+    Again,
 }
 
 /// An open stream on an upstream HTTP/2 connection: counted until dropped.
@@ -147,6 +170,8 @@ impl EndpointState {
             h1_idle: Mutex::new(Vec::new()),
             lean_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(H2Pool::default()),
+            breaker: Mutex::new(std::sync::Weak::new()),
+            gated: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -234,15 +259,23 @@ impl EndpointState {
         connect_timeout: Duration,
         idle_timeout: Duration,
         now: Instant,
+        gate: Option<&Gate>,
     ) -> Result<http1::SendRequest<Body>, ProxyError> {
-        while let Some((mut tx, since)) = take_idle(&self.h1_idle) {
-            if tx.is_closed() || now.saturating_duration_since(since) > idle_timeout {
-                continue;
+        let mut waiting = None;
+        let permit = loop {
+            let freed = gate.map(Gate::freed);
+            while let Some((mut tx, since)) = take_idle(&self.h1_idle) {
+                if tx.is_closed() || now.saturating_duration_since(since) > idle_timeout {
+                    continue;
+                }
+                if tx.ready().await.is_ok() {
+                    return Ok(tx);
+                }
             }
-            if tx.ready().await.is_ok() {
-                return Ok(tx);
+            if let Checkout::Open(p) = self.admit(gate, &mut waiting, freed).await? {
+                break p;
             }
-        }
+        };
         let io = self.connect(connect_timeout).await?;
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
@@ -252,13 +285,79 @@ impl EndpointState {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream http/1 connection ended");
             }
+            // Counted against the circuit breaker until it closes.
+            drop(permit);
         });
         Ok(tx)
+    }
+
+    /// Whether a request that found no pooled connection may open one under `gate`: open
+    /// one (with the breaker's permit, none without a gate), look at the pool again (after
+    /// waiting for a connection to close or come back, unless the request has only just
+    /// taken its place in the queue), or the circuit breaker's refusal. `freed` was created
+    /// before the pool was looked at, so that nothing freed since is missed.
+    async fn admit(
+        &self,
+        gate: Option<&Gate>,
+        waiting: &mut Option<crate::breaker::Waiting>,
+        freed: Option<tokio::sync::futures::Notified<'_>>,
+    ) -> Result<Checkout, ProxyError> {
+        let (Some(gate), Some(freed)) = (gate, freed) else {
+            return Ok(Checkout::Open(None));
+        };
+        let queued = waiting.is_some();
+        match gate.connection(waiting) {
+            ConnAdmission::Open(p) => {
+                self.watch(gate);
+                Ok(Checkout::Open(Some(p)))
+            }
+            ConnAdmission::Reject(limit) => Err(ProxyError::Overloaded(
+                gate.name.clone(),
+                limit,
+                gate.limits.of(limit),
+            )),
+            // Just queued: the pool is looked at once more, now that releases wake us.
+            ConnAdmission::Wait if !queued => Ok(Checkout::Again),
+            ConnAdmission::Wait => {
+                // Idle connections elsewhere would hold the limit forever: close one.
+                gate.close_idle_elsewhere(self);
+                freed.await;
+                Ok(Checkout::Again)
+            }
+        }
+    }
+
+    /// Remembers the circuit breaker to wake when a connection goes back to a pool.
+    fn watch(&self, gate: &Gate) {
+        if !self.gated.load(Ordering::Relaxed) {
+            *self.breaker.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&gate.state);
+            self.gated.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// A connection went back to a pool: a request waiting for one may take it.
+    fn wake(&self) {
+        if self.gated.load(Ordering::Relaxed)
+            && let Some(b) = self
+                .breaker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .upgrade()
+        {
+            b.wake();
+        }
+    }
+
+    /// Closes one idle pooled connection (to make room under a connection limit). Returns
+    /// whether there was one.
+    pub fn close_idle(&self) -> bool {
+        take_idle(&self.lean_idle).is_some() || take_idle(&self.h1_idle).is_some()
     }
 
     /// Returns a connection whose previous exchange finished cleanly.
     pub fn release_http1(&self, tx: http1::SendRequest<Body>) {
         park_idle(&self.h1_idle, tx);
+        self.wake();
     }
 
     /// A connection for the lean HTTP/1.1 client: a pooled one idle for no longer than
@@ -268,18 +367,29 @@ impl EndpointState {
         connect_timeout: Duration,
         idle_timeout: Duration,
         now: Instant,
+        gate: Option<&Gate>,
     ) -> Result<crate::h1::Conn, ProxyError> {
-        while let Some((mut conn, since)) = take_idle(&self.lean_idle) {
-            if now.saturating_duration_since(since) <= idle_timeout && conn.is_usable() {
-                return Ok(conn);
+        let mut waiting = None;
+        let permit = loop {
+            let freed = gate.map(Gate::freed);
+            while let Some((mut conn, since)) = take_idle(&self.lean_idle) {
+                if now.saturating_duration_since(since) <= idle_timeout && conn.is_usable() {
+                    return Ok(conn);
+                }
             }
-        }
-        Ok(crate::h1::Conn::new(self.connect(connect_timeout).await?))
+            if let Checkout::Open(p) = self.admit(gate, &mut waiting, freed).await? {
+                break p;
+            }
+        };
+        let mut conn = crate::h1::Conn::new(self.connect(connect_timeout).await?);
+        conn.hold(permit);
+        Ok(conn)
     }
 
     /// Returns a lean connection whose previous exchange finished cleanly.
     pub fn release_lean(&self, conn: crate::h1::Conn) {
         park_idle(&self.lean_idle, conn);
+        self.wake();
     }
 
     /// An HTTP/2 connection with room for one more stream, and that stream's count: an open
@@ -290,34 +400,74 @@ impl EndpointState {
         &self,
         connect_timeout: Duration,
         limits: H2Limits,
+        gate: Option<&Gate>,
     ) -> Result<(http2::SendRequest<Body>, H2Stream), ProxyError> {
         let take = |c: &H2Conn| {
             c.streams.fetch_add(1, Ordering::Relaxed);
             (c.tx.clone(), H2Stream(c.streams.clone()))
         };
-        let choice = {
-            let mut pool = self.h2_pool();
-            pool.conns.retain(|c| !c.tx.is_closed());
-            let counts: Vec<usize> = pool
-                .conns
-                .iter()
-                .map(|c| c.streams.load(Ordering::Relaxed))
-                .collect();
-            let choice = H2Pool::choose(
-                &counts,
-                pool.connecting,
-                limits.max_streams as usize,
-                limits.max_connections as usize,
-            );
-            match choice {
-                H2Choice::Use(i) | H2Choice::Crowd(i) => return Ok(take(&pool.conns[i])),
-                H2Choice::Connect => pool.connecting += 1,
-                H2Choice::Alone => {}
+        let mut waiting = None;
+        let (choice, permit) = loop {
+            let freed = gate.map(Gate::freed);
+            // The pool's lock is held in this block only, never across an await.
+            let admitted = {
+                let mut pool = self.h2_pool();
+                pool.conns.retain(|c| !c.tx.is_closed());
+                let counts: Vec<usize> = pool
+                    .conns
+                    .iter()
+                    .map(|c| c.streams.load(Ordering::Relaxed))
+                    .collect();
+                let choice = H2Pool::choose(
+                    &counts,
+                    pool.connecting,
+                    limits.max_streams as usize,
+                    limits.max_connections as usize,
+                );
+                if let H2Choice::Use(i) | H2Choice::Crowd(i) = choice {
+                    return Ok(take(&pool.conns[i]));
+                }
+                // A new connection, if the circuit breaker allows one; at its limit, an
+                // open connection takes one more stream rather than the request waiting.
+                let queued = waiting.is_some();
+                let permit = match gate {
+                    None => Some(None),
+                    Some(g) => match g.connection(&mut waiting) {
+                        ConnAdmission::Open(p) => Some(Some(p)),
+                        ConnAdmission::Reject(_) | ConnAdmission::Wait
+                            if !pool.conns.is_empty() =>
+                        {
+                            let i = H2Pool::least(&pool.conns);
+                            return Ok(take(&pool.conns[i]));
+                        }
+                        ConnAdmission::Reject(limit) => {
+                            return Err(ProxyError::Overloaded(
+                                g.name.clone(),
+                                limit,
+                                g.limits.of(limit),
+                            ));
+                        }
+                        // Just queued: look again before waiting, now that closes wake us.
+                        ConnAdmission::Wait if !queued => continue,
+                        ConnAdmission::Wait => None,
+                    },
+                };
+                if permit.is_some() && choice == H2Choice::Connect {
+                    pool.connecting += 1;
+                }
+                permit.map(|p| (choice, p))
+            };
+            match admitted {
+                Some(go) => break go,
+                None => {
+                    if let Some(f) = freed {
+                        f.await;
+                    }
+                }
             }
-            choice
         };
         let pooled = choice == H2Choice::Connect;
-        let made = self.connect_h2(connect_timeout).await;
+        let made = self.connect_h2(connect_timeout, permit).await;
         let mut pool = self.h2_pool();
         if pooled {
             pool.connecting -= 1;
@@ -340,6 +490,7 @@ impl EndpointState {
     async fn connect_h2(
         &self,
         connect_timeout: Duration,
+        permit: Option<ConnPermit>,
     ) -> Result<http2::SendRequest<Body>, ProxyError> {
         let io = self.connect(connect_timeout).await?;
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
@@ -350,6 +501,7 @@ impl EndpointState {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream http/2 connection ended");
             }
+            drop(permit);
         });
         Ok(tx)
     }

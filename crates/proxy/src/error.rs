@@ -58,6 +58,9 @@ pub enum ProxyError {
     /// Request authentication refused the request's token (or its absence).
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
+    /// The backend's circuit breaker refused: a limit is reached (backend, limit, value).
+    #[error("circuit breaker: {0} is at its {l} limit of {2}", l = .1.field())]
+    Overloaded(std::sync::Arc<str>, crate::breaker::Limit, u32),
 }
 
 impl ProxyError {
@@ -67,7 +70,9 @@ impl ProxyError {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownHost(_) | ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
             ProxyError::NoBackends(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ProxyError::NoEndpoint(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::NoEndpoint(_) | ProxyError::Overloaded(..) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Connect(..)
             | ProxyError::NotSent(..)
             | ProxyError::Closed(..)
@@ -99,6 +104,7 @@ impl ProxyError {
             ProxyError::Timeout(_) => "timeout",
             ProxyError::Denied(_) => "denied",
             ProxyError::Unauthenticated(_) => "unauthenticated",
+            ProxyError::Overloaded(..) => "circuit_breaker",
         }
     }
 
@@ -116,6 +122,7 @@ impl ProxyError {
             ProxyError::Timeout(_) => "timeout",
             ProxyError::Denied(_) => "denied",
             ProxyError::Unauthenticated(_) => "unauthenticated",
+            ProxyError::Overloaded(..) => "overloaded",
         }
     }
 
@@ -140,13 +147,14 @@ impl ProxyError {
         };
         let mut resp = if grpc {
             let code = match self.status() {
-                StatusCode::NOT_FOUND => "12",             // UNIMPLEMENTED
-                StatusCode::GATEWAY_TIMEOUT => "4",        // DEADLINE_EXCEEDED
-                StatusCode::INTERNAL_SERVER_ERROR => "13", // INTERNAL
-                StatusCode::BAD_REQUEST => "3",            // INVALID_ARGUMENT
-                StatusCode::FORBIDDEN => "7",              // PERMISSION_DENIED
-                StatusCode::UNAUTHORIZED => "16",          // UNAUTHENTICATED
-                _ => "14",                                 // UNAVAILABLE
+                _ if matches!(self, ProxyError::Overloaded(..)) => "8", // RESOURCE_EXHAUSTED
+                StatusCode::NOT_FOUND => "12",                          // UNIMPLEMENTED
+                StatusCode::GATEWAY_TIMEOUT => "4",                     // DEADLINE_EXCEEDED
+                StatusCode::INTERNAL_SERVER_ERROR => "13",              // INTERNAL
+                StatusCode::BAD_REQUEST => "3",                         // INVALID_ARGUMENT
+                StatusCode::FORBIDDEN => "7",                           // PERMISSION_DENIED
+                StatusCode::UNAUTHORIZED => "16",                       // UNAUTHENTICATED
+                _ => "14",                                              // UNAVAILABLE
             };
             let mut r = Response::new(body::empty());
             let h = r.headers_mut();
@@ -256,6 +264,22 @@ mod tests {
     }
 
     #[test]
+    fn circuit_breaker_refusals_are_503_or_resource_exhausted_naming_the_limit() {
+        let e = ProxyError::Overloaded("default/app:80".into(), crate::breaker::Limit::Requests, 4);
+        let http = e.clone().into_response(false, Audience::App);
+        assert_eq!(http.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            text(&http, ERROR_HEADER),
+            "circuit breaker: default/app:80 is at its maxRequests limit of 4"
+        );
+        let grpc = e.clone().into_response(true, Audience::App);
+        assert_eq!(grpc.status(), StatusCode::OK);
+        assert_eq!(text(&grpc, "grpc-status"), "8");
+        let remote = e.into_response(true, Audience::Remote);
+        assert_eq!(text(&remote, "grpc-message"), "overloaded");
+    }
+
+    #[test]
     fn remote_callers_get_generic_reasons_and_the_app_the_full_one() {
         let errors = [
             ProxyError::Connect(addr(), "Connection refused (os error 111)".into()),
@@ -270,6 +294,7 @@ mod tests {
             ProxyError::BadRequest("path: encoded slash (%2F) at byte 2".into()),
             ProxyError::NoRoute("GET /internal/10.1.2.3".into()),
             ProxyError::UnknownHost("secret.internal".into()),
+            ProxyError::Overloaded("secret/app:80".into(), crate::breaker::Limit::Requests, 10),
         ];
         for e in errors {
             let (generic, detail) = (e.generic_reason(), e.to_string());

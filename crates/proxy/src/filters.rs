@@ -143,6 +143,8 @@ pub struct Filters {
     pub rewrite: Option<Rewrite>,
     /// RequestMirror (several allowed).
     pub mirrors: Vec<Mirror>,
+    /// ExtensionRef to a FaultInjection.
+    pub fault: Option<Arc<crate::fault::Fault>>,
 }
 
 /// Applies request-side filters (headers, rewrite) to a request head.

@@ -54,6 +54,8 @@ pub struct Conn {
     head: Vec<u8>,
     /// Scratch space for parsing response heads.
     fields: Vec<[usize; 4]>,
+    /// Counts the connection against its backend's circuit breaker until it closes.
+    permit: Option<crate::breaker::ConnPermit>,
 }
 
 impl std::fmt::Debug for Conn {
@@ -73,7 +75,13 @@ impl Conn {
             read_size: FIRST_READ,
             head: Vec::new(),
             fields: Vec::new(),
+            permit: None,
         }
+    }
+
+    /// Keeps the circuit breaker's count of this connection until it closes.
+    pub fn hold(&mut self, permit: Option<crate::breaker::ConnPermit>) {
+        self.permit = permit;
     }
 
     /// Whether an idle pooled connection can take a request: the upstream has not closed

@@ -183,6 +183,32 @@ pub async fn handle(
         fwd.timeout = deadline::effective(fwd.timeout, deadline::parse(t));
     }
 
+    // 1b. Fault injection (the rule's FaultInjection): maybe a delay, then maybe an abort.
+    if let Some(fault) = fwd.rule.as_ref().and_then(|r| r.filters.fault.as_deref()) {
+        let deadline = fwd.timeout.map(|t| (start + t, t));
+        let injected =
+            crate::fault::inject(fault, &fwd.route, grpc, deadline, &shared.metrics).await;
+        match injected {
+            Ok(None) => {}
+            Ok(Some(resp)) => {
+                let (route, backend) = (&fwd.route, &fwd.backend.name);
+                shared.record(
+                    None,
+                    direction,
+                    route,
+                    backend,
+                    resp.status(),
+                    "fault",
+                    start.elapsed(),
+                );
+                return Ok(resp);
+            }
+            Err(e) => {
+                return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start));
+            }
+        }
+    }
+
     // 2. Request filters: the rule's, then the chosen backend's.
     if let Some(rule) = &fwd.rule {
         filters::apply_request(&rule.filters, &mut parts, fwd.prefix_len);
@@ -497,6 +523,7 @@ fn respond(
     let attempt::Answer {
         resp,
         guard,
+        permit,
         tx,
         stream,
         answered,
@@ -509,6 +536,7 @@ fn respond(
         let body = Tracked {
             inner: incoming,
             guard: None,
+            permit,
             pool: None,
             tx: None,
             busy: None,
@@ -525,6 +553,7 @@ fn respond(
     let mut tracked = Tracked {
         inner: incoming,
         guard: Some(guard),
+        permit,
         pool: pooled.then(|| endpoint.clone()),
         tx,
         busy: None,
@@ -832,6 +861,9 @@ impl Shared {
         start: Instant,
     ) -> Response<Body> {
         tracing::debug!(error = %e, %route, %backend, direction, "request failed");
+        if let ProxyError::Overloaded(backend, limit, _) = &e {
+            self.metrics.breaker_rejected(backend, *limit);
+        }
         self.record(
             None,
             direction,
@@ -912,6 +944,8 @@ impl UpstreamBody {
 pub(crate) struct Tracked {
     inner: UpstreamBody,
     guard: Option<InFlight>,
+    /// The circuit breaker's count of this request, until the response ends.
+    permit: Option<crate::breaker::RequestPermit>,
     /// The endpoint whose pool takes the connection back (none: the connection is not
     /// pooled, e.g. after an upgrade).
     pool: Option<Arc<EndpointState>>,
@@ -930,6 +964,7 @@ impl Tracked {
     /// The exchange ended cleanly: release the endpoint and pool the connection.
     fn finish(&mut self) {
         self.guard.take();
+        self.permit.take();
         self.busy.take();
         self.stream.take();
         let Some(endpoint) = self.pool.take() else {
@@ -972,6 +1007,7 @@ impl http_body::Body for Tracked {
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 this.guard.take();
+                this.permit.take();
                 this.pool.take();
                 this.tx.take();
                 this.busy.take();

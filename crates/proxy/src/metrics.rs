@@ -181,6 +181,24 @@ pub struct HealthCheckLabels {
     pub result: &'static str,
 }
 
+/// Labels of a request or connection the circuit breaker refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BreakerLabels {
+    /// `namespace/name:port`.
+    pub backend: Arc<str>,
+    /// The limit: `maxConnections`, `maxPendingRequests` or `maxRequests`.
+    pub limit: &'static str,
+}
+
+/// Labels of an injected fault.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FaultLabels {
+    /// Route rule id.
+    pub route: Arc<str>,
+    /// `delay` or `abort`.
+    pub kind: &'static str,
+}
+
 /// Labels with a result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -338,6 +356,10 @@ pub struct Metrics {
     pub health_checks: Tracked<HealthCheckLabels, Counter>,
     /// Active health checker tasks running.
     pub health_checkers: Gauge,
+    /// Requests and connections refused by a backend's circuit breaker.
+    pub breaker_rejected: Tracked<BreakerLabels, Counter>,
+    /// Faults injected by a `FaultInjection`.
+    pub faults: Tracked<FaultLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -384,6 +406,8 @@ impl Default for Metrics {
             outlier_ejected: Tracked::default(),
             health_checks: Tracked::default(),
             health_checkers: Gauge::default(),
+            breaker_rejected: Tracked::default(),
+            faults: Tracked::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
@@ -537,6 +561,16 @@ impl Default for Metrics {
             "Active health checker tasks running (one per checked endpoint and check)",
             m.health_checkers.clone(),
         );
+        registry.register(
+            "circuit_breaker_rejected",
+            "Requests (and opaque TCP connections) refused at once because a backend's circuit breaker limit was reached, by backend and limit",
+            m.breaker_rejected.family(),
+        );
+        registry.register(
+            "faults_injected",
+            "Faults injected by a FaultInjection, by route rule and kind (delay, abort)",
+            m.faults.family(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -617,6 +651,9 @@ impl Metrics {
         self.outlier_ejections.retain(|l| backend_live(&l.backend));
         self.outlier_ejected.retain(|l| backend_live(&l.backend));
         self.health_checks.retain(|l| backend_live(&l.backend));
+        self.breaker_rejected
+            .retain(|l| backend_live(&l.backend));
+        self.faults.retain(|l| routes.contains(&l.route));
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let on = |l: &Arc<str>| listeners.contains(l);
         for f in [&self.connections, &self.read_bytes, &self.write_bytes] {
@@ -669,6 +706,26 @@ impl Metrics {
         self.endpoint_failures
             .get_or_create(&EndpointFailureLabels {
                 backend: backend.clone(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// Counts a request or connection refused by `backend`'s circuit breaker.
+    pub fn breaker_rejected(&self, backend: &Arc<str>, limit: crate::breaker::Limit) {
+        self.breaker_rejected
+            .get_or_create(&BreakerLabels {
+                backend: backend.clone(),
+                limit: limit.field(),
+            })
+            .inc();
+    }
+
+    /// Counts a fault injected on `route`.
+    pub fn fault(&self, route: &Arc<str>, kind: &'static str) {
+        self.faults
+            .get_or_create(&FaultLabels {
+                route: route.clone(),
                 kind,
             })
             .inc();

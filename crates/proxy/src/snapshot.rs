@@ -74,6 +74,8 @@ pub struct Backend {
     pub ejecting: std::sync::Mutex<()>,
     /// Active health check of every endpoint, if configured.
     pub health_check: Option<trellis_api::health::HealthCheck>,
+    /// Circuit breaker limits, when the backend's policy sets any.
+    pub gate: Option<crate::breaker::Gate>,
 }
 
 /// A backend's fallback.
@@ -219,6 +221,9 @@ pub struct Snapshot {
     /// Every endpoint's shared state, by address and the identity it must present: two
     /// services listing one address with different identities never share connections.
     pub endpoints: HashMap<EndpointKey, Arc<EndpointState>>,
+    /// Circuit breaker counters, by backend name: like endpoint state, carried over to the
+    /// next snapshot for backends that remain.
+    pub breakers: HashMap<Arc<str>, Arc<crate::breaker::Breaker>>,
     /// The resources, as given, for `/config`.
     pub resources: Vec<Resource>,
 }
@@ -256,6 +261,7 @@ impl Snapshot {
             services: HashMap::new(),
             hosts: HashMap::new(),
             endpoints: HashMap::new(),
+            breakers: HashMap::new(),
             resources: vec![],
         }
     }
@@ -302,6 +308,8 @@ impl Snapshot {
             metrics,
             mesh: shared.mesh.clone(),
             endpoints: HashMap::new(),
+            breakers: HashMap::new(),
+            faults: HashMap::new(),
             backends: HashMap::new(),
             policies: HashMap::new(),
             services: HashMap::new(),
@@ -330,6 +338,12 @@ impl Snapshot {
                             &t.name,
                         ),
                         &p.spec,
+                    );
+                }
+                Resource::FaultInjection(f) => {
+                    b.faults.insert(
+                        key(&f.metadata.namespace, &f.metadata.name),
+                        Arc::new(crate::fault::Fault::new(&f.spec)),
                     );
                 }
                 _ => {}
@@ -540,6 +554,7 @@ impl Snapshot {
                 outlier: None,
                 ejecting: Default::default(),
                 health_check: None,
+                gate: None,
             });
             listeners.push(Listener {
                 name: l.name.as_str().into(),
@@ -617,6 +632,7 @@ impl Snapshot {
             services,
             hosts,
             endpoints: b.endpoints,
+            breakers: b.breakers,
             resources: resources.iter().map(|r| r.value.clone()).collect(),
         })
     }
@@ -777,6 +793,9 @@ struct Builder<'a> {
     metrics: &'a Metrics,
     mesh: crate::tls::MeshSlot,
     endpoints: HashMap<EndpointKey, Arc<EndpointState>>,
+    breakers: HashMap<Arc<str>, Arc<crate::breaker::Breaker>>,
+    /// FaultInjections, compiled.
+    faults: HashMap<ServiceKey, Arc<crate::fault::Fault>>,
     backends: HashMap<(ServiceKey, u16), Arc<Backend>>,
     policies: HashMap<ServiceKey, &'a BackendPolicySpec>,
     services: HashMap<ServiceKey, &'a trellis_api::service::ServiceSpec>,
@@ -809,7 +828,8 @@ impl Builder<'_> {
         let spec = self.services[svc];
         let policy = self.policies.get(svc).copied();
         let lb = policy.map(|p| p.load_balancer.clone()).unwrap_or_default();
-        let members = spec
+        let name: Arc<str> = format!("{}/{}:{port}", svc.namespace, svc.name).into();
+        let members: Vec<Member> = spec
             .endpoints
             .iter()
             .filter_map(|e| {
@@ -844,7 +864,10 @@ impl Builder<'_> {
             .map(|e| e.backend.budget.clone())
             .filter(|b| b.configured_as(&retry.budget))
             .unwrap_or_else(|| Arc::new(crate::retry::Budget::new(&retry.budget, Instant::now())));
-        let name: Arc<str> = format!("{}/{}:{port}", svc.namespace, svc.name).into();
+        // The breaker's gate counts connections to these members, so it is made first.
+        let gate = policy
+            .and_then(|p| p.circuit_breaker.as_ref())
+            .map(|cb| self.gate(&name, cb, &members));
         let mut balancer = Balancer::new(lb.algorithm, members, bound, lb.ewma_decay.get());
         let locality = policy.map(|p| p.locality.clone()).unwrap_or_default();
         if locality.enabled {
@@ -889,9 +912,32 @@ impl Builder<'_> {
             ),
             ejecting: Default::default(),
             health_check: policy.and_then(|p| p.health_check.clone()),
+            gate,
         });
         self.backends.insert((svc.clone(), port), backend.clone());
         backend
+    }
+
+    /// A backend's circuit breaker: this config's limits over the counters it had in the
+    /// previous snapshot, so what is in flight stays counted across a reload.
+    fn gate(
+        &mut self,
+        name: &Arc<str>,
+        cb: &trellis_api::policy::CircuitBreaker,
+        members: &[Member],
+    ) -> crate::breaker::Gate {
+        let state = self
+            .previous
+            .and_then(|p| p.breakers.get(name))
+            .cloned()
+            .unwrap_or_default();
+        self.breakers.insert(name.clone(), state.clone());
+        crate::breaker::Gate {
+            name: name.clone(),
+            state,
+            limits: crate::breaker::Limits::from_spec(cb),
+            endpoints: members.iter().map(|m| m.state.clone()).collect(),
+        }
     }
 
     fn backend_ref(
@@ -991,6 +1037,10 @@ impl Builder<'_> {
                         .map_err(|e| e.to_string())?,
                     path: r.path.as_ref().map(path_change),
                 });
+            }
+            if let Some(e) = &f.extension_ref {
+                // Validation checked that it names a FaultInjection of this namespace.
+                out.fault = self.faults.get(&key(ns, &e.name)).cloned();
             }
             if let Some(m) = &f.request_mirror {
                 let b = &m.backend_ref;

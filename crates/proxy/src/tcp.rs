@@ -24,6 +24,17 @@ pub async fn forward(
 ) -> std::io::Result<Option<Spliced>> {
     // The fallback step: another service while this one has no usable endpoint.
     let backend = backend.or_fallback();
+    // Opaque connections count against the backend's maxConnections too; at the limit the
+    // client's connection is closed at once (there is no request to queue).
+    let _permit = match backend.gate.as_ref().map(|g| g.tcp()) {
+        Some(Err(limit)) => {
+            tracing::debug!(backend = %backend.name, "circuit breaker: TCP connection refused");
+            metrics.breaker_rejected(&backend.name, limit);
+            return Ok(None);
+        }
+        Some(Ok(p)) => Some(p),
+        None => None,
+    };
     let hash = match backend.hash_on {
         Some(HashOn::SourceIp) => Some(crate::rand::hash_bytes(peer.ip().to_string().as_bytes())),
         _ => None,

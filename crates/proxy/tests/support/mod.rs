@@ -624,3 +624,79 @@ pub async fn hung_upstream() -> (SocketAddr, Arc<AtomicU64>) {
 pub async fn admin_json(p: &TestProxy, path: &str) -> serde_json::Value {
     get(p.proxy.admin_addr(), path).await.json()
 }
+
+/// An upstream that holds every request until [`Held::release`], counting the requests
+/// that arrived (readable as a readiness signal) and the connections it accepted.
+pub struct Held {
+    pub addr: SocketAddr,
+    /// Requests that reached the upstream so far.
+    pub arrived: tokio::sync::watch::Receiver<u64>,
+    /// Connections accepted.
+    pub conns: Arc<AtomicU64>,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Held {
+    /// Lets every held request, and every later one, through.
+    pub fn release(&self) {
+        let _ = self.open.send(true);
+    }
+
+    /// Waits (at most 10 s) until `n` requests have arrived.
+    pub async fn wait_arrived(&self, n: u64) {
+        let mut rx = self.arrived.clone();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|a| *a >= n))
+            .await
+            .unwrap_or_else(|_| panic!("{} of {n} requests arrived", *self.arrived.borrow()))
+            .unwrap();
+    }
+
+    pub fn arrived_now(&self) -> u64 {
+        *self.arrived.borrow()
+    }
+}
+
+pub async fn held_upstream() -> Held {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (arrived_tx, arrived) = tokio::sync::watch::channel(0u64);
+    let arrived_tx = Arc::new(arrived_tx);
+    let (open, open_rx) = tokio::sync::watch::channel(false);
+    let conns = Arc::new(AtomicU64::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+            let (arrived_tx, open_rx) = (arrived_tx.clone(), open_rx.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let mut open_rx = open_rx.clone();
+                    arrived_tx.send_modify(|n| *n += 1);
+                    async move {
+                        let _ = open_rx.wait_for(|o| *o).await;
+                        let mut resp = Response::new(
+                            Full::new(Bytes::from_static(b"ok"))
+                                .map_err(|n| match n {})
+                                .boxed(),
+                        );
+                        resp.headers_mut()
+                            .insert("x-upstream", "held".parse().unwrap());
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Held {
+        addr,
+        arrived,
+        conns,
+        open,
+    }
+}
