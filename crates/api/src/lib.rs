@@ -9,8 +9,8 @@
 pub mod authn;
 pub mod authz;
 pub mod duration;
-pub mod health;
 pub mod fault;
+pub mod health;
 mod load;
 pub mod locality;
 pub mod mesh;

@@ -651,8 +651,7 @@ impl Metrics {
         self.outlier_ejections.retain(|l| backend_live(&l.backend));
         self.outlier_ejected.retain(|l| backend_live(&l.backend));
         self.health_checks.retain(|l| backend_live(&l.backend));
-        self.breaker_rejected
-            .retain(|l| backend_live(&l.backend));
+        self.breaker_rejected.retain(|l| backend_live(&l.backend));
         self.faults.retain(|l| routes.contains(&l.route));
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let on = |l: &Arc<str>| listeners.contains(l);
