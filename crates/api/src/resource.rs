@@ -119,6 +119,9 @@ impl<S: PartialEq> PartialEq for Object<S> {
 /// A resource of any kind.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
+// Resources are parsed once per config change and held by the snapshot; boxing the larger
+// specs would buy nothing measurable and cost every match an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum Resource {
     /// A `Proxy`.
     Proxy(Object<ProxySpec>),
