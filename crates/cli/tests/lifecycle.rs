@@ -172,28 +172,8 @@ fn an_instance_restarted_during_a_control_plane_outage_replaces_its_stale_regist
     let port = free_port();
     let tok = token(&cp, "product-catalog");
     // The default 10 s lease: a stale registration would outlive the checks below.
-    let instance = |name: &str, version: &str| {
-        run(
-            dir.path(),
-            name,
-            &[
-                "--control",
-                &url,
-                "--service",
-                "product-catalog",
-                "--port",
-                &port.to_string(),
-                "--label",
-                &format!("version={version}"),
-                "--health",
-                "http:/healthz",
-                "--token",
-                &tok,
-            ],
-            &[bin(), "demo-app", "product-catalog"],
-            &[("DEMO_VERSION", version)],
-        )
-    };
+    let instance =
+        |name: &str, version: &str| catalog_with(dir.path(), name, &url, port, version, &tok, &[]);
     let mut old = instance("catalog", "old");
     let up = free_port();
     let _client = client(dir.path(), &url, up, "client-state", &token(&cp, "client"));

@@ -250,25 +250,7 @@ fn exchange<S: Read + Write>(
     )?;
     s.flush()?;
     let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let status = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-    let mut headers = BTreeMap::new();
-    loop {
-        let mut h = String::new();
-        r.read_line(&mut h)?;
-        let h = h.trim_end();
-        if h.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
+    let (status, headers) = read_head(&mut r)?;
     let mut body = String::new();
     match r.read_to_string(&mut body) {
         Ok(_) => {}
@@ -549,25 +531,7 @@ impl KeepAlive {
             "GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{}\r\n\r\n",
             self.port
         )?;
-        let mut line = String::new();
-        conn.read_line(&mut line)?;
-        let status = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-        let mut headers = BTreeMap::new();
-        loop {
-            let mut h = String::new();
-            conn.read_line(&mut h)?;
-            let h = h.trim_end();
-            if h.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = h.split_once(':') {
-                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-            }
-        }
+        let (status, headers) = read_head(conn)?;
         let len: usize = headers
             .get("content-length")
             .and_then(|v| v.parse().ok())
@@ -595,25 +559,40 @@ pub fn catalog_on(
     version: &str,
     token: &str,
 ) -> Proc {
+    catalog_with(dir, name, control, port, version, token, &["--ttl", "2s"])
+}
+
+/// Like [`catalog_on`], with `flags` for `trellis run` instead of the short 2 s lease.
+pub fn catalog_with(
+    dir: &Path,
+    name: &str,
+    control: &str,
+    port: u16,
+    version: &str,
+    token: &str,
+    flags: &[&str],
+) -> Proc {
+    let port = port.to_string();
+    let label = format!("version={version}");
+    let mut args = vec![
+        "--control",
+        control,
+        "--service",
+        "product-catalog",
+        "--port",
+        &port,
+        "--label",
+        &label,
+        "--health",
+        "http:/healthz",
+        "--token",
+        token,
+    ];
+    args.extend_from_slice(flags);
     run(
         dir,
         name,
-        &[
-            "--control",
-            control,
-            "--service",
-            "product-catalog",
-            "--port",
-            &port.to_string(),
-            "--label",
-            &format!("version={version}"),
-            "--health",
-            "http:/healthz",
-            "--ttl",
-            "2s",
-            "--token",
-            token,
-        ],
+        &args,
         &[bin(), "demo-app", "product-catalog"],
         &[("DEMO_VERSION", version)],
     )
@@ -651,4 +630,28 @@ pub fn wait_endpoints(admin: u16, service: &str, n: usize) {
             (ready && sidecar_endpoints(admin, service)?.len() == n).then_some(())
         },
     );
+}
+
+/// An HTTP/1.1 response's status and headers (names lowercased), read up to the blank line.
+fn read_head(r: &mut impl BufRead) -> std::io::Result<(u16, BTreeMap<String, String>)> {
+    let mut line = String::new();
+    r.read_line(&mut line)?;
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
+    let mut headers = BTreeMap::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h)?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = h.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    Ok((status, headers))
 }
