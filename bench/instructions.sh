@@ -5,12 +5,15 @@
 #
 #   bash bench/instructions.sh                 # builds trellis (release) if needed
 #   TRELLIS_BIN=path/to/trellis bash bench/instructions.sh
+#   POLICY_SETS="none default all" bash bench/instructions.sh   # trellis only, per policy set
+#                                  (bench/lib/policies.sh: the resilience layer's cost)
 #
 # Each proxy runs under callgrind with one thread in front of an nginx upstream serving
 # 1 KiB; wrk warms it up for 2 s, the counters are zeroed, and the instructions of the next
 # 6 s of wrk load are divided by the requests served in them.
 set -euo pipefail
 source "$(dirname "$0")/lib/one-hop.sh"
+source "$(dirname "$0")/lib/policies.sh"
 one_hop_prepare instr valgrind nginx haproxy wrk curl
 UP=28080 PROXY=28001 ADMIN=28990
 one_hop_configs $UP $PROXY $PROXY $ADMIN
@@ -41,5 +44,13 @@ count() {
 
 echo "| proxy | requests | user-space instructions / request |"
 echo "|---|--:|--:|"
+if [[ -n ${POLICY_SETS:-} ]]; then
+    for set in $POLICY_SETS; do
+        { cat "$TMP/trellis.yaml"; policy "$set"; } >"$TMP/trellis-$set.yaml"
+        "$BIN" validate -f "$TMP/trellis-$set.yaml" >/dev/null
+        count "trellis-$set" "$BIN" proxy --config "$TMP/trellis-$set.yaml" --threads 1 --log warn
+    done
+    exit 0
+fi
 count trellis "$BIN" proxy --config "$TMP/trellis.yaml" --threads 1 --log warn
 count haproxy haproxy -f "$TMP/haproxy.cfg" -db

@@ -20,6 +20,9 @@ pub struct Config {
     pub(crate) rate: f64,
     pub(crate) payment_failure_rate: f64,
     pub(crate) latency: Duration,
+    /// Every request but `/healthz` answered with this status at once: an instance that is
+    /// broken while its health check stays green, for rehearsing outlier detection.
+    pub(crate) fail_status: Option<http::StatusCode>,
 }
 
 impl Config {
@@ -61,6 +64,17 @@ impl Config {
                 v.parse().ok()
             })?
             .map_or(Duration::ZERO, Duration::from_millis),
+            fail_status: setting(
+                &get,
+                "FAIL_STATUS",
+                "expected an HTTP status 400 to 599",
+                |v| {
+                    v.parse::<u16>()
+                        .ok()
+                        .filter(|s| (400..=599).contains(s))
+                        .and_then(|s| http::StatusCode::from_u16(s).ok())
+                },
+            )?,
         })
     }
 
@@ -135,6 +149,7 @@ mod tests {
         assert_eq!(c.rate, 20.0);
         assert_eq!(c.payment_failure_rate, 0.02);
         assert_eq!(c.latency, Duration::ZERO);
+        assert_eq!(c.fail_status, None);
         assert!(c.catalog_url.is_none() && c.http_proxy.is_none());
     }
 
@@ -148,6 +163,7 @@ mod tests {
             ("RATE", "2.5"),
             ("PAYMENT_FAILURE_RATE", "1"),
             ("LATENCY_MS", "30"),
+            ("FAIL_STATUS", "500"),
         ])
         .unwrap();
         assert_eq!(c.port(), Some(8080));
@@ -157,6 +173,7 @@ mod tests {
         assert_eq!(c.rate, 2.5);
         assert_eq!(c.payment_failure_rate, 1.0);
         assert_eq!(c.latency, Duration::from_millis(30));
+        assert_eq!(c.fail_status, Some(http::StatusCode::INTERNAL_SERVER_ERROR));
         let c = config(&[("HTTP_PROXY", "http://localhost")]).unwrap();
         assert_eq!(c.http_proxy.as_deref(), Some("localhost:80"));
     }
@@ -170,6 +187,8 @@ mod tests {
             ("RATE", "1e12"),
             ("PAYMENT_FAILURE_RATE", "1.5"),
             ("LATENCY_MS", "-1"),
+            ("FAIL_STATUS", "200"),
+            ("FAIL_STATUS", "600"),
             ("CATALOG_URL", "127.0.0.1:1"),
             ("TARGET_URL", "https://x"),
             ("HTTP_PROXY", "socks5://x:1"),

@@ -117,7 +117,11 @@ pub async fn serve(
         Ok(addr) => tracing::info!(app = app.name(), %addr, "demo app listening"),
         Err(_) => tracing::info!(app = app.name(), "demo app listening"),
     }
-    web::serve(listener, Arc::new(service), config.latency, shutdown).await;
+    let behaviour = web::Behaviour {
+        latency: config.latency,
+        fail_status: config.fail_status,
+    };
+    web::serve(listener, Arc::new(service), behaviour, shutdown).await;
     Ok(())
 }
 

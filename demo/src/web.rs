@@ -36,11 +36,18 @@ pub(crate) struct Req {
     pub body: Bytes,
 }
 
+/// How every answer is degraded on purpose (`LATENCY_MS`, `FAIL_STATUS`); `/healthz` never is.
+#[derive(Clone, Copy)]
+pub(crate) struct Behaviour {
+    pub latency: Duration,
+    pub fail_status: Option<StatusCode>,
+}
+
 /// Accepts connections until `shutdown` resolves, then lets open ones finish.
 pub(crate) async fn serve(
     listener: TcpListener,
     service: Arc<Service>,
-    latency: Duration,
+    behaviour: Behaviour,
     shutdown: impl Future<Output = ()>,
 ) {
     let (stop, stopping) = watch::channel(());
@@ -52,7 +59,7 @@ pub(crate) async fn serve(
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
-                    conns.spawn(connection(stream, service.clone(), latency, stopping.clone()));
+                    conns.spawn(connection(stream, service.clone(), behaviour, stopping.clone()));
                 }
                 // Usually out of file descriptors: back off instead of spinning.
                 Err(e) => {
@@ -72,13 +79,13 @@ pub(crate) async fn serve(
 async fn connection(
     stream: TcpStream,
     service: Arc<Service>,
-    latency: Duration,
+    behaviour: Behaviour,
     mut stopping: watch::Receiver<()>,
 ) {
     let _ = stream.set_nodelay(true);
     let svc = service_fn(move |req| {
         let service = service.clone();
-        async move { Ok::<_, Infallible>(answer(&service, latency, req).await) }
+        async move { Ok::<_, Infallible>(answer(&service, behaviour, req).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
@@ -90,7 +97,7 @@ async fn connection(
     let _ = conn.await;
 }
 
-async fn answer(service: &Service, latency: Duration, req: Request<Incoming>) -> Response<Body> {
+async fn answer(service: &Service, behaviour: Behaviour, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let Ok(body) = Limited::new(body, MAX_BODY).collect().await else {
         return error(
@@ -99,8 +106,13 @@ async fn answer(service: &Service, latency: Duration, req: Request<Incoming>) ->
         );
     };
     let path = parts.uri.path().to_owned();
-    if !latency.is_zero() && path != "/healthz" {
-        tokio::time::sleep(latency).await;
+    if path != "/healthz" {
+        if !behaviour.latency.is_zero() {
+            tokio::time::sleep(behaviour.latency).await;
+        }
+        if let Some(status) = behaviour.fail_status {
+            return error(status, "failing on purpose (FAIL_STATUS)");
+        }
     }
     let req = Req {
         method: parts.method,

@@ -38,6 +38,7 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
         .collect();
     let mut mesh_configs: BTreeMap<String, &Located<Resource>> = BTreeMap::new();
     let mut fallbacks = Fallbacks::new();
+    let mut policy_targets: BTreeMap<(String, String), &Located<Resource>> = BTreeMap::new();
     for r in resources {
         let m = r.value.metadata();
         if let Err(e) = check_name(&m.name) {
@@ -96,6 +97,32 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
                         format!(
                             "only core Services can be targeted, not {}/{}",
                             t.group, t.kind
+                        ),
+                    );
+                } else if let Some(first) = policy_targets.insert(
+                    (
+                        t.namespace.clone().unwrap_or_else(|| m.namespace.clone()),
+                        t.name.clone(),
+                    ),
+                    r,
+                ) {
+                    // One policy per Service: a second would silently replace the first.
+                    // Reported where the user can fix it (a file over the store).
+                    let (at, other) = if r.first_line == 0 && first.first_line > 0 {
+                        (first, r)
+                    } else {
+                        (r, first)
+                    };
+                    v.at(
+                        at,
+                        "spec.targetRef",
+                        format!(
+                            "Service {}/{} already has BackendPolicy {} ({}:{}); one per Service, so merge them",
+                            t.namespace.as_deref().unwrap_or(ctx.ns),
+                            t.name,
+                            other.value.metadata().name,
+                            other.file,
+                            other.first_line
                         ),
                     );
                 } else if ctx.service(t.namespace.as_deref(), &t.name).is_none() {
@@ -2213,6 +2240,13 @@ spec:
             (
                 policy("p", "a", "  fallback: {name: c, port: 8080}\n"),
                 Some(("spec.fallback.port", "Service default/c has no port 8080")),
+            ),
+            (
+                policy("p", "a", "") + &policy("q", "a", ""),
+                Some((
+                    "spec.targetRef",
+                    "Service default/a already has BackendPolicy p (t.yaml:",
+                )),
             ),
             (
                 policy("p", "a", "  fallback: {name: b}\n")

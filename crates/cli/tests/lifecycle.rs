@@ -324,3 +324,157 @@ fn opaque_tcp_across_mutual_tls_follows_endpoints_from_the_control_plane() {
     let log = client.log_text();
     assert!(!log.contains("no endpoint for TCP"), "{log}");
 }
+
+/// `n` keep-alive loaders until `stop`: their answers by version and their failures, merged.
+fn load_from(
+    n: usize,
+    port: u16,
+    stop: &Arc<AtomicBool>,
+) -> impl FnOnce() -> (Vec<String>, Vec<String>) {
+    let loaders: Vec<_> = (0..n).map(|_| load(port, stop.clone())).collect();
+    move || {
+        let (mut ok, mut failed) = (Vec::new(), Vec::new());
+        for l in loaders {
+            let (o, f) = l.join().unwrap();
+            ok.extend(o);
+            failed.extend(f);
+        }
+        (ok, failed)
+    }
+}
+
+#[test]
+fn a_host_killed_under_load_fails_no_idempotent_request() {
+    let dir = TempDir::new("hostkill");
+    let cp = ControlPlane::start_in(dir.path());
+    // The default 10 s lease: for the seconds that matter the registry still lists the dead
+    // host, so only the client sidecar's own failure handling keeps traffic off it.
+    let mut hosts: Vec<Proc> = ["a", "b", "c"]
+        .iter()
+        .map(|v| {
+            let tok = token(&cp, "product-catalog");
+            catalog_with(dir.path(), v, &cp.url(), free_port(), v, &tok, &[])
+        })
+        .collect();
+    let up = free_port();
+    let client = client(
+        dir.path(),
+        &cp.url(),
+        up,
+        "client-state",
+        &token(&cp, "client"),
+    );
+    let admin = admin_port(&client);
+    wait_versions(up, &["a", "b", "c"], Duration::from_secs(60));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let finish = load_from(2, up, &stop);
+    std::thread::sleep(Duration::from_secs(2));
+    // The host dies: sidecar and app SIGKILLed together.
+    let victim = &mut hosts[2];
+    for pid in tree(victim.pid()) {
+        signal(pid, "KILL");
+    }
+    let _ = victim.child.wait();
+    std::thread::sleep(Duration::from_secs(4));
+    let listed = sidecar_endpoints(admin, "product-catalog").map_or(0, |e| e.len());
+    std::thread::sleep(Duration::from_secs(2));
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = finish();
+    eprintln!(
+        "{} requests, {} failed; the client still listed {listed} endpoints 4 s after the kill",
+        ok.len() + failed.len(),
+        failed.len()
+    );
+    assert!(failed.is_empty(), "{failed:#?}");
+    assert!(ok.len() > 100, "too little load: {}", ok.len());
+    for v in ["a", "b", "c"] {
+        assert!(ok.iter().any(|o| o == v), "{v} never answered");
+    }
+    assert_eq!(
+        listed, 3,
+        "the dead host left the registry too early to prove anything"
+    );
+}
+
+#[test]
+fn an_instance_failing_fast_behind_a_green_health_check_is_ejected() {
+    let dir = TempDir::new("fast500");
+    let cp = ControlPlane::start_in(dir.path());
+    let url = cp.url();
+    let _good: Vec<Proc> = ["a", "b"]
+        .iter()
+        .map(|v| {
+            let tok = token(&cp, "product-catalog");
+            catalog_with(dir.path(), v, &url, free_port(), v, &tok, &[])
+        })
+        .collect();
+    // Every request but /healthz answered 500 at once.
+    let bad_port = free_port();
+    let _bad = catalog_env(
+        dir.path(),
+        "bad",
+        &url,
+        bad_port,
+        "bad",
+        &token(&cp, "product-catalog"),
+        &[],
+        &[("FAIL_STATUS", "500")],
+    );
+    wait_healthy(bad_port);
+    let up = free_port();
+    let client = client(dir.path(), &url, up, "client-state", &token(&cp, "client"));
+    let admin = admin_port(&client);
+    wait_endpoints(admin, "product-catalog", 3);
+
+    // Enough requests that 1% means something: at least 1,000 (or 45 s on a slow machine).
+    let stop = Arc::new(AtomicBool::new(false));
+    let finish = load_from(2, up, &stop);
+    let start = Instant::now();
+    let answered = || -> f64 {
+        get(admin, "/metrics").map_or(0.0, |r| {
+            r.body
+                .lines()
+                .filter(|l| l.starts_with("trellis_http_requests_total{"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        })
+    };
+    while answered() < 1_000.0 && start.elapsed() < Duration::from_secs(45) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failed) = finish();
+    let total = ok.len() + failed.len();
+    eprintln!(
+        "{total} requests in {:?}, {} failed",
+        start.elapsed(),
+        failed.len()
+    );
+    assert!(total >= 500, "too little load: {total}");
+    assert!(
+        failed.len() * 100 < total,
+        "{} of {total} failed",
+        failed.len()
+    );
+    // Five consecutive 5xx eject it (each loader may see one more before it is out).
+    assert!(
+        failed.len() <= 7,
+        "{} of {total} failed: {failed:#?}",
+        failed.len()
+    );
+    assert!(failed.iter().all(|f| f.starts_with("500")), "{failed:#?}");
+    // Its health check stays green: the registry keeps it; the client's sidecar ejected it.
+    assert!(registered(&cp).contains(&"bad".to_string()));
+    let view: serde_json::Value =
+        serde_json::from_str(&get(admin, "/endpoints").unwrap().body).unwrap();
+    let ejected: Vec<&serde_json::Value> = view
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|b| b["endpoints"].as_array().unwrap())
+        .filter(|e| e["timesEjected"].as_u64() > Some(0))
+        .collect();
+    assert_eq!(ejected.len(), 1, "{view:#}");
+    assert_eq!(ejected[0]["usable"], false, "{view:#}");
+}

@@ -97,6 +97,7 @@ async fn respond(
         }
         "/metrics" => {
             crate::outlier::refresh_gauges(&shared);
+            crate::breaker::refresh_gauges(&shared);
             text(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

@@ -9,8 +9,11 @@
 //! so a limit holds exactly however many threads race for the last slot.
 
 use crate::endpoint::EndpointState;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
 /// Which limit refused.
@@ -64,6 +67,50 @@ impl Limits {
             Limit::Requests => self.max_requests,
         }
         .unwrap_or(u32::MAX)
+    }
+}
+
+/// Sets the circuit breaker gauges of every backend of the active snapshot that has
+/// limits: what each limit counts now, and the limit.
+pub fn refresh_gauges(shared: &crate::Shared) {
+    let snap = shared.snapshot();
+    let m = &shared.metrics;
+    let backends = crate::outlier::backends(&snap);
+    // A backend whose policy dropped its limits loses its series.
+    let gated: std::collections::HashSet<&Arc<str>> = backends
+        .iter()
+        .filter(|b| b.gate.is_some())
+        .map(|b| &b.name)
+        .collect();
+    m.breaker_current.retain(|l| gated.contains(&l.backend));
+    m.breaker_limit.retain(|l| gated.contains(&l.backend));
+    for b in backends {
+        let Some(gate) = &b.gate else { continue };
+        let (connections, pending, requests) = gate.state.counts();
+        for (limit, now) in [
+            (Limit::Connections, connections),
+            (Limit::PendingRequests, pending),
+            (Limit::Requests, requests),
+        ] {
+            let labels = crate::metrics::BreakerLabels {
+                backend: b.name.clone(),
+                limit: limit.field(),
+            };
+            m.breaker_current
+                .get_or_create(&labels)
+                .set(i64::try_from(now).unwrap_or(i64::MAX));
+            let max = match limit {
+                Limit::Connections => gate.limits.max_connections,
+                Limit::PendingRequests => gate.limits.max_pending_requests,
+                Limit::Requests => gate.limits.max_requests,
+            };
+            match max {
+                Some(max) => {
+                    m.breaker_limit.get_or_create(&labels).set(i64::from(max));
+                }
+                None => m.breaker_limit.retain(|l| *l != labels),
+            }
+        }
     }
 }
 
@@ -175,6 +222,65 @@ impl Drop for ConnPermit {
     fn drop(&mut self) {
         self.0.connections.fetch_sub(1, Ordering::AcqRel);
         self.0.wake();
+    }
+}
+
+/// An upstream connection's I/O with its permit: the connection counts against
+/// `maxConnections` for as long as the I/O lives, also after an upgrade (WebSocket) has taken
+/// it from the HTTP/1.1 connection task.
+#[derive(Debug)]
+pub struct Counted<T> {
+    io: T,
+    _permit: Option<ConnPermit>,
+}
+
+impl<T> Counted<T> {
+    /// `io`, counted by `permit` (none: the backend has no limits).
+    pub fn new(io: T, permit: Option<ConnPermit>) -> Counted<T> {
+        Counted {
+            io,
+            _permit: permit,
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 

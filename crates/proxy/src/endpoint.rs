@@ -276,7 +276,9 @@ impl EndpointState {
                 break p;
             }
         };
-        let io = self.connect(connect_timeout).await?;
+        // Counted against the circuit breaker until the connection closes, or the upgraded
+        // stream that took it over ends.
+        let io = crate::breaker::Counted::new(self.connect(connect_timeout).await?, permit);
         let (tx, conn) = http1::Builder::new()
             .handshake(TokioIo::new(io))
             .await
@@ -285,8 +287,6 @@ impl EndpointState {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream http/1 connection ended");
             }
-            // Counted against the circuit breaker until it closes.
-            drop(permit);
         });
         Ok(tx)
     }

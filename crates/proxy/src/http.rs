@@ -336,7 +336,7 @@ async fn forward(
     h2_limits: H2Limits,
     metrics: &Metrics,
     grpc: bool,
-) -> Result<(Response<Body>, Option<InFlight>, Instant), ProxyError> {
+) -> Result<(Response<Body>, Option<Upgraded>, Instant), ProxyError> {
     // The fallback step: another service while this one has no usable endpoint.
     let backend = fwd.backend.or_fallback();
     let version = req.version();
@@ -519,7 +519,7 @@ const NOT_SENT_RESENDS: u32 = 2;
 fn respond(
     endpoint: &Arc<EndpointState>,
     a: attempt::Answer,
-) -> (Response<Body>, Option<InFlight>, Instant) {
+) -> (Response<Body>, Option<Upgraded>, Instant) {
     let attempt::Answer {
         resp,
         guard,
@@ -532,11 +532,12 @@ fn respond(
     let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(&mut parts.headers, upgraded);
     if upgraded {
-        // The connection now belongs to the upgraded stream: not pooled.
+        // The connection now belongs to the upgraded stream: not pooled. The stream stays
+        // in flight (endpoint and circuit breaker) until it ends, not until the 101 is sent.
         let body = Tracked {
             inner: incoming,
             guard: None,
-            permit,
+            permit: None,
             pool: None,
             tx: None,
             busy: None,
@@ -544,7 +545,10 @@ fn respond(
         };
         return (
             Response::from_parts(parts, body.into()),
-            Some(guard),
+            Some(Upgraded {
+                _guard: guard,
+                _permit: permit,
+            }),
             answered,
         );
     }
@@ -841,9 +845,14 @@ async fn mirror(
                 &shared.metrics,
                 false,
             );
-            if let Ok((resp, ..)) = sent.await {
+            match sent.await {
                 // Drain so the pooled connection can be reused.
-                let _ = resp.into_body().collect().await;
+                Ok((resp, ..)) => drop(resp.into_body().collect().await),
+                // A mirror refused by the breaker is counted like any other refusal.
+                Err(ProxyError::Overloaded(backend, limit, _)) => {
+                    shared.metrics.breaker_rejected(&backend, limit);
+                }
+                Err(_) => {}
             }
         });
     }
@@ -937,6 +946,12 @@ impl UpstreamBody {
             UpstreamBody::Lean(b) => b.is_end_stream(),
         }
     }
+}
+
+/// An upgraded exchange's counts, held until the spliced stream ends.
+pub(crate) struct Upgraded {
+    _guard: InFlight,
+    _permit: Option<crate::breaker::RequestPermit>,
 }
 
 /// A response body that keeps its endpoint's in-flight count raised until it ends, and

@@ -179,6 +179,7 @@ impl Proxy {
     /// Metrics in Prometheus text format.
     pub fn metrics_text(&self) -> String {
         outlier::refresh_gauges(&self.shared);
+        breaker::refresh_gauges(&self.shared);
         self.shared.metrics.encode()
     }
 

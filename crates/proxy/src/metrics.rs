@@ -254,7 +254,7 @@ impl<S: Clone + Hash + Eq, M, C: MetricConstructor<M> + Clone> Tracked<S, M, C> 
     }
 
     /// Drops every series whose labels `keep` refuses.
-    fn retain(&self, keep: impl Fn(&S) -> bool) {
+    pub(crate) fn retain(&self, keep: impl Fn(&S) -> bool) {
         let mut gone = Vec::new();
         self.lock().retain(|l| {
             let k = keep(l);
@@ -358,6 +358,10 @@ pub struct Metrics {
     pub health_checkers: Gauge,
     /// Requests and connections refused by a backend's circuit breaker.
     pub breaker_rejected: Tracked<BreakerLabels, Counter>,
+    /// What each circuit breaker limit counts now, and the limit (set when scraped).
+    pub breaker_current: Tracked<BreakerLabels, Gauge>,
+    /// The configured limits of each circuit breaker.
+    pub breaker_limit: Tracked<BreakerLabels, Gauge>,
     /// Faults injected by a `FaultInjection`.
     pub faults: Tracked<FaultLabels, Counter>,
 }
@@ -407,6 +411,8 @@ impl Default for Metrics {
             health_checks: Tracked::default(),
             health_checkers: Gauge::default(),
             breaker_rejected: Tracked::default(),
+            breaker_current: Tracked::default(),
+            breaker_limit: Tracked::default(),
             faults: Tracked::default(),
             registry: Registry::default(),
         };
@@ -567,6 +573,16 @@ impl Default for Metrics {
             m.breaker_rejected.family(),
         );
         registry.register(
+            "circuit_breaker_current",
+            "What a backend's circuit breaker limit counts now (maxConnections: connections open, maxPendingRequests: requests waiting for one, maxRequests: requests and upgraded streams in flight)",
+            m.breaker_current.family(),
+        );
+        registry.register(
+            "circuit_breaker_limit",
+            "A backend's circuit breaker limit as configured",
+            m.breaker_limit.family(),
+        );
+        registry.register(
             "faults_injected",
             "Faults injected by a FaultInjection, by route rule and kind (delay, abort)",
             m.faults.family(),
@@ -652,6 +668,8 @@ impl Metrics {
         self.outlier_ejected.retain(|l| backend_live(&l.backend));
         self.health_checks.retain(|l| backend_live(&l.backend));
         self.breaker_rejected.retain(|l| backend_live(&l.backend));
+        self.breaker_current.retain(|l| backend_live(&l.backend));
+        self.breaker_limit.retain(|l| backend_live(&l.backend));
         self.faults.retain(|l| routes.contains(&l.route));
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let on = |l: &Arc<str>| listeners.contains(l);

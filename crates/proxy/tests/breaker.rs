@@ -388,3 +388,60 @@ spec:
             .is_some()
     );
 }
+
+/// Polls `metric` on `p` until it equals `want` (bounded: 10 s).
+async fn wait_metric(p: &TestProxy, metric: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while p.metric(metric) != want {
+        assert!(
+            Instant::now() < deadline,
+            "{metric} stayed {} (want {want})",
+            p.metric(metric)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn an_upgraded_websocket_holds_its_connection_and_request_until_it_closes() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let ws = ws_echo().await;
+    let p = start_proxy(&breaker_yaml(
+        ws,
+        "{maxConnections: 1, maxPendingRequests: 0, maxRequests: 10}",
+    ))
+    .await;
+    let addr = p.addr("out").await;
+    let (mut sock, resp) = tokio_tungstenite::connect_async(format!("ws://{addr}/socket"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 101);
+    sock.send(Message::text("hello")).await.unwrap();
+    let back = sock.next().await.unwrap().unwrap();
+    assert_eq!(back.into_text().unwrap().as_str(), "hello");
+
+    // The socket's upstream connection is the one allowed: a request needing another fails.
+    let conns =
+        "trellis_circuit_breaker_current{backend=\"default/app:80\",limit=\"maxConnections\"}";
+    let reqs = "trellis_circuit_breaker_current{backend=\"default/app:80\",limit=\"maxRequests\"}";
+    assert_eq!(p.metric(conns), 1.0);
+    assert_eq!(p.metric(reqs), 1.0);
+    assert_eq!(
+        p.metric(
+            "trellis_circuit_breaker_limit{backend=\"default/app:80\",limit=\"maxConnections\"}"
+        ),
+        1.0
+    );
+    let g = get(addr, "/").await;
+    assert_eq!(g.status, 503, "{g:?}");
+    assert!(reason(&g).contains("maxConnections limit of 1"), "{g:?}");
+
+    // Closed: both counts drop and the connection is free for others.
+    sock.close(None).await.unwrap();
+    drop(sock);
+    wait_metric(&p, conns, 0.0).await;
+    wait_metric(&p, reqs, 0.0).await;
+    let g = get(addr, "/socket").await;
+    assert_ne!(g.status, 503, "{g:?}");
+}

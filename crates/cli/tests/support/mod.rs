@@ -572,6 +572,21 @@ pub fn catalog_with(
     token: &str,
     flags: &[&str],
 ) -> Proc {
+    catalog_env(dir, name, control, port, version, token, flags, &[])
+}
+
+/// Like [`catalog_with`], with more environment for the app (`FAIL_STATUS`, `LATENCY_MS`).
+#[allow(clippy::too_many_arguments)]
+pub fn catalog_env(
+    dir: &Path,
+    name: &str,
+    control: &str,
+    port: u16,
+    version: &str,
+    token: &str,
+    flags: &[&str],
+    env: &[(&str, &str)],
+) -> Proc {
     let port = port.to_string();
     let label = format!("version={version}");
     let mut args = vec![
@@ -594,7 +609,7 @@ pub fn catalog_with(
         name,
         &args,
         &[bin(), "demo-app", "product-catalog"],
-        &[("DEMO_VERSION", version)],
+        &[&[("DEMO_VERSION", version)], env].concat(),
     )
 }
 

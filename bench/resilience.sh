@@ -1,0 +1,177 @@
+#!/usr/bin/env bash
+# Resilience cost and benefit (issue 12), one sidecar in front of nginx, all on loopback.
+#  1. Added latency at a constant RATE of one route under three policy sets, interleaved over
+#     ROUNDS: "none" (retries, budget, outlier detection and timeouts all off), "default" (no
+#     BackendPolicy: Trellis's defaults, i.e. connect-failure/reset retries with a budget and
+#     outlier detection), and "all" (route timeouts, per-try timeout, retries on 5xx with a
+#     budget, outlier detection with the latency rule, and a circuit breaker with every limit).
+#  2. Instance kill under load: three nginx instances behind the sidecar at RATE; KILL_AT
+#     seconds in, one instance (master and worker) is SIGKILLed; client-visible errors (oha
+#     errors and non-200 answers) for each policy set, KILL_ROUNDS times each.
+#   RATE=1000 DURATION=20s ROUNDS=3 KILL_ROUNDS=2 bash bench/resilience.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATE=${RATE:-1000}
+DURATION=${DURATION:-20s}
+WARMUP=${WARMUP:-3s}
+ROUNDS=${ROUNDS:-3}
+KILL_ROUNDS=${KILL_ROUNDS:-2}
+KILL_DURATION=${KILL_DURATION:-15}
+KILL_AT=${KILL_AT:-5}
+CONNS=${CONNS:-50}
+SETS=${SETS:-"none default all"}
+PROFILE=${PROFILE:-quick-release}
+OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
+T=${TRELLIS_BIN:-}
+
+source "bench/lib/policies.sh"
+log() { printf '[resilience %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
+command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
+[ -x "$OHA" ] || cargo install oha --locked
+if [[ -z $T ]]; then
+    cargo build --profile "$PROFILE" -p trellis-cli
+    T=target/$PROFILE/trellis
+fi
+
+TMP=$(mktemp -d /tmp/trellis-resilience.XXXXXX)
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; log "port $1 never opened"; exit 1; }
+
+# nginx NAME PORT: one worker answering 1 KiB on every path; its master's PID in NGINX_PID.
+BODY=$(head -c 1024 /dev/zero | tr '\0' 'x')
+nginx_up() {
+    local name=$1 p=$2 d=$TMP/$1
+    mkdir -p "$d"
+    cat >"$d/nginx.conf" <<NGINX
+worker_processes 1; daemon off; pid $d/nginx.pid; error_log $d/error.log;
+events { worker_connections 4096; }
+http { access_log off; default_type text/plain; keepalive_requests 10000000; keepalive_timeout 120s;
+  client_body_temp_path $d; proxy_temp_path $d; fastcgi_temp_path $d; uwsgi_temp_path $d; scgi_temp_path $d;
+  server { listen 127.0.0.1:$p backlog=4096; location / { return 200 "$BODY"; } } }
+NGINX
+    nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log" &
+    NGINX_PID=$!
+    PIDS+=("$NGINX_PID")
+    wait_port "$p"
+    ok "http://127.0.0.1:$p/1k"
+}
+# ok URL: the URL answers 200 with the 1 KiB body, or the run stops (a broken path measures nothing).
+ok() {
+    local got
+    got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' "$1") || true
+    [[ $got == "200 1024" ]] || { log "$1 answered '$got', not 200 with 1024 bytes"; exit 1; }
+}
+
+# sidecar SET PORT ADMIN ENDPOINT_PORT...: a standalone sidecar, one worker thread.
+sidecar() {
+    local set=$1 p=$2 admin=$3 cfg=$TMP/sidecar-$1-$2.yaml e
+    shift 3
+    {
+        cat <<YAML
+apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {name: bench}
+spec:
+  admin: {address: 127.0.0.1:$admin}
+  outbound: [{name: up, address: 127.0.0.1:$p, service: {name: up}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: up}
+spec:
+  ports: [{port: 80, appProtocol: http}]
+  endpoints:
+YAML
+        for e in "$@"; do echo "    - address: 127.0.0.1:$e"; done
+        policy "$set"
+    } >"$cfg"
+    "$T" validate -f "$cfg" >/dev/null || { log "trellis validate refused $cfg"; exit 1; }
+    "$T" proxy --config "$cfg" --threads 1 --log warn >"$cfg.log" 2>&1 &
+    SIDECAR_PID=$!
+    PIDS+=("$SIDECAR_PID")
+    wait_port "$p"
+    ok "http://127.0.0.1:$p/1k"
+}
+
+oha_run() { # JSON DURATION URL
+    "$OHA" -z "$2" -q "$RATE" --latency-correction -c "$CONNS" --no-tui --output-format json "$3" >"$1"
+}
+us() { jq -r "$2 | . * 1000000 | round" "$1"; }
+errors() { # oha errors (not the end-of-run deadline) plus non-200 answers
+    jq '([.errorDistribution | to_entries[] | select(.key | test("deadline") | not) | .value] | add // 0)
+        + ([.statusCodeDistribution | to_entries[] | select(.key != "200") | .value] | add // 0)' "$1"
+}
+median() { sort -n | awk '{ a[NR] = $1 } END { print (NR % 2) ? a[(NR + 1) / 2] : int((a[NR / 2] + a[NR / 2 + 1]) / 2) }'; }
+
+echo "== $(date -u +%FT%TZ) $(nproc) cores; $("$T" --version 2>/dev/null || echo trellis); RATE=$RATE DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS"
+
+# ---- 1. added latency per policy set
+UP=$(port)
+nginx_up upstream "$UP"
+declare -A URL=()
+for set in $SETS; do
+    p=$(port); a=$(port)
+    sidecar "$set" "$p" "$a" "$UP"
+    URL[$set]=http://127.0.0.1:$p/1k
+done
+URL[direct]=http://127.0.0.1:$UP/1k
+declare -A P50=() P99=() P999=() ERR=()
+for ((r = 1; r <= ROUNDS; r++)); do
+    for path in direct $SETS; do
+        log "round $r: $path at $RATE rps for $DURATION"
+        oha_run "$TMP/w.json" "$WARMUP" "${URL[$path]}"
+        oha_run "$TMP/$path.$r.json" "$DURATION" "${URL[$path]}"
+        P50[$path]+="$(us "$TMP/$path.$r.json" '.latencyPercentiles.p50') "
+        P99[$path]+="$(us "$TMP/$path.$r.json" '.latencyPercentiles.p99') "
+        P999[$path]+="$(us "$TMP/$path.$r.json" '.latencyPercentiles["p99.9"]') "
+        ERR[$path]=$(( ${ERR[$path]:-0} + $(errors "$TMP/$path.$r.json") ))
+    done
+done
+med() { tr ' ' '\n' <<<"$1" | grep . | median; }
+d50=$(med "${P50[direct]}"); d99=$(med "${P99[direct]}"); d999=$(med "${P999[direct]}")
+echo
+echo "Added latency at $RATE rps (oha -q $RATE --latency-correction -c $CONNS, $DURATION after a $WARMUP warm-up; medians over $ROUNDS interleaved rounds; µs):"
+echo
+echo "| path | p50 | p99 | p99.9 | added p50 | added p99 | added p99.9 | errors | rounds' p99 |"
+echo "|---|--:|--:|--:|--:|--:|--:|--:|---|"
+for path in direct $SETS; do
+    m50=$(med "${P50[$path]}"); m99=$(med "${P99[$path]}"); m999=$(med "${P999[$path]}")
+    echo "| $path | $m50 | $m99 | $m999 | $((m50 - d50)) | $((m99 - d99)) | $((m999 - d999)) | ${ERR[$path]} | ${P99[$path]% } |"
+done
+for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+wait 2>/dev/null || true
+PIDS=()
+
+# ---- 2. instance kill under load
+echo
+echo "Instance kill: three nginx instances, $RATE rps for ${KILL_DURATION}s, one instance SIGKILLed (master and worker) ${KILL_AT}s in; client-visible errors = oha errors + non-200 answers, per round:"
+echo
+echo "| policy set | round | requests | errors | error % |"
+echo "|---|--:|--:|--:|--:|"
+for ((r = 1; r <= KILL_ROUNDS; r++)); do
+    for set in $SETS; do
+        e1=$(port); e2=$(port); e3=$(port)
+        nginx_up "kill-$set-$r-1" "$e1"
+        nginx_up "kill-$set-$r-2" "$e2"
+        nginx_up "kill-$set-$r-3" "$e3"
+        victim=$NGINX_PID
+        p=$(port); a=$(port)
+        sidecar "$set" "$p" "$a" "$e1" "$e2" "$e3"
+        oha_run "$TMP/w.json" "$WARMUP" "http://127.0.0.1:$p/1k"
+        oha_run "$TMP/kill.json" "${KILL_DURATION}s" "http://127.0.0.1:$p/1k" &
+        load=$!
+        sleep "$KILL_AT"
+        kill -KILL $(pgrep -P "$victim") "$victim" 2>/dev/null || true
+        wait "$load"
+        n=$(jq '[.statusCodeDistribution[]] | add // 0' "$TMP/kill.json")
+        e=$(errors "$TMP/kill.json")
+        echo "| $set | $r | $n | $e | $(awk -v e="$e" -v n="$n" 'BEGIN { printf "%.3f", n ? 100 * e / n : 0 }') |"
+        for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+        wait 2>/dev/null || true
+        PIDS=()
+    done
+done
