@@ -473,9 +473,11 @@ struct Registration {
 /// Registers, heartbeats with the app's health every `interval` (and at least three times
 /// per lease), re-registers after a lapse or a control-plane outage, and deregisters on stop.
 async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToken) {
-    let mut backoff =
-        trellis_proxy::control::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     let beat = r.interval.min(r.ttl / 3);
+    // Never slower than the heartbeat: with a short lease, a 5 s backoff would outlast it.
+    let first = Duration::from_millis(200);
+    let mut backoff =
+        trellis_proxy::control::Backoff::new(first, Duration::from_secs(5).min(beat).max(first));
     let mut id: Option<String> = None;
     let mut client: Option<MeshClient<tonic::transport::Channel>> = None;
     let replicas = endpoints(&r.control);

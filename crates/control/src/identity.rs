@@ -338,9 +338,10 @@ impl Control {
     }
 
     /// Spends one use of a token: a compare-and-swap on its stored version, retried when
-    /// another writer (another replica) changed it first.
+    /// another writer (another replica) changed it first. Spends on this replica queue.
     async fn spend_token(&self, secret: &str) -> Result<(), IdentityError> {
         let key = format!("tokens/{}", trellis_identity::token_hash(secret));
+        let _one_at_a_time = self.token_spends.lock().await;
         for _ in 0..8 {
             let revision = self.state().revision;
             let entry = self.live_token(secret)?;

@@ -38,6 +38,9 @@ pub struct Control {
     pub(crate) proxies: Mutex<BTreeMap<String, ProxyStatus>>,
     pub(crate) settings: Settings,
     pub(crate) ca_cache: identity::CaCache,
+    /// Spends of join tokens on this replica, one at a time: a fleet starting with one token
+    /// would otherwise lose its compare-and-swaps to itself (other replicas still race).
+    pub(crate) token_spends: tokio::sync::Mutex<()>,
     /// Connection and proxy counts, served at `/metrics`.
     pub metrics: metrics::Metrics,
 }
@@ -109,6 +112,7 @@ impl Control {
             metrics: metrics::Metrics::new(settings.limits.max_connections),
             settings,
             ca_cache: identity::CaCache::default(),
+            token_spends: tokio::sync::Mutex::new(()),
         });
         if let StoreSpec::Dir(dir) = spec {
             // redb creates its file with the process umask.

@@ -251,3 +251,46 @@ async fn tokens_decide_identities_and_everything_else_is_refused() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn a_fleet_starting_at_once_with_one_token_gets_every_certificate() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let (control, url, stop, dir) = start().await;
+        let n = 24;
+        let (token, _) = control
+            .create_token("default", "orders", Duration::from_secs(3600), n)
+            .await
+            .unwrap();
+        let mut fleet = tokio::task::JoinSet::new();
+        for _ in 0..n + 2 {
+            let (control, url, token) = (control.clone(), url.clone(), token.clone());
+            fleet.spawn(async move {
+                let key = WorkloadKey::generate().unwrap();
+                let req = wire::CertifyRequest {
+                    token,
+                    csr_pem: key.csr(None).unwrap(),
+                    ..Default::default()
+                };
+                certify_with(&control, &url, req).await
+            });
+        }
+        let (mut ok, mut refused) = (0, Vec::new());
+        while let Some(r) = fleet.join_next().await {
+            match r.unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => refused.push(e.message().to_string()),
+            }
+        }
+        // Exactly the token's uses, however they race; the rest told why.
+        assert_eq!(ok, n, "{refused:?}");
+        assert_eq!(refused.len(), 2);
+        assert!(
+            refused.iter().all(|m| m.contains("already used")),
+            "{refused:?}"
+        );
+        stop.cancel();
+        let _ = std::fs::remove_dir_all(dir);
+    })
+    .await
+    .unwrap();
+}
