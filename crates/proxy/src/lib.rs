@@ -39,6 +39,7 @@ pub mod snapshot;
 mod streams;
 mod tcp;
 pub mod tls;
+pub mod trace;
 mod watch;
 
 pub use error::{ERROR_HEADER, ProxyError};
