@@ -29,6 +29,7 @@ pub mod jwt;
 pub mod limits;
 pub mod locality;
 pub mod metrics;
+pub mod otlp;
 pub mod outlier;
 mod rand;
 mod replay;
