@@ -5,6 +5,7 @@
 //! locks. See `docs/ARCHITECTURE.md` for the request path and the threads and ports.
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
 mod admin;
 mod attempt;
 pub mod authz;

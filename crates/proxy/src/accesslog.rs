@@ -1,0 +1,288 @@
+//! Access logs: one JSON line per request, written off the request path. Requests hand a
+//! finished [`Entry`] to a bounded queue and never wait; a dedicated thread selects the
+//! configured fields, encodes and writes. A slow or stuck disk fills the queue, and further
+//! entries are dropped and counted instead of slowing traffic.
+
+use serde::Serialize;
+use std::io::Write;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc;
+
+/// What one request did. Field names are those of the JSON line.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Entry {
+    /// When the request arrived, RFC 3339 with microseconds.
+    pub start_time: String,
+    /// W3C trace id (32 hex digits), when the request was traced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The client's address.
+    pub client: String,
+    /// The caller's mesh identity (SPIFFE ID), when it presented one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_identity: Option<String>,
+    /// Method.
+    pub method: String,
+    /// `Host` / `:authority`.
+    pub authority: String,
+    /// Path (without the query, which may carry secrets).
+    pub path: String,
+    /// `HTTP/1.1`, `HTTP/2`.
+    pub protocol: &'static str,
+    /// Status sent to the client.
+    pub status: u16,
+    /// gRPC status, for gRPC calls that ended with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+    /// Route rule id (`namespace/route/rule`), `default` or `inbound`.
+    pub route: String,
+    /// Backend (`namespace/service:port`).
+    pub backend: String,
+    /// The endpoint that answered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<String>,
+    /// Why the proxy answered itself (`no_route`, `timeout`, `overloaded`, ...), if it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The authorization policy that allowed or denied the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
+    /// Tries sent (1 + retries).
+    pub attempts: u32,
+    /// Request body bytes received.
+    pub request_bytes: u64,
+    /// Response body bytes sent.
+    pub response_bytes: u64,
+    /// Time to the response head, milliseconds.
+    pub duration_ms: f64,
+}
+
+/// What the writer did, for metrics.
+#[derive(Debug, Default)]
+pub struct Counts {
+    /// Lines written.
+    pub written: AtomicU64,
+    /// Entries dropped because the queue was full (the disk is slow).
+    pub dropped: AtomicU64,
+    /// Lines lost to write errors.
+    pub failed: AtomicU64,
+}
+
+/// The request path's handle.
+#[derive(Clone, Debug)]
+pub struct AccessLog {
+    tx: mpsc::Sender<Entry>,
+    counts: Arc<Counts>,
+}
+
+impl AccessLog {
+    /// Starts the writer thread on `out`, keeping only `fields` of each entry (every field
+    /// when empty), with at most `queue` entries waiting. The thread ends with the last
+    /// handle, after writing what is queued.
+    pub fn start(
+        out: Box<dyn Write + Send>,
+        fields: Vec<String>,
+        queue: usize,
+    ) -> std::io::Result<AccessLog> {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let counts = Arc::new(Counts::default());
+        let c = counts.clone();
+        std::thread::Builder::new()
+            .name("trellis-access-log".into())
+            .spawn(move || write_loop(out, &fields, rx, &c))?;
+        Ok(AccessLog { tx, counts })
+    }
+
+    /// Queues `entry`, or drops and counts it when the queue is full. Never waits.
+    pub fn record(&self, entry: Entry) {
+        if self.tx.try_send(entry).is_err() {
+            self.counts.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The counts so far.
+    pub fn counts(&self) -> &Counts {
+        &self.counts
+    }
+}
+
+/// One entry as its JSON line, keeping only `fields` (all when empty).
+pub fn line(entry: &Entry, fields: &[String]) -> String {
+    let mut v = serde_json::to_value(entry).unwrap_or_default();
+    if !fields.is_empty()
+        && let Some(map) = v.as_object_mut()
+    {
+        map.retain(|k, _| fields.iter().any(|f| f == k));
+    }
+    let mut s = v.to_string();
+    s.push('\n');
+    s
+}
+
+fn write_loop(
+    mut out: Box<dyn Write + Send>,
+    fields: &[String],
+    mut rx: mpsc::Receiver<Entry>,
+    counts: &Counts,
+) {
+    let mut buf = String::new();
+    while let Some(first) = rx.blocking_recv() {
+        // Everything already queued goes out in one write.
+        buf.clear();
+        let mut n = 1;
+        buf.push_str(&line(&first, fields));
+        while n < 256 {
+            match rx.try_recv() {
+                Ok(e) => {
+                    buf.push_str(&line(&e, fields));
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        match out.write_all(buf.as_bytes()).and_then(|()| out.flush()) {
+            Ok(()) => counts.written.fetch_add(n, Ordering::Relaxed),
+            Err(_) => counts.failed.fetch_add(n, Ordering::Relaxed),
+        };
+    }
+}
+
+/// The known field names, for validating a field selection.
+pub const FIELDS: &[&str] = &[
+    "start_time",
+    "trace_id",
+    "direction",
+    "client",
+    "peer_identity",
+    "method",
+    "authority",
+    "path",
+    "protocol",
+    "status",
+    "grpc_status",
+    "route",
+    "backend",
+    "upstream",
+    "reason",
+    "policy",
+    "attempts",
+    "request_bytes",
+    "response_bytes",
+    "duration_ms",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn entry(status: u16) -> Entry {
+        Entry {
+            start_time: "2026-11-30T00:00:00.000001Z".into(),
+            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            direction: "outbound",
+            client: "127.0.0.1:40000".into(),
+            method: "GET".into(),
+            authority: "catalog".into(),
+            path: "/products/1".into(),
+            protocol: "HTTP/1.1",
+            status,
+            route: "shop/catalog/0".into(),
+            backend: "shop/catalog:8080".into(),
+            upstream: Some("10.0.0.1:8080".into()),
+            attempts: 1,
+            duration_ms: 1.5,
+            ..Entry::default()
+        }
+    }
+
+    #[test]
+    fn every_serialized_field_is_listed_and_selection_keeps_only_those_asked_for() {
+        let all = Entry {
+            peer_identity: Some("spiffe://x/ns/a/sa/b".into()),
+            grpc_status: Some(0),
+            reason: Some("timeout".into()),
+            policy: Some("shop/allow".into()),
+            ..entry(200)
+        };
+        let v: serde_json::Value = serde_json::from_str(&line(&all, &[])).unwrap();
+        let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort_unstable();
+        let mut known = FIELDS.to_vec();
+        known.sort_unstable();
+        assert_eq!(keys, known);
+        let some = line(&all, &["status".into(), "trace_id".into()]);
+        assert_eq!(
+            some,
+            "{\"status\":200,\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\"}\n"
+        );
+    }
+
+    /// A sink that records what it got, or blocks until released.
+    #[derive(Clone, Default)]
+    struct Sink {
+        got: Arc<Mutex<Vec<u8>>>,
+        gate: Arc<Mutex<()>>,
+    }
+
+    impl Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let _open = self.gate.lock().unwrap();
+            self.got.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn wait(mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn lines_are_written_in_order() {
+        let sink = Sink::default();
+        let log = AccessLog::start(Box::new(sink.clone()), vec!["status".into()], 64).unwrap();
+        for s in 200..210 {
+            log.record(entry(s));
+        }
+        wait(|| log.counts().written.load(Ordering::Relaxed) == 10);
+        let text = String::from_utf8(sink.got.lock().unwrap().clone()).unwrap();
+        let want: String = (200..210)
+            .map(|s| format!("{{\"status\":{s}}}\n"))
+            .collect();
+        assert_eq!(text, want);
+    }
+
+    #[test]
+    fn a_stuck_disk_costs_dropped_lines_never_a_waiting_request() {
+        let sink = Sink::default();
+        let stuck = sink.gate.lock().unwrap();
+        let log = AccessLog::start(Box::new(sink.clone()), vec![], 16).unwrap();
+        let start = std::time::Instant::now();
+        for _ in 0..10_000 {
+            log.record(entry(200));
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(1),
+            "{:?}",
+            start.elapsed()
+        );
+        // The queue (16) and the batch being written (up to 256) are kept; the rest dropped.
+        let dropped = log.counts().dropped.load(Ordering::Relaxed);
+        assert!(dropped >= 10_000 - 16 - 256, "{dropped}");
+        drop(stuck);
+        wait(|| {
+            let c = log.counts();
+            c.written.load(Ordering::Relaxed) + c.dropped.load(Ordering::Relaxed) == 10_000
+        });
+    }
+}
