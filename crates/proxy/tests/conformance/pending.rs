@@ -133,10 +133,9 @@ spec:
     ],
 };
 
-/// Ties between equal matches: the older route, then the earlier rule; two header matches
-/// whose names differ only in case: the first counts.
-const PRECEDENCE_TIES: Suite = Suite {
-    name: "HTTPRouteRule precedence (spec: ties)",
+/// Ties between equal matches go to the older route, by creation time.
+const PRECEDENCE_BY_AGE: Suite = Suite {
+    name: "HTTPRouteRule precedence (spec: the oldest route)",
     routes: r#"---
 apiVersion: gateway.networking.k8s.io/v1
 kind: HTTPRoute
@@ -155,26 +154,48 @@ spec:
   rules:
     - matches: [{path: {type: PathPrefix, value: /tie}}]
       backendRefs: [{name: echo-v1, port: 80}]
+"#,
+    cases: &[case(
+        "the older route wins (timestamps compared as times, not text)",
+        echo("/tie"),
+        ok("echo-v1"),
+    )],
+};
+
+/// Of two rules with identical matches, the first wins.
+const IDENTICAL_MATCHES: Suite = Suite {
+    name: "HTTPRouteRule precedence (spec: rule order)",
+    routes: r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: same-twice, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
     - matches: [{path: {type: PathPrefix, value: /same}}]
       backendRefs: [{name: echo-v1, port: 80}]
     - matches: [{path: {type: PathPrefix, value: /same}}]
       backendRefs: [{name: echo-v3, port: 80}]
+"#,
+    cases: &[case("the first rule wins", echo("/same"), ok("echo-v1"))],
+};
+
+/// Of two header matches whose names differ only in case, the first counts.
+const HEADER_NAMES_DIFFERING_IN_CASE: Suite = Suite {
+    name: "HTTPHeaderMatch (spec: equivalent names)",
+    routes: r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: colors, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
     - matches: [{path: {type: PathPrefix, value: /colors}, headers: [{name: Color, value: blue}, {name: color, value: red}]}]
       backendRefs: [{name: echo-v1, port: 80}]
 "#,
     cases: &[
         case(
-            "the older route wins (timestamps compared as times)",
-            echo("/tie"),
-            ok("echo-v1"),
-        ),
-        case(
-            "of two identical matches the first rule wins",
-            echo("/same"),
-            ok("echo-v1"),
-        ),
-        case(
-            "of two header matches differing in case, the first counts",
+            "the first counts",
             Req {
                 headers: &[("color", "blue")],
                 ..echo("/colors")
@@ -182,7 +203,7 @@ spec:
             ok("echo-v1"),
         ),
         case(
-            "and the second is ignored",
+            "the second is ignored",
             Req {
                 headers: &[("color", "red")],
                 ..echo("/colors")
@@ -207,7 +228,12 @@ async fn mesh_ports_section_name() {
 #[tokio::test]
 #[ignore = "enable after merging r13-routes"]
 async fn precedence_ties() {
-    run(&[&PRECEDENCE_TIES]).await;
+    run(&[
+        &PRECEDENCE_BY_AGE,
+        &IDENTICAL_MATCHES,
+        &HEADER_NAMES_DIFFERING_IN_CASE,
+    ])
+    .await;
 }
 
 /// Without a port, a redirect keeps the Service port the request was addressed to, whatever
