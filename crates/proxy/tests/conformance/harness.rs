@@ -78,6 +78,9 @@ pub(crate) struct Want {
     pub(crate) split: &'static [(&'static str, f64)],
     /// Share of requests copied to each mirror backend.
     pub(crate) mirrored: &'static [(&'static str, f64)],
+    /// A request header whose value must name the backend that answered (per-backend
+    /// filters applied to the backend chosen, not to another).
+    pub(crate) names_backend: Option<&'static str>,
 }
 
 pub(crate) const fn get(host: &'static str, path: &'static str) -> Req {
@@ -127,6 +130,7 @@ pub(crate) const fn status(code: u16) -> Want {
         grpc_status: None,
         split: &[],
         mirrored: &[],
+        names_backend: None,
     }
 }
 
@@ -299,6 +303,7 @@ spec:
                     got.status.as_str().to_string()
                 };
                 *counts.entry(key).or_default() += 1;
+                errs.extend(names_backend(want, &got));
             }
             if !errs.is_empty() {
                 break;
@@ -450,6 +455,20 @@ fn seen_header(doc: &serde_json::Value, name: &str) -> Option<String> {
     )
 }
 
+/// Checks `want.names_backend`.
+fn names_backend(want: &Want, got: &Got) -> Option<String> {
+    let name = want.names_backend?;
+    let value = seen(got).map(|doc| seen_header(&doc, name));
+    match value {
+        Err(e) => Some(e),
+        Ok(v) if v.as_deref() == Some(got.upstream().as_str()) => None,
+        Ok(v) => Some(format!(
+            "backend got header {name}: expected {:?} (the backend that answered), got {v:?}",
+            got.upstream()
+        )),
+    }
+}
+
 fn compare(want: &Want, got: &Got) -> Vec<String> {
     let mut errs = Vec::new();
     let mut expect = |what: String, expected: Option<&str>, actual: Option<String>| {
@@ -504,6 +523,7 @@ fn compare(want: &Want, got: &Got) -> Vec<String> {
             joined(&got.headers, name),
         );
     }
+    errs.extend(names_backend(want, got));
     let backend_checks = want.path.is_some()
         || want.host.is_some()
         || !want.headers.is_empty()

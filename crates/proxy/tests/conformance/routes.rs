@@ -479,6 +479,43 @@ spec:
     ],
 };
 
+const HTTPROUTE_REQUEST_HEADER_MODIFIER_BACKEND_WEIGHTS: Suite = Suite {
+    name: "HTTPRouteRequestHeaderModifierBackendWeights",
+    routes: r#"---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: backend-says-who, namespace: mesh}
+spec:
+  parentRefs: [{group: "", kind: Service, name: echo, port: 80}]
+  rules:
+    - backendRefs:
+        - name: echo-v1
+          port: 8080
+          weight: 10
+          filters:
+            - type: RequestHeaderModifier
+              requestHeaderModifier: {set: [{name: Backend, value: echo-v1}]}
+        - name: echo-v2
+          port: 8080
+          weight: 10
+          filters:
+            - type: RequestHeaderModifier
+              requestHeaderModifier: {set: [{name: Backend, value: echo-v2}]}
+"#,
+    cases: &[case(
+        "each backend's filter applies only when that backend is chosen",
+        Req {
+            repeat: 200,
+            ..echo("/")
+        },
+        Want {
+            split: &[("echo-v1", 0.5), ("echo-v2", 0.5)],
+            names_backend: Some("Backend"),
+            ..status(200)
+        },
+    )],
+};
+
 const HTTPROUTE_REWRITE_HOST: Suite = Suite {
     name: "HTTPRouteRewriteHost",
     routes: r#"---
@@ -948,6 +985,11 @@ async fn httproute_method_matching() {
 #[tokio::test]
 async fn httproute_response_header_modifier() {
     run(&[&HTTPROUTE_RESPONSE_HEADER_MODIFIER]).await;
+}
+
+#[tokio::test]
+async fn httproute_request_header_modifier_backend_weights() {
+    run(&[&HTTPROUTE_REQUEST_HEADER_MODIFIER_BACKEND_WEIGHTS]).await;
 }
 
 #[tokio::test]
