@@ -22,7 +22,14 @@ use trellis_proxy::Proxy;
 pub type TestBody = BoxBody<Bytes, hyper::Error>;
 
 /// An upstream HTTP server (HTTP/1.1 and h2c) that describes each request it receives as
-/// JSON, echoes bodies on `/echo`, delays on `/delay/MS`, and echoes gRPC streams.
+/// JSON, echoes bodies on `/echo`, delays on `/delay/MS`, and echoes gRPC streams (with the
+/// request's headers as JSON in the `x-echo-request-headers` response header).
+///
+/// A request can steer the answer with headers (the conformance tests use them):
+/// - `x-echo-delay-ms: N`: wait N ms before answering;
+/// - `x-echo-response-header: NAME: VALUE` (repeatable): add that header to the response;
+/// - `x-echo-fail: STATUS,TIMES,ID`: answer STATUS to the first TIMES requests carrying ID,
+///   then answer normally (a backend that recovers, for retries).
 pub struct Upstream {
     pub addr: SocketAddr,
     pub hits: Arc<AtomicU64>,
@@ -41,17 +48,18 @@ pub async fn upstream_with_delay(name: &'static str, delay_ms: u64) -> Upstream 
     let hits = Arc::new(AtomicU64::new(0));
     let conns = Arc::new(AtomicU64::new(0));
     let (h, c) = (hits.clone(), conns.clone());
+    let failed = Failed::default();
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
             c.fetch_add(1, Ordering::Relaxed);
-            let h = h.clone();
+            let (h, failed) = (h.clone(), failed.clone());
             tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     h.fetch_add(1, Ordering::Relaxed);
-                    answer(name, delay_ms, req)
+                    answer(name, delay_ms, failed.clone(), req)
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
@@ -107,6 +115,7 @@ impl Stoppable {
         let (tx, rx) = tokio::sync::watch::channel(());
         self.stop = Some(tx);
         let (name, hits) = (self.name, self.hits.clone());
+        let failed = Failed::default();
         tokio::spawn(async move {
             let mut closed = rx.clone();
             loop {
@@ -117,11 +126,11 @@ impl Stoppable {
                         Err(_) => return,
                     },
                 };
-                let (h, mut closed) = (hits.clone(), rx.clone());
+                let (h, mut closed, failed) = (hits.clone(), rx.clone(), failed.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
                         h.fetch_add(1, Ordering::Relaxed);
-                        answer(name, 0, req)
+                        answer(name, 0, failed.clone(), req)
                     });
                     let builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -137,17 +146,77 @@ impl Stoppable {
     }
 }
 
+/// How many times an upstream answered each `x-echo-fail` id with its failure status.
+type Failed = Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>;
+
+/// The request's headers as JSON: name to the list of its values, in order.
+fn headers_json(headers: &http::HeaderMap) -> serde_json::Value {
+    let mut out = BTreeMap::new();
+    for (k, v) in headers {
+        out.entry(k.as_str().to_string())
+            .or_insert_with(Vec::new)
+            .push(v.to_str().unwrap_or("").to_string());
+    }
+    serde_json::json!(out)
+}
+
+/// The failure status to answer for an `x-echo-fail: STATUS,TIMES,ID` request, counting it.
+fn echo_failure(headers: &http::HeaderMap, failed: &Failed) -> Option<StatusCode> {
+    let spec = headers.get("x-echo-fail")?.to_str().ok()?;
+    let mut parts = spec.splitn(3, ',');
+    let status = StatusCode::from_u16(parts.next()?.trim().parse().ok()?).ok()?;
+    let times: u32 = parts.next()?.trim().parse().ok()?;
+    let id = parts.next()?.trim().to_string();
+    let mut failed = failed.lock().unwrap();
+    let n = failed.entry(id).or_default();
+    (*n < times).then(|| {
+        *n += 1;
+        status
+    })
+}
+
+/// Adds the `x-echo-response-header: NAME: VALUE` headers a request asked for.
+fn echo_response_headers(req: &http::HeaderMap, resp: &mut http::HeaderMap) {
+    for v in req.get_all("x-echo-response-header") {
+        if let Some((n, v)) = v.to_str().ok().and_then(|s| s.split_once(':'))
+            && let (Ok(n), Ok(v)) = (
+                http::HeaderName::try_from(n.trim()),
+                http::HeaderValue::try_from(v.trim()),
+            )
+        {
+            resp.append(n, v);
+        }
+    }
+}
+
 async fn answer(
     name: &'static str,
     delay_ms: u64,
+    failed: Failed,
     req: Request<Incoming>,
 ) -> Result<Response<TestBody>, Infallible> {
-    if delay_ms > 0 {
-        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    let asked_delay = req
+        .headers()
+        .get("x-echo-delay-ms")
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+        .unwrap_or(0);
+    if delay_ms + asked_delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay_ms + asked_delay)).await;
     }
     let path = req.uri().path().to_string();
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|s| s.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(status) = echo_failure(req.headers(), &failed) {
+        let mut resp = Response::new(
+            Full::new(Bytes::from_static(b"failing as asked"))
+                .map_err(|n| match n {})
+                .boxed(),
+        );
+        *resp.status_mut() = status;
+        resp.headers_mut()
+            .insert("x-upstream", name.parse().unwrap());
+        return Ok(resp);
     }
     let grpc = req
         .headers()
@@ -162,13 +231,7 @@ async fn answer(
             .insert("x-upstream", name.parse().unwrap());
         return Ok(resp);
     }
-    let mut headers = BTreeMap::new();
-    for (k, v) in req.headers() {
-        headers
-            .entry(k.as_str().to_string())
-            .or_insert_with(Vec::new)
-            .push(v.to_str().unwrap_or("").to_string());
-    }
+    let headers = headers_json(req.headers());
     let doc = serde_json::json!({
         "upstream": name,
         "method": req.method().as_str(),
@@ -185,12 +248,16 @@ async fn answer(
         .insert("x-upstream", name.parse().unwrap());
     resp.headers_mut()
         .insert("content-type", "application/json".parse().unwrap());
+    echo_response_headers(req.headers(), resp.headers_mut());
     Ok(resp)
 }
 
 /// Streams every gRPC frame back as it arrives, then `grpc-status: 0` — a bidirectional echo
 /// at the wire level.
 fn grpc_echo(name: &'static str, req: Request<Incoming>) -> Response<TestBody> {
+    let seen = headers_json(req.headers()).to_string();
+    let mut extra = http::HeaderMap::new();
+    echo_response_headers(req.headers(), &mut extra);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, hyper::Error>>(16);
     let mut body = req.into_body();
     tokio::spawn(async move {
@@ -217,6 +284,12 @@ fn grpc_echo(name: &'static str, req: Request<Incoming>) -> Response<TestBody> {
         .insert("content-type", "application/grpc".parse().unwrap());
     resp.headers_mut()
         .insert("x-upstream", name.parse().unwrap());
+    if let Ok(v) = http::HeaderValue::try_from(seen) {
+        resp.headers_mut().insert("x-echo-request-headers", v);
+    }
+    for (k, v) in &extra {
+        resp.headers_mut().append(k, v.clone());
+    }
     resp
 }
 
