@@ -161,7 +161,7 @@ pub struct HttpRouteRetry {
     /// HTTP statuses to retry (400–599).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub codes: Vec<u16>,
-    /// Maximum number of retries; the backend's (default 2) when unset.
+    /// Maximum number of retries (at least 1); the backend's (default 2) when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attempts: Option<u32>,
     /// Minimum wait between tries; later tries wait longer, up to the backend's `max`.
@@ -256,6 +256,10 @@ impl HttpRouteRetry {
     /// What is wrong with this rule's retry, as (field under `retry`, message) pairs.
     pub fn problems(&self) -> Vec<(String, String)> {
         let mut out = code_problems(&self.codes);
+        if self.attempts == Some(0) {
+            // The Gateway API's minimum; a rule without `retry` keeps the backend's.
+            out.push(("attempts".into(), "must be at least 1".into()));
+        }
         if self.attempts.is_some_and(|a| a > 10) {
             out.push(("attempts".into(), "at most 10".into()));
         }

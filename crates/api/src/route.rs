@@ -67,6 +67,9 @@ pub struct HttpRouteRule {
     /// Retries for this rule, overriding the backend's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<crate::retry::HttpRouteRetry>,
+    /// Keep each client on one endpoint (a cookie or header token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_persistence: Option<crate::session::SessionPersistence>,
 }
 
 /// Conditions on a request; all present conditions must hold.
@@ -422,6 +425,13 @@ pub struct GrpcRouteRule {
     /// Where matching requests go.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backend_refs: Vec<HttpBackendRef>,
+    /// Request timeouts, as on an HTTPRoute rule: a Trellis extension (the Gateway API has no
+    /// GRPCRoute timeouts). A call's own `grpc-timeout` still wins when sooner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<HttpRouteTimeouts>,
+    /// Keep each client on one endpoint (a cookie or header token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_persistence: Option<crate::session::SessionPersistence>,
 }
 
 /// Conditions on a gRPC call.

@@ -1354,17 +1354,28 @@ impl Validator {
             for (f, e) in rule.retry.iter().flat_map(|p| p.problems()) {
                 self.at(ctx.r, &format!("{field}.retry.{f}"), e);
             }
-            if let Some(t) = &rule.timeouts
-                && let (Some(req), Some(be)) = (t.request, t.backend_request)
-                && !req.get().is_zero()
-                && be > req
-            {
-                self.at(
-                    ctx.r,
-                    &format!("{field}.timeouts.backendRequest"),
-                    "must not exceed timeouts.request",
-                );
-            }
+            self.timeouts(ctx, &field, rule.timeouts.as_ref());
+            self.session(ctx, &field, rule.session_persistence.as_ref());
+        }
+    }
+
+    fn timeouts(&mut self, ctx: &Ctx, field: &str, t: Option<&crate::route::HttpRouteTimeouts>) {
+        if let Some(t) = t
+            && let (Some(req), Some(be)) = (t.request, t.backend_request)
+            && !req.get().is_zero()
+            && be > req
+        {
+            self.at(
+                ctx.r,
+                &format!("{field}.timeouts.backendRequest"),
+                "must not exceed timeouts.request",
+            );
+        }
+    }
+
+    fn session(&mut self, ctx: &Ctx, field: &str, s: Option<&crate::session::SessionPersistence>) {
+        for (f, e) in s.iter().flat_map(|s| s.problems()) {
+            self.at(ctx.r, &format!("{field}.sessionPersistence.{f}"), e);
         }
     }
 
@@ -1410,6 +1421,8 @@ impl Validator {
             }
             self.filters(ctx, &field, &rule.filters, None, true);
             self.backends(ctx, &field, &rule.backend_refs, true);
+            self.timeouts(ctx, &field, rule.timeouts.as_ref());
+            self.session(ctx, &field, rule.session_persistence.as_ref());
         }
     }
 }
@@ -1559,6 +1572,10 @@ spec:
             (
                 route("{attempts: 20}"),
                 Some("spec.rules[0].retry.attempts: at most 10"),
+            ),
+            (
+                route("{attempts: 0}"),
+                Some("spec.rules[0].retry.attempts: must be at least 1"),
             ),
             (
                 route("{backoff: 0s}"),

@@ -21,6 +21,8 @@ pub(crate) struct Try<'a> {
     pub backend: &'a Backend,
     /// Consistent-hash key.
     pub hash: Option<u64>,
+    /// A session's endpoint: a member of this backend (session persistence).
+    pub pin: Option<(&'a Backend, usize)>,
     /// HTTP/2 to the endpoint.
     pub h2: bool,
     /// Through the lean HTTP/1.1 client (no body, nothing to upgrade).
@@ -62,7 +64,12 @@ pub(crate) async fn attempt<'a>(
     metrics: &Metrics,
 ) -> Result<Tried<'a>, ProxyError> {
     let backend = t.backend;
-    let Some(endpoint) = backend.balancer.pick_avoiding(t.hash, tried) else {
+    // A session's endpoint counts only on its own backend (not on a fallback).
+    let bound = t
+        .pin
+        .filter(|(b, _)| std::ptr::eq(*b, backend))
+        .map(|(_, m)| m);
+    let Some(endpoint) = backend.balancer.pick_bound(bound, t.hash, tried) else {
         return Err(ProxyError::NoEndpoint(backend.name.to_string()));
     };
     // The circuit breaker admits the try; the permit is held while it is in flight.

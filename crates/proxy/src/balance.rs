@@ -187,6 +187,14 @@ pub fn choose(
     }
 }
 
+/// Whether a session's endpoint (session persistence) takes its request: while the
+/// balancer counts it healthy (rank 0: not failing, ejected, failing its health check or
+/// already tried by this request) and its weight is above zero. Load does not move a
+/// session: an application keeps state on the endpoint, so only a failure does.
+pub fn keeps_bound(l: &Load) -> bool {
+    l.weight > 0 && l.rank() == 0
+}
+
 /// The eligible endpoint owning position `pos` (mod `total`, their total weight) when their
 /// weights are laid end to end.
 fn weighted_position(loads: &[Load], pos: u64, total: u64, ok: impl Fn(usize) -> bool) -> usize {
@@ -386,6 +394,28 @@ impl Balancer {
         };
         choose(self.algorithm, loads, draw, self.ring.as_ref(), self.bound)
             .map(|i| &self.members[i].state)
+    }
+
+    /// Like [`Balancer::pick_avoiding`], but member `bound` (a session's endpoint) first,
+    /// when [`keeps_bound`] says it takes the request; before the locality step, so a
+    /// session stays with its endpoint whatever priority that is.
+    pub fn pick_bound(
+        &self,
+        bound: Option<usize>,
+        hash: Option<u64>,
+        tried: &[&EndpointState],
+    ) -> Option<&Arc<EndpointState>> {
+        if let Some(m) = bound.and_then(|i| self.members.get(i)) {
+            let load = Load {
+                health: m.state.health(tokio::time::Instant::now()),
+                tried: tried.iter().any(|t| std::ptr::eq(*t, &*m.state)),
+                ..Load::new(m.weight, m.state.in_flight(), 0.0)
+            };
+            if keeps_bound(&load) {
+                return Some(&m.state);
+            }
+        }
+        self.pick_avoiding(hash, tried)
     }
 
     /// Whether any endpoint not in `tried` can take traffic now without being avoided
@@ -849,6 +879,56 @@ mod tests {
             if before != 3 {
                 assert_eq!(before, after, "key {key} moved though its endpoint stayed");
             }
+        }
+    }
+
+    #[test]
+    fn a_session_keeps_its_endpoint_only_while_it_is_healthy() {
+        let with = |health: Health| Load {
+            health,
+            ..l(1, 0, 1.0)
+        };
+        let cases: &[(&str, Load, bool)] = &[
+            ("healthy", l(1, 0, 1.0), true),
+            (
+                "busy and slow: load never moves a session",
+                l(1, 500, 900.0),
+                true,
+            ),
+            ("weight 0", l(0, 0, 1.0), false),
+            (
+                "backed off after a failure",
+                backed_off(l(1, 0, 1.0), 1),
+                false,
+            ),
+            (
+                "ejected",
+                with(Health {
+                    ejected: true,
+                    ..Default::default()
+                }),
+                false,
+            ),
+            (
+                "failing its health check",
+                with(Health {
+                    down: true,
+                    ..Default::default()
+                }),
+                false,
+            ),
+            ("already tried by this request", tried(l(1, 0, 1.0)), false),
+            (
+                "out of backoff, idle: probed by the session",
+                with(Health {
+                    failures: 1,
+                    ..Default::default()
+                }),
+                true,
+            ),
+        ];
+        for (name, load, want) in cases {
+            assert_eq!(keeps_bound(load), *want, "{name}");
         }
     }
 

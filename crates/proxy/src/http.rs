@@ -178,6 +178,10 @@ pub async fn handle(
         }
     };
 
+    // 1a. Session persistence: a live session's token takes the request back to its backend
+    //     (and, when it forwards, to its endpoint).
+    let session = crate::session::resume(&mut fwd, &parts.headers, start);
+
     // A gRPC call's own deadline counts when it is the sooner.
     if grpc && let Some(t) = parts.headers.get(deadline::GRPC_TIMEOUT) {
         fwd.timeout = deadline::effective(fwd.timeout, deadline::parse(t));
@@ -258,6 +262,7 @@ pub async fn handle(
         bounds.h2(),
         &shared.metrics,
         grpc,
+        session.as_ref(),
     )
     .await;
     let (mut resp, endpoint, answered) = match result {
@@ -327,7 +332,9 @@ pub async fn handle(
 /// timeout, or a gRPC call's own if sooner; `start` is when the request arrived) → the
 /// retry loop (eligibility, budget, backoff, replay; module `retry`) → one try (module
 /// `attempt`). Returns the response and, for upgrades, the in-flight guard (otherwise the
-/// response body holds it), and when the response head arrived.
+/// response body holds it), and when the response head arrived. A `session` sends the first
+/// try to its endpoint and gets its token onto the response.
+#[allow(clippy::too_many_arguments)]
 async fn forward(
     fwd: &Forward,
     mut req: Request<Body>,
@@ -336,6 +343,7 @@ async fn forward(
     h2_limits: H2Limits,
     metrics: &Metrics,
     grpc: bool,
+    session: Option<&crate::session::Sticky>,
 ) -> Result<(Response<Body>, Option<Upgraded>, Instant), ProxyError> {
     // The fallback step: another service while this one has no usable endpoint.
     let backend = fwd.backend.or_fallback();
@@ -353,6 +361,7 @@ async fn forward(
     let mut t = attempt::Try {
         backend,
         hash,
+        pin: session.and_then(|s| s.pin()),
         h2,
         lean,
         h2_limits,
@@ -433,7 +442,13 @@ async fn forward(
         });
         let Some(wait) = wait else {
             return match outcome {
-                Ok(a) => Ok(respond(endpoint, a)),
+                Ok(a) => {
+                    let mut r = respond(endpoint, a);
+                    if let Some(s) = session {
+                        s.stamp(t.backend, endpoint, r.0.headers_mut(), r.2);
+                    }
+                    Ok(r)
+                }
                 Err(e) => Err(e),
             };
         };
@@ -844,6 +859,7 @@ async fn mirror(
                 h2_limits,
                 &shared.metrics,
                 false,
+                None,
             );
             match sent.await {
                 // Drain so the pooled connection can be reused.

@@ -37,6 +37,7 @@ mod replay;
 pub mod retry;
 pub mod route;
 mod server;
+pub mod session;
 pub mod snapshot;
 mod streams;
 mod tcp;

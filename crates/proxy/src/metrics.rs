@@ -163,6 +163,15 @@ pub struct LocalityLabels {
     pub priority: &'static str,
 }
 
+/// Labels of a session persistence decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SessionLabels {
+    /// Route rule id.
+    pub route: Arc<str>,
+    /// `new`, `resumed`, `moved`, `expired` or `invalid` (see `session::Outcome`).
+    pub outcome: &'static str,
+}
+
 /// Labels of a request sent to a backend's fallback.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FallbackLabels {
@@ -348,6 +357,8 @@ pub struct Metrics {
     pub locality_picks: Tracked<LocalityLabels, Counter>,
     /// Requests sent to a fallback backend.
     pub fallbacks: Tracked<FallbackLabels, Counter>,
+    /// Answered requests of rules with session persistence, by what their token said.
+    pub sessions: Tracked<SessionLabels, Counter>,
     /// Outlier ejections by backend and reason.
     pub outlier_ejections: Tracked<OutlierLabels, Counter>,
     /// Endpoints ejected now, by backend (set when scraped).
@@ -406,6 +417,7 @@ impl Default for Metrics {
             retry_budget_exhausted: Tracked::default(),
             locality_picks: Tracked::default(),
             fallbacks: Tracked::default(),
+            sessions: Tracked::default(),
             outlier_ejections: Tracked::default(),
             outlier_ejected: Tracked::default(),
             health_checks: Tracked::default(),
@@ -548,6 +560,11 @@ impl Default for Metrics {
             m.fallbacks.family(),
         );
         registry.register(
+            "sessions",
+            "Answered requests of rules with session persistence, by what their token said",
+            m.sessions.family(),
+        );
+        registry.register(
             "outlier_ejections",
             "Endpoints ejected by outlier detection, by backend and reason",
             m.outlier_ejections.family(),
@@ -671,6 +688,7 @@ impl Metrics {
         self.breaker_current.retain(|l| backend_live(&l.backend));
         self.breaker_limit.retain(|l| backend_live(&l.backend));
         self.faults.retain(|l| routes.contains(&l.route));
+        self.sessions.retain(|l| routes.contains(&l.route));
         let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         let on = |l: &Arc<str>| listeners.contains(l);
         for f in [&self.connections, &self.read_bytes, &self.write_bytes] {

@@ -43,6 +43,8 @@ pub struct Rule {
     pub timeout: Option<Option<Duration>>,
     /// Time for one try (`timeouts.backendRequest`).
     pub try_timeout: Option<Duration>,
+    /// Session persistence, when the rule asks for it.
+    pub session: Option<Arc<crate::session::Persistence>>,
 }
 
 impl Rule {

@@ -38,6 +38,8 @@ pub struct Shared {
     pub jwks: crate::jwt::JwksCache,
     /// Open client connections, for the caps.
     pub conns: Arc<ConnTable>,
+    /// Signs session persistence tokens; kept across snapshots so reloads keep sessions.
+    pub session_key: crate::session::Key,
 }
 
 impl Shared {
@@ -51,6 +53,7 @@ impl Shared {
             mesh: Default::default(),
             jwks: Default::default(),
             conns: Default::default(),
+            session_key: Default::default(),
         }
     }
 

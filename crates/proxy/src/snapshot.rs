@@ -306,6 +306,7 @@ impl Snapshot {
         let mut b = Builder {
             previous,
             metrics,
+            session_key: &shared.session_key,
             mesh: shared.mesh.clone(),
             endpoints: HashMap::new(),
             breakers: HashMap::new(),
@@ -426,6 +427,7 @@ impl Snapshot {
                                     .and_then(|t| t.backend_request)
                                     .and_then(|d| d.non_zero()),
                                 rule.retry.as_ref(),
+                                rule.session_persistence.as_ref(),
                                 r,
                             )?,
                         );
@@ -444,18 +446,27 @@ impl Snapshot {
                 }
                 Resource::GrpcRoute(route) => {
                     for (i, rule) in route.spec.rules.iter().enumerate() {
-                        let compiled = Arc::new(b.rule(
-                            ns,
-                            &m.name,
-                            i,
-                            rule.name.as_deref(),
-                            &rule.filters,
-                            &rule.backend_refs,
-                            None,
-                            None,
-                            None,
-                            r,
-                        )?);
+                        let compiled = Arc::new(
+                            b.rule(
+                                ns,
+                                &m.name,
+                                i,
+                                rule.name.as_deref(),
+                                &rule.filters,
+                                &rule.backend_refs,
+                                rule.timeouts
+                                    .as_ref()
+                                    .and_then(|t| t.request)
+                                    .map(|d| d.non_zero()),
+                                rule.timeouts
+                                    .as_ref()
+                                    .and_then(|t| t.backend_request)
+                                    .and_then(|d| d.non_zero()),
+                                None,
+                                rule.session_persistence.as_ref(),
+                                r,
+                            )?,
+                        );
                         let parents = b.parents(ns, &route.spec.parent_refs);
                         let at =
                             |e| Diagnostics(vec![r.diagnostic(&format!("spec.rules[{i}]"), e)]);
@@ -791,6 +802,7 @@ struct Defaults {
 struct Builder<'a> {
     previous: Option<&'a Snapshot>,
     metrics: &'a Metrics,
+    session_key: &'a crate::session::Key,
     mesh: crate::tls::MeshSlot,
     endpoints: HashMap<EndpointKey, Arc<EndpointState>>,
     breakers: HashMap<Arc<str>, Arc<crate::breaker::Breaker>>,
@@ -977,6 +989,7 @@ impl Builder<'_> {
         timeout: Option<Option<Duration>>,
         try_timeout: Option<Duration>,
         retry: Option<&trellis_api::retry::HttpRouteRetry>,
+        session: Option<&trellis_api::session::SessionPersistence>,
         loc: &Located<Resource>,
     ) -> Result<Rule, Diagnostics> {
         let id: Arc<str> = match name {
@@ -1000,12 +1013,23 @@ impl Builder<'_> {
                 retry,
             });
         }
+        let session = session.map(|s| {
+            let targets: Vec<&Backend> = backends.iter().map(|b| &*b.backend).collect();
+            Arc::new(crate::session::Persistence::new(
+                self.session_key,
+                self.metrics,
+                &id,
+                s,
+                &targets,
+            ))
+        });
         Ok(Rule {
             id,
             filters,
             backends,
             timeout,
             try_timeout,
+            session,
         })
     }
 

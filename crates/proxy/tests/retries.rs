@@ -348,3 +348,131 @@ async fn grpc_timeout_is_respected_and_propagated_with_the_time_left() {
         "{took:?}"
     );
 }
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct Msg {
+    #[prost(string, tag = "1")]
+    text: String,
+}
+
+/// One unary call through a real gRPC client; its result and how long it took.
+async fn unary(
+    client: &mut tonic::client::Grpc<tonic::transport::Channel>,
+    path: &'static str,
+) -> (Result<tonic::Response<Msg>, tonic::Status>, Duration) {
+    client.ready().await.unwrap();
+    let t = Instant::now();
+    let got = client
+        .unary(
+            tonic::Request::new(Msg { text: "hi".into() }),
+            http::uri::PathAndQuery::from_static(path),
+            tonic_prost::ProstCodec::<Msg, Msg>::default(),
+        )
+        .await;
+    (got, t.elapsed())
+}
+
+/// GRPCRoute `timeouts` (a Trellis extension): `request` bounds the call, `backendRequest`
+/// each try, a call's own `grpc-timeout` wins when sooner, and running out answers the
+/// caller as gRPC (DEADLINE_EXCEEDED), which a real gRPC client reads as such.
+#[tokio::test]
+async fn grpc_route_timeouts_bound_calls_and_answer_deadline_exceeded() {
+    let slow = upstream_with_delay("slow", 3000).await;
+    let fast = upstream("fast").await;
+    let yaml = format!(
+        "{}{}{}---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {{name: g}}
+spec:
+  parentRefs: [{{kind: Service, name: app}}]
+  rules:
+    - matches: [{{method: {{service: test.Slow}}}}]
+      backendRefs: [{{name: slow, port: 80}}]
+      timeouts: {{request: 400ms}}
+    - matches: [{{method: {{service: test.Try}}}}]
+      backendRefs: [{{name: slow, port: 80}}]
+      timeouts: {{request: 4s, backendRequest: 300ms}}
+    - backendRefs: [{{name: app, port: 80}}]
+      timeouts: {{request: 400ms}}
+",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[fast.addr]),
+        service_yaml("slow", 80, &[slow.addr]),
+    );
+    let p = start_proxy(&yaml).await;
+    let addr = p.addr("out").await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = tonic::client::Grpc::new(channel);
+    // Within its route's timeout: answered.
+    let (got, _) = unary(&mut client, "/test.Fast/Call").await;
+    assert_eq!(got.unwrap().into_inner().text, "hi");
+    // The route's request timeout, then the try's own.
+    for (path, limit) in [("/test.Slow/Call", 400), ("/test.Try/Call", 300)] {
+        let (got, took) = unary(&mut client, path).await;
+        let status = got.unwrap_err();
+        assert_eq!(
+            status.code(),
+            tonic::Code::DeadlineExceeded,
+            "{path}: {status:?}"
+        );
+        let limit = Duration::from_millis(limit);
+        assert!(
+            took >= limit - Duration::from_millis(20) && took < limit + Duration::from_millis(1000),
+            "{path}: {took:?}"
+        );
+    }
+    // A call's own deadline, sooner than the route's, wins (as a raw h2 client sends it).
+    let t = Instant::now();
+    let resp = h2_client()
+        .request(grpc_request(addr, "/test.Slow/Call", Some("100m")))
+        .await
+        .unwrap();
+    assert_eq!(grpc_status(resp).await, "4");
+    assert!(
+        t.elapsed() < Duration::from_millis(350),
+        "{:?}",
+        t.elapsed()
+    );
+}
+
+/// HTTPRoute `retry` as the Gateway API's conformance cases use it: `attempts` counts
+/// retries, `codes` may list any status from 400 to 599 (here 429), and statuses not
+/// listed are not retried.
+#[tokio::test]
+async fn route_retry_counts_attempts_as_retries_and_retries_listed_codes() {
+    // `/fail/N/STATUS`: the first N requests to that path answer STATUS, then 200.
+    let counts = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        u32,
+    >::new()));
+    let up = scripted_upstream("up", move |_, p| {
+        let path = p.uri.path().to_string();
+        let mut parts = path.trim_start_matches('/').split('/').skip(1);
+        let n: u32 = parts.next().unwrap().parse().unwrap();
+        let status: u16 = parts.next().unwrap().parse().unwrap();
+        let mut c = counts.lock().unwrap();
+        let seen = c.entry(path).or_default();
+        *seen += 1;
+        Script::status(if *seen <= n { status } else { 200 })
+    })
+    .await;
+    let rule = "      retry: {codes: [429, 500], attempts: 3, backoff: 1ms}\n";
+    let (_p, addr) = proxy(&[up.addr], "", &route(rule)).await;
+    let cases = [
+        ("/fail/2/429", 200),
+        ("/fail/3/500", 200),
+        ("/fail/4/500", 500),
+        ("/fail/2/503", 503),
+        ("/fail/1/404", 404),
+    ];
+    for (path, want) in cases {
+        assert_eq!(get(addr, path).await.status, want, "{path}");
+    }
+    // 3 + 4 + 4 + 1 + 1 tries.
+    assert_eq!(hits(&up), 13);
+}
