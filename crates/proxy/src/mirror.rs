@@ -274,7 +274,7 @@ impl http_body::Body for CopyBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.size.clone()
+        self.size
     }
 }
 
