@@ -8,6 +8,7 @@
 
 pub mod authn;
 pub mod authz;
+pub mod cors;
 pub mod duration;
 pub mod fault;
 pub mod health;

@@ -146,7 +146,7 @@ pub enum ValueMatchType {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpRouteFilter {
     /// `RequestHeaderModifier`, `ResponseHeaderModifier`, `RequestRedirect`, `URLRewrite`,
-    /// `RequestMirror` or `ExtensionRef`.
+    /// `RequestMirror`, `CORS` or `ExtensionRef`.
     #[serde(rename = "type")]
     pub kind: FilterType,
     /// Settings for `RequestHeaderModifier`.
@@ -172,6 +172,9 @@ pub struct HttpRouteFilter {
     /// a `FaultInjection`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub extension_ref: Option<LocalObjectReference>,
+    /// Settings for `CORS`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<crate::cors::HttpCorsFilter>,
 }
 
 /// A resource in the referring resource's namespace (Gateway API `LocalObjectReference`).
@@ -202,6 +205,9 @@ pub enum FilterType {
     RequestMirror,
     /// Apply a Trellis resource, for example a `FaultInjection`.
     ExtensionRef,
+    /// Cross-origin resource sharing: answer preflights, add `Access-Control-*` headers.
+    #[serde(rename = "CORS")]
+    Cors,
 }
 
 /// Header edits.

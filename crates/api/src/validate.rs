@@ -1019,6 +1019,8 @@ impl Validator {
             },
             PathModifierType::ReplacePrefixMatch => {
                 match &p.replace_prefix_match {
+                    // The Gateway API allows "": the matched prefix is removed.
+                    Some(v) if v.is_empty() => {}
                     Some(v) if v.starts_with('/') => {
                         if let Err(e) = path_canonical(v, SENT_AS_WRITTEN) {
                             self.at(ctx.r, &format!("{field}.replacePrefixMatch"), e);
@@ -1027,7 +1029,7 @@ impl Validator {
                     _ => self.at(
                         ctx.r,
                         &format!("{field}.replacePrefixMatch"),
-                        "required, and must start with '/'",
+                        "required, and must be empty or start with '/'",
                     ),
                 }
                 if prefix_matched == Some(false) {
@@ -1087,6 +1089,7 @@ impl Validator {
                     f.extension_ref.is_some(),
                     "extensionRef",
                 ),
+                (FilterType::Cors, f.cors.is_some(), "cors"),
             ];
             for (kind, present, name) in set {
                 if kind == f.kind && !present {
@@ -1103,11 +1106,36 @@ impl Validator {
                     );
                 }
             }
-            if grpc && matches!(f.kind, FilterType::RequestRedirect | FilterType::UrlRewrite) {
+            if grpc
+                && matches!(
+                    f.kind,
+                    FilterType::RequestRedirect | FilterType::UrlRewrite | FilterType::Cors
+                )
+            {
                 self.at(ctx.r, &format!("{ff}.type"), "GRPCRoute supports RequestHeaderModifier, ResponseHeaderModifier, RequestMirror and ExtensionRef");
             }
             if let Some(e) = &f.extension_ref {
                 self.extension_ref(ctx, &ff, e, field.contains(".backendRefs["));
+            }
+            // A backend's filters run once it is chosen: too late to answer for the rule.
+            if field.contains(".backendRefs[")
+                && matches!(f.kind, FilterType::RequestRedirect | FilterType::Cors)
+            {
+                let name = if f.kind == FilterType::Cors {
+                    "CORS"
+                } else {
+                    "RequestRedirect"
+                };
+                self.at(
+                    ctx.r,
+                    &ff,
+                    format!("{name} is not supported on a backendRef; set it on the rule"),
+                );
+            }
+            if let Some(c) = &f.cors {
+                for (cf, e) in c.problems() {
+                    self.at(ctx.r, &format!("{ff}.cors.{cf}"), e);
+                }
             }
             if f.kind != FilterType::RequestMirror && !kinds.insert(f.kind) {
                 self.at(
@@ -1167,6 +1195,16 @@ impl Validator {
                         "must be http or https",
                     );
                 }
+                if rd.port == Some(0) {
+                    self.at(
+                        ctx.r,
+                        &format!("{ff}.requestRedirect.port"),
+                        "must be 1-65535",
+                    );
+                }
+                if let Some(Err(e)) = rd.hostname.as_deref().map(crate::cors::precise_hostname) {
+                    self.at(ctx.r, &format!("{ff}.requestRedirect.hostname"), e);
+                }
                 if ![301, 302, 303, 307, 308].contains(&rd.status_code) {
                     self.at(
                         ctx.r,
@@ -1185,6 +1223,9 @@ impl Validator {
             }
             if let Some(rw) = &f.url_rewrite {
                 rewrite = true;
+                if let Some(Err(e)) = rw.hostname.as_deref().map(crate::cors::precise_hostname) {
+                    self.at(ctx.r, &format!("{ff}.urlRewrite.hostname"), e);
+                }
                 if let Some(p) = &rw.path {
                     self.path_modifier(ctx, &format!("{ff}.urlRewrite.path"), p, prefix_matched);
                 }
@@ -1226,6 +1267,41 @@ impl Validator {
                 &format!("{field}.filters"),
                 "RequestRedirect and URLRewrite cannot be used together",
             );
+        }
+    }
+
+    /// What the Gateway API forbids across an HTTP rule: a redirect with backends, and a
+    /// backend's `ReplacePrefixMatch` rewrite unless every match is a prefix match.
+    fn filter_combinations(
+        &mut self,
+        ctx: &Ctx,
+        field: &str,
+        filters: &[HttpRouteFilter],
+        backends: &[HttpBackendRef],
+        all_prefix: bool,
+    ) {
+        for (i, f) in filters.iter().enumerate() {
+            if f.kind == FilterType::RequestRedirect && !backends.is_empty() {
+                self.at(
+                    ctx.r,
+                    &format!("{field}.filters[{i}]"),
+                    "RequestRedirect cannot be used together with backendRefs: the redirect answers every request of the rule",
+                );
+            }
+        }
+        for (j, b) in backends.iter().enumerate() {
+            for (k, f) in b.filters.iter().enumerate() {
+                let prefix = f.url_rewrite.as_ref().and_then(|r| r.path.as_ref());
+                if !all_prefix
+                    && prefix.is_some_and(|p| p.kind == PathModifierType::ReplacePrefixMatch)
+                {
+                    self.at(
+                        ctx.r,
+                        &format!("{field}.backendRefs[{j}].filters[{k}].urlRewrite.path.type"),
+                        "ReplacePrefixMatch needs every match of the rule to be a PathPrefix match",
+                    );
+                }
+            }
         }
     }
 
@@ -1350,6 +1426,7 @@ impl Validator {
                 }
             }
             self.filters(ctx, &field, &rule.filters, Some(all_prefix), false);
+            self.filter_combinations(ctx, &field, &rule.filters, &rule.backend_refs, all_prefix);
             self.backends(ctx, &field, &rule.backend_refs, false);
             for (f, e) in rule.retry.iter().flat_map(|p| p.problems()) {
                 self.at(ctx.r, &format!("{field}.retry.{f}"), e);
@@ -1732,10 +1809,13 @@ spec:
                 "matches: [{{path: {{type: PathPrefix, value: /api}}}}]\n      filters: [{{type: URLRewrite, urlRewrite: {{path: {{type: {kind}, {field}: '{value}'}}}}}}]"
             ))
         };
+        // A redirect rule has no backendRefs (the Gateway API forbids both): a name instead
+        // keeps the lines where they are.
         let redirect = |value: &str| {
             route(&format!(
                 "filters: [{{type: RequestRedirect, requestRedirect: {{path: {{type: ReplaceFullPath, replaceFullPath: '{value}'}}}}}}]"
             ))
+            .replace("backendRefs: [{name: catalog, port: 8080}]", "name: redirect")
         };
         let to = "spec.rules[0].to.paths[0]";
         let mv = "spec.rules[0].matches[0].path.value";
@@ -1967,6 +2047,109 @@ spec:
                 .unwrap_or_else(|| panic!("{rule}: no error at {field}: {err}"));
             assert!(d.message.contains(msg), "{rule}: {d}");
             assert!(d.line >= 13, "{rule}: line {}", d.line);
+        }
+    }
+
+    /// Filter combinations and values the Gateway API forbids, and filters Trellis cannot
+    /// apply where they are written, are refused at their field.
+    #[test]
+    fn filter_misuse_is_refused_at_its_field() {
+        let route = |rule: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: catalog}}]\n  rules:\n    - {rule}\n"
+            )
+        };
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "backendRefs: [{name: catalog, port: 8080, filters: [{type: RequestRedirect, requestRedirect: {hostname: a.org}}]}]",
+                "spec.rules[0].backendRefs[0].filters[0]",
+                "RequestRedirect is not supported on a backendRef",
+            ),
+            (
+                "backendRefs: [{name: catalog, port: 8080, filters: [{type: CORS, cors: {allowOrigins: ['*']}}]}]",
+                "spec.rules[0].backendRefs[0].filters[0]",
+                "CORS is not supported on a backendRef",
+            ),
+            (
+                "filters: [{type: RequestRedirect, requestRedirect: {scheme: https}}]\n      backendRefs: [{name: catalog, port: 8080}]",
+                "spec.rules[0].filters[0]",
+                "cannot be used together with backendRefs",
+            ),
+            (
+                "filters: [{type: RequestRedirect, requestRedirect: {port: 0}}]",
+                "spec.rules[0].filters[0].requestRedirect.port",
+                "must be 1-65535",
+            ),
+            (
+                "filters: [{type: RequestRedirect, requestRedirect: {hostname: 'a.org:8080'}}]",
+                "spec.rules[0].filters[0].requestRedirect.hostname",
+                "no port",
+            ),
+            (
+                "filters: [{type: RequestRedirect, requestRedirect: {hostname: '*.a.org'}}]",
+                "spec.rules[0].filters[0].requestRedirect.hostname",
+                "no wildcard",
+            ),
+            (
+                "filters: [{type: RequestRedirect, requestRedirect: {hostname: 'bad_host'}}]",
+                "spec.rules[0].filters[0].requestRedirect.hostname",
+                "not a valid host name",
+            ),
+            (
+                "filters: [{type: URLRewrite, urlRewrite: {hostname: 'Upper.example'}}]\n      backendRefs: [{name: catalog, port: 8080}]",
+                "spec.rules[0].filters[0].urlRewrite.hostname",
+                "lower case",
+            ),
+            (
+                "filters: [{type: CORS, cors: {allowOrigins: ['https://a.*.com']}}]\n      backendRefs: [{name: catalog, port: 8080}]",
+                "spec.rules[0].filters[0].cors.allowOrigins[0]",
+                "is not `*` or an origin",
+            ),
+            (
+                "matches: [{path: {type: Exact, value: /a}}]\n      backendRefs: [{name: catalog, port: 8080, filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: /b}}}]}]",
+                "spec.rules[0].backendRefs[0].filters[0].urlRewrite.path.type",
+                "PathPrefix",
+            ),
+            (
+                "filters: [{type: CORS}]\n      backendRefs: [{name: catalog, port: 8080}]",
+                "spec.rules[0].filters[0]",
+                "needs the `cors` field",
+            ),
+            (
+                "filters: [{type: CORS, cors: {}}, {type: CORS, cors: {}}]\n      backendRefs: [{name: catalog, port: 8080}]",
+                "spec.rules[0].filters[1].type",
+                "only once per rule",
+            ),
+        ];
+        for (rule, field, msg) in cases {
+            let err = check(&route(rule)).expect_err(rule);
+            let d = err
+                .0
+                .iter()
+                .find(|d| d.field == *field)
+                .unwrap_or_else(|| panic!("{rule}: no error at {field}: {err}"));
+            assert!(d.message.contains(msg), "{rule}: {d}");
+            assert!(d.line >= 13, "{rule}: line {}", d.line);
+        }
+        let grpc = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec:\n  parentRefs: [{name: catalog}]\n  rules:\n    - filters: [{type: CORS, cors: {allowOrigins: ['*']}}]\n      backendRefs: [{name: catalog, port: 8080}]\n";
+        let err = check(grpc).expect_err("CORS on a GRPCRoute");
+        assert!(
+            err.0
+                .iter()
+                .any(|d| d.field == "spec.rules[0].filters[0].type"),
+            "{err}"
+        );
+        // Spec-valid: an empty replacePrefixMatch strips the prefix; a mirror on a backend;
+        // a CORS filter on the rule; a redirect alone.
+        for rule in [
+            "matches: [{path: {type: PathPrefix, value: /foo}}]\n      filters: [{type: URLRewrite, urlRewrite: {path: {type: ReplacePrefixMatch, replacePrefixMatch: ''}}}]\n      backendRefs: [{name: catalog, port: 8080}]",
+            "matches: [{path: {type: PathPrefix, value: /foo}}]\n      filters: [{type: RequestRedirect, requestRedirect: {hostname: a.example, port: 8443, path: {type: ReplacePrefixMatch, replacePrefixMatch: ''}}}]",
+            "backendRefs: [{name: catalog, port: 8080, filters: [{type: RequestMirror, requestMirror: {backendRef: {name: catalog-v2, port: 8080}}}]}]",
+            "filters: [{type: CORS, cors: {allowOrigins: ['https://*.a.com', 'http://b.com:8080'], allowMethods: [PUT], allowHeaders: [x-a], exposeHeaders: ['*'], allowCredentials: true, maxAge: 60}}]\n      backendRefs: [{name: catalog, port: 8080}]",
+        ] {
+            if let Err(e) = check(&route(rule)) {
+                panic!("{rule}: {e}");
+            }
         }
     }
 

@@ -26,6 +26,10 @@ enum Kind {
     Watched(crate::streams::Watched),
     /// A request body recorded for retries.
     Replayed(crate::replay::Replayed),
+    /// A request body handing copies of its frames to mirrors.
+    Tee(crate::mirror::Tee),
+    /// A mirrored copy's body.
+    Copy(crate::mirror::CopyBody),
     /// Any stream, in unit tests.
     #[cfg(test)]
     Test(http_body_util::combinators::BoxBody<Bytes, BodyError>),
@@ -67,6 +71,18 @@ impl From<crate::streams::Watched> for Body {
 impl From<crate::replay::Replayed> for Body {
     fn from(b: crate::replay::Replayed) -> Body {
         Body(Kind::Replayed(b))
+    }
+}
+
+impl From<crate::mirror::Tee> for Body {
+    fn from(b: crate::mirror::Tee) -> Body {
+        Body(Kind::Tee(b))
+    }
+}
+
+impl From<crate::mirror::CopyBody> for Body {
+    fn from(b: crate::mirror::CopyBody) -> Body {
+        Body(Kind::Copy(b))
     }
 }
 
@@ -118,6 +134,8 @@ impl http_body::Body for Body {
             Kind::Tracked(b) => Pin::new(b).poll_frame(cx),
             Kind::Watched(b) => Pin::new(b).poll_frame(cx),
             Kind::Replayed(b) => Pin::new(b).poll_frame(cx),
+            Kind::Tee(b) => Pin::new(b).poll_frame(cx),
+            Kind::Copy(b) => Pin::new(b).poll_frame(cx),
             #[cfg(test)]
             Kind::Test(b) => Pin::new(b).poll_frame(cx),
         }
@@ -131,6 +149,8 @@ impl http_body::Body for Body {
             Kind::Tracked(b) => b.is_end_stream(),
             Kind::Watched(b) => b.is_end_stream(),
             Kind::Replayed(b) => b.is_end_stream(),
+            Kind::Tee(b) => b.is_end_stream(),
+            Kind::Copy(b) => b.is_end_stream(),
             #[cfg(test)]
             Kind::Test(b) => b.is_end_stream(),
         }
@@ -144,6 +164,8 @@ impl http_body::Body for Body {
             Kind::Tracked(b) => b.size_hint(),
             Kind::Watched(b) => b.size_hint(),
             Kind::Replayed(b) => b.size_hint(),
+            Kind::Tee(b) => b.size_hint(),
+            Kind::Copy(b) => b.size_hint(),
             #[cfg(test)]
             Kind::Test(b) => b.size_hint(),
         }
@@ -159,6 +181,8 @@ impl std::fmt::Debug for Body {
             Kind::Tracked(_) => "tracked",
             Kind::Watched(_) => "watched",
             Kind::Replayed(_) => "replayed",
+            Kind::Tee(_) => "tee",
+            Kind::Copy(_) => "mirror copy",
             #[cfg(test)]
             Kind::Test(_) => "test",
         };

@@ -1,6 +1,7 @@
 //! The routing decision for one HTTP request: a pure function of the snapshot, the listener
 //! and the request head. No I/O here; `http.rs` carries the decision out.
 
+use crate::cors::Answer;
 use crate::error::ProxyError;
 use crate::route::{RequestView, Rule};
 use crate::snapshot::{Backend, Listener, ListenerKind, PortEntry, Snapshot};
@@ -29,6 +30,16 @@ pub enum Decision {
         location: String,
         /// 301, 302, ...
         status: StatusCode,
+    },
+    /// Answer with this status and these headers, no body: a CORS preflight, or a
+    /// redirect that carries CORS headers.
+    Respond {
+        /// Rule that answered.
+        route: Arc<str>,
+        /// Status.
+        status: StatusCode,
+        /// Headers.
+        headers: http::HeaderMap,
     },
     /// Forward to a backend.
     Forward(Forward),
@@ -163,11 +174,40 @@ pub fn route(entry: &PortEntry, listener_port: u16, parts: &Parts, random: u64) 
             stats: Some(entry.stats.clone()),
         });
     };
+    // CORS: the proxy answers preflights itself, before a redirect or a backend.
+    let cors = match rule
+        .filters
+        .cors
+        .as_ref()
+        .map(|c| (c, c.decide(&parts.method, &parts.headers)))
+    {
+        Some((_, Answer::Preflight(headers))) => {
+            return Decision::Respond {
+                route: rule.id.clone(),
+                status: StatusCode::NO_CONTENT,
+                headers,
+            };
+        }
+        other => other,
+    };
     if let Some(r) = &rule.filters.redirect {
         let host = authority(parts).unwrap_or("");
+        let location = r.location(host, &parts.uri, prefix_len, listener_port);
+        if let Some((c, Answer::Actual(origin))) = &cors {
+            let mut headers = http::HeaderMap::new();
+            if let Some((n, v)) = crate::filters::location_header(&location) {
+                headers.insert(n, v);
+            }
+            c.apply(origin, &mut headers);
+            return Decision::Respond {
+                route: rule.id.clone(),
+                status: r.status,
+                headers,
+            };
+        }
         return Decision::Redirect {
             route: rule.id.clone(),
-            location: r.location(host, &parts.uri, prefix_len, listener_port),
+            location,
             status: r.status,
         };
     }

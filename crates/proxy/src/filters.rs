@@ -77,7 +77,8 @@ pub struct Redirect {
 
 impl Redirect {
     /// The `Location` for a request to `host` (its `Host`, maybe with a port) and `uri`, whose
-    /// service port is `listener_port`.
+    /// service port is `listener_port`. The port in `host` plays no part: the Gateway API
+    /// derives an unset port from the scheme or the listener (in the mesh, the Service port).
     pub fn location(&self, host: &str, uri: &Uri, prefix_len: usize, listener_port: u16) -> String {
         let scheme = self
             .scheme
@@ -88,15 +89,12 @@ impl Redirect {
             .filter(|(_, p)| p.parse::<u16>().is_ok())
             .map_or(host, |(h, _)| h);
         let hostname = self.hostname.as_deref().unwrap_or(host_only);
-        // Gateway API: an explicit port wins; a changed scheme implies its well-known port;
-        // otherwise the port the request came in on. Well-known ports are left out.
+        // Gateway API: an explicit port wins; a set scheme implies its well-known port;
+        // otherwise the listener's port. Well-known ports are left out.
         let port = self.port.unwrap_or(match self.scheme.as_deref() {
             Some("https") => 443,
             Some("http") => 80,
-            _ => host
-                .rsplit_once(':')
-                .and_then(|(_, p)| p.parse().ok())
-                .unwrap_or(listener_port),
+            _ => listener_port,
         });
         let well_known = (scheme == "http" && port == 80) || (scheme == "https" && port == 443);
         let path = match &self.path {
@@ -145,6 +143,8 @@ pub struct Filters {
     pub mirrors: Vec<Mirror>,
     /// ExtensionRef to a FaultInjection.
     pub fault: Option<Arc<crate::fault::Fault>>,
+    /// CORS.
+    pub cors: Option<Arc<crate::cors::Cors>>,
 }
 
 /// Applies request-side filters (headers, rewrite) to a request head.
@@ -203,6 +203,17 @@ mod tests {
             ("/prefix", "/new/", "/prefix/x", "/new/x"),
             ("/prefix", "/new", "/prefix/", "/new/"),
             ("/", "/api", "/x/y", "/api/x/y"),
+            // An empty replacement removes the prefix (the Gateway API's table).
+            ("/foo", "", "/foo", "/"),
+            ("/foo", "", "/foo/", "/"),
+            ("/foo", "", "/foo/bar", "/bar"),
+            ("/foo", "", "/foo/bar/", "/bar/"),
+            ("/foo", "/", "/foo", "/"),
+            ("/foo", "/", "/foo/", "/"),
+            ("/foo", "/xyz", "/foo/bar", "/xyz/bar"),
+            ("/foo", "/xyz/", "/foo/bar", "/xyz/bar"),
+            ("/foo", "/xyz", "/foo", "/xyz"),
+            ("/foo", "/xyz", "/foo/", "/xyz/"),
         ];
         for (prefix, repl, path, want) in cases {
             let len = if prefix == "/" { 0 } else { prefix.len() };
@@ -227,48 +238,93 @@ mod tests {
             status: StatusCode::FOUND,
         };
         let uri: Uri = "/a/b?x=1".parse().unwrap();
+        // (redirect, Host header, service port, Location)
         let cases = [
             (
                 r(Some("https"), None, None, None),
                 "svc:8080",
+                8080,
                 "https://svc/a/b?x=1",
+            ),
+            (
+                r(Some("http"), None, None, None),
+                "svc:8080",
+                8080,
+                "http://svc/a/b?x=1",
             ),
             (
                 r(None, Some("example.org"), None, None),
                 "svc:8080",
+                8080,
                 "http://example.org:8080/a/b?x=1",
             ),
             (
                 r(None, Some("example.org"), None, None),
                 "svc",
+                8080,
                 "http://example.org:8080/a/b?x=1",
+            ),
+            // The port in Host is not the listener's: the service port is.
+            (
+                r(None, Some("example.org"), None, None),
+                "svc:9999",
+                8080,
+                "http://example.org:8080/a/b?x=1",
+            ),
+            (
+                r(None, None, None, None),
+                "svc:9999",
+                80,
+                "http://svc/a/b?x=1",
             ),
             (
                 r(None, None, Some(80), None),
                 "svc:8080",
+                8080,
                 "http://svc/a/b?x=1",
             ),
             (
                 r(Some("https"), None, Some(8443), None),
                 "svc",
+                8080,
                 "https://svc:8443/a/b?x=1",
+            ),
+            (
+                r(Some("https"), None, Some(443), None),
+                "svc",
+                8080,
+                "https://svc/a/b?x=1",
+            ),
+            (
+                r(Some("http"), None, Some(443), None),
+                "svc",
+                8080,
+                "http://svc:443/a/b?x=1",
             ),
             (
                 r(None, None, None, Some(PathChange::Full("/z".into()))),
                 "svc:80",
+                80,
                 "http://svc/z?x=1",
             ),
             (
                 r(None, None, None, Some(PathChange::Prefix("/new".into()))),
                 "svc:80",
+                80,
                 "http://svc/new/b?x=1",
             ),
+            (
+                r(None, None, None, Some(PathChange::Prefix("".into()))),
+                "[::1]:80",
+                80,
+                "http://[::1]/b?x=1",
+            ),
         ];
-        for (redirect, host, want) in cases {
+        for (redirect, host, port, want) in cases {
             assert_eq!(
-                redirect.location(host, &uri, 2, 8080),
+                redirect.location(host, &uri, 2, port),
                 want,
-                "{redirect:?} {host}"
+                "{redirect:?} {host} {port}"
             );
         }
     }

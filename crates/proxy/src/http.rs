@@ -20,7 +20,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body as _, Frame, SizeHint};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -31,9 +30,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
-
-/// Largest request body copied for RequestMirror; larger or unsized bodies are not mirrored.
-const MIRROR_BODY_LIMIT: u64 = 64 * 1024;
 
 /// The empty label, for requests that never reached a route or backend.
 static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
@@ -176,7 +172,26 @@ pub async fn handle(
             shared.record(None, direction, &route, &NONE, status, "", start.elapsed());
             return Ok(resp);
         }
+        Decision::Respond {
+            route,
+            status,
+            headers,
+        } => {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = status;
+            *resp.headers_mut() = headers;
+            shared.record(None, direction, &route, &NONE, status, "", start.elapsed());
+            return Ok(resp);
+        }
     };
+    // CORS for an actual request: the Origin as the client sent it, before filters run.
+    let cors = fwd.rule.as_ref().and_then(|r| {
+        let c = r.filters.cors.as_ref()?;
+        match c.decide(&parts.method, &parts.headers) {
+            crate::cors::Answer::Actual(origin) => Some((c.clone(), origin)),
+            _ => None,
+        }
+    });
 
     // 1a. Session persistence: a live session's token takes the request back to its backend
     //     (and, when it forwards, to its endpoint).
@@ -221,19 +236,25 @@ pub async fn handle(
         }
     }
 
-    // 3. Mirror: copy the request to mirror backends, when its body is small enough to copy.
+    // 3. Mirror: the rule's and the chosen backend's mirrors get copies as the body streams
+    //    (module `mirror`; a copy never holds the request back).
     let mut body = Body::from(body);
-    if let Some(rule) = fwd.rule.as_ref().filter(|r| !r.filters.mirrors.is_empty()) {
-        body = mirror(
-            &shared,
-            direction,
-            &fwd.route,
-            &rule.filters.mirrors,
-            &parts,
-            body,
-            conn.client,
-        )
-        .await;
+    if let Some(rule) = &fwd.rule {
+        let own = fwd
+            .backend_index
+            .map_or(&[][..], |i| &rule.backends[i].filters.mirrors[..]);
+        if !rule.filters.mirrors.is_empty() || !own.is_empty() {
+            let mirrors = rule.filters.mirrors.iter().chain(own);
+            body = crate::mirror::start(
+                &shared,
+                direction,
+                &fwd.route,
+                mirrors,
+                &parts,
+                body,
+                conn.client,
+            );
+        }
     }
 
     // 4–5. Endpoint and forward, with retries.
@@ -281,6 +302,9 @@ pub async fn handle(
         {
             edit.apply(resp.headers_mut());
         }
+    }
+    if let Some((c, origin)) = &cors {
+        c.apply(origin, resp.headers_mut());
     }
 
     // 7. Upgrades (WebSocket): splice the two upgraded connections together.
@@ -335,7 +359,7 @@ pub async fn handle(
 /// response body holds it), and when the response head arrived. A `session` sends the first
 /// try to its endpoint and gets its token onto the response.
 #[allow(clippy::too_many_arguments)]
-async fn forward(
+pub(crate) async fn forward(
     fwd: &Forward,
     mut req: Request<Body>,
     client: SocketAddr,
@@ -793,86 +817,6 @@ pub fn hash_key(on: &HashOn, headers: &HeaderMap, client: SocketAddr) -> Option<
             .map(|v| rand::hash_bytes(v.as_bytes())),
         HashOn::SourceIp => Some(rand::hash_bytes(client.ip().to_string().as_bytes())),
     }
-}
-
-/// Sends copies of the request to mirror backends (responses discarded) and returns the body
-/// for the main request. Copying needs the body in memory, so only bodies of a known size up
-/// to [`MIRROR_BODY_LIMIT`] are mirrored.
-async fn mirror(
-    shared: &Arc<Shared>,
-    direction: &'static str,
-    route: &Arc<str>,
-    mirrors: &[filters::Mirror],
-    parts: &http::request::Parts,
-    body: Body,
-    client: SocketAddr,
-) -> Body {
-    let chosen: Vec<_> = mirrors
-        .iter()
-        .filter(|m| rand::below(1_000_000) < u64::from(m.per_million))
-        .collect();
-    if chosen.is_empty() {
-        return body;
-    }
-    let size = body.size_hint().exact();
-    if size.is_none_or(|s| s > MIRROR_BODY_LIMIT) && !body.is_end_stream() {
-        return body;
-    }
-    let bytes = match body.collect().await {
-        Ok(c) => c.to_bytes(),
-        Err(_) => return body::empty(),
-    };
-    let h2_limits = shared.snapshot().settings.bounds.h2();
-    for m in chosen {
-        let mut copy = Request::new(body::full(bytes.clone()));
-        *copy.method_mut() = parts.method.clone();
-        *copy.uri_mut() = parts.uri.clone();
-        *copy.version_mut() = parts.version;
-        *copy.headers_mut() = parts.headers.clone();
-        let fwd = Forward {
-            route: route.clone(),
-            rule: None,
-            backend_index: None,
-            backend: m.backend.clone(),
-            prefix_len: 0,
-            timeout: m.backend.request_timeout,
-            try_timeout: None,
-            retry: None,
-            stats: None,
-        };
-        shared
-            .metrics
-            .mirrored
-            .get_or_create(&RouteLabels {
-                direction,
-                route: route.clone(),
-                backend: m.backend.name.clone(),
-            })
-            .inc();
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let sent = forward(
-                &fwd,
-                copy,
-                client,
-                Instant::now(),
-                h2_limits,
-                &shared.metrics,
-                false,
-                None,
-            );
-            match sent.await {
-                // Drain so the pooled connection can be reused.
-                Ok((resp, ..)) => drop(resp.into_body().collect().await),
-                // A mirror refused by the breaker is counted like any other refusal.
-                Err(ProxyError::Overloaded(backend, limit, _)) => {
-                    shared.metrics.breaker_rejected(&backend, limit);
-                }
-                Err(_) => {}
-            }
-        });
-    }
-    body::full(bytes)
 }
 
 impl Shared {

@@ -208,6 +208,19 @@ pub struct FaultLabels {
     pub kind: &'static str,
 }
 
+/// Labels of a mirrored copy that was cut off.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorDropLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Route rule id.
+    pub route: Arc<str>,
+    /// The mirror backend.
+    pub backend: Arc<str>,
+    /// `slow` (fell behind the request's body) or `failed` (its request failed).
+    pub reason: &'static str,
+}
+
 /// Labels with a result.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
@@ -306,6 +319,8 @@ pub struct Metrics {
     pub latency: Tracked<RouteLabels, Histogram>,
     /// Requests copied by RequestMirror.
     pub mirrored: Tracked<RouteLabels, Counter>,
+    /// Mirrored copies cut off or failed (the request they copy is never affected).
+    pub mirror_dropped: Tracked<MirrorDropLabels, Counter>,
     /// Connections accepted.
     pub connections: Tracked<ConnLabels, Counter>,
     /// Connections open now.
@@ -392,6 +407,7 @@ impl Default for Metrics {
                 latency_histogram as fn() -> Histogram,
             )),
             mirrored: Tracked::default(),
+            mirror_dropped: Tracked::default(),
             connections: Tracked::default(),
             open_connections: Tracked::default(),
             read_bytes: Tracked::default(),
@@ -443,6 +459,11 @@ impl Default for Metrics {
             "http_mirrored_requests",
             "Requests copied by RequestMirror",
             m.mirrored.family(),
+        );
+        registry.register(
+            "http_mirror_dropped",
+            "Mirrored copies dropped: slow (fell behind the request body they copy) or failed",
+            m.mirror_dropped.family(),
         );
         registry.register(
             "tcp_connections",
@@ -673,6 +694,7 @@ impl Metrics {
         self.responses
             .retain(|l| live(l.direction, &l.route, &l.backend));
         self.mirrored.retain(|l| routes.contains(&l.route));
+        self.mirror_dropped.retain(|l| routes.contains(&l.route));
         let backend_live = |b: &Arc<str>| pairs.iter().any(|(_, _, p)| p == b);
         self.endpoint_failures.retain(|l| backend_live(&l.backend));
         self.retries.retain(|l| backend_live(&l.backend));

@@ -1062,6 +1062,9 @@ impl Builder<'_> {
                     path: r.path.as_ref().map(path_change),
                 });
             }
+            if let Some(c) = &f.cors {
+                out.cors = Some(Arc::new(crate::cors::Cors::compile(c)?));
+            }
             if let Some(e) = &f.extension_ref {
                 // Validation checked that it names a FaultInjection of this namespace.
                 out.fault = self.faults.get(&key(ns, &e.name)).cloned();
