@@ -22,6 +22,7 @@ mod resource;
 pub mod retry;
 pub mod route;
 pub mod service;
+pub mod status;
 mod validate;
 pub mod wire;
 

@@ -14,6 +14,7 @@ pub mod identity;
 mod mesh;
 pub mod metrics;
 pub mod registry;
+pub mod route_status;
 pub mod state;
 pub mod store;
 mod tls;
@@ -40,6 +41,8 @@ pub struct Control {
     pub(crate) ca_cache: identity::CaCache,
     /// Connection and proxy counts, served at `/metrics`.
     pub metrics: metrics::Metrics,
+    /// When each route condition last changed, for the status `get` shows.
+    pub(crate) transitions: route_status::Transitions,
 }
 
 /// Tunables.
@@ -109,6 +112,7 @@ impl Control {
             metrics: metrics::Metrics::new(settings.limits.max_connections),
             settings,
             ca_cache: identity::CaCache::default(),
+            transitions: route_status::Transitions::default(),
         });
         if let StoreSpec::Dir(dir) = spec {
             // redb creates its file with the process umask.

@@ -219,6 +219,9 @@ pub async fn handle(
 
     // 3. Mirror: copy the request to mirror backends, when its body is small enough to copy.
     let mut body = Body::from(body);
+    if let Some(rule) = &fwd.rule {
+        count_unresolved_mirrors(&shared, direction, &fwd.route, &rule.filters);
+    }
     if let Some(rule) = fwd.rule.as_ref().filter(|r| !r.filters.mirrors.is_empty()) {
         body = mirror(
             &shared,
@@ -773,6 +776,29 @@ pub fn hash_key(on: &HashOn, headers: &HeaderMap, client: SocketAddr) -> Option<
             })
             .map(|v| rand::hash_bytes(v.as_bytes())),
         HashOn::SourceIp => Some(rand::hash_bytes(client.ip().to_string().as_bytes())),
+    }
+}
+
+/// Counts the copies that mirrors to backends that do not resolve would have sent, sampled
+/// as real mirrors are: the Gateway API drops such a mirror.
+fn count_unresolved_mirrors(
+    shared: &Shared,
+    direction: &'static str,
+    route: &Arc<str>,
+    filters: &filters::Filters,
+) {
+    for (backend, per_million) in &filters.unresolved_mirrors {
+        if rand::below(1_000_000) < u64::from(*per_million) {
+            shared
+                .metrics
+                .mirror_backend_not_found
+                .get_or_create(&RouteLabels {
+                    direction,
+                    route: route.clone(),
+                    backend: backend.clone(),
+                })
+                .inc();
+        }
     }
 }
 

@@ -297,6 +297,8 @@ pub struct Metrics {
     pub latency: Tracked<RouteLabels, Histogram>,
     /// Requests copied by RequestMirror.
     pub mirrored: Tracked<RouteLabels, Counter>,
+    /// Copies RequestMirror did not send because its backend does not resolve.
+    pub mirror_backend_not_found: Tracked<RouteLabels, Counter>,
     /// Connections accepted.
     pub connections: Tracked<ConnLabels, Counter>,
     /// Connections open now.
@@ -377,6 +379,7 @@ impl Default for Metrics {
                 latency_histogram as fn() -> Histogram,
             )),
             mirrored: Tracked::default(),
+            mirror_backend_not_found: Tracked::default(),
             connections: Tracked::default(),
             open_connections: Tracked::default(),
             read_bytes: Tracked::default(),
@@ -425,6 +428,11 @@ impl Default for Metrics {
             "http_mirrored_requests",
             "Requests copied by RequestMirror",
             m.mirrored.family(),
+        );
+        registry.register(
+            "http_mirror_backend_not_found",
+            "Requests RequestMirror would have copied to a backend that does not resolve",
+            m.mirror_backend_not_found.family(),
         );
         registry.register(
             "tcp_connections",
@@ -640,6 +648,8 @@ impl Metrics {
         self.responses
             .retain(|l| live(l.direction, &l.route, &l.backend));
         self.mirrored.retain(|l| routes.contains(&l.route));
+        self.mirror_backend_not_found
+            .retain(|l| routes.contains(&l.route));
         let backend_live = |b: &Arc<str>| pairs.iter().any(|(_, _, p)| p == b);
         self.endpoint_failures.retain(|l| backend_live(&l.backend));
         self.retries.retain(|l| backend_live(&l.backend));
