@@ -10,10 +10,13 @@ use std::sync::Mutex;
 use trellis_api::status::RouteStatus;
 use trellis_api::{Kind, ObjectKey, Resource};
 
-/// When each condition (route, parent index, type) took its current status, as this replica
-/// saw it: the first read after it changed, or after the replica started.
+/// A condition: route, parent index, condition type.
+type ConditionKey = (ObjectKey, usize, String);
+
+/// When each condition took its current status (status, time), as this replica saw it: the
+/// first read after it changed, or after the replica started.
 #[derive(Default)]
-pub struct Transitions(Mutex<BTreeMap<(ObjectKey, usize, String), (String, String)>>);
+pub struct Transitions(Mutex<BTreeMap<ConditionKey, (String, String)>>);
 
 impl Transitions {
     /// The status of every route in `state`, `lastTransitionTime` set from `now` (RFC 3339)
