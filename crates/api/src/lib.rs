@@ -24,6 +24,7 @@ pub mod retry;
 pub mod route;
 pub mod service;
 pub mod session;
+pub mod status;
 mod validate;
 pub mod wire;
 

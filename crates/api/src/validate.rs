@@ -910,38 +910,25 @@ impl Validator {
         }
     }
 
+    /// A reference that does not resolve (another kind, a Service that does not exist) is
+    /// valid, as the Gateway API specifies: the route's status says `ResolvedRefs: False`
+    /// (`crate::status`) and the proxy answers 500 for that backend's share.
     fn backend(&mut self, ctx: &Ctx, field: &str, b: &BackendRef) {
         if b.kind != "Service" || !b.group.is_empty() {
-            self.at(
-                ctx.r,
-                &format!("{field}.kind"),
-                format!("backends must be core Services, not {}/{}", b.group, b.kind),
-            );
             return;
         }
-        match ctx.service(b.namespace.as_deref(), &b.name) {
-            None => self.at(
+        match (ctx.service(b.namespace.as_deref(), &b.name), b.port) {
+            (_, None) => self.at(
                 ctx.r,
-                &format!("{field}.name"),
-                format!(
-                    "no Service {}/{}",
-                    b.namespace.as_deref().unwrap_or(ctx.ns),
-                    b.name
-                ),
+                &format!("{field}.port"),
+                "a Service backend needs a port",
             ),
-            Some(svc) => match b.port {
-                None => self.at(
-                    ctx.r,
-                    &format!("{field}.port"),
-                    "a Service backend needs a port",
-                ),
-                Some(port) if !svc.ports.iter().any(|sp| sp.port == port) => self.at(
-                    ctx.r,
-                    &format!("{field}.port"),
-                    format!("Service {} has no port {port}", b.name),
-                ),
-                _ => {}
-            },
+            (Some(svc), Some(port)) if !svc.ports.iter().any(|sp| sp.port == port) => self.at(
+                ctx.r,
+                &format!("{field}.port"),
+                format!("Service {} has no port {port}", b.name),
+            ),
+            _ => {}
         }
     }
 
@@ -1524,7 +1511,7 @@ spec:
   ports: [{port: 8080}]
 ";
 
-    fn check(extra: &str) -> Result<(), Diagnostics> {
+    pub(super) fn check(extra: &str) -> Result<(), Diagnostics> {
         let text = format!("{BASE}---\n{extra}");
         validate(
             &parse_documents("t.yaml", &text)
@@ -1989,11 +1976,6 @@ spec:
     #[test]
     fn rejects_with_located_field() {
         let cases: &[(&str, &str, &str)] = &[
-            (
-                "backendRefs: [{name: nope, port: 8080}]",
-                "spec.rules[0].backendRefs[0].name",
-                "no Service default/nope",
-            ),
             (
                 "backendRefs: [{name: catalog, port: 1}]",
                 "spec.rules[0].backendRefs[0].port",
@@ -2471,5 +2453,42 @@ spec:
                 (got, want) => panic!("{extra}\ngot {got:?}, want {want:?}"),
             }
         }
+    }
+
+    /// The Gateway API accepts a route whose backends do not resolve and reports it in the
+    /// route's status (`crate::status`); a Service backend still needs a port.
+    #[test]
+    fn unresolved_backends_are_valid() {
+        use super::tests::check;
+        let route = |kind: &str, rule: &str| {
+            format!(
+                "apiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: r}}\nspec:\n  parentRefs: [{{name: catalog}}]\n  rules:\n    - {rule}\n"
+            )
+        };
+        let mirror =
+            "filters: [{type: RequestMirror, requestMirror: {backendRef: {name: nope, port: 80}}}]";
+        for ok in [
+            route("HTTPRoute", "backendRefs: [{name: nope, port: 8080}]"),
+            route(
+                "HTTPRoute",
+                "backendRefs: [{name: nope, namespace: other, port: 8080}]",
+            ),
+            route(
+                "HTTPRoute",
+                "backendRefs: [{group: example.com, kind: Bucket, name: b}]",
+            ),
+            route("HTTPRoute", mirror),
+            route("GRPCRoute", "backendRefs: [{name: nope, port: 50051}]"),
+            route("GRPCRoute", mirror),
+        ] {
+            check(&ok).unwrap_or_else(|d| panic!("{ok}\n{d}"));
+        }
+        let d = check(&route("HTTPRoute", "backendRefs: [{name: nope}]")).unwrap_err();
+        assert!(
+            d.0.iter()
+                .any(|x| x.field == "spec.rules[0].backendRefs[0].port"
+                    && x.message.contains("needs a port")),
+            "{d}"
+        );
     }
 }

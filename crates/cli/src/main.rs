@@ -191,11 +191,15 @@ enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
-    /// Check config files offline: exit 0 when valid, 1 with located errors when not.
+    /// Check config files offline: exit 0 when valid, 1 with located errors when not. Route
+    /// conditions that are not True (a backend that does not exist, …) are printed too.
     Validate {
         /// Files or directories (every `.yaml`/`.yml` inside, recursively).
         #[arg(short = 'f', long = "file", required = true)]
         files: Vec<PathBuf>,
+        /// Also exit 1 when any route condition is not True (for CI/CD pipelines).
+        #[arg(long)]
+        strict: bool,
     },
     /// Start an app with its sidecar and register it with the control plane.
     Run {
@@ -449,7 +453,7 @@ fn run(command: Command) -> Result<i32> {
         raise_file_limit();
     }
     match command {
-        Command::Validate { files } => validate(&files),
+        Command::Validate { files, strict } => validate(&files, strict),
         Command::Proxy {
             config,
             control,
@@ -756,7 +760,7 @@ pub(crate) fn read_files(paths: &[PathBuf]) -> Result<Vec<(String, String)>> {
         .collect()
 }
 
-fn validate(paths: &[PathBuf]) -> Result<i32> {
+fn validate(paths: &[PathBuf], strict: bool) -> Result<i32> {
     let mut resources = Vec::new();
     let mut problems = Vec::new();
     for (name, text) in read_files(paths)? {
@@ -772,7 +776,18 @@ fn validate(paths: &[PathBuf]) -> Result<i32> {
     }
     if problems.is_empty() {
         println!("{} resources valid", resources.len());
-        Ok(0)
+        let (routes, not_true) = print_route_conditions(&resources);
+        if not_true == 0 {
+            if routes > 0 {
+                println!("{routes} route(s): every condition True");
+            }
+            Ok(0)
+        } else if strict {
+            eprintln!("--strict: {not_true} route condition(s) not True");
+            Ok(1)
+        } else {
+            Ok(0)
+        }
     } else {
         for p in &problems {
             eprintln!("{p}");
@@ -780,6 +795,40 @@ fn validate(paths: &[PathBuf]) -> Result<i32> {
         eprintln!("{} problem(s) found", problems.len());
         Ok(1)
     }
+}
+
+/// Prints, as `file:line: Kind ns/name: Type=Status (Reason): message`, each route condition
+/// that is not True, as the control plane would report it for these files. Returns the
+/// number of routes and of such conditions.
+fn print_route_conditions(
+    resources: &[trellis_api::Located<trellis_api::Resource>],
+) -> (usize, usize) {
+    let statuses = trellis_api::status::routes(resources.iter().map(|r| &r.value));
+    let mut not_true = 0;
+    for r in resources {
+        let Some(status) = statuses.get(&r.value.key()) else {
+            continue;
+        };
+        // ResolvedRefs is the same for every parent: say it once.
+        let mut said = std::collections::BTreeSet::new();
+        for c in status.parents.iter().flat_map(|p| &p.conditions) {
+            if c.is_true() || !said.insert((&c.kind, &c.message)) {
+                continue;
+            }
+            not_true += 1;
+            let line = r.diagnostic(c.field.as_deref().unwrap_or(""), "").line;
+            eprintln!(
+                "{}:{line}: {}: {}={} ({}): {}",
+                r.file,
+                r.value.key(),
+                c.kind,
+                c.status,
+                c.reason,
+                c.message
+            );
+        }
+    }
+    (statuses.len(), not_true)
 }
 
 async fn proxy(config: PathBuf, watch_interval: Duration) -> Result<i32> {

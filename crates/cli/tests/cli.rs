@@ -21,8 +21,9 @@ fn every_example_validates() {
         if !path.exists() {
             continue;
         }
+        // Strict: every route in the examples is accepted with every reference resolved.
         let out = trellis()
-            .args(["validate", "-f"])
+            .args(["validate", "--strict", "-f"])
             .arg(&path)
             .output()
             .unwrap();
@@ -43,9 +44,9 @@ fn validate_reports_file_line_and_field() {
         .unwrap()
         .replace(
             "name: catalog-v2, port: 8080",
-            "name: catalog-v3, port: 8080",
+            "name: catalog-v2, port: 8081",
         );
-    let line = text.lines().position(|l| l.contains("catalog-v3")).unwrap() + 1;
+    let line = text.lines().position(|l| l.contains("port: 8081")).unwrap() + 1;
     std::fs::write(&file, text).unwrap();
     let out = trellis()
         .args(["validate", "-f"])
@@ -55,9 +56,75 @@ fn validate_reports_file_line_and_field() {
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     let want = format!(
-        "bad.yaml:{line}: spec.rules[1].backendRefs[1].name: no Service default/catalog-v3"
+        "bad.yaml:{line}: spec.rules[1].backendRefs[1].port: Service catalog-v2 has no port 8081"
     );
     assert!(err.contains(&want), "want {want} in {err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A route whose backend does not exist is valid (the Gateway API accepts it and reports
+/// `ResolvedRefs: False`); `validate` prints the condition, and `--strict` fails on it.
+#[test]
+fn validate_strict_fails_on_a_route_condition_that_is_not_true() {
+    let dir = std::env::temp_dir().join(format!("trellis-cli-strict-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("routes.yaml");
+    let text = "apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec:
+  ports: [{port: 8080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: catalog}
+spec:
+  parentRefs: [{name: catalog}]
+  rules:
+    - backendRefs:
+        - {name: catalog, port: 8080}
+        - {name: catalog-v3, port: 8080}
+";
+    std::fs::write(&file, text).unwrap();
+    let run = |strict: bool| {
+        let mut cmd = trellis();
+        cmd.args(["validate", "-f"]).arg(&file);
+        if strict {
+            cmd.arg("--strict");
+        }
+        cmd.output().unwrap()
+    };
+    let want = "routes.yaml:15: HTTPRoute default/catalog: ResolvedRefs=False (BackendNotFound): spec.rules[0].backendRefs[1]: Service default/catalog-v3 does not exist";
+    let lax = run(false);
+    let err = String::from_utf8_lossy(&lax.stderr);
+    assert_eq!(lax.status.code(), Some(0), "{err}");
+    assert!(err.contains(want), "want {want} in {err}");
+    let strict = run(true);
+    let err = String::from_utf8_lossy(&strict.stderr);
+    assert_eq!(strict.status.code(), Some(1), "{err}");
+    assert!(err.contains(want), "want {want} in {err}");
+    assert!(
+        err.contains("--strict: 1 route condition(s) not True"),
+        "{err}"
+    );
+
+    // Once the Service exists, --strict passes.
+    std::fs::write(
+        &file,
+        format!(
+            "{text}---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: catalog-v3}}\nspec:\n  ports: [{{port: 8080}}]\n"
+        ),
+    )
+    .unwrap();
+    let fixed = run(true);
+    let out = String::from_utf8_lossy(&fixed.stdout);
+    assert_eq!(
+        fixed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&fixed.stderr)
+    );
+    assert!(out.contains("1 route(s): every condition True"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -282,14 +282,14 @@ spec:
   parentRefs: [{group: "", kind: Service, name: good}]
   rules:
     - backendRefs:
-        - name: missing
-          port: 80
+        - name: good
+          port: 81
 "#,
     );
     let (code, out, err) = cp.cli(&["apply", "-f", bad.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}{err}");
     assert!(
-        err.contains("bad.yaml:14: spec.rules[0].backendRefs[0].name"),
+        err.contains("bad.yaml:15: spec.rules[0].backendRefs[0].port: Service good has no port 81"),
         "{err}"
     );
     // All or nothing: the valid Service in the same apply was not stored either.

@@ -87,8 +87,9 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
             .map(|s| (&*s.resource, s.resource.service_refs()))
             .collect();
 
+    let defined = all_services(state);
     let mut want: BTreeSet<(String, String)> = if key.all {
-        all_services(state)
+        defined.clone()
     } else {
         key.upstreams.iter().cloned().collect()
     };
@@ -101,9 +102,20 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
                 continue;
             }
             // A route's other parents and its backends must be in the view too, or the
-            // proxy's own validation of the view would fail on a dangling reference.
-            for s in refs.attaches_to.iter().chain(&refs.sends_to) {
+            // proxy's own validation of the view would fail on a dangling reference. A
+            // route's backend that nothing defines stays out: the proxy answers its share
+            // with 500 and the route's status says BackendNotFound (the Gateway API's way).
+            let route = matches!(
+                attached[i].0,
+                Resource::HttpRoute(_) | Resource::GrpcRoute(_)
+            );
+            for s in &refs.attaches_to {
                 if want.insert(s.clone()) {
+                    queue.push(s.clone());
+                }
+            }
+            for s in &refs.sends_to {
+                if (!route || defined.contains(s)) && want.insert(s.clone()) {
                     queue.push(s.clone());
                 }
             }
@@ -185,7 +197,8 @@ pub fn all_services(state: &State) -> BTreeSet<(String, String)> {
 /// A service as proxies see it: the stored `Service` (or, for a service that exists only
 /// through registered instances, one with their ports) with its selected healthy workloads
 /// added to its endpoints. A service nothing defines (its last instance left, or it is not
-/// registered yet) is sent with no endpoints, so requests get a clear 503 rather than the
+/// registered yet) that the proxy needs as an upstream, a route's parent or a policy's
+/// target or fallback is sent with no endpoints, so requests get a clear 503 rather than the
 /// whole view being rejected for a dangling reference.
 pub fn effective_service(
     state: &State,
@@ -357,5 +370,65 @@ spec:
         };
         assert_eq!(faults("catalog"), ["FaultInjection/default/outage"]);
         assert!(faults("orders").is_empty());
+    }
+
+    /// A route's backend that nothing defines is left out of views (the proxy answers its
+    /// share with 500), and comes in once a Service or an instance defines it.
+    #[test]
+    fn a_routes_missing_backend_is_not_invented() {
+        let yaml = "apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{name: catalog}]
+  rules:
+    - backendRefs: [{name: catalog, port: 80}, {name: later, port: 80}]
+";
+        let mut state = State::default();
+        for r in trellis_api::parse_documents("t.yaml", yaml).unwrap() {
+            state.config.insert(
+                r.value.key(),
+                Stored {
+                    resource: Arc::new(r.value),
+                    version: 1,
+                },
+            );
+        }
+        let services = |state: &State| -> Vec<String> {
+            compile(state, &ViewKey::new("default", &["catalog".into()], false))
+                .items
+                .into_keys()
+                .filter(|k| k.starts_with("Service/"))
+                .collect()
+        };
+        assert_eq!(services(&state), ["Service/default/catalog"]);
+        state.workloads.insert(
+            "w1".into(),
+            Arc::new(Workload {
+                id: "w1".into(),
+                namespace: "default".into(),
+                service: "later".into(),
+                address: "127.0.0.1:7001".into(),
+                port: 80,
+                labels: Default::default(),
+                zone: None,
+                region: None,
+                cluster: None,
+                healthy: true,
+                node: String::new(),
+                identity: None,
+                slot: None,
+                epoch: 0,
+            }),
+        );
+        assert_eq!(
+            services(&state),
+            ["Service/default/catalog", "Service/default/later"]
+        );
     }
 }

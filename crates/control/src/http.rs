@@ -14,10 +14,12 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use trellis_api::status::RouteStatus;
 use trellis_api::wire::mesh_server::MeshServer;
 use trellis_api::{Kind, ObjectKey, Resource};
 
@@ -149,14 +151,15 @@ async fn list(
         Ok(k) => k,
         Err(r) => return *r,
     };
-    let items: Vec<Resource> = state
+    let statuses = route_statuses(&c, &state, kind);
+    let items: Vec<serde_json::Value> = state
         .of_kind(kind)
         .filter(|s| {
             q.namespace
                 .as_ref()
                 .is_none_or(|ns| &s.resource.metadata().namespace == ns)
         })
-        .map(|s| s.with_version())
+        .map(|s| shown(s.with_version(), &statuses))
         .collect();
     Json(List {
         revision: state.revision,
@@ -178,10 +181,38 @@ async fn get_one(
         namespace,
         name,
     };
-    match c.state().config.get(&key) {
-        Some(s) => Json(s.with_version()).into_response(),
+    let state = c.state();
+    let statuses = route_statuses(&c, &state, kind);
+    match state.config.get(&key) {
+        Some(s) => Json(shown(s.with_version(), &statuses)).into_response(),
         None => error(StatusCode::NOT_FOUND, vec![format!("{key} not found")]),
     }
+}
+
+/// Every route's status, computed now from `state`, when `kind` is a route kind.
+fn route_statuses(
+    c: &Control,
+    state: &crate::state::State,
+    kind: Kind,
+) -> BTreeMap<ObjectKey, RouteStatus> {
+    if matches!(kind, Kind::HttpRoute | Kind::GrpcRoute) {
+        c.transitions.routes(state, &crate::config::now_rfc3339())
+    } else {
+        BTreeMap::new()
+    }
+}
+
+/// A resource as `get` shows it: a route with its computed `status`.
+fn shown(r: Resource, statuses: &BTreeMap<ObjectKey, RouteStatus>) -> serde_json::Value {
+    let status = statuses.get(&r.key());
+    let mut v = serde_json::to_value(r).unwrap_or_default();
+    if let (Some(status), Some(obj)) = (status, v.as_object_mut()) {
+        obj.insert(
+            "status".into(),
+            serde_json::to_value(status).unwrap_or_default(),
+        );
+    }
+    v
 }
 
 /// Body of `POST /v1/tokens`.

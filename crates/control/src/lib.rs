@@ -14,6 +14,7 @@ pub mod identity;
 mod mesh;
 pub mod metrics;
 pub mod registry;
+pub mod route_status;
 pub mod state;
 pub mod store;
 mod tls;
@@ -43,6 +44,8 @@ pub struct Control {
     pub(crate) token_spends: tokio::sync::Mutex<()>,
     /// Connection and proxy counts, served at `/metrics`.
     pub metrics: metrics::Metrics,
+    /// When each route condition last changed, for the status `get` shows.
+    pub(crate) transitions: route_status::Transitions,
 }
 
 /// Tunables.
@@ -113,6 +116,7 @@ impl Control {
             settings,
             ca_cache: identity::CaCache::default(),
             token_spends: tokio::sync::Mutex::new(()),
+            transitions: route_status::Transitions::default(),
         });
         if let StoreSpec::Dir(dir) = spec {
             // redb creates its file with the process umask.

@@ -3,7 +3,7 @@
 
 use crate::cors::Answer;
 use crate::error::ProxyError;
-use crate::route::{RequestView, Rule};
+use crate::route::{Pick, RequestView, Rule};
 use crate::snapshot::{Backend, Listener, ListenerKind, PortEntry, Snapshot};
 use http::header::HOST;
 use http::{StatusCode, request::Parts};
@@ -211,8 +211,14 @@ pub fn route(entry: &PortEntry, listener_port: u16, parts: &Parts, random: u64) 
             status: r.status,
         };
     }
-    let Some(index) = rule.pick_backend(random) else {
-        return Decision::Fail(ProxyError::NoBackends(rule.id.to_string()));
+    let index = match rule.pick(random) {
+        Some(Pick::Backend(i)) => i,
+        // The Gateway API's answer for the share of a backend that does not resolve.
+        Some(Pick::Unresolved(i)) => {
+            let why = rule.unresolved[i].why.to_string();
+            return Decision::Fail(ProxyError::BackendNotFound(rule.id.to_string(), why));
+        }
+        None => return Decision::Fail(ProxyError::NoBackends(rule.id.to_string())),
     };
     let backend = rule.backends[index].backend.clone();
     Decision::Forward(Forward {

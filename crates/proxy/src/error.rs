@@ -34,6 +34,10 @@ pub enum ProxyError {
     /// The matched rule has no usable backend.
     #[error("route {0} has no backends with weight")]
     NoBackends(String),
+    /// The chosen backend reference does not resolve (no such Service, or not a Service):
+    /// the Gateway API answers its share of traffic with 500 (gRPC: UNAVAILABLE).
+    #[error("route {0}: {1}")]
+    BackendNotFound(String, String),
     /// The backend has no endpoint that can take traffic.
     #[error("no available endpoint for {0}")]
     NoEndpoint(String),
@@ -69,7 +73,9 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnknownHost(_) | ProxyError::NoRoute(_) => StatusCode::NOT_FOUND,
-            ProxyError::NoBackends(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ProxyError::NoBackends(_) | ProxyError::BackendNotFound(..) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ProxyError::NoEndpoint(_) | ProxyError::Overloaded(..) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -96,6 +102,7 @@ impl ProxyError {
             ProxyError::UnknownHost(_) => "unknown_host",
             ProxyError::NoRoute(_) => "no_route",
             ProxyError::NoBackends(_) => "no_backends",
+            ProxyError::BackendNotFound(..) => "backend_not_found",
             ProxyError::NoEndpoint(_) => "no_endpoint",
             ProxyError::Connect(..) => "connect",
             ProxyError::NotSent(..) => "not_sent",
@@ -114,6 +121,7 @@ impl ProxyError {
             ProxyError::BadRequest(_) => "bad request",
             ProxyError::UnknownHost(_) | ProxyError::NoRoute(_) => "not found",
             ProxyError::NoBackends(_)
+            | ProxyError::BackendNotFound(..)
             | ProxyError::NoEndpoint(_)
             | ProxyError::Connect(..)
             | ProxyError::NotSent(..)
@@ -148,6 +156,7 @@ impl ProxyError {
         let mut resp = if grpc {
             let code = match self.status() {
                 _ if matches!(self, ProxyError::Overloaded(..)) => "8", // RESOURCE_EXHAUSTED
+                _ if matches!(self, ProxyError::BackendNotFound(..)) => "14", // UNAVAILABLE
                 StatusCode::NOT_FOUND => "12",                          // UNIMPLEMENTED
                 StatusCode::GATEWAY_TIMEOUT => "4",                     // DEADLINE_EXCEEDED
                 StatusCode::INTERNAL_SERVER_ERROR => "13",              // INTERNAL
@@ -252,6 +261,22 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_not_found_is_500_or_grpc_unavailable() {
+        let e = ProxyError::BackendNotFound(
+            "default/r/0".into(),
+            "Service default/gone does not exist".into(),
+        );
+        let http = e.clone().into_response(false, Audience::App);
+        assert_eq!(http.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            text(&http, ERROR_HEADER),
+            "route default/r/0: Service default/gone does not exist"
+        );
+        let grpc = e.into_response(true, Audience::App);
+        assert_eq!(text(&grpc, "grpc-status"), "14");
+    }
+
+    #[test]
     fn reasons_a_header_cannot_carry_are_encoded_in_it_too() {
         let e = ProxyError::BadRequest("caf\u{e9} 100%".into());
         let resp = e.clone().into_response(false, Audience::App);
@@ -288,6 +313,10 @@ mod tests {
             ProxyError::UpstreamProtocol(addr(), "bad head".into()),
             ProxyError::NoEndpoint("default/app:80 at 10.1.2.3:8080".into()),
             ProxyError::NoBackends("default/secret-route".into()),
+            ProxyError::BackendNotFound(
+                "default/r/0".into(),
+                "Service secret/gone does not exist".into(),
+            ),
             ProxyError::Denied(Arc::from("default/secret-policy")),
             ProxyError::Unauthenticated("issuer https://10.1.2.3/ unknown".into()),
             ProxyError::Timeout(Duration::from_millis(1500)),

@@ -141,6 +141,9 @@ pub struct Filters {
     pub rewrite: Option<Rewrite>,
     /// RequestMirror (several allowed).
     pub mirrors: Vec<Mirror>,
+    /// RequestMirrors whose backend does not resolve: the backend they name
+    /// (`namespace/name:port`) and their share in millionths. Nothing is sent; `http_mirror_backend_not_found` counts the copies.
+    pub unresolved_mirrors: Vec<(Arc<str>, u32)>,
     /// ExtensionRef to a FaultInjection.
     pub fault: Option<Arc<crate::fault::Fault>>,
     /// CORS.

@@ -240,6 +240,10 @@ pub async fn handle(
     //    (module `mirror`; a copy never holds the request back).
     let mut body = Body::from(body);
     if let Some(rule) = &fwd.rule {
+        count_unresolved_mirrors(&shared, direction, &fwd.route, &rule.filters);
+        if let Some(i) = fwd.backend_index {
+            count_unresolved_mirrors(&shared, direction, &fwd.route, &rule.backends[i].filters);
+        }
         let own = fwd
             .backend_index
             .map_or(&[][..], |i| &rule.backends[i].filters.mirrors[..]);
@@ -816,6 +820,29 @@ pub fn hash_key(on: &HashOn, headers: &HeaderMap, client: SocketAddr) -> Option<
             })
             .map(|v| rand::hash_bytes(v.as_bytes())),
         HashOn::SourceIp => Some(rand::hash_bytes(client.ip().to_string().as_bytes())),
+    }
+}
+
+/// Counts the copies that mirrors to backends that do not resolve would have sent, sampled
+/// as real mirrors are: the Gateway API drops such a mirror.
+fn count_unresolved_mirrors(
+    shared: &Shared,
+    direction: &'static str,
+    route: &Arc<str>,
+    filters: &filters::Filters,
+) {
+    for (backend, per_million) in &filters.unresolved_mirrors {
+        if rand::below(1_000_000) < u64::from(*per_million) {
+            shared
+                .metrics
+                .mirror_backend_not_found
+                .get_or_create(&RouteLabels {
+                    direction,
+                    route: route.clone(),
+                    backend: backend.clone(),
+                })
+                .inc();
+        }
     }
 }
 

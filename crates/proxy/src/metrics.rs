@@ -321,6 +321,8 @@ pub struct Metrics {
     pub mirrored: Tracked<RouteLabels, Counter>,
     /// Mirrored copies cut off or failed (the request they copy is never affected).
     pub mirror_dropped: Tracked<MirrorDropLabels, Counter>,
+    /// Copies RequestMirror did not send because its backend does not resolve.
+    pub mirror_backend_not_found: Tracked<RouteLabels, Counter>,
     /// Connections accepted.
     pub connections: Tracked<ConnLabels, Counter>,
     /// Connections open now.
@@ -408,6 +410,7 @@ impl Default for Metrics {
             )),
             mirrored: Tracked::default(),
             mirror_dropped: Tracked::default(),
+            mirror_backend_not_found: Tracked::default(),
             connections: Tracked::default(),
             open_connections: Tracked::default(),
             read_bytes: Tracked::default(),
@@ -464,6 +467,11 @@ impl Default for Metrics {
             "http_mirror_dropped",
             "Mirrored copies dropped: slow (fell behind the request body they copy) or failed",
             m.mirror_dropped.family(),
+        );
+        registry.register(
+            "http_mirror_backend_not_found",
+            "Requests RequestMirror would have copied to a backend that does not resolve",
+            m.mirror_backend_not_found.family(),
         );
         registry.register(
             "tcp_connections",
@@ -695,6 +703,8 @@ impl Metrics {
             .retain(|l| live(l.direction, &l.route, &l.backend));
         self.mirrored.retain(|l| routes.contains(&l.route));
         self.mirror_dropped.retain(|l| routes.contains(&l.route));
+        self.mirror_backend_not_found
+            .retain(|l| routes.contains(&l.route));
         let backend_live = |b: &Arc<str>| pairs.iter().any(|(_, _, p)| p == b);
         self.endpoint_failures.retain(|l| backend_live(&l.backend));
         self.retries.retain(|l| backend_live(&l.backend));

@@ -30,6 +30,25 @@ pub struct WeightedBackend {
     pub retry: Option<Arc<crate::retry::Policy>>,
 }
 
+/// A backend reference of a rule that does not resolve (no such Service, or not a Service).
+/// It keeps its weight: the Gateway API answers its share of traffic with 500.
+#[derive(Debug)]
+pub struct Unresolved {
+    /// Why, for example `Service default/catalog-v3 does not exist`.
+    pub why: Arc<str>,
+    /// Relative weight among the rule's backends.
+    pub weight: u32,
+}
+
+/// A weighted choice among a rule's backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pick {
+    /// Index into [`Rule::backends`].
+    Backend(usize),
+    /// Index into [`Rule::unresolved`].
+    Unresolved(usize),
+}
+
 /// One compiled rule.
 #[derive(Debug)]
 pub struct Rule {
@@ -45,9 +64,34 @@ pub struct Rule {
     pub try_timeout: Option<Duration>,
     /// Session persistence, when the rule asks for it.
     pub session: Option<Arc<crate::session::Persistence>>,
+    /// Backend references that do not resolve, with their weights.
+    pub unresolved: Vec<Unresolved>,
 }
 
 impl Rule {
+    /// Picks by weight among resolved and unresolved backends; `None` when every weight is 0.
+    /// Without unresolved backends this is exactly [`Rule::pick_backend`].
+    pub fn pick(&self, random: u64) -> Option<Pick> {
+        let resolved: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();
+        let missing: u64 = self.unresolved.iter().map(|u| u64::from(u.weight)).sum();
+        let total = resolved + missing;
+        if total == 0 {
+            return None;
+        }
+        let mut pos = random % total;
+        if pos < resolved {
+            return self.pick_backend(pos).map(Pick::Backend);
+        }
+        pos -= resolved;
+        for (i, u) in self.unresolved.iter().enumerate() {
+            if pos < u64::from(u.weight) {
+                return Some(Pick::Unresolved(i));
+            }
+            pos -= u64::from(u.weight);
+        }
+        None
+    }
+
     /// Picks a backend's index by weight given a uniform random number.
     pub fn pick_backend(&self, random: u64) -> Option<usize> {
         let total: u64 = self.backends.iter().map(|b| u64::from(b.weight)).sum();

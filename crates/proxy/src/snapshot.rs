@@ -952,16 +952,20 @@ impl Builder<'_> {
         }
     }
 
+    /// The backend a reference names, or, when it does not resolve (validation lets that
+    /// through, as the Gateway API does), why not: the reason its share of traffic gets.
     fn backend_ref(
         &mut self,
         route_ns: &str,
-        name: &str,
-        ns: Option<&str>,
-        port: Option<u16>,
-    ) -> Arc<Backend> {
-        let k = key(ns.unwrap_or(route_ns), name);
-        let port = port.unwrap_or_else(|| self.services[&k].ports[0].port);
-        self.backend(&k, port)
+        b: &trellis_api::route::BackendRef,
+    ) -> Result<Arc<Backend>, Arc<str>> {
+        let exists = |ns: &str, name: &str| self.services.contains_key(&key(ns, name));
+        if let Some((_, message)) = trellis_api::status::unresolved(route_ns, b, exists) {
+            return Err(message.into());
+        }
+        let k = key(b.namespace.as_deref().unwrap_or(route_ns), &b.name);
+        let port = b.port.unwrap_or_else(|| self.services[&k].ports[0].port);
+        Ok(self.backend(&k, port))
     }
 
     fn parents(&self, ns: &str, refs: &[trellis_api::route::ParentRef]) -> Vec<(ServiceKey, u16)> {
@@ -1000,8 +1004,18 @@ impl Builder<'_> {
         let at = |e: String| Diagnostics(vec![loc.diagnostic(&format!("spec.rules[{index}]"), e)]);
         let filters = self.filters(ns, filters).map_err(at)?;
         let mut backends = Vec::new();
+        let mut unresolved = Vec::new();
         for r in refs {
-            let backend = self.backend_ref(ns, &r.name, r.namespace.as_deref(), r.port);
+            let backend = match self.backend_ref(ns, &r.backend()) {
+                Ok(b) => b,
+                Err(name) => {
+                    unresolved.push(crate::route::Unresolved {
+                        why: name,
+                        weight: r.weight,
+                    });
+                    continue;
+                }
+            };
             let f = self.filters(ns, &r.filters).map_err(at)?;
             let stats = self.metrics.route_stats("outbound", &id, &backend.name);
             let retry = retry.map(|r| Arc::new(backend.retry.for_rule(r)));
@@ -1030,6 +1044,7 @@ impl Builder<'_> {
             timeout,
             try_timeout,
             session,
+            unresolved,
         })
     }
 
@@ -1070,8 +1085,7 @@ impl Builder<'_> {
                 out.fault = self.faults.get(&key(ns, &e.name)).cloned();
             }
             if let Some(m) = &f.request_mirror {
-                let b = &m.backend_ref;
-                let backend = self.backend_ref(ns, &b.name, b.namespace.as_deref(), b.port);
+                let backend = self.backend_ref(ns, &m.backend_ref);
                 let per_million = match (&m.percent, &m.fraction) {
                     (Some(p), _) => p * 10_000,
                     (None, Some(fr)) => {
@@ -1080,10 +1094,24 @@ impl Builder<'_> {
                     }
                     (None, None) => 1_000_000,
                 };
-                out.mirrors.push(Mirror {
-                    backend,
-                    per_million,
-                });
+                match backend {
+                    Ok(backend) => out.mirrors.push(Mirror {
+                        backend,
+                        per_million,
+                    }),
+                    // A mirror to nothing sends nothing; each request it would have copied
+                    // is counted instead.
+                    Err(_) => {
+                        let b = &m.backend_ref;
+                        let name = format!(
+                            "{}/{}:{}",
+                            b.namespace.as_deref().unwrap_or(ns),
+                            b.name,
+                            b.port.unwrap_or(0)
+                        );
+                        out.unresolved_mirrors.push((name.into(), per_million))
+                    }
+                }
             }
         }
         Ok(out)
@@ -1232,6 +1260,42 @@ mod tests {
             svc(second.0, Some(second.1)),
             svc("plain", None)
         )
+    }
+
+    /// Backend references that do not resolve keep their weight, and their share is
+    /// answered with 500; a mirror to nothing is kept aside to be counted.
+    #[test]
+    fn unresolved_backends_take_their_share_as_errors() {
+        let yaml = "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {name: p}\nspec: {admin: {address: 127.0.0.1:0}}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 80}]\n  endpoints: [{address: '127.0.0.1:7001'}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: a}]\n  rules:\n    - filters: [{type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 81}, percent: 50}}]\n      backendRefs:\n        - {name: a, port: 80}\n        - {name: nope, port: 80}\n        - {group: example.com, kind: Bucket, name: b, weight: 2}\n";
+        let snap = build(yaml, None);
+        let entry = snap.port(&key("default", "a"), Some(80)).unwrap();
+        let parts = http::Request::get("/x").body(()).unwrap().into_parts().0;
+        let outcome = |random: u64| match crate::decide::route(entry, 80, &parts, random) {
+            crate::decide::Decision::Forward(f) => {
+                let rule = f.rule.unwrap();
+                assert_eq!(
+                    rule.filters.unresolved_mirrors,
+                    [(Arc::from("default/shadow:81"), 500_000)]
+                );
+                assert!(rule.filters.mirrors.is_empty());
+                format!("{} {}", StatusCode::OK, f.backend.name)
+            }
+            crate::decide::Decision::Fail(e) => format!("{} {e}", e.status()),
+            other => panic!("{other:?}"),
+        };
+        let want = [
+            "200 OK default/a:80",
+            "500 Internal Server Error route default/r/0: Service default/nope does not exist",
+            "500 Internal Server Error route default/r/0: example.com/Bucket b is not supported: backends are core Services",
+            "500 Internal Server Error route default/r/0: example.com/Bucket b is not supported: backends are core Services",
+        ];
+        for random in 0..8u64 {
+            assert_eq!(
+                outcome(random),
+                want[(random % 4) as usize],
+                "random {random}"
+            );
+        }
     }
 
     #[test]
