@@ -7,6 +7,7 @@
 
 mod admin;
 mod attempt;
+pub mod attach;
 pub mod authz;
 pub mod balance;
 pub mod body;
