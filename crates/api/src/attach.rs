@@ -321,7 +321,10 @@ spec:
 
     /// Checks `extra` after the services: valid when `want` is `None`, else one error at
     /// `field`, on the line that contains `line_of`, with `words` in its message.
-    fn check(extra: &str, want: Option<(&str, &str, &str)>) {
+    /// An expected error: field, text of its line, words of its message.
+    type Want<'a> = Option<(&'a str, &'a str, &'a str)>;
+
+    fn check(extra: &str, want: Want) {
         let text = format!("{SERVICES}{extra}");
         let got = parse_documents("t.yaml", &text).and_then(|r| validate(&r));
         match (got, want) {
@@ -341,7 +344,7 @@ spec:
 
     #[test]
     fn parent_refs_name_a_service_port_by_number_or_name() {
-        let cases: &[(&str, Option<(&str, &str, &str)>)] = &[
+        let cases: &[(&str, Want)] = &[
             ("{name: catalog}", None),
             ("{group: \"\", kind: Service, name: catalog}", None),
             ("{name: catalog, sectionName: admin}", None),

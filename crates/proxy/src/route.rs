@@ -396,6 +396,16 @@ mod select_tests {
     use super::*;
     use crate::snapshot::{compile_grpc_match, compile_http_match};
 
+    /// `(method, path?query, headers, (rule, prefix length))`.
+    type HttpCase<'a> = (
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        Option<(&'a str, usize)>,
+    );
+    /// `(path, headers, rule)`.
+    type GrpcCase<'a> = (&'a str, &'a [(&'a str, &'a str)], Option<&'a str>);
+
     fn order(route: &str, created: Option<&str>, rule: usize, index: usize) -> Order {
         Order {
             created: created.map_or(Created::Unknown, |t| {
@@ -453,10 +463,7 @@ mod select_tests {
     }
 
     /// The rule chosen for each `(method, path?query, headers)`, and the prefix length.
-    fn check_http(
-        table: &HttpRoutes,
-        cases: &[(&str, &str, &[(&str, &str)], Option<(&str, usize)>)],
-    ) {
+    fn check_http(table: &HttpRoutes, cases: &[HttpCase]) {
         for (method, target, hs, want) in cases {
             let (path, query) = match target.split_once('?') {
                 Some((p, q)) => (p, Some(q)),
@@ -491,7 +498,7 @@ mod select_tests {
             "{path: {value: /qr}, queryParams: [{type: RegularExpression, name: id, value: '[0-9]{3}'}]}",
             "{path: {value: /dup}, headers: [{name: a, value: '1'}, {name: A, value: '2'}], queryParams: [{name: q, value: '1'}, {name: q, value: '2'}]}",
         ]);
-        let cases: &[(&str, &str, &[(&str, &str)], Option<(&str, usize)>)] = &[
+        let cases: &[HttpCase] = &[
             ("GET", "/exact", &[], Some(("0", 6))),
             ("GET", "/exact/", &[], None),
             ("GET", "/Exact", &[], None),
@@ -538,7 +545,7 @@ mod select_tests {
             "{path: {type: Exact, value: /a/b/c}}",
             "{}",
         ]);
-        let cases: &[(&str, &str, &[(&str, &str)], Option<(&str, usize)>)] = &[
+        let cases: &[HttpCase] = &[
             ("GET", "/a/b/c", &[], Some(("5", 6))),
             ("GET", "/a/b/d", &[], Some(("4", 0))),
             ("GET", "/a/b/1", &[], Some(("3", 0))),
@@ -564,7 +571,7 @@ mod select_tests {
             "{path: {value: /p}, headers: [{name: c, value: '1'}, {name: C, value: '2'}, {name: c, value: '3'}]}",
         ]);
         let ab: &[(&str, &str)] = &[("a", "1"), ("b", "2")];
-        let cases: &[(&str, &str, &[(&str, &str)], Option<(&str, usize)>)] = &[
+        let cases: &[HttpCase] = &[
             ("GET", "/p?q=1&r=2", ab, Some(("1", 2))),
             ("POST", "/p?q=1&r=2", ab, Some(("2", 2))),
             ("POST", "/p?q=1", &[("a", "1")], Some(("5", 2))),
@@ -656,7 +663,7 @@ mod select_tests {
             "{method: {type: RegularExpression, service: 'shop\\.Catalog', method: 'L.*'}}",
             "{headers: [{name: x-a, value: '1'}, {name: X-A, value: '2'}]}",
         ]);
-        let cases: &[(&str, &[(&str, &str)], Option<&str>)] = &[
+        let cases: &[GrpcCase] = &[
             ("/shop.Catalog/List", &[("x-tier", "gold")], Some("4")),
             ("/shop.Catalog/List", &[("X-Tier", "silver")], Some("2")),
             ("/shop.Catalog/Get", &[], Some("1")),
