@@ -6,8 +6,8 @@
 #![forbid(unsafe_code)]
 
 mod admin;
-mod attempt;
 pub mod attach;
+mod attempt;
 pub mod authz;
 pub mod balance;
 pub mod body;
