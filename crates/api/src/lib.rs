@@ -6,6 +6,7 @@
 //! it text and get back typed resources or precise, located errors.
 #![forbid(unsafe_code)]
 
+pub mod attach;
 pub mod authn;
 pub mod authz;
 pub mod cors;

@@ -18,14 +18,16 @@ pub struct HttpRouteSpec {
     pub rules: Vec<HttpRouteRule>,
 }
 
-/// A reference to a parent (a `Service`).
+/// A reference to a parent (a `Service`; see `crate::attach`).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ParentRef {
-    /// API group; `""` (core) for a Service.
+    /// API group: `""` (core), the only one supported. Omitted, Trellis reads `""`, not the
+    /// Gateway API's default `gateway.networking.k8s.io` (Trellis has no Gateways).
     #[serde(default)]
     pub group: String,
-    /// Kind; `Service`.
+    /// Kind: `Service`, the only one supported. Omitted, Trellis reads `Service`, not the
+    /// Gateway API's default `Gateway`.
     #[serde(default = "service_kind")]
     pub kind: String,
     /// Name of the parent service.
@@ -33,10 +35,11 @@ pub struct ParentRef {
     /// Namespace; the route's own when omitted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Attach to this service port only; every port when omitted.
+    /// Attach to this service port only; every port when omitted (and no `sectionName`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port: Option<u16>,
-    /// Unused in the mesh; accepted for schema compatibility.
+    /// Attach to the service port with this `name` only; with `port` too, both must name the
+    /// same port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub section_name: Option<String>,
 }

@@ -47,6 +47,9 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
         if let Err(e) = check_name(&m.namespace) {
             v.at(r, "metadata.namespace", e);
         }
+        if let Err(e) = m.created() {
+            v.at(r, "metadata.creationTimestamp", e);
+        }
         if let Some(prev) = seen.insert(r.value.key(), r) {
             v.at(
                 r,
@@ -212,7 +215,6 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
             }
         }
     }
-    route_conflicts(&mut v, resources);
     fallback_cycles(&mut v, &fallbacks);
     if v.out.is_empty() {
         Ok(())
@@ -252,118 +254,6 @@ fn fallback_cycles(v: &mut Validator, fallbacks: &Fallbacks) {
             at = next;
         }
     }
-}
-
-/// Conflicting routes: two rules attached to the same Service port with exactly the same
-/// match. Precedence would send every such request to one of them, so the other is dead
-/// config, almost always a mistake (a copied file, a forgotten canary). Reported on the
-/// later one, or on the one read from a file when the other came from a store.
-fn route_conflicts(v: &mut Validator, resources: &[Located<Resource>]) {
-    let mut seen: BTreeMap<String, (usize, String)> = BTreeMap::new();
-    for (index, r) in resources.iter().enumerate() {
-        let (kind, parents, matches) = match &r.value {
-            Resource::HttpRoute(o) => (
-                "HTTPRoute",
-                &o.spec.parent_refs,
-                canonical_matches(o.spec.rules.iter().map(|r| &r.matches[..]), |m| {
-                    lowercase_sorted(&mut m.headers);
-                    m.query_params.sort_by(|a, b| a.name.cmp(&b.name));
-                    m.method = m.method.take().map(|x| x.to_ascii_uppercase());
-                    m.path.get_or_insert(crate::route::HttpPathMatch {
-                        kind: PathMatchType::PathPrefix,
-                        value: "/".into(),
-                    });
-                }),
-            ),
-            Resource::GrpcRoute(o) => (
-                "GRPCRoute",
-                &o.spec.parent_refs,
-                canonical_matches(o.spec.rules.iter().map(|r| &r.matches[..]), |m| {
-                    lowercase_sorted(&mut m.headers);
-                }),
-            ),
-            _ => continue,
-        };
-        let ns = &r.value.metadata().namespace;
-        for p in parents {
-            let parent = format!(
-                "Service {}/{}{}",
-                p.namespace.as_deref().unwrap_or(ns),
-                p.name,
-                p.port.map_or(String::new(), |port| format!(" port {port}"))
-            );
-            for (field, m) in &matches {
-                let key = format!("{kind} {parent} {m}");
-                let here = format!(
-                    "{}:{} ({} {field})",
-                    r.file,
-                    r.diagnostic(field, "").line,
-                    r.value.key()
-                );
-                match seen.get(&key) {
-                    None => {
-                        seen.insert(key, (index, field.clone()));
-                    }
-                    Some((first, first_field)) => {
-                        let other = &resources[*first];
-                        let there = format!(
-                            "{}:{} ({} {first_field})",
-                            other.file,
-                            other.diagnostic(first_field, "").line,
-                            other.value.key()
-                        );
-                        // Place the error where the user can fix it: a file over the store.
-                        let (at, at_field, with) = if r.first_line == 0 && other.first_line > 0 {
-                            (other, first_field.as_str(), here)
-                        } else {
-                            (r, field.as_str(), there)
-                        };
-                        v.at(
-                            at,
-                            at_field,
-                            format!(
-                                "conflicts with {with}: both match exactly the same requests to {parent}, so one of them could never be used"
-                            ),
-                        );
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Header names compare case-insensitively, and their order does not matter.
-fn lowercase_sorted(headers: &mut [HeaderMatch]) {
-    for h in headers.iter_mut() {
-        h.name.make_ascii_lowercase();
-    }
-    headers.sort_by(|a, b| a.name.cmp(&b.name));
-}
-
-/// Every match of every rule, as (field path, canonical text); a rule without matches matches
-/// everything, as its default match does.
-fn canonical_matches<'a, M: Clone + Default + serde::Serialize + 'a>(
-    rules: impl Iterator<Item = &'a [M]>,
-    canon: impl Fn(&mut M),
-) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for (i, matches) in rules.enumerate() {
-        let default = [M::default()];
-        let (list, field): (&[M], Box<dyn Fn(usize) -> String>) = if matches.is_empty() {
-            (&default, Box::new(move |_| format!("spec.rules[{i}]")))
-        } else {
-            (
-                matches,
-                Box::new(move |j| format!("spec.rules[{i}].matches[{j}]")),
-            )
-        };
-        for (j, m) in list.iter().enumerate() {
-            let mut m = m.clone();
-            canon(&mut m);
-            out.push((field(j), serde_json::to_string(&m).unwrap_or_default()));
-        }
-    }
-    out
 }
 
 struct Validator {
@@ -831,6 +721,7 @@ impl Validator {
             self.at(r, "spec.ports", "a Service needs at least one port");
         }
         let mut ports = BTreeSet::new();
+        let mut names = BTreeSet::new();
         for (i, p) in s.spec.ports.iter().enumerate() {
             if p.port == 0 {
                 self.at(r, &format!("spec.ports[{i}].port"), "must be 1-65535");
@@ -840,6 +731,16 @@ impl Validator {
                     r,
                     &format!("spec.ports[{i}].port"),
                     format!("duplicate port {}", p.port),
+                );
+            }
+            // A route's `sectionName` names a port by its name.
+            if let Some(name) = &p.name
+                && !names.insert(name)
+            {
+                self.at(
+                    r,
+                    &format!("spec.ports[{i}].name"),
+                    format!("duplicate port name {name:?}"),
                 );
             }
         }
@@ -874,36 +775,22 @@ impl Validator {
         }
         for (i, p) in parents.iter().enumerate() {
             let f = format!("spec.parentRefs[{i}]");
-            if p.kind != "Service" || !p.group.is_empty() {
-                self.at(
-                    ctx.r,
-                    &format!("{f}.kind"),
-                    format!(
-                        "mesh routes attach to core Services, not {}/{}",
-                        p.group, p.kind
-                    ),
-                );
+            if let Some((field, e)) = crate::attach::parent_kind_problem(p) {
+                self.at(ctx.r, &format!("{f}.{field}"), e);
                 continue;
             }
-            match ctx.service(p.namespace.as_deref(), &p.name) {
+            let ns = p.namespace.as_deref().unwrap_or(ctx.ns);
+            match ctx.service(Some(ns), &p.name) {
                 None => self.at(
                     ctx.r,
                     &format!("{f}.name"),
-                    format!(
-                        "no Service {}/{}",
-                        p.namespace.as_deref().unwrap_or(ctx.ns),
-                        p.name
-                    ),
+                    format!("no Service {ns}/{}", p.name),
                 ),
                 Some(svc) => {
-                    if let Some(port) = p.port
-                        && !svc.ports.iter().any(|sp| sp.port == port)
+                    // Refused here; the spec's answer would be Accepted=False on this parent.
+                    if let Err(e) = crate::attach::parent_ports(p, &format!("{ns}/{}", p.name), svc)
                     {
-                        self.at(
-                            ctx.r,
-                            &format!("{f}.port"),
-                            format!("Service {} has no port {port}", p.name),
-                        );
+                        self.at(ctx.r, &format!("{f}.{}", e.field()), e.to_string());
                     }
                 }
             }
@@ -956,26 +843,14 @@ impl Validator {
     }
 
     fn value_matches(&mut self, ctx: &Ctx, field: &str, list: &[HeaderMatch], headers: bool) {
-        let mut names = BTreeSet::new();
+        // Repeated names are allowed: the spec has the first of each count, the rest ignored.
         for (i, h) in list.iter().enumerate() {
             let f = format!("{field}[{i}]");
-            let key = if headers {
-                h.name.to_ascii_lowercase()
-            } else {
-                h.name.clone()
-            };
             if headers && http_header_name(&h.name).is_err() {
                 self.at(
                     ctx.r,
                     &format!("{f}.name"),
                     format!("{:?} is not a valid header name", h.name),
-                );
-            }
-            if !names.insert(key) {
-                self.at(
-                    ctx.r,
-                    &format!("{f}.name"),
-                    format!("{:?} is matched twice in one match", h.name),
                 );
             }
             if h.kind == ValueMatchType::RegularExpression {
@@ -1518,48 +1393,6 @@ spec:
                 .map_err(|e| panic!("parse: {e}"))
                 .unwrap(),
         )
-    }
-
-    #[test]
-    fn conflicting_routes_are_reported_at_the_later_one() {
-        let route = |name: &str, parent: &str, matches: &str| {
-            format!(
-                "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: {parent}}}]\n  rules:\n    - backendRefs: [{{name: catalog-v2, port: 8080}}]\n{matches}"
-            )
-        };
-        let m1 = "      matches: [{path: {type: PathPrefix, value: /a}, headers: [{name: x, value: \"1\"}, {name: y, value: \"2\"}]}]\n";
-        let m1_reordered = "      matches: [{headers: [{name: Y, value: \"2\"}, {name: x, value: \"1\"}], path: {type: PathPrefix, value: /a}}]\n";
-        let m2 = "      matches: [{path: {type: PathPrefix, value: /b}}]\n";
-        let slash = "      matches: [{path: {type: PathPrefix, value: /}}]\n";
-        let cases: &[(&str, &str, Option<&str>)] = &[
-            (
-                &route("a", "catalog", m1),
-                &route("b", "catalog", m1_reordered),
-                Some(
-                    "t.yaml:30: spec.rules[0].matches[0]: conflicts with t.yaml:21 (HTTPRoute default/a spec.rules[0].matches[0])",
-                ),
-            ),
-            (&route("a", "catalog", m1), &route("b", "catalog", m2), None),
-            (
-                &route("a", "catalog", m1),
-                &route("b", "catalog-v2", m1),
-                None,
-            ),
-            // No matches means the default match, PathPrefix `/`.
-            (
-                &route("a", "catalog", ""),
-                &route("b", "catalog", slash),
-                Some("spec.rules[0].matches[0]: conflicts with"),
-            ),
-        ];
-        for (first, second, want) in cases {
-            let got = check(&format!("{first}---\n{second}"));
-            match (got, want) {
-                (Ok(()), None) => {}
-                (Err(d), Some(w)) => assert!(d.to_string().contains(w), "want {w}: {d}"),
-                (got, want) => panic!("{first}{second}: got {got:?}, want {want:?}"),
-            }
-        }
     }
 
     #[test]

@@ -215,7 +215,8 @@ enum Command {
         /// The service port clients address (HTTP proxy mode's Host, backendRefs).
         #[arg(long, default_value_t = 80)]
         service_port: u16,
-        /// NAME=LOCAL_PORT: the sidecar listens on 127.0.0.1:LOCAL_PORT for service NAME.
+        /// NAME=LOCAL_PORT: the sidecar listens on 127.0.0.1:LOCAL_PORT for service NAME
+        /// (NAMESPACE/NAME for a service in another namespace).
         #[arg(long = "upstream", value_parser = parse_upstream)]
         upstreams: Vec<(String, u16)>,
         /// KEY=VALUE labels on the instance (for example version=v2).

@@ -271,12 +271,18 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         _ => None,
     };
     for (svc, port) in &o.upstreams {
+        // `NAMESPACE/NAME` reaches a Service in another namespace (where consumer routes
+        // of this app's namespace apply).
+        let (namespace, name) = match svc.split_once('/') {
+            Some((ns, name)) => (Some(ns.to_string()), name.to_string()),
+            None => (None, svc.clone()),
+        };
         spec.outbound.push(OutboundListener {
             name: format!("upstream-{svc}"),
             address: SocketAddr::new(loopback, *port).to_string(),
             service: Some(ServiceTarget {
-                name: svc.clone(),
-                namespace: None,
+                name,
+                namespace,
                 port: None,
             }),
             http_proxy: false,

@@ -1230,3 +1230,88 @@ fn registered_instances_carry_their_locality_and_sidecars_prefer_their_zone() {
     v1.stop(Duration::from_secs(10));
     wait_versions(up, &["v2"], Duration::from_secs(20));
 }
+
+/// The mesh conformance case mesh-consumer-route through the control plane: a route in `shop`
+/// for `default/product-catalog` applies to a client in `shop` only, even with a producer
+/// route with the same match in `default`.
+#[test]
+fn consumer_routes_reach_only_clients_in_their_namespace() {
+    let dir = TempDir::new("consumer");
+    let cp = ControlPlane::start_in(dir.path());
+    let _v1 = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
+    let (shop_up, default_up) = (free_port(), free_port());
+    let (code, shop_token, err) = cp.cli(&[
+        "token",
+        "create",
+        "--service",
+        "client",
+        "--namespace",
+        "shop",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let _shop = run(
+        dir.path(),
+        "shop-client",
+        &[
+            "--control",
+            &cp.url(),
+            "--namespace",
+            "shop",
+            "--upstream",
+            &format!("default/product-catalog={shop_up}"),
+            "--token",
+            shop_token.trim(),
+        ],
+        &["sleep", "600"],
+        &[],
+    );
+    let _default = client(
+        dir.path(),
+        &cp.url(),
+        default_up,
+        "default-client",
+        &token(&cp, "client"),
+    );
+    wait_versions(shop_up, &["v1"], READY);
+    wait_versions(default_up, &["v1"], READY);
+
+    let marked = |route: &str, ns: &str, parent_ns: &str| {
+        format!(
+            "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {route}, namespace: {ns}}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: product-catalog, namespace: {parent_ns}}}]
+  rules:
+    - backendRefs: [{{name: product-catalog, namespace: default, port: 80}}]
+      filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier:
+            set: [{{name: x-route, value: {route}}}]
+"
+        )
+    };
+    let routes = dir.write(
+        "routes.yaml",
+        &(marked("producer", "default", "default") + &marked("consumer", "shop", "default")),
+    );
+    let (code, out, err) = cp.cli(&["apply", "-f", routes.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let route_at = |port: u16| {
+        get(port, "/products/1")
+            .ok()
+            .filter(|r| r.status == 200)
+            .and_then(|r| r.headers.get("x-route").cloned())
+    };
+    wait_for(READY, "the consumer route at the shop client", || {
+        (route_at(shop_up).as_deref() == Some("consumer")).then_some(())
+    });
+    wait_for(READY, "the producer route at the default client", || {
+        (route_at(default_up).as_deref() == Some("producer")).then_some(())
+    });
+    for _ in 0..10 {
+        assert_eq!(route_at(shop_up).as_deref(), Some("consumer"));
+        assert_eq!(route_at(default_up).as_deref(), Some("producer"));
+    }
+}

@@ -23,6 +23,8 @@ pub struct ViewKey {
     pub all: bool,
     /// The service the proxy's own app is an instance of (its inbound side needs it).
     pub own: Option<(String, String)>,
+    /// The proxy's namespace: consumer routes reach only clients in their own (GAMMA).
+    pub namespace: String,
 }
 
 impl ViewKey {
@@ -41,6 +43,7 @@ impl ViewKey {
             upstreams: ups,
             all,
             own: None,
+            namespace: namespace.to_string(),
         }
     }
 }
@@ -97,8 +100,8 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
     let mut queue: Vec<_> = want.iter().cloned().collect();
     let mut included: BTreeSet<usize> = BTreeSet::new();
     while let Some(svc) = queue.pop() {
-        for (i, (_, refs)) in attached.iter().enumerate() {
-            if !refs.attaches_to.contains(&svc) || !included.insert(i) {
+        for (i, (r, refs)) in attached.iter().enumerate() {
+            if !reaches(r, refs, &svc, &key.namespace) || !included.insert(i) {
                 continue;
             }
             // A route's other parents and its backends must be in the view too, or the
@@ -175,6 +178,24 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
         }
     }
     view
+}
+
+/// Whether `r` (a route or policy) attaches to `svc` for clients in `client_ns`: a consumer
+/// route (parent in another namespace) reaches only clients in its own namespace. The proxy
+/// then makes consumer routes replace the producer's (`trellis_proxy::attach`).
+fn reaches(
+    r: &Resource,
+    refs: &trellis_api::ServiceRefs,
+    svc: &(String, String),
+    client_ns: &str,
+) -> bool {
+    refs.attaches_to.contains(svc)
+        && match r {
+            Resource::HttpRoute(_) | Resource::GrpcRoute(_) => {
+                trellis_api::attach::reaches(&r.metadata().namespace, &svc.0, client_ns)
+            }
+            _ => true,
+        }
 }
 
 /// Every service: stored ones and those that exist because instances registered.
@@ -389,16 +410,7 @@ spec:
   rules:
     - backendRefs: [{name: catalog, port: 80}, {name: later, port: 80}]
 ";
-        let mut state = State::default();
-        for r in trellis_api::parse_documents("t.yaml", yaml).unwrap() {
-            state.config.insert(
-                r.value.key(),
-                Stored {
-                    resource: Arc::new(r.value),
-                    version: 1,
-                },
-            );
-        }
+        let mut state = state_of(yaml);
         let services = |state: &State| -> Vec<String> {
             compile(state, &ViewKey::new("default", &["catalog".into()], false))
                 .items
@@ -430,5 +442,129 @@ spec:
             services(&state),
             ["Service/default/catalog", "Service/default/later"]
         );
+    }
+
+    /// A service in `prod` with a producer route, and consumer routes for it in `shop` and
+    /// `other`; each route sends to its own backend service.
+    const CONSUMERS: &str = "\
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: echo, namespace: prod}
+spec: {ports: [{port: 80}], endpoints: [{address: '127.0.0.1:7001'}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: echo-producer, namespace: prod}
+spec: {ports: [{port: 80}], endpoints: [{address: '127.0.0.1:7002'}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: echo-shop, namespace: prod}
+spec: {ports: [{port: 80}], endpoints: [{address: '127.0.0.1:7003'}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: echo-other, namespace: prod}
+spec: {ports: [{port: 80}], endpoints: [{address: '127.0.0.1:7004'}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: producer, namespace: prod}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo}]
+  rules: [{backendRefs: [{name: echo-producer, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: consumer, namespace: shop}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo, namespace: prod}]
+  rules: [{backendRefs: [{name: echo-shop, namespace: prod, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: consumer, namespace: other}
+spec:
+  parentRefs: [{group: '', kind: Service, name: echo, namespace: prod}]
+  rules: [{backendRefs: [{name: echo-other, namespace: prod, port: 80}]}]
+";
+
+    fn state_of(yaml: &str) -> State {
+        let mut state = State::default();
+        for r in trellis_api::parse_documents("t.yaml", yaml).unwrap() {
+            state.config.insert(
+                r.value.key(),
+                Stored {
+                    resource: Arc::new(r.value),
+                    version: 1,
+                },
+            );
+        }
+        state
+    }
+
+    #[test]
+    fn consumer_routes_reach_only_proxies_in_their_namespace() {
+        let state = state_of(CONSUMERS);
+        let routes = |ns: &str, all: bool| -> Vec<String> {
+            let ups = if all {
+                vec![]
+            } else {
+                vec!["prod/echo".to_string()]
+            };
+            compile(&state, &ViewKey::new(ns, &ups, all))
+                .items
+                .into_keys()
+                .filter(|k| k.starts_with("HTTPRoute/"))
+                .collect()
+        };
+        for all in [false, true] {
+            assert_eq!(
+                routes("shop", all),
+                ["HTTPRoute/prod/producer", "HTTPRoute/shop/consumer"]
+            );
+            assert_eq!(routes("prod", all), ["HTTPRoute/prod/producer"]);
+            assert_eq!(routes("default", all), ["HTTPRoute/prod/producer"]);
+        }
+    }
+
+    /// The compiled view, as a proxy in `ns` with a listener for `prod/echo` builds it: which
+    /// rule a request takes there.
+    #[test]
+    fn a_proxys_view_routes_by_its_namespace_end_to_end() {
+        let state = state_of(CONSUMERS);
+        let chosen = |ns: &str| -> String {
+            let view = compile(&state, &ViewKey::new(ns, &["prod/echo".into()], false));
+            let mut resources = trellis_api::parse_documents(
+                "local.yaml",
+                &format!(
+                    "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {{name: p, namespace: {ns}}}\nspec:\n  admin: {{address: 127.0.0.1:0}}\n  outbound: [{{name: out, address: 127.0.0.1:0, service: {{name: echo, namespace: prod}}}}]\n"
+                ),
+            )
+            .unwrap();
+            for item in view.items.values() {
+                resources.push(trellis_api::Located::unsourced(
+                    Resource::from_json(&item.json).unwrap(),
+                    "view",
+                ));
+            }
+            let snap = trellis_proxy::snapshot::Snapshot::build(
+                &resources,
+                1,
+                "view",
+                None,
+                &trellis_proxy::Shared::new(),
+            )
+            .unwrap_or_else(|e| panic!("{e}"));
+            let (parts, _) = http::Request::get("/").body(()).unwrap().into_parts();
+            match trellis_proxy::decide::decide(&snap, &snap.listeners[0], &parts, 0) {
+                trellis_proxy::decide::Decision::Forward(f) => f.backend.name.to_string(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(chosen("shop"), "prod/echo-shop:80");
+        assert_eq!(chosen("other"), "prod/echo-other:80");
+        assert_eq!(chosen("prod"), "prod/echo-producer:80");
+        assert_eq!(chosen("default"), "prod/echo-producer:80");
     }
 }

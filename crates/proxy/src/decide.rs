@@ -233,3 +233,272 @@ pub fn route(entry: &PortEntry, listener_port: u16, parts: &Parts, random: u64) 
         stats: Some(rule.backends[index].stats.clone()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A proxy in `namespace` with a listener `echo` for `prod/echo` port 80, one for port 8080,
+    /// one for `prod/ts`, and an HTTP proxy listener; the services and routes below.
+    fn snapshot(namespace: &str) -> Snapshot {
+        let svc = |ns: &str, name: &str, ports: &str| {
+            format!(
+                "---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  ports: {ports}\n"
+            )
+        };
+        let route = |kind: &str, ns: &str, name: &str, meta: &str, parent: &str, rules: &str| {
+            format!(
+                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: {kind}\nmetadata: {{name: {name}, namespace: {ns}{meta}}}\nspec:\n  parentRefs: [{parent}]\n  rules:\n{rules}"
+            )
+        };
+        let to = |backend: &str| {
+            format!("    - backendRefs: [{{name: {backend}, namespace: prod, port: 80}}]\n")
+        };
+        let ts = |t: &str| format!(", creationTimestamp: '{t}'");
+        let mut yaml = format!(
+            "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: p, namespace: {namespace}}}
+spec:
+  admin: {{address: 127.0.0.1:0}}
+  outbound:
+    - {{name: echo, address: 127.0.0.1:0, service: {{name: echo, namespace: prod, port: 80}}}}
+    - {{name: echo-admin, address: 127.0.0.1:0, service: {{name: echo, namespace: prod, port: 8080}}}}
+    - {{name: ts, address: 127.0.0.1:0, service: {{name: ts, namespace: prod}}}}
+    - {{name: frac, address: 127.0.0.1:0, service: {{name: frac, namespace: prod}}}}
+    - {{name: proxy, address: 127.0.0.1:0, httpProxy: true}}
+"
+        );
+        yaml += &svc(
+            "prod",
+            "echo",
+            "[{name: http, port: 80}, {name: admin, port: 8080}]",
+        );
+        for name in ["v1", "v2", "v3", "ts", "frac"] {
+            yaml += &svc("prod", name, "[{port: 80}]");
+        }
+        // The producer's routes: one on the admin port only (by name), one on every port.
+        yaml += &route(
+            "HTTPRoute",
+            "prod",
+            "admin",
+            "",
+            "{name: echo, sectionName: admin}",
+            &format!("{}      matches: [{{path: {{value: /admin}}}}]\n", to("v1")),
+        );
+        yaml += &route(
+            "HTTPRoute",
+            "prod",
+            "all",
+            "",
+            "{name: echo}",
+            &format!(
+                "{}      matches: [{{path: {{value: /}}}}]\n{}      matches: [{{path: {{value: /}}}}]\n",
+                to("v1"),
+                to("v3")
+            ),
+        );
+        // Two consumers' routes, for port 80 only.
+        for consumer in ["shop", "other"] {
+            yaml += &route(
+                "HTTPRoute",
+                consumer,
+                "mine",
+                "",
+                "{group: '', kind: Service, name: echo, namespace: prod, port: 80}",
+                &format!(
+                    "{}      matches: [{{headers: [{{name: X-A, value: '1'}}, {{name: x-a, value: '2'}}]}}]\n{}",
+                    to("v2"),
+                    to(if consumer == "shop" { "v3" } else { "v1" })
+                ),
+            );
+        }
+        // Age ties: times compared as times, not text.
+        let on = |svc: &str| format!("{{name: {svc}}}");
+        for (svc, name, t) in [
+            ("ts", "a", "2026-01-01T00:00:00.5Z"),
+            ("ts", "b", "2026-01-01T00:00:00Z"),
+            ("ts", "c", "2026-01-01T00:30:00+01:00"),
+            ("frac", "a", "2026-01-01T00:00:00.5Z"),
+            ("frac", "b", "2026-01-01T00:00:00Z"),
+        ] {
+            yaml += &route(
+                "HTTPRoute",
+                "prod",
+                &format!("{svc}-{name}"),
+                &ts(t),
+                &on(svc),
+                &to(svc),
+            );
+        }
+        let resources = trellis_api::parse_documents("test.yaml", &yaml).unwrap();
+        Snapshot::build(&resources, 1, "test.yaml", None, &crate::Shared::new())
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// What `decide` did, in a line: the route and backend, or the error.
+    fn outcome(
+        snap: &Snapshot,
+        listener: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> String {
+        let l = snap
+            .listeners
+            .iter()
+            .find(|l| &*l.name == listener)
+            .unwrap_or_else(|| panic!("no listener {listener}"));
+        let mut b = http::Request::get(path);
+        if !host.is_empty() {
+            b = b.header(HOST, host);
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let (parts, ()) = b.body(()).unwrap().into_parts();
+        match decide(snap, l, &parts, 0) {
+            Decision::Forward(f) => format!("{} -> {}", f.route, f.backend.name),
+            Decision::Redirect { location, .. } => format!("redirect {location}"),
+            Decision::Respond { status, .. } => format!("respond {status}"),
+            Decision::Fail(e) => format!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn decisions_follow_attachment_precedence_and_the_proxys_namespace() {
+        // (proxy namespace, listener, Host, path, headers, outcome)
+        type Case = (
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static str,
+            &'static [(&'static str, &'static str)],
+            &'static str,
+        );
+        let cases: &[Case] = &[
+            // sectionName: the admin route is on port 8080 only.
+            (
+                "prod",
+                "echo-admin",
+                "",
+                "/admin",
+                &[],
+                "prod/admin/0 -> prod/v1:80",
+            ),
+            (
+                "prod",
+                "echo",
+                "",
+                "/admin",
+                &[],
+                "prod/all/0 -> prod/v1:80",
+            ),
+            // Identical matches in two rules: the first wins.
+            ("prod", "echo", "", "/x", &[], "prod/all/0 -> prod/v1:80"),
+            // Consumer routes replace the producer's for their namespace, on their port.
+            (
+                "shop",
+                "echo",
+                "",
+                "/",
+                &[("x-a", "1")],
+                "shop/mine/0 -> prod/v2:80",
+            ),
+            ("shop", "echo", "", "/", &[], "shop/mine/1 -> prod/v3:80"),
+            (
+                "shop",
+                "echo-admin",
+                "",
+                "/admin",
+                &[],
+                "prod/admin/0 -> prod/v1:80",
+            ),
+            ("other", "echo", "", "/", &[], "other/mine/1 -> prod/v1:80"),
+            (
+                "default",
+                "echo",
+                "",
+                "/",
+                &[("x-a", "1")],
+                "prod/all/0 -> prod/v1:80",
+            ),
+            // Only the first header condition of a name counts.
+            (
+                "shop",
+                "echo",
+                "",
+                "/",
+                &[("x-a", "2")],
+                "shop/mine/1 -> prod/v3:80",
+            ),
+            // By Host: the same port entries.
+            (
+                "shop",
+                "proxy",
+                "echo.prod",
+                "/",
+                &[("X-A", "1")],
+                "shop/mine/0 -> prod/v2:80",
+            ),
+            (
+                "shop",
+                "proxy",
+                "echo.prod.svc.cluster.local:8080",
+                "/admin",
+                &[],
+                "prod/admin/0 -> prod/v1:80",
+            ),
+            (
+                "default",
+                "proxy",
+                "echo.prod:80",
+                "/",
+                &[],
+                "prod/all/0 -> prod/v1:80",
+            ),
+            (
+                "default",
+                "proxy",
+                "nope",
+                "/",
+                &[],
+                "UnknownHost(\"nope\")",
+            ),
+            (
+                "default",
+                "proxy",
+                "echo.prod:9",
+                "/",
+                &[],
+                "UnknownHost(\"echo.prod:9\")",
+            ),
+            (
+                "default",
+                "proxy",
+                "",
+                "/",
+                &[],
+                "BadRequest(\"request has no Host\")",
+            ),
+            // Ties: the oldest route, by time.
+            ("prod", "ts", "", "/", &[], "prod/ts-c/0 -> prod/ts:80"),
+            (
+                "prod",
+                "frac",
+                "",
+                "/",
+                &[],
+                "prod/frac-b/0 -> prod/frac:80",
+            ),
+        ];
+        let snaps: std::collections::HashMap<&str, Snapshot> = ["prod", "shop", "other", "default"]
+            .into_iter()
+            .map(|ns| (ns, snapshot(ns)))
+            .collect();
+        for (ns, listener, host, path, headers, want) in cases {
+            let got = outcome(&snaps[ns], listener, host, path, headers);
+            assert_eq!(&got, want, "{ns} {listener} {host} {path} {headers:?}");
+        }
+    }
+}

@@ -7,6 +7,7 @@
 
 pub mod accesslog;
 mod admin;
+pub mod attach;
 mod attempt;
 pub mod authz;
 pub mod balance;

@@ -7,6 +7,7 @@
 //! more query matches; then the older route, then `namespace/name`, then rule and match order.
 //! GRPCRoute: longer matching service, then longer method, then more header matches, then age
 //! and name. Mesh routes ignore `hostnames` (GAMMA: the parent Service already names the host).
+//! Which routes attach to a port at all is `attach.rs`'s decision.
 
 use crate::filters::Filters;
 use crate::snapshot::Backend;
@@ -50,7 +51,7 @@ pub enum Pick {
 }
 
 /// One compiled rule.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Rule {
     /// `namespace/route/rule-name-or-index`, used in metrics and explanations.
     pub id: Arc<str>,
@@ -248,6 +249,40 @@ pub struct HttpRoutes {
     pub entries: Vec<(HttpMatch, Arc<Rule>)>,
 }
 
+/// When a route was created: known times first, oldest first; routes read from a file carry
+/// none and come after every stored route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Created {
+    /// `metadata.creationTimestamp`.
+    At(jiff::Timestamp),
+    /// No creation time.
+    Unknown,
+}
+
+/// Where a match comes from, for the spec's ties between equally specific matches: the older
+/// route, then `namespace/name` in alphabetical order, then rule order, then match order.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Order {
+    /// The route's creation time.
+    pub created: Created,
+    /// `namespace/name` of the route, compared as one string as the spec words it.
+    pub route: Arc<str>,
+    /// Index of the rule in the route.
+    pub rule: usize,
+    /// Index of the match in the rule.
+    pub index: usize,
+}
+
+impl HttpRoutes {
+    /// The table for one port: most specific match first, ties broken by [`Order`].
+    pub fn new(mut entries: Vec<(HttpMatch, Arc<Rule>, Order)>) -> HttpRoutes {
+        entries.sort_by(|a, b| (http_precedence(&a.0), &a.2).cmp(&(http_precedence(&b.0), &b.2)));
+        HttpRoutes {
+            entries: entries.into_iter().map(|(m, r, _)| (m, r)).collect(),
+        }
+    }
+}
+
 /// The rule a request matched.
 pub struct Selected<'a> {
     /// The rule.
@@ -345,6 +380,14 @@ pub struct GrpcRoutes {
 }
 
 impl GrpcRoutes {
+    /// The table for one port: most specific match first, ties broken by [`Order`].
+    pub fn new(mut entries: Vec<(GrpcMatch, Arc<Rule>, Order)>) -> GrpcRoutes {
+        entries.sort_by(|a, b| (grpc_precedence(&a.0), &a.2).cmp(&(grpc_precedence(&b.0), &b.2)));
+        GrpcRoutes {
+            entries: entries.into_iter().map(|(m, r, _)| (m, r)).collect(),
+        }
+    }
+
     /// The rule for a call to `path` (`/package.Service/Method`), if any.
     pub fn select(&self, path: &str, headers: &HeaderMap) -> Option<&Arc<Rule>> {
         let (service, method) = path.strip_prefix('/')?.split_once('/')?;
@@ -389,5 +432,314 @@ mod tests {
                 .collect();
             let _ = query_param(&s, "a");
         }
+    }
+}
+
+/// Table tests of the choice itself: tables built from matches written as route YAML, then
+/// requests and the rule each must take.
+#[cfg(test)]
+mod select_tests {
+    use super::*;
+    use crate::snapshot::{compile_grpc_match, compile_http_match};
+
+    /// `(method, path?query, headers, (rule, prefix length))`.
+    type HttpCase<'a> = (
+        &'a str,
+        &'a str,
+        &'a [(&'a str, &'a str)],
+        Option<(&'a str, usize)>,
+    );
+    /// `(path, headers, rule)`.
+    type GrpcCase<'a> = (&'a str, &'a [(&'a str, &'a str)], Option<&'a str>);
+
+    fn order(route: &str, created: Option<&str>, rule: usize, index: usize) -> Order {
+        Order {
+            created: created.map_or(Created::Unknown, |t| {
+                Created::At(trellis_api::meta::parse_rfc3339(t).unwrap())
+            }),
+            route: route.into(),
+            rule,
+            index,
+        }
+    }
+
+    fn rule(id: &str) -> Arc<Rule> {
+        Arc::new(Rule {
+            id: id.into(),
+            ..Rule::default()
+        })
+    }
+
+    /// One route `ns/r`, one rule per match, named by index.
+    fn http_table(matches: &[&str]) -> HttpRoutes {
+        HttpRoutes::new(
+            matches
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let m = compile_http_match(&serde_saphyr::from_str(m).unwrap()).unwrap();
+                    (m, rule(&i.to_string()), order("ns/r", None, i, 0))
+                })
+                .collect(),
+        )
+    }
+
+    fn grpc_table(matches: &[&str]) -> GrpcRoutes {
+        GrpcRoutes::new(
+            matches
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let m = compile_grpc_match(&serde_saphyr::from_str(m).unwrap()).unwrap();
+                    (m, rule(&i.to_string()), order("ns/r", None, i, 0))
+                })
+                .collect(),
+        )
+    }
+
+    fn headers(list: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in list {
+            h.append(
+                HeaderName::try_from(*k).unwrap(),
+                http::HeaderValue::try_from(*v).unwrap(),
+            );
+        }
+        h
+    }
+
+    /// The rule chosen for each `(method, path?query, headers)`, and the prefix length.
+    fn check_http(table: &HttpRoutes, cases: &[HttpCase]) {
+        for (method, target, hs, want) in cases {
+            let (path, query) = match target.split_once('?') {
+                Some((p, q)) => (p, Some(q)),
+                None => (*target, None),
+            };
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let hs = headers(hs);
+            let view = RequestView {
+                method: &method,
+                path,
+                query,
+                headers: &hs,
+            };
+            let got = table
+                .select(&view)
+                .map(|s| (s.rule.id.to_string(), s.prefix_len));
+            let want = want.map(|(id, len)| (id.to_string(), len));
+            assert_eq!(got, want, "{method} {target} {hs:?}");
+        }
+    }
+
+    #[test]
+    fn every_http_match_kind() {
+        let table = http_table(&[
+            "{path: {type: Exact, value: /exact}}",
+            "{path: {type: PathPrefix, value: /pre/}}",
+            "{path: {type: RegularExpression, value: '/re/[0-9]+'}}",
+            "{path: {value: /m}, method: DELETE}",
+            "{path: {value: /h}, headers: [{name: X-Version, value: two}]}",
+            "{path: {value: /hr}, headers: [{type: RegularExpression, name: x-version, value: 'o.e'}]}",
+            "{path: {value: /q}, queryParams: [{name: env, value: canary}]}",
+            "{path: {value: /qr}, queryParams: [{type: RegularExpression, name: id, value: '[0-9]{3}'}]}",
+            "{path: {value: /dup}, headers: [{name: a, value: '1'}, {name: A, value: '2'}], queryParams: [{name: q, value: '1'}, {name: q, value: '2'}]}",
+        ]);
+        let cases: &[HttpCase] = &[
+            ("GET", "/exact", &[], Some(("0", 6))),
+            ("GET", "/exact/", &[], None),
+            ("GET", "/Exact", &[], None),
+            ("GET", "/pre", &[], Some(("1", 4))),
+            ("GET", "/pre/", &[], Some(("1", 4))),
+            ("GET", "/pre/a/b", &[], Some(("1", 4))),
+            ("GET", "/prefix", &[], None),
+            ("GET", "/re/42", &[], Some(("2", 0))),
+            ("GET", "/re/42/x", &[], None),
+            ("GET", "/x/re/42", &[], None),
+            ("DELETE", "/m", &[], Some(("3", 2))),
+            ("GET", "/m", &[], None),
+            ("GET", "/h", &[("x-version", "two")], Some(("4", 2))),
+            ("GET", "/h", &[("X-VERSION", "two")], Some(("4", 2))),
+            ("GET", "/h", &[("x-version", "Two")], None),
+            ("GET", "/h", &[], None),
+            ("GET", "/hr", &[("x-version", "one")], Some(("5", 3))),
+            ("GET", "/hr", &[("x-version", "ones")], None),
+            ("GET", "/q?env=canary", &[], Some(("6", 2))),
+            ("GET", "/q?a=1&env=canary&env=prod", &[], Some(("6", 2))),
+            ("GET", "/q?env=prod&env=canary", &[], None),
+            ("GET", "/q?ENV=canary", &[], None),
+            ("GET", "/q?e%6Ev=can%61ry", &[], Some(("6", 2))),
+            ("GET", "/qr?id=123", &[], Some(("7", 3))),
+            ("GET", "/qr?id=1234", &[], None),
+            // Only the first condition of each name counts.
+            ("GET", "/dup?q=1", &[("a", "1")], Some(("8", 4))),
+            ("GET", "/dup?q=1", &[("a", "2")], None),
+            ("GET", "/dup?q=2", &[("a", "1")], None),
+            ("GET", "/other", &[], None),
+        ];
+        check_http(&table, cases);
+    }
+
+    #[test]
+    fn http_precedence_by_path_kind_and_length() {
+        // Written least specific first, so rule order never decides.
+        let table = http_table(&[
+            "{path: {value: /}}",
+            "{path: {value: /a}}",
+            "{path: {value: /a/b}}",
+            "{path: {type: RegularExpression, value: '/a/.*'}}",
+            "{path: {type: RegularExpression, value: '/a/b/[a-z]+'}}",
+            "{path: {type: Exact, value: /a/b/c}}",
+            "{}",
+        ]);
+        let cases: &[HttpCase] = &[
+            ("GET", "/a/b/c", &[], Some(("5", 6))),
+            ("GET", "/a/b/d", &[], Some(("4", 0))),
+            ("GET", "/a/b/1", &[], Some(("3", 0))),
+            ("GET", "/a/", &[], Some(("3", 0))),
+            ("GET", "/a", &[], Some(("1", 2))),
+            ("GET", "/ab", &[], Some(("0", 0))),
+            ("GET", "/", &[], Some(("0", 0))),
+        ];
+        check_http(&table, cases);
+    }
+
+    #[test]
+    fn http_precedence_by_method_headers_and_query_count() {
+        let table = http_table(&[
+            "{path: {value: /p}, headers: [{name: a, value: '1'}]}",
+            "{path: {value: /p}, method: GET}",
+            "{path: {value: /p}, headers: [{name: a, value: '1'}, {name: b, value: '2'}]}",
+            "{path: {value: /p}, queryParams: [{name: q, value: '1'}]}",
+            "{path: {value: /p}, queryParams: [{name: q, value: '1'}, {name: r, value: '2'}]}",
+            "{path: {value: /p}, headers: [{name: a, value: '1'}], queryParams: [{name: q, value: '1'}]}",
+            "{path: {value: /p/longer}}",
+            // Repeated names count once: one header condition, not three.
+            "{path: {value: /p}, headers: [{name: c, value: '1'}, {name: C, value: '2'}, {name: c, value: '3'}]}",
+        ]);
+        let ab: &[(&str, &str)] = &[("a", "1"), ("b", "2")];
+        let cases: &[HttpCase] = &[
+            ("GET", "/p?q=1&r=2", ab, Some(("1", 2))),
+            ("POST", "/p?q=1&r=2", ab, Some(("2", 2))),
+            ("POST", "/p?q=1", &[("a", "1")], Some(("5", 2))),
+            ("POST", "/p", &[("a", "1")], Some(("0", 2))),
+            ("POST", "/p?q=1&r=2", &[], Some(("4", 2))),
+            ("POST", "/p?q=1", &[], Some(("3", 2))),
+            ("GET", "/p/longer", ab, Some(("6", 9))),
+            ("POST", "/p", &[], None),
+            ("POST", "/p?q=1", &[("c", "1")], Some(("7", 2))),
+            // Counted three times, rule 7 would outrank rule 2's two conditions.
+            (
+                "POST",
+                "/p",
+                &[("a", "1"), ("b", "2"), ("c", "1")],
+                Some(("2", 2)),
+            ),
+        ];
+        check_http(&table, cases);
+    }
+
+    #[test]
+    fn equal_matches_go_to_the_older_route_then_by_name_then_rule_and_match_order() {
+        let slash = || compile_http_match(&Default::default()).unwrap();
+        let entries = [
+            ("ns/none-2", None, 1, 1),
+            ("ns/new", Some("2026-01-01T00:00:00.5Z"), 0, 0),
+            ("a/x", None, 0, 0),
+            ("ns/none-2", None, 1, 0),
+            ("ns/old", Some("2026-01-01T00:00:00Z"), 0, 0),
+            ("a-b/x", None, 0, 0),
+            ("ns/none-2", None, 0, 0),
+            // 23:30 the day before: the oldest, written with an offset.
+            ("ns/plus", Some("2026-01-01T00:30:00+01:00"), 0, 0),
+        ];
+        let table = HttpRoutes::new(
+            entries
+                .iter()
+                .map(|(route, t, r, i)| {
+                    (
+                        slash(),
+                        rule(&format!("{route}#{r}.{i}")),
+                        order(route, *t, *r, *i),
+                    )
+                })
+                .collect(),
+        );
+        let got: Vec<&str> = table.entries.iter().map(|(_, r)| &*r.id).collect();
+        assert_eq!(
+            got,
+            [
+                "ns/plus#0.0",
+                "ns/old#0.0",
+                "ns/new#0.0",
+                // `namespace/name` as one string: `-` sorts before `/`.
+                "a-b/x#0.0",
+                "a/x#0.0",
+                "ns/none-2#0.0",
+                "ns/none-2#1.0",
+                "ns/none-2#1.1",
+            ]
+        );
+        // Specificity comes before age.
+        let table = HttpRoutes::new(vec![
+            (
+                slash(),
+                rule("old"),
+                order("ns/old", Some("2020-01-01T00:00:00Z"), 0, 0),
+            ),
+            (
+                compile_http_match(&serde_saphyr::from_str("{path: {value: /a}}").unwrap())
+                    .unwrap(),
+                rule("new"),
+                order("ns/new", None, 0, 0),
+            ),
+        ]);
+        let got: Vec<&str> = table.entries.iter().map(|(_, r)| &*r.id).collect();
+        assert_eq!(got, ["new", "old"]);
+    }
+
+    #[test]
+    fn grpc_match_kinds_and_precedence() {
+        let table = grpc_table(&[
+            "{}",
+            "{method: {service: shop.Catalog}}",
+            "{method: {service: shop.Catalog, method: List}}",
+            "{method: {method: List}}",
+            "{method: {service: shop.Catalog, method: List}, headers: [{name: x-tier, value: gold}]}",
+            "{method: {type: RegularExpression, service: 'shop\\..*'}}",
+            "{method: {type: RegularExpression, service: 'shop\\.Catalog', method: 'L.*'}}",
+            "{headers: [{name: x-a, value: '1'}, {name: X-A, value: '2'}]}",
+        ]);
+        let cases: &[GrpcCase] = &[
+            ("/shop.Catalog/List", &[("x-tier", "gold")], Some("4")),
+            ("/shop.Catalog/List", &[("X-Tier", "silver")], Some("2")),
+            ("/shop.Catalog/Get", &[], Some("1")),
+            ("/other.Svc/List", &[], Some("3")),
+            ("/shop.Other/Get", &[], Some("5")),
+            // An exact service outranks a regular expression for it.
+            ("/shop.Catalog/Lookup", &[], Some("1")),
+            ("/x.Y/Z", &[("x-a", "1")], Some("7")),
+            ("/x.Y/Z", &[("x-a", "2")], Some("0")),
+            ("/x.Y/Z", &[], Some("0")),
+            ("/nope", &[], None),
+            ("nope", &[], None),
+        ];
+        for (path, hs, want) in cases {
+            let got = table.select(path, &headers(hs)).map(|r| r.id.to_string());
+            assert_eq!(got.as_deref(), *want, "{path} {hs:?}");
+        }
+        // Equal matches: age, then name, then rule order.
+        let any = || compile_grpc_match(&Default::default()).unwrap();
+        let table = GrpcRoutes::new(vec![
+            (any(), rule("b#0"), order("ns/b", None, 0, 0)),
+            (any(), rule("a#1"), order("ns/a", None, 1, 0)),
+            (any(), rule("a#0"), order("ns/a", None, 0, 0)),
+            (
+                any(),
+                rule("z"),
+                order("ns/z", Some("2026-01-01T00:00:00Z"), 0, 0),
+            ),
+        ]);
+        let got: Vec<&str> = table.entries.iter().map(|(_, r)| &*r.id).collect();
+        assert_eq!(got, ["z", "a#0", "a#1", "b#0"]);
     }
 }

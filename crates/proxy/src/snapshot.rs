@@ -2,13 +2,14 @@
 //! then swapped in atomically. Nothing on the request path resolves a name at request time
 //! beyond a hash lookup.
 
+use crate::attach::{Attached, attach};
 use crate::balance::{Balancer, Member};
 use crate::endpoint::EndpointState;
 use crate::filters::{Filters, HeaderEdit, Mirror, PathChange, Redirect, Rewrite};
 use crate::metrics::{Metrics, RouteStats};
 use crate::route::{
-    GrpcMatch, GrpcRoutes, HttpMatch, HttpRoutes, PathMatch, Rule, ValueMatch, WeightedBackend,
-    anchored, grpc_precedence, http_precedence,
+    Created, GrpcMatch, GrpcRoutes, HttpMatch, HttpRoutes, Order, PathMatch, Rule, ValueMatch,
+    WeightedBackend, anchored,
 };
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use std::collections::HashMap;
@@ -382,33 +383,38 @@ impl Snapshot {
             }
         }
 
-        // Routes, in the spec's tie-break order: older first, then namespace/name.
-        let mut routes: Vec<&Located<Resource>> = resources
-            .iter()
-            .filter(|r| matches!(r.value, Resource::HttpRoute(_) | Resource::GrpcRoute(_)))
-            .collect();
-        routes.sort_by(|a, b| {
-            let (ma, mb) = (a.value.metadata(), b.value.metadata());
-            (
-                ma.creation_timestamp.is_none(),
-                &ma.creation_timestamp,
-                &ma.namespace,
-                &ma.name,
-            )
-                .cmp(&(
-                    mb.creation_timestamp.is_none(),
-                    &mb.creation_timestamp,
-                    &mb.namespace,
-                    &mb.name,
-                ))
-        });
+        // Routes: each rule's matches on the ports its parents name, for this proxy's
+        // namespace (attach.rs); each port's table sorted by precedence (route.rs).
+        let client_ns = &proxy.metadata.namespace;
         let mut http_attach: Attached<HttpMatch> = HashMap::new();
         let mut grpc_attach: Attached<GrpcMatch> = HashMap::new();
-        for r in routes {
+        for r in resources {
+            let (Resource::HttpRoute(_) | Resource::GrpcRoute(_)) = &r.value else {
+                continue;
+            };
             let m = r.value.metadata();
             let ns = &m.namespace;
+            let order = |rule| Order {
+                // Validation refused a malformed time.
+                created: m
+                    .created()
+                    .ok()
+                    .flatten()
+                    .map_or(Created::Unknown, Created::At),
+                route: format!("{ns}/{}", m.name).into(),
+                rule,
+                index: 0,
+            };
+            let at = |i: usize| {
+                move |e: String| Diagnostics(vec![r.diagnostic(&format!("spec.rules[{i}]"), e)])
+            };
             match &r.value {
                 Resource::HttpRoute(route) => {
+                    let parents =
+                        crate::attach::parents(&b.services, ns, client_ns, &route.spec.parent_refs);
+                    if parents.is_empty() {
+                        continue;
+                    }
                     for (i, rule) in route.spec.rules.iter().enumerate() {
                         let compiled = Arc::new(
                             b.rule(
@@ -431,20 +437,22 @@ impl Snapshot {
                                 r,
                             )?,
                         );
-                        let parents = b.parents(ns, &route.spec.parent_refs);
-                        let at =
-                            |e| Diagnostics(vec![r.diagnostic(&format!("spec.rules[{i}]"), e)]);
                         attach(
                             &mut http_attach,
                             &parents,
                             &rule.matches,
                             &compiled,
-                            compile_http_match,
-                            at,
+                            &order(i),
+                            |m| compile_http_match(m).map_err(at(i)),
                         )?;
                     }
                 }
                 Resource::GrpcRoute(route) => {
+                    let parents =
+                        crate::attach::parents(&b.services, ns, client_ns, &route.spec.parent_refs);
+                    if parents.is_empty() {
+                        continue;
+                    }
                     for (i, rule) in route.spec.rules.iter().enumerate() {
                         let compiled = Arc::new(
                             b.rule(
@@ -467,39 +475,44 @@ impl Snapshot {
                                 r,
                             )?,
                         );
-                        let parents = b.parents(ns, &route.spec.parent_refs);
-                        let at =
-                            |e| Diagnostics(vec![r.diagnostic(&format!("spec.rules[{i}]"), e)]);
                         attach(
                             &mut grpc_attach,
                             &parents,
                             &rule.matches,
                             &compiled,
-                            compile_grpc_match,
-                            at,
+                            &order(i),
+                            |m| compile_grpc_match(m).map_err(at(i)),
                         )?;
                     }
                 }
                 _ => unreachable!("filtered to routes"),
             }
         }
-        for ((svc, port), mut entries) in http_attach {
-            // Stable sort keeps age/name/rule order among equal precedence.
-            entries.sort_by_key(|a| http_precedence(&a.0));
+        crate::attach::prefer_consumers(&mut http_attach, &mut grpc_attach);
+        for ((svc, port), entries) in http_attach {
             if let Some(e) = services
                 .get_mut(&svc)
                 .and_then(|ps| ps.iter_mut().find(|p| p.port == port))
             {
-                e.http = Some(HttpRoutes { entries });
+                e.http = Some(HttpRoutes::new(
+                    entries
+                        .into_iter()
+                        .map(|c| (c.m, c.rule, c.order))
+                        .collect(),
+                ));
             }
         }
-        for ((svc, port), mut entries) in grpc_attach {
-            entries.sort_by_key(|a| grpc_precedence(&a.0));
+        for ((svc, port), entries) in grpc_attach {
             if let Some(e) = services
                 .get_mut(&svc)
                 .and_then(|ps| ps.iter_mut().find(|p| p.port == port))
             {
-                e.grpc = Some(GrpcRoutes { entries });
+                e.grpc = Some(GrpcRoutes::new(
+                    entries
+                        .into_iter()
+                        .map(|c| (c.m, c.rule, c.order))
+                        .collect(),
+                ));
             }
         }
 
@@ -647,35 +660,6 @@ impl Snapshot {
             resources: resources.iter().map(|r| r.value.clone()).collect(),
         })
     }
-}
-
-/// Route matches attached to each service port, before sorting.
-type Attached<M> = HashMap<(ServiceKey, u16), Vec<(M, Arc<Rule>)>>;
-
-/// Attaches a compiled rule to every parent port, once per match; a rule without matches
-/// matches every request.
-fn attach<T: Default, M>(
-    into: &mut Attached<M>,
-    parents: &[(ServiceKey, u16)],
-    matches: &[T],
-    rule: &Arc<Rule>,
-    compile: fn(&T) -> Result<M, String>,
-    at: impl Fn(String) -> Diagnostics,
-) -> Result<(), Diagnostics> {
-    let everything = [T::default()];
-    let matches = if matches.is_empty() {
-        &everything[..]
-    } else {
-        matches
-    };
-    for parent in parents {
-        for m in matches {
-            into.entry(parent.clone())
-                .or_default()
-                .push((compile(m).map_err(&at)?, rule.clone()));
-        }
-    }
-    Ok(())
 }
 
 fn key(ns: &str, name: &str) -> ServiceKey {
@@ -968,19 +952,6 @@ impl Builder<'_> {
         Ok(self.backend(&k, port))
     }
 
-    fn parents(&self, ns: &str, refs: &[trellis_api::route::ParentRef]) -> Vec<(ServiceKey, u16)> {
-        let mut out = Vec::new();
-        for p in refs {
-            let k = key(p.namespace.as_deref().unwrap_or(ns), &p.name);
-            for sp in &self.services[&k].ports {
-                if p.port.is_none_or(|port| port == sp.port) {
-                    out.push((k.clone(), sp.port));
-                }
-            }
-        }
-        out
-    }
-
     #[allow(clippy::too_many_arguments)]
     fn rule(
         &mut self,
@@ -1156,8 +1127,10 @@ fn value_match(kind: ValueMatchType, value: &str) -> Result<ValueMatch, String> 
     })
 }
 
+/// The first condition of each header name only (the spec ignores later ones).
 fn header_matches(list: &[HeaderMatch]) -> Result<Vec<(HeaderName, ValueMatch)>, String> {
-    list.iter()
+    trellis_api::attach::effective_headers(list)
+        .into_iter()
         .map(|h| {
             Ok((
                 HeaderName::try_from(h.name.as_str()).map_err(|e| e.to_string())?,
@@ -1167,7 +1140,9 @@ fn header_matches(list: &[HeaderMatch]) -> Result<Vec<(HeaderName, ValueMatch)>,
         .collect()
 }
 
-fn compile_http_match(m: &trellis_api::route::HttpRouteMatch) -> Result<HttpMatch, String> {
+pub(crate) fn compile_http_match(
+    m: &trellis_api::route::HttpRouteMatch,
+) -> Result<HttpMatch, String> {
     let path = match &m.path {
         None => PathMatch::Prefix("/".into()),
         Some(p) => match p.kind {
@@ -1194,15 +1169,16 @@ fn compile_http_match(m: &trellis_api::route::HttpRouteMatch) -> Result<HttpMatc
             .transpose()
             .map_err(|e| e.to_string())?,
         headers: header_matches(&m.headers)?,
-        query: m
-            .query_params
-            .iter()
+        query: trellis_api::attach::effective_query_params(&m.query_params)
+            .into_iter()
             .map(|q| Ok((q.name.clone(), value_match(q.kind, &q.value)?)))
             .collect::<Result<_, String>>()?,
     })
 }
 
-fn compile_grpc_match(m: &trellis_api::route::GrpcRouteMatch) -> Result<GrpcMatch, String> {
+pub(crate) fn compile_grpc_match(
+    m: &trellis_api::route::GrpcRouteMatch,
+) -> Result<GrpcMatch, String> {
     let (service, method) = match &m.method {
         None => (None, None),
         Some(mm) => (
