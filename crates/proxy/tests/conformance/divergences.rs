@@ -1,5 +1,5 @@
-//! Cases whose spec behaviour lands with other branches of issue 13. Each test names the
-//! branch; the coordinator removes the `ignore` after merging it.
+//! Cases for the divergences issue 13 found (consumer routes, sectionName, precedence ties,
+//! filters, missing backends): each failed on the code before the fix.
 
 use crate::harness::*;
 
@@ -214,19 +214,16 @@ spec:
 };
 
 #[tokio::test]
-#[ignore = "enable after merging r13-routes"]
 async fn mesh_consumer_route() {
     run(&[&MESH_CONSUMER_ROUTE, &MESH_CONSUMER_OVER_PRODUCER]).await;
 }
 
 #[tokio::test]
-#[ignore = "enable after merging r13-routes"]
 async fn mesh_ports_section_name() {
     run(&[&MESH_PORTS_SECTION_NAME]).await;
 }
 
 #[tokio::test]
-#[ignore = "enable after merging r13-routes"]
 async fn precedence_ties() {
     run(&[
         &PRECEDENCE_BY_AGE,
@@ -500,7 +497,6 @@ async fn refused(list: &[(&str, &str, &str)]) {
 }
 
 #[tokio::test]
-#[ignore = "enable after merging r13-filters"]
 async fn filters_spec_behaviour() {
     run(&[
         &REDIRECT_SERVICE_PORT,
@@ -512,7 +508,6 @@ async fn filters_spec_behaviour() {
 }
 
 #[tokio::test]
-#[ignore = "enable after merging r13-filters"]
 async fn filters_refused_configs() {
     refused(REFUSED_BY_FILTERS).await;
 }
@@ -557,7 +552,6 @@ spec:
 };
 
 #[tokio::test]
-#[ignore = "enable after merging r13-status"]
 async fn missing_backend() {
     run(&[&MISSING_BACKEND]).await;
 }
