@@ -21,7 +21,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod divergences;
 mod harness;
 mod mesh;
-mod divergences;
 mod routes;
