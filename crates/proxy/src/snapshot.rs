@@ -416,27 +416,18 @@ impl Snapshot {
                         continue;
                     }
                     for (i, rule) in route.spec.rules.iter().enumerate() {
-                        let compiled = Arc::new(
-                            b.rule(
-                                ns,
-                                &m.name,
-                                i,
-                                rule.name.as_deref(),
-                                &rule.filters,
-                                &rule.backend_refs,
-                                rule.timeouts
-                                    .as_ref()
-                                    .and_then(|t| t.request)
-                                    .map(|d| d.non_zero()),
-                                rule.timeouts
-                                    .as_ref()
-                                    .and_then(|t| t.backend_request)
-                                    .and_then(|d| d.non_zero()),
-                                rule.retry.as_ref(),
-                                rule.session_persistence.as_ref(),
-                                r,
-                            )?,
-                        );
+                        let compiled = Arc::new(b.rule(
+                            ns,
+                            &m.name,
+                            i,
+                            rule.name.as_deref(),
+                            &rule.filters,
+                            &rule.backend_refs,
+                            rule.timeouts.as_ref(),
+                            rule.retry.as_ref(),
+                            rule.session_persistence.as_ref(),
+                            r,
+                        )?);
                         attach(
                             &mut http_attach,
                             &parents,
@@ -454,27 +445,18 @@ impl Snapshot {
                         continue;
                     }
                     for (i, rule) in route.spec.rules.iter().enumerate() {
-                        let compiled = Arc::new(
-                            b.rule(
-                                ns,
-                                &m.name,
-                                i,
-                                rule.name.as_deref(),
-                                &rule.filters,
-                                &rule.backend_refs,
-                                rule.timeouts
-                                    .as_ref()
-                                    .and_then(|t| t.request)
-                                    .map(|d| d.non_zero()),
-                                rule.timeouts
-                                    .as_ref()
-                                    .and_then(|t| t.backend_request)
-                                    .and_then(|d| d.non_zero()),
-                                None,
-                                rule.session_persistence.as_ref(),
-                                r,
-                            )?,
-                        );
+                        let compiled = Arc::new(b.rule(
+                            ns,
+                            &m.name,
+                            i,
+                            rule.name.as_deref(),
+                            &rule.filters,
+                            &rule.backend_refs,
+                            rule.timeouts.as_ref(),
+                            None,
+                            rule.session_persistence.as_ref(),
+                            r,
+                        )?);
                         attach(
                             &mut grpc_attach,
                             &parents,
@@ -961,8 +943,7 @@ impl Builder<'_> {
         name: Option<&str>,
         filters: &[HttpRouteFilter],
         refs: &[trellis_api::route::HttpBackendRef],
-        timeout: Option<Option<Duration>>,
-        try_timeout: Option<Duration>,
+        timeouts: Option<&trellis_api::route::HttpRouteTimeouts>,
         retry: Option<&trellis_api::retry::HttpRouteRetry>,
         session: Option<&trellis_api::session::SessionPersistence>,
         loc: &Located<Resource>,
@@ -1012,8 +993,11 @@ impl Builder<'_> {
             id,
             filters,
             backends,
-            timeout,
-            try_timeout,
+            // `Some(None)`: the rule turned the timeout off (`0s`).
+            timeout: timeouts.and_then(|t| t.request).map(|d| d.non_zero()),
+            try_timeout: timeouts
+                .and_then(|t| t.backend_request)
+                .and_then(|d| d.non_zero()),
             session,
             unresolved,
         })
