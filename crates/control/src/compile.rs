@@ -421,22 +421,7 @@ spec:
         assert_eq!(services(&state), ["Service/default/catalog"]);
         state.workloads.insert(
             "w1".into(),
-            Arc::new(Workload {
-                id: "w1".into(),
-                namespace: "default".into(),
-                service: "later".into(),
-                address: "127.0.0.1:7001".into(),
-                port: 80,
-                labels: Default::default(),
-                zone: None,
-                region: None,
-                cluster: None,
-                healthy: true,
-                node: String::new(),
-                identity: None,
-                slot: None,
-                epoch: 0,
-            }),
+            Arc::new(Workload::for_test("w1", "later", "127.0.0.1:7001")),
         );
         assert_eq!(
             services(&state),

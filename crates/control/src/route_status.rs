@@ -148,22 +148,11 @@ spec: {ports: [{port: 80}]}
         assert_eq!(resolved(&routes(&s)).0, "False");
         s.workloads.insert(
             "w".into(),
-            Arc::new(crate::state::Workload {
-                id: "w".into(),
-                namespace: "default".into(),
-                service: "later".into(),
-                address: "127.0.0.1:7001".into(),
-                port: 80,
-                labels: Default::default(),
-                zone: None,
-                region: None,
-                cluster: None,
-                healthy: true,
-                node: String::new(),
-                identity: None,
-                slot: None,
-                epoch: 0,
-            }),
+            Arc::new(crate::state::Workload::for_test(
+                "w",
+                "later",
+                "127.0.0.1:7001",
+            )),
         );
         assert_eq!(resolved(&routes(&s)).0, "True");
     }

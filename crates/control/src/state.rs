@@ -64,6 +64,29 @@ pub struct Workload {
     pub epoch: u64,
 }
 
+#[cfg(test)]
+impl Workload {
+    /// A healthy instance of `default/service` at `address`, port 80, for tests.
+    pub(crate) fn for_test(id: &str, service: &str, address: &str) -> Workload {
+        Workload {
+            id: id.into(),
+            namespace: "default".into(),
+            service: service.into(),
+            address: address.into(),
+            port: 80,
+            labels: BTreeMap::new(),
+            zone: None,
+            region: None,
+            cluster: None,
+            healthy: true,
+            node: String::new(),
+            identity: None,
+            slot: None,
+            epoch: 0,
+        }
+    }
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }
