@@ -298,12 +298,6 @@ async fn mirrors_copy_chunked_bodies_of_any_size() {
     assert_eq!(metric(&p, "trellis_http_mirror_dropped_total", &[]), 0.0);
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct Note {
-    #[prost(string, tag = "1")]
-    text: String,
-}
-
 #[tokio::test]
 async fn mirrors_copy_grpc_streams() {
     let (web, v1) = (upstream("web").await, upstream("v1").await);
@@ -321,35 +315,8 @@ spec:
 ";
     let p = proxy(web.addr, v1.addr, shadow, route).await;
     let addr = p.addr("out").await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = tonic::client::Grpc::new(channel);
-    client.ready().await.unwrap();
-    let (tx, rx) = mpsc::channel::<Note>(4);
-    let outbound =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let codec = tonic_prost::ProstCodec::<Note, Note>::default();
-    let path = http::uri::PathAndQuery::from_static("/echo.Echo/Chat");
-    let call = tokio::spawn(async move {
-        client
-            .streaming(tonic::Request::new(outbound), path, codec)
-            .await
-    });
     // The primary streams: each echo arrives before the next message is sent, mirror or not.
-    tx.send(Note { text: "one".into() }).await.unwrap();
-    let mut stream = call.await.unwrap().expect("call failed").into_inner();
-    assert_eq!(stream.message().await.unwrap().unwrap().text, "one");
-    for word in ["two", "three"] {
-        tx.send(Note { text: word.into() }).await.unwrap();
-        assert_eq!(stream.message().await.unwrap().unwrap().text, word);
-    }
-    drop(tx);
-    assert!(stream.message().await.unwrap().is_none());
-    let trailers = stream.trailers().await.unwrap().unwrap();
-    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    grpc_chat(addr, &["one", "two", "three"]).await;
     // The copy got the whole stream: three length-prefixed messages.
     let copy = next(&mut seen).await;
     assert_eq!(copy.path, "/echo.Echo/Chat");

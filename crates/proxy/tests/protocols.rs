@@ -71,47 +71,12 @@ async fn h2c_prior_knowledge() {
     );
 }
 
-#[derive(Clone, PartialEq, prost::Message)]
-struct Msg {
-    #[prost(string, tag = "1")]
-    text: String,
-}
-
 #[tokio::test]
 async fn grpc_bidirectional_stream() {
     let up = upstream("grpc").await;
     let p = proxy_to(up.addr, None).await;
     let addr = p.addr("out").await;
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = tonic::client::Grpc::new(channel);
-    client.ready().await.unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel::<Msg>(4);
-    let outbound =
-        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
-    let codec = tonic_prost::ProstCodec::<Msg, Msg>::default();
-    let path = http::uri::PathAndQuery::from_static("/echo.Echo/Chat");
-    let call = tokio::spawn(async move {
-        client
-            .streaming(tonic::Request::new(outbound), path, codec)
-            .await
-    });
-    // Interleave: each message's echo arrives before the next is sent.
-    tx.send(Msg { text: "one".into() }).await.unwrap();
-    let mut stream = call.await.unwrap().expect("call failed").into_inner();
-    assert_eq!(stream.message().await.unwrap().unwrap().text, "one");
-    for word in ["two", "three"] {
-        tx.send(Msg { text: word.into() }).await.unwrap();
-        assert_eq!(stream.message().await.unwrap().unwrap().text, word);
-    }
-    drop(tx);
-    // End of stream with grpc-status 0 in the trailers.
-    assert!(stream.message().await.unwrap().is_none());
-    let trailers = stream.trailers().await.unwrap().unwrap();
-    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    grpc_chat(addr, &["one", "two", "three"]).await;
 }
 
 #[tokio::test]

@@ -773,3 +773,54 @@ pub async fn held_upstream() -> Held {
         open,
     }
 }
+
+/// A gRPC message with one string, as the echo upstream streams back.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Note {
+    #[prost(string, tag = "1")]
+    pub text: String,
+}
+
+/// A bidirectional gRPC call through `addr` (`/echo.Echo/Chat` against an echo upstream):
+/// each of `words` is sent after the previous one's echo arrived, so a proxy that buffered
+/// the stream would hang here; then the stream must end with `grpc-status: 0`.
+pub async fn grpc_chat(addr: SocketAddr, words: &[&str]) {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Note>(4);
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
+    let codec = tonic_prost::ProstCodec::<Note, Note>::default();
+    let path = http::uri::PathAndQuery::from_static("/echo.Echo/Chat");
+    let call = tokio::spawn(async move {
+        client
+            .streaming(tonic::Request::new(outbound), path, codec)
+            .await
+    });
+    let (first, rest) = words.split_first().expect("at least one word");
+    tx.send(Note {
+        text: (*first).into(),
+    })
+    .await
+    .unwrap();
+    let mut stream = call.await.unwrap().expect("call failed").into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().text, *first);
+    for word in rest {
+        tx.send(Note {
+            text: (*word).into(),
+        })
+        .await
+        .unwrap();
+        assert_eq!(stream.message().await.unwrap().unwrap().text, *word);
+    }
+    drop(tx);
+    // End of stream with grpc-status 0 in the trailers.
+    assert!(stream.message().await.unwrap().is_none());
+    let trailers = stream.trailers().await.unwrap().unwrap();
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+}
