@@ -1,10 +1,13 @@
 //! The `trellis` binary end to end: validate, and a standalone proxy that drains on SIGTERM.
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use support::free_port;
 
 fn trellis() -> Command {
     Command::new(env!("CARGO_BIN_EXE_trellis"))
@@ -180,14 +183,6 @@ fn slow_upstream(delay: Duration) -> SocketAddr {
         }
     });
     addr
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 fn wait_ready(admin: u16, child: &mut Child) {

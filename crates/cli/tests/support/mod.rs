@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 pub fn trellis() -> Command {
@@ -20,12 +21,21 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// A loopback port nothing listens on, for a process to bind later. It is taken below the
+/// kernel's ephemeral range (32768 and up): a port from `bind(:0)` can be handed to another
+/// test's outgoing connection before the process that was meant to bind it starts.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Tests run as separate processes: each starts at its own place in the range.
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..22_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 10_000 + (start.wrapping_add(n.wrapping_mul(7)) % 22_000) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below 32000");
 }
 
 /// A fresh directory under the system temp dir, removed on drop.
@@ -174,6 +184,13 @@ impl Drop for Proc {
     fn drop(&mut self) {
         if !self.exited() {
             self.stop(Duration::from_secs(5));
+        }
+        // A failed test shows what every process it started said last.
+        if std::thread::panicking() {
+            let log = self.log_text();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            eprintln!("--- last lines of {} ---\n{}", self.name, tail.join("\n"));
         }
     }
 }
@@ -436,11 +453,18 @@ pub fn versions(port: u16, n: usize) -> BTreeMap<String, usize> {
 /// Waits until `n` requests in a row are answered only by `want` versions.
 pub fn wait_versions(port: u16, want: &[&str], limit: Duration) -> Duration {
     let start = Instant::now();
-    wait_for(limit, &format!("only {want:?} to answer"), || {
+    let deadline = start + limit;
+    loop {
         let v = versions(port, 20);
-        (v.len() == want.len() && want.iter().all(|w| v.contains_key(*w))).then_some(())
-    });
-    start.elapsed()
+        if v.len() == want.len() && want.iter().all(|w| v.contains_key(*w)) {
+            return start.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for only {want:?} to answer; the last 20: {v:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// A `trellis run` with JSON logs (so tests can read its admin address), `args` before `--`
