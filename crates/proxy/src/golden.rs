@@ -154,12 +154,17 @@ pub struct End<'a> {
 /// response size histogram of a streamed body.
 pub struct Pending {
     size: Histogram,
-    response: Option<Deferred>,
+    // Boxed: only gRPC calls whose status is in the trailers carry one.
+    response: Option<Box<Deferred>>,
 }
 
 struct Deferred {
     labels: ResponseLabels,
     fast: Option<(Arc<RouteStats>, Arc<crate::metrics::PartyStats>)>,
+    /// The metrics to count it in, set by [`ResponseMeter::new`].
+    shared: Option<Arc<crate::Shared>>,
+    /// The status the trailers brought.
+    grpc: Option<u8>,
 }
 
 /// Records a request's end. Returns what is left to record when the response body ends.
@@ -230,7 +235,12 @@ pub fn record(m: &Metrics, e: End<'_>) -> Option<Pending> {
     if e.grpc == Grpc::Trailers {
         return Some(Pending {
             size,
-            response: Some(Deferred { labels, fast }),
+            response: Some(Box::new(Deferred {
+                labels,
+                fast,
+                shared: None,
+                grpc: None,
+            })),
         });
     }
     m.responses.get_or_create(&labels).inc();
@@ -241,24 +251,20 @@ pub fn record(m: &Metrics, e: End<'_>) -> Option<Pending> {
 }
 
 /// Measures a streamed response body and, for a gRPC call, reads its status from the
-/// trailers; records both when the body is dropped (ended, failed or abandoned).
+/// trailers; records both when the body is dropped (ended, failed or abandoned). Small: it
+/// rides in every upstream response body.
 pub struct ResponseMeter {
-    shared: Option<Arc<crate::Shared>>,
     pending: Pending,
     bytes: u64,
-    grpc: Option<u8>,
 }
 
 impl ResponseMeter {
     /// A meter for what `record` left pending.
-    pub fn new(shared: &Arc<crate::Shared>, pending: Pending) -> ResponseMeter {
-        ResponseMeter {
-            // Only a deferred response needs the metrics at the end.
-            shared: pending.response.as_ref().map(|_| shared.clone()),
-            pending,
-            bytes: 0,
-            grpc: None,
+    pub fn new(shared: &Arc<crate::Shared>, mut pending: Pending) -> ResponseMeter {
+        if let Some(d) = &mut pending.response {
+            d.shared = Some(shared.clone());
         }
+        ResponseMeter { pending, bytes: 0 }
     }
 
     /// Sees a frame pass.
@@ -266,9 +272,10 @@ impl ResponseMeter {
         if let Some(d) = f.data_ref() {
             self.bytes += d.len() as u64;
         } else if let Some(t) = f.trailers_ref()
+            && let Some(d) = &mut self.pending.response
             && let Some(v) = t.get("grpc-status")
         {
-            self.grpc = Some(code(v.as_bytes()));
+            d.grpc = Some(code(v.as_bytes()));
         }
     }
 }
@@ -276,14 +283,22 @@ impl ResponseMeter {
 impl Drop for ResponseMeter {
     fn drop(&mut self) {
         self.pending.size.observe(self.bytes as f64);
-        let (Some(shared), Some(d)) = (&self.shared, self.pending.response.take()) else {
+        let Some(d) = self.pending.response.take() else {
+            return;
+        };
+        let Deferred {
+            mut labels,
+            fast,
+            shared,
+            grpc,
+        } = *d;
+        let Some(shared) = shared else {
             return;
         };
         let m = &shared.metrics;
-        let mut labels = d.labels;
         // A call that ended without trailers (reset, abandoned) has no status to count.
-        labels.grpc_status = self.grpc.map_or("", |c| GRPC_STATUS[usize::from(c)]);
-        match (self.grpc, d.fast) {
+        labels.grpc_status = grpc.map_or("", |c| GRPC_STATUS[usize::from(c)]);
+        match (grpc, fast) {
             (Some(c), Some((stats, p))) if labels.status == 200 && labels.error.is_empty() => {
                 p.grpc_ok(m, &stats, c).inc();
             }
