@@ -168,7 +168,11 @@ struct Deferred {
 }
 
 /// Records a request's end. Returns what is left to record when the response body ends.
-pub fn record(m: &Metrics, e: End<'_>) -> Option<Pending> {
+pub fn record(m: &Metrics, mut e: End<'_>) -> Option<Pending> {
+    if e.body.is_some() && e.grpc == Grpc::Trailers {
+        // The proxy's own answer has no trailers to wait for.
+        e.grpc = Grpc::No;
+    }
     let own = m.workload();
     let secs = e.latency.as_secs_f64();
     let exemplar = e.trace_id.map(TraceExemplar);
@@ -591,6 +595,35 @@ mod tests {
         // Out of range or not a number: UNKNOWN, so the label stays bounded.
         assert_eq!(Grpc::of(true, &h("99")), Grpc::Status(2));
         assert_eq!(Grpc::of(true, &h("x")), Grpc::Status(2));
+    }
+
+    #[test]
+    fn the_proxys_own_answer_is_counted_at_once() {
+        let m = Metrics::default();
+        let (route, backend) = (Arc::from("default/r/0"), Arc::from("default/a:80"));
+        let end = |grpc, body| End {
+            stats: None,
+            direction: "outbound",
+            route: &route,
+            backend: &backend,
+            hop: Hop::Outbound {
+                backend: "default/a:80",
+                verified: None,
+            },
+            status: StatusCode::OK,
+            grpc,
+            error: "",
+            latency: Duration::from_millis(1),
+            trace_id: None,
+            body,
+        };
+        // A gRPC call answered by the proxy without a status: nothing left for later.
+        assert!(record(&m, end(Grpc::Trailers, Some(0))).is_none());
+        assert_eq!(m.responses.len(), 1);
+        // A streamed one waits for its trailers (and its size) until its body ends.
+        let pending = record(&m, end(Grpc::Trailers, None));
+        assert!(pending.as_ref().is_some_and(|p| p.response.is_some()));
+        assert_eq!(m.responses.len(), 1);
     }
 
     #[test]
