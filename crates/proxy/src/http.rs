@@ -163,17 +163,7 @@ pub async fn handle(
             if let Some((n, v)) = filters::location_header(&location) {
                 resp.headers_mut().insert(n, v);
             }
-            shared.record(
-                &at,
-                None,
-                &route,
-                &NONE,
-                None,
-                &resp,
-                "",
-                start.elapsed(),
-                true,
-            );
+            shared.made(&at, &route, &NONE, &resp, "");
             return Ok(resp);
         }
         Decision::Respond {
@@ -184,17 +174,7 @@ pub async fn handle(
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = status;
             *resp.headers_mut() = headers;
-            shared.record(
-                &at,
-                None,
-                &route,
-                &NONE,
-                None,
-                &resp,
-                "",
-                start.elapsed(),
-                true,
-            );
+            shared.made(&at, &route, &NONE, &resp, "");
             return Ok(resp);
         }
     };
@@ -225,10 +205,7 @@ pub async fn handle(
             Ok(None) => {}
             Ok(Some(resp)) => {
                 let (route, backend) = (&fwd.route, &fwd.backend.name);
-                let elapsed = start.elapsed();
-                shared.record(
-                    &at, None, route, backend, None, &resp, "fault", elapsed, true,
-                );
+                shared.made(&at, route, backend, &resp, "fault");
                 return Ok(resp);
             }
             Err(e) => {
@@ -906,9 +883,21 @@ impl Shared {
             Audience::App
         };
         let resp = e.into_response(at.grpc, audience);
-        let elapsed = at.start.elapsed();
-        self.record(at, None, route, backend, None, &resp, label, elapsed, true);
+        self.made(at, route, backend, &resp, label);
         resp
+    }
+
+    /// Records a response the proxy made itself.
+    fn made(
+        &self,
+        at: &golden::Req<'_>,
+        route: &Arc<str>,
+        backend: &Arc<str>,
+        resp: &Response<Body>,
+        error: &'static str,
+    ) {
+        let elapsed = at.start.elapsed();
+        self.record(at, None, route, backend, None, resp, error, elapsed, true);
     }
 
     /// Records a response (module `golden`). `stats`, when the snapshot resolved them, saves
