@@ -414,6 +414,44 @@ impl TestProxy {
     }
 }
 
+impl TestProxy {
+    /// Waits (up to 5 s) until the metric lines starting with `prefix` sum to at least
+    /// `min`; returns the sum.
+    pub async fn wait_metric(&self, prefix: &str, min: f64) -> f64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let v = self.metric(prefix);
+            if v >= min || std::time::Instant::now() > deadline {
+                return v;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
+
+/// Workload credentials for `spiffe://mesh.test/ns/default/sa/SA`, signed by `ca`.
+pub fn creds(ca: &trellis_identity::Ca, sa: &str) -> Arc<trellis_identity::Credentials> {
+    use std::time::{Duration, SystemTime};
+    let id = trellis_identity::SpiffeId::new("mesh.test", "default", sa).unwrap();
+    let key = trellis_identity::WorkloadKey::generate().unwrap();
+    let issued = ca
+        .sign(
+            &key.csr(Some(&id)).unwrap(),
+            &id,
+            Duration::from_secs(600),
+            SystemTime::now(),
+        )
+        .unwrap();
+    trellis_identity::Credentials::new("mesh.test", &issued.chain_pem, &key.pem(), ca.bundle_pem())
+        .unwrap()
+}
+
+/// A test CA for trust domain `mesh.test`.
+pub fn test_ca() -> trellis_identity::Ca {
+    let pem = trellis_identity::Ca::generate("mesh.test", std::time::Duration::from_secs(86400));
+    trellis_identity::Ca::load(&pem.unwrap()).unwrap()
+}
+
 /// Starts a proxy from YAML (listeners should use port 0).
 pub async fn start_proxy(yaml: &str) -> TestProxy {
     let resources =
