@@ -98,11 +98,15 @@ async fn respond(
         "/metrics" => {
             crate::outlier::refresh_gauges(&shared);
             crate::breaker::refresh_gauges(&shared);
-            text(
-                StatusCode::OK,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                shared.metrics.encode(),
-            )
+            // OpenMetrics (with exemplars) for who asks for it, else Prometheus text 0.0.4.
+            let accept = req.headers().get(header::ACCEPT);
+            if crate::golden::wants_openmetrics(accept.and_then(|v| v.to_str().ok())) {
+                let body = shared.metrics.encode();
+                text(StatusCode::OK, crate::golden::OPENMETRICS, body)
+            } else {
+                let body = shared.metrics.encode_text();
+                text(StatusCode::OK, crate::golden::PROMETHEUS_TEXT, body)
+            }
         }
         "/endpoints" => text(
             StatusCode::OK,

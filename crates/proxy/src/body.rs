@@ -20,6 +20,8 @@ enum Kind {
     Full(Option<Bytes>),
     /// Streamed from a peer.
     Incoming(Incoming),
+    /// A request body streamed from the client, its bytes counted for metrics.
+    Counted(Incoming, crate::golden::RequestMeter),
     /// An upstream response that releases its endpoint and connection when it ends.
     Tracked(Tracked),
     /// A body under a stream idle timeout.
@@ -102,6 +104,26 @@ where
 }
 
 impl Body {
+    /// A client's request body whose bytes `meter` counts.
+    pub(crate) fn counted(b: Incoming, meter: crate::golden::RequestMeter) -> Body {
+        Body(Kind::Counted(b, meter))
+    }
+
+    /// Hands a streamed upstream response's meter to its body. Returns it back when the body
+    /// is of another kind.
+    pub(crate) fn meter(
+        &mut self,
+        m: crate::golden::ResponseMeter,
+    ) -> Result<(), crate::golden::ResponseMeter> {
+        match &mut self.0 {
+            Kind::Tracked(t) => {
+                t.meter(m);
+                Ok(())
+            }
+            _ => Err(m),
+        }
+    }
+
     /// Keeps `busy` (the client connection's activity guard) alive until this body ends or is
     /// dropped, when it streams from an upstream: a response that is still streaming keeps
     /// its client connection from counting as idle, however long it pauses.
@@ -131,6 +153,13 @@ impl http_body::Body for Body {
             Kind::Incoming(b) => Pin::new(b)
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map_err(Into::into))),
+            Kind::Counted(b, m) => {
+                let r = Pin::new(b).poll_frame(cx);
+                if let Poll::Ready(Some(Ok(f))) = &r {
+                    m.frame(f);
+                }
+                r.map(|f| f.map(|f| f.map_err(Into::into)))
+            }
             Kind::Tracked(b) => Pin::new(b).poll_frame(cx),
             Kind::Watched(b) => Pin::new(b).poll_frame(cx),
             Kind::Replayed(b) => Pin::new(b).poll_frame(cx),
@@ -145,7 +174,7 @@ impl http_body::Body for Body {
         match &self.0 {
             Kind::Empty => true,
             Kind::Full(b) => b.is_none(),
-            Kind::Incoming(b) => b.is_end_stream(),
+            Kind::Incoming(b) | Kind::Counted(b, _) => b.is_end_stream(),
             Kind::Tracked(b) => b.is_end_stream(),
             Kind::Watched(b) => b.is_end_stream(),
             Kind::Replayed(b) => b.is_end_stream(),
@@ -160,7 +189,7 @@ impl http_body::Body for Body {
         match &self.0 {
             Kind::Empty => SizeHint::with_exact(0),
             Kind::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64)),
-            Kind::Incoming(b) => b.size_hint(),
+            Kind::Incoming(b) | Kind::Counted(b, _) => b.size_hint(),
             Kind::Tracked(b) => b.size_hint(),
             Kind::Watched(b) => b.size_hint(),
             Kind::Replayed(b) => b.size_hint(),
@@ -177,7 +206,7 @@ impl std::fmt::Debug for Body {
         let kind = match &self.0 {
             Kind::Empty => "empty",
             Kind::Full(_) => "full",
-            Kind::Incoming(_) => "incoming",
+            Kind::Incoming(_) | Kind::Counted(..) => "incoming",
             Kind::Tracked(_) => "tracked",
             Kind::Watched(_) => "watched",
             Kind::Replayed(_) => "replayed",

@@ -34,6 +34,8 @@ pub struct EndpointState {
     /// The server name that asks it for the identity it must present: connections to it use
     /// mutual TLS when set and this proxy has an identity.
     pub identity: Option<rustls::pki_types::ServerName<'static>>,
+    /// The SPIFFE id behind `identity`, for metrics.
+    spiffe: Option<Arc<str>>,
     mesh: crate::tls::MeshSlot,
     in_flight: AtomicU64,
     /// Peak-EWMA latency estimate in seconds, as `f64` bits.
@@ -159,6 +161,9 @@ impl EndpointState {
         EndpointState {
             addr,
             identity: identity.and_then(crate::tls::server_name),
+            spiffe: identity
+                .filter(|i| crate::tls::server_name(i).is_some())
+                .map(Arc::from),
             mesh,
             in_flight: AtomicU64::new(0),
             ewma: AtomicU64::new(DEFAULT_RTT.to_bits()),
@@ -173,6 +178,12 @@ impl EndpointState {
             breaker: Mutex::new(std::sync::Weak::new()),
             gated: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The identity this endpoint proves over mutual TLS, when connections to it use it
+    /// (it has an identity and this proxy has a certificate).
+    pub fn verified(&self) -> Option<&Arc<str>> {
+        self.spiffe.as_ref().filter(|_| self.mesh.load().is_some())
     }
 
     /// Requests or connections outstanding.

@@ -9,8 +9,9 @@ use crate::decide::{self, Decision, Forward};
 use crate::endpoint::{EndpointState, H2Limits, H2Stream, InFlight};
 use crate::error::{Audience, ProxyError};
 use crate::filters;
+use crate::golden;
 use crate::h1;
-use crate::metrics::{Metrics, ResponseLabels, RouteLabels, RouteStats};
+use crate::metrics::{Metrics, RouteLabels, RouteStats};
 use crate::rand;
 use crate::replay::Replay;
 use crate::retry;
@@ -71,13 +72,20 @@ pub async fn handle(
     let direction = listener.direction();
     let downstream_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let grpc = decide::is_grpc(&parts);
+    let at = golden::Req {
+        direction,
+        peer: conn.peer_identity.as_deref(),
+        grpc,
+        start,
+        trace_id: golden::sampled_trace(&parts.headers),
+    };
     // Before anything reads or sets a header: the client's hop-by-hop headers go now, so its
     // `Connection` cannot remove what the mesh adds below (identity, route filters).
     strip_hop_by_hop(&mut parts.headers, downstream_upgrade.is_some());
-    let grpc = decide::is_grpc(&parts);
     // One canonical path, before authentication, authorization and routing read it.
     if let Err(e) = canonical_path(&mut parts) {
-        return Ok(shared.fail(direction, &NONE, &NONE, e, grpc, start));
+        return Ok(shared.fail(&at, &NONE, &NONE, e));
     }
     if matches!(listener.kind, ListenerKind::Inbound { .. }) {
         // The app learns who called it from the sidecar alone: a client-sent value is dropped.
@@ -112,14 +120,7 @@ pub async fn handle(
                     },
                     &format_args!("{} {}: {why}", parts.method, parts.uri.path()),
                 );
-                return Ok(shared.fail(
-                    direction,
-                    &NONE,
-                    &NONE,
-                    ProxyError::Unauthenticated(why),
-                    grpc,
-                    start,
-                ));
+                return Ok(shared.fail(&at, &NONE, &NONE, ProxyError::Unauthenticated(why)));
             }
         }
     }
@@ -144,21 +145,14 @@ pub async fn handle(
             ),
         );
         if !verdict.allow {
-            return Ok(shared.fail(
-                direction,
-                &NONE,
-                &NONE,
-                ProxyError::Denied(verdict.policy),
-                grpc,
-                start,
-            ));
+            return Ok(shared.fail(&at, &NONE, &NONE, ProxyError::Denied(verdict.policy)));
         }
     }
 
     // 1. Decide: which rule, which backend (pure).
     let mut fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {
         Decision::Forward(f) => f,
-        Decision::Fail(e) => return Ok(shared.fail(direction, &NONE, &NONE, e, grpc, start)),
+        Decision::Fail(e) => return Ok(shared.fail(&at, &NONE, &NONE, e)),
         Decision::Redirect {
             route,
             location,
@@ -169,7 +163,17 @@ pub async fn handle(
             if let Some((n, v)) = filters::location_header(&location) {
                 resp.headers_mut().insert(n, v);
             }
-            shared.record(None, direction, &route, &NONE, status, "", start.elapsed());
+            shared.record(
+                &at,
+                None,
+                &route,
+                &NONE,
+                None,
+                &resp,
+                "",
+                start.elapsed(),
+                true,
+            );
             return Ok(resp);
         }
         Decision::Respond {
@@ -180,7 +184,17 @@ pub async fn handle(
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = status;
             *resp.headers_mut() = headers;
-            shared.record(None, direction, &route, &NONE, status, "", start.elapsed());
+            shared.record(
+                &at,
+                None,
+                &route,
+                &NONE,
+                None,
+                &resp,
+                "",
+                start.elapsed(),
+                true,
+            );
             return Ok(resp);
         }
     };
@@ -211,19 +225,14 @@ pub async fn handle(
             Ok(None) => {}
             Ok(Some(resp)) => {
                 let (route, backend) = (&fwd.route, &fwd.backend.name);
+                let elapsed = start.elapsed();
                 shared.record(
-                    None,
-                    direction,
-                    route,
-                    backend,
-                    resp.status(),
-                    "fault",
-                    start.elapsed(),
+                    &at, None, route, backend, None, &resp, "fault", elapsed, true,
                 );
                 return Ok(resp);
             }
             Err(e) => {
-                return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start));
+                return Ok(shared.fail(&at, &fwd.route, &fwd.backend.name, e));
             }
         }
     }
@@ -238,7 +247,19 @@ pub async fn handle(
 
     // 3. Mirror: the rule's and the chosen backend's mirrors get copies as the body streams
     //    (module `mirror`; a copy never holds the request back).
-    let mut body = Body::from(body);
+    let size = golden::request_size(
+        &shared.metrics,
+        fwd.stats.as_ref(),
+        direction,
+        &fwd.route,
+        &fwd.backend.name,
+    );
+    let mut body = if body.is_end_stream() {
+        size.observe(0.0);
+        Body::from(body)
+    } else {
+        Body::counted(body, golden::RequestMeter::new(size))
+    };
     if let Some(rule) = &fwd.rule {
         count_unresolved_mirrors(&shared, direction, &fwd.route, &rule.filters);
         if let Some(i) = fwd.backend_index {
@@ -290,9 +311,9 @@ pub async fn handle(
         session.as_ref(),
     )
     .await;
-    let (mut resp, endpoint, answered) = match result {
+    let (mut resp, endpoint, answered, verified) = match result {
         Ok(r) => r,
-        Err(e) => return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start)),
+        Err(e) => return Ok(shared.fail(&at, &fwd.route, &fwd.backend.name, e)),
     };
 
     // 6. Response filters.
@@ -335,15 +356,23 @@ pub async fn handle(
         });
     }
 
-    shared.record(
-        fwd.stats.as_deref(),
-        direction,
+    let pending = shared.record(
+        &at,
+        fwd.stats.as_ref(),
         &fwd.route,
         &fwd.backend.name,
-        resp.status(),
+        verified.as_deref(),
+        &resp,
         "",
         answered - start,
+        false,
     );
+    if let Some(p) = pending {
+        // Not a streamed upstream body: dropped here, it records what it has.
+        let _ = resp
+            .body_mut()
+            .meter(golden::ResponseMeter::new(&shared, p));
+    }
     if let Some(busy) = busy {
         resp.body_mut().hold(busy);
     }
@@ -355,6 +384,10 @@ pub async fn handle(
     }
     Ok(resp)
 }
+
+/// A response, the in-flight guard of an upgrade, when its head arrived, and the identity
+/// its endpoint proved over mutual TLS.
+pub(crate) type Answered = (Response<Body>, Option<Upgraded>, Instant, Option<Arc<str>>);
 
 /// Sends the request to the backend, top to bottom: the request's deadline (the route's
 /// timeout, or a gRPC call's own if sooner; `start` is when the request arrived) → the
@@ -372,7 +405,7 @@ pub(crate) async fn forward(
     metrics: &Metrics,
     grpc: bool,
     session: Option<&crate::session::Sticky>,
-) -> Result<(Response<Body>, Option<Upgraded>, Instant), ProxyError> {
+) -> Result<Answered, ProxyError> {
     // The fallback step: another service while this one has no usable endpoint.
     let backend = fwd.backend.or_fallback();
     let version = req.version();
@@ -559,10 +592,7 @@ const NOT_SENT_RESENDS: u32 = 2;
 
 /// The response to hand on: its hop-by-hop headers gone, its body releasing the endpoint
 /// and pooling the connection when it ends.
-fn respond(
-    endpoint: &Arc<EndpointState>,
-    a: attempt::Answer,
-) -> (Response<Body>, Option<Upgraded>, Instant) {
+fn respond(endpoint: &Arc<EndpointState>, a: attempt::Answer) -> Answered {
     let attempt::Answer {
         resp,
         guard,
@@ -585,6 +615,7 @@ fn respond(
             tx: None,
             busy: None,
             stream,
+            meter: None,
         };
         return (
             Response::from_parts(parts, body.into()),
@@ -593,6 +624,7 @@ fn respond(
                 _permit: permit,
             }),
             answered,
+            endpoint.verified().cloned(),
         );
     }
     // Only HTTP/1.1 connections are pooled per exchange (HTTP/2's is shared).
@@ -605,13 +637,19 @@ fn respond(
         tx,
         busy: None,
         stream,
+        meter: None,
     };
     if tracked.inner.is_end_stream() {
         // Nothing to read (204, HEAD, empty body): the writer will never poll this body,
         // so the exchange is complete now.
         tracked.finish();
     }
-    (Response::from_parts(parts, tracked.into()), None, answered)
+    (
+        Response::from_parts(parts, tracked.into()),
+        None,
+        answered,
+        endpoint.verified().cloned(),
+    )
 }
 
 /// Whether to speak HTTP/2 to the backend: when the client did, or the port says so.
@@ -849,26 +887,17 @@ fn count_unresolved_mirrors(
 impl Shared {
     fn fail(
         &self,
-        direction: &'static str,
+        at: &golden::Req<'_>,
         route: &Arc<str>,
         backend: &Arc<str>,
         e: ProxyError,
-        grpc: bool,
-        start: Instant,
     ) -> Response<Body> {
+        let direction = at.direction;
         tracing::debug!(error = %e, %route, %backend, direction, "request failed");
         if let ProxyError::Overloaded(backend, limit, _) = &e {
             self.metrics.breaker_rejected(backend, *limit);
         }
-        self.record(
-            None,
-            direction,
-            route,
-            backend,
-            e.status(),
-            e.label(),
-            start.elapsed(),
-        );
+        let label = e.label();
         // A remote caller learns no addresses, OS errors or policy names; the local app
         // gets the whole reason.
         let audience = if direction == "inbound" {
@@ -876,47 +905,44 @@ impl Shared {
         } else {
             Audience::App
         };
-        e.into_response(grpc, audience)
+        let resp = e.into_response(at.grpc, audience);
+        let elapsed = at.start.elapsed();
+        self.record(at, None, route, backend, None, &resp, label, elapsed, true);
+        resp
     }
 
-    /// Records a response. `stats`, when the snapshot resolved them, saves two label lookups.
+    /// Records a response (module `golden`). `stats`, when the snapshot resolved them, saves
+    /// the label lookups; `made`: the proxy made the response (its body's size is known).
+    /// Returns what is left to record when a streamed body ends.
     #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
-        stats: Option<&RouteStats>,
-        direction: &'static str,
+        at: &golden::Req<'_>,
+        stats: Option<&Arc<RouteStats>>,
         route: &Arc<str>,
         backend: &Arc<str>,
-        status: StatusCode,
+        verified: Option<&str>,
+        resp: &Response<Body>,
         error: &'static str,
         elapsed: std::time::Duration,
-    ) {
-        // Labels share the snapshot's strings: no allocation unless the series is new.
-        let elapsed = elapsed.as_secs_f64();
-        if let Some(s) = stats {
-            s.requests.inc();
-            s.latency.observe(elapsed);
-            if status == StatusCode::OK && error.is_empty() {
-                s.ok.inc();
-                return;
-            }
-        } else {
-            let labels = RouteLabels {
-                direction,
-                route: route.clone(),
-                backend: backend.clone(),
-            };
-            self.metrics.requests.get_or_create(&labels).inc();
-            self.metrics.latency.get_or_create(&labels).observe(elapsed);
-        }
-        let labels = ResponseLabels {
-            direction,
-            route: route.clone(),
-            backend: backend.clone(),
-            status: status.as_u16(),
-            error,
-        };
-        self.metrics.responses.get_or_create(&labels).inc();
+        made: bool,
+    ) -> Option<golden::Pending> {
+        golden::record(
+            &self.metrics,
+            golden::End {
+                stats,
+                direction: at.direction,
+                route,
+                backend,
+                hop: at.hop(backend, verified),
+                status: resp.status(),
+                grpc: golden::Grpc::of(at.grpc, resp.headers()),
+                error,
+                latency: elapsed,
+                trace_id: at.trace_id,
+                body: made.then(|| resp.body().size_hint().exact().unwrap_or(0)),
+            },
+        )
     }
 }
 
@@ -956,11 +982,17 @@ pub(crate) struct Tracked {
     busy: Option<crate::io::Busy>,
     /// The stream counted on its HTTP/2 connection until the response ends.
     stream: Option<H2Stream>,
+    /// The response's size (and gRPC status from trailers), recorded when it is dropped.
+    meter: Option<crate::golden::ResponseMeter>,
 }
 
 impl Tracked {
     pub(crate) fn hold(&mut self, busy: crate::io::Busy) {
         self.busy = Some(busy);
+    }
+
+    pub(crate) fn meter(&mut self, m: crate::golden::ResponseMeter) {
+        self.meter = Some(m);
     }
 
     /// The exchange ended cleanly: release the endpoint and pool the connection.
@@ -1002,6 +1034,9 @@ impl http_body::Body for Tracked {
                 .poll_frame(cx)
                 .map(|f| f.map(|f| f.map_err(Into::into))),
         };
+        if let (Some(m), Poll::Ready(Some(Ok(f)))) = (&mut this.meter, &res) {
+            m.frame(f);
+        }
         match &res {
             // The writer stops polling once `is_end_stream` says so (a body with a known
             // length ends with its last data frame), so check after every frame.

@@ -117,6 +117,7 @@ impl Proxy {
             .cert_expiry
             .set(i64::try_from(unix(creds.not_after())).unwrap_or(i64::MAX));
         self.shared.mesh.store(Some(Arc::new(MeshTls::new(creds))));
+        self.shared.refresh_parties();
     }
 
     /// This proxy's credentials, once it has an identity.

@@ -23,6 +23,7 @@ pub mod endpoint;
 pub mod error;
 pub mod fault;
 pub mod filters;
+pub mod golden;
 mod h1;
 pub mod health;
 mod http;
@@ -35,6 +36,7 @@ pub mod metrics;
 mod mirror;
 pub mod otlp;
 pub mod outlier;
+pub mod parties;
 mod rand;
 mod replay;
 pub mod retry;
@@ -172,6 +174,7 @@ impl Proxy {
         self.shared.store(snap.clone());
         listeners.commit(&self.shared, &snap, fresh);
         self.checkers.sync(&snap, &self.shared);
+        self.shared.refresh_parties();
         self.shared
             .metrics
             .set_listeners(snap.listeners.iter().map(|l| l.name.clone()));
@@ -183,8 +186,15 @@ impl Proxy {
         self.shared.snapshot()
     }
 
-    /// Metrics in Prometheus text format.
+    /// Metrics in Prometheus text format 0.0.4.
     pub fn metrics_text(&self) -> String {
+        outlier::refresh_gauges(&self.shared);
+        breaker::refresh_gauges(&self.shared);
+        self.shared.metrics.encode_text()
+    }
+
+    /// Metrics in OpenMetrics text format (with exemplars).
+    pub fn metrics_openmetrics(&self) -> String {
         outlier::refresh_gauges(&self.shared);
         breaker::refresh_gauges(&self.shared);
         self.shared.metrics.encode()

@@ -10,7 +10,11 @@ use prometheus_client::registry::Registry;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::ops::Deref;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+
+use crate::golden::Latency;
+use crate::parties::{Hop, Parties, Workload};
+use arc_swap::ArcSwap;
 
 /// Labels of a routed request.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -23,6 +27,20 @@ pub struct RouteLabels {
     pub backend: Arc<str>,
 }
 
+/// Labels of a request and its latency: where it went and who the parties were.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Route rule id (`namespace/route/rule`), `default` or `inbound`.
+    pub route: Arc<str>,
+    /// Backend (`namespace/service:port`), or empty when none was chosen.
+    pub backend: Arc<str>,
+    /// Who sent it and who answered ([`crate::parties`]).
+    #[prometheus(flatten)]
+    pub parties: Parties,
+}
+
 /// Labels of a response.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResponseLabels {
@@ -32,10 +50,43 @@ pub struct ResponseLabels {
     pub route: Arc<str>,
     /// Backend.
     pub backend: Arc<str>,
+    /// Who sent it and who answered.
+    #[prometheus(flatten)]
+    pub parties: Parties,
     /// HTTP status code.
     pub status: u16,
+    /// `1xx` .. `5xx`.
+    pub class: &'static str,
+    /// A gRPC response's numeric `grpc-status` (`0`..`16`), else empty.
+    pub grpc_status: &'static str,
     /// Proxy error label when the proxy answered itself (`connect`, `timeout`, ...), else empty.
     pub error: &'static str,
+}
+
+/// Labels of a forwarded opaque TCP connection.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Backend (`namespace/service:port`, or `inbound/LISTENER`).
+    pub backend: Arc<str>,
+    /// Who connected and who answered.
+    #[prometheus(flatten)]
+    pub parties: Parties,
+}
+
+/// Labels of a forwarded opaque TCP connection's bytes.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpBytesLabels {
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// Backend.
+    pub backend: Arc<str>,
+    /// Who connected and who answered.
+    #[prometheus(flatten)]
+    pub parties: Parties,
+    /// `sent` (client to backend) or `received` (backend to client).
+    pub way: &'static str,
 }
 
 /// Labels of a connection.
@@ -228,16 +279,89 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
-/// Handles to one route and backend's request counter and latency histogram, resolved when a
-/// snapshot is built so the request path does not hash label sets.
+/// Handles to one route and backend's series, resolved when a snapshot is built so the
+/// request path does not hash label sets: the size histograms, and per set of parties (this
+/// workload and the other side's identity, a handful per route) the request counter,
+/// latency histogram and the counters of the common responses.
 #[derive(Debug)]
 pub struct RouteStats {
+    direction: &'static str,
+    route: Arc<str>,
+    backend: Arc<str>,
+    /// Request body bytes.
+    pub request_size: Histogram,
+    /// Response body bytes.
+    pub response_size: Histogram,
+    parties: RwLock<Vec<Arc<PartyStats>>>,
+}
+
+/// One route, backend and set of parties' handles.
+#[derive(Debug)]
+pub struct PartyStats {
+    own: Arc<Workload>,
+    other: Option<Arc<str>>,
+    /// The identity labels.
+    pub parties: Parties,
     /// Requests routed.
     pub requests: Counter,
     /// Time to response headers.
-    pub latency: Histogram,
+    pub latency: Latency,
     /// Responses with status 200 (the common case, so it needs no label lookup either).
     pub ok: Counter,
+    /// Responses with status 200 by gRPC status, made when first seen.
+    grpc_ok: [OnceLock<Counter>; 17],
+}
+
+impl RouteStats {
+    /// The handles for the parties of `hop`, made when first seen.
+    pub fn party(&self, metrics: &Metrics, own: &Arc<Workload>, hop: Hop<'_>) -> Arc<PartyStats> {
+        let other = hop.identity();
+        let same = |p: &&Arc<PartyStats>| Arc::ptr_eq(&p.own, own) && p.other.as_deref() == other;
+        if let Some(p) = read(&self.parties).iter().find(same) {
+            return p.clone();
+        }
+        let mut all = self.parties.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = all.iter().find(same) {
+            return p.clone();
+        }
+        let p = Arc::new(metrics.party_stats(
+            self.direction,
+            &self.route,
+            &self.backend,
+            own.clone(),
+            hop,
+        ));
+        all.push(p.clone());
+        p
+    }
+}
+
+impl PartyStats {
+    /// The counter of 200 responses with gRPC status `code` (0..=16).
+    pub fn grpc_ok(&self, metrics: &Metrics, rs: &RouteStats, code: u8) -> Counter {
+        let i = usize::from(code.min(16));
+        self.grpc_ok[i]
+            .get_or_init(|| {
+                metrics
+                    .responses
+                    .get_or_create(&ResponseLabels {
+                        direction: rs.direction,
+                        route: rs.route.clone(),
+                        backend: rs.backend.clone(),
+                        parties: self.parties.clone(),
+                        status: 200,
+                        class: "2xx",
+                        grpc_status: crate::golden::GRPC_STATUS[i],
+                        error: "",
+                    })
+                    .clone()
+            })
+            .clone()
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A metric family that remembers its label sets, so that series of routes, backends and
@@ -312,11 +436,25 @@ type StatsKey = (&'static str, Arc<str>, Arc<str>);
 pub struct Metrics {
     registry: Registry,
     /// Requests routed.
-    pub requests: Tracked<RouteLabels, Counter>,
+    pub requests: Tracked<HttpLabels, Counter>,
     /// Responses by status.
     pub responses: Tracked<ResponseLabels, Counter>,
-    /// Time to response headers.
-    pub latency: Tracked<RouteLabels, Histogram>,
+    /// Time to response headers, with trace exemplars.
+    pub latency: Tracked<HttpLabels, Latency>,
+    /// Request body bytes.
+    pub request_size: Tracked<RouteLabels, Histogram>,
+    /// Response body bytes.
+    pub response_size: Tracked<RouteLabels, Histogram>,
+    /// How long client connections stayed open.
+    pub tcp_duration: Tracked<ConnLabels, Histogram>,
+    /// Opaque TCP connections forwarded.
+    pub tcp_forwarded: Tracked<TcpLabels, Counter>,
+    /// Bytes of forwarded opaque TCP connections.
+    pub tcp_forwarded_bytes: Tracked<TcpBytesLabels, Counter>,
+    /// This proxy's workload, as of the active snapshot and certificate.
+    workload: ArcSwap<Workload>,
+    /// Identities of the active snapshot's endpoints: series of others go at the next prune.
+    identities: Mutex<HashSet<Arc<str>>>,
     /// Requests copied by RequestMirror.
     pub mirrored: Tracked<RouteLabels, Counter>,
     /// Mirrored copies cut off or failed (the request they copy is never affected).
@@ -394,9 +532,23 @@ pub struct Metrics {
     pub faults: Tracked<FaultLabels, Counter>,
 }
 
-fn latency_histogram() -> Histogram {
-    // 100µs .. ~26s.
-    Histogram::new(exponential_buckets(0.0001, 2.0, 19))
+/// 100µs .. ~26s.
+fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0001, 2.0, 19)
+}
+
+fn latency_histogram() -> Latency {
+    Latency::new(latency_buckets())
+}
+
+fn duration_histogram() -> Histogram {
+    // 1ms .. ~9h: connections live from a request to a database session.
+    Histogram::new(exponential_buckets(0.001, 4.0, 13))
+}
+
+fn size_histogram() -> Histogram {
+    // 64 B .. 64 MiB.
+    Histogram::new(exponential_buckets(64.0, 4.0, 11))
 }
 
 impl Default for Metrics {
@@ -406,8 +558,21 @@ impl Default for Metrics {
             requests: Tracked::default(),
             responses: Tracked::default(),
             latency: Tracked::new(Family::new_with_constructor(
-                latency_histogram as fn() -> Histogram,
+                latency_histogram as fn() -> Latency,
             )),
+            request_size: Tracked::new(Family::new_with_constructor(
+                size_histogram as fn() -> Histogram,
+            )),
+            response_size: Tracked::new(Family::new_with_constructor(
+                size_histogram as fn() -> Histogram,
+            )),
+            tcp_duration: Tracked::new(Family::new_with_constructor(
+                duration_histogram as fn() -> Histogram,
+            )),
+            tcp_forwarded: Tracked::default(),
+            tcp_forwarded_bytes: Tracked::default(),
+            workload: ArcSwap::from_pointee(Workload::default()),
+            identities: Mutex::default(),
             mirrored: Tracked::default(),
             mirror_dropped: Tracked::default(),
             mirror_backend_not_found: Tracked::default(),
@@ -450,13 +615,38 @@ impl Default for Metrics {
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
         registry.register(
             "http_responses",
-            "HTTP responses by status",
+            "HTTP responses by status, class and gRPC status",
             m.responses.family(),
         );
         registry.register(
             "http_response_latency_seconds",
             "Time from request to response headers",
             m.latency.family(),
+        );
+        registry.register(
+            "http_request_size_bytes",
+            "Request body bytes",
+            m.request_size.family(),
+        );
+        registry.register(
+            "http_response_size_bytes",
+            "Response body bytes",
+            m.response_size.family(),
+        );
+        registry.register(
+            "tcp_connection_duration_seconds",
+            "How long client connections stayed open",
+            m.tcp_duration.family(),
+        );
+        registry.register(
+            "tcp_forwarded_connections",
+            "Opaque TCP connections forwarded to a backend",
+            m.tcp_forwarded.family(),
+        );
+        registry.register(
+            "tcp_forwarded_bytes",
+            "Bytes of forwarded opaque TCP connections, sent to the backend or received from it",
+            m.tcp_forwarded_bytes.family(),
         );
         registry.register(
             "http_mirrored_requests",
@@ -638,8 +828,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// The counter and histogram for `route` and `backend`: the ones already handed out
-    /// while some snapshot holds them, else new.
+    /// The handles for `route` and `backend`: the ones already handed out while some
+    /// snapshot holds them, else new.
     pub fn route_stats(
         &self,
         direction: &'static str,
@@ -656,20 +846,89 @@ impl Metrics {
             route: route.clone(),
             backend: backend.clone(),
         };
+        let s = Arc::new(RouteStats {
+            direction,
+            route: route.clone(),
+            backend: backend.clone(),
+            request_size: self.request_size.get_or_create(&labels).clone(),
+            response_size: self.response_size.get_or_create(&labels).clone(),
+            parties: RwLock::default(),
+        });
+        stats.insert(key, Arc::downgrade(&s));
+        s
+    }
+
+    fn party_stats(
+        &self,
+        direction: &'static str,
+        route: &Arc<str>,
+        backend: &Arc<str>,
+        own: Arc<Workload>,
+        hop: Hop<'_>,
+    ) -> PartyStats {
+        let parties = crate::parties::parties(&own, hop);
+        let labels = HttpLabels {
+            direction,
+            route: route.clone(),
+            backend: backend.clone(),
+            parties: parties.clone(),
+        };
         let ok = ResponseLabels {
             direction,
             route: route.clone(),
             backend: backend.clone(),
+            parties: parties.clone(),
             status: 200,
+            class: "2xx",
+            grpc_status: "",
             error: "",
         };
-        let s = Arc::new(RouteStats {
+        PartyStats {
+            own,
+            other: hop.identity().map(Arc::from),
             requests: self.requests.get_or_create(&labels).clone(),
             latency: self.latency.get_or_create(&labels).clone(),
             ok: self.responses.get_or_create(&ok).clone(),
-        });
-        stats.insert(key, Arc::downgrade(&s));
-        s
+            parties,
+            grpc_ok: Default::default(),
+        }
+    }
+
+    /// This proxy's workload now.
+    pub fn workload(&self) -> Arc<Workload> {
+        self.workload.load_full()
+    }
+
+    /// Sets this proxy's workload (kept as is when unchanged, so the handles made for it
+    /// stay valid) and the identities its endpoints have; series of other workloads and
+    /// identities go at the next prune.
+    pub fn set_parties(&self, w: Workload, identities: impl IntoIterator<Item = Arc<str>>) {
+        if **self.workload.load() != w {
+            self.workload.store(Arc::new(w));
+        }
+        *self.identities.lock().unwrap_or_else(|e| e.into_inner()) =
+            identities.into_iter().collect();
+    }
+
+    /// Whether series with `parties` belong to the current workload and, outbound, to an
+    /// identity some endpoint still has.
+    fn parties_live(
+        &self,
+        direction: &str,
+        p: &Parties,
+        own: &Workload,
+        identities: &HashSet<Arc<str>>,
+    ) -> bool {
+        if direction == "inbound" {
+            p.dst_service == own.service
+                && p.dst_namespace == own.namespace
+                && p.dst_identity == own.identity
+        } else {
+            p.src_service == own.service
+                && p.src_namespace == own.namespace
+                && p.src_identity == own.identity
+                && (p.dst_identity.is_empty() || identities.contains(&p.dst_identity))
+        }
     }
 
     /// Records the listeners of the snapshot just installed, and prunes.
@@ -695,17 +954,43 @@ impl Metrics {
                 || (backend.is_empty() && routes.contains(route))
                 || pairs.contains(&(direction, route.clone(), backend.clone()))
         };
+        let own = self.workload.load_full();
+        let identities = self
+            .identities
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let party = |d: &str, p: &Parties| self.parties_live(d, p, &own, &identities);
+        // Handles of gone parties are forgotten first, so none counts into a dropped series.
+        for s in self
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter_map(Weak::upgrade)
+        {
+            let mut all = s.parties.write().unwrap_or_else(|e| e.into_inner());
+            all.retain(|p| party(s.direction, &p.parties));
+        }
         self.requests
-            .retain(|l| live(l.direction, &l.route, &l.backend));
+            .retain(|l| live(l.direction, &l.route, &l.backend) && party(l.direction, &l.parties));
         self.latency
-            .retain(|l| live(l.direction, &l.route, &l.backend));
+            .retain(|l| live(l.direction, &l.route, &l.backend) && party(l.direction, &l.parties));
         self.responses
+            .retain(|l| live(l.direction, &l.route, &l.backend) && party(l.direction, &l.parties));
+        self.request_size
             .retain(|l| live(l.direction, &l.route, &l.backend));
+        self.response_size
+            .retain(|l| live(l.direction, &l.route, &l.backend));
+        let backend_live = |b: &Arc<str>| pairs.iter().any(|(_, _, p)| p == b);
+        self.tcp_forwarded
+            .retain(|l| backend_live(&l.backend) && party(l.direction, &l.parties));
+        self.tcp_forwarded_bytes
+            .retain(|l| backend_live(&l.backend) && party(l.direction, &l.parties));
         self.mirrored.retain(|l| routes.contains(&l.route));
         self.mirror_dropped.retain(|l| routes.contains(&l.route));
         self.mirror_backend_not_found
             .retain(|l| routes.contains(&l.route));
-        let backend_live = |b: &Arc<str>| pairs.iter().any(|(_, _, p)| p == b);
         self.endpoint_failures.retain(|l| backend_live(&l.backend));
         self.retries.retain(|l| backend_live(&l.backend));
         self.retry_budget_exhausted
@@ -726,6 +1011,7 @@ impl Metrics {
         for f in [&self.connections, &self.read_bytes, &self.write_bytes] {
             f.retain(|l| on(&l.listener));
         }
+        self.tcp_duration.retain(|l| on(&l.listener));
         self.open_connections.retain(|l| on(&l.listener));
         self.listener_limit.retain(|l| on(&l.listener));
         self.inbound_security.retain(|l| on(&l.listener));
@@ -736,7 +1022,7 @@ impl Metrics {
         self.shed.retain(|l| on(&l.listener));
     }
 
-    /// Prometheus text exposition.
+    /// OpenMetrics text exposition, with exemplars and `# EOF`.
     pub fn encode(&self) -> String {
         // Series of a route removed while a request still held its old snapshot go now.
         self.prune();
@@ -744,6 +1030,11 @@ impl Metrics {
         // Encoding into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// Prometheus text format 0.0.4: no exemplars, no `# EOF`.
+    pub fn encode_text(&self) -> String {
+        crate::golden::to_prometheus_text(&self.encode())
     }
 }
 

@@ -300,6 +300,7 @@ fn accepted(
             .get_or_create(&labels)
             .clone();
         open.inc();
+        let opened = tokio::time::Instant::now();
         let shed = slot.shed.clone();
         tokio::select! {
             r = serve_connection(&shared2, l, stream, peer, &slot) => {
@@ -311,6 +312,11 @@ fn accepted(
             _ = shed.cancelled() => tracing::debug!(%peer, "silent connection shed"),
         }
         open.dec();
+        shared2
+            .metrics
+            .tcp_duration
+            .get_or_create(&labels)
+            .observe(opened.elapsed().as_secs_f64());
     });
 }
 
@@ -690,7 +696,7 @@ async fn serve_connection(
             drop(snap);
             // Opaque streams cannot be asked to finish: they run until the drain deadline.
             tokio::select! {
-                r = tcp::forward(&backend, io, peer, first, idle, &shared.metrics) => {
+                r = tcp::forward(&backend, io, peer, first, idle, &shared.metrics, direction, peer_identity.as_deref()) => {
                     if let Ok(Some(crate::io::Spliced::Idle)) = r {
                         shared.metrics.idle("tcp");
                     }

@@ -3,6 +3,7 @@
 
 use crate::io::{ClientIo, Spliced, splice};
 use crate::outlier::Outcome;
+use crate::parties::Hop;
 use crate::snapshot::{Backend, HashOn};
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -13,7 +14,9 @@ const CONNECT_ATTEMPTS: usize = 3;
 
 /// Forwards `client` to an endpoint of `backend` until either side closes, or no byte moves
 /// either way for `idle` (`first` while no byte has moved at all). Returns how it ended
-/// (`None`: no endpoint could be reached).
+/// (`None`: no endpoint could be reached). `caller`: the client's SPIFFE id (inbound mutual
+/// TLS), for the forwarded connection's metrics.
+#[allow(clippy::too_many_arguments)]
 pub async fn forward(
     backend: &Backend,
     mut client: ClientIo,
@@ -21,6 +24,8 @@ pub async fn forward(
     first: Duration,
     idle: Duration,
     metrics: &crate::metrics::Metrics,
+    direction: &'static str,
+    caller: Option<&str>,
 ) -> std::io::Result<Option<Spliced>> {
     // The fallback step: another service while this one has no usable endpoint.
     let backend = backend.or_fallback();
@@ -45,7 +50,7 @@ pub async fn forward(
             return Ok(None);
         };
         let _guard = endpoint.start();
-        let mut upstream = match endpoint.connect(backend.connect_timeout).await {
+        let upstream = match endpoint.connect(backend.connect_timeout).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(error = %e, "TCP connect failed; trying another endpoint");
@@ -61,6 +66,16 @@ pub async fn forward(
             }
         };
         crate::outlier::report(backend, endpoint, Outcome::Success, None, None, metrics);
+        let hop = if direction == "inbound" {
+            Hop::Inbound { peer: caller }
+        } else {
+            Hop::Outbound {
+                backend: &backend.name,
+                verified: endpoint.verified().map(|v| &**v),
+            }
+        };
+        let counters = crate::golden::tcp_forwarded(metrics, direction, &backend.name, hop);
+        let mut upstream = crate::golden::Counted::new(upstream, counters);
         let prefix = client.take_prefix();
         if !prefix.is_empty() {
             upstream.write_all(&prefix).await?;

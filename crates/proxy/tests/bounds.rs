@@ -311,7 +311,7 @@ spec:
     )
     .await;
     assert_eq!(got.status, StatusCode::OK);
-    assert!(p.metric("trellis_http_requests_total{direction=\"outbound\",route=\"default\",backend=\"default/keep:80\"}") >= 1.0);
+    assert!(p.metric("trellis_http_requests_total{direction=\"outbound\",route=\"default\",backend=\"default/keep:80\",src_service=\"\",src_namespace=\"default\",src_identity=\"\",dst_service=\"keep\",dst_namespace=\"default\",dst_identity=\"\",tls=\"false\"}") >= 1.0);
 }
 
 /// An HTTP/2 upstream that allows `max_streams` concurrent streams. `/stall` answers a body

@@ -75,8 +75,8 @@ spec:
     assert_eq!(reason(&got), "upstream did not respond within 200ms");
 
     // Each is counted with its reason.
-    assert_eq!(p.metric("trellis_http_responses_total{direction=\"outbound\",route=\"default/r/0\",backend=\"default/dead:80\",status=\"502\",error=\"connect\"}"), 1.0);
-    assert_eq!(p.metric("trellis_http_responses_total{direction=\"outbound\",route=\"default/r/2\",backend=\"default/slow:80\",status=\"504\",error=\"timeout\"}"), 1.0);
+    assert_eq!(p.metric("trellis_http_responses_total{direction=\"outbound\",route=\"default/r/0\",backend=\"default/dead:80\",src_service=\"\",src_namespace=\"default\",src_identity=\"\",dst_service=\"dead\",dst_namespace=\"default\",dst_identity=\"\",tls=\"false\",status=\"502\",class=\"5xx\",grpc_status=\"\",error=\"connect\"}"), 1.0);
+    assert_eq!(p.metric("trellis_http_responses_total{direction=\"outbound\",route=\"default/r/2\",backend=\"default/slow:80\",src_service=\"\",src_namespace=\"default\",src_identity=\"\",dst_service=\"slow\",dst_namespace=\"default\",dst_identity=\"\",tls=\"false\",status=\"504\",class=\"5xx\",grpc_status=\"\",error=\"timeout\"}"), 1.0);
 }
 
 #[tokio::test]
@@ -336,8 +336,8 @@ async fn admin_endpoints() {
     assert_eq!(config["resources"][1]["kind"], "Service");
     let metrics = String::from_utf8(get(admin, "/metrics").await.body.to_vec()).unwrap();
     for needle in [
-        "trellis_http_requests_total{direction=\"outbound\",route=\"default\",backend=\"default/app:80\"} 1",
-        "trellis_http_responses_total{direction=\"outbound\",route=\"default\",backend=\"default/app:80\",status=\"200\",error=\"\"} 1",
+        "trellis_http_requests_total{direction=\"outbound\",route=\"default\",backend=\"default/app:80\",src_service=\"\",src_namespace=\"default\",src_identity=\"\",dst_service=\"app\",dst_namespace=\"default\",dst_identity=\"\",tls=\"false\"} 1",
+        "trellis_http_responses_total{direction=\"outbound\",route=\"default\",backend=\"default/app:80\",src_service=\"\",src_namespace=\"default\",src_identity=\"\",dst_service=\"app\",dst_namespace=\"default\",dst_identity=\"\",tls=\"false\",status=\"200\",class=\"2xx\",grpc_status=\"\",error=\"\"} 1",
         "trellis_http_response_latency_seconds_bucket{le=",
         "trellis_tcp_connections_total{direction=\"outbound\",listener=\"out\"} 1",
         "trellis_tcp_read_bytes_total",
