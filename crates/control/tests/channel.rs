@@ -725,3 +725,67 @@ async fn control_plane_metrics_count_pushes_nacks_certificates_and_store_operati
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_push_latency_runs_from_the_change_even_while_an_update_is_pending() {
+    bounded(async {
+        let cp = start("push", |_| {}).await;
+        let creds = cp.credentials("orders").await;
+        let mut client = cp.client(Some(&creds)).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(wire::StreamRequest {
+            node: Some(wire::Node {
+                id: "orders-1".into(),
+                service: "orders".into(),
+                upstreams: vec!["catalog".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut responses = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = responses.message().await.unwrap().unwrap();
+        // A change while the first update awaits its ACK, which comes 300 ms later; the
+        // change's own update is ACKed at once, yet it took 300 ms from the change.
+        cp.control
+            .apply(
+                &[trellis_control::SourceFile {
+                    name: "catalog.yaml".into(),
+                    text: "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata:\n  name: catalog\nspec:\n  ports:\n  - {name: http, port: 80}\n".into(),
+                }],
+                false,
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ack = |nonce: String| wire::StreamRequest {
+            response_nonce: nonce,
+            ..Default::default()
+        };
+        tx.send(ack(first.nonce)).await.unwrap();
+        let second = responses.message().await.unwrap().unwrap();
+        tx.send(ack(second.nonce)).await.unwrap();
+        let page = || cp.control.metrics.encode();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while value(&page(), "trellis_control_config_push_seconds_count") != Some(2.0) {
+            assert!(tokio::time::Instant::now() < deadline, "{}", page());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            value(
+                &page(),
+                "trellis_control_config_push_seconds_bucket{le=\"0.256\"}"
+            ),
+            Some(0.0),
+            "{}",
+            page()
+        );
+        cp.finish();
+    })
+    .await;
+}
