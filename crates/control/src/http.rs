@@ -265,12 +265,9 @@ async fn create_token(State(c): State<Shared>, Json(req): Json<TokenRequest>) ->
     }
 }
 
-/// Prometheus text: connection and proxy counts, no names (so no credentials needed).
+/// Prometheus text: counts and times, no names (so no credentials needed).
 async fn metrics(State(c): State<Shared>) -> Response {
-    let proxies = c.proxies.lock().unwrap_or_else(|e| e.into_inner()).len();
-    c.metrics
-        .proxies
-        .set(i64::try_from(proxies).unwrap_or(i64::MAX));
+    c.refresh_gauges();
     (
         [(
             http::header::CONTENT_TYPE,
@@ -279,6 +276,24 @@ async fn metrics(State(c): State<Shared>) -> Response {
         c.metrics.encode(),
     )
         .into_response()
+}
+
+/// Prometheus HTTP service discovery: every connected proxy's metrics endpoint and this
+/// replica's own, at the authority the request used. It names workloads, so it needs the
+/// admin token like the other read APIs.
+async fn prometheus_targets(State(c): State<Shared>, req: axum::extract::Request) -> Response {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(String::from)
+        });
+    let groups = crate::discovery::targets(&c.proxies(), authority.as_deref(), c.settings.insecure);
+    Json(groups).into_response()
 }
 
 async fn trust(State(c): State<Shared>) -> Response {
@@ -321,6 +336,7 @@ pub fn router(control: Shared) -> axum::Router {
         .route("/v1/resources/{kind}", get(list))
         .route("/v1/resources/{kind}/{namespace}/{name}", get(get_one))
         .route("/v1/tokens", post(create_token))
+        .route("/v1/prometheus/targets", get(prometheus_targets))
         .route_layer(axum::middleware::from_fn_with_state(
             control.clone(),
             require_admin,

@@ -307,12 +307,40 @@ impl Control {
             ));
         };
         tracing::info!(%id, "certificate issued");
+        let kind = if token.is_empty() { "renewal" } else { "join" };
+        self.metrics
+            .issued
+            .get_or_create(&crate::metrics::IssuedLabels { kind })
+            .inc();
+        if kind == "renewal" {
+            self.renewed(&id, current_chain_pem, &issued);
+        }
         Ok((
             id,
             issued,
             ca.bundle().to_string(),
             stored.trust_domain.clone(),
         ))
+    }
+
+    /// Moves the certificate expiry of connected proxies that held the certificate just
+    /// renewed (same identity, same expiry) to the new one: a renewal does not reconnect
+    /// the stream, so the handshake's certificate would otherwise look ever closer to expiry.
+    fn renewed(&self, id: &SpiffeId, old_chain_pem: &str, issued: &Issued) {
+        let Some(old) = trellis_identity::pem_not_after(old_chain_pem) else {
+            return;
+        };
+        let new = issued
+            .not_after
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        let id = id.to_string();
+        let mut proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+        for p in proxies.values_mut() {
+            if p.certificate.as_ref() == Some(&(id.clone(), old)) {
+                p.certificate = Some((id.clone(), new));
+            }
+        }
     }
 
     /// The unexpired token with uses left whose secret is `secret`.

@@ -9,6 +9,7 @@
 
 pub mod compile;
 pub mod config;
+pub mod discovery;
 mod http;
 pub mod identity;
 mod mesh;
@@ -34,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 /// A control-plane replica.
 pub struct Control {
-    pub(crate) store: Store,
+    pub(crate) store: store::Counted,
     state: watch::Receiver<Arc<State>>,
     pub(crate) proxies: Mutex<BTreeMap<String, ProxyStatus>>,
     pub(crate) settings: Settings,
@@ -108,11 +109,12 @@ impl Control {
                 }
             }
         });
+        let metrics = metrics::Metrics::new(settings.limits.max_connections);
         let control = Arc::new(Control {
-            store,
+            store: store::Counted::new(store, &metrics),
             state: rx,
             proxies: Mutex::default(),
-            metrics: metrics::Metrics::new(settings.limits.max_connections),
+            metrics,
             settings,
             ca_cache: identity::CaCache::default(),
             token_spends: tokio::sync::Mutex::new(()),

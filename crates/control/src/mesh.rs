@@ -15,7 +15,7 @@ use tonic::{Request, Response, Status, Streaming};
 use trellis_api::wire::{self, mesh_server::Mesh};
 
 /// What `trellis get proxies` shows about one connected proxy.
-#[derive(Clone, Debug, Serialize, serde::Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ProxyStatus {
     /// The proxy's node id.
@@ -46,6 +46,21 @@ pub struct ProxyStatus {
     /// The config revision it refused.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nack_version: Option<String>,
+    /// Where Prometheus scrapes its metrics (`IP:PORT`); empty when it reported none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub metrics_address: String,
+    /// The identity and expiry (Unix seconds) of the certificate it holds, as far as this
+    /// replica knows: the one it connected with, or the renewal issued for it since.
+    #[serde(skip)]
+    pub(crate) certificate: Option<(String, i64)>,
+}
+
+/// Who is on the other end of a proxy stream, as its connection shows.
+struct Connected {
+    /// Its address.
+    peer: Option<std::net::SocketAddr>,
+    /// Its client certificate's identity and expiry.
+    certificate: Option<(String, i64)>,
 }
 
 pub(crate) struct MeshService {
@@ -113,13 +128,18 @@ impl Mesh for MeshService {
         request: Request<Streaming<wire::StreamRequest>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let principal = self.principal(&request)?;
-        let peer = request
-            .extensions()
-            .get::<crate::tls::Peer>()
-            .map(|p| p.addr)
-            .or_else(|| request.remote_addr())
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let tls_peer = request.extensions().get::<crate::tls::Peer>();
+        let connected = Connected {
+            peer: tls_peer.map(|p| p.addr).or_else(|| request.remote_addr()),
+            certificate: tls_peer
+                .and_then(|p| {
+                    p.certs
+                        .as_ref()?
+                        .first()
+                        .and_then(trellis_identity::inspect)
+                })
+                .map(|(id, not_after)| (id.to_string(), unix_seconds(not_after))),
+        };
         let mut inbound = request.into_inner();
         let first = inbound
             .message()
@@ -141,7 +161,15 @@ impl Mesh for MeshService {
         let control = self.control.clone();
         tokio::spawn(async move {
             let id = node.id.clone();
-            run_stream(&control, node, peer, first.initial_versions, inbound, tx).await;
+            run_stream(
+                &control,
+                node,
+                connected,
+                first.initial_versions,
+                inbound,
+                tx,
+            )
+            .await;
             control
                 .proxies
                 .lock()
@@ -293,12 +321,19 @@ struct Pending {
     nonce: String,
     version: String,
     held: BTreeMap<String, String>,
+    /// When the change it carries was first seen, for the push latency.
+    since: tokio::time::Instant,
+}
+
+fn unix_seconds(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 async fn run_stream(
     control: &Control,
     node: wire::Node,
-    peer: String,
+    connected: Connected,
     initial: std::collections::HashMap<String, String>,
     mut inbound: Streaming<wire::StreamRequest>,
     tx: mpsc::Sender<Result<wire::StreamResponse, Status>>,
@@ -331,13 +366,19 @@ async fn run_stream(
                 upstreams: node.upstreams.clone(),
                 all_services: node.all_services,
                 proxy_version: node.proxy_version.clone(),
-                peer,
+                peer: connected.peer.map(|a| a.to_string()).unwrap_or_default(),
                 connected_at: now_rfc3339(),
                 acked_version: String::new(),
                 resources: initial.len(),
                 pending: false,
                 nack: None,
                 nack_version: None,
+                metrics_address: crate::discovery::scrape_address(
+                    &node.metrics_address,
+                    connected.peer.map(|a| a.ip()),
+                )
+                .unwrap_or_default(),
+                certificate: connected.certificate,
             },
         );
     tracing::debug!(node = %node.id, "proxy connected");
@@ -346,6 +387,8 @@ async fn run_stream(
     let mut states = control.subscribe();
     let mut pending: Option<Pending> = None;
     let mut dirty = true;
+    // When the first change not yet sent was seen (None: the initial push, timed from send).
+    let mut changed_at: Option<tokio::time::Instant> = None;
     let mut counter = 0u64;
     loop {
         if dirty && pending.is_none() {
@@ -354,6 +397,7 @@ async fn run_stream(
             let view = compile::view(&state, &key);
             let (resources, removed) = diff(&view, &held);
             let version = state.revision.to_string();
+            let since = changed_at.take().unwrap_or_else(tokio::time::Instant::now);
             if resources.is_empty() && removed.is_empty() {
                 update(&|s| {
                     s.acked_version = version.clone();
@@ -381,14 +425,17 @@ async fn run_stream(
                     nonce,
                     version,
                     held: next,
+                    since,
                 });
             }
         }
         tokio::select! {
-            changed = states.changed(), if pending.is_none() => {
+            // Watched while an update is pending too, so its push time starts when seen.
+            changed = states.changed() => {
                 if changed.is_err() {
                     return;
                 }
+                changed_at.get_or_insert_with(tokio::time::Instant::now);
                 dirty = true;
             }
             message = inbound.message() => {
@@ -400,6 +447,7 @@ async fn run_stream(
                     continue; // an answer to an older response
                 };
                 if m.error.is_empty() {
+                    control.metrics.push_seconds.observe(p.since.elapsed().as_secs_f64());
                     held = p.held;
                     let n = held.len();
                     update(&|s| {
@@ -412,6 +460,7 @@ async fn run_stream(
                     dirty = true;
                 } else {
                     tracing::warn!(node = %node.id, version = %p.version, error = %m.error, "proxy refused config");
+                    control.metrics.nacks.inc();
                     update(&|s| {
                         s.pending = false;
                         s.nack = Some(m.error.clone());

@@ -1,11 +1,13 @@
 //! The control plane's own metrics, served at `/metrics`: its connections (the cap the
-//! channel enforces, what it refused) and the proxies it serves. Counts only: nothing here
-//! names a workload, a token or a key, so the page needs no credentials.
+//! channel enforces, what it refused), the proxies it serves, how fast they take config,
+//! the store and the CA. Counts and times only: nothing here names a workload, a token or
+//! a key, so the page needs no credentials.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 /// Why a connection was closed before it could serve a request.
@@ -15,6 +17,26 @@ pub struct RefusedLabels {
     /// `handshake_timeout` (the client sent no complete handshake in time).
     pub reason: &'static str,
 }
+
+/// One store call and how it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOpLabels {
+    /// `commit`, `grant`, `keep_alive` or `revoke`.
+    pub op: &'static str,
+    /// `ok`, `conflict` (a precondition failed), `not_found` (a lapsed lease) or `error`.
+    pub result: &'static str,
+}
+
+/// How a certificate was obtained.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IssuedLabels {
+    /// `join` (with a join token) or `renewal` (with the current certificate).
+    pub kind: &'static str,
+}
+
+/// A gauge that is absent while it has no value (an empty family), so an alert on it
+/// cannot fire on a made-up zero.
+type Optional = Family<Vec<(String, String)>, Gauge>;
 
 /// Registry and handles.
 #[derive(Debug)]
@@ -30,6 +52,18 @@ pub struct Metrics {
     pub refused: Family<RefusedLabels, Counter>,
     /// Proxies connected to this replica now.
     pub proxies: Gauge,
+    /// From a config change (this replica seeing it) to the proxy's ACK of the update.
+    pub push_seconds: Histogram,
+    /// Updates proxies refused.
+    pub nacks: Counter,
+    /// Store calls by operation and result.
+    pub store_ops: Family<StoreOpLabels, Counter>,
+    /// Workload certificates issued, by kind.
+    pub issued: Family<IssuedLabels, Counter>,
+    /// The soonest expiry (Unix seconds) among connected proxies' certificates.
+    cert_expiry: Optional,
+    /// The CA certificate's expiry (Unix seconds).
+    ca_expiry: Optional,
 }
 
 impl Metrics {
@@ -61,6 +95,42 @@ impl Metrics {
             refused.clone(),
         );
         registry.register("proxies", "Proxies connected now", proxies.clone());
+        // 1 ms to about 16 s.
+        let push_seconds = Histogram::new(exponential_buckets(0.001, 2.0, 15));
+        registry.register(
+            "config_push_seconds",
+            "From a config change to the proxy's ACK of the update",
+            push_seconds.clone(),
+        );
+        let nacks = Counter::default();
+        registry.register(
+            "config_nacks",
+            "Config updates proxies refused",
+            nacks.clone(),
+        );
+        let store_ops = Family::<StoreOpLabels, Counter>::default();
+        registry.register(
+            "store_operations",
+            "Store calls by operation and result",
+            store_ops.clone(),
+        );
+        let issued = Family::<IssuedLabels, Counter>::default();
+        registry.register(
+            "certificates_issued",
+            "Workload certificates issued, by kind (join or renewal)",
+            issued.clone(),
+        );
+        let (cert_expiry, ca_expiry) = (Optional::default(), Optional::default());
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "Soonest expiry (Unix seconds) among connected proxies' certificates; absent without one",
+            cert_expiry.clone(),
+        );
+        registry.register(
+            "ca_expiry_timestamp_seconds",
+            "Expiry (Unix seconds) of the CA certificate",
+            ca_expiry.clone(),
+        );
         Metrics {
             registry,
             open,
@@ -68,7 +138,23 @@ impl Metrics {
             accepted,
             refused,
             proxies,
+            push_seconds,
+            nacks,
+            store_ops,
+            issued,
+            cert_expiry,
+            ca_expiry,
         }
+    }
+
+    /// Sets the soonest proxy certificate expiry, or removes it (`None`).
+    pub fn set_certificate_expiry(&self, at: Option<i64>) {
+        set_optional(&self.cert_expiry, at);
+    }
+
+    /// Sets the CA's expiry.
+    pub fn set_ca_expiry(&self, at: Option<i64>) {
+        set_optional(&self.ca_expiry, at);
     }
 
     /// Counts a refused connection.
@@ -82,6 +168,55 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+impl crate::Control {
+    /// Sets the gauges read from state at scrape time: connected proxies, the soonest
+    /// certificate expiry among them, and the CA's expiry.
+    pub fn refresh_gauges(&self) {
+        let (count, soonest) = {
+            let proxies = self.proxies.lock().unwrap_or_else(|e| e.into_inner());
+            let soonest = proxies
+                .values()
+                .filter_map(|p| p.certificate.as_ref().map(|(_, t)| *t))
+                .min();
+            (proxies.len(), soonest)
+        };
+        self.metrics
+            .proxies
+            .set(i64::try_from(count).unwrap_or(i64::MAX));
+        self.metrics.set_certificate_expiry(soonest);
+        let ca = self
+            .trust()
+            .ok()
+            .and_then(|(_, bundle)| trellis_identity::pem_not_after(&bundle));
+        self.metrics.set_ca_expiry(ca);
+    }
+}
+
+/// Counts one store call in `ops`.
+pub(crate) fn count_store_op<T>(
+    ops: &Family<StoreOpLabels, Counter>,
+    op: &'static str,
+    r: &Result<T, crate::store::StoreError>,
+) {
+    use crate::store::StoreError as E;
+    let result = match r {
+        Ok(_) => "ok",
+        Err(E::Conflict { .. }) => "conflict",
+        Err(E::LeaseNotFound(_)) => "not_found",
+        Err(_) => "error",
+    };
+    ops.get_or_create(&StoreOpLabels { op, result }).inc();
+}
+
+fn set_optional(g: &Optional, at: Option<i64>) {
+    match at {
+        Some(t) => {
+            g.get_or_create(&Vec::new()).set(t);
+        }
+        None => g.clear(),
     }
 }
 

@@ -488,3 +488,304 @@ fn refused(m: &trellis_control::metrics::Metrics, reason: &'static str) -> u64 {
         .get_or_create(&trellis_control::metrics::RefusedLabels { reason })
         .get()
 }
+
+/// One HTTP/1.1 GET over TLS to the plane, with `token` as the bearer if given: (status,
+/// body).
+async fn https_get(cp: &Plane, path: &str, token: Option<&str>) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = trellis_identity::control::control_client_config(
+        &trellis_identity::ControlTrust::Bundle(cp.bundle()),
+        None,
+        &[b"http/1.1"],
+    )
+    .unwrap();
+    let addr = cp.url.trim_start_matches("https://");
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let auth = token.map_or(String::new(), |t| format!("authorization: Bearer {t}\r\n"));
+    let head = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}connection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    // A peer that closes without close_notify: what was read stands.
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (status, body)
+}
+
+/// The value of the first series of `page` whose line starts with `series` and a space.
+fn value(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_metrics_count_pushes_nacks_certificates_and_store_operations() {
+    bounded(async {
+        let cp = start("metrics", |_| {}).await;
+        let m = &cp.control.metrics;
+        let page = || m.encode();
+        // A join certificate, then its renewal a second later (a later expiry).
+        let key = WorkloadKey::generate().unwrap();
+        let joined = cp
+            .client(None)
+            .await
+            .certify(wire::CertifyRequest {
+                token: cp.token("orders", 1).await,
+                csr_pem: key.csr(None).unwrap(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let creds =
+            Credentials::new(&joined.trust_domain, &joined.chain_pem, &key.pem(), &joined.bundle_pem)
+                .unwrap();
+        assert_eq!(
+            value(&page(), "trellis_control_certificates_issued_total{kind=\"join\"}"),
+            Some(1.0)
+        );
+        // No proxy connected: no expiry (not a zero an alert would fire on).
+        cp.control.refresh_gauges();
+        assert!(
+            !page().contains("trellis_control_certificate_expiry_timestamp_seconds{"),
+            "{}",
+            page()
+        );
+        let ca = value(&page(), "trellis_control_ca_expiry_timestamp_seconds{}").unwrap();
+        assert!(ca > joined.not_after_unix as f64, "{ca}");
+
+        // A proxy connects with that certificate: its first update is ACKed.
+        let mut client = cp.client(Some(&creds)).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(wire::StreamRequest {
+            node: Some(wire::Node {
+                id: "orders-1".into(),
+                service: "orders".into(),
+                upstreams: vec!["catalog".into()],
+                metrics_address: "0.0.0.0:9901".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut responses = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = responses.message().await.unwrap().unwrap();
+        tx.send(wire::StreamRequest {
+            response_nonce: first.nonce,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while value(&page(), "trellis_control_config_push_seconds_count") != Some(1.0) {
+            assert!(tokio::time::Instant::now() < deadline, "{}", page());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        cp.control.refresh_gauges();
+        assert_eq!(
+            value(&page(), "trellis_control_certificate_expiry_timestamp_seconds{}"),
+            Some(joined.not_after_unix as f64)
+        );
+
+        // Discovery lists it (at the address it connected from) and the plane itself, to
+        // the admin token only.
+        let admin = std::fs::read_to_string(cp.dir.join("store/admin-token")).unwrap();
+        let (status, _) = https_get(&cp, "/v1/prometheus/targets", None).await;
+        assert_eq!(status, 401);
+        let (status, _) = https_get(&cp, "/v1/prometheus/targets", Some("wrong")).await;
+        assert_eq!(status, 401);
+        let (status, body) = https_get(&cp, "/v1/prometheus/targets", Some(admin.trim())).await;
+        assert_eq!(status, 200, "{body}");
+        let groups: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let addr = cp.url.trim_start_matches("https://");
+        assert_eq!(groups[0]["targets"][0], "127.0.0.1:9901", "{body}");
+        assert_eq!(groups[0]["labels"]["__meta_trellis_proxy_id"], "orders-1");
+        assert_eq!(groups[0]["labels"]["__meta_trellis_service"], "orders");
+        assert_eq!(groups[0]["labels"]["__meta_trellis_namespace"], "default");
+        assert_eq!(groups[1]["targets"][0], addr, "{body}");
+        assert_eq!(groups[1]["labels"]["__meta_trellis_kind"], "control");
+
+        // A config change it refuses: counted, and the push latency is not.
+        cp.control
+            .apply(
+                &[trellis_control::SourceFile {
+                    name: "catalog.yaml".into(),
+                    text: "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata:\n  name: catalog\nspec:\n  ports:\n  - {name: http, port: 80}\n".into(),
+                }],
+                false,
+            )
+            .await
+            .unwrap();
+        let update = responses.message().await.unwrap().unwrap();
+        tx.send(wire::StreamRequest {
+            response_nonce: update.nonce,
+            error: "refused by the test".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while value(&page(), "trellis_control_config_nacks_total") != Some(1.0) {
+            assert!(tokio::time::Instant::now() < deadline, "{}", page());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            value(&page(), "trellis_control_config_push_seconds_count"),
+            Some(1.0)
+        );
+
+        // Renewal a second later: counted, and the connected proxy's expiry follows it.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let renewed = cp
+            .client(Some(&creds))
+            .await
+            .certify(wire::CertifyRequest {
+                csr_pem: key.csr(None).unwrap(),
+                current_chain_pem: joined.chain_pem.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(renewed.not_after_unix > joined.not_after_unix);
+        cp.control.refresh_gauges();
+        assert_eq!(
+            value(&page(), "trellis_control_certificates_issued_total{kind=\"renewal\"}"),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(&page(), "trellis_control_certificate_expiry_timestamp_seconds{}"),
+            Some(renewed.not_after_unix as f64)
+        );
+
+        // A heartbeat for a lapsed lease: the store says not found.
+        let _ = cp
+            .client(Some(&creds))
+            .await
+            .heartbeat(wire::HeartbeatRequest {
+                id: "fffff".into(),
+                healthy: true,
+            })
+            .await;
+        let page_now = page();
+        assert!(
+            value(&page_now, "trellis_control_store_operations_total{op=\"commit\",result=\"ok\"}")
+                .is_some_and(|v| v >= 3.0),
+            "{page_now}"
+        );
+        assert_eq!(
+            value(
+                &page_now,
+                "trellis_control_store_operations_total{op=\"keep_alive\",result=\"not_found\"}"
+            ),
+            Some(1.0),
+            "{page_now}"
+        );
+
+        // The proxy goes: it leaves discovery, and the expiry with it.
+        drop(tx);
+        drop(responses);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = https_get(&cp, "/v1/prometheus/targets", Some(admin.trim())).await;
+            let groups: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+            if groups.len() == 1 {
+                assert_eq!(groups[0]["labels"]["__meta_trellis_kind"], "control");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cp.control.refresh_gauges();
+        assert!(!page().contains("trellis_control_certificate_expiry_timestamp_seconds{"));
+        cp.finish();
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_push_latency_runs_from_the_change_even_while_an_update_is_pending() {
+    bounded(async {
+        let cp = start("push", |_| {}).await;
+        let creds = cp.credentials("orders").await;
+        let mut client = cp.client(Some(&creds)).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(wire::StreamRequest {
+            node: Some(wire::Node {
+                id: "orders-1".into(),
+                service: "orders".into(),
+                upstreams: vec!["catalog".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut responses = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = responses.message().await.unwrap().unwrap();
+        // A change while the first update awaits its ACK, which comes 300 ms later; the
+        // change's own update is ACKed at once, yet it took 300 ms from the change.
+        cp.control
+            .apply(
+                &[trellis_control::SourceFile {
+                    name: "catalog.yaml".into(),
+                    text: "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata:\n  name: catalog\nspec:\n  ports:\n  - {name: http, port: 80}\n".into(),
+                }],
+                false,
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let ack = |nonce: String| wire::StreamRequest {
+            response_nonce: nonce,
+            ..Default::default()
+        };
+        tx.send(ack(first.nonce)).await.unwrap();
+        let second = responses.message().await.unwrap().unwrap();
+        tx.send(ack(second.nonce)).await.unwrap();
+        let page = || cp.control.metrics.encode();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while value(&page(), "trellis_control_config_push_seconds_count") != Some(2.0) {
+            assert!(tokio::time::Instant::now() < deadline, "{}", page());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            value(
+                &page(),
+                "trellis_control_config_push_seconds_bucket{le=\"0.256\"}"
+            ),
+            Some(0.0),
+            "{}",
+            page()
+        );
+        cp.finish();
+    })
+    .await;
+}

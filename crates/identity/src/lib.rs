@@ -77,6 +77,16 @@ pub fn inspect(cert: &CertificateDer<'_>) -> Option<(SpiffeId, SystemTime)> {
     Some((id, not_after))
 }
 
+/// The expiry (Unix seconds) of the first certificate in `pem`, any certificate (a CA's too).
+pub fn pem_not_after(pem: &str) -> Option<i64> {
+    use rustls::pki_types::pem::PemObject;
+    let cert = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .next()?
+        .ok()?;
+    let (_, x509) = x509_parser::parse_x509_certificate(&cert).ok()?;
+    Some(x509.validity().not_after.timestamp())
+}
+
 /// When a certificate valid from `issued` until `not_after` should be renewed: at two thirds
 /// of its lifetime.
 pub fn renew_at(issued: SystemTime, not_after: SystemTime) -> SystemTime {

@@ -418,8 +418,13 @@ async fn session(
         .map_err(tonic::Status::unavailable)?;
     let mut client = MeshClient::new(channel);
     let (tx, rx) = mpsc::channel(4);
+    // The admin address as bound (a port 0 resolved), for the control plane's discovery.
+    let node = wire::Node {
+        metrics_address: proxy.admin_addr().to_string(),
+        ..cfg.node.clone()
+    };
     let hello = wire::StreamRequest {
-        node: Some(cfg.node.clone()),
+        node: Some(node),
         initial_versions: held
             .resources
             .iter()

@@ -255,6 +255,55 @@ impl Store {
     }
 }
 
+/// A [`Store`] whose every call is counted in the control plane's metrics by operation and
+/// result (the same methods, so callers do not change).
+pub struct Counted {
+    inner: Store,
+    ops: prometheus_client::metrics::family::Family<
+        crate::metrics::StoreOpLabels,
+        prometheus_client::metrics::counter::Counter,
+    >,
+}
+
+impl Counted {
+    /// Counts `inner`'s calls into `metrics`.
+    pub fn new(inner: Store, metrics: &crate::metrics::Metrics) -> Counted {
+        Counted {
+            inner,
+            ops: metrics.store_ops.clone(),
+        }
+    }
+
+    fn count<T>(&self, op: &'static str, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        crate::metrics::count_store_op(&self.ops, op, &r);
+        r
+    }
+
+    /// See [`Store::commit`].
+    pub async fn commit(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
+        let r = self.inner.commit(ops).await;
+        self.count("commit", r)
+    }
+
+    /// See [`Store::grant`].
+    pub async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        let r = self.inner.grant(ttl).await;
+        self.count("grant", r)
+    }
+
+    /// See [`Store::keep_alive`].
+    pub async fn keep_alive(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let r = self.inner.keep_alive(lease).await;
+        self.count("keep_alive", r)
+    }
+
+    /// See [`Store::revoke`].
+    pub async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        let r = self.inner.revoke(lease).await;
+        self.count("revoke", r)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
