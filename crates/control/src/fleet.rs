@@ -367,7 +367,7 @@ pub enum TapLine {
         proxies: usize,
     },
     /// A request.
-    Event(TapEvent),
+    Event(Box<TapEvent>),
     /// Last: why the tap ended and what was lost.
     End {
         /// Events sent.

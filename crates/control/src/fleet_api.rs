@@ -165,7 +165,7 @@ pub(crate) async fn tap(State(c): State<Arc<Control>>, Params(p): Params<TapPara
             tokio::select! {
                 e = handle.events.recv() => match e {
                     Some(e) => {
-                        return Some((line(&TapLine::Event(e)), (Some(handle), sent + 1)));
+                        return Some((line(&TapLine::Event(Box::new(e))), (Some(handle), sent + 1)));
                     }
                     None => "closed",
                 },
