@@ -264,6 +264,45 @@ async fn session(
 mod tests {
     use super::*;
 
+    fn seen(direction: &'static str, route: &str, peer: Option<&str>) -> Seen {
+        Seen::for_test(
+            direction,
+            route.into(),
+            "default/pay:80".into(),
+            peer.map(Arc::from),
+        )
+    }
+
+    #[test]
+    fn counts_group_by_series_and_start_over_after_each_report() {
+        let c = Collector::default();
+        let orders = Some("spiffe://td/ns/default/sa/orders");
+        let ms = Duration::from_millis;
+        c.observe(&seen("inbound", "inbound", orders), 200, false, ms(3));
+        c.observe(&seen("inbound", "inbound", orders), 503, false, ms(3));
+        c.observe(&seen("inbound", "inbound", None), 200, true, ms(20));
+        c.observe(&seen("outbound", "default/r/0", None), 404, false, ms(1));
+        let mut got = c.take();
+        got.sort_by(|a, b| (&a.direction, &a.peer_identity).cmp(&(&b.direction, &b.peer_identity)));
+        assert_eq!(got.len(), 3, "{got:?}");
+        let plain = &got[0];
+        assert_eq!(
+            (plain.tls, plain.classes.as_slice(), plain.grpc_errors),
+            (false, &[0, 1, 0, 0, 0][..], 1)
+        );
+        assert_eq!(plain.latency[bucket(0.020)], 1);
+        let tls = &got[1];
+        assert!(tls.tls);
+        assert_eq!(tls.classes, [0, 1, 0, 0, 1]);
+        assert_eq!(tls.latency[bucket(0.003)], 2);
+        assert_eq!(got[2].route, "default/r/0");
+        assert_eq!(got[2].classes, [0, 0, 0, 1, 0]);
+        assert!(
+            c.take().is_empty(),
+            "each report covers only its own interval"
+        );
+    }
+
     #[test]
     fn buckets_and_classes() {
         for (seconds, want) in [

@@ -305,6 +305,23 @@ impl Seen {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        direction: &'static str,
+        route: Arc<str>,
+        backend: Arc<str>,
+        peer: Option<Arc<str>>,
+    ) -> Seen {
+        Seen {
+            direction,
+            route,
+            backend,
+            tls: peer.is_some(),
+            peer,
+            head: None,
+        }
+    }
+
     /// The request was routed.
     pub(crate) fn routed(&mut self, route: &Arc<str>, backend: &Arc<str>) {
         self.route = route.clone();
@@ -442,6 +459,43 @@ mod tests {
         for bad in ["6xx", "99", "abc", "0xx"] {
             assert!(StatusFilter::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_waiting() {
+        let taps = Taps::default();
+        let event = || wire::TapEvent {
+            tap_id: "t1".into(),
+            ..Default::default()
+        };
+        // No stream yet: nothing to queue into.
+        taps.emit(event());
+        assert_eq!(taps.take_dropped(), HashMap::from([("t1".to_string(), 1)]));
+        let mut rx = taps.events();
+        for _ in 0..QUEUE + 5 {
+            taps.emit(event());
+        }
+        assert_eq!(taps.take_dropped(), HashMap::from([("t1".to_string(), 5)]));
+        assert!(taps.take_dropped().is_empty(), "taken");
+        let mut queued = 0;
+        while rx.try_recv().is_ok() {
+            queued += 1;
+        }
+        assert_eq!(queued, QUEUE);
+    }
+
+    #[test]
+    fn setting_taps_turns_the_gate_on_and_off() {
+        let taps = Taps::default();
+        assert!(!taps.active());
+        taps.set(vec![wire::TapRequest {
+            id: "t1".into(),
+            ..Default::default()
+        }]);
+        assert!(taps.active());
+        assert!(TAPPING.load(Ordering::Relaxed) >= 1);
+        taps.set(Vec::new());
+        assert!(!taps.active());
     }
 
     #[test]
