@@ -135,7 +135,7 @@ pub struct StatRow {
     /// For routes: the backend (`namespace/name:port`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub backend: String,
-    /// For services: how many of its proxies reported in the window.
+    /// For services: how many of its proxies served requests in the window.
     #[serde(default)]
     pub proxies: usize,
     /// Requests in the window.
