@@ -112,11 +112,20 @@ pub(crate) async fn tap(State(c): State<Arc<Control>>, Params(p): Params<TapPara
     if !["", "inbound", "outbound"].contains(&direction.as_str()) {
         return bad(format!("direction {direction:?}: inbound or outbound"));
     }
+    // The tap's client sends nothing while it reads: the connection's idle timeout
+    // (`trellis control --idle-timeout`) would cut a longer tap.
+    let longest = MAX_TAP_DURATION.min(
+        c.settings
+            .limits
+            .idle_timeout
+            .saturating_sub(Duration::from_secs(5))
+            .max(Duration::from_secs(1)),
+    );
     let limit = match duration(
         "duration",
         p.duration.as_deref(),
-        Duration::from_secs(30),
-        MAX_TAP_DURATION,
+        Duration::from_secs(30).min(longest),
+        longest,
     ) {
         Ok(d) => d,
         Err(e) => return bad(e),
@@ -186,4 +195,26 @@ pub(crate) async fn tap(State(c): State<Arc<Control>>, Params(p): Params<TapPara
         axum::body::Body::from_stream(body),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_default_and_stay_within_bounds() {
+        let (d, max) = (Duration::from_secs(30), Duration::from_secs(115));
+        for (value, want) in [
+            (None, Ok(d)),
+            (Some(""), Ok(d)),
+            (Some("10s"), Ok(Duration::from_secs(10))),
+            (Some("1500ms"), Ok(Duration::from_millis(1500))),
+            (Some("115s"), Ok(max)),
+        ] {
+            assert_eq!(duration("duration", value, d, max), want, "{value:?}");
+        }
+        for bad in ["116s", "0s", "soon"] {
+            assert!(duration("duration", Some(bad), d, max).is_err(), "{bad}");
+        }
+    }
 }
