@@ -22,6 +22,10 @@ pub const MAX_WINDOW: Duration = Duration::from_secs(600);
 /// Most series kept from one report.
 const MAX_SERIES: usize = 4096;
 
+/// Most series kept per proxy over all its reports: beyond it, its oldest reports go
+/// (a busy proxy's window shrinks rather than the control plane's memory growing).
+const MAX_KEPT_SERIES: usize = 20_000;
+
 /// Events buffered per tap client before new ones are dropped.
 const TAP_BUFFER: usize = 512;
 
@@ -528,6 +532,12 @@ impl Fleet {
             reports: VecDeque::new(),
         });
         w.reports.push_back((now, report));
+        let mut kept: usize = w.reports.iter().map(|(_, r)| r.series.len()).sum();
+        while kept > MAX_KEPT_SERIES && w.reports.len() > 1 {
+            if let Some((_, r)) = w.reports.pop_front() {
+                kept -= r.series.len();
+            }
+        }
         Self::prune(&mut windows, now);
     }
 
@@ -909,6 +919,39 @@ mod tests {
         assert!(
             fleet.lock_windows().is_empty(),
             "forgotten after the longest window"
+        );
+    }
+
+    #[test]
+    fn a_proxy_keeps_a_bounded_number_of_series() {
+        let fleet = Fleet::default();
+        let a = who("payment", "p1");
+        let wide = |n: usize| {
+            report(
+                2,
+                (0..n)
+                    .map(|i| series("outbound", &format!("default/r{i}/0"), "", "", 1, 0))
+                    .collect(),
+            )
+        };
+        let now = Instant::now();
+        fleet.record(&a, wide(MAX_SERIES + 100), now);
+        assert_eq!(
+            fleet.lock_windows()[&a].reports[0].1.series.len(),
+            MAX_SERIES
+        );
+        for _ in 0..10 {
+            fleet.record(&a, wide(MAX_SERIES), now);
+        }
+        let kept: usize = fleet.lock_windows()[&a]
+            .reports
+            .iter()
+            .map(|(_, r)| r.series.len())
+            .sum();
+        assert!(kept <= MAX_KEPT_SERIES, "{kept}");
+        assert!(
+            kept > MAX_KEPT_SERIES - MAX_SERIES,
+            "only the oldest went: {kept}"
         );
     }
 
