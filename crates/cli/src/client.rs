@@ -108,6 +108,49 @@ impl Api {
         }
         serde_json::from_slice(&bytes).with_context(|| format!("reading the answer from {url}"))
     }
+    /// A GET whose answer is newline-delimited and streamed: `line` sees each line as it
+    /// arrives, until the answer ends or `line` returns `false`.
+    pub async fn get_lines(&self, path: &str, mut line: impl FnMut(&str) -> bool) -> Result<()> {
+        let url = format!("{}{path}", self.base);
+        let mut req = http::Request::builder().method(http::Method::GET).uri(&url);
+        if let Some(t) = &self.token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::new()))?;
+        let resp = tokio::time::timeout(std::time::Duration::from_secs(30), self.send(req))
+            .await
+            .map_err(|_| anyhow!("{url}: no answer within 30s"))??;
+        let status = resp.status();
+        let mut body = resp.into_body();
+        if !status.is_success() {
+            let bytes = body.collect().await?.to_bytes();
+            #[derive(serde::Deserialize)]
+            struct ErrorBody {
+                errors: Vec<String>,
+            }
+            let errors = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|b| b.errors)
+                .unwrap_or_else(|_| vec![format!("{status}: {}", String::from_utf8_lossy(&bytes))]);
+            return Err(Refused { errors }.into());
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let rest = pending.split_off(i + 1);
+                let text = String::from_utf8_lossy(&pending[..i]).into_owned();
+                pending = rest;
+                if !line(&text) {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One request on its own connection (TLS unless insecure).
     async fn send(
         &self,

@@ -279,6 +279,9 @@ Try, in another terminal:
   {cli} apply -f demo/canary.yaml   # 90/10 split of product-catalog v1/v2
   {cli} get httproutes -o yaml
   {cli} delete -f demo/canary.yaml  # back to an even split across instances
+  {cli} stat                   # per service: success rate, requests/s, p50/p95/p99 (top: live)
+  {cli} edges                  # who calls whom, with identities and mutual TLS
+  {cli} tap --max 20           # live requests (sensitive headers redacted)
 
 The load generator prints a summary every 5 s, counting catalog versions: watch it follow
 the canary. Ctrl-C stops everything.

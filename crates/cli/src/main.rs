@@ -16,6 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod client;
 mod config_cmd;
 mod demo;
+mod fleet_cmd;
 mod run;
 use std::time::Duration;
 
@@ -191,6 +192,91 @@ enum Command {
         #[command(flatten)]
         control: ControlArg,
     },
+    /// Per service and per route: success rate, requests per second and latency
+    /// percentiles over a recent window, as the control plane aggregates them from its
+    /// proxies.
+    Stat {
+        /// Only this service.
+        service: Option<String>,
+        #[command(flatten)]
+        select: FleetSelect,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: fleet_cmd::Format,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// `stat`, live: redrawn every --interval in a terminal (one frame with --once or when
+    /// stdout is not a terminal).
+    Top {
+        /// Only this service.
+        service: Option<String>,
+        #[command(flatten)]
+        select: FleetSelect,
+        /// Time between frames.
+        #[arg(long, default_value = "2s", value_parser = parse_duration)]
+        interval: Duration,
+        /// Print one frame and exit.
+        #[arg(long)]
+        once: bool,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Who calls whom: caller and callee services and identities, request counts, success
+    /// rate and whether the hop is mutual TLS.
+    Edges {
+        /// Only edges from or to this service.
+        service: Option<String>,
+        #[command(flatten)]
+        select: FleetSelect,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: fleet_cmd::Format,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// A live stream of request metadata from the sidecars, filtered; sensitive headers are
+    /// redacted, and it stops by itself after --max events or --duration.
+    Tap {
+        /// Only the sidecars of this service.
+        service: Option<String>,
+        /// Only this namespace's sidecars.
+        #[arg(short, long)]
+        namespace: Option<String>,
+        /// Only requests of this route (its id, `namespace/route/rule`).
+        #[arg(long)]
+        route: Option<String>,
+        /// Only paths starting with this.
+        #[arg(long)]
+        path: Option<String>,
+        /// Only this method.
+        #[arg(long)]
+        method: Option<String>,
+        /// Only this status (503) or class (5xx).
+        #[arg(long)]
+        status: Option<String>,
+        /// Only inbound or outbound requests.
+        #[arg(long)]
+        direction: Option<String>,
+        /// Include request headers (authorization, cookie, set-cookie, proxy-authorization,
+        /// x-api-key and --redact ones are redacted).
+        #[arg(long)]
+        show_headers: bool,
+        /// Another header to redact (repeatable).
+        #[arg(long = "redact")]
+        redact: Vec<String>,
+        /// Stop after this many events.
+        #[arg(long, default_value_t = 100)]
+        max: u64,
+        /// Stop after this long.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Output format: a line per request, or a JSON object per line.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: fleet_cmd::Format,
+        #[command(flatten)]
+        control: ControlArg,
+    },
     /// Check config files offline: exit 0 when valid, 1 with located errors when not. Route
     /// conditions that are not True (a backend that does not exist, …) are printed too.
     Validate {
@@ -311,6 +397,31 @@ enum TokenCommand {
         #[command(flatten)]
         control: ControlArg,
     },
+}
+
+/// What the fleet view commands select.
+#[derive(clap::Args)]
+struct FleetSelect {
+    /// Only this namespace.
+    #[arg(short, long)]
+    namespace: Option<String>,
+    /// Only this route (its id, `namespace/route/rule`, or the route's name).
+    #[arg(long)]
+    route: Option<String>,
+    /// The recent window the figures cover (at most 10m).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    window: Duration,
+}
+
+impl FleetSelect {
+    fn with(self, service: Option<String>) -> fleet_cmd::Select {
+        fleet_cmd::Select {
+            window: self.window,
+            namespace: self.namespace,
+            service,
+            route: self.route,
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -594,6 +705,61 @@ fn run(command: Command) -> Result<i32> {
                 output,
             )
             .await
+        }),
+        Command::Stat {
+            service,
+            select,
+            output,
+            control,
+        } => runtime(1)?.block_on(async move {
+            fleet_cmd::stat(&api(&control)?, &select.with(service), output).await
+        }),
+        Command::Top {
+            service,
+            select,
+            interval,
+            once,
+            control,
+        } => runtime(1)?.block_on(async move {
+            fleet_cmd::top(&api(&control)?, &select.with(service), interval, once).await
+        }),
+        Command::Edges {
+            service,
+            select,
+            output,
+            control,
+        } => runtime(1)?.block_on(async move {
+            fleet_cmd::edges(&api(&control)?, &select.with(service), output).await
+        }),
+        Command::Tap {
+            service,
+            namespace,
+            route,
+            path,
+            method,
+            status,
+            direction,
+            show_headers,
+            redact,
+            max,
+            duration,
+            output,
+            control,
+        } => runtime(1)?.block_on(async move {
+            let args = fleet_cmd::TapArgs {
+                namespace,
+                service,
+                route,
+                path,
+                method,
+                status,
+                direction,
+                show_headers,
+                redact,
+                max,
+                duration,
+            };
+            fleet_cmd::tap(&api(&control)?, args, output).await
         }),
         Command::Delete {
             kind,

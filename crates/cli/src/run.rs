@@ -58,6 +58,15 @@ pub async fn start_sidecar(
     };
     // The identity first: the control plane authenticates proxies with it (or the token).
     let identity = start_identity(&proxy, control, tls.clone(), state_dir).await?;
+    // Traffic reports and taps for the fleet view (trellis stat, top, edges, tap).
+    tokio::spawn(trellis_proxy::report::run(
+        proxy.clone(),
+        trellis_proxy::report::ReportConfig {
+            endpoints: endpoints(control),
+            node: node.clone(),
+            tls: tls.clone(),
+        },
+    ));
     tokio::spawn(follow(
         proxy.clone(),
         Follow {

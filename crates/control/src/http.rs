@@ -337,6 +337,8 @@ pub fn router(control: Shared) -> axum::Router {
         .route("/v1/resources/{kind}/{namespace}/{name}", get(get_one))
         .route("/v1/tokens", post(create_token))
         .route("/v1/prometheus/targets", get(prometheus_targets))
+        .route("/v1/stats", get(crate::fleet_api::stats))
+        .route("/v1/tap", get(crate::fleet_api::tap))
         .route_layer(axum::middleware::from_fn_with_state(
             control.clone(),
             require_admin,

@@ -10,6 +10,8 @@
 pub mod compile;
 pub mod config;
 pub mod discovery;
+pub mod fleet;
+mod fleet_api;
 mod http;
 pub mod identity;
 mod mesh;
@@ -47,6 +49,8 @@ pub struct Control {
     pub metrics: metrics::Metrics,
     /// When each route condition last changed, for the status `get` shows.
     pub(crate) transitions: route_status::Transitions,
+    /// Proxies' traffic reports and open taps (`trellis stat`, `top`, `edges`, `tap`).
+    pub fleet: Arc<fleet::Fleet>,
 }
 
 /// Tunables.
@@ -119,6 +123,7 @@ impl Control {
             ca_cache: identity::CaCache::default(),
             token_spends: tokio::sync::Mutex::new(()),
             transitions: route_status::Transitions::default(),
+            fleet: Arc::default(),
         });
         if let StoreSpec::Dir(dir) = spec {
             // redb creates its file with the process umask.

@@ -179,6 +179,52 @@ impl Mesh for MeshService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    type ReportStream = ReceiverStream<Result<wire::ReportResponse, Status>>;
+
+    async fn report(
+        &self,
+        request: Request<Streaming<wire::ReportRequest>>,
+    ) -> Result<Response<Self::ReportStream>, Status> {
+        let principal = self.principal(&request)?;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before its hello"))?;
+        let node = first.node.filter(|n| !n.id.is_empty()).ok_or_else(|| {
+            Status::invalid_argument("the first message must carry a node with an id")
+        })?;
+        if !node.service.is_empty() {
+            let ns = if node.namespace.is_empty() {
+                trellis_api::meta::DEFAULT_NAMESPACE
+            } else {
+                &node.namespace
+            };
+            Self::check_owner(&principal, ns, &node.service)?;
+        }
+        // Whatever the messages say, the reports are the authenticated caller's own.
+        let (namespace, service) = principal.service();
+        let who = crate::fleet::Reporter {
+            namespace: namespace.into(),
+            service: service.into(),
+            identity: match &principal {
+                crate::identity::Principal::Workload(id) => id.to_string(),
+                crate::identity::Principal::Token { .. } => String::new(),
+            },
+            node: node.id,
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            let fleet = &control.fleet;
+            fleet.connected(&who, true);
+            let trust_domain = control.trust().map(|(td, _)| td).unwrap_or_default();
+            crate::fleet::serve_reports(fleet, &who, &trust_domain, inbound, tx).await;
+            fleet.connected(&who, false);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn register(
         &self,
         request: Request<wire::RegisterRequest>,

@@ -786,6 +786,86 @@ async fn config_push_latency_runs_from_the_change_even_while_an_update_is_pendin
             page()
         );
         cp.finish();
+/// Opens a report stream as `creds`' proxy claiming `service`, sends one report, and
+/// returns the stream's first answer (the active taps) or its refusal.
+async fn report_as(
+    plane: &Plane,
+    creds: &Arc<Credentials>,
+    service: &str,
+) -> Result<wire::ReportResponse, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let node = wire::Node {
+        id: format!("node-{service}"),
+        service: service.into(),
+        ..Default::default()
+    };
+    tx.send(wire::ReportRequest {
+        node: Some(node),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let series = wire::TrafficSeries {
+        direction: "inbound".into(),
+        route: "inbound".into(),
+        classes: vec![0, 7, 0, 0, 0],
+        latency: vec![7],
+        ..Default::default()
+    };
+    tx.send(wire::ReportRequest {
+        traffic: Some(wire::TrafficReport {
+            interval_ms: 2000,
+            series: vec![series],
+            latency_bounds: vec![0.001],
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut answers = plane
+        .client(Some(creds))
+        .await
+        .report(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let first = answers.message().await?.expect("the taps");
+    // Keep the stream open until the control plane has taken the report.
+    drop(tx);
+    while answers.message().await.ok().flatten().is_some() {}
+    Ok(first)
+}
+
+#[tokio::test]
+async fn a_proxy_reports_only_about_itself() {
+    bounded(async {
+        let plane = start("report", |_| {}).await;
+        let payment = plane.credentials("payment").await;
+        // Claiming another service's node is refused.
+        let e = report_as(&plane, &payment, "inventory").await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        // Its own node: the report counts for the service its certificate proves.
+        let taps = report_as(&plane, &payment, "payment").await.unwrap();
+        assert!(taps.taps.is_empty());
+        // A client-only node (no service claimed) still reports as what it proves.
+        report_as(&plane, &payment, "").await.unwrap();
+        let view = plane.control.fleet.view(
+            Duration::from_secs(30),
+            &trellis_control::fleet::Query::default(),
+            tokio::time::Instant::now(),
+        );
+        let services: Vec<_> = view.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(services, ["payment"], "{view:?}");
+        assert_eq!(view.services[0].requests, 14);
+        // Without credentials nothing is taken.
+        let mut anonymous = plane.client(None).await;
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(tx);
+        let e = anonymous
+            .report(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+        plane.finish();
     })
     .await;
 }

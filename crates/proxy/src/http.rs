@@ -56,7 +56,23 @@ pub const PEER_IDENTITY: &str = "x-trellis-peer-identity";
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    // The fleet view (module `tap`) sees every request from its arrival to its response head.
+    let start = Instant::now();
+    let mut seen = crate::tap::Seen::begin(&shared.report.taps, &conn, &req);
+    let resp = handle_request(shared.clone(), conn, req, &mut seen).await;
+    if let Ok(r) = &resp {
+        seen.end(&shared.report, r, start.elapsed());
+    }
+    resp
+}
+
+async fn handle_request(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
+    seen: &mut crate::tap::Seen,
 ) -> Result<Response<Body>, Infallible> {
     let start = Instant::now();
     // The connection is not idle while this request is handled, or its response streams
@@ -158,6 +174,7 @@ pub async fn handle(
             location,
             status,
         } => {
+            seen.routed(&route, &NONE);
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = status;
             if let Some((n, v)) = filters::location_header(&location) {
@@ -171,6 +188,7 @@ pub async fn handle(
             status,
             headers,
         } => {
+            seen.routed(&route, &NONE);
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = status;
             *resp.headers_mut() = headers;
@@ -178,6 +196,7 @@ pub async fn handle(
             return Ok(resp);
         }
     };
+    seen.routed(&fwd.route, &fwd.backend.name);
     // CORS for an actual request: the Origin as the client sent it, before filters run.
     let cors = fwd.rule.as_ref().and_then(|r| {
         let c = r.filters.cors.as_ref()?;
@@ -482,6 +501,7 @@ pub(crate) async fn forward(
             return match outcome {
                 Ok(a) => {
                     let mut r = respond(endpoint, a);
+                    crate::tap::note_upstream(&mut r.0, endpoint);
                     if let Some(s) = session {
                         s.stamp(t.backend, endpoint, r.0.headers_mut(), r.2);
                     }

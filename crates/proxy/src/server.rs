@@ -40,6 +40,8 @@ pub struct Shared {
     pub conns: Arc<ConnTable>,
     /// Signs session persistence tokens; kept across snapshots so reloads keep sessions.
     pub session_key: crate::session::Key,
+    /// Traffic counts and taps for the control plane's fleet view.
+    pub report: crate::report::Collector,
 }
 
 impl Shared {
@@ -54,6 +56,7 @@ impl Shared {
             jwks: Default::default(),
             conns: Default::default(),
             session_key: Default::default(),
+            report: Default::default(),
         }
     }
 

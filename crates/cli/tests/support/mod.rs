@@ -286,6 +286,27 @@ pub fn get(port: u16, path: &str) -> std::io::Result<Response> {
     http("GET", port, path, "")
 }
 
+/// A GET with one extra request header, on a fresh connection, bounded to 5 s.
+pub fn get_with(port: u16, path: &str, header: (&str, &str)) -> std::io::Result<Response> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\n{}: {}\r\n\r\n",
+        header.0, header.1
+    )?;
+    s.flush()?;
+    let mut r = BufReader::new(s);
+    let (status, headers) = read_head(&mut r)?;
+    let mut body = String::new();
+    let _ = r.read_to_string(&mut body);
+    Ok(Response {
+        status,
+        headers,
+        body,
+    })
+}
+
 /// A running `trellis control`.
 pub struct ControlPlane {
     pub proc: Proc,

@@ -1,0 +1,992 @@
+//! The fleet view: what proxies report about their traffic, kept per proxy for a bounded
+//! window, and aggregated on request into per-service, per-route and per-edge rows
+//! (`trellis stat`, `top`, `edges`); and the taps `trellis tap` opens, whose events proxies
+//! send back on the same report stream.
+//!
+//! A report is attributed to the authenticated caller (its namespace, service and identity
+//! come from its credentials, not from the message), so a proxy can only report about itself.
+//! The aggregation math is pure functions over reports, tested beside them.
+
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use trellis_api::wire;
+
+/// The longest window a query may ask for; older reports are dropped.
+pub const MAX_WINDOW: Duration = Duration::from_secs(600);
+
+/// Most series kept from one report.
+const MAX_SERIES: usize = 4096;
+
+/// Most series kept per proxy over all its reports: beyond it, its oldest reports go
+/// (a busy proxy's window shrinks rather than the control plane's memory growing).
+const MAX_KEPT_SERIES: usize = 20_000;
+
+/// Events buffered per tap client before new ones are dropped.
+const TAP_BUFFER: usize = 512;
+
+/// Who sent a report, as its credentials prove.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Reporter {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its service (service account).
+    pub service: String,
+    /// Its SPIFFE id; empty when it authenticated with a join token.
+    pub identity: String,
+    /// Its node id.
+    pub node: String,
+}
+
+/// One proxy's recent reports.
+struct Window {
+    reporter: Reporter,
+    reports: VecDeque<(Instant, wire::TrafficReport)>,
+}
+
+/// Latency summary and counts of a set of requests.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Totals {
+    /// Requests by status class (1xx … 5xx).
+    pub classes: [u64; 5],
+    /// gRPC responses with a non-OK status.
+    pub grpc_errors: u64,
+    /// Requests per second.
+    pub rps: f64,
+    /// Counts per latency bucket.
+    pub latency: Vec<u64>,
+}
+
+impl Totals {
+    fn add(&mut self, s: &wire::TrafficSeries, seconds: f64) {
+        let n: u64 = s.classes.iter().sum();
+        for (a, b) in self.classes.iter_mut().zip(&s.classes) {
+            *a += b;
+        }
+        self.grpc_errors += s.grpc_errors;
+        if seconds > 0.0 {
+            self.rps += n as f64 / seconds;
+        }
+        merge(&mut self.latency, &s.latency);
+    }
+
+    /// All requests.
+    pub fn requests(&self) -> u64 {
+        self.classes.iter().sum()
+    }
+}
+
+/// Adds bucket counts `b` into `a` (growing it as needed).
+pub fn merge(a: &mut Vec<u64>, b: &[u64]) {
+    if a.len() < b.len() {
+        a.resize(b.len(), 0);
+    }
+    for (x, y) in a.iter_mut().zip(b) {
+        *x += y;
+    }
+}
+
+/// The `q` quantile (0–1) of a histogram with upper `bounds` (counts has one more bucket,
+/// for the rest), interpolated linearly within its bucket; the last bound for the overflow
+/// bucket. `None` without observations.
+pub fn quantile(bounds: &[f64], counts: &[u64], q: f64) -> Option<f64> {
+    let total: u64 = counts.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let rank = q.clamp(0.0, 1.0) * total as f64;
+    let mut seen = 0u64;
+    for (i, c) in counts.iter().enumerate() {
+        if *c == 0 {
+            continue;
+        }
+        if (seen + c) as f64 >= rank {
+            let Some(upper) = bounds.get(i) else {
+                return bounds.last().copied();
+            };
+            let lower = if i == 0 { 0.0 } else { bounds[i - 1] };
+            let within = (rank - seen as f64) / *c as f64;
+            return Some(lower + (upper - lower) * within.clamp(0.0, 1.0));
+        }
+        seen += c;
+    }
+    bounds.last().copied()
+}
+
+/// The share of requests that succeeded: not 5xx, and not a failed gRPC call. `None`
+/// without requests.
+pub fn success_rate(classes: &[u64; 5], grpc_errors: u64) -> Option<f64> {
+    let total: u64 = classes.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let failed = (classes[4] + grpc_errors).min(total);
+    Some((total - failed) as f64 / total as f64)
+}
+
+/// One row of `trellis stat`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatRow {
+    /// The service's (or route's) namespace.
+    pub namespace: String,
+    /// The service name, or the route id.
+    pub name: String,
+    /// For routes: the backend (`namespace/name:port`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backend: String,
+    /// For services: how many of its proxies served requests in the window.
+    #[serde(default)]
+    pub proxies: usize,
+    /// Requests in the window.
+    pub requests: u64,
+    /// Share of successful requests (0–1); absent without requests.
+    pub success_rate: Option<f64>,
+    /// Requests per second.
+    pub rps: f64,
+    /// Latency quantiles in milliseconds.
+    pub p50_ms: Option<f64>,
+    /// 95th percentile.
+    pub p95_ms: Option<f64>,
+    /// 99th percentile.
+    pub p99_ms: Option<f64>,
+}
+
+/// One row of `trellis edges`: who calls whom.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeRow {
+    /// The caller's namespace and service, from its verified identity; empty when it
+    /// called without mutual TLS.
+    pub src_namespace: String,
+    /// The caller's service.
+    pub src_service: String,
+    /// The caller's SPIFFE id.
+    pub src_identity: String,
+    /// The callee's namespace.
+    pub dst_namespace: String,
+    /// The callee's service.
+    pub dst_service: String,
+    /// The callee's SPIFFE id.
+    pub dst_identity: String,
+    /// Requests in the window.
+    pub requests: u64,
+    /// Share of successful requests.
+    pub success_rate: Option<f64>,
+    /// Whether the hop was mutual TLS.
+    pub mtls: bool,
+}
+
+/// The answer of `GET /v1/stats`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsView {
+    /// The window, in seconds.
+    pub window_seconds: f64,
+    /// Proxies that reported in the window.
+    pub proxies: usize,
+    /// Per service: what its sidecars served (inbound).
+    pub services: Vec<StatRow>,
+    /// Per route and backend: what sidecars sent (outbound).
+    pub routes: Vec<StatRow>,
+    /// Caller to callee, as the callees' sidecars saw them.
+    pub edges: Vec<EdgeRow>,
+}
+
+/// What a stats query selects.
+#[derive(Clone, Debug, Default)]
+pub struct Query {
+    /// Only this namespace.
+    pub namespace: Option<String>,
+    /// Only this service (rows of services, and routes whose backend is it).
+    pub service: Option<String>,
+    /// Only this route id (or route name).
+    pub route: Option<String>,
+}
+
+fn ms(s: Option<f64>) -> Option<f64> {
+    s.map(|s| (s * 1e6).round() / 1e3)
+}
+
+fn row(
+    namespace: &str,
+    name: &str,
+    backend: &str,
+    proxies: usize,
+    t: &Totals,
+    bounds: &[f64],
+) -> StatRow {
+    StatRow {
+        namespace: namespace.into(),
+        name: name.into(),
+        backend: backend.into(),
+        proxies,
+        requests: t.requests(),
+        success_rate: success_rate(&t.classes, t.grpc_errors),
+        rps: (t.rps * 100.0).round() / 100.0,
+        p50_ms: ms(quantile(bounds, &t.latency, 0.50)),
+        p95_ms: ms(quantile(bounds, &t.latency, 0.95)),
+        p99_ms: ms(quantile(bounds, &t.latency, 0.99)),
+    }
+}
+
+/// `spiffe://TD/ns/NS/sa/SA` → (NS, SA).
+pub fn identity_parts(id: &str) -> Option<(&str, &str)> {
+    let rest = id.strip_prefix("spiffe://")?;
+    let (_, path) = rest.split_once('/')?;
+    let mut p = path.split('/');
+    match (p.next(), p.next(), p.next(), p.next(), p.next()) {
+        (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
+        _ => None,
+    }
+}
+
+/// `namespace/name:port` → (namespace, name).
+fn backend_service(backend: &str) -> Option<(&str, &str)> {
+    let (ns, rest) = backend.split_once('/')?;
+    Some((ns, rest.split_once(':').map_or(rest, |(n, _)| n)))
+}
+
+/// Aggregates per-proxy reports (each with the seconds it covers within the window) into
+/// the fleet view. Pure.
+pub fn aggregate(
+    windows: &[(&Reporter, Vec<&wire::TrafficReport>)],
+    window: Duration,
+    q: &Query,
+) -> StatsView {
+    let mut bounds: Vec<f64> = Vec::new();
+    let mut services: BTreeMap<(String, String), (Totals, usize)> = BTreeMap::new();
+    let mut routes: BTreeMap<(String, String), Totals> = BTreeMap::new();
+    let mut edges: BTreeMap<(String, String, bool), (EdgeRow, Totals)> = BTreeMap::new();
+    let mut proxies = 0;
+    for (who, reports) in windows {
+        if reports.is_empty() {
+            continue;
+        }
+        proxies += 1;
+        let seconds: f64 = reports.iter().map(|r| f64::from(r.interval_ms) / 1e3).sum();
+        let mut served = false;
+        for r in reports {
+            if bounds.len() < r.latency_bounds.len() {
+                bounds = r.latency_bounds.clone();
+            }
+            for s in &r.series {
+                if s.direction == "inbound" {
+                    served = true;
+                    services
+                        .entry((who.namespace.clone(), who.service.clone()))
+                        .or_default()
+                        .0
+                        .add(s, seconds);
+                    let (sns, ssvc) = identity_parts(&s.peer_identity).unwrap_or_default();
+                    let e = edges
+                        .entry((s.peer_identity.clone(), who.identity.clone(), s.tls))
+                        .or_insert_with(|| {
+                            (
+                                EdgeRow {
+                                    src_namespace: sns.into(),
+                                    src_service: ssvc.into(),
+                                    src_identity: s.peer_identity.clone(),
+                                    dst_namespace: who.namespace.clone(),
+                                    dst_service: who.service.clone(),
+                                    dst_identity: who.identity.clone(),
+                                    requests: 0,
+                                    success_rate: None,
+                                    mtls: s.tls,
+                                },
+                                Totals::default(),
+                            )
+                        });
+                    e.1.add(s, seconds);
+                } else if !s.route.is_empty() {
+                    routes
+                        .entry((s.route.clone(), s.backend.clone()))
+                        .or_default()
+                        .add(s, seconds);
+                }
+            }
+        }
+        if served {
+            services
+                .entry((who.namespace.clone(), who.service.clone()))
+                .or_default()
+                .1 += 1;
+        }
+    }
+    let ns_ok = |ns: &str| q.namespace.as_deref().is_none_or(|n| n == ns);
+    let svc_ok = |svc: &str| q.service.as_deref().is_none_or(|s| s == svc);
+    let route_ok = |route: &str| {
+        q.route
+            .as_deref()
+            .is_none_or(|r| route == r || route.split('/').nth(1) == Some(r))
+    };
+    StatsView {
+        window_seconds: window.as_secs_f64(),
+        proxies,
+        services: services
+            .iter()
+            .filter(|((ns, svc), _)| ns_ok(ns) && svc_ok(svc) && q.route.is_none())
+            .map(|((ns, svc), (t, n))| row(ns, svc, "", *n, t, &bounds))
+            .collect(),
+        routes: routes
+            .iter()
+            .filter(|((route, backend), _)| {
+                let (bns, bsvc) = backend_service(backend).unwrap_or_default();
+                let rns = route.split_once('/').map_or(bns, |(ns, _)| ns);
+                ns_ok(rns) && route_ok(route) && (q.service.is_none() || svc_ok(bsvc))
+            })
+            .map(|((route, backend), t)| {
+                let (bns, _) = backend_service(backend).unwrap_or_default();
+                let rns = route.split_once('/').map_or(bns, |(ns, _)| ns);
+                row(rns, route, backend, 0, t, &bounds)
+            })
+            .collect(),
+        edges: edges
+            .into_values()
+            .filter(|(e, _)| {
+                (ns_ok(&e.dst_namespace) || ns_ok(&e.src_namespace))
+                    && (svc_ok(&e.dst_service) || svc_ok(&e.src_service))
+                    && q.route.is_none()
+            })
+            .map(|(mut e, t)| {
+                e.requests = t.requests();
+                e.success_rate = success_rate(&t.classes, t.grpc_errors);
+                e
+            })
+            .collect(),
+    }
+}
+
+/// One line of `GET /v1/tap`'s answer (newline-delimited JSON).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TapLine {
+    /// First: the tap is active on this many proxies.
+    Started {
+        /// Proxies the tap went to.
+        proxies: usize,
+    },
+    /// A request.
+    Event(Box<TapEvent>),
+    /// Last: why the tap ended and what was lost.
+    End {
+        /// Events sent.
+        events: u64,
+        /// Events dropped (by proxies or because this client read too slowly).
+        dropped: u64,
+        /// `max`, `duration` or `closed`.
+        reason: String,
+    },
+}
+
+/// One request's metadata in a tap.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TapEvent {
+    /// Unix milliseconds at the request's start.
+    pub time_unix_ms: i64,
+    /// The proxy that saw it: `namespace/service` and node id.
+    pub proxy: String,
+    /// Its node id.
+    pub node: String,
+    /// `inbound` or `outbound`.
+    pub direction: String,
+    /// The caller's identity (inbound, mutual TLS).
+    pub src_identity: String,
+    /// The callee's identity: the proxy's own (inbound) or the endpoint's (outbound, its
+    /// server name).
+    pub dst_identity: String,
+    /// Method.
+    pub method: String,
+    /// Authority.
+    pub authority: String,
+    /// Path (no query).
+    pub path: String,
+    /// Route id.
+    pub route: String,
+    /// Backend.
+    pub backend: String,
+    /// HTTP status.
+    pub status: u16,
+    /// gRPC status, when the response head had one.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub grpc_status: String,
+    /// Latency to the response head, in milliseconds.
+    pub latency_ms: f64,
+    /// Upstream endpoint.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub endpoint: String,
+    /// Whether the hop was mutual TLS.
+    pub tls: bool,
+    /// Request headers (sensitive ones redacted by the proxy), when asked for.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+}
+
+impl TapEvent {
+    fn from_wire(e: wire::TapEvent, who: &Reporter, trust_domain: &str) -> TapEvent {
+        TapEvent {
+            time_unix_ms: e.time_unix_ms,
+            proxy: format!("{}/{}", who.namespace, who.service),
+            node: who.node.clone(),
+            direction: e.direction.clone(),
+            src_identity: e.src_identity,
+            dst_identity: if e.direction == "inbound" {
+                who.identity.clone()
+            } else {
+                // The proxy knows the endpoint by its server name; shown as a SPIFFE id.
+                trellis_identity::SpiffeId::from_server_name(&e.dst_identity, trust_domain)
+                    .map_or(e.dst_identity, |id| id.to_string())
+            },
+            method: e.method,
+            authority: e.authority,
+            path: e.path,
+            route: e.route,
+            backend: e.backend,
+            status: u16::try_from(e.status).unwrap_or(0),
+            grpc_status: e.grpc_status,
+            latency_ms: e.latency_us as f64 / 1e3,
+            endpoint: e.endpoint,
+            tls: e.tls,
+            headers: e.headers.into_iter().collect(),
+        }
+    }
+}
+
+/// What `trellis tap` asked for.
+#[derive(Clone, Debug, Default)]
+pub struct TapSpec {
+    /// Only proxies of this namespace.
+    pub namespace: Option<String>,
+    /// Only proxies of this service.
+    pub service: Option<String>,
+    /// The filter and options the proxies apply.
+    pub request: wire::TapRequest,
+}
+
+struct TapSub {
+    spec: TapSpec,
+    tx: mpsc::Sender<TapEvent>,
+    dropped: std::sync::Arc<AtomicU64>,
+}
+
+/// Reports and taps, shared by every report stream and the HTTP API.
+pub struct Fleet {
+    windows: Mutex<BTreeMap<Reporter, Window>>,
+    /// Open report streams per reporter.
+    streams: Mutex<BTreeMap<Reporter, usize>>,
+    taps: Mutex<BTreeMap<String, TapSub>>,
+    /// Bumped whenever the set of taps changes; report streams watch it.
+    taps_changed: watch::Sender<u64>,
+    next_tap: AtomicU64,
+}
+
+impl Default for Fleet {
+    fn default() -> Self {
+        Fleet {
+            windows: Mutex::default(),
+            streams: Mutex::default(),
+            taps: Mutex::default(),
+            taps_changed: watch::channel(0).0,
+            next_tap: AtomicU64::new(1),
+        }
+    }
+}
+
+/// An open tap: its events, until dropped (which closes it everywhere).
+pub struct TapHandle {
+    fleet: std::sync::Arc<Fleet>,
+    /// The tap's id.
+    pub id: String,
+    /// Its events.
+    pub events: mpsc::Receiver<TapEvent>,
+    /// Events lost on the way.
+    pub dropped: std::sync::Arc<AtomicU64>,
+}
+
+impl Drop for TapHandle {
+    fn drop(&mut self) {
+        self.fleet.close_tap(&self.id);
+    }
+}
+
+impl Fleet {
+    fn lock_windows(&self) -> std::sync::MutexGuard<'_, BTreeMap<Reporter, Window>> {
+        self.windows.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_taps(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, TapSub>> {
+        self.taps.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps a report from `who`, and forgets reports older than the longest window.
+    pub fn record(&self, who: &Reporter, mut report: wire::TrafficReport, now: Instant) {
+        report.series.truncate(MAX_SERIES);
+        let mut windows = self.lock_windows();
+        let w = windows.entry(who.clone()).or_insert_with(|| Window {
+            reporter: who.clone(),
+            reports: VecDeque::new(),
+        });
+        w.reports.push_back((now, report));
+        let mut kept: usize = w.reports.iter().map(|(_, r)| r.series.len()).sum();
+        while kept > MAX_KEPT_SERIES && w.reports.len() > 1 {
+            if let Some((_, r)) = w.reports.pop_front() {
+                kept -= r.series.len();
+            }
+        }
+        Self::prune(&mut windows, now);
+    }
+
+    fn prune(windows: &mut BTreeMap<Reporter, Window>, now: Instant) {
+        for w in windows.values_mut() {
+            while w
+                .reports
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > MAX_WINDOW)
+            {
+                w.reports.pop_front();
+            }
+        }
+        windows.retain(|_, w| !w.reports.is_empty());
+    }
+
+    /// The fleet view over the last `window`.
+    pub fn view(&self, window: Duration, q: &Query, now: Instant) -> StatsView {
+        let window = window.min(MAX_WINDOW);
+        let mut windows = self.lock_windows();
+        Self::prune(&mut windows, now);
+        let selected: Vec<(&Reporter, Vec<&wire::TrafficReport>)> = windows
+            .values()
+            .map(|w| {
+                (
+                    &w.reporter,
+                    w.reports
+                        .iter()
+                        .filter(|(t, _)| now.duration_since(*t) <= window)
+                        .map(|(_, r)| r)
+                        .collect(),
+                )
+            })
+            .collect();
+        aggregate(&selected, window, q)
+    }
+
+    /// Opens a tap; it ends when the handle is dropped.
+    pub fn open_tap(self: &std::sync::Arc<Self>, spec: TapSpec) -> TapHandle {
+        let id = format!("tap-{}", self.next_tap.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = mpsc::channel(TAP_BUFFER);
+        let dropped = std::sync::Arc::new(AtomicU64::new(0));
+        let mut spec = spec;
+        spec.request.id = id.clone();
+        self.lock_taps().insert(
+            id.clone(),
+            TapSub {
+                spec,
+                tx,
+                dropped: dropped.clone(),
+            },
+        );
+        self.taps_changed.send_modify(|v| *v += 1);
+        TapHandle {
+            fleet: self.clone(),
+            id,
+            events: rx,
+            dropped,
+        }
+    }
+
+    fn close_tap(&self, id: &str) {
+        self.lock_taps().remove(id);
+        self.taps_changed.send_modify(|v| *v += 1);
+    }
+
+    /// Notified when the taps change.
+    pub fn watch_taps(&self) -> watch::Receiver<u64> {
+        self.taps_changed.subscribe()
+    }
+
+    /// The taps `who`'s proxy must serve.
+    pub fn taps_for(&self, who: &Reporter) -> Vec<wire::TapRequest> {
+        self.lock_taps()
+            .values()
+            .filter(|t| applies(&t.spec, who))
+            .map(|t| t.spec.request.clone())
+            .collect()
+    }
+
+    /// A report stream from `who` opened (`true`) or closed.
+    pub fn connected(&self, who: &Reporter, open: bool) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let n = streams.entry(who.clone()).or_default();
+        if open {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                streams.remove(who);
+            }
+        }
+    }
+
+    /// How many connected proxies a tap reaches.
+    pub fn reach(&self, spec: &TapSpec) -> usize {
+        self.streams
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .filter(|r| applies(spec, r))
+            .count()
+    }
+
+    /// Delivers events from `who` to their taps (only taps that apply to it); a client that
+    /// reads too slowly loses events, counted.
+    pub fn deliver(
+        &self,
+        who: &Reporter,
+        trust_domain: &str,
+        events: Vec<wire::TapEvent>,
+        dropped: HashMap<String, u64>,
+    ) {
+        let taps = self.lock_taps();
+        for (id, n) in dropped {
+            if let Some(t) = taps.get(&id) {
+                t.dropped.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        for e in events {
+            let Some(t) = taps.get(&e.tap_id).filter(|t| applies(&t.spec, who)) else {
+                continue;
+            };
+            if t.tx
+                .try_send(TapEvent::from_wire(e, who, trust_domain))
+                .is_err()
+            {
+                t.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// One proxy's report stream: keeps its reports, delivers its tap events, and sends it the
+/// taps that apply to it whenever they change.
+pub(crate) async fn serve_reports(
+    fleet: &Fleet,
+    who: &Reporter,
+    trust_domain: &str,
+    mut inbound: tonic::Streaming<wire::ReportRequest>,
+    tx: mpsc::Sender<Result<wire::ReportResponse, tonic::Status>>,
+) {
+    let mut taps = fleet.watch_taps();
+    taps.mark_changed();
+    let mut sent: Option<Vec<wire::TapRequest>> = None;
+    loop {
+        tokio::select! {
+            changed = taps.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = fleet.taps_for(who);
+                if sent.as_ref() != Some(&now) {
+                    if tx.send(Ok(wire::ReportResponse { taps: now.clone() })).await.is_err() {
+                        return;
+                    }
+                    sent = Some(now);
+                }
+            }
+            message = inbound.message() => {
+                let Ok(Some(m)) = message else { return };
+                if let Some(t) = m.traffic {
+                    fleet.record(who, t, Instant::now());
+                }
+                if !m.tap_events.is_empty() || !m.tap_dropped.is_empty() {
+                    fleet.deliver(who, trust_domain, m.tap_events, m.tap_dropped);
+                }
+            }
+            () = tx.closed() => return,
+        }
+    }
+}
+
+/// Checks a tap's status filter: empty, an HTTP status (`503`) or a class (`5xx`).
+pub fn check_status(s: &str) -> Result<(), String> {
+    let ok = s.is_empty()
+        || s.parse::<u16>().is_ok_and(|c| (100..=599).contains(&c))
+        || s.strip_suffix("xx")
+            .and_then(|c| c.parse::<u16>().ok())
+            .is_some_and(|c| (1..=5).contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "status {s:?}: use an HTTP status (503) or a class (5xx)"
+        ))
+    }
+}
+
+fn applies(spec: &TapSpec, who: &Reporter) -> bool {
+    spec.namespace.as_deref().is_none_or(|n| n == who.namespace)
+        && spec.service.as_deref().is_none_or(|s| s == who.service)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const B: [f64; 4] = [0.001, 0.01, 0.1, 1.0];
+
+    #[test]
+    fn quantiles_interpolate_within_buckets() {
+        for (counts, q, want) in [
+            (vec![0, 0, 0, 0, 0], 0.5, None),
+            (vec![10, 0, 0, 0, 0], 0.5, Some(0.0005)),
+            (vec![10, 0, 0, 0, 0], 1.0, Some(0.001)),
+            (vec![0, 10, 0, 0, 0], 0.5, Some(0.0055)),
+            (vec![50, 50, 0, 0, 0], 0.5, Some(0.001)),
+            (vec![50, 50, 0, 0, 0], 0.99, Some(0.00982)),
+            (vec![0, 0, 0, 0, 5], 0.5, Some(1.0)),
+            (vec![98, 0, 0, 2, 0], 0.99, Some(0.55)),
+        ] {
+            let got = quantile(&B, &counts, q);
+            match (got, want) {
+                (Some(g), Some(w)) => assert!((g - w).abs() < 1e-9, "{counts:?} q{q}: {g} != {w}"),
+                _ => assert_eq!(got, want, "{counts:?} q{q}"),
+            }
+        }
+    }
+
+    #[test]
+    fn success_rates_count_5xx_and_grpc_failures() {
+        for (classes, grpc, want) in [
+            ([0, 0, 0, 0, 0], 0, None),
+            ([0, 10, 0, 0, 0], 0, Some(1.0)),
+            ([0, 6, 0, 2, 2], 0, Some(0.8)),
+            ([0, 10, 0, 0, 0], 5, Some(0.5)),
+            ([0, 0, 0, 0, 4], 4, Some(0.0)),
+        ] {
+            assert_eq!(success_rate(&classes, grpc), want, "{classes:?} {grpc}");
+        }
+    }
+
+    #[test]
+    fn merging_grows_and_adds() {
+        let mut a = vec![1, 2];
+        merge(&mut a, &[1, 1, 1]);
+        assert_eq!(a, [2, 3, 1]);
+        merge(&mut a, &[]);
+        assert_eq!(a, [2, 3, 1]);
+    }
+
+    #[test]
+    fn identities_name_namespace_and_service() {
+        assert_eq!(
+            identity_parts("spiffe://trellis.local/ns/default/sa/payment"),
+            Some(("default", "payment"))
+        );
+        assert_eq!(identity_parts(""), None);
+        assert_eq!(identity_parts("spiffe://td/ns/a/sa/b/c"), None);
+    }
+
+    fn series(
+        direction: &str,
+        route: &str,
+        backend: &str,
+        peer: &str,
+        ok: u64,
+        err: u64,
+    ) -> wire::TrafficSeries {
+        wire::TrafficSeries {
+            direction: direction.into(),
+            route: route.into(),
+            backend: backend.into(),
+            peer_identity: peer.into(),
+            tls: !peer.is_empty(),
+            classes: vec![0, ok, 0, 0, err],
+            latency: vec![ok + err, 0, 0, 0, 0],
+            grpc_errors: 0,
+        }
+    }
+
+    fn report(seconds: u32, series: Vec<wire::TrafficSeries>) -> wire::TrafficReport {
+        wire::TrafficReport {
+            interval_ms: seconds * 1000,
+            series,
+            latency_bounds: B.to_vec(),
+        }
+    }
+
+    fn who(service: &str, node: &str) -> Reporter {
+        Reporter {
+            namespace: "default".into(),
+            service: service.into(),
+            identity: format!("spiffe://td/ns/default/sa/{service}"),
+            node: node.into(),
+        }
+    }
+
+    #[test]
+    fn aggregation_sums_proxies_rates_and_edges() {
+        let orders = "spiffe://td/ns/default/sa/orders";
+        let (a, b, o) = (
+            who("payment", "p1"),
+            who("payment", "p2"),
+            who("orders", "o1"),
+        );
+        let (r1, r2) = (
+            report(2, vec![series("inbound", "inbound", "", orders, 18, 2)]),
+            report(2, vec![series("inbound", "inbound", "", "", 10, 0)]),
+        );
+        let r3 = report(
+            2,
+            vec![series(
+                "outbound",
+                "default/pay/0",
+                "default/payment:80",
+                "",
+                28,
+                2,
+            )],
+        );
+        let windows = vec![(&a, vec![&r1]), (&b, vec![&r2]), (&o, vec![&r3])];
+        let v = aggregate(&windows, Duration::from_secs(30), &Query::default());
+        assert_eq!(v.proxies, 3);
+        assert_eq!(v.services.len(), 1, "orders serves nothing: {v:?}");
+        let pay = &v.services[0];
+        assert_eq!(
+            (pay.name.as_str(), pay.proxies, pay.requests),
+            ("payment", 2, 30)
+        );
+        assert_eq!(pay.rps, 15.0, "20/2s + 10/2s");
+        assert_eq!(pay.success_rate, Some(28.0 / 30.0));
+        assert_eq!(pay.p50_ms, Some(0.5));
+        assert_eq!(v.routes.len(), 1);
+        assert_eq!(v.routes[0].name, "default/pay/0");
+        assert_eq!(v.routes[0].backend, "default/payment:80");
+        // Two edges into payment: orders over mutual TLS, and an unknown plaintext caller.
+        assert_eq!(v.edges.len(), 2, "{:?}", v.edges);
+        let tls = v.edges.iter().find(|e| e.mtls).unwrap();
+        assert_eq!(
+            (tls.src_service.as_str(), tls.dst_service.as_str()),
+            ("orders", "payment")
+        );
+        assert_eq!(tls.requests, 20);
+        let plain = v.edges.iter().find(|e| !e.mtls).unwrap();
+        assert_eq!((plain.src_service.as_str(), plain.requests), ("", 10));
+
+        // Filters.
+        let q = Query {
+            service: Some("payment".into()),
+            ..Query::default()
+        };
+        let v = aggregate(&windows, Duration::from_secs(30), &q);
+        assert_eq!(v.services.len(), 1);
+        assert_eq!(v.routes.len(), 1, "routes to payment");
+        let q = Query {
+            service: Some("inventory".into()),
+            ..Query::default()
+        };
+        let v = aggregate(&windows, Duration::from_secs(30), &q);
+        assert!(v.services.is_empty() && v.routes.is_empty() && v.edges.is_empty());
+        let q = Query {
+            route: Some("pay".into()),
+            ..Query::default()
+        };
+        let v = aggregate(&windows, Duration::from_secs(30), &q);
+        assert!(v.services.is_empty());
+        assert_eq!(v.routes.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_proxy_ages_out_of_the_window() {
+        let fleet = Fleet::default();
+        let a = who("payment", "p1");
+        let start = Instant::now();
+        fleet.record(
+            &a,
+            report(2, vec![series("inbound", "inbound", "", "", 10, 0)]),
+            start,
+        );
+        let v = fleet.view(Duration::from_secs(30), &Query::default(), start);
+        assert_eq!((v.proxies, v.services.len()), (1, 1));
+        tokio::time::advance(Duration::from_secs(31)).await;
+        let v = fleet.view(Duration::from_secs(30), &Query::default(), Instant::now());
+        assert_eq!((v.proxies, v.services.len()), (0, 0));
+        tokio::time::advance(MAX_WINDOW).await;
+        fleet.view(Duration::from_secs(30), &Query::default(), Instant::now());
+        assert!(
+            fleet.lock_windows().is_empty(),
+            "forgotten after the longest window"
+        );
+    }
+
+    #[test]
+    fn a_proxy_keeps_a_bounded_number_of_series() {
+        let fleet = Fleet::default();
+        let a = who("payment", "p1");
+        let wide = |n: usize| {
+            report(
+                2,
+                (0..n)
+                    .map(|i| series("outbound", &format!("default/r{i}/0"), "", "", 1, 0))
+                    .collect(),
+            )
+        };
+        let now = Instant::now();
+        fleet.record(&a, wide(MAX_SERIES + 100), now);
+        assert_eq!(
+            fleet.lock_windows()[&a].reports[0].1.series.len(),
+            MAX_SERIES
+        );
+        for _ in 0..10 {
+            fleet.record(&a, wide(MAX_SERIES), now);
+        }
+        let kept: usize = fleet.lock_windows()[&a]
+            .reports
+            .iter()
+            .map(|(_, r)| r.series.len())
+            .sum();
+        assert!(kept <= MAX_KEPT_SERIES, "{kept}");
+        assert!(
+            kept > MAX_KEPT_SERIES - MAX_SERIES,
+            "only the oldest went: {kept}"
+        );
+    }
+
+    #[test]
+    fn taps_reach_only_their_service_and_deliver_boundedly() {
+        let fleet = std::sync::Arc::new(Fleet::default());
+        let (pay, orders) = (who("payment", "p1"), who("orders", "o1"));
+        let mut tap = fleet.open_tap(TapSpec {
+            service: Some("payment".into()),
+            ..TapSpec::default()
+        });
+        assert_eq!(fleet.taps_for(&pay).len(), 1);
+        assert!(fleet.taps_for(&orders).is_empty());
+        let ev = |id: &str| wire::TapEvent {
+            tap_id: id.into(),
+            direction: "inbound".into(),
+            ..Default::default()
+        };
+        // Events from a proxy the tap does not apply to are not delivered.
+        fleet.deliver(&orders, "td", vec![ev(&tap.id)], HashMap::new());
+        assert!(tap.events.try_recv().is_err());
+        let many = (0..TAP_BUFFER + 10).map(|_| ev(&tap.id)).collect();
+        fleet.deliver(&pay, "td", many, HashMap::from([(tap.id.clone(), 3)]));
+        let got = std::iter::from_fn(|| tap.events.try_recv().ok()).count();
+        assert_eq!(got, TAP_BUFFER);
+        assert_eq!(tap.dropped.load(Ordering::Relaxed), 13);
+        let e = {
+            fleet.deliver(&pay, "td", vec![ev(&tap.id)], HashMap::new());
+            tap.events.try_recv().unwrap()
+        };
+        assert_eq!(
+            e.dst_identity, pay.identity,
+            "the callee is the reporter itself"
+        );
+        drop(tap);
+        assert!(fleet.taps_for(&pay).is_empty(), "closed with its handle");
+    }
+}
