@@ -786,6 +786,10 @@ async fn config_push_latency_runs_from_the_change_even_while_an_update_is_pendin
             page()
         );
         cp.finish();
+    })
+    .await;
+}
+
 /// Opens a report stream as `creds`' proxy claiming `service`, sends one report, and
 /// returns the stream's first answer (the active taps) or its refusal.
 async fn report_as(
