@@ -37,6 +37,8 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
         })
         .collect();
     let mut mesh_configs: BTreeMap<String, &Located<Resource>> = BTreeMap::new();
+    let mut telemetry_scopes: BTreeMap<(String, Option<String>), &Located<Resource>> =
+        BTreeMap::new();
     let mut fallbacks = Fallbacks::new();
     let mut policy_targets: BTreeMap<(String, String), &Located<Resource>> = BTreeMap::new();
     for r in resources {
@@ -87,6 +89,26 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
             Resource::AuthorizationPolicy(a) => v.authorization(&ctx, &a.spec),
             Resource::RequestAuthentication(a) => v.authentication(&ctx, &a.spec),
             Resource::FaultInjection(f) => v.fault(&ctx, &f.spec),
+            Resource::Telemetry(t) => {
+                v.telemetry(&ctx, &t.spec);
+                let scope = (m.namespace.clone(), t.spec.service.clone());
+                if let Some(first) = telemetry_scopes.insert(scope, r) {
+                    let what = match &t.spec.service {
+                        Some(s) => format!("service {}/{s}", m.namespace),
+                        None => format!("namespace {}", m.namespace),
+                    };
+                    v.at(
+                        r,
+                        "metadata.name",
+                        format!(
+                            "{what} already has Telemetry {} ({}:{}); one per scope, so merge them",
+                            first.value.metadata().name,
+                            first.file,
+                            first.first_line
+                        ),
+                    );
+                }
+            }
             Resource::Proxy(p) => v.proxy(&ctx, p),
             Resource::Service(s) => v.service(&ctx, s),
             Resource::HttpRoute(h) => v.http_route(&ctx, &h.spec),
@@ -1209,6 +1231,82 @@ impl Validator {
                     e.name
                 ),
             );
+        }
+    }
+
+    fn telemetry(&mut self, ctx: &Ctx, spec: &crate::telemetry::TelemetrySpec) {
+        use crate::telemetry::{ACCESS_LOG_FIELDS, MAX_QUEUE};
+        let r = ctx.r;
+        if let Some(s) = &spec.service
+            && let Err(e) = check_name(s)
+        {
+            self.at(r, "spec.service", e);
+        }
+        if let Some(t) = &spec.tracing {
+            match (&t.collector, t.enabled) {
+                (None, true) => self.at(
+                    r,
+                    "spec.tracing.collector",
+                    "required when tracing is enabled (http://HOST:PORT)",
+                ),
+                (Some(c), _) => {
+                    if !crate::telemetry::collector_ok(c) {
+                        self.at(
+                            r,
+                            "spec.tracing.collector",
+                            format!("{c:?} is not http://HOST:PORT"),
+                        );
+                    }
+                }
+                (None, false) => {}
+            }
+            if !(t.sampling_percent.is_finite() && (0.0..=100.0).contains(&t.sampling_percent)) {
+                self.at(r, "spec.tracing.samplingPercent", "must be 0-100");
+            }
+            if t.propagation.is_empty() {
+                self.at(r, "spec.tracing.propagation", "name at least one format");
+            }
+            if !(1..=MAX_QUEUE).contains(&t.queue_size) {
+                self.at(
+                    r,
+                    "spec.tracing.queueSize",
+                    format!("must be 1-{MAX_QUEUE}"),
+                );
+            }
+            if t.batch_size == 0 || t.batch_size > t.queue_size {
+                self.at(r, "spec.tracing.batchSize", "must be 1-queueSize");
+            }
+            if t.flush_interval.get().is_zero() {
+                self.at(r, "spec.tracing.flushInterval", "must be more than 0s");
+            }
+        }
+        if let Some(l) = &spec.access_log {
+            if l.path != "stdout" && !l.path.starts_with('/') {
+                self.at(
+                    r,
+                    "spec.accessLog.path",
+                    format!("{:?} is neither stdout nor an absolute path", l.path),
+                );
+            }
+            for (i, f) in l.fields.iter().enumerate() {
+                if !ACCESS_LOG_FIELDS.contains(&f.as_str()) {
+                    self.at(
+                        r,
+                        &format!("spec.accessLog.fields[{i}]"),
+                        format!(
+                            "unknown field {f:?}; known: {}",
+                            ACCESS_LOG_FIELDS.join(", ")
+                        ),
+                    );
+                }
+            }
+            if !(1..=MAX_QUEUE).contains(&l.queue_size) {
+                self.at(
+                    r,
+                    "spec.accessLog.queueSize",
+                    format!("must be 1-{MAX_QUEUE}"),
+                );
+            }
         }
     }
 
