@@ -236,7 +236,11 @@ mod tests {
 
     #[test]
     fn collector_addresses() {
-        for ok in ["http://127.0.0.1:4317", "http://otel:4318/", "http://[::1]:4317"] {
+        for ok in [
+            "http://127.0.0.1:4317",
+            "http://otel:4318/",
+            "http://[::1]:4317",
+        ] {
             assert!(collector_ok(ok), "{ok}");
         }
         for bad in [

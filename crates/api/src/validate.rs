@@ -1963,6 +1963,69 @@ spec:
         }
     }
 
+    #[test]
+    fn telemetry_is_refused_at_its_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "accessLog: {fields: [trace_id, body]}",
+                "spec.accessLog.fields[1]",
+                "unknown field \"body\"",
+            ),
+            (
+                "accessLog: {path: logs/access.log}",
+                "spec.accessLog.path",
+                "neither stdout nor an absolute path",
+            ),
+            (
+                "tracing: {samplingPercent: 5}",
+                "spec.tracing.collector",
+                "required",
+            ),
+            (
+                "tracing: {collector: 'otel:4317'}",
+                "spec.tracing.collector",
+                "not http://HOST:PORT",
+            ),
+            (
+                "tracing: {collector: 'http://otel:4317', samplingPercent: 101}",
+                "spec.tracing.samplingPercent",
+                "0-100",
+            ),
+            (
+                "tracing: {collector: 'http://otel:4317', queueSize: 10, batchSize: 11}",
+                "spec.tracing.batchSize",
+                "1-queueSize",
+            ),
+            (
+                "tracing: {collector: 'http://otel:4317', propagation: []}",
+                "spec.tracing.propagation",
+                "at least one",
+            ),
+        ];
+        for (spec, field, msg) in cases {
+            let text = format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: Telemetry\nmetadata: {{name: t}}\nspec:\n  {spec}\n"
+            );
+            let err = check(&text).expect_err(spec);
+            let d = err
+                .0
+                .iter()
+                .find(|d| d.field == *field)
+                .unwrap_or_else(|| panic!("{spec}: no error at {field}: {err}"));
+            assert!(d.message.contains(msg), "{spec}: {d}");
+            assert_eq!(d.line, 18, "{spec}: {d}");
+        }
+        // Switched off, a block needs nothing else; a second one for the same scope is refused.
+        check("apiVersion: trellis.dev/v1alpha1\nkind: Telemetry\nmetadata: {name: t}\nspec: {tracing: {enabled: false}, accessLog: {enabled: false}}\n").unwrap();
+        let two = "apiVersion: trellis.dev/v1alpha1\nkind: Telemetry\nmetadata: {name: a, namespace: shop}\nspec: {service: orders}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Telemetry\nmetadata: {name: b, namespace: shop}\nspec: {service: orders}\n";
+        let err = check(two).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("service shop/orders already has Telemetry a"),
+            "{err}"
+        );
+    }
+
     /// Filter combinations and values the Gateway API forbids, and filters Trellis cannot
     /// apply where they are written, are refused at their field.
     #[test]

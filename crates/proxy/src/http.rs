@@ -31,6 +31,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::time::Instant;
 
+/// What decided when a request's token was refused (metrics, access log).
+static REQUEST_AUTHENTICATION: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| "request-authentication".into());
+
 /// The empty label, for requests that never reached a route or backend.
 static NONE: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| "".into());
 
@@ -55,8 +59,21 @@ pub const PEER_IDENTITY: &str = "x-trellis-peer-identity";
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
+    // This hop's span and access log line (module hop), ended with the response body.
+    let mut hop = crate::hop::Hop::begin(&shared.telemetry, &conn, &req);
+    let resp = serve(shared, conn, req, &mut hop).await;
+    Ok(hop.end(resp))
+}
+
+/// The request path proper; `hop` notes what it decided.
+async fn serve(
+    shared: Arc<Shared>,
+    conn: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+    hop: &mut crate::hop::Hop,
+) -> Response<Body> {
     let start = Instant::now();
     // The connection is not idle while this request is handled, or its response streams
     // (its idle watchdog).
@@ -74,10 +91,12 @@ pub async fn handle(
     // Before anything reads or sets a header: the client's hop-by-hop headers go now, so its
     // `Connection` cannot remove what the mesh adds below (identity, route filters).
     strip_hop_by_hop(&mut parts.headers, downstream_upgrade.is_some());
+    // The next hop's parent is this hop's span.
+    hop.inject(&mut parts.headers);
     let grpc = decide::is_grpc(&parts);
     // One canonical path, before authentication, authorization and routing read it.
     if let Err(e) = canonical_path(&mut parts) {
-        return Ok(shared.fail(direction, &NONE, &NONE, e, grpc, start));
+        return shared.fail(direction, &NONE, &NONE, e, grpc, start);
     }
     if matches!(listener.kind, ListenerKind::Inbound { .. }) {
         // The app learns who called it from the sidecar alone: a client-sent value is dropped.
@@ -103,23 +122,24 @@ pub async fn handle(
             crate::jwt::Outcome::Valid(c) => claims = Some(c),
             crate::jwt::Outcome::Anonymous => {}
             crate::jwt::Outcome::Refused(why) => {
+                hop.policy(&REQUEST_AUTHENTICATION);
                 shared.metrics.authz_verdict(
                     &listener.name,
                     &crate::authz::Verdict {
                         allow: false,
-                        policy: "request-authentication".into(),
+                        policy: REQUEST_AUTHENTICATION.clone(),
                         audit_denied_by: None,
                     },
                     &format_args!("{} {}: {why}", parts.method, parts.uri.path()),
                 );
-                return Ok(shared.fail(
+                return shared.fail(
                     direction,
                     &NONE,
                     &NONE,
                     ProxyError::Unauthenticated(why),
                     grpc,
                     start,
-                ));
+                );
             }
         }
     }
@@ -133,6 +153,7 @@ pub async fn handle(
             claims: claims.as_ref(),
         };
         let verdict = authz.decide(&request, jiff::Timestamp::now());
+        hop.policy(&verdict.policy);
         shared.metrics.authz_verdict(
             &listener.name,
             &verdict,
@@ -144,21 +165,24 @@ pub async fn handle(
             ),
         );
         if !verdict.allow {
-            return Ok(shared.fail(
+            return shared.fail(
                 direction,
                 &NONE,
                 &NONE,
                 ProxyError::Denied(verdict.policy),
                 grpc,
                 start,
-            ));
+            );
         }
     }
 
     // 1. Decide: which rule, which backend (pure).
     let mut fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {
-        Decision::Forward(f) => f,
-        Decision::Fail(e) => return Ok(shared.fail(direction, &NONE, &NONE, e, grpc, start)),
+        Decision::Forward(f) => {
+            hop.route(&f.route, &f.backend.name);
+            f
+        }
+        Decision::Fail(e) => return shared.fail(direction, &NONE, &NONE, e, grpc, start),
         Decision::Redirect {
             route,
             location,
@@ -169,8 +193,10 @@ pub async fn handle(
             if let Some((n, v)) = filters::location_header(&location) {
                 resp.headers_mut().insert(n, v);
             }
+            hop.route(&route, &NONE);
+            hop.reason("redirect");
             shared.record(None, direction, &route, &NONE, status, "", start.elapsed());
-            return Ok(resp);
+            return resp;
         }
         Decision::Respond {
             route,
@@ -180,8 +206,10 @@ pub async fn handle(
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = status;
             *resp.headers_mut() = headers;
+            hop.route(&route, &NONE);
+            hop.reason("direct_response");
             shared.record(None, direction, &route, &NONE, status, "", start.elapsed());
-            return Ok(resp);
+            return resp;
         }
     };
     // CORS for an actual request: the Origin as the client sent it, before filters run.
@@ -210,6 +238,7 @@ pub async fn handle(
         match injected {
             Ok(None) => {}
             Ok(Some(resp)) => {
+                hop.reason("fault_abort");
                 let (route, backend) = (&fwd.route, &fwd.backend.name);
                 shared.record(
                     None,
@@ -220,10 +249,10 @@ pub async fn handle(
                     "fault",
                     start.elapsed(),
                 );
-                return Ok(resp);
+                return resp;
             }
             Err(e) => {
-                return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start));
+                return shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start);
             }
         }
     }
@@ -290,10 +319,12 @@ pub async fn handle(
         session.as_ref(),
     )
     .await;
-    let (mut resp, endpoint, answered) = match result {
+    let (mut resp, endpoint, answered, upstream) = match result {
         Ok(r) => r,
-        Err(e) => return Ok(shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start)),
+        Err(e) => return shared.fail(direction, &fwd.route, &fwd.backend.name, e, grpc, start),
     };
+
+    hop.upstream(upstream, answered);
 
     // 6. Response filters.
     if let Some(rule) = &fwd.rule {
@@ -351,9 +382,9 @@ pub async fn handle(
         && !resp.body().is_end_stream()
     {
         let resp = resp.map(|b| w.response(b));
-        return Ok(resp);
+        return resp;
     }
-    Ok(resp)
+    resp
 }
 
 /// Sends the request to the backend, top to bottom: the request's deadline (the route's
@@ -372,7 +403,7 @@ pub(crate) async fn forward(
     metrics: &Metrics,
     grpc: bool,
     session: Option<&crate::session::Sticky>,
-) -> Result<(Response<Body>, Option<Upgraded>, Instant), ProxyError> {
+) -> Result<(Response<Body>, Option<Upgraded>, Instant, SocketAddr), ProxyError> {
     // The fallback step: another service while this one has no usable endpoint.
     let backend = fwd.backend.or_fallback();
     let version = req.version();
@@ -475,7 +506,7 @@ pub(crate) async fn forward(
                     if let Some(s) = session {
                         s.stamp(t.backend, endpoint, r.0.headers_mut(), r.2);
                     }
-                    Ok(r)
+                    Ok((r.0, r.1, r.2, endpoint.addr))
                 }
                 Err(e) => Err(e),
             };
@@ -857,6 +888,7 @@ impl Shared {
         start: Instant,
     ) -> Response<Body> {
         tracing::debug!(error = %e, %route, %backend, direction, "request failed");
+        let e_label = e.label();
         if let ProxyError::Overloaded(backend, limit, _) = &e {
             self.metrics.breaker_rejected(backend, *limit);
         }
@@ -876,7 +908,10 @@ impl Shared {
         } else {
             Audience::App
         };
-        e.into_response(grpc, audience)
+        let mut resp = e.into_response(grpc, audience);
+        // For the access log's and span's reason flag (module hop).
+        resp.extensions_mut().insert(crate::hop::Failed(e_label));
+        resp
     }
 
     /// Records a response. `stats`, when the snapshot resolved them, saves two label lookups.

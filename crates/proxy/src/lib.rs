@@ -25,6 +25,7 @@ pub mod fault;
 pub mod filters;
 mod h1;
 pub mod health;
+mod hop;
 mod http;
 pub mod identity;
 mod io;
@@ -44,6 +45,7 @@ pub mod session;
 pub mod snapshot;
 mod streams;
 mod tcp;
+pub mod telemetry;
 pub mod tls;
 pub mod trace;
 mod watch;
@@ -69,6 +71,9 @@ pub enum ApplyError {
     /// A listener could not bind.
     #[error(transparent)]
     Bind(#[from] server::BindError),
+    /// The access log cannot be opened.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::Error),
     /// The admin address cannot change while running.
     #[error("admin address cannot change while running ({0} -> {1}); restart the proxy")]
     AdminMoved(SocketAddr, SocketAddr),
@@ -166,10 +171,12 @@ impl Proxy {
 
     async fn install(&self, snap: Snapshot) -> Result<u64, ApplyError> {
         let mut listeners = self.listeners.lock().await;
+        let sinks = self.shared.telemetry.prepare(&snap)?;
         let fresh = listeners.prepare(&snap)?;
         let version = snap.version;
         let snap = Arc::new(snap);
         self.shared.store(snap.clone());
+        self.shared.telemetry.commit(sinks);
         listeners.commit(&self.shared, &snap, fresh);
         self.checkers.sync(&snap, &self.shared);
         self.shared

@@ -40,14 +40,20 @@ pub struct Shared {
     pub conns: Arc<ConnTable>,
     /// Signs session persistence tokens; kept across snapshots so reloads keep sessions.
     pub session_key: crate::session::Key,
+    /// Tracing and access-log sinks, swapped with the snapshot.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl Shared {
     /// New shared state with an empty snapshot.
     pub fn new() -> Shared {
+        let telemetry = Arc::new(crate::telemetry::Telemetry::default());
+        let mut metrics = Metrics::default();
+        metrics.register_collector(telemetry.collector());
         Shared {
+            telemetry,
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
-            metrics: Metrics::default(),
+            metrics,
             draining: CancellationToken::new(),
             tasks: TaskTracker::new(),
             mesh: Default::default(),
