@@ -270,7 +270,8 @@ mod tests {
             ("shop", &other_svc),
         ];
         // (namespace, service, sampling, log path)
-        let cases: &[(&str, Option<&str>, Option<f64>, Option<&str>)] = &[
+        type Case<'a> = (&'a str, Option<&'a str>, Option<f64>, Option<&'a str>);
+        let cases: &[Case] = &[
             ("shop", Some("orders"), Some(10.0), Some("/var/log/orders")),
             ("shop", Some("payment"), Some(10.0), Some("/var/log/mesh")),
             ("shop", None, Some(10.0), Some("/var/log/mesh")),
