@@ -110,7 +110,7 @@ impl Orders {
     pub(crate) async fn handle(&self, req: &Req) -> Response<Body> {
         match (&req.method, req.path.as_str()) {
             (&Method::GET, "/healthz") => web::healthy(),
-            (&Method::POST, "/orders") => match self.place(&req.body).await {
+            (&Method::POST, "/orders") => match self.place(req).await {
                 Ok(order) => web::json(StatusCode::CREATED, &order),
                 Err(reject) => reject.into(),
             },
@@ -127,11 +127,12 @@ impl Orders {
 
     /// An order's whole path. Payment failures do not release the reservation: the demo's
     /// inventory restocks on its own.
-    async fn place(&self, body: &Bytes) -> Result<Value, Reject> {
+    async fn place(&self, req: &Req) -> Result<Value, Reject> {
         let NewOrder {
             product_id,
             quantity,
-        } = web::parse_json(body)?;
+        } = web::parse_json(&req.body)?;
+        let trace = &req.trace;
         if quantity == 0 {
             let msg = "quantity must be at least 1".to_owned();
             return Err(Reject(StatusCode::BAD_REQUEST, msg));
@@ -139,7 +140,9 @@ impl Orders {
 
         // 1. Price and version from the catalog; its 404 is the caller's 404.
         let path = format!("/products/{product_id}");
-        let reply = self.call(&self.catalog, Method::GET, &path, None).await?;
+        let reply = self
+            .call(&self.catalog, Method::GET, &path, None, trace)
+            .await?;
         match reply.status {
             StatusCode::OK => {}
             StatusCode::NOT_FOUND => {
@@ -166,7 +169,13 @@ impl Orders {
         // 2. Reserve stock.
         let reserve = json!({ "id": product_id, "quantity": quantity });
         let reply = self
-            .call(&self.inventory, Method::POST, "/reserve", Some(reserve))
+            .call(
+                &self.inventory,
+                Method::POST,
+                "/reserve",
+                Some(reserve),
+                trace,
+            )
             .await?;
         match reply.status {
             StatusCode::OK => {}
@@ -181,7 +190,7 @@ impl Orders {
         let order_id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let charge = json!({ "order_id": order_id, "amount_cents": total_cents });
         let reply = self
-            .call(&self.payment, Method::POST, "/charge", Some(charge))
+            .call(&self.payment, Method::POST, "/charge", Some(charge), trace)
             .await?;
         let (StatusCode::OK, Some(charge)) = (reply.status, reply.json()) else {
             return Err(failed(&self.payment, &reply));
@@ -207,11 +216,15 @@ impl Orders {
         method: Method,
         path: &str,
         body: Option<Value>,
+        trace: &http::HeaderMap,
     ) -> Result<Reply, Reject> {
         let body = body.map_or_else(Bytes::new, |v| Bytes::from(v.to_string()));
         let mut req = Request::builder()
             .method(method)
             .header(CONTENT_TYPE, "application/json");
+        if let Some(h) = req.headers_mut() {
+            h.extend(trace.clone());
+        }
         req = match &up.route {
             Route::Direct(base) => req.uri(format!("{base}{path}")),
             // The proxy picks the dependency by Host, so name it in both places.

@@ -34,6 +34,31 @@ pub(crate) struct Req {
     pub method: Method,
     pub path: String,
     pub body: Bytes,
+    /// The trace context the request came with, passed on to the calls it makes (as any
+    /// instrumented app would), so the mesh's spans of one request form one trace.
+    pub trace: http::HeaderMap,
+}
+
+/// Trace-context headers: W3C, and Zipkin B3 single and multi-header.
+const TRACE_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
+
+fn trace_context(h: &http::HeaderMap) -> http::HeaderMap {
+    let mut out = http::HeaderMap::new();
+    for name in TRACE_HEADERS {
+        for v in h.get_all(name) {
+            out.append(name, v.clone());
+        }
+    }
+    out
 }
 
 /// How every answer is degraded on purpose (`LATENCY_MS`, `FAIL_STATUS`); `/healthz` never is.
@@ -115,6 +140,7 @@ async fn answer(service: &Service, behaviour: Behaviour, req: Request<Incoming>)
         }
     }
     let req = Req {
+        trace: trace_context(&parts.headers),
         method: parts.method,
         path,
         body: body.to_bytes(),

@@ -255,18 +255,42 @@ async fn inventory_refuses_then_restocks() {
 /// A stand-in sidecar in HTTP proxy mode: records each request's URI and Host and answers
 /// as the service named by the Host.
 async fn fake_proxy() -> (SocketAddr, Arc<Mutex<Vec<(String, String)>>>) {
+    let (addr, seen, _) = fake_proxy_traced().await;
+    (addr, seen)
+}
+
+/// Trace-context headers each request carried, as `name: value` lines.
+type Contexts = Arc<Mutex<Vec<Vec<String>>>>;
+
+/// [`fake_proxy`], also recording each request's trace-context headers.
+async fn fake_proxy_traced() -> (SocketAddr, Arc<Mutex<Vec<(String, String)>>>, Contexts) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let log = seen.clone();
+    let contexts: Contexts = Arc::default();
+    let (log, ctx) = (seen.clone(), contexts.clone());
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let log = log.clone();
+            let (log, ctx) = (log.clone(), ctx.clone());
             let svc = service_fn(move |req: Request<Incoming>| {
                 let host = req.headers()["host"].to_str().unwrap().to_owned();
                 log.lock()
                     .unwrap()
                     .push((req.uri().to_string(), host.clone()));
+                let mut trace: Vec<String> = req
+                    .headers()
+                    .iter()
+                    .filter(|(n, _)| {
+                        let n = n.as_str();
+                        n == "traceparent"
+                            || n == "tracestate"
+                            || n == "b3"
+                            || n.starts_with("x-b3-")
+                    })
+                    .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                    .collect();
+                trace.sort();
+                ctx.lock().unwrap().push(trace);
                 let body = match host.as_str() {
                     "product-catalog" => json!({ "id": 1, "name": "x", "price_cents": 250 }),
                     "inventory" => json!({ "id": 1, "reserved": 1, "remaining": 9 }),
@@ -283,7 +307,42 @@ async fn fake_proxy() -> (SocketAddr, Arc<Mutex<Vec<(String, String)>>>) {
             );
         }
     });
-    (addr, seen)
+    (addr, seen, contexts)
+}
+
+#[tokio::test]
+async fn orders_pass_the_trace_context_on_to_every_dependency() {
+    bounded(async {
+        let (proxy, _, contexts) = fake_proxy_traced().await;
+        let proxy = format!("http://{proxy}");
+        let orders = start(App::Orders, &[("HTTP_PROXY", &proxy)]).await;
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let req = Request::post(format!("{}/orders", orders.url))
+            .header("traceparent", tp)
+            .header("tracestate", "v=1")
+            .header("x-b3-sampled", "1")
+            .body(Full::new(Bytes::from(
+                json!({ "product_id": 1, "quantity": 1 }).to_string(),
+            )))
+            .unwrap();
+        let stream = tokio::net::TcpStream::connect(orders.url.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let resp = tx.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::CREATED);
+        let want = vec![
+            format!("traceparent: {tp}"),
+            "tracestate: v=1".to_string(),
+            "x-b3-sampled: 1".to_string(),
+        ];
+        assert_eq!(*contexts.lock().unwrap(), vec![want; 3]);
+        orders.stop().await;
+    })
+    .await;
 }
 
 #[tokio::test]

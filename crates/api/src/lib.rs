@@ -26,6 +26,7 @@ pub mod route;
 pub mod service;
 pub mod session;
 pub mod status;
+pub mod telemetry;
 mod validate;
 pub mod wire;
 

@@ -185,6 +185,7 @@ fn parse_one(file: &Arc<str>, first_line: u64, doc: &str) -> Result<Located<Reso
         Kind::AuthorizationPolicy => typed(doc).map(Resource::AuthorizationPolicy),
         Kind::RequestAuthentication => typed(doc).map(Resource::RequestAuthentication),
         Kind::FaultInjection => typed(doc).map(Resource::FaultInjection),
+        Kind::Telemetry => typed(doc).map(Resource::Telemetry),
     }
     .map_err(|e| yaml_error(&e, &at))?;
     Ok(Located {

@@ -9,6 +9,7 @@ use crate::policy::BackendPolicySpec;
 use crate::proxy::ProxySpec;
 use crate::route::{GrpcRouteSpec, HttpRouteSpec};
 use crate::service::ServiceSpec;
+use crate::telemetry::TelemetrySpec;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
@@ -35,11 +36,13 @@ pub enum Kind {
     RequestAuthentication,
     /// Delays and aborts injected on the route rules that reference it.
     FaultInjection,
+    /// Tracing and access logs for the mesh, a namespace or a service.
+    Telemetry,
 }
 
 impl Kind {
     /// All kinds, in the order resources are listed.
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::Proxy,
         Kind::Service,
         Kind::HttpRoute,
@@ -49,6 +52,7 @@ impl Kind {
         Kind::AuthorizationPolicy,
         Kind::RequestAuthentication,
         Kind::FaultInjection,
+        Kind::Telemetry,
     ];
 
     /// The kind as written in YAML.
@@ -63,6 +67,7 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::FaultInjection => "FaultInjection",
+            Kind::Telemetry => "Telemetry",
         }
     }
 
@@ -141,6 +146,8 @@ pub enum Resource {
     RequestAuthentication(Object<RequestAuthenticationSpec>),
     /// A `FaultInjection`.
     FaultInjection(Object<FaultInjectionSpec>),
+    /// A `Telemetry`.
+    Telemetry(Object<TelemetrySpec>),
 }
 
 impl Resource {
@@ -156,6 +163,7 @@ impl Resource {
             Resource::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
             Resource::FaultInjection(_) => Kind::FaultInjection,
+            Resource::Telemetry(_) => Kind::Telemetry,
         }
     }
 
@@ -171,6 +179,7 @@ impl Resource {
             Resource::AuthorizationPolicy(o) => &o.metadata,
             Resource::RequestAuthentication(o) => &o.metadata,
             Resource::FaultInjection(o) => &o.metadata,
+            Resource::Telemetry(o) => &o.metadata,
         }
     }
 
@@ -186,6 +195,7 @@ impl Resource {
             Resource::AuthorizationPolicy(o) => &mut o.metadata,
             Resource::RequestAuthentication(o) => &mut o.metadata,
             Resource::FaultInjection(o) => &mut o.metadata,
+            Resource::Telemetry(o) => &mut o.metadata,
         }
     }
 
@@ -225,6 +235,7 @@ impl Resource {
             Kind::AuthorizationPolicy => Resource::AuthorizationPolicy(typed(text)?),
             Kind::RequestAuthentication => Resource::RequestAuthentication(typed(text)?),
             Kind::FaultInjection => Resource::FaultInjection(typed(text)?),
+            Kind::Telemetry => Resource::Telemetry(typed(text)?),
         })
     }
 
@@ -344,7 +355,8 @@ impl Resource {
             Resource::Proxy(_)
             | Resource::Service(_)
             | Resource::MeshConfig(_)
-            | Resource::FaultInjection(_) => {}
+            | Resource::FaultInjection(_)
+            | Resource::Telemetry(_) => {}
             Resource::HttpRoute(r) => {
                 for p in &r.spec.parent_refs {
                     c.parent(&p.namespace, &p.name, p.port);

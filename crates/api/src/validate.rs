@@ -37,6 +37,8 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
         })
         .collect();
     let mut mesh_configs: BTreeMap<String, &Located<Resource>> = BTreeMap::new();
+    let mut telemetry_scopes: BTreeMap<(String, Option<String>), &Located<Resource>> =
+        BTreeMap::new();
     let mut fallbacks = Fallbacks::new();
     let mut policy_targets: BTreeMap<(String, String), &Located<Resource>> = BTreeMap::new();
     for r in resources {
@@ -87,6 +89,26 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
             Resource::AuthorizationPolicy(a) => v.authorization(&ctx, &a.spec),
             Resource::RequestAuthentication(a) => v.authentication(&ctx, &a.spec),
             Resource::FaultInjection(f) => v.fault(&ctx, &f.spec),
+            Resource::Telemetry(t) => {
+                v.telemetry(&ctx, &t.spec);
+                let scope = (m.namespace.clone(), t.spec.service.clone());
+                if let Some(first) = telemetry_scopes.insert(scope, r) {
+                    let what = match &t.spec.service {
+                        Some(s) => format!("service {}/{s}", m.namespace),
+                        None => format!("namespace {}", m.namespace),
+                    };
+                    v.at(
+                        r,
+                        "metadata.name",
+                        format!(
+                            "{what} already has Telemetry {} ({}:{}); one per scope, so merge them",
+                            first.value.metadata().name,
+                            first.file,
+                            first.first_line
+                        ),
+                    );
+                }
+            }
             Resource::Proxy(p) => v.proxy(&ctx, p),
             Resource::Service(s) => v.service(&ctx, s),
             Resource::HttpRoute(h) => v.http_route(&ctx, &h.spec),
@@ -1212,6 +1234,82 @@ impl Validator {
         }
     }
 
+    fn telemetry(&mut self, ctx: &Ctx, spec: &crate::telemetry::TelemetrySpec) {
+        use crate::telemetry::{ACCESS_LOG_FIELDS, MAX_QUEUE};
+        let r = ctx.r;
+        if let Some(s) = &spec.service
+            && let Err(e) = check_name(s)
+        {
+            self.at(r, "spec.service", e);
+        }
+        if let Some(t) = &spec.tracing {
+            match (&t.collector, t.enabled) {
+                (None, true) => self.at(
+                    r,
+                    "spec.tracing.collector",
+                    "required when tracing is enabled (http://HOST:PORT)",
+                ),
+                (Some(c), _) => {
+                    if !crate::telemetry::collector_ok(c) {
+                        self.at(
+                            r,
+                            "spec.tracing.collector",
+                            format!("{c:?} is not http://HOST:PORT"),
+                        );
+                    }
+                }
+                (None, false) => {}
+            }
+            if !(t.sampling_percent.is_finite() && (0.0..=100.0).contains(&t.sampling_percent)) {
+                self.at(r, "spec.tracing.samplingPercent", "must be 0-100");
+            }
+            if t.propagation.is_empty() {
+                self.at(r, "spec.tracing.propagation", "name at least one format");
+            }
+            if !(1..=MAX_QUEUE).contains(&t.queue_size) {
+                self.at(
+                    r,
+                    "spec.tracing.queueSize",
+                    format!("must be 1-{MAX_QUEUE}"),
+                );
+            }
+            if t.batch_size == 0 || t.batch_size > t.queue_size {
+                self.at(r, "spec.tracing.batchSize", "must be 1-queueSize");
+            }
+            if t.flush_interval.get().is_zero() {
+                self.at(r, "spec.tracing.flushInterval", "must be more than 0s");
+            }
+        }
+        if let Some(l) = &spec.access_log {
+            if l.path != "stdout" && !l.path.starts_with('/') {
+                self.at(
+                    r,
+                    "spec.accessLog.path",
+                    format!("{:?} is neither stdout nor an absolute path", l.path),
+                );
+            }
+            for (i, f) in l.fields.iter().enumerate() {
+                if !ACCESS_LOG_FIELDS.contains(&f.as_str()) {
+                    self.at(
+                        r,
+                        &format!("spec.accessLog.fields[{i}]"),
+                        format!(
+                            "unknown field {f:?}; known: {}",
+                            ACCESS_LOG_FIELDS.join(", ")
+                        ),
+                    );
+                }
+            }
+            if !(1..=MAX_QUEUE).contains(&l.queue_size) {
+                self.at(
+                    r,
+                    "spec.accessLog.queueSize",
+                    format!("must be 1-{MAX_QUEUE}"),
+                );
+            }
+        }
+    }
+
     fn fault(&mut self, ctx: &Ctx, spec: &crate::fault::FaultInjectionSpec) {
         let r = ctx.r;
         if spec.delay.is_none() && spec.abort.is_none() {
@@ -1863,6 +1961,69 @@ spec:
             assert!(d.message.contains(msg), "{rule}: {d}");
             assert!(d.line >= 13, "{rule}: line {}", d.line);
         }
+    }
+
+    #[test]
+    fn telemetry_is_refused_at_its_field() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                "accessLog: {fields: [trace_id, body]}",
+                "spec.accessLog.fields[1]",
+                "unknown field \"body\"",
+            ),
+            (
+                "accessLog: {path: logs/access.log}",
+                "spec.accessLog.path",
+                "neither stdout nor an absolute path",
+            ),
+            (
+                "tracing: {samplingPercent: 5}",
+                "spec.tracing.collector",
+                "required",
+            ),
+            (
+                "tracing: {collector: 'otel:4317'}",
+                "spec.tracing.collector",
+                "not http://HOST:PORT",
+            ),
+            (
+                "tracing: {collector: 'http://otel:4317', samplingPercent: 101}",
+                "spec.tracing.samplingPercent",
+                "0-100",
+            ),
+            (
+                "tracing: {collector: 'http://otel:4317', queueSize: 10, batchSize: 11}",
+                "spec.tracing.batchSize",
+                "1-queueSize",
+            ),
+            (
+                "tracing: {collector: 'http://otel:4317', propagation: []}",
+                "spec.tracing.propagation",
+                "at least one",
+            ),
+        ];
+        for (spec, field, msg) in cases {
+            let text = format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: Telemetry\nmetadata: {{name: t}}\nspec:\n  {spec}\n"
+            );
+            let err = check(&text).expect_err(spec);
+            let d = err
+                .0
+                .iter()
+                .find(|d| d.field == *field)
+                .unwrap_or_else(|| panic!("{spec}: no error at {field}: {err}"));
+            assert!(d.message.contains(msg), "{spec}: {d}");
+            assert_eq!(d.line, 18, "{spec}: {d}");
+        }
+        // Switched off, a block needs nothing else; a second one for the same scope is refused.
+        check("apiVersion: trellis.dev/v1alpha1\nkind: Telemetry\nmetadata: {name: t}\nspec: {tracing: {enabled: false}, accessLog: {enabled: false}}\n").unwrap();
+        let two = "apiVersion: trellis.dev/v1alpha1\nkind: Telemetry\nmetadata: {name: a, namespace: shop}\nspec: {service: orders}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Telemetry\nmetadata: {name: b, namespace: shop}\nspec: {service: orders}\n";
+        let err = check(two).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("service shop/orders already has Telemetry a"),
+            "{err}"
+        );
     }
 
     /// Filter combinations and values the Gateway API forbids, and filters Trellis cannot

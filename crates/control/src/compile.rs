@@ -157,6 +157,13 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
     for s in state.of_kind(Kind::MeshConfig) {
         add(&s.resource);
     }
+    // Telemetry of the mesh and of the proxy's namespace; the proxy picks the most specific.
+    for s in state.of_kind(Kind::Telemetry) {
+        let ns = &s.resource.metadata().namespace;
+        if ns == "default" || ns == &key.namespace {
+            add(&s.resource);
+        }
+    }
     // Authorization is enforced where the calls arrive: only a service's own sidecars get
     // the policies of its namespace that target it (or every service there).
     if let Some((ns, name)) = &key.own {
@@ -391,6 +398,28 @@ spec:
         };
         assert_eq!(faults("catalog"), ["FaultInjection/default/outage"]);
         assert!(faults("orders").is_empty());
+    }
+
+    #[test]
+    fn telemetry_of_the_mesh_and_the_proxys_namespace_reaches_it() {
+        let t = |name: &str, ns: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: Telemetry\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{accessLog: {{path: stdout}}}}\n---\n"
+            )
+        };
+        let yaml = format!(
+            "{}{}{}",
+            t("mesh", "default"),
+            t("s", "shop"),
+            t("b", "bank")
+        );
+        let state = state_of(&yaml);
+        let got: Vec<String> = compile(&state, &ViewKey::new("shop", &[], false))
+            .items
+            .into_keys()
+            .filter(|k| k.starts_with("Telemetry/"))
+            .collect();
+        assert_eq!(got, ["Telemetry/default/mesh", "Telemetry/shop/s"]);
     }
 
     /// A route's backend that nothing defines is left out of views (the proxy answers its

@@ -17,6 +17,9 @@ pub struct Entry {
     /// W3C trace id (32 hex digits), when the request was traced.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trace_id: Option<String>,
+    /// This hop's span id (16 hex digits), when the request was traced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span_id: Option<String>,
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// The client's address.
@@ -44,19 +47,23 @@ pub struct Entry {
     /// The endpoint that answered.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream: Option<String>,
-    /// Why the proxy answered itself (`no_route`, `timeout`, `overloaded`, ...), if it did.
+    /// Why the proxy answered itself or the exchange failed (`no_route`, `denied`,
+    /// `upstream_timeout`, ...; see `hop::reason`), if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<&'static str>,
     /// The authorization policy that allowed or denied the request.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
-    /// Tries sent (1 + retries).
-    pub attempts: u32,
-    /// Request body bytes received.
-    pub request_bytes: u64,
+    /// Request body bytes, as its `content-length` declared (absent when streamed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_bytes: Option<u64>,
     /// Response body bytes sent.
     pub response_bytes: u64,
-    /// Time to the response head, milliseconds.
+    /// Time from the request's arrival to the upstream's response head, milliseconds
+    /// (absent when no upstream answered).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub upstream_ms: Option<f64>,
+    /// Time from the request's arrival to the end of its response body, milliseconds.
     pub duration_ms: f64,
 }
 
@@ -87,8 +94,17 @@ impl AccessLog {
         fields: Vec<String>,
         queue: usize,
     ) -> std::io::Result<AccessLog> {
+        AccessLog::start_counted(out, fields, queue, Arc::default())
+    }
+
+    /// Like [`start`](Self::start), counting into `counts` (kept across reconfigurations).
+    pub fn start_counted(
+        out: Box<dyn Write + Send>,
+        fields: Vec<String>,
+        queue: usize,
+        counts: Arc<Counts>,
+    ) -> std::io::Result<AccessLog> {
         let (tx, rx) = mpsc::channel(queue.max(1));
-        let counts = Arc::new(Counts::default());
         let c = counts.clone();
         std::thread::Builder::new()
             .name("trellis-access-log".into())
@@ -151,28 +167,7 @@ fn write_loop(
 }
 
 /// The known field names, for validating a field selection.
-pub const FIELDS: &[&str] = &[
-    "start_time",
-    "trace_id",
-    "direction",
-    "client",
-    "peer_identity",
-    "method",
-    "authority",
-    "path",
-    "protocol",
-    "status",
-    "grpc_status",
-    "route",
-    "backend",
-    "upstream",
-    "reason",
-    "policy",
-    "attempts",
-    "request_bytes",
-    "response_bytes",
-    "duration_ms",
-];
+pub const FIELDS: &[&str] = trellis_api::telemetry::ACCESS_LOG_FIELDS;
 
 #[cfg(test)]
 mod tests {
@@ -193,7 +188,6 @@ mod tests {
             route: "shop/catalog/0".into(),
             backend: "shop/catalog:8080".into(),
             upstream: Some("10.0.0.1:8080".into()),
-            attempts: 1,
             duration_ms: 1.5,
             ..Entry::default()
         }
@@ -204,8 +198,11 @@ mod tests {
         let all = Entry {
             peer_identity: Some("spiffe://x/ns/a/sa/b".into()),
             grpc_status: Some(0),
-            reason: Some("timeout".into()),
+            span_id: Some("00f067aa0ba902b7".into()),
+            reason: Some("upstream_timeout"),
             policy: Some("shop/allow".into()),
+            request_bytes: Some(12),
+            upstream_ms: Some(1.0),
             ..entry(200)
         };
         let v: serde_json::Value = serde_json::from_str(&line(&all, &[])).unwrap();

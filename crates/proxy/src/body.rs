@@ -32,6 +32,8 @@ enum Kind {
     Tee(crate::mirror::Tee),
     /// A mirrored copy's body.
     Copy(crate::mirror::CopyBody),
+    /// A response body whose end ends the request's span and log line.
+    Observed(Box<crate::hop::Observed>),
     /// Any stream, in unit tests.
     #[cfg(test)]
     Test(http_body_util::combinators::BoxBody<Bytes, BodyError>),
@@ -85,6 +87,12 @@ impl From<crate::mirror::Tee> for Body {
 impl From<crate::mirror::CopyBody> for Body {
     fn from(b: crate::mirror::CopyBody) -> Body {
         Body(Kind::Copy(b))
+    }
+}
+
+impl From<Box<crate::hop::Observed>> for Body {
+    fn from(b: Box<crate::hop::Observed>) -> Body {
+        Body(Kind::Observed(b))
     }
 }
 
@@ -165,6 +173,7 @@ impl http_body::Body for Body {
             Kind::Replayed(b) => Pin::new(b).poll_frame(cx),
             Kind::Tee(b) => Pin::new(b).poll_frame(cx),
             Kind::Copy(b) => Pin::new(b).poll_frame(cx),
+            Kind::Observed(b) => Pin::new(&mut **b).poll_frame(cx),
             #[cfg(test)]
             Kind::Test(b) => Pin::new(b).poll_frame(cx),
         }
@@ -180,6 +189,7 @@ impl http_body::Body for Body {
             Kind::Replayed(b) => b.is_end_stream(),
             Kind::Tee(b) => b.is_end_stream(),
             Kind::Copy(b) => b.is_end_stream(),
+            Kind::Observed(b) => b.is_end_stream(),
             #[cfg(test)]
             Kind::Test(b) => b.is_end_stream(),
         }
@@ -195,6 +205,7 @@ impl http_body::Body for Body {
             Kind::Replayed(b) => b.size_hint(),
             Kind::Tee(b) => b.size_hint(),
             Kind::Copy(b) => b.size_hint(),
+            Kind::Observed(b) => b.size_hint(),
             #[cfg(test)]
             Kind::Test(b) => b.size_hint(),
         }
@@ -212,6 +223,7 @@ impl std::fmt::Debug for Body {
             Kind::Replayed(_) => "replayed",
             Kind::Tee(_) => "tee",
             Kind::Copy(_) => "mirror copy",
+            Kind::Observed(_) => "observed",
             #[cfg(test)]
             Kind::Test(_) => "test",
         };

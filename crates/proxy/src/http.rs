@@ -49,6 +49,10 @@ pub struct ConnInfo {
     pub streams: Arc<crate::streams::Streams>,
 }
 
+/// What decided when a request's token was refused (metrics, access log).
+static REQUEST_AUTHENTICATION: std::sync::LazyLock<Arc<str>> =
+    std::sync::LazyLock::new(|| "request-authentication".into());
+
 /// Request header carrying the calling sidecar's SPIFFE id to the app (mutual TLS only).
 pub const PEER_IDENTITY: &str = "x-trellis-peer-identity";
 
@@ -58,22 +62,24 @@ pub async fn handle(
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    // The fleet view (module `tap`) sees every request from its arrival to its response head.
+    // The fleet view (module `tap`) sees every request from its arrival to its response head;
+    // this hop's span and access log line (module `hop`) end with the response body.
     let start = Instant::now();
     let mut seen = crate::tap::Seen::begin(&shared.report.taps, &conn, &req);
-    let resp = handle_request(shared.clone(), conn, req, &mut seen).await;
-    if let Ok(r) = &resp {
-        seen.end(&shared.report, r, start.elapsed());
-    }
-    resp
+    let mut hop = crate::hop::Hop::begin(&shared.telemetry, &conn, &req);
+    let resp = serve(shared.clone(), conn, req, &mut seen, &mut hop).await;
+    seen.end(&shared.report, &resp, start.elapsed());
+    Ok(hop.end(resp))
 }
 
-async fn handle_request(
+/// The request path proper; `seen` and `hop` note what it decided.
+async fn serve(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     mut req: Request<Incoming>,
     seen: &mut crate::tap::Seen,
-) -> Result<Response<Body>, Infallible> {
+    hop: &mut crate::hop::Hop,
+) -> Response<Body> {
     let start = Instant::now();
     // The connection is not idle while this request is handled, or its response streams
     // (its idle watchdog).
@@ -94,14 +100,19 @@ async fn handle_request(
         peer: conn.peer_identity.as_deref(),
         grpc,
         start,
-        trace_id: golden::sampled_trace(&parts.headers),
+        // The exemplar's trace: this hop's sampled span, else a sampled caller's (tracing off).
+        trace_id: hop
+            .sampled_trace_id()
+            .or_else(|| golden::sampled_trace(&parts.headers)),
     };
     // Before anything reads or sets a header: the client's hop-by-hop headers go now, so its
     // `Connection` cannot remove what the mesh adds below (identity, route filters).
     strip_hop_by_hop(&mut parts.headers, downstream_upgrade.is_some());
+    // The next hop's parent is this hop's span.
+    hop.inject(&mut parts.headers);
     // One canonical path, before authentication, authorization and routing read it.
     if let Err(e) = canonical_path(&mut parts) {
-        return Ok(shared.fail(&at, &NONE, &NONE, e));
+        return shared.fail(&at, &NONE, &NONE, e);
     }
     if matches!(listener.kind, ListenerKind::Inbound { .. }) {
         // The app learns who called it from the sidecar alone: a client-sent value is dropped.
@@ -127,16 +138,17 @@ async fn handle_request(
             crate::jwt::Outcome::Valid(c) => claims = Some(c),
             crate::jwt::Outcome::Anonymous => {}
             crate::jwt::Outcome::Refused(why) => {
+                hop.policy(&REQUEST_AUTHENTICATION);
                 shared.metrics.authz_verdict(
                     &listener.name,
                     &crate::authz::Verdict {
                         allow: false,
-                        policy: "request-authentication".into(),
+                        policy: REQUEST_AUTHENTICATION.clone(),
                         audit_denied_by: None,
                     },
                     &format_args!("{} {}: {why}", parts.method, parts.uri.path()),
                 );
-                return Ok(shared.fail(&at, &NONE, &NONE, ProxyError::Unauthenticated(why)));
+                return shared.fail(&at, &NONE, &NONE, ProxyError::Unauthenticated(why));
             }
         }
     }
@@ -160,28 +172,34 @@ async fn handle_request(
                 conn.peer_identity.as_deref().unwrap_or("(no identity)")
             ),
         );
+        hop.policy(&verdict.policy);
         if !verdict.allow {
-            return Ok(shared.fail(&at, &NONE, &NONE, ProxyError::Denied(verdict.policy)));
+            return shared.fail(&at, &NONE, &NONE, ProxyError::Denied(verdict.policy));
         }
     }
 
     // 1. Decide: which rule, which backend (pure).
     let mut fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {
-        Decision::Forward(f) => f,
-        Decision::Fail(e) => return Ok(shared.fail(&at, &NONE, &NONE, e)),
+        Decision::Forward(f) => {
+            hop.route(&f.route, &f.backend.name);
+            f
+        }
+        Decision::Fail(e) => return shared.fail(&at, &NONE, &NONE, e),
         Decision::Redirect {
             route,
             location,
             status,
         } => {
             seen.routed(&route, &NONE);
+            hop.route(&route, &NONE);
+            hop.reason("redirect");
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = status;
             if let Some((n, v)) = filters::location_header(&location) {
                 resp.headers_mut().insert(n, v);
             }
             shared.made(&at, &route, &NONE, &resp, "");
-            return Ok(resp);
+            return resp;
         }
         Decision::Respond {
             route,
@@ -189,11 +207,13 @@ async fn handle_request(
             headers,
         } => {
             seen.routed(&route, &NONE);
+            hop.route(&route, &NONE);
+            hop.reason("direct_response");
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = status;
             *resp.headers_mut() = headers;
             shared.made(&at, &route, &NONE, &resp, "");
-            return Ok(resp);
+            return resp;
         }
     };
     seen.routed(&fwd.route, &fwd.backend.name);
@@ -223,12 +243,13 @@ async fn handle_request(
         match injected {
             Ok(None) => {}
             Ok(Some(resp)) => {
+                hop.reason("fault_abort");
                 let (route, backend) = (&fwd.route, &fwd.backend.name);
                 shared.made(&at, route, backend, &resp, "fault");
-                return Ok(resp);
+                return resp;
             }
             Err(e) => {
-                return Ok(shared.fail(&at, &fwd.route, &fwd.backend.name, e));
+                return shared.fail(&at, &fwd.route, &fwd.backend.name, e);
             }
         }
     }
@@ -307,10 +328,11 @@ async fn handle_request(
         session.as_ref(),
     )
     .await;
-    let (mut resp, endpoint, answered, verified) = match result {
+    let (mut resp, endpoint, answered, verified, upstream) = match result {
         Ok(r) => r,
-        Err(e) => return Ok(shared.fail(&at, &fwd.route, &fwd.backend.name, e)),
+        Err(e) => return shared.fail(&at, &fwd.route, &fwd.backend.name, e),
     };
+    hop.upstream(upstream, answered);
 
     // 6. Response filters.
     if let Some(rule) = &fwd.rule {
@@ -376,14 +398,20 @@ async fn handle_request(
         && !resp.body().is_end_stream()
     {
         let resp = resp.map(|b| w.response(b));
-        return Ok(resp);
+        return resp;
     }
-    Ok(resp)
+    resp
 }
 
-/// A response, the in-flight guard of an upgrade, when its head arrived, and the identity
-/// its endpoint proved over mutual TLS.
-pub(crate) type Answered = (Response<Body>, Option<Upgraded>, Instant, Option<Arc<str>>);
+/// A response, the in-flight guard of an upgrade, when its head arrived, the identity its
+/// endpoint proved over mutual TLS, and the endpoint's address.
+pub(crate) type Answered = (
+    Response<Body>,
+    Option<Upgraded>,
+    Instant,
+    Option<Arc<str>>,
+    SocketAddr,
+);
 
 /// Sends the request to the backend, top to bottom: the request's deadline (the route's
 /// timeout, or a gRPC call's own if sooner; `start` is when the request arrived) → the
@@ -622,6 +650,7 @@ fn respond(endpoint: &Arc<EndpointState>, a: attempt::Answer) -> Answered {
             }),
             answered,
             endpoint.verified().cloned(),
+            endpoint.addr,
         );
     }
     // Only HTTP/1.1 connections are pooled per exchange (HTTP/2's is shared).
@@ -646,6 +675,7 @@ fn respond(endpoint: &Arc<EndpointState>, a: attempt::Answer) -> Answered {
         None,
         answered,
         endpoint.verified().cloned(),
+        endpoint.addr,
     )
 }
 
@@ -902,8 +932,10 @@ impl Shared {
         } else {
             Audience::App
         };
-        let resp = e.into_response(at.grpc, audience);
+        let mut resp = e.into_response(at.grpc, audience);
         self.made(at, route, backend, &resp, label);
+        // For the access log's and span's reason flag (module hop).
+        resp.extensions_mut().insert(crate::hop::Failed(label));
         resp
     }
 

@@ -26,6 +26,7 @@ pub mod filters;
 pub mod golden;
 mod h1;
 pub mod health;
+mod hop;
 mod http;
 pub mod identity;
 mod io;
@@ -48,6 +49,7 @@ pub mod snapshot;
 mod streams;
 pub mod tap;
 mod tcp;
+pub mod telemetry;
 pub mod tls;
 pub mod trace;
 mod watch;
@@ -73,6 +75,9 @@ pub enum ApplyError {
     /// A listener could not bind.
     #[error(transparent)]
     Bind(#[from] server::BindError),
+    /// The access log cannot be opened.
+    #[error(transparent)]
+    Telemetry(#[from] telemetry::Error),
     /// The admin address cannot change while running.
     #[error("admin address cannot change while running ({0} -> {1}); restart the proxy")]
     AdminMoved(SocketAddr, SocketAddr),
@@ -170,10 +175,12 @@ impl Proxy {
 
     async fn install(&self, snap: Snapshot) -> Result<u64, ApplyError> {
         let mut listeners = self.listeners.lock().await;
+        let sinks = self.shared.telemetry.prepare(&snap)?;
         let fresh = listeners.prepare(&snap)?;
         let version = snap.version;
         let snap = Arc::new(snap);
         self.shared.store(snap.clone());
+        self.shared.telemetry.commit(sinks);
         listeners.commit(&self.shared, &snap, fresh);
         self.checkers.sync(&snap, &self.shared);
         self.shared.refresh_parties();

@@ -1022,6 +1022,11 @@ impl Metrics {
         self.shed.retain(|l| on(&l.listener));
     }
 
+    /// Adds metrics read at scrape time from state another module owns.
+    pub fn register_collector(&mut self, c: Box<dyn prometheus_client::collector::Collector>) {
+        self.registry.register_collector(c);
+    }
+
     /// OpenMetrics text exposition, with exemplars and `# EOF`.
     pub fn encode(&self) -> String {
         // Series of a route removed while a request still held its old snapshot go now.

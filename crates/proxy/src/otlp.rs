@@ -241,8 +241,12 @@ pub struct Exporter {
 impl Exporter {
     /// Starts the export task (on the current runtime); it ends when every handle is gone.
     pub fn start(config: ExportConfig) -> Exporter {
+        Exporter::start_counted(config, Arc::default())
+    }
+
+    /// Like [`start`](Self::start), counting into `counts` (kept across reconfigurations).
+    pub fn start_counted(config: ExportConfig, counts: Arc<Counts>) -> Exporter {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
-        let counts = Arc::new(Counts::default());
         tokio::spawn(run(config, rx, counts.clone()));
         Exporter { tx, counts }
     }

@@ -42,14 +42,20 @@ pub struct Shared {
     pub session_key: crate::session::Key,
     /// Traffic counts and taps for the control plane's fleet view.
     pub report: crate::report::Collector,
+    /// Tracing and access-log sinks, swapped with the snapshot.
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 impl Shared {
     /// New shared state with an empty snapshot.
     pub fn new() -> Shared {
+        let telemetry = Arc::new(crate::telemetry::Telemetry::default());
+        let mut metrics = Metrics::default();
+        metrics.register_collector(telemetry.collector());
         Shared {
+            telemetry,
             snapshot: ArcSwap::from_pointee(Snapshot::empty()),
-            metrics: Metrics::default(),
+            metrics,
             draining: CancellationToken::new(),
             tasks: TaskTracker::new(),
             mesh: Default::default(),

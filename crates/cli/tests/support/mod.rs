@@ -219,9 +219,24 @@ pub struct Response {
 
 /// One HTTP/1.1 request on a fresh connection (`Connection: close`), bounded to 5 s.
 pub fn http(method: &str, port: u16, path: &str, body: &str) -> std::io::Result<Response> {
+    http_with(method, port, path, &[], body)
+}
+
+/// [`http`] with extra request headers.
+pub fn http_with(
+    method: &str,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> std::io::Result<Response> {
     let s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    exchange(s, method, port, path, body)
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
+    exchange(s, method, port, &extra, path, body)
 }
 
 /// One HTTP/1.1 request over TLS to the control plane on `port`, verified with the trust
@@ -248,6 +263,7 @@ pub fn https(
         rustls::StreamOwned::new(conn, tcp),
         method,
         port,
+        "",
         path,
         body,
     )
@@ -257,12 +273,13 @@ fn exchange<S: Read + Write>(
     mut s: S,
     method: &str,
     port: u16,
+    extra: &str,
     path: &str,
     body: &str,
 ) -> std::io::Result<Response> {
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n{extra}connection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
         body.len()
     )?;
     s.flush()?;

@@ -19,6 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use trellis_proxy::Proxy;
 
+pub mod collector;
+
 pub type TestBody = BoxBody<Bytes, hyper::Error>;
 
 /// An upstream HTTP server (HTTP/1.1 and h2c) that describes each request it receives as
