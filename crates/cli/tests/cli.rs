@@ -299,3 +299,69 @@ fn config_reference_embeds_every_example_verbatim() {
         );
     }
 }
+
+#[test]
+fn a_standalone_proxy_honours_the_telemetry_in_its_config() {
+    let up = slow_upstream(Duration::ZERO);
+    let (admin, out) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("trellis-cli-telemetry-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    std::fs::write(
+        dir.join("proxy.yaml"),
+        format!(
+            "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: p}}
+spec:
+  admin: {{address: 127.0.0.1:{admin}}}
+  outbound: [{{name: out, address: 127.0.0.1:{out}, service: {{name: up}}}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: up}}
+spec:
+  ports: [{{port: 80}}]
+  endpoints: [{{address: \"{up}\"}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Telemetry
+metadata: {{name: logs}}
+spec:
+  accessLog: {{path: '{}', fields: [status, route, upstream]}}
+",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let mut child = trellis()
+        .args(["proxy", "--threads", "1", "--config"])
+        .arg(dir.join("proxy.yaml"))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(admin, &mut child);
+    let mut s = TcpStream::connect(("127.0.0.1", out)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: up\r\nconnection: close\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    let _ = s.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(l) = text.lines().next() {
+            break l.to_string();
+        }
+        assert!(Instant::now() < deadline, "no access log line");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(
+        line,
+        format!("{{\"route\":\"default\",\"status\":200,\"upstream\":\"{up}\"}}")
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}

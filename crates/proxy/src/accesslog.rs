@@ -27,20 +27,25 @@ pub struct Entry {
     /// The caller's mesh identity (SPIFFE ID), when it presented one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_identity: Option<String>,
-    /// Method.
+    /// Method (HTTP only).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub method: String,
-    /// `Host` / `:authority`.
+    /// `Host` / `:authority` (HTTP only).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub authority: String,
-    /// Path (without the query, which may carry secrets).
+    /// Path (without the query, which may carry secrets; HTTP only).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub path: String,
-    /// `HTTP/1.1`, `HTTP/2`.
+    /// `HTTP/1.1`, `HTTP/2`, or `TCP` for a forwarded connection.
     pub protocol: &'static str,
-    /// Status sent to the client.
+    /// Status sent to the client (HTTP only).
+    #[serde(skip_serializing_if = "is_zero")]
     pub status: u16,
     /// gRPC status, for gRPC calls that ended with one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_status: Option<u32>,
-    /// Route rule id (`namespace/route/rule`), `default` or `inbound`.
+    /// Route rule id (`namespace/route/rule`), `default` or `inbound` (HTTP only).
+    #[serde(skip_serializing_if = "String::is_empty")]
     pub route: String,
     /// Backend (`namespace/service:port`).
     pub backend: String,
@@ -65,6 +70,10 @@ pub struct Entry {
     pub upstream_ms: Option<f64>,
     /// Time from the request's arrival to the end of its response body, milliseconds.
     pub duration_ms: f64,
+}
+
+fn is_zero(n: &u16) -> bool {
+    *n == 0
 }
 
 /// What the writer did, for metrics.

@@ -376,6 +376,80 @@ impl Record {
     }
 }
 
+/// A forwarded (opaque) TCP connection's access log line, written when the connection ends.
+pub struct TcpHop(Option<Box<TcpRecord>>);
+
+struct TcpRecord {
+    sinks: Arc<Sinks>,
+    direction: &'static str,
+    wall: SystemTime,
+    start: Instant,
+    client: SocketAddr,
+    peer: Option<Arc<str>>,
+    backend: Arc<str>,
+    /// `None` until the connection ended on its own.
+    reason: Option<Option<&'static str>>,
+}
+
+impl TcpHop {
+    /// A connection from `client` about to be forwarded to `backend`.
+    pub fn begin(
+        telemetry: &crate::telemetry::Telemetry,
+        direction: &'static str,
+        client: SocketAddr,
+        peer: Option<Arc<str>>,
+        backend: &Arc<str>,
+    ) -> TcpHop {
+        let sinks = telemetry.sinks();
+        if sinks.log.is_none() {
+            return TcpHop(None);
+        }
+        TcpHop(Some(Box::new(TcpRecord {
+            sinks: arc_swap::Guard::into_inner(sinks),
+            direction,
+            wall: SystemTime::now(),
+            start: Instant::now(),
+            client,
+            peer,
+            backend: backend.clone(),
+            reason: None,
+        })))
+    }
+
+    /// How forwarding ended (`None`: no endpoint could be reached).
+    pub fn end(mut self, outcome: &std::io::Result<Option<crate::io::Spliced>>) {
+        if let Some(r) = &mut self.0 {
+            r.reason = Some(match outcome {
+                Ok(Some(_)) => None,
+                Ok(None) => Some("connect_failed"),
+                Err(_) => Some("stream_reset"),
+            });
+        }
+    }
+}
+
+impl Drop for TcpHop {
+    fn drop(&mut self) {
+        let Some(r) = self.0.take() else { return };
+        let Some(log) = &r.sinks.log else { return };
+        let end = Instant::now();
+        log.record(crate::accesslog::Entry {
+            start_time: jiff::Timestamp::try_from(r.wall)
+                .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+                .unwrap_or_default(),
+            direction: r.direction,
+            client: r.client.to_string(),
+            peer_identity: r.peer.as_deref().map(str::to_string),
+            protocol: "TCP",
+            backend: r.backend.to_string(),
+            // Dropped before it ended: the proxy is draining.
+            reason: r.reason.unwrap_or(Some("drained")),
+            duration_ms: (end - r.start).as_secs_f64() * 1000.0,
+            ..Default::default()
+        });
+    }
+}
+
 /// `host[:port]` (an IPv6 host in brackets).
 fn split_authority(a: &str) -> (&str, Option<u16>) {
     match a.rsplit_once(':') {

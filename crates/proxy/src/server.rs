@@ -703,9 +703,18 @@ async fn serve_connection(
             // A long-lived connection does not pin the config it started under (nor the
             // metric series only that config has).
             drop(snap);
+            // This connection's access log line (module hop), written when it ends.
+            let logged = crate::hop::TcpHop::begin(
+                &shared.telemetry,
+                direction,
+                peer,
+                peer_identity.clone(),
+                &backend.name,
+            );
             // Opaque streams cannot be asked to finish: they run until the drain deadline.
             tokio::select! {
                 r = tcp::forward(&backend, io, peer, first, idle, &shared.metrics, direction, peer_identity.as_deref()) => {
+                    logged.end(&r);
                     if let Ok(Some(crate::io::Spliced::Idle)) = r {
                         shared.metrics.idle("tcp");
                     }

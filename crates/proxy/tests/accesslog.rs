@@ -295,3 +295,43 @@ async fn a_pipe_nobody_reads_costs_dropped_lines_not_slower_requests() {
     let _ = done_tx.send(());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+// Two workers: `lines` blocks its thread while the proxy closes the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_tcp_connection_gets_one_line_when_it_ends() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = temp_dir("tcp");
+    let log = dir.join("access.log");
+    let echo = tcp_echo().await;
+    let p = start_proxy(&format!(
+        "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: test}}
+spec:
+  admin: {{address: 127.0.0.1:0}}
+  outbound:
+    - {{name: out, address: 127.0.0.1:0, service: {{name: echo}}, protocol: tcp}}
+{}{}",
+        service_yaml("echo", 80, &[echo]),
+        telemetry("mesh", None, &format!("{{path: '{}'}}", log.display()))
+    ))
+    .await;
+    let mut s = tokio::net::TcpStream::connect(p.addr("out").await)
+        .await
+        .unwrap();
+    s.write_all(b"ping").await.unwrap();
+    let mut got = [0u8; 4];
+    s.read_exact(&mut got).await.unwrap();
+    assert_eq!(&got, b"ping");
+    drop(s);
+    let line = &lines(&log, 1)[0];
+    assert_eq!(line["protocol"], "TCP");
+    assert_eq!(line["direction"], "outbound");
+    assert_eq!(line["backend"], "default/echo:80");
+    assert!(line["duration_ms"].as_f64().unwrap() > 0.0);
+    // HTTP's fields are left out, and the connection ended on its own.
+    for absent in ["method", "path", "status", "route", "reason"] {
+        assert!(line.get(absent).is_none(), "{absent}: {line}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
