@@ -169,6 +169,17 @@ spec:
                 assert_eq!(g.attr("trellis.direction").as_deref(), Some("outbound"));
                 assert!(g.attr("trellis.backend").is_some() && g.attr("http.route").is_some());
                 assert!(g.attr("trellis.upstream").is_some(), "{g:#?}");
+                // The endpoint proved who it is over mutual TLS: the service this call reached.
+                let callee = spans
+                    .iter()
+                    .find(|c| c.span.kind == 2 && c.parent_hex() == g.span_hex())
+                    .expect("every call reaches a sidecar");
+                let peer = g.attr("trellis.peer.identity").unwrap_or_default();
+                assert!(
+                    peer.starts_with("spiffe://")
+                        && peer.ends_with(&format!("/sa/{}", service_of(callee))),
+                    "{g:#?}"
+                );
                 // order-processing's calls are children of its own SERVER span, through the
                 // app, which passed the context on.
                 if g.span_hex() != root.span_hex() {

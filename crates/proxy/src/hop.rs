@@ -178,11 +178,15 @@ impl Hop {
         }
     }
 
-    /// The endpoint that answered, and when its response head arrived.
-    pub fn upstream(&mut self, addr: SocketAddr, answered: Instant) {
+    /// The endpoint that answered, when its response head arrived, and the identity it proved.
+    pub fn upstream(&mut self, addr: SocketAddr, answered: Instant, verified: Option<&Arc<str>>) {
         if let Some(r) = &mut self.rec {
             r.upstream = Some(addr);
             r.answered = Some(answered);
+            // Outbound, the peer is the endpoint, as the identity it proved over mutual TLS.
+            if r.direction == "outbound" {
+                r.peer = verified.cloned();
+            }
         }
     }
 

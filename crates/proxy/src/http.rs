@@ -332,7 +332,7 @@ async fn serve(
         Ok(r) => r,
         Err(e) => return shared.fail(&at, &fwd.route, &fwd.backend.name, e),
     };
-    hop.upstream(upstream, answered);
+    hop.upstream(upstream, answered, verified.as_ref());
 
     // 6. Response filters.
     if let Some(rule) = &fwd.rule {
