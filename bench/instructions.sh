@@ -7,6 +7,8 @@
 #   TRELLIS_BIN=path/to/trellis bash bench/instructions.sh
 #   POLICY_SETS="none default all" bash bench/instructions.sh   # trellis only, per policy set
 #                                  (bench/lib/policies.sh: the resilience layer's cost)
+#   TELEMETRY_SETS="metrics trace1 trace100 logs trace1-logs" bash bench/instructions.sh
+#                                  (bench/lib/telemetry.sh: tracing's and access logs' cost)
 #
 # Each proxy runs under callgrind with one thread in front of an nginx upstream serving
 # 1 KiB; wrk warms it up for 2 s, the counters are zeroed, and the instructions of the next
@@ -14,6 +16,7 @@
 set -euo pipefail
 source "$(dirname "$0")/lib/one-hop.sh"
 source "$(dirname "$0")/lib/policies.sh"
+source "$(dirname "$0")/lib/telemetry.sh"
 one_hop_prepare instr valgrind nginx haproxy wrk curl
 UP=28080 PROXY=28001 ADMIN=28990
 one_hop_configs $UP $PROXY $PROXY $ADMIN
@@ -47,6 +50,16 @@ echo "|---|--:|--:|"
 if [[ -n ${POLICY_SETS:-} ]]; then
     for set in $POLICY_SETS; do
         { cat "$TMP/trellis.yaml"; policy "$set"; } >"$TMP/trellis-$set.yaml"
+        "$BIN" validate -f "$TMP/trellis-$set.yaml" >/dev/null
+        count "trellis-$set" "$BIN" proxy --config "$TMP/trellis-$set.yaml" --threads 1 --log warn
+    done
+    exit 0
+fi
+if [[ -n ${TELEMETRY_SETS:-} ]]; then
+    SINK=28431
+    sink "$SINK"
+    for set in $TELEMETRY_SETS; do
+        { cat "$TMP/trellis.yaml"; telemetry "$set"; } >"$TMP/trellis-$set.yaml"
         "$BIN" validate -f "$TMP/trellis-$set.yaml" >/dev/null
         count "trellis-$set" "$BIN" proxy --config "$TMP/trellis-$set.yaml" --threads 1 --log warn
     done

@@ -24,6 +24,7 @@ T=${TRELLIS_BIN:-}
 
 log() { printf '[observability %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 source "bench/lib/load.sh"
+source "bench/lib/telemetry.sh"
 command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
 [ -x "$OHA" ] || cargo install oha --locked
@@ -37,39 +38,6 @@ chmod 755 "$TMP"
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
 trap cleanup EXIT
-
-# sink PORT: an OTLP/HTTP "collector" that accepts every export at once (an empty 200 is an
-# empty ExportTraceServiceResponse), so the sidecar's exporter cost is all that is measured.
-sink() {
-    local p=$1 d=$TMP/sink
-    mkdir -p "$d"
-    cat >"$d/nginx.conf" <<NGINX
-worker_processes 1; daemon off; pid $d/nginx.pid; error_log $d/error.log;
-events { worker_connections 1024; }
-http { access_log off; client_body_buffer_size 1m; client_max_body_size 64m;
-  client_body_temp_path $d; proxy_temp_path $d; fastcgi_temp_path $d; uwsgi_temp_path $d; scgi_temp_path $d;
-  server { listen 127.0.0.1:$p; location / { default_type application/x-protobuf; return 200 ""; } } }
-NGINX
-    nginx -p "$d" -c "$d/nginx.conf" -e "$d/error.log" &
-    PIDS+=("$!")
-    wait_port "$p"
-}
-
-# telemetry SET: the Telemetry document of one set (none for "metrics").
-telemetry() {
-    local tracing="" logs=""
-    case $1 in
-    metrics) return ;;
-    trace1) tracing=1 ;;
-    trace100) tracing=100 ;;
-    logs) logs=1 ;;
-    trace1-logs) tracing=1 logs=1 ;;
-    *) log "unknown set $1"; exit 1 ;;
-    esac
-    printf -- '---\napiVersion: trellis.dev/v1alpha1\nkind: Telemetry\nmetadata: {name: bench}\nspec:\n'
-    [[ -z $tracing ]] || printf '  tracing: {collector: "http://127.0.0.1:%s", protocol: http/protobuf, samplingPercent: %s}\n' "$SINK" "$tracing"
-    [[ -z $logs ]] || printf '  accessLog: {enabled: true, path: %s}\n' "$TMP/access-$1.log"
-}
 
 # sidecar SET PORT ADMIN UPSTREAM [ROUTES]: a standalone sidecar, one worker thread; with
 # ROUTES, that many HTTPRoutes on prefixes /r0 .. /rN-1 (each to the upstream).

@@ -93,6 +93,26 @@ impl MeshService {
             .map_err(identity_status)
     }
 
+    /// The node a stream's first message names: it must have an id, and a proxy that names
+    /// a service may speak only for a service its credentials prove.
+    fn hello(
+        principal: &crate::identity::Principal,
+        node: Option<wire::Node>,
+    ) -> Result<wire::Node, Status> {
+        let node = node.filter(|n| !n.id.is_empty()).ok_or_else(|| {
+            Status::invalid_argument("the first message must carry a node with an id")
+        })?;
+        if !node.service.is_empty() {
+            let ns = if node.namespace.is_empty() {
+                trellis_api::meta::DEFAULT_NAMESPACE
+            } else {
+                &node.namespace
+            };
+            Self::check_owner(principal, ns, &node.service)?;
+        }
+        Ok(node)
+    }
+
     /// A principal may only act for its own service's instances.
     fn check_owner(
         p: &crate::identity::Principal,
@@ -145,18 +165,8 @@ impl Mesh for MeshService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("stream closed before its hello"))?;
-        let node = first.node.filter(|n| !n.id.is_empty()).ok_or_else(|| {
-            Status::invalid_argument("the first message must carry a node with an id")
-        })?;
         // A proxy receives its own service's inbound policies: only for its own service.
-        if !node.service.is_empty() {
-            let ns = if node.namespace.is_empty() {
-                trellis_api::meta::DEFAULT_NAMESPACE
-            } else {
-                &node.namespace
-            };
-            Self::check_owner(&principal, ns, &node.service)?;
-        }
+        let node = Self::hello(&principal, first.node)?;
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
         tokio::spawn(async move {
@@ -191,17 +201,7 @@ impl Mesh for MeshService {
             .message()
             .await?
             .ok_or_else(|| Status::invalid_argument("stream closed before its hello"))?;
-        let node = first.node.filter(|n| !n.id.is_empty()).ok_or_else(|| {
-            Status::invalid_argument("the first message must carry a node with an id")
-        })?;
-        if !node.service.is_empty() {
-            let ns = if node.namespace.is_empty() {
-                trellis_api::meta::DEFAULT_NAMESPACE
-            } else {
-                &node.namespace
-            };
-            Self::check_owner(&principal, ns, &node.service)?;
-        }
+        let node = Self::hello(&principal, first.node)?;
         // Whatever the messages say, the reports are the authenticated caller's own.
         let (namespace, service) = principal.service();
         let who = crate::fleet::Reporter {

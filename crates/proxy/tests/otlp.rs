@@ -2,22 +2,13 @@
 //! definitions (opentelemetry-proto): both protocols deliver every span intact, and a
 //! collector that hangs costs dropped, counted spans, never a waiting request.
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+mod support;
+
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value;
-use prost::Message;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use support::collector::Collector;
 use trellis_proxy::otlp::{self, ExportConfig, Exporter, Protocol};
 
 fn config(endpoint: String, protocol: Protocol) -> ExportConfig {
@@ -85,92 +76,14 @@ fn check(got: Vec<ExportTraceServiceRequest>, n: u8) {
     }
 }
 
-/// An OTLP/HTTP collector: decodes every `POST /v1/traces` body and hands it on.
-async fn http_collector(
-    hang: bool,
-) -> (
-    SocketAddr,
-    mpsc::UnboundedReceiver<ExportTraceServiceRequest>,
-) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let Ok((s, _)) = listener.accept().await else {
-                return;
-            };
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let tx = tx.clone();
-                    async move {
-                        if hang {
-                            tokio::time::sleep(Duration::from_secs(3600)).await;
-                        }
-                        assert_eq!(req.uri().path(), "/v1/traces");
-                        assert_eq!(req.headers()["content-type"], "application/x-protobuf");
-                        let body = req.into_body().collect().await.unwrap().to_bytes();
-                        let _ = tx.send(ExportTraceServiceRequest::decode(body).unwrap());
-                        let answer = ExportTraceServiceResponse::default().encode_to_vec();
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                            Bytes::from(answer),
-                        )))
-                    }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, rx)
-}
-
-struct Grpc(mpsc::UnboundedSender<ExportTraceServiceRequest>);
-
-#[tonic::async_trait]
-impl TraceService for Grpc {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let _ = self.0.send(req.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-async fn receive(
-    rx: &mut mpsc::UnboundedReceiver<ExportTraceServiceRequest>,
-    spans: usize,
-) -> Vec<ExportTraceServiceRequest> {
-    let mut out = Vec::new();
-    let mut count = 0;
-    tokio::time::timeout(Duration::from_secs(10), async {
-        while count < spans {
-            let r = rx.recv().await.expect("collector gone");
-            count += r
-                .resource_spans
-                .iter()
-                .flat_map(|rs| &rs.scope_spans)
-                .map(|ss| ss.spans.len())
-                .sum::<usize>();
-            out.push(r);
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("{count} of {spans} spans in 10 s"));
-    out
-}
-
 #[tokio::test]
 async fn spans_reach_an_http_collector_intact_in_batches() {
-    let (addr, mut rx) = http_collector(false).await;
-    let e = Exporter::start(config(format!("http://{addr}"), Protocol::HttpProtobuf));
+    let mut collector = Collector::http(false).await;
+    let e = Exporter::start(config(collector.endpoint(), Protocol::HttpProtobuf));
     for i in 1..=10 {
         e.record(span(i));
     }
-    let got = receive(&mut rx, 10).await;
+    let got = collector.requests(10).await;
     // Batches of at most 4.
     assert!(got.len() >= 3, "{} requests", got.len());
     check(got, 10);
@@ -185,25 +98,18 @@ async fn spans_reach_an_http_collector_intact_in_batches() {
 
 #[tokio::test]
 async fn spans_reach_a_grpc_collector_intact() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(Grpc(tx)))
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)),
-    );
-    let e = Exporter::start(config(format!("http://{addr}"), Protocol::Grpc));
+    let mut collector = Collector::grpc().await;
+    let e = Exporter::start(config(collector.endpoint(), Protocol::Grpc));
     for i in 1..=6 {
         e.record(span(i));
     }
-    check(receive(&mut rx, 6).await, 6);
+    check(collector.requests(6).await, 6);
 }
 
 #[tokio::test]
 async fn a_hung_collector_costs_dropped_spans_not_waiting_requests() {
-    let (addr, _rx) = http_collector(true).await;
-    let mut c = config(format!("http://{addr}"), Protocol::HttpProtobuf);
+    let collector = Collector::http(true).await;
+    let mut c = config(collector.endpoint(), Protocol::HttpProtobuf);
     c.queue = 8;
     c.timeout = Duration::from_millis(300);
     let e = Exporter::start(c);

@@ -168,6 +168,28 @@ impl Collector {
         }
     }
 
+    /// Waits (at most 10 s) for export requests carrying `spans` spans in all, and returns
+    /// them as they came (one per batch).
+    pub async fn requests(&mut self, spans: usize) -> Vec<ExportTraceServiceRequest> {
+        let mut out = Vec::new();
+        let mut count = 0;
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while count < spans {
+                let r = self.rx.recv().await.expect("collector gone");
+                count += r
+                    .resource_spans
+                    .iter()
+                    .flat_map(|rs| &rs.scope_spans)
+                    .map(|ss| ss.spans.len())
+                    .sum::<usize>();
+                out.push(r);
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{count} of {spans} spans in 10 s"));
+        out
+    }
+
     /// Waits for `n` spans in all, and returns them.
     pub async fn spans(&mut self, n: usize) -> Vec<Got> {
         let mut seen = Vec::new();
