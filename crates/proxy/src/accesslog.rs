@@ -136,15 +136,24 @@ impl AccessLog {
 
 /// One entry as its JSON line, keeping only `fields` (all when empty).
 pub fn line(entry: &Entry, fields: &[String]) -> String {
-    let mut v = serde_json::to_value(entry).unwrap_or_default();
-    if !fields.is_empty()
-        && let Some(map) = v.as_object_mut()
-    {
-        map.retain(|k, _| fields.iter().any(|f| f == k));
+    let mut out = Vec::new();
+    push_line(&mut out, entry, fields);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// Appends `entry`'s JSON line to `out`. Every field is serialized straight into the
+/// buffer; only a selection goes through a map, which costs an allocation per field.
+fn push_line(out: &mut Vec<u8>, entry: &Entry, fields: &[String]) {
+    if fields.is_empty() {
+        let _ = serde_json::to_writer(&mut *out, entry);
+    } else {
+        let mut v = serde_json::to_value(entry).unwrap_or_default();
+        if let Some(map) = v.as_object_mut() {
+            map.retain(|k, _| fields.iter().any(|f| f == k));
+        }
+        let _ = serde_json::to_writer(&mut *out, &v);
     }
-    let mut s = v.to_string();
-    s.push('\n');
-    s
+    out.push(b'\n');
 }
 
 fn write_loop(
@@ -153,22 +162,22 @@ fn write_loop(
     mut rx: mpsc::Receiver<Entry>,
     counts: &Counts,
 ) {
-    let mut buf = String::new();
+    let mut buf = Vec::new();
     while let Some(first) = rx.blocking_recv() {
         // Everything already queued goes out in one write.
         buf.clear();
         let mut n = 1;
-        buf.push_str(&line(&first, fields));
+        push_line(&mut buf, &first, fields);
         while n < 256 {
             match rx.try_recv() {
                 Ok(e) => {
-                    buf.push_str(&line(&e, fields));
+                    push_line(&mut buf, &e, fields);
                     n += 1;
                 }
                 Err(_) => break,
             }
         }
-        match out.write_all(buf.as_bytes()).and_then(|()| out.flush()) {
+        match out.write_all(&buf).and_then(|()| out.flush()) {
             Ok(()) => counts.written.fetch_add(n, Ordering::Relaxed),
             Err(_) => counts.failed.fetch_add(n, Ordering::Relaxed),
         };
