@@ -3,33 +3,38 @@
 //! configured fields, encodes and writes. A slow or stuck disk fills the queue, and further
 //! entries are dropped and counted instead of slowing traffic.
 
-use serde::Serialize;
+use crate::trace::{SpanId, TraceId};
+use serde::{Serialize, Serializer};
 use std::io::Write;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 use tokio::sync::mpsc;
 
-/// What one request did. Field names are those of the JSON line.
-#[derive(Clone, Debug, Default, Serialize)]
+/// What one request did. Field names are those of the JSON line. Values stay typed (times,
+/// addresses, shared strings) and are formatted by the writer thread, off the request path.
+#[derive(Clone, Debug, Serialize)]
 pub struct Entry {
     /// When the request arrived, RFC 3339 with microseconds.
-    pub start_time: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub start_time: SystemTime,
     /// W3C trace id (32 hex digits), when the request was traced.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub trace_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "hex")]
+    pub trace_id: Option<TraceId>,
     /// This hop's span id (16 hex digits), when the request was traced.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub span_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "hex")]
+    pub span_id: Option<SpanId>,
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// The client's address.
-    pub client: String,
-    /// The caller's mesh identity (SPIFFE ID), when it presented one.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub peer_identity: Option<String>,
+    pub client: SocketAddr,
+    /// The other side's mesh identity (SPIFFE ID), when it proved one.
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_text")]
+    pub peer_identity: Option<Arc<str>>,
     /// Method (HTTP only).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub method: String,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "method")]
+    pub method: Option<http::Method>,
     /// `Host` / `:authority` (HTTP only).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub authority: String,
@@ -45,20 +50,21 @@ pub struct Entry {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grpc_status: Option<u32>,
     /// Route rule id (`namespace/route/rule`), `default` or `inbound` (HTTP only).
-    #[serde(skip_serializing_if = "String::is_empty")]
-    pub route: String,
+    #[serde(skip_serializing_if = "is_empty", serialize_with = "text")]
+    pub route: Arc<str>,
     /// Backend (`namespace/service:port`).
-    pub backend: String,
+    #[serde(serialize_with = "text")]
+    pub backend: Arc<str>,
     /// The endpoint that answered.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub upstream: Option<String>,
+    pub upstream: Option<SocketAddr>,
     /// Why the proxy answered itself or the exchange failed (`no_route`, `denied`,
     /// `upstream_timeout`, ...; see `hop::reason`), if it did.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
     /// The authorization policy that allowed or denied the request.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_text")]
+    pub policy: Option<Arc<str>>,
     /// Request body bytes, as its `content-length` declared (absent when streamed).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub request_bytes: Option<u64>,
@@ -72,8 +78,72 @@ pub struct Entry {
     pub duration_ms: f64,
 }
 
+impl Default for Entry {
+    fn default() -> Self {
+        Entry {
+            start_time: SystemTime::UNIX_EPOCH,
+            trace_id: None,
+            span_id: None,
+            direction: "",
+            client: SocketAddr::from(([0, 0, 0, 0], 0)),
+            peer_identity: None,
+            method: None,
+            authority: String::new(),
+            path: String::new(),
+            protocol: "",
+            status: 0,
+            grpc_status: None,
+            route: Arc::from(""),
+            backend: Arc::from(""),
+            upstream: None,
+            reason: None,
+            policy: None,
+            request_bytes: None,
+            response_bytes: 0,
+            upstream_ms: None,
+            duration_ms: 0.0,
+        }
+    }
+}
+
 fn is_zero(n: &u16) -> bool {
     *n == 0
+}
+
+fn is_empty(s: &Arc<str>) -> bool {
+    s.is_empty()
+}
+
+fn text<S: Serializer>(t: &Arc<str>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t)
+}
+
+fn opt_text<S: Serializer>(t: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_str(t),
+        None => s.serialize_none(),
+    }
+}
+
+fn rfc3339<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    let text = jiff::Timestamp::try_from(*t)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
+        .unwrap_or_default();
+    s.serialize_str(&text)
+}
+
+fn hex<S: Serializer, const N: usize>(id: &Option<[u8; N]>, s: S) -> Result<S::Ok, S::Error> {
+    match id {
+        Some(id) => s.serialize_str(&crate::trace::to_hex(id)),
+        None => s.serialize_none(),
+    }
+}
+
+fn method<S: Serializer>(m: &Option<http::Method>, s: S) -> Result<S::Ok, S::Error> {
+    match m {
+        Some(m) => s.serialize_str(m.as_str()),
+        None => s.serialize_none(),
+    }
 }
 
 /// What the writer did, for metrics.
@@ -194,18 +264,21 @@ mod tests {
 
     fn entry(status: u16) -> Entry {
         Entry {
-            start_time: "2026-11-30T00:00:00.000001Z".into(),
-            trace_id: Some("4bf92f3577b34da6a3ce929d0e0e4736".into()),
+            start_time: SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1),
+            trace_id: Some([
+                0x4b, 0xf9, 0x2f, 0x35, 0x77, 0xb3, 0x4d, 0xa6, 0xa3, 0xce, 0x92, 0x9d, 0x0e, 0x0e,
+                0x47, 0x36,
+            ]),
             direction: "outbound",
-            client: "127.0.0.1:40000".into(),
-            method: "GET".into(),
+            client: "127.0.0.1:40000".parse().unwrap(),
+            method: Some(http::Method::GET),
             authority: "catalog".into(),
             path: "/products/1".into(),
             protocol: "HTTP/1.1",
             status,
             route: "shop/catalog/0".into(),
             backend: "shop/catalog:8080".into(),
-            upstream: Some("10.0.0.1:8080".into()),
+            upstream: Some("10.0.0.1:8080".parse().unwrap()),
             duration_ms: 1.5,
             ..Entry::default()
         }
@@ -216,14 +289,26 @@ mod tests {
         let all = Entry {
             peer_identity: Some("spiffe://x/ns/a/sa/b".into()),
             grpc_status: Some(0),
-            span_id: Some("00f067aa0ba902b7".into()),
+            span_id: Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]),
             reason: Some("upstream_timeout"),
             policy: Some("shop/allow".into()),
             request_bytes: Some(12),
             upstream_ms: Some(1.0),
             ..entry(200)
         };
-        let v: serde_json::Value = serde_json::from_str(&line(&all, &[])).unwrap();
+        let text = line(&all, &[]);
+        assert!(
+            text.starts_with(
+                "{\"start_time\":\"1970-01-01T00:00:00.000001Z\",\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\",\"span_id\":\"00f067aa0ba902b7\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("\"client\":\"127.0.0.1:40000\",\"peer_identity\":\"spiffe://x/ns/a/sa/b\",\"method\":\"GET\"")
+                && text.contains("\"upstream\":\"10.0.0.1:8080\""),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
         keys.sort_unstable();
         let mut known = FIELDS.to_vec();

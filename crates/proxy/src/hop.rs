@@ -242,7 +242,8 @@ impl Record {
         {
             t.record(self.otlp_span(span, end));
         }
-        if let Some(log) = &self.sinks.log {
+        let sinks = self.sinks.clone();
+        if let Some(log) = &sinks.log {
             log.record(self.entry(end));
         }
     }
@@ -346,20 +347,19 @@ impl Record {
         }
     }
 
-    fn entry(&self, end: Instant) -> crate::accesslog::Entry {
+    /// The log line's entry; takes the record's strings (the span was built before).
+    fn entry(&mut self, end: Instant) -> crate::accesslog::Entry {
         let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
         crate::accesslog::Entry {
-            start_time: jiff::Timestamp::try_from(self.wall)
-                .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
-                .unwrap_or_default(),
-            trace_id: self.span.as_ref().map(|s| trace::trace_hex(&s.trace_id)),
-            span_id: self.span.as_ref().map(|s| trace::span_hex(&s.span_id)),
+            start_time: self.wall,
+            trace_id: self.span.as_ref().map(|s| s.trace_id),
+            span_id: self.span.as_ref().map(|s| s.span_id),
             direction: self.direction,
-            client: self.client.to_string(),
-            peer_identity: self.peer.as_deref().map(str::to_string),
-            method: self.method.to_string(),
-            authority: self.authority.clone(),
-            path: self.path.clone(),
+            client: self.client,
+            peer_identity: self.peer.take(),
+            method: Some(self.method.clone()),
+            authority: std::mem::take(&mut self.authority),
+            path: std::mem::take(&mut self.path),
             protocol: match self.version {
                 Version::HTTP_2 => "HTTP/2",
                 Version::HTTP_10 => "HTTP/1.0",
@@ -367,11 +367,11 @@ impl Record {
             },
             status: self.status,
             grpc_status: self.grpc_status,
-            route: self.route.to_string(),
-            backend: self.backend.to_string(),
-            upstream: self.upstream.map(|u| u.to_string()),
+            route: self.route.clone(),
+            backend: self.backend.clone(),
+            upstream: self.upstream,
             reason: self.reason,
-            policy: self.policy.as_deref().map(str::to_string),
+            policy: self.policy.take(),
             request_bytes: self.request_bytes,
             response_bytes: self.response_bytes,
             upstream_ms: self.answered.map(|a| ms(a - self.start)),
@@ -438,14 +438,12 @@ impl Drop for TcpHop {
         let Some(log) = &r.sinks.log else { return };
         let end = Instant::now();
         log.record(crate::accesslog::Entry {
-            start_time: jiff::Timestamp::try_from(r.wall)
-                .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string())
-                .unwrap_or_default(),
+            start_time: r.wall,
             direction: r.direction,
-            client: r.client.to_string(),
-            peer_identity: r.peer.as_deref().map(str::to_string),
+            client: r.client,
+            peer_identity: r.peer.clone(),
             protocol: "TCP",
-            backend: r.backend.to_string(),
+            backend: r.backend.clone(),
             // Dropped before it ended: the proxy is draining.
             reason: r.reason.unwrap_or(Some("drained")),
             duration_ms: (end - r.start).as_secs_f64() * 1000.0,

@@ -290,7 +290,7 @@ pub fn child(incoming: &Incoming, rate: f64, mut random: impl FnMut() -> u64) ->
     }
 }
 
-fn to_hex(bytes: &[u8]) -> String {
+pub(crate) fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut s = String::with_capacity(bytes.len() * 2);
     for b in bytes {
