@@ -44,31 +44,13 @@ trap cleanup EXIT
 sidecar() {
     local set=$1 p=$2 admin=$3 up=$4 routes=${5:-0} cfg=$TMP/sidecar-$1-$2.yaml i
     {
-        cat <<YAML
-apiVersion: trellis.dev/v1alpha1
-kind: Proxy
-metadata: {name: bench}
-spec:
-  admin: {address: 127.0.0.1:$admin}
-  outbound: [{name: up, address: 127.0.0.1:$p, service: {name: up}}]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: up}
-spec:
-  ports: [{port: 80, appProtocol: http}]
-  endpoints: [{address: 127.0.0.1:$up}]
-YAML
+        sidecar_config "$p" "$admin" "$up"
         for ((i = 0; i < routes; i++)); do
             printf -- '---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r%d}\nspec:\n  parentRefs: [{kind: Service, name: up, port: 80}]\n  rules:\n    - matches: [{path: {type: PathPrefix, value: /r%d/}}]\n      backendRefs: [{name: up, port: 80}]\n' "$i" "$i"
         done
         telemetry "$set"
     } >"$cfg"
-    "$T" validate -f "$cfg" >/dev/null || { log "trellis validate refused $cfg"; exit 1; }
-    "$T" proxy --config "$cfg" --threads 1 --log warn >"$cfg.log" 2>&1 &
-    SIDECAR_PID=$!
-    PIDS+=("$SIDECAR_PID")
-    wait_port "$p"
+    sidecar_start "$cfg" "$p"
 }
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 

@@ -41,32 +41,10 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 # sidecar SET PORT ADMIN ENDPOINT_PORT...: a standalone sidecar, one worker thread.
 sidecar() {
-    local set=$1 p=$2 admin=$3 cfg=$TMP/sidecar-$1-$2.yaml e
+    local set=$1 p=$2 admin=$3 cfg=$TMP/sidecar-$1-$2.yaml
     shift 3
-    {
-        cat <<YAML
-apiVersion: trellis.dev/v1alpha1
-kind: Proxy
-metadata: {name: bench}
-spec:
-  admin: {address: 127.0.0.1:$admin}
-  outbound: [{name: up, address: 127.0.0.1:$p, service: {name: up}}]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {name: up}
-spec:
-  ports: [{port: 80, appProtocol: http}]
-  endpoints:
-YAML
-        for e in "$@"; do echo "    - address: 127.0.0.1:$e"; done
-        policy "$set"
-    } >"$cfg"
-    "$T" validate -f "$cfg" >/dev/null || { log "trellis validate refused $cfg"; exit 1; }
-    "$T" proxy --config "$cfg" --threads 1 --log warn >"$cfg.log" 2>&1 &
-    SIDECAR_PID=$!
-    PIDS+=("$SIDECAR_PID")
-    wait_port "$p"
+    { sidecar_config "$p" "$admin" "$@"; policy "$set"; } >"$cfg"
+    sidecar_start "$cfg" "$p"
     ok "http://127.0.0.1:$p/1k"
 }
 

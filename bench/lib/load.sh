@@ -68,3 +68,36 @@ added_latency() {
         echo "| $path | $m50 | $m99 | $m999 | $((m50 - d50)) | $((m99 - d99)) | $((m999 - d999)) | ${ERR[$path]} | ${P99[$path]% } |"
     done
 }
+
+# sidecar_config PORT ADMIN ENDPOINT_PORT...: a standalone sidecar's Proxy (outbound on PORT,
+# admin on ADMIN) and its Service `up` (port 80) with these endpoints.
+sidecar_config() {
+    local p=$1 admin=$2 e
+    shift 2
+    cat <<YAML
+apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {name: bench}
+spec:
+  admin: {address: 127.0.0.1:$admin}
+  outbound: [{name: up, address: 127.0.0.1:$p, service: {name: up}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: up}
+spec:
+  ports: [{port: 80, appProtocol: http}]
+  endpoints:
+YAML
+    for e in "$@"; do echo "    - address: 127.0.0.1:$e"; done
+}
+
+# sidecar_start CFG PORT: validates CFG with $T, runs it with one thread and waits for PORT;
+# its PID in SIDECAR_PID.
+sidecar_start() {
+    "$T" validate -f "$1" >/dev/null || { log "trellis validate refused $1"; exit 1; }
+    "$T" proxy --config "$1" --threads 1 --log warn >"$1.log" 2>&1 &
+    SIDECAR_PID=$!
+    PIDS+=("$SIDECAR_PID")
+    wait_port "$2"
+}

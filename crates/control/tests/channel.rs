@@ -574,24 +574,14 @@ async fn control_plane_metrics_count_pushes_nacks_certificates_and_store_operati
 
         // A proxy connects with that certificate: its first update is ACKed.
         let mut client = cp.client(Some(&creds)).await;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(wire::StreamRequest {
-            node: Some(wire::Node {
-                id: "orders-1".into(),
-                service: "orders".into(),
-                upstreams: vec!["catalog".into()],
+        let (tx, mut responses) = config_stream(
+            &mut client,
+            wire::Node {
                 metrics_address: "0.0.0.0:9901".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let mut responses = client
-            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+                ..orders_node()
+            },
+        )
+        .await;
         let first = responses.message().await.unwrap().unwrap();
         tx.send(wire::StreamRequest {
             response_nonce: first.nonce,
@@ -732,23 +722,7 @@ async fn config_push_latency_runs_from_the_change_even_while_an_update_is_pendin
         let cp = start("push", |_| {}).await;
         let creds = cp.credentials("orders").await;
         let mut client = cp.client(Some(&creds)).await;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(wire::StreamRequest {
-            node: Some(wire::Node {
-                id: "orders-1".into(),
-                service: "orders".into(),
-                upstreams: vec!["catalog".into()],
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let mut responses = client
-            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
+        let (tx, mut responses) = config_stream(&mut client, orders_node()).await;
         let first = responses.message().await.unwrap().unwrap();
         // A change while the first update awaits its ACK, which comes 300 ms later; the
         // change's own update is ACKed at once, yet it took 300 ms from the change.
@@ -872,4 +846,37 @@ async fn a_proxy_reports_only_about_itself() {
         plane.finish();
     })
     .await;
+}
+
+/// The node of an `orders` sidecar that calls `catalog`.
+fn orders_node() -> wire::Node {
+    wire::Node {
+        id: "orders-1".into(),
+        service: "orders".into(),
+        upstreams: vec!["catalog".into()],
+        ..Default::default()
+    }
+}
+
+/// Opens a config stream that says hello as `node`: the sender for ACKs, and the updates.
+async fn config_stream(
+    client: &mut MeshClient<tonic::transport::Channel>,
+    node: wire::Node,
+) -> (
+    tokio::sync::mpsc::Sender<wire::StreamRequest>,
+    tonic::Streaming<wire::StreamResponse>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(wire::StreamRequest {
+        node: Some(node),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let responses = client
+        .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, responses)
 }
