@@ -20,6 +20,7 @@ pub mod meta;
 pub mod path;
 pub mod policy;
 pub mod proxy;
+pub mod ratelimit;
 mod resource;
 pub mod retry;
 pub mod route;

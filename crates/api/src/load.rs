@@ -186,6 +186,8 @@ fn parse_one(file: &Arc<str>, first_line: u64, doc: &str) -> Result<Located<Reso
         Kind::RequestAuthentication => typed(doc).map(Resource::RequestAuthentication),
         Kind::FaultInjection => typed(doc).map(Resource::FaultInjection),
         Kind::Telemetry => typed(doc).map(Resource::Telemetry),
+        Kind::RateLimitPolicy => typed(doc).map(Resource::RateLimitPolicy),
+        Kind::OverloadPolicy => typed(doc).map(Resource::OverloadPolicy),
     }
     .map_err(|e| yaml_error(&e, &at))?;
     Ok(Located {

@@ -7,6 +7,7 @@ use crate::mesh::MeshConfigSpec;
 use crate::meta::{Metadata, ObjectKey};
 use crate::policy::BackendPolicySpec;
 use crate::proxy::ProxySpec;
+use crate::ratelimit::{OverloadPolicySpec, RateLimitPolicySpec};
 use crate::route::{GrpcRouteSpec, HttpRouteSpec};
 use crate::service::ServiceSpec;
 use crate::telemetry::TelemetrySpec;
@@ -38,11 +39,15 @@ pub enum Kind {
     FaultInjection,
     /// Tracing and access logs for the mesh, a namespace or a service.
     Telemetry,
+    /// Rate limits on requests or connections to a service or route.
+    RateLimitPolicy,
+    /// Adaptive concurrency and priorities for the requests a service receives.
+    OverloadPolicy,
 }
 
 impl Kind {
     /// All kinds, in the order resources are listed.
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 12] = [
         Kind::Proxy,
         Kind::Service,
         Kind::HttpRoute,
@@ -53,6 +58,8 @@ impl Kind {
         Kind::RequestAuthentication,
         Kind::FaultInjection,
         Kind::Telemetry,
+        Kind::RateLimitPolicy,
+        Kind::OverloadPolicy,
     ];
 
     /// The kind as written in YAML.
@@ -68,6 +75,8 @@ impl Kind {
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::FaultInjection => "FaultInjection",
             Kind::Telemetry => "Telemetry",
+            Kind::RateLimitPolicy => "RateLimitPolicy",
+            Kind::OverloadPolicy => "OverloadPolicy",
         }
     }
 
@@ -148,6 +157,10 @@ pub enum Resource {
     FaultInjection(Object<FaultInjectionSpec>),
     /// A `Telemetry`.
     Telemetry(Object<TelemetrySpec>),
+    /// A `RateLimitPolicy`.
+    RateLimitPolicy(Object<RateLimitPolicySpec>),
+    /// An `OverloadPolicy`.
+    OverloadPolicy(Object<OverloadPolicySpec>),
 }
 
 impl Resource {
@@ -164,6 +177,8 @@ impl Resource {
             Resource::RequestAuthentication(_) => Kind::RequestAuthentication,
             Resource::FaultInjection(_) => Kind::FaultInjection,
             Resource::Telemetry(_) => Kind::Telemetry,
+            Resource::RateLimitPolicy(_) => Kind::RateLimitPolicy,
+            Resource::OverloadPolicy(_) => Kind::OverloadPolicy,
         }
     }
 
@@ -180,6 +195,8 @@ impl Resource {
             Resource::RequestAuthentication(o) => &o.metadata,
             Resource::FaultInjection(o) => &o.metadata,
             Resource::Telemetry(o) => &o.metadata,
+            Resource::RateLimitPolicy(o) => &o.metadata,
+            Resource::OverloadPolicy(o) => &o.metadata,
         }
     }
 
@@ -196,6 +213,8 @@ impl Resource {
             Resource::RequestAuthentication(o) => &mut o.metadata,
             Resource::FaultInjection(o) => &mut o.metadata,
             Resource::Telemetry(o) => &mut o.metadata,
+            Resource::RateLimitPolicy(o) => &mut o.metadata,
+            Resource::OverloadPolicy(o) => &mut o.metadata,
         }
     }
 
@@ -236,6 +255,8 @@ impl Resource {
             Kind::RequestAuthentication => Resource::RequestAuthentication(typed(text)?),
             Kind::FaultInjection => Resource::FaultInjection(typed(text)?),
             Kind::Telemetry => Resource::Telemetry(typed(text)?),
+            Kind::RateLimitPolicy => Resource::RateLimitPolicy(typed(text)?),
+            Kind::OverloadPolicy => Resource::OverloadPolicy(typed(text)?),
         })
     }
 
@@ -393,6 +414,17 @@ impl Resource {
                 if let Some(t) = &p.spec.target_ref {
                     c.parent(&t.namespace, &t.name, None);
                 }
+            }
+            // A route's limit travels with the route (the control plane's view compiler).
+            Resource::RateLimitPolicy(p) => {
+                let t = &p.spec.target_ref;
+                if t.kind == "Service" {
+                    c.parent(&t.namespace, &t.name, None);
+                }
+            }
+            Resource::OverloadPolicy(p) => {
+                let t = &p.spec.target_ref;
+                c.parent(&t.namespace, &t.name, None);
             }
         }
         c.refs

@@ -36,6 +36,23 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
             _ => None,
         })
         .collect();
+    // Routes a RateLimitPolicy may target: (kind, namespace, name) → rule names.
+    let routes: BTreeMap<(&str, String, String), Vec<Option<String>>> = resources
+        .iter()
+        .filter_map(|r| {
+            let m = r.value.metadata();
+            let rules = match &r.value {
+                Resource::HttpRoute(h) => h.spec.rules.iter().map(|r| r.name.clone()).collect(),
+                Resource::GrpcRoute(g) => g.spec.rules.iter().map(|r| r.name.clone()).collect(),
+                _ => return None,
+            };
+            Some((
+                (r.value.kind().as_str(), m.namespace.clone(), m.name.clone()),
+                rules,
+            ))
+        })
+        .collect();
+    let mut overload_targets: BTreeMap<(String, String), &Located<Resource>> = BTreeMap::new();
     let mut mesh_configs: BTreeMap<String, &Located<Resource>> = BTreeMap::new();
     let mut telemetry_scopes: BTreeMap<(String, Option<String>), &Located<Resource>> =
         BTreeMap::new();
@@ -68,6 +85,7 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
             r,
             services: &services,
             faults: &faults,
+            routes: &routes,
             ns: &m.namespace,
         };
         match &r.value {
@@ -89,6 +107,29 @@ pub fn validate(resources: &[Located<Resource>]) -> Result<(), Diagnostics> {
             Resource::AuthorizationPolicy(a) => v.authorization(&ctx, &a.spec),
             Resource::RequestAuthentication(a) => v.authentication(&ctx, &a.spec),
             Resource::FaultInjection(f) => v.fault(&ctx, &f.spec),
+            Resource::RateLimitPolicy(p) => v.rate_limit(&ctx, &p.spec),
+            Resource::OverloadPolicy(p) => {
+                v.overload(&ctx, &p.spec);
+                let t = &p.spec.target_ref;
+                let target = (
+                    t.namespace.clone().unwrap_or_else(|| m.namespace.clone()),
+                    t.name.clone(),
+                );
+                if let Some(first) = overload_targets.insert(target, r) {
+                    v.at(
+                        r,
+                        "spec.targetRef",
+                        format!(
+                            "Service {}/{} already has OverloadPolicy {} ({}:{}); one per Service",
+                            m.namespace,
+                            t.name,
+                            first.value.metadata().name,
+                            first.file,
+                            first.first_line
+                        ),
+                    );
+                }
+            }
             Resource::Telemetry(t) => {
                 v.telemetry(&ctx, &t.spec);
                 let scope = (m.namespace.clone(), t.spec.service.clone());
@@ -340,6 +381,226 @@ impl Validator {
         }
     }
 
+    fn rate_limit(&mut self, ctx: &Ctx, spec: &crate::ratelimit::RateLimitPolicySpec) {
+        use crate::ratelimit::{LimitDirection, LimitUnit};
+        let r = ctx.r;
+        let t = &spec.target_ref;
+        let ns = t.namespace.clone().unwrap_or_else(|| ctx.ns.to_string());
+        let route = match (t.group.as_str(), t.kind.as_str()) {
+            ("", "Service") => {
+                if ctx.service(Some(&ns), &t.name).is_none() {
+                    self.at(
+                        r,
+                        "spec.targetRef.name",
+                        format!("no Service {ns}/{}", t.name),
+                    );
+                }
+                if t.section_name.is_some() {
+                    self.at(
+                        r,
+                        "spec.targetRef.sectionName",
+                        "only a route's rule can be named",
+                    );
+                }
+                false
+            }
+            ("" | "gateway.networking.k8s.io", kind @ ("HTTPRoute" | "GRPCRoute")) => {
+                match ctx.routes.get(&(kind, ns.clone(), t.name.clone())) {
+                    None => self.at(
+                        r,
+                        "spec.targetRef.name",
+                        format!("no {kind} {ns}/{}", t.name),
+                    ),
+                    Some(rules) => {
+                        if let Some(section) = &t.section_name
+                            && !rules.iter().any(|n| n.as_deref() == Some(section.as_str()))
+                        {
+                            self.at(
+                                r,
+                                "spec.targetRef.sectionName",
+                                format!("{kind} {ns}/{} has no rule named {section:?}", t.name),
+                            );
+                        }
+                    }
+                }
+                true
+            }
+            (g, k) => {
+                self.at(
+                    r,
+                    "spec.targetRef.kind",
+                    format!("a Service, HTTPRoute or GRPCRoute can be targeted, not {g}/{k}"),
+                );
+                false
+            }
+        };
+        let inbound = spec.direction() == LimitDirection::Inbound;
+        if route && inbound {
+            self.at(
+                r,
+                "spec.direction",
+                "a route's limit is enforced by its callers' sidecars, where routes are applied: use Outbound",
+            );
+        }
+        if spec.limits.is_empty() {
+            self.at(r, "spec.limits", "at least one limit");
+        }
+        let mut names = BTreeSet::new();
+        for (i, l) in spec.limits.iter().enumerate() {
+            let at = |f: &str| format!("spec.limits[{i}].{f}");
+            if let Err(e) = check_name(&l.name) {
+                self.at(r, &at("name"), e);
+            } else if !names.insert(l.name.as_str()) {
+                self.at(r, &at("name"), format!("duplicate limit name {:?}", l.name));
+            }
+            if l.rate == 0 {
+                self.at(r, &at("rate"), "must be at least 1");
+            }
+            if l.burst == Some(0) {
+                self.at(r, &at("burst"), "must be at least 1");
+            }
+            if l.per.get().is_zero() || l.per.get() > std::time::Duration::from_secs(3600) {
+                self.at(r, &at("per"), "must be more than 0s and at most 1h");
+            }
+            let by_caller = l.per_source || l.from.is_some() || !l.overrides.is_empty();
+            if by_caller && !inbound {
+                self.at(
+                    r,
+                    &at(if l.per_source { "perSource" } else if l.from.is_some() { "from" } else { "overrides" }),
+                    "an Outbound limit's caller is always the sidecar's own app; callers are told apart Inbound only",
+                );
+            }
+            if l.unit == LimitUnit::Connections {
+                if route {
+                    self.at(r, &at("unit"), "a route sees requests, not connections");
+                }
+                if by_caller {
+                    self.at(
+                        r,
+                        &at("unit"),
+                        "a connection is limited before its caller is known: Connections limits take no perSource, from or overrides",
+                    );
+                }
+            }
+            if !l.overrides.is_empty() && !l.per_source {
+                self.at(r, &at("overrides"), "overrides need perSource: true");
+            }
+            if let Some(from) = &l.from {
+                self.source(r, &at("from"), from);
+            }
+            for (j, o) in l.overrides.iter().enumerate() {
+                self.source(r, &at(&format!("overrides[{j}].from")), &o.from);
+                if o.from.identities.is_empty() && o.from.namespaces.is_empty() {
+                    self.at(
+                        r,
+                        &at(&format!("overrides[{j}].from")),
+                        "name at least one identity or namespace",
+                    );
+                }
+                if o.rate == 0 {
+                    self.at(
+                        r,
+                        &at(&format!("overrides[{j}].rate")),
+                        "must be at least 1",
+                    );
+                }
+                if o.burst == Some(0) {
+                    self.at(
+                        r,
+                        &at(&format!("overrides[{j}].burst")),
+                        "must be at least 1",
+                    );
+                }
+            }
+        }
+    }
+
+    fn overload(&mut self, ctx: &Ctx, spec: &crate::ratelimit::OverloadPolicySpec) {
+        let r = ctx.r;
+        let t = &spec.target_ref;
+        if t.kind != "Service" || !t.group.is_empty() {
+            self.at(
+                r,
+                "spec.targetRef.kind",
+                "only core Services can be targeted",
+            );
+        } else if t.namespace.as_deref().is_some_and(|ns| ns != ctx.ns) {
+            self.at(
+                r,
+                "spec.targetRef.namespace",
+                "a policy applies in its own namespace only",
+            );
+        } else if ctx.service(None, &t.name).is_none() {
+            self.at(
+                r,
+                "spec.targetRef.name",
+                format!("no Service {}/{}", ctx.ns, t.name),
+            );
+        }
+        let a = &spec.adaptive_concurrency;
+        if a.min_limit == 0 {
+            self.at(r, "spec.adaptiveConcurrency.minLimit", "must be at least 1");
+        }
+        if a.max_limit < a.min_limit || a.max_limit > 100_000 {
+            self.at(
+                r,
+                "spec.adaptiveConcurrency.maxLimit",
+                "must be at least minLimit and at most 100000",
+            );
+        }
+        if a.retry_after.get() < std::time::Duration::from_secs(1) {
+            self.at(
+                r,
+                "spec.adaptiveConcurrency.retryAfter",
+                "Retry-After counts whole seconds: at least 1s",
+            );
+        }
+        let mut names = BTreeSet::new();
+        for (i, c) in spec.priorities.iter().enumerate() {
+            let at = |f: &str| format!("spec.priorities[{i}].{f}");
+            if let Err(e) = check_name(&c.name) {
+                self.at(r, &at("name"), e);
+            } else if !names.insert(c.name.as_str()) {
+                self.at(r, &at("name"), format!("duplicate class name {:?}", c.name));
+            }
+            if c.priority == crate::ratelimit::Priority::Normal {
+                self.at(
+                    r,
+                    &at("priority"),
+                    "High or Low (Normal is what an unmatched request gets)",
+                );
+            }
+            for (j, m) in c.matches.iter().enumerate() {
+                self.http_match(ctx, &at(&format!("matches[{j}]")), m);
+            }
+            if let Some(from) = &c.from {
+                self.source(r, &at("from"), from);
+            }
+        }
+    }
+
+    /// Callers named by SPIFFE id or namespace.
+    fn source(&mut self, r: &Located<Resource>, field: &str, from: &crate::authz::AuthzSource) {
+        for (j, id) in from.identities.iter().enumerate() {
+            let ok = id.strip_prefix("spiffe://").is_some_and(|rest| {
+                let parts: Vec<&str> = rest.split('/').collect();
+                matches!(parts.as_slice(), [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty())
+            });
+            if !ok {
+                self.at(
+                    r,
+                    &format!("{field}.identities[{j}]"),
+                    format!("{id:?} is not spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT"),
+                );
+            }
+        }
+        for (j, ns) in from.namespaces.iter().enumerate() {
+            if let Err(e) = check_name(ns) {
+                self.at(r, &format!("{field}.namespaces[{j}]"), e);
+            }
+        }
+    }
+
     fn authorization(&mut self, ctx: &Ctx, spec: &crate::authz::AuthorizationPolicySpec) {
         let r = ctx.r;
         if let Some(t) = &spec.target_ref {
@@ -373,24 +634,7 @@ impl Validator {
         for (i, rule) in spec.rules.iter().enumerate() {
             let at = |f: &str| format!("spec.rules[{i}].{f}");
             if let Some(from) = &rule.from {
-                for (j, id) in from.identities.iter().enumerate() {
-                    let ok = id.strip_prefix("spiffe://").is_some_and(|rest| {
-                        let parts: Vec<&str> = rest.split('/').collect();
-                        matches!(parts.as_slice(), [td, "ns", ns, "sa", sa] if !td.is_empty() && !ns.is_empty() && !sa.is_empty())
-                    });
-                    if !ok {
-                        self.at(
-                            r,
-                            &at(&format!("from.identities[{j}]")),
-                            format!("{id:?} is not spiffe://TRUST-DOMAIN/ns/NAMESPACE/sa/SERVICE-ACCOUNT"),
-                        );
-                    }
-                }
-                for (j, ns) in from.namespaces.iter().enumerate() {
-                    if let Err(e) = check_name(ns) {
-                        self.at(r, &at(&format!("from.namespaces[{j}]")), e);
-                    }
-                }
+                self.source(r, &at("from"), from);
             }
             if let Some(to) = &rule.to {
                 for (j, p) in to.paths.iter().enumerate() {
@@ -463,6 +707,8 @@ struct Ctx<'a> {
     services: &'a BTreeMap<(String, String), &'a ServiceSpec>,
     /// Every `FaultInjection`, as `(namespace, name)`.
     faults: &'a BTreeSet<(String, String)>,
+    /// Every route, as `(kind, namespace, name)`, with its rules' names.
+    routes: &'a BTreeMap<(&'a str, String, String), Vec<Option<String>>>,
     ns: &'a str,
 }
 
@@ -1347,6 +1593,41 @@ impl Validator {
         }
     }
 
+    /// One HTTPRoute match; whether its path is a prefix (or left out).
+    fn http_match(&mut self, ctx: &Ctx, mf: &str, m: &crate::route::HttpRouteMatch) -> bool {
+        let mut prefix = true;
+        if let Some(p) = &m.path {
+            match p.kind {
+                PathMatchType::Exact | PathMatchType::PathPrefix => {
+                    if !p.value.starts_with('/') {
+                        self.at(ctx.r, &format!("{mf}.path.value"), "must start with '/'");
+                    } else if let Err(e) = path_canonical(&p.value, NEVER_MATCHES) {
+                        self.at(ctx.r, &format!("{mf}.path.value"), e);
+                    }
+                }
+                PathMatchType::RegularExpression => {
+                    self.regex(ctx, &format!("{mf}.path.value"), &p.value)
+                }
+            }
+            prefix = p.kind == PathMatchType::PathPrefix;
+        }
+        self.value_matches(ctx, &format!("{mf}.headers"), &m.headers, true);
+        self.value_matches(ctx, &format!("{mf}.queryParams"), &m.query_params, false);
+        if let Some(method) = &m.method
+            && ![
+                "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+            ]
+            .contains(&method.as_str())
+        {
+            self.at(
+                ctx.r,
+                &format!("{mf}.method"),
+                format!("{method:?} is not an HTTP method (use upper case)"),
+            );
+        }
+        prefix
+    }
+
     fn http_route(&mut self, ctx: &Ctx, spec: &HttpRouteSpec) {
         self.parents(ctx, &spec.parent_refs);
         for (i, rule) in spec.rules.iter().enumerate() {
@@ -1354,36 +1635,7 @@ impl Validator {
             let mut all_prefix = true;
             for (j, m) in rule.matches.iter().enumerate() {
                 let mf = format!("{field}.matches[{j}]");
-                if let Some(p) = &m.path {
-                    match p.kind {
-                        PathMatchType::Exact | PathMatchType::PathPrefix => {
-                            if !p.value.starts_with('/') {
-                                self.at(ctx.r, &format!("{mf}.path.value"), "must start with '/'");
-                            } else if let Err(e) = path_canonical(&p.value, NEVER_MATCHES) {
-                                self.at(ctx.r, &format!("{mf}.path.value"), e);
-                            }
-                        }
-                        PathMatchType::RegularExpression => {
-                            self.regex(ctx, &format!("{mf}.path.value"), &p.value)
-                        }
-                    }
-                    all_prefix &= p.kind == PathMatchType::PathPrefix;
-                }
-                self.value_matches(ctx, &format!("{mf}.headers"), &m.headers, true);
-                self.value_matches(ctx, &format!("{mf}.queryParams"), &m.query_params, false);
-                if let Some(method) = &m.method
-                    && ![
-                        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
-                        "PATCH",
-                    ]
-                    .contains(&method.as_str())
-                {
-                    self.at(
-                        ctx.r,
-                        &format!("{mf}.method"),
-                        format!("{method:?} is not an HTTP method (use upper case)"),
-                    );
-                }
+                all_prefix &= self.http_match(ctx, &mf, m);
             }
             self.filters(ctx, &field, &rule.filters, Some(all_prefix), false);
             self.filter_combinations(ctx, &field, &rule.filters, &rule.backend_refs, all_prefix);
@@ -1491,6 +1743,159 @@ spec:
                 .map_err(|e| panic!("parse: {e}"))
                 .unwrap(),
         )
+    }
+
+    #[test]
+    fn rate_limits_and_overload_policies_are_refused_at_their_field() {
+        let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{kind: Service, name: catalog}]\n  rules:\n    - name: api\n      backendRefs: [{name: catalog, port: 8080}]\n---\n";
+        let rl = |spec: &str| {
+            format!(
+                "{route}apiVersion: trellis.dev/v1alpha1\nkind: RateLimitPolicy\nmetadata: {{name: p}}\nspec:\n  {spec}\n"
+            )
+        };
+        let ol = |spec: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: OverloadPolicy\nmetadata: {{name: o}}\nspec:\n  {spec}\n"
+            )
+        };
+        let id = "spiffe://td/ns/default/sa/web";
+        let ok = [
+            rl("{targetRef: {name: catalog}, limits: [{name: a, rate: 10}]}"),
+            rl(&format!(
+                "{{targetRef: {{name: catalog}}, limits: [{{name: a, rate: 10, perSource: true, scope: Global, overrides: [{{from: {{identities: [{id}]}}, rate: 50}}]}}]}}"
+            )),
+            rl(
+                "{targetRef: {kind: HTTPRoute, name: r, sectionName: api}, limits: [{name: a, rate: 10}]}",
+            ),
+            rl(
+                "{targetRef: {name: catalog}, direction: Outbound, limits: [{name: c, rate: 10, unit: Connections}]}",
+            ),
+            ol("{targetRef: {name: catalog}}"),
+            ol(
+                "{targetRef: {name: catalog}, priorities: [{name: hi, priority: High, matches: [{path: {type: PathPrefix, value: /checkout}}]}]}",
+            ),
+        ];
+        for text in &ok {
+            check(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+        let cases: &[(String, &str, &str)] = &[
+            (
+                rl("{targetRef: {name: nope}, limits: [{name: a, rate: 1}]}"),
+                "spec.targetRef.name",
+                "no Service default/nope",
+            ),
+            (
+                rl(
+                    "{targetRef: {kind: HTTPRoute, name: r, sectionName: x}, limits: [{name: a, rate: 1}]}",
+                ),
+                "spec.targetRef.sectionName",
+                "no rule named \"x\"",
+            ),
+            (
+                rl(
+                    "{targetRef: {kind: HTTPRoute, name: r}, direction: Inbound, limits: [{name: a, rate: 1}]}",
+                ),
+                "spec.direction",
+                "use Outbound",
+            ),
+            (
+                rl("{targetRef: {kind: Gateway, name: r}, limits: [{name: a, rate: 1}]}"),
+                "spec.targetRef.kind",
+                "not /Gateway",
+            ),
+            (
+                rl("{targetRef: {name: catalog}, limits: []}"),
+                "spec.limits",
+                "at least one",
+            ),
+            (
+                rl("{targetRef: {name: catalog}, limits: [{name: a, rate: 0}]}"),
+                "spec.limits[0].rate",
+                "at least 1",
+            ),
+            (
+                rl(
+                    "{targetRef: {name: catalog}, limits: [{name: a, rate: 1}, {name: a, rate: 2}]}",
+                ),
+                "spec.limits[1].name",
+                "duplicate",
+            ),
+            (
+                rl("{targetRef: {name: catalog}, limits: [{name: a, rate: 1, per: 0s}]}"),
+                "spec.limits[0].per",
+                "more than 0s",
+            ),
+            (
+                rl(
+                    "{targetRef: {name: catalog}, direction: Outbound, limits: [{name: a, rate: 1, perSource: true}]}",
+                ),
+                "spec.limits[0].perSource",
+                "Inbound only",
+            ),
+            (
+                rl(
+                    "{targetRef: {name: catalog}, limits: [{name: a, rate: 1, unit: Connections, perSource: true}]}",
+                ),
+                "spec.limits[0].unit",
+                "before its caller is known",
+            ),
+            (
+                rl(
+                    "{targetRef: {name: catalog}, limits: [{name: a, rate: 1, overrides: [{from: {namespaces: [x]}, rate: 2}]}]}",
+                ),
+                "spec.limits[0].overrides",
+                "need perSource",
+            ),
+            (
+                rl(
+                    "{targetRef: {name: catalog}, limits: [{name: a, rate: 1, from: {identities: [web]}}]}",
+                ),
+                "spec.limits[0].from.identities[0]",
+                "is not spiffe://",
+            ),
+            (
+                ol(
+                    "{targetRef: {name: catalog}, adaptiveConcurrency: {minLimit: 10, maxLimit: 5}}",
+                ),
+                "spec.adaptiveConcurrency.maxLimit",
+                "at least minLimit",
+            ),
+            (
+                ol("{targetRef: {name: catalog}, adaptiveConcurrency: {retryAfter: 100ms}}"),
+                "spec.adaptiveConcurrency.retryAfter",
+                "at least 1s",
+            ),
+            (
+                ol("{targetRef: {name: catalog}, priorities: [{name: n, priority: Normal}]}"),
+                "spec.priorities[0].priority",
+                "High or Low",
+            ),
+            (
+                ol(
+                    "{targetRef: {name: catalog}, priorities: [{name: n, priority: High, matches: [{method: get}]}]}",
+                ),
+                "spec.priorities[0].matches[0].method",
+                "not an HTTP method",
+            ),
+            (
+                format!(
+                    "{}---\n{}",
+                    ol("{targetRef: {name: catalog}}"),
+                    ol("{targetRef: {name: catalog}}").replace("name: o", "name: o2")
+                ),
+                "spec.targetRef",
+                "already has OverloadPolicy o",
+            ),
+        ];
+        for (text, field, msg) in cases {
+            let err = check(text).expect_err(text);
+            let d = err
+                .0
+                .iter()
+                .find(|d| d.field == *field)
+                .unwrap_or_else(|| panic!("{text}: no error at {field}: {err}"));
+            assert!(d.message.contains(msg), "{text}: {d}");
+        }
     }
 
     #[test]
