@@ -16,6 +16,7 @@ mod http;
 pub mod identity;
 mod mesh;
 pub mod metrics;
+pub mod quota;
 pub mod registry;
 pub mod route_status;
 pub mod state;
@@ -51,6 +52,8 @@ pub struct Control {
     pub(crate) transitions: route_status::Transitions,
     /// Proxies' traffic reports and open taps (`trellis stat`, `top`, `edges`, `tap`).
     pub fleet: Arc<fleet::Fleet>,
+    /// Global rate limits: every sidecar's demand and this replica's division.
+    pub(crate) quota: Arc<quota::Quota>,
 }
 
 /// Tunables.
@@ -105,8 +108,16 @@ impl Control {
         }
         let (store, loaded, mut changes) = Store::open(spec).await?;
         let (tx, rx) = watch::channel(Arc::new(State::load(&loaded)));
+        let quota = Arc::new(quota::Quota::default());
+        quota.load(&loaded.entries);
+        let records = quota.clone();
         tokio::spawn(async move {
             while let Some(change) = changes.recv().await {
+                // Quota records change every interval: they must not rebuild the state
+                // (and every proxy's view) each time.
+                if !records.observe(&change) {
+                    continue;
+                }
                 let next = tx.borrow().apply(&change);
                 if tx.send(Arc::new(next)).is_err() {
                     break;
@@ -124,7 +135,9 @@ impl Control {
             token_spends: tokio::sync::Mutex::new(()),
             transitions: route_status::Transitions::default(),
             fleet: Arc::default(),
+            quota,
         });
+        tokio::spawn(quota::run(Arc::downgrade(&control)));
         if let StoreSpec::Dir(dir) = spec {
             // redb creates its file with the process umask.
             trellis_identity::files::restrict(&dir.join(store::REDB_FILE)).map_err(secret)?;

@@ -225,6 +225,27 @@ impl Mesh for MeshService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    type QuotaStream = ReceiverStream<Result<wire::QuotaResponse, Status>>;
+
+    async fn quota(
+        &self,
+        request: Request<Streaming<wire::QuotaRequest>>,
+    ) -> Result<Response<Self::QuotaStream>, Status> {
+        let principal = self.principal(&request)?;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before its hello"))?;
+        let node = Self::hello(&principal, first.node.clone())?;
+        let (tx, rx) = mpsc::channel(4);
+        let control = self.control.clone();
+        tokio::spawn(async move {
+            crate::quota::serve(&control, node.id, first, inbound, tx).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
     async fn register(
         &self,
         request: Request<wire::RegisterRequest>,

@@ -60,6 +60,12 @@ pub struct Metrics {
     pub store_ops: Family<StoreOpLabels, Counter>,
     /// Workload certificates issued, by kind.
     pub issued: Family<IssuedLabels, Counter>,
+    /// Global limits: divisions made.
+    pub quota_rebalances: Counter,
+    /// Global limits: keys (policy, limit, source) being divided.
+    pub quota_keys: Gauge,
+    /// Global limits: sidecars whose demand counts.
+    pub quota_instances: Gauge,
     /// The soonest expiry (Unix seconds) among connected proxies' certificates.
     cert_expiry: Optional,
     /// The CA certificate's expiry (Unix seconds).
@@ -131,8 +137,28 @@ impl Metrics {
             "Expiry (Unix seconds) of the CA certificate",
             ca_expiry.clone(),
         );
+        let (quota_rebalances, quota_keys, quota_instances) =
+            (Counter::default(), Gauge::default(), Gauge::default());
+        registry.register(
+            "quota_rebalances",
+            "Global rate limits: divisions of every limit among its instances",
+            quota_rebalances.clone(),
+        );
+        registry.register(
+            "quota_keys",
+            "Global rate limits: budgets (policy, limit, source) being divided",
+            quota_keys.clone(),
+        );
+        registry.register(
+            "quota_instances",
+            "Global rate limits: sidecars whose recent demand counts",
+            quota_instances.clone(),
+        );
         Metrics {
             registry,
+            quota_rebalances,
+            quota_keys,
+            quota_instances,
             open,
             limit: cap,
             accepted,
