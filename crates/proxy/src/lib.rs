@@ -39,6 +39,7 @@ pub mod otlp;
 pub mod outlier;
 pub mod parties;
 mod rand;
+pub mod ratelimit;
 mod replay;
 pub mod report;
 pub mod retry;

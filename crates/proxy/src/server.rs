@@ -44,6 +44,8 @@ pub struct Shared {
     pub report: crate::report::Collector,
     /// Tracing and access-log sinks, swapped with the snapshot.
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// Global-scope rate limit buckets, for the quota client; kept across snapshots.
+    pub globals: Arc<crate::ratelimit::Globals>,
 }
 
 impl Shared {
@@ -63,6 +65,7 @@ impl Shared {
             conns: Default::default(),
             session_key: Default::default(),
             report: Default::default(),
+            globals: Default::default(),
         }
     }
 
