@@ -67,6 +67,15 @@ pub async fn start_sidecar(
             tls: tls.clone(),
         },
     ));
+    // Shares of Global rate limits.
+    tokio::spawn(trellis_proxy::quota::run(
+        proxy.clone(),
+        trellis_proxy::quota::QuotaConfig {
+            endpoints: endpoints(control),
+            node: node.clone(),
+            tls: tls.clone(),
+        },
+    ));
     tokio::spawn(follow(
         proxy.clone(),
         Follow {

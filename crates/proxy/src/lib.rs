@@ -38,6 +38,7 @@ mod mirror;
 pub mod otlp;
 pub mod outlier;
 pub mod parties;
+pub mod quota;
 mod rand;
 pub mod ratelimit;
 mod replay;

@@ -10,6 +10,7 @@ use prometheus_client::registry::Registry;
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
 use std::ops::Deref;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 
 use crate::golden::Latency;
@@ -248,6 +249,15 @@ pub struct BreakerLabels {
     pub backend: Arc<str>,
     /// The limit: `maxConnections`, `maxPendingRequests` or `maxRequests`.
     pub limit: &'static str,
+}
+
+/// Labels of a Global rate limit's share.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GlobalShareLabels {
+    /// The policy, `namespace/name`.
+    pub policy: Arc<str>,
+    /// The limit's name.
+    pub limit: Arc<str>,
 }
 
 /// Labels of an injected fault.
@@ -530,6 +540,9 @@ pub struct Metrics {
     pub breaker_limit: Tracked<BreakerLabels, Gauge>,
     /// Faults injected by a `FaultInjection`.
     pub faults: Tracked<FaultLabels, Counter>,
+    // Global rate limits (quota client).
+    /// This sidecar's share of each Global limit, units per second, summed over sources.
+    pub global_share: Tracked<GlobalShareLabels, Gauge<f64, AtomicU64>>,
 }
 
 /// 100µs .. ~26s.
@@ -610,6 +623,7 @@ impl Default for Metrics {
             breaker_current: Tracked::default(),
             breaker_limit: Tracked::default(),
             faults: Tracked::default(),
+            global_share: Tracked::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
@@ -822,6 +836,11 @@ impl Default for Metrics {
             "faults_injected",
             "Faults injected by a FaultInjection, by route rule and kind (delay, abort)",
             m.faults.family(),
+        );
+        registry.register(
+            "rate_limit_global_share",
+            "This sidecar's share of a Global rate limit (units per second, summed over per-source buckets), leased by the control plane",
+            m.global_share.family(),
         );
         Metrics { registry, ..m }
     }
