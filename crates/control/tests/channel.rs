@@ -880,3 +880,142 @@ async fn config_stream(
         .into_inner();
     (tx, responses)
 }
+
+/// A sidecar's quota stream for the Global limit `default/catalog/total` (150 per second):
+/// reports `per_interval` units every 250 ms; the receiver holds the latest share.
+async fn quota_stream(
+    plane: &Plane,
+    creds: &Arc<Credentials>,
+    node: &str,
+    per_interval: u64,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::watch::Receiver<f64>,
+) {
+    let report = move |node: Option<wire::Node>| wire::QuotaRequest {
+        node,
+        interval_ms: 250,
+        demand: vec![wire::QuotaDemand {
+            key: Some(wire::QuotaKey {
+                policy: "default/catalog".into(),
+                limit: "total".into(),
+                source: String::new(),
+            }),
+            rate: 150.0,
+            demand: per_interval,
+        }],
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(report(Some(wire::Node {
+        id: node.into(),
+        service: "catalog".into(),
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let mut answers = plane
+        .client(Some(creds))
+        .await
+        .quota(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let (share_tx, share_rx) = tokio::sync::watch::channel(0.0);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if tx.send(report(None)).await.is_err() {
+                        return;
+                    }
+                }
+                a = answers.message() => match a {
+                    Ok(Some(a)) => {
+                        if let Some(s) = a.shares.first() {
+                            share_tx.send_replace(s.rate);
+                        }
+                    }
+                    _ => return,
+                },
+            }
+        }
+    });
+    (task, share_rx)
+}
+
+/// Waits (bounded) until the busy and the idle sidecar's shares settle: together the whole
+/// limit, most of it to the busy one.
+async fn wait_division(
+    busy: &tokio::sync::watch::Receiver<f64>,
+    idle: &tokio::sync::watch::Receiver<f64>,
+) -> (f64, f64) {
+    for _ in 0..200 {
+        let (b, i) = (*busy.borrow(), *idle.borrow());
+        if (b + i - 150.0).abs() < 0.5 && b > 140.0 && i > 0.0 {
+            return (b, i);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "no division of the limit: busy {}, idle {}",
+        *busy.borrow(),
+        *idle.borrow()
+    );
+}
+
+/// Global rate limits on two replicas of one etcd: sidecars connected to different replicas
+/// share one limit (neither replica hands out the whole of it), and a sidecar that moves to
+/// the other replica keeps its place.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_etcd_divide_one_global_limit() {
+    let etcd = etcd::Etcd::start();
+    bounded(async {
+        let spec = StoreSpec::Etcd {
+            endpoints: vec![etcd.endpoint.clone()],
+            prefix: "/quota/".into(),
+        };
+        let replica = |tag: &'static str| {
+            let spec = spec.clone();
+            async move {
+                let mut s = Settings::default();
+                s.identity.trust_domain = "mesh.test".into();
+                let control = Control::open(&spec, s).await.unwrap();
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let url = format!("https://{}", listener.local_addr().unwrap());
+                let stop = CancellationToken::new();
+                tokio::spawn(trellis_control::serve(
+                    control.clone(),
+                    listener,
+                    stop.clone(),
+                ));
+                Plane {
+                    control,
+                    url,
+                    stop,
+                    dir: temp_dir(tag),
+                }
+            }
+        };
+        let a = replica("quota-a").await;
+        let b = replica("quota-b").await;
+        let creds = a.credentials("catalog").await;
+        // 100 per 250 ms (400 per second) on a, nothing on b.
+        let (busy_task, busy) = quota_stream(&a, &creds, "busy", 100).await;
+        let (_idle_task, idle) = quota_stream(&b, &creds, "idle", 0).await;
+        let (bs, is) = wait_division(&busy, &idle).await;
+        // The idle one keeps its floor: half of 10%.
+        assert!((is - 7.5).abs() < 0.5, "busy {bs}, idle {is}");
+
+        // The busy sidecar moves to b: b knows both and divides the same way.
+        busy_task.abort();
+        a.finish();
+        let (_busy_task, busy) = quota_stream(&b, &creds, "busy", 100).await;
+        wait_division(&busy, &idle).await;
+        let page = b.control.metrics.encode();
+        assert!(page.contains("trellis_control_quota_instances 2"), "{page}");
+        b.finish();
+    })
+    .await;
+}
