@@ -324,8 +324,12 @@ pub(crate) async fn serve(
                 }
             };
             let new = record.keys.iter().any(|d| !known.contains(&d.key));
+            let was_empty = known.is_empty();
             known = record.keys.iter().map(|d| d.key.clone()).collect();
-            quota.report(&node, record);
+            // A proxy without Global buckets costs no writes.
+            if !(was_empty && record.keys.is_empty()) {
+                quota.report(&node, record);
+            }
             if new {
                 let now = quota.rebalance();
                 let mine = now.get(&node).map(Vec::as_slice).unwrap_or_default();

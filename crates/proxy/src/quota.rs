@@ -173,15 +173,24 @@ async fn session(
     // An answer that does not come for this long means the replica is gone.
     let silence = INTERVAL * 8;
     let mut heard = tokio::time::Instant::now();
+    let mut reported = !buckets.is_empty();
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 let now = tokio::time::Instant::now();
+                let buckets = globals.list();
+                publish(proxy, &buckets);
+                // Nothing to report (and no answer to expect) without Global buckets; one
+                // empty report tells the control plane they are gone.
+                if buckets.is_empty() && !reported {
+                    heard = now;
+                    last = now;
+                    continue;
+                }
                 if now.duration_since(heard) > silence {
                     return Err(tonic::Status::unavailable("no quota answer"));
                 }
-                let buckets = globals.list();
-                publish(proxy, &buckets);
+                reported = !buckets.is_empty();
                 if tx.send(demand(&buckets, now - last, None)).await.is_err() {
                     return Ok(());
                 }
