@@ -84,7 +84,14 @@ pub fn item_key(r: &Resource) -> String {
 /// Compiles the view for `key` (see the module docs).
 pub fn compile(state: &State, key: &ViewKey) -> View {
     let attached: Vec<(&Resource, trellis_api::ServiceRefs)> =
-        [Kind::HttpRoute, Kind::GrpcRoute, Kind::BackendPolicy]
+        // A Service-targeted RateLimitPolicy travels with its Service: to its own sidecars
+        // (Inbound) and to its callers (Outbound).
+        [
+            Kind::HttpRoute,
+            Kind::GrpcRoute,
+            Kind::BackendPolicy,
+            Kind::RateLimitPolicy,
+        ]
             .into_iter()
             .flat_map(|k| state.of_kind(k))
             .map(|s| (&*s.resource, s.resource.service_refs()))
@@ -152,6 +159,14 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
                 add(&f.resource);
             }
         }
+        // So do the rate limits that target the route (its callers enforce them).
+        for s in state.of_kind(Kind::RateLimitPolicy) {
+            if let Resource::RateLimitPolicy(p) = &*s.resource
+                && targets_route(p, attached[i].0)
+            {
+                add(&s.resource);
+            }
+        }
     }
     // Mesh-wide settings reach every proxy.
     for s in state.of_kind(Kind::MeshConfig) {
@@ -203,6 +218,17 @@ fn reaches(
             }
             _ => true,
         }
+}
+
+/// Whether a RateLimitPolicy targets `route` (an HTTPRoute or GRPCRoute).
+fn targets_route(
+    p: &trellis_api::Object<trellis_api::ratelimit::RateLimitPolicySpec>,
+    route: &Resource,
+) -> bool {
+    let t = &p.spec.target_ref;
+    let m = route.metadata();
+    let ns = t.namespace.as_deref().unwrap_or(&p.metadata.namespace);
+    t.kind == route.kind().as_str() && t.name == m.name && ns == m.namespace
 }
 
 /// Every service: stored ones and those that exist because instances registered.
@@ -398,6 +424,79 @@ spec:
         };
         assert_eq!(faults("catalog"), ["FaultInjection/default/outage"]);
         assert!(faults("orders").is_empty());
+    }
+
+    #[test]
+    fn rate_limits_travel_with_their_service_or_route() {
+        let yaml = "apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: orders}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: r}
+spec:
+  parentRefs: [{kind: Service, name: catalog}]
+  rules: [{name: api, backendRefs: [{name: catalog, port: 80}]}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: catalog-in}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  limits: [{name: all, rate: 10}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: api}
+spec:
+  targetRef: {kind: HTTPRoute, name: r, sectionName: api}
+  limits: [{name: api, rate: 5}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: orders-out}
+spec:
+  targetRef: {kind: Service, name: orders}
+  direction: Outbound
+  limits: [{name: all, rate: 10}]
+";
+        let state = state_of(yaml);
+        let limits = |key: ViewKey| -> Vec<String> {
+            compile(&state, &key)
+                .items
+                .into_keys()
+                .filter(|k| k.starts_with("RateLimitPolicy/"))
+                .collect()
+        };
+        // A caller of catalog: catalog's policy and its route's.
+        assert_eq!(
+            limits(ViewKey::new("default", &["catalog".into()], false)),
+            [
+                "RateLimitPolicy/default/api",
+                "RateLimitPolicy/default/catalog-in"
+            ]
+        );
+        assert_eq!(
+            limits(ViewKey::new("default", &["orders".into()], false)),
+            ["RateLimitPolicy/default/orders-out"]
+        );
+        // Catalog's own sidecar, calling nothing.
+        let mut own = ViewKey::new("default", &[], false);
+        own.own = Some(("default".into(), "catalog".into()));
+        assert_eq!(
+            limits(own),
+            [
+                "RateLimitPolicy/default/api",
+                "RateLimitPolicy/default/catalog-in"
+            ]
+        );
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub enum ProxyError {
     /// The backend's circuit breaker refused: a limit is reached (backend, limit, value).
     #[error("circuit breaker: {0} is at its {l} limit of {2}", l = .1.field())]
     Overloaded(std::sync::Arc<str>, crate::breaker::Limit, u32),
+    /// A rate limit refused (module `ratelimit`).
+    #[error("rate limit: {0}")]
+    RateLimited(Box<crate::ratelimit::Refusal>),
 }
 
 impl ProxyError {
@@ -86,6 +89,7 @@ impl ProxyError {
             ProxyError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::Denied(_) => StatusCode::FORBIDDEN,
             ProxyError::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
+            ProxyError::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -112,6 +116,7 @@ impl ProxyError {
             ProxyError::Denied(_) => "denied",
             ProxyError::Unauthenticated(_) => "unauthenticated",
             ProxyError::Overloaded(..) => "circuit_breaker",
+            ProxyError::RateLimited(_) => "rate_limited",
         }
     }
 
@@ -131,6 +136,7 @@ impl ProxyError {
             ProxyError::Denied(_) => "denied",
             ProxyError::Unauthenticated(_) => "unauthenticated",
             ProxyError::Overloaded(..) => "overloaded",
+            ProxyError::RateLimited(_) => "rate limited",
         }
     }
 
@@ -157,6 +163,7 @@ impl ProxyError {
             let code = match self.status() {
                 _ if matches!(self, ProxyError::Overloaded(..)) => "8", // RESOURCE_EXHAUSTED
                 _ if matches!(self, ProxyError::BackendNotFound(..)) => "14", // UNAVAILABLE
+                StatusCode::TOO_MANY_REQUESTS => "8",                   // RESOURCE_EXHAUSTED
                 StatusCode::NOT_FOUND => "12",                          // UNIMPLEMENTED
                 StatusCode::GATEWAY_TIMEOUT => "4",                     // DEADLINE_EXCEEDED
                 StatusCode::INTERNAL_SERVER_ERROR => "13",              // INTERNAL
@@ -184,6 +191,9 @@ impl ProxyError {
             r
         };
         resp.headers_mut().insert(ERROR_HEADER, reason_value);
+        if let ProxyError::RateLimited(r) = &self {
+            r.headers(resp.headers_mut());
+        }
         resp
     }
 }

@@ -177,6 +177,10 @@ async fn serve(
             return shared.fail(&at, &NONE, &NONE, ProxyError::Denied(verdict.policy));
         }
     }
+    // 0a. Rate limits: the caller's share of this listener's service (module `ratelimit`).
+    if let Err(e) = crate::ratelimit::inbound(&shared, &snap, listener, &conn, hop) {
+        return shared.fail(&at, &NONE, &NONE, e);
+    }
 
     // 1. Decide: which rule, which backend (pure).
     let mut fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {
@@ -233,6 +237,11 @@ async fn serve(
     // A gRPC call's own deadline counts when it is the sooner.
     if grpc && let Some(t) = parts.headers.get(deadline::GRPC_TIMEOUT) {
         fwd.timeout = deadline::effective(fwd.timeout, deadline::parse(t));
+    }
+
+    // Rate limits of the chosen backend and the rule, outbound (module `ratelimit`).
+    if let Err(e) = crate::ratelimit::outbound(&shared, &snap, &fwd, &conn, hop) {
+        return shared.fail(&at, &fwd.route, &fwd.backend.name, e);
     }
 
     // 1b. Fault injection (the rule's FaultInjection): maybe a delay, then maybe an abort.

@@ -182,6 +182,7 @@ impl Proxy {
         let version = snap.version;
         let snap = Arc::new(snap);
         self.shared.store(snap.clone());
+        ratelimit::prune(&self.shared.metrics, &snap.limits);
         self.shared.telemetry.commit(sinks);
         listeners.commit(&self.shared, &snap, fresh);
         self.checkers.sync(&snap, &self.shared);

@@ -540,9 +540,39 @@ pub struct Metrics {
     pub breaker_limit: Tracked<BreakerLabels, Gauge>,
     /// Faults injected by a `FaultInjection`.
     pub faults: Tracked<FaultLabels, Counter>,
+    // Rate limits (module `ratelimit`).
+    /// Rate limit decisions, by policy, limit, unit and decision.
+    pub rate_limit_decisions: Tracked<RateLimitLabels, Counter>,
+    /// Requests of callers beyond a perSource limit's live-source bound, charged to its
+    /// shared overflow bucket.
+    pub rate_limit_overflow: Tracked<RateLimitOverflowLabels, Counter>,
     // Global rate limits (quota client).
     /// This sidecar's share of each Global limit, units per second, summed over sources.
     pub global_share: Tracked<GlobalShareLabels, Gauge<f64, AtomicU64>>,
+}
+
+/// Labels of a rate limit decision.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitLabels {
+    /// `inbound` or `outbound` (the policy's direction).
+    pub direction: &'static str,
+    /// The policy, `namespace/name`.
+    pub policy: Arc<str>,
+    /// The limit's name.
+    pub limit: Arc<str>,
+    /// `requests` or `connections`.
+    pub unit: &'static str,
+    /// `allowed` or `limited`.
+    pub decision: &'static str,
+}
+
+/// Labels of a perSource limit's overflow.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RateLimitOverflowLabels {
+    /// The policy, `namespace/name`.
+    pub policy: Arc<str>,
+    /// The limit's name.
+    pub limit: Arc<str>,
 }
 
 /// 100µs .. ~26s.
@@ -623,6 +653,8 @@ impl Default for Metrics {
             breaker_current: Tracked::default(),
             breaker_limit: Tracked::default(),
             faults: Tracked::default(),
+            rate_limit_decisions: Tracked::default(),
+            rate_limit_overflow: Tracked::default(),
             global_share: Tracked::default(),
             registry: Registry::default(),
         };
@@ -836,6 +868,16 @@ impl Default for Metrics {
             "faults_injected",
             "Faults injected by a FaultInjection, by route rule and kind (delay, abort)",
             m.faults.family(),
+        );
+        registry.register(
+            "rate_limit_decisions",
+            "Rate limit decisions (allowed, limited) by direction, policy, limit and unit",
+            m.rate_limit_decisions.family(),
+        );
+        registry.register(
+            "rate_limit_source_overflow",
+            "Requests of callers beyond a perSource limit's 10,000 live sources, charged to its shared overflow bucket",
+            m.rate_limit_overflow.family(),
         );
         registry.register(
             "rate_limit_global_share",

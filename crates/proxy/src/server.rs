@@ -263,6 +263,10 @@ fn accepted(
 ) {
     let limit_labels = |limit: &'static str, listener: Arc<str>| LimitLabels { listener, limit };
     let snap = shared.snapshot();
+    // Connection rate limits, before the caps: a refused one never sheds another.
+    if !crate::ratelimit::admit_connection(shared, &snap, &listener.name, peer) {
+        return;
+    }
     let bounds = &snap.settings.bounds;
     let decision = crate::conns::admit(
         shared.conns.open(),

@@ -225,6 +225,8 @@ pub struct Snapshot {
     /// Circuit breaker counters, by backend name: like endpoint state, carried over to the
     /// next snapshot for backends that remain.
     pub breakers: HashMap<Arc<str>, Arc<crate::breaker::Breaker>>,
+    /// Rate limits by where they are enforced; their buckets are carried over like breakers.
+    pub limits: crate::ratelimit::Limits,
     /// The resources, as given, for `/config`.
     pub resources: Vec<Resource>,
 }
@@ -263,6 +265,7 @@ impl Snapshot {
             hosts: HashMap::new(),
             endpoints: HashMap::new(),
             breakers: HashMap::new(),
+            limits: Default::default(),
             resources: vec![],
         }
     }
@@ -620,6 +623,14 @@ impl Snapshot {
                 protocol: l.protocol.or(declared),
             });
         }
+        let limits = crate::ratelimit::Limits::build(
+            resources,
+            &proxy.metadata.namespace,
+            spec,
+            previous.map(|p| &p.limits),
+            &shared.globals,
+            metrics,
+        );
         Ok(Snapshot {
             version,
             source: source.to_string(),
@@ -639,6 +650,7 @@ impl Snapshot {
             hosts,
             endpoints: b.endpoints,
             breakers: b.breakers,
+            limits,
             resources: resources.iter().map(|r| r.value.clone()).collect(),
         })
     }
