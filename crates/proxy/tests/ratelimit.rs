@@ -446,3 +446,54 @@ async fn a_reload_refills_nothing_and_a_removed_policy_loses_its_series() {
         p.proxy.metrics_text()
     );
 }
+
+#[tokio::test]
+async fn a_refused_requests_access_log_line_names_the_policy_and_the_reason() {
+    let dir = std::env::temp_dir().join(format!("trellis-ratelimit-log-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let log = dir.join("access.log");
+    let up = upstream("app").await;
+    let p = proxy(
+        up.addr,
+        &format!(
+            "{}---
+apiVersion: trellis.dev/v1alpha1
+kind: Telemetry
+metadata: {{name: mesh}}
+spec:
+  accessLog: {{path: '{}'}}
+",
+            policy(
+                "logged",
+                "{kind: Service, name: app}",
+                "Inbound",
+                "[{name: all, rate: 1, per: 1h}]"
+            ),
+            log.display()
+        ),
+    )
+    .await;
+    let addr = p.addr("in").await;
+    assert_eq!(status(&get(addr, "/x").await), 200);
+    assert_eq!(status(&get(addr, "/x").await), 429);
+    // Lines are written by a thread of their own: wait (at most 10 s) for both.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let lines = loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= 2 {
+            break lines;
+        }
+        assert!(std::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(lines[0].get("reason").is_none(), "{}", lines[0]);
+    assert_eq!(lines[1]["status"], 429);
+    assert_eq!(lines[1]["reason"], "rate_limited");
+    assert_eq!(lines[1]["policy"], "default/logged");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Rate limit cost (issue 15), one sidecar in front of nginx, all on loopback: added latency at a
+# constant RATE with no limit ("none") and with a local limit that admits everything ("local":
+# an Outbound RateLimitPolicy on the upstream service at LOCAL_RATE per second), interleaved
+# over ROUNDS. Every request of "local" passes the bucket check; none is refused.
+#   RATE=1000 DURATION=20s ROUNDS=3 bash bench/ratelimit.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATE=${RATE:-1000}
+DURATION=${DURATION:-20s}
+WARMUP=${WARMUP:-3s}
+ROUNDS=${ROUNDS:-3}
+CONNS=${CONNS:-50}
+LOCAL_RATE=${LOCAL_RATE:-100000}
+# Sets to measure; each is a case of limits() below.
+SETS=${SETS:-"none local"}
+PROFILE=${PROFILE:-quick-release}
+OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
+T=${TRELLIS_BIN:-}
+
+log() { printf '[ratelimit %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+source "bench/lib/load.sh"
+command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
+command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
+[ -x "$OHA" ] || cargo install oha --locked
+if [[ -z $T ]]; then
+    cargo build --profile "$PROFILE" -p trellis-cli
+    T=target/$PROFILE/trellis
+fi
+
+TMP=$(mktemp -d /tmp/trellis-ratelimit.XXXXXX)
+chmod 755 "$TMP"
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
+trap cleanup EXIT
+
+# limits SET: the RateLimitPolicy documents of a set (none for "none").
+limits() {
+    case $1 in
+    none) ;;
+    local)
+        cat <<YAML
+---
+apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: bench-local}
+spec:
+  targetRef: {kind: Service, name: up}
+  direction: Outbound
+  limits: [{name: all, rate: $LOCAL_RATE, burst: $LOCAL_RATE}]
+YAML
+        ;;
+    # global: a Global-scope limit needs the control plane; its set goes here (it starts
+    # the sidecar with a control plane instead of sidecar_start).
+    *) log "unknown set $1"; exit 1 ;;
+    esac
+}
+
+# sidecar SET PORT ADMIN UPSTREAM: a standalone sidecar, one worker thread, with SET's limits.
+sidecar() {
+    local set=$1 p=$2 admin=$3 up=$4 cfg=$TMP/sidecar-$1.yaml
+    {
+        sidecar_config "$p" "$admin" "$up"
+        limits "$set"
+    } >"$cfg"
+    sidecar_start "$cfg" "$p"
+}
+
+echo "== $(date -u +%FT%TZ) $(nproc) cores; $("$T" --version 2>/dev/null || echo trellis); RATE=$RATE DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS LOCAL_RATE=$LOCAL_RATE"
+
+UP=$(port)
+nginx_up upstream "$UP"
+declare -A URL=() ADMIN=()
+for set in $SETS; do
+    p=$(port); a=$(port)
+    sidecar "$set" "$p" "$a" "$UP"
+    URL[$set]=http://127.0.0.1:$p/1k
+    ADMIN[$set]=$a
+    ok "${URL[$set]}"
+done
+URL[direct]=http://127.0.0.1:$UP/1k
+added_latency $SETS
+echo
+# Proof that "local" checked every request and refused none.
+for set in $SETS; do
+    [[ $set == none ]] && continue
+    echo "$set: $(curl -s "http://127.0.0.1:${ADMIN[$set]}/metrics" | grep '^trellis_rate_limit_decisions_total' | sed 's/^trellis_rate_limit_decisions_total//' | tr '\n' ' ')"
+done
