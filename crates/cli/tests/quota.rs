@@ -268,6 +268,8 @@ fn one_global_limit_holds_across_three_instances_when_demand_moves_and_the_contr
     let cp = ControlPlane::start("control-again", dir.path(), port, &store);
     load.set(&[250, 0, 0]);
     busy(0, "after the restart, instance 0 holding most of the limit");
+    // Every sidecar reconnects within its backoff (at most 2 s) and reports again.
+    std::thread::sleep(Duration::from_secs(2));
     check("after the restart", &load, 2.0);
     drop(cp);
 }
