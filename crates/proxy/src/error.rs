@@ -65,6 +65,10 @@ pub enum ProxyError {
     /// The backend's circuit breaker refused: a limit is reached (backend, limit, value).
     #[error("circuit breaker: {0} is at its {l} limit of {2}", l = .1.field())]
     Overloaded(std::sync::Arc<str>, crate::breaker::Limit, u32),
+    /// An OverloadPolicy shed the request: the service is at its concurrency limit (policy,
+    /// `Retry-After`).
+    #[error("shed by {0}: the service is at its concurrency limit")]
+    Shed(std::sync::Arc<str>, Duration),
 }
 
 impl ProxyError {
@@ -76,7 +80,7 @@ impl ProxyError {
             ProxyError::NoBackends(_) | ProxyError::BackendNotFound(..) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            ProxyError::NoEndpoint(_) | ProxyError::Overloaded(..) => {
+            ProxyError::NoEndpoint(_) | ProxyError::Overloaded(..) | ProxyError::Shed(..) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::Connect(..)
@@ -112,6 +116,7 @@ impl ProxyError {
             ProxyError::Denied(_) => "denied",
             ProxyError::Unauthenticated(_) => "unauthenticated",
             ProxyError::Overloaded(..) => "circuit_breaker",
+            ProxyError::Shed(..) => "shed",
         }
     }
 
@@ -130,7 +135,7 @@ impl ProxyError {
             ProxyError::Timeout(_) => "timeout",
             ProxyError::Denied(_) => "denied",
             ProxyError::Unauthenticated(_) => "unauthenticated",
-            ProxyError::Overloaded(..) => "overloaded",
+            ProxyError::Overloaded(..) | ProxyError::Shed(..) => "overloaded",
         }
     }
 
@@ -184,6 +189,12 @@ impl ProxyError {
             r
         };
         resp.headers_mut().insert(ERROR_HEADER, reason_value);
+        if let ProxyError::Shed(_, after) = &self {
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs().max(1)),
+            );
+        }
         resp
     }
 }

@@ -41,6 +41,7 @@ pub fn reason(label: &str) -> &'static str {
         "denied" => "denied",
         "unauthenticated" => "unauthenticated",
         "circuit_breaker" => "overloaded",
+        "shed" => "shed",
         "fault" => "fault_abort",
         _ => "proxy_error",
     }

@@ -530,6 +530,10 @@ pub struct Metrics {
     pub breaker_limit: Tracked<BreakerLabels, Gauge>,
     /// Faults injected by a `FaultInjection`.
     pub faults: Tracked<FaultLabels, Counter>,
+    // Overload (adaptive concurrency): `trellis_concurrency_*`, read from the policies'
+    // state at scrape time.
+    /// Every OverloadPolicy state a snapshot holds.
+    pub concurrency: Arc<crate::overload::Live>,
 }
 
 /// 100µs .. ~26s.
@@ -610,6 +614,7 @@ impl Default for Metrics {
             breaker_current: Tracked::default(),
             breaker_limit: Tracked::default(),
             faults: Tracked::default(),
+            concurrency: Arc::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
@@ -823,6 +828,7 @@ impl Default for Metrics {
             "Faults injected by a FaultInjection, by route rule and kind (delay, abort)",
             m.faults.family(),
         );
+        registry.register_collector(crate::overload::collector(&m.concurrency));
         Metrics { registry, ..m }
     }
 }
