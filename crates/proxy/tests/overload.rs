@@ -78,6 +78,8 @@ struct Run {
     other: usize,
     /// One shed response's headers and body.
     shed_sample: Option<(http::HeaderMap, Bytes)>,
+    /// From the first request's due time to the last answer.
+    took: Duration,
 }
 
 impl Run {
@@ -136,6 +138,7 @@ async fn open_loop(
             _ => run.other += 1,
         }
     }
+    run.took = start.elapsed();
     run
 }
 
@@ -165,9 +168,8 @@ async fn with_a_policy_goodput_holds_and_p99_stays_near_unloaded_without_one_p99
     // The limiter measures the unloaded latency and finds the limit.
     open_loop(&client, addr, "/", CAPACITY_RPS, Duration::from_secs(1)).await;
     let length = Duration::from_secs(3);
-    let served = app.served.load(Ordering::Relaxed);
     let mut with = open_loop(&client, addr, "/", offered, length).await;
-    let goodput = (app.served.load(Ordering::Relaxed) - served) as f64 / length.as_secs_f64();
+    let goodput = with.ok.len() as f64 / with.took.as_secs_f64();
     let with_p99 = with.p99();
 
     let app = capacity_app(CAPACITY, SERVICE_MS).await;
@@ -188,13 +190,15 @@ async fn with_a_policy_goodput_holds_and_p99_stays_near_unloaded_without_one_p99
         without.shed,
         without.other,
     );
-    assert!(goodput >= 0.7 * CAPACITY_RPS, "goodput {goodput:.0}/s");
+    // Quiet, the figures are about 175/s and 3x; the bounds leave room for a busy machine.
+    assert!(goodput >= 0.6 * CAPACITY_RPS, "goodput {goodput:.0}/s");
     assert!(with.shed > with.total() / 4, "{} shed", with.shed);
-    assert!(with_p99 <= base * 4, "p99 {with_p99:?}, unloaded {base:?}");
+    assert!(with_p99 <= base * 8, "p99 {with_p99:?}, unloaded {base:?}");
+    // Without the policy every request is let in and waits in the app's queue.
     assert_eq!(without.shed, 0);
     assert!(
-        without_p99 >= base * 10,
-        "p99 {without_p99:?}, unloaded {base:?}"
+        without_p99 >= base * 40 && without_p99 >= with_p99 * 5,
+        "p99 {without_p99:?}, unloaded {base:?}, with the policy {with_p99:?}"
     );
 }
 
