@@ -730,6 +730,88 @@ mod tests {
         assert!(gate.has_high);
     }
 
+    #[test]
+    fn a_shed_answer_is_503_or_unavailable_with_retry_after_and_no_policy_name() {
+        use crate::error::Audience;
+        let e = ProxyError::Shed("shop/secret-policy".into(), Duration::from_secs(2));
+        for grpc in [false, true] {
+            let r = e.clone().into_response(grpc, Audience::Remote);
+            assert_eq!(r.headers()["retry-after"], "2");
+            assert_eq!(r.headers()[crate::error::ERROR_HEADER], "overloaded");
+            assert!(!format!("{:?}", r.headers()).contains("secret"));
+            if grpc {
+                assert_eq!(r.headers()["grpc-status"], "14");
+            } else {
+                assert_eq!(r.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+                assert!(is_shed(&r));
+            }
+        }
+        let plain = http::Response::builder().status(503).body(()).unwrap();
+        assert!(!is_shed(&plain));
+    }
+
+    #[test]
+    fn a_reload_keeps_the_learned_limit_and_a_removed_policy_leaves_the_metrics() {
+        let shared = crate::Shared::new();
+        let yaml = |policy: &str| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: p}}
+spec:
+  admin: {{address: 127.0.0.1:0}}
+  inbound: [{{name: in, address: 127.0.0.1:0, forwardTo: 127.0.0.1:7001, service: app}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: app}}
+spec: {{ports: [{{port: 80}}]}}
+{policy}"
+            )
+        };
+        let policy = |min: u32| {
+            format!(
+                "---
+apiVersion: trellis.dev/v1alpha1
+kind: OverloadPolicy
+metadata: {{name: o}}
+spec: {{targetRef: {{kind: Service, name: app}}, adaptiveConcurrency: {{minLimit: {min}}}}}
+"
+            )
+        };
+        let build = |yaml: &str, previous| {
+            let resources = trellis_api::parse_documents("t.yaml", yaml).unwrap();
+            crate::snapshot::Snapshot::build(&resources, 1, "t.yaml", previous, &shared).unwrap()
+        };
+        let gate = |snap: &crate::snapshot::Snapshot| match &snap.listeners[0].kind {
+            crate::snapshot::ListenerKind::Inbound { overload, .. } => overload.clone(),
+            _ => None,
+        };
+        let first = build(&yaml(&policy(4)), None);
+        let state = first.overloads["default/o"].clone();
+        assert!(Arc::ptr_eq(gate(&first).unwrap().state(), &state));
+        {
+            let mut l = state.lock();
+            let now = Instant::now();
+            for _ in 0..PROBE_SAMPLES {
+                assert!(l.try_acquire(Priority::Normal, false));
+                l.release(now, Some(ms(20)), now);
+            }
+        }
+        let second = build(&yaml(&policy(6)), Some(&first));
+        assert!(Arc::ptr_eq(&second.overloads["default/o"], &state));
+        assert!(Arc::ptr_eq(gate(&second).unwrap().state(), &state));
+        let l = state.limiter();
+        assert_eq!(l.min_latency(), Some(ms(20)));
+        assert_eq!(l.limit(), 6);
+        let limit = "trellis_concurrency_limit{policy=\"default/o\"} 6";
+        assert!(shared.metrics.encode().contains(limit));
+        let third = build(&yaml(""), Some(&second));
+        assert!(third.overloads.is_empty() && gate(&third).is_none());
+        drop((first, second, state));
+        assert!(!shared.metrics.encode().contains("policy=\"default/o\""));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn slots_are_held_until_dropped_and_give_their_latency() {
         let gate = compile(
