@@ -341,3 +341,76 @@ spec:
         assert_eq!(failures > 0.0, counted, "failures {failures}");
     }
 }
+
+/// An HTTP/1.1 app that answers every request's head and first chunk at once and the rest of
+/// the body when `end` turns true.
+async fn streaming_app(end: tokio::sync::watch::Receiver<bool>) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let mut end = end.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    let head =
+                        "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n";
+                    if s.write_all(head.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    let _ = end.wait_for(|e| *e).await;
+                    if s.write_all(b"0\r\n\r\n").await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_slot_is_held_until_the_response_body_ends() {
+    let _serial = SERIAL.lock().await;
+    let (end, ends) = tokio::sync::watch::channel(false);
+    let app = streaming_app(ends).await;
+    let p = sidecar(
+        app,
+        "apiVersion: trellis.dev/v1alpha1
+kind: OverloadPolicy
+metadata: {name: one-at-a-time}
+spec:
+  targetRef: {kind: Service, name: app}
+  adaptiveConcurrency: {minLimit: 1, maxLimit: 1}
+",
+    )
+    .await;
+    let addr = p.addr("in").await;
+    let client = h1_client();
+    let req = || {
+        Request::get(format!("http://{addr}/"))
+            .body(Full::default())
+            .unwrap()
+    };
+    // Its head is here, its body still streaming: it holds the one slot.
+    let streaming = client.request(req()).await.unwrap();
+    assert_eq!(streaming.status(), StatusCode::OK);
+    let second = tokio::time::timeout(Duration::from_secs(5), client.request(req()))
+        .await
+        .expect("no answer within 5 s")
+        .unwrap();
+    assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    end.send(true).unwrap();
+    let body = streaming.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"hello");
+    assert_eq!(send(&client, req()).await.status, StatusCode::OK);
+}
