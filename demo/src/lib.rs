@@ -3,6 +3,7 @@
 //! payment, and a load generator that drives order processing at a steady rate.
 #![forbid(unsafe_code)]
 
+pub mod capacity;
 mod catalog;
 mod config;
 mod inventory;

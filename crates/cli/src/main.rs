@@ -376,6 +376,20 @@ enum Command {
         /// product-catalog, order-processing, inventory, payment or load-generator.
         name: String,
     },
+    /// A fixed-capacity server for the overload benchmark: `capacity` requests at once, each
+    /// taking `service-time`; the rest queue.
+    #[command(hide = true)]
+    CapacityApp {
+        /// Address to listen on.
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Requests served at once.
+        #[arg(long, default_value_t = 16)]
+        capacity: usize,
+        /// Time each request takes, for example `20ms`.
+        #[arg(long, default_value = "20ms", value_parser = parse_duration)]
+        service_time: Duration,
+    },
 }
 
 #[derive(Subcommand)]
@@ -826,6 +840,18 @@ fn run(command: Command) -> Result<i32> {
             data_dir,
         })),
         Command::ExecApp { parent, command } => run::exec_app(parent, &command),
+        Command::CapacityApp {
+            listen,
+            capacity,
+            service_time,
+        } => runtime(1)?.block_on(async move {
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen}"))?;
+            trellis_demo::capacity::serve(listener, capacity, service_time, shutdown_signal())
+                .await;
+            Ok(0)
+        }),
         Command::DemoApp { name } => {
             let Some(app) = trellis_demo::App::parse(&name) else {
                 bail!("unknown demo app {name:?}");

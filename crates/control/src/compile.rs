@@ -198,6 +198,15 @@ pub fn compile(state: &State, key: &ViewKey) -> View {
                 add(&s.resource);
             }
         }
+        // Overload protection is the service's own sidecars' too (its callers never shed).
+        for s in state.of_kind(Kind::OverloadPolicy) {
+            if let Resource::OverloadPolicy(p) = &*s.resource
+                && &p.metadata.namespace == ns
+                && &p.spec.target_ref.name == name
+            {
+                add(&s.resource);
+            }
+        }
     }
     view
 }
@@ -497,6 +506,41 @@ spec:
                 "RateLimitPolicy/default/catalog-in"
             ]
         );
+    }
+
+    #[test]
+    fn an_overload_policy_reaches_only_its_services_own_sidecars() {
+        let yaml = "apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog, namespace: shop}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: OverloadPolicy
+metadata: {name: catalog-overload, namespace: shop}
+spec: {targetRef: {kind: Service, name: catalog}}
+";
+        let state = state_of(yaml);
+        let policies = |own: &str, upstreams: &[String]| -> Vec<String> {
+            let mut key = ViewKey::new("shop", upstreams, false);
+            key.own = Some(("shop".into(), own.into()));
+            compile(&state, &key)
+                .items
+                .into_keys()
+                .filter(|k| k.starts_with("OverloadPolicy/"))
+                .collect()
+        };
+        assert_eq!(
+            policies("catalog", &[]),
+            ["OverloadPolicy/shop/catalog-overload"]
+        );
+        // A caller of catalog does not get it.
+        assert!(policies("web", &["shop/catalog".into()]).is_empty());
     }
 
     #[test]

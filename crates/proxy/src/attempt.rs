@@ -97,7 +97,10 @@ pub(crate) async fn attempt<'a>(
     let outcome = match outcome {
         Ok((resp, tx, sent, stream)) => {
             let latency = sent.map(|s| now - s);
-            report(backend, endpoint, metrics, Ok(resp.status()), latency, now);
+            // A shed answer says the service is busy, not that this endpoint is broken.
+            if !crate::overload::is_shed(&resp) {
+                report(backend, endpoint, metrics, Ok(resp.status()), latency, now);
+            }
             Ok(Answer {
                 resp,
                 guard,

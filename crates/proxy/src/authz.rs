@@ -304,7 +304,7 @@ fn weekday(d: jiff::civil::Weekday) -> Weekday {
 }
 
 /// The namespace of a SPIFFE id `spiffe://td/ns/NS/sa/SA`.
-fn namespace_of(id: &str) -> Option<&str> {
+pub(crate) fn namespace_of(id: &str) -> Option<&str> {
     let rest = id.strip_prefix("spiffe://")?;
     let mut parts = rest.split('/');
     parts.next()?;

@@ -140,6 +140,14 @@ impl Body {
             t.hold(busy);
         }
     }
+
+    /// Keeps an OverloadPolicy's concurrency slot until a streamed upstream response ends;
+    /// any other body is whole already, and the slot goes with the request.
+    pub(crate) fn hold_slot(&mut self, slot: crate::overload::Slot) {
+        if let Kind::Tracked(t) = &mut self.0 {
+            t.hold_slot(slot);
+        }
+    }
 }
 
 /// Why a body stopped: hyper's error for a body hyper reads, the lean client's for the rest.

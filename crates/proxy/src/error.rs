@@ -68,6 +68,10 @@ pub enum ProxyError {
     /// A rate limit refused (module `ratelimit`).
     #[error("rate limit: {0}")]
     RateLimited(Box<crate::ratelimit::Refusal>),
+    /// An OverloadPolicy shed the request: the service is at its concurrency limit (policy,
+    /// `Retry-After`).
+    #[error("shed by {0}: the service is at its concurrency limit")]
+    Shed(std::sync::Arc<str>, Duration),
 }
 
 impl ProxyError {
@@ -79,7 +83,7 @@ impl ProxyError {
             ProxyError::NoBackends(_) | ProxyError::BackendNotFound(..) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
-            ProxyError::NoEndpoint(_) | ProxyError::Overloaded(..) => {
+            ProxyError::NoEndpoint(_) | ProxyError::Overloaded(..) | ProxyError::Shed(..) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
             ProxyError::Connect(..)
@@ -117,6 +121,7 @@ impl ProxyError {
             ProxyError::Unauthenticated(_) => "unauthenticated",
             ProxyError::Overloaded(..) => "circuit_breaker",
             ProxyError::RateLimited(_) => "rate_limited",
+            ProxyError::Shed(..) => "shed",
         }
     }
 
@@ -135,7 +140,7 @@ impl ProxyError {
             ProxyError::Timeout(_) => "timeout",
             ProxyError::Denied(_) => "denied",
             ProxyError::Unauthenticated(_) => "unauthenticated",
-            ProxyError::Overloaded(..) => "overloaded",
+            ProxyError::Overloaded(..) | ProxyError::Shed(..) => "overloaded",
             ProxyError::RateLimited(_) => "rate limited",
         }
     }
@@ -193,6 +198,12 @@ impl ProxyError {
         resp.headers_mut().insert(ERROR_HEADER, reason_value);
         if let ProxyError::RateLimited(r) = &self {
             r.headers(resp.headers_mut());
+        }
+        if let ProxyError::Shed(_, after) = &self {
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                HeaderValue::from(after.as_secs().max(1)),
+            );
         }
         resp
     }

@@ -42,6 +42,7 @@ pub fn reason(label: &str) -> &'static str {
         "unauthenticated" => "unauthenticated",
         "circuit_breaker" => "overloaded",
         "rate_limited" => "rate_limited",
+        "shed" => "shed",
         "fault" => "fault_abort",
         _ => "proxy_error",
     }

@@ -182,6 +182,14 @@ async fn serve(
         return shared.fail(&at, &NONE, &NONE, e);
     }
 
+    // 0b. Admission (overload): a concurrency slot, held until the response body ends, or
+    //     shed at once (module `overload`).
+    let mut slot =
+        match crate::overload::admit(listener, &parts, conn.peer_identity.as_deref(), hop) {
+            Ok(slot) => slot,
+            Err(e) => return shared.fail(&at, &NONE, &NONE, e),
+        };
+
     // 1. Decide: which rule, which backend (pure).
     let mut fwd = match decide::decide(&snap, listener, &parts, rand::u64()) {
         Decision::Forward(f) => {
@@ -342,6 +350,9 @@ async fn serve(
         Err(e) => return shared.fail(&at, &fwd.route, &fwd.backend.name, e),
     };
     hop.upstream(upstream, answered, verified.as_ref());
+    if let Some(s) = &mut slot {
+        s.answered(answered);
+    }
 
     // 6. Response filters.
     if let Some(rule) = &fwd.rule {
@@ -402,6 +413,9 @@ async fn serve(
     }
     if let Some(busy) = busy {
         resp.body_mut().hold(busy);
+    }
+    if let Some(s) = slot {
+        resp.body_mut().hold_slot(s);
     }
     if let Some(w) = watch
         && !resp.body().is_end_stream()
@@ -650,6 +664,7 @@ fn respond(endpoint: &Arc<EndpointState>, a: attempt::Answer) -> Answered {
             busy: None,
             stream,
             meter: None,
+            slot: None,
         };
         return (
             Response::from_parts(parts, body.into()),
@@ -673,6 +688,7 @@ fn respond(endpoint: &Arc<EndpointState>, a: attempt::Answer) -> Answered {
         busy: None,
         stream,
         meter: None,
+        slot: None,
     };
     if tracked.inner.is_end_stream() {
         // Nothing to read (204, HEAD, empty body): the writer will never poll this body,
@@ -1034,6 +1050,9 @@ pub(crate) struct Tracked {
     stream: Option<H2Stream>,
     /// The response's size (and gRPC status from trailers), recorded when it is dropped.
     meter: Option<crate::golden::ResponseMeter>,
+    /// The OverloadPolicy's concurrency slot, until the response ends (boxed: most
+    /// responses have none, and every body pays for this one's size).
+    slot: Option<Box<crate::overload::Slot>>,
 }
 
 impl Tracked {
@@ -1045,12 +1064,17 @@ impl Tracked {
         self.meter = Some(m);
     }
 
+    pub(crate) fn hold_slot(&mut self, slot: crate::overload::Slot) {
+        self.slot = Some(Box::new(slot));
+    }
+
     /// The exchange ended cleanly: release the endpoint and pool the connection.
     fn finish(&mut self) {
         self.guard.take();
         self.permit.take();
         self.busy.take();
         self.stream.take();
+        self.slot.take();
         let Some(endpoint) = self.pool.take() else {
             return;
         };

@@ -37,6 +37,7 @@ pub mod metrics;
 mod mirror;
 pub mod otlp;
 pub mod outlier;
+pub mod overload;
 pub mod parties;
 pub mod quota;
 mod rand;

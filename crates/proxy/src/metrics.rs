@@ -549,6 +549,10 @@ pub struct Metrics {
     // Global rate limits (quota client).
     /// This sidecar's share of each Global limit, units per second, summed over sources.
     pub global_share: Tracked<GlobalShareLabels, Gauge<f64, AtomicU64>>,
+    // Overload (adaptive concurrency): `trellis_concurrency_*`, read from the policies'
+    // state at scrape time.
+    /// Every OverloadPolicy state a snapshot holds.
+    pub concurrency: Arc<crate::overload::Live>,
 }
 
 /// Labels of a rate limit decision.
@@ -656,6 +660,7 @@ impl Default for Metrics {
             rate_limit_decisions: Tracked::default(),
             rate_limit_overflow: Tracked::default(),
             global_share: Tracked::default(),
+            concurrency: Arc::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "HTTP requests routed", m.requests.family());
@@ -884,6 +889,7 @@ impl Default for Metrics {
             "This sidecar's share of a Global rate limit (units per second, summed over per-source buckets), leased by the control plane",
             m.global_share.family(),
         );
+        registry.register_collector(crate::overload::collector(&m.concurrency));
         Metrics { registry, ..m }
     }
 }

@@ -156,6 +156,8 @@ pub enum ListenerKind {
         /// The policy reads requests (paths, methods, headers, tokens): a connection that is
         /// not HTTP is refused, never forwarded as bytes.
         requires_http: bool,
+        /// The service's OverloadPolicy: adaptive concurrency with priorities.
+        overload: Option<Arc<crate::overload::Gate>>,
     },
     /// Outbound to one service port (resolved when the snapshot is built).
     Service(ServiceKey, u16, Arc<PortEntry>),
@@ -227,6 +229,8 @@ pub struct Snapshot {
     pub breakers: HashMap<Arc<str>, Arc<crate::breaker::Breaker>>,
     /// Rate limits by where they are enforced; their buckets are carried over like breakers.
     pub limits: crate::ratelimit::Limits,
+    /// Adaptive concurrency limiters, by OverloadPolicy: carried over like breakers.
+    pub overloads: HashMap<Arc<str>, Arc<crate::overload::State>>,
     /// The resources, as given, for `/config`.
     pub resources: Vec<Resource>,
 }
@@ -266,6 +270,7 @@ impl Snapshot {
             endpoints: HashMap::new(),
             breakers: HashMap::new(),
             limits: Default::default(),
+            overloads: HashMap::new(),
             resources: vec![],
         }
     }
@@ -508,6 +513,7 @@ impl Snapshot {
             .collect();
 
         let mut listeners = Vec::new();
+        let mut overloads = HashMap::new();
         for l in &spec.inbound {
             let app: SocketAddr = l.forward_to.parse().map_err(|_| {
                 Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", "bad forwardTo")])
@@ -528,6 +534,15 @@ impl Snapshot {
                 .map_err(|e| Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", e)]))?,
             );
             let requires_http = crate::authz::requires_http(&authz, &authn, app.port());
+            let overload = crate::overload::gate_for(
+                resources,
+                &proxy.metadata.namespace,
+                l.service.as_deref(),
+                previous.map(|p| &p.overloads),
+                &mut overloads,
+                &metrics.concurrency,
+            )
+            .map_err(|e| Diagnostics(vec![proxy_loc.diagnostic("spec.inbound", e)]))?;
             // The listener's own declaration, else its service port's `appProtocol`: a port
             // declared HTTP never falls back to TCP.
             let protocol = l.protocol.or_else(|| {
@@ -578,6 +593,7 @@ impl Snapshot {
                     port: app.port(),
                     authn,
                     requires_http,
+                    overload,
                 },
                 protocol,
             });
@@ -651,6 +667,7 @@ impl Snapshot {
             endpoints: b.endpoints,
             breakers: b.breakers,
             limits,
+            overloads,
             resources: resources.iter().map(|r| r.value.clone()).collect(),
         })
     }

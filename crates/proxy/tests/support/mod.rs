@@ -864,3 +864,46 @@ pub async fn grpc_chat(addr: SocketAddr, words: &[&str]) {
     let trailers = stream.trailers().await.unwrap().unwrap();
     assert_eq!(trailers.get("grpc-status").unwrap(), "0");
 }
+
+/// A fixed-capacity app (HTTP/1.1 and h2c): `capacity` requests are served at once, each taking the
+/// service time in `service_ms` (changeable while it runs); the rest wait their turn in
+/// arrival order, as in a thread pool with a queue. `served` counts answers.
+pub struct CapacityApp {
+    pub addr: SocketAddr,
+    pub service_ms: Arc<AtomicU64>,
+    pub served: Arc<AtomicU64>,
+}
+
+pub async fn capacity_app(capacity: usize, service_ms: u64) -> CapacityApp {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let workers = Arc::new(tokio::sync::Semaphore::new(capacity));
+    let service = Arc::new(AtomicU64::new(service_ms));
+    let served = Arc::new(AtomicU64::new(0));
+    let (w, s, n) = (workers.clone(), service.clone(), served.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (w, s, n) = (w.clone(), s.clone(), n.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let (w, s, n) = (w.clone(), s.clone(), n.clone());
+                    async move {
+                        // Fair: waiters get a worker in arrival order.
+                        let _worker = w.acquire().await.unwrap();
+                        tokio::time::sleep(Duration::from_millis(s.load(Ordering::Relaxed))).await;
+                        n.fetch_add(1, Ordering::Relaxed);
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    CapacityApp {
+        addr,
+        service_ms: service,
+        served,
+    }
+}
