@@ -212,7 +212,9 @@ fn authority<B>(req: &Request<B>) -> Authority {
 }
 
 fn grpc_status(h: &HeaderMap) -> Option<u32> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+    // A `HeaderName`, not a `&str`: the name is not parsed again on every response.
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    h.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 impl Record {
