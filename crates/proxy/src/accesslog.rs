@@ -342,9 +342,8 @@ fn push_str(out: &mut Vec<u8>, s: &str) {
 
 /// A JSON string from bytes that may not be UTF-8: each invalid sequence becomes U+FFFD.
 fn push_bytes(out: &mut Vec<u8>, b: &[u8]) {
-    if b.is_ascii() {
-        // ASCII is UTF-8.
-        return push_str(out, std::str::from_utf8(b).unwrap_or_default());
+    if let Ok(s) = std::str::from_utf8(b) {
+        return push_str(out, s);
     }
     out.push(b'"');
     for chunk in b.utf8_chunks() {
@@ -428,8 +427,9 @@ fn fixed(buf: &mut [u8], end: usize, mut n: u32, width: usize) {
 /// Milliseconds with up to six decimals (nanoseconds), trailing zeros dropped but one kept,
 /// so the value always reads as a fraction.
 fn push_ms(out: &mut Vec<u8>, d: Duration) {
-    let nanos = d.as_nanos();
-    let mut frac = (nanos % 1_000_000) as u32;
+    // In 64 bits: 128-bit division is a library call.
+    let (secs, sub) = (d.as_secs(), d.subsec_nanos());
+    let mut frac = sub % 1_000_000;
     let mut width = 6;
     while width > 1 && frac % 10 == 0 {
         frac /= 10;
@@ -439,7 +439,9 @@ fn push_ms(out: &mut Vec<u8>, d: Duration) {
     fixed(&mut buf, 28, frac, width);
     let dot = 28 - width - 1;
     buf[dot] = b'.';
-    let ms = u64::try_from(nanos / 1_000_000).unwrap_or(u64::MAX);
+    let ms = secs
+        .saturating_mul(1000)
+        .saturating_add(u64::from(sub / 1_000_000));
     let i = digits(&mut buf, dot, ms);
     out.extend_from_slice(&buf[i..]);
 }
@@ -456,7 +458,17 @@ fn push_addr(out: &mut Vec<u8>, a: SocketAddr) {
                 i -= 1;
                 buf[i] = sep;
                 sep = b'.';
-                i = digits(&mut buf, i, o.into());
+                // At most three digits: no division loop.
+                i -= 1;
+                buf[i] = b'0' + o % 10;
+                if o >= 10 {
+                    i -= 1;
+                    buf[i] = b'0' + o / 10 % 10;
+                }
+                if o >= 100 {
+                    i -= 1;
+                    buf[i] = b'0' + o / 100;
+                }
             }
             i -= 1;
             buf[i] = b'"';
@@ -471,12 +483,18 @@ fn push_addr(out: &mut Vec<u8>, a: SocketAddr) {
 
 /// RFC 3339 in UTC with microseconds, `"1970-01-01T00:00:00.000000Z"`.
 fn push_time(out: &mut Vec<u8>, t: SystemTime) {
-    let nanos: i128 = match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_nanos() as i128,
-        Err(e) => -(e.duration().as_nanos() as i128),
+    // Whole seconds and microseconds into the second, counted forward (also before 1970);
+    // in 64 bits, as 128-bit division is a library call.
+    let (secs, micros) = match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => (d.as_secs() as i64, d.subsec_micros()),
+        Err(e) => {
+            let d = e.duration();
+            // Truncated to whole microseconds toward the past, like a forward count.
+            let back = d.as_secs() as i64 * 1_000_000 + i64::from(d.subsec_nanos().div_ceil(1000));
+            let fwd = -back;
+            (fwd.div_euclid(1_000_000), fwd.rem_euclid(1_000_000) as u32)
+        }
     };
-    let micros = nanos.div_euclid(1_000);
-    let secs = micros.div_euclid(1_000_000) as i64;
     let (y, m, d) = civil(secs.div_euclid(86_400));
     let day = secs.rem_euclid(86_400) as u32;
     let mut buf = *b"\"0000-00-00T00:00:00.000000Z\"";
@@ -486,7 +504,7 @@ fn push_time(out: &mut Vec<u8>, t: SystemTime) {
     fixed(&mut buf, 14, day / 3600, 2);
     fixed(&mut buf, 17, day / 60 % 60, 2);
     fixed(&mut buf, 20, day % 60, 2);
-    fixed(&mut buf, 27, micros.rem_euclid(1_000_000) as u32, 6);
+    fixed(&mut buf, 27, micros, 6);
     out.extend_from_slice(&buf);
 }
 
@@ -708,6 +726,23 @@ mod tests {
             assert_eq!(String::from_utf8(got).unwrap(), want);
             let f: f64 = want.parse().unwrap();
             assert!((f - nanos as f64 / 1e6).abs() < 1e-6, "{nanos}");
+        }
+    }
+
+    #[test]
+    fn addresses_read_as_displayed() {
+        for a in [
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.0.0.1:8080",
+            "100.20.3.9:80",
+            "[::1]:443",
+            "[fe80::1%7]:1",
+        ] {
+            let a: SocketAddr = a.parse().unwrap();
+            let mut got = Vec::new();
+            push_addr(&mut got, a);
+            assert_eq!(String::from_utf8(got).unwrap(), format!("\"{a}\""));
         }
     }
 
