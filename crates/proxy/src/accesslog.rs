@@ -147,14 +147,6 @@ impl Fields {
                 .fold(0, |m, (i, _)| m | 1 << i),
         )
     }
-
-    /// Whether the field named `name` is kept.
-    pub fn has(self, name: &str) -> bool {
-        FIELDS
-            .iter()
-            .position(|f| *f == name)
-            .is_some_and(|i| self.0 & 1 << i != 0)
-    }
 }
 
 /// What the writer did, for metrics.
