@@ -359,7 +359,8 @@ spec:
     };
     assert_eq!(
         line,
-        format!("{{\"route\":\"default\",\"status\":200,\"upstream\":\"{up}\"}}")
+        // The selected fields, in the line's documented order.
+        format!("{{\"status\":200,\"route\":\"default\",\"upstream\":\"{up}\"}}")
     );
     let _ = child.kill();
     let _ = child.wait();

@@ -9,6 +9,7 @@
 //! With no `Telemetry` in force a request costs one atomic load here; with tracing on and the
 //! request neither sampled nor logged, only the propagation headers.
 
+use crate::accesslog::{Authority, Entry};
 use crate::body::{Body, BodyError};
 use crate::otlp::{self, attr};
 use crate::telemetry::Sinks;
@@ -65,25 +66,11 @@ struct Record {
     sinks: Arc<Sinks>,
     /// This hop's span (tracing on); exported when sampled.
     span: Option<trace::Span>,
-    direction: &'static str,
-    wall: SystemTime,
     start: Instant,
-    method: Method,
-    path: String,
-    authority: String,
-    version: Version,
-    client: SocketAddr,
-    peer: Option<Arc<str>>,
-    request_bytes: Option<u64>,
-    route: Arc<str>,
-    backend: Arc<str>,
-    upstream: Option<SocketAddr>,
     answered: Option<Instant>,
-    reason: Option<&'static str>,
-    policy: Option<Arc<str>>,
-    status: u16,
-    grpc_status: Option<u32>,
-    response_bytes: u64,
+    /// The values of the log line (and of the span), filled in as the request goes; the
+    /// request's strings are kept in its own buffers, not copied.
+    e: Entry,
 }
 
 impl Hop {
@@ -110,31 +97,34 @@ impl Hop {
         if !sampled && sinks.log.is_none() {
             return Hop { inject, rec: None };
         }
-        let rec = Record {
-            sinks: arc_swap::Guard::into_inner(sinks),
-            span: inject.as_ref().map(|(s, _)| s.clone()),
+        let span = inject.as_ref().map(|(s, _)| s.clone());
+        let e = Entry {
+            start_time: SystemTime::now(),
+            trace_id: span.as_ref().map(|s| s.trace_id),
+            span_id: span.as_ref().map(|s| s.span_id),
             direction: conn.listener.direction(),
-            wall: SystemTime::now(),
-            start: Instant::now(),
-            method: req.method().clone(),
-            path: req.uri().path().to_string(),
-            authority: authority(req),
-            version: req.version(),
             client: conn.client,
-            peer: conn.peer_identity.clone(),
+            peer_identity: conn.peer_identity.clone(),
+            method: Some(req.method().clone()),
+            authority: authority(req),
+            path: req.uri().path_and_query().cloned(),
+            protocol: match req.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
             request_bytes: req
                 .headers()
                 .get(http::header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok()?.parse().ok()),
-            route: Arc::from(""),
-            backend: Arc::from(""),
-            upstream: None,
+            ..Entry::default()
+        };
+        let rec = Record {
+            sinks: arc_swap::Guard::into_inner(sinks),
+            span,
+            start: Instant::now(),
             answered: None,
-            reason: None,
-            policy: None,
-            status: 0,
-            grpc_status: None,
-            response_bytes: 0,
+            e,
         };
         Hop {
             inject,
@@ -161,33 +151,33 @@ impl Hop {
     /// The route rule and backend chosen.
     pub fn route(&mut self, route: &Arc<str>, backend: &Arc<str>) {
         if let Some(r) = &mut self.rec {
-            r.route = route.clone();
-            r.backend = backend.clone();
+            r.e.route = Some(route.clone());
+            r.e.backend = Some(backend.clone());
         }
     }
 
     /// The authorization policy that allowed or denied the request.
     pub fn policy(&mut self, policy: &Arc<str>) {
         if let Some(r) = &mut self.rec {
-            r.policy = Some(policy.clone());
+            r.e.policy = Some(policy.clone());
         }
     }
 
     /// Why the proxy answered itself (a reason flag).
     pub fn reason(&mut self, why: &'static str) {
         if let Some(r) = &mut self.rec {
-            r.reason = Some(why);
+            r.e.reason = Some(why);
         }
     }
 
     /// The endpoint that answered, when its response head arrived, and the identity it proved.
     pub fn upstream(&mut self, addr: SocketAddr, answered: Instant, verified: Option<&Arc<str>>) {
         if let Some(r) = &mut self.rec {
-            r.upstream = Some(addr);
+            r.e.upstream = Some(addr);
             r.answered = Some(answered);
             // Outbound, the peer is the endpoint, as the identity it proved over mutual TLS.
-            if r.direction == "outbound" {
-                r.peer = verified.cloned();
+            if r.e.direction == "outbound" {
+                r.e.peer_identity = verified.cloned();
             }
         }
     }
@@ -197,11 +187,11 @@ impl Hop {
         let Some(mut rec) = self.rec else {
             return resp;
         };
-        rec.status = resp.status().as_u16();
+        rec.e.status = resp.status().as_u16();
         if let Some(Failed(label)) = resp.extensions().get::<Failed>() {
-            rec.reason.get_or_insert(reason(label));
+            rec.e.reason.get_or_insert(reason(label));
         }
-        rec.grpc_status = grpc_status(resp.headers());
+        rec.e.grpc_status = grpc_status(resp.headers());
         if http_body::Body::is_end_stream(resp.body()) {
             rec.finish(None);
             return resp;
@@ -215,28 +205,25 @@ impl Hop {
     }
 }
 
-fn authority<B>(req: &Request<B>) -> String {
-    req.uri()
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-        })
-        .unwrap_or_default()
-        .to_string()
+fn authority<B>(req: &Request<B>) -> Authority {
+    match (req.uri().authority(), req.headers().get(http::header::HOST)) {
+        (Some(a), _) => Authority::Uri(a.clone()),
+        (None, Some(h)) => Authority::Host(h.clone()),
+        (None, None) => Authority::None,
+    }
 }
 
 fn grpc_status(h: &HeaderMap) -> Option<u32> {
-    h.get("grpc-status")?.to_str().ok()?.parse().ok()
+    // A `HeaderName`, not a `&str`: the name is not parsed again on every response.
+    const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+    h.get(GRPC_STATUS)?.to_str().ok()?.parse().ok()
 }
 
 impl Record {
     /// Exports the span (when sampled) and queues the log line (when logging).
     fn finish(mut self: Box<Self>, failure: Option<&'static str>) {
         if let Some(f) = failure {
-            self.reason.get_or_insert(f);
+            self.e.reason.get_or_insert(f);
         }
         let end = Instant::now();
         if let (Some(t), Some(span)) = (&self.sinks.tracer, &self.span)
@@ -244,38 +231,50 @@ impl Record {
         {
             t.record(self.otlp_span(span, end));
         }
-        let sinks = self.sinks.clone();
+        let Record {
+            sinks,
+            start,
+            answered,
+            mut e,
+            ..
+        } = *self;
         if let Some(log) = &sinks.log {
-            log.record(self.entry(end));
+            e.upstream_time = answered.map(|a| a - start);
+            e.duration = end - start;
+            log.record(e);
         }
     }
 
     fn failed(&self) -> bool {
-        let proxy_failed = self.reason.is_some_and(|r| !ANSWERS.contains(&r));
+        let e = &self.e;
+        let proxy_failed = e.reason.is_some_and(|r| !ANSWERS.contains(&r));
         // OpenTelemetry's HTTP conventions: 4xx is the client's failure, so an error of the
         // client span only.
-        proxy_failed || self.status >= 500 || (self.direction == "outbound" && self.status >= 400)
+        proxy_failed || e.status >= 500 || (e.direction == "outbound" && e.status >= 400)
     }
 
     fn otlp_span(&self, span: &trace::Span, end: Instant) -> otlp::Span {
+        let e = &self.e;
+        let method = e.method.as_ref().map_or("", Method::as_str);
+        let route = e.route.as_deref().unwrap_or_default();
         let mut a = Vec::with_capacity(18);
-        a.push(attr("http.request.method", self.method.as_str()));
-        a.push(attr("url.path", self.path.as_str()));
-        if !self.route.is_empty() {
-            a.push(attr("http.route", &*self.route));
+        a.push(attr("http.request.method", method));
+        a.push(attr("url.path", e.path.as_ref().map_or("", |p| p.path())));
+        if !route.is_empty() {
+            a.push(attr("http.route", route));
         }
-        a.push(attr("http.response.status_code", i64::from(self.status)));
-        let (host, port) = split_authority(&self.authority);
+        a.push(attr("http.response.status_code", i64::from(e.status)));
+        let (host, port) = split_authority(e.authority.as_str());
         if !host.is_empty() {
             a.push(attr("server.address", host));
         }
         if let Some(p) = port {
             a.push(attr("server.port", i64::from(p)));
         }
-        let peer = if self.direction == "inbound" {
-            Some(self.client)
+        let peer = if e.direction == "inbound" {
+            Some(e.client)
         } else {
-            self.upstream
+            e.upstream
         };
         if let Some(p) = peer {
             a.push(attr("network.peer.address", p.ip().to_string()));
@@ -283,44 +282,44 @@ impl Record {
         }
         a.push(attr(
             "network.protocol.version",
-            match self.version {
-                Version::HTTP_2 => "2",
-                Version::HTTP_10 => "1.0",
+            match e.protocol {
+                "HTTP/2" => "2",
+                "HTTP/1.0" => "1.0",
                 _ => "1.1",
             },
         ));
         let failed = self.failed();
         if failed {
-            let kind = match self.reason {
+            let kind = match e.reason {
                 Some(r) => r.to_string(),
-                None => self.status.to_string(),
+                None => e.status.to_string(),
             };
             a.push(attr("error.type", kind));
         }
-        if let Some(g) = self.grpc_status {
+        if let Some(g) = e.grpc_status {
             a.push(attr("rpc.system", "grpc"));
             a.push(attr("rpc.grpc.status_code", i64::from(g)));
         }
-        a.push(attr("trellis.direction", self.direction));
-        if !self.backend.is_empty() {
-            a.push(attr("trellis.backend", &*self.backend));
+        a.push(attr("trellis.direction", e.direction));
+        if let Some(b) = e.backend.as_deref().filter(|b| !b.is_empty()) {
+            a.push(attr("trellis.backend", b));
         }
-        if let Some(u) = self.upstream {
+        if let Some(u) = e.upstream {
             a.push(attr("trellis.upstream", u.to_string()));
         }
-        if let Some(p) = &self.peer {
+        if let Some(p) = &e.peer_identity {
             a.push(attr("trellis.peer.identity", &**p));
         }
-        if let Some(p) = &self.policy {
+        if let Some(p) = &e.policy {
             a.push(attr("trellis.policy", &**p));
         }
-        if let Some(r) = self.reason {
+        if let Some(r) = e.reason {
             a.push(attr("trellis.reason", r));
         }
-        let name = if self.route.is_empty() {
-            self.method.to_string()
+        let name = if route.is_empty() {
+            method.to_string()
         } else {
-            format!("{} {}", self.method, self.route)
+            format!("{method} {route}")
         };
         otlp::Span {
             trace_id: span.trace_id.to_vec(),
@@ -333,51 +332,19 @@ impl Record {
                 .to_string(),
             parent_span_id: span.parent_id.map(|p| p.to_vec()).unwrap_or_default(),
             name,
-            kind: if self.direction == "inbound" {
+            kind: if e.direction == "inbound" {
                 otlp::kind::SERVER
             } else {
                 otlp::kind::CLIENT
             },
-            start_time_unix_nano: otlp::unix_nanos(self.wall),
-            end_time_unix_nano: otlp::unix_nanos(self.wall + (end - self.start)),
+            start_time_unix_nano: otlp::unix_nanos(e.start_time),
+            end_time_unix_nano: otlp::unix_nanos(e.start_time + (end - self.start)),
             attributes: a,
             status: failed.then(|| otlp::Status {
-                message: self.reason.unwrap_or_default().to_string(),
+                message: e.reason.unwrap_or_default().to_string(),
                 code: 2,
             }),
             flags: 1,
-        }
-    }
-
-    /// The log line's entry; takes the record's strings (the span was built before).
-    fn entry(&mut self, end: Instant) -> crate::accesslog::Entry {
-        let ms = |d: std::time::Duration| d.as_secs_f64() * 1000.0;
-        crate::accesslog::Entry {
-            start_time: self.wall,
-            trace_id: self.span.as_ref().map(|s| s.trace_id),
-            span_id: self.span.as_ref().map(|s| s.span_id),
-            direction: self.direction,
-            client: self.client,
-            peer_identity: self.peer.take(),
-            method: Some(self.method.clone()),
-            authority: std::mem::take(&mut self.authority),
-            path: std::mem::take(&mut self.path),
-            protocol: match self.version {
-                Version::HTTP_2 => "HTTP/2",
-                Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            },
-            status: self.status,
-            grpc_status: self.grpc_status,
-            route: self.route.clone(),
-            backend: self.backend.clone(),
-            upstream: self.upstream,
-            reason: self.reason,
-            policy: self.policy.take(),
-            request_bytes: self.request_bytes,
-            response_bytes: self.response_bytes,
-            upstream_ms: self.answered.map(|a| ms(a - self.start)),
-            duration_ms: ms(end - self.start),
         }
     }
 }
@@ -439,16 +406,16 @@ impl Drop for TcpHop {
         let Some(r) = self.0.take() else { return };
         let Some(log) = &r.sinks.log else { return };
         let end = Instant::now();
-        log.record(crate::accesslog::Entry {
+        log.record(Entry {
             start_time: r.wall,
             direction: r.direction,
             client: r.client,
             peer_identity: r.peer.clone(),
             protocol: "TCP",
-            backend: r.backend.clone(),
+            backend: Some(r.backend.clone()),
             // Dropped before it ended: the proxy is draining.
             reason: r.reason.unwrap_or(Some("drained")),
-            duration_ms: (end - r.start).as_secs_f64() * 1000.0,
+            duration: end - r.start,
             ..Default::default()
         });
     }
@@ -497,11 +464,11 @@ impl http_body::Body for Observed {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(r) = &mut this.rec {
                     if let Some(d) = f.data_ref() {
-                        r.response_bytes += d.len() as u64;
+                        r.e.response_bytes += d.len() as u64;
                     } else if let Some(t) = f.trailers_ref()
                         && let Some(g) = grpc_status(t)
                     {
-                        r.grpc_status = Some(g);
+                        r.e.grpc_status = Some(g);
                     }
                 }
                 // The writer stops polling once the body says it ended.

@@ -132,6 +132,38 @@ spec:
 }
 
 #[tokio::test]
+async fn hostile_paths_and_hosts_stay_one_parseable_line() {
+    let dir = temp_dir("hostile");
+    let log = dir.join("access.log");
+    let app = upstream("app").await;
+    let p = start_proxy(&format!(
+        "{}{}{}",
+        proxy_yaml("app"),
+        service_yaml("app", 80, &[app.addr]),
+        telemetry("mesh", None, &format!("{{path: '{}'}}", log.display()))
+    ))
+    .await;
+    let addr = p.addr("out").await;
+    // A quote and a backslash are legal in a path; a Host header may carry a quote and bytes
+    // that are not UTF-8.
+    let req = Request::get(format!("http://{addr}/q\"\\x/{{}}?s=1"))
+        .header(
+            "host",
+            http::HeaderValue::from_bytes(b"caf\xe9\"},x").unwrap(),
+        )
+        .body(Full::default())
+        .unwrap();
+    // The proxy refuses it (400), and logs it as sent.
+    assert_eq!(send(&h1_client(), req).await.status, 400);
+    let got = lines(&log, 1);
+    assert_eq!(got[0]["path"], "/q\"\\x/{}");
+    assert_eq!(got[0]["authority"], "caf\u{fffd}\"},x");
+    assert_eq!(got[0]["status"], 400);
+    assert_eq!(got[0]["reason"], "bad_request");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
 async fn selected_fields_only_and_off_per_service() {
     let dir = temp_dir("select");
     let (mesh_log, quiet_log) = (dir.join("mesh.log"), dir.join("quiet.log"));
