@@ -883,6 +883,7 @@ async fn config_stream(
 
 /// A sidecar's quota stream for the Global limit `default/catalog/total` (150 per second):
 /// reports `per_interval` units every 250 ms; the receiver holds the latest share.
+#[cfg(feature = "etcd")]
 async fn quota_stream(
     plane: &Plane,
     creds: &Arc<Credentials>,
@@ -946,6 +947,7 @@ async fn quota_stream(
 
 /// Waits (bounded) until the busy and the idle sidecar's shares settle: together the whole
 /// limit, most of it to the busy one.
+#[cfg(feature = "etcd")]
 async fn wait_division(
     busy: &tokio::sync::watch::Receiver<f64>,
     idle: &tokio::sync::watch::Receiver<f64>,
