@@ -245,8 +245,18 @@ pub struct RunOptions {
     pub command: Vec<String>,
 }
 
-fn free_port(ip: std::net::IpAddr) -> Result<u16> {
-    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+/// Free ports for the sidecar's listeners. Each stays bound until every port is picked, so
+/// the kernel never hands out one port twice (admin and inbound once collided that way).
+#[derive(Default)]
+struct FreePorts(Vec<std::net::TcpListener>);
+
+impl FreePorts {
+    fn pick(&mut self, ip: std::net::IpAddr) -> Result<u16> {
+        let l = std::net::TcpListener::bind((ip, 0))?;
+        let port = l.local_addr()?.port();
+        self.0.push(l);
+        Ok(port)
+    }
 }
 
 /// Runs the app and its sidecar until the app exits or a signal arrives; returns the app's
@@ -258,8 +268,9 @@ pub async fn run(o: RunOptions) -> Result<i32> {
             .file_name()
             .map_or("app".into(), |n| n.to_string_lossy().into_owned())
     });
-    let admin = SocketAddr::new(loopback, free_port(loopback)?);
-    let http_proxy = SocketAddr::new(loopback, free_port(loopback)?);
+    let mut ports = FreePorts::default();
+    let admin = SocketAddr::new(loopback, ports.pick(loopback)?);
+    let http_proxy = SocketAddr::new(loopback, ports.pick(loopback)?);
     let mut spec = ProxySpec {
         admin: AdminListener {
             address: admin.to_string(),
@@ -274,7 +285,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
     };
     let inbound = match (o.port, &o.service) {
         (Some(port), Some(_)) => {
-            let addr = SocketAddr::new(o.advertise, free_port(o.advertise)?);
+            let addr = SocketAddr::new(o.advertise, ports.pick(o.advertise)?);
             spec.inbound.push(InboundListener {
                 name: "inbound".into(),
                 address: addr.to_string(),
@@ -288,6 +299,8 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         }
         _ => None,
     };
+    // Released for the sidecar to bind.
+    drop(ports);
     for (svc, port) in &o.upstreams {
         // `NAMESPACE/NAME` reaches a Service in another namespace (where consumer routes
         // of this app's namespace apply).
