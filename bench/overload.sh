@@ -78,16 +78,18 @@ run() { # WITH ROUND: fresh app and sidecar, warm-up at capacity, then FACTOR x 
     PIDS+=("$!")
     wait_port "$a"
     sidecar "$with" "$p" "$admin" "$a"
-    log "round $r, $with the policy: warm-up at $CAP_RPS rps, then $RATE rps for $DURATION"
+    log "round $r, $with the policy: unloaded at $((CAP_RPS / 10)) rps, warm-up at $CAP_RPS rps, then $RATE rps for $DURATION"
+    # Unloaded: a tenth of the capacity, the latency the policy measures itself against.
+    "$OHA" -z "$WARMUP" -q "$((CAP_RPS / 10))" --latency-correction -c 50 --no-tui --output-format json "http://127.0.0.1:$p/" >"$TMP/u.json"
     "$OHA" -z "$WARMUP" -q "$CAP_RPS" --latency-correction -c "$CONNS" --no-tui --output-format json "http://127.0.0.1:$p/" >"$TMP/w.json"
     json=$TMP/$with.$r.json
-    "$OHA" -z "$DURATION" -q "$RATE" --latency-correction -c "$CONNS" --no-tui --output-format json "http://127.0.0.1:$p/" >"$json"
+    "$OHA" -z "$DURATION" -q "$RATE" --latency-correction -c "$CONNS" --stats-success-breakdown --no-tui --output-format json "http://127.0.0.1:$p/" >"$json"
     local ok shed secs limit
     ok=$(jq '.statusCodeDistribution["200"] // 0' "$json")
     shed=$(jq '.statusCodeDistribution["503"] // 0' "$json")
     secs=$(jq '.summary.total' "$json")
     limit=$(curl -s "http://127.0.0.1:$admin/metrics" | awk '/^trellis_concurrency_limit\{/ { print $2 }')
-    echo "| $with | $r | $(jq -n "$ok / $secs | round") | $ok | $shed | $(errors "$json") | $(us "$json" '.latencyPercentiles.p50') | $(us "$json" '.latencyPercentiles.p99') | ${limit:--} |"
+    echo "| $with | $r | $(jq -n "$ok / $secs | round") | $ok | $shed | $(errors "$json") | $(us "$json" '.latencyPercentiles.p50') | $(us "$json" '.latencyPercentiles.p99') | $(us "$json" '.latencyPercentilesSuccessful.p50') | $(us "$json" '.latencyPercentilesSuccessful.p99') | $(us "$TMP/u.json" '.latencyPercentiles.p99') | ${limit:--} |"
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
     PIDS=()
@@ -95,10 +97,10 @@ run() { # WITH ROUND: fresh app and sidecar, warm-up at capacity, then FACTOR x 
 
 echo "== $(date -u +%FT%TZ) $(nproc) cores; $("$T" --version 2>/dev/null || echo trellis); CAPACITY=$CAPACITY SERVICE_TIME=$SERVICE_TIME (capacity $CAP_RPS rps) FACTOR=$FACTOR DURATION=$DURATION ROUNDS=$ROUNDS CONNS=$CONNS"
 echo
-echo "Open loop at $RATE rps ($FACTOR x capacity; oha -q $RATE --latency-correction -c $CONNS) for $DURATION after a $WARMUP warm-up at capacity; latency of every answer (shed ones included), µs; the learned limit at the end:"
+echo "Open loop at $RATE rps ($FACTOR x capacity; oha -q $RATE --latency-correction -c $CONNS) for $DURATION after a $WARMUP warm-up at capacity; latency of every answer (shed ones included) and of the admitted ones (200), µs; the unloaded p99 (a tenth of the capacity, before the warm-up); the learned limit at the end:"
 echo
-echo "| policy | round | goodput (200/s) | 200 | 503 (shed) | errors + non-200 | p50 | p99 | limit |"
-echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|"
+echo "| policy | round | goodput (200/s) | 200 | 503 (shed) | errors + non-200 | p50 | p99 | admitted p50 | admitted p99 | unloaded p99 | limit |"
+echo "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|"
 for ((r = 1; r <= ROUNDS; r++)); do
     for with in with without; do
         run "$with" "$r"
