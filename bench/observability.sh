@@ -25,19 +25,8 @@ T=${TRELLIS_BIN:-}
 log() { printf '[observability %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 source "bench/lib/load.sh"
 source "bench/lib/telemetry.sh"
-command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
-command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
-[ -x "$OHA" ] || cargo install oha --locked
-if [[ -z $T ]]; then
-    cargo build --profile "$PROFILE" -p trellis-cli
-    T=target/$PROFILE/trellis
-fi
+load_prepare observability nginx
 
-TMP=$(mktemp -d /tmp/trellis-observability.XXXXXX)
-chmod 755 "$TMP"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT
 
 # sidecar SET PORT ADMIN UPSTREAM [ROUTES]: a standalone sidecar, one worker thread; with
 # ROUTES, that many HTTPRoutes on prefixes /r0 .. /rN-1 (each to the upstream).

@@ -18,12 +18,7 @@ T=${TRELLIS_BIN:-}
 
 source "bench/lib/load.sh"
 log() { printf '[overload %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
-[ -x "$OHA" ] || cargo install oha --locked
-if [[ -z $T ]]; then
-    cargo build --profile "$PROFILE" -p trellis-cli
-    T=target/$PROFILE/trellis
-fi
+load_prepare overload
 
 MS=${SERVICE_TIME%ms}
 [[ $MS =~ ^[0-9]+$ ]] || { log "SERVICE_TIME must be in ms, for example 20ms"; exit 1; }
@@ -33,10 +28,6 @@ CAP_RPS=$((CAPACITY * 1000 / MS))
 RATE=$((CAP_RPS * FACTOR))
 CONNS=${CONNS:-$((RATE * 2))}
 
-TMP=$(mktemp -d /tmp/trellis-overload.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 # sidecar WITH PORT ADMIN APP_PORT: a standalone sidecar with an inbound listener on PORT for

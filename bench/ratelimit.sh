@@ -23,19 +23,8 @@ T=${TRELLIS_BIN:-}
 
 log() { printf '[ratelimit %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 source "bench/lib/load.sh"
-command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
-command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
-[ -x "$OHA" ] || cargo install oha --locked
-if [[ -z $T ]]; then
-    cargo build --profile "$PROFILE" -p trellis-cli
-    T=target/$PROFILE/trellis
-fi
+load_prepare ratelimit nginx
 
-TMP=$(mktemp -d /tmp/trellis-ratelimit.XXXXXX)
-chmod 755 "$TMP"
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT
 
 # limits SET: the RateLimitPolicy documents of a set (none for "none").
 limits() {

@@ -27,18 +27,8 @@ T=${TRELLIS_BIN:-}
 source "bench/lib/policies.sh"
 source "bench/lib/load.sh"
 log() { printf '[resilience %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
-command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
-[ -x "$OHA" ] || cargo install oha --locked
-if [[ -z $T ]]; then
-    cargo build --profile "$PROFILE" -p trellis-cli
-    T=target/$PROFILE/trellis
-fi
+load_prepare resilience nginx
 
-TMP=$(mktemp -d /tmp/trellis-resilience.XXXXXX)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
-trap cleanup EXIT
 # sidecar SET PORT ADMIN ENDPOINT_PORT...: a standalone sidecar, one worker thread.
 sidecar() {
     local set=$1 p=$2 admin=$3 cfg=$TMP/sidecar-$1-$2.yaml

@@ -101,3 +101,26 @@ sidecar_start() {
     PIDS+=("$SIDECAR_PID")
     wait_port "$2"
 }
+
+# load_prepare NAME [nginx]: what every load script needs first: jq, oha (and nginx), the
+# trellis binary ($TRELLIS_BIN, else a $PROFILE build) in T, a scratch directory TMP, and
+# PIDS, the processes the script starts, stopped on exit.
+load_prepare() {
+    local name=$1 pkg
+    for pkg in jq ${2:+nginx}; do
+        command -v "$pkg" >/dev/null || {
+            apt-get update -qq
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$([[ $pkg == nginx ]] && echo nginx-light || echo "$pkg")" >/dev/null
+        }
+    done
+    [ -x "$OHA" ] || cargo install oha --locked
+    if [[ -z $T ]]; then
+        cargo build --profile "$PROFILE" -p trellis-cli
+        T=target/$PROFILE/trellis
+    fi
+    TMP=$(mktemp -d "/tmp/trellis-$name.XXXXXX")
+    chmod 755 "$TMP"
+    PIDS=()
+    trap load_cleanup EXIT
+}
+load_cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$TMP"; }
