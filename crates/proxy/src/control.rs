@@ -369,51 +369,28 @@ pub struct Follow {
 /// reconnects with backoff after any failure. `held` is what the proxy booted with.
 pub async fn follow(proxy: Arc<Proxy>, cfg: Follow, mut held: HeldSet) {
     let draining = proxy.shared.draining.clone();
-    let backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-    rotate(
-        &cfg.endpoints,
-        &draining,
-        backoff,
-        async |endpoint, backoff| session(&proxy, &cfg, endpoint, &mut held, backoff).await,
-        |endpoint, result, delay| {
-            match result {
-                Ok(()) => {
-                    tracing::warn!(%endpoint, "control plane closed the stream; reconnecting in {delay:?}")
-                }
-                Err(e) => {
-                    tracing::warn!(%endpoint, error = %e.message(), "control plane unreachable; serving the last accepted config; retrying in {delay:?}")
-                }
-            }
-            proxy.shared.metrics.control_connected.set(0);
-        },
-    )
-    .await;
-}
-
-/// Keeps one stream to the control plane open until the proxy drains: `session` with each
-/// replica in turn, `backoff` between tries. `ended` hears how each session ended, with the
-/// replica and the wait before the next try (to log it, and to drop what must not outlive
-/// the stream). The config, report and quota streams all follow this one loop.
-pub(crate) async fn rotate(
-    endpoints: &[String],
-    draining: &tokio_util::sync::CancellationToken,
-    mut backoff: Backoff,
-    mut session: impl AsyncFnMut(&str, &mut Backoff) -> Result<(), tonic::Status>,
-    mut ended: impl FnMut(&str, Result<(), tonic::Status>, Duration),
-) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut next = 0;
     loop {
-        let Some(endpoint) = endpoints.get(next % endpoints.len().max(1)) else {
+        let Some(endpoint) = cfg.endpoints.get(next % cfg.endpoints.len().max(1)) else {
             return;
         };
         let result = tokio::select! {
             () = draining.cancelled() => return,
-            r = session(endpoint, &mut backoff) => r,
+            r = session(&proxy, &cfg, endpoint, &mut held, &mut backoff) => r,
         };
         // The next attempt goes to the next replica.
         next += 1;
         let delay = backoff.next_delay();
-        ended(endpoint, result, delay);
+        match result {
+            Ok(()) => {
+                tracing::warn!(%endpoint, "control plane closed the stream; reconnecting in {delay:?}")
+            }
+            Err(e) => {
+                tracing::warn!(%endpoint, error = %e.message(), "control plane unreachable; serving the last accepted config; retrying in {delay:?}")
+            }
+        }
+        proxy.shared.metrics.control_connected.set(0);
         tokio::select! {
             () = draining.cancelled() => return,
             () = tokio::time::sleep(delay) => {}

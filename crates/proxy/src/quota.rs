@@ -95,19 +95,27 @@ pub async fn run(proxy: Arc<Proxy>, cfg: QuotaConfig) {
         }
     }
     let draining = proxy.shared.draining.clone();
-    let backoff = crate::control::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    crate::control::rotate(
-        &cfg.endpoints,
-        &draining,
-        backoff,
-        async |endpoint, backoff| session(&proxy, &cfg, endpoint, backoff).await,
-        |endpoint, result, delay| {
-            if let Err(e) = result {
-                tracing::debug!(%endpoint, error = %e.message(), "quota stream ended; keeping the last shares, retrying in {delay:?}");
-            }
-        },
-    )
-    .await;
+    let mut backoff =
+        crate::control::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    let mut next = 0;
+    loop {
+        let Some(endpoint) = cfg.endpoints.get(next % cfg.endpoints.len().max(1)) else {
+            return;
+        };
+        let result = tokio::select! {
+            () = draining.cancelled() => return,
+            r = session(&proxy, &cfg, endpoint, &mut backoff) => r,
+        };
+        next += 1;
+        let delay = backoff.next_delay();
+        if let Err(e) = result {
+            tracing::debug!(%endpoint, error = %e.message(), "quota stream ended; keeping the last shares, retrying in {delay:?}");
+        }
+        tokio::select! {
+            () = draining.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 fn demand(

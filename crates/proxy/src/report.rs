@@ -154,21 +154,29 @@ pub struct ReportConfig {
 /// Sends reports until the proxy drains, reconnecting with backoff.
 pub async fn run(proxy: Arc<Proxy>, cfg: ReportConfig) {
     let draining = proxy.shared.draining.clone();
-    let backoff = crate::control::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
-    crate::control::rotate(
-        &cfg.endpoints,
-        &draining,
-        backoff,
-        async |endpoint, backoff| session(&proxy, &cfg, endpoint, backoff).await,
-        |endpoint, result, delay| {
-            // No tap outlives its stream.
-            proxy.shared.report.taps.set(Vec::new());
-            if let Err(e) = result {
-                tracing::debug!(%endpoint, error = %e.message(), "report stream ended; retrying in {delay:?}");
-            }
-        },
-    )
-    .await;
+    let mut backoff =
+        crate::control::Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let mut next = 0;
+    loop {
+        let Some(endpoint) = cfg.endpoints.get(next % cfg.endpoints.len().max(1)) else {
+            return;
+        };
+        let result = tokio::select! {
+            () = draining.cancelled() => return,
+            r = session(&proxy, &cfg, endpoint, &mut backoff) => r,
+        };
+        // No tap outlives its stream.
+        proxy.shared.report.taps.set(Vec::new());
+        next += 1;
+        let delay = backoff.next_delay();
+        if let Err(e) = result {
+            tracing::debug!(%endpoint, error = %e.message(), "report stream ended; retrying in {delay:?}");
+        }
+        tokio::select! {
+            () = draining.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+    }
 }
 
 async fn session(
