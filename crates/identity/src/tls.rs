@@ -23,6 +23,15 @@ use std::time::SystemTime;
 /// ALPN protocol of a mesh connection carrying HTTP/1.1 or opaque bytes.
 pub const ALPN_MESH: &[u8] = b"trellis/1";
 
+/// ALPN protocol of a mesh connection carrying HTTP/2, on which a request may stand for an
+/// HTTP/1.1 one (the receiving sidecar sends it on as HTTP/1.1). Offered only for
+/// connections meant for HTTP/2; a peer that does not know it answers [`ALPN_MESH`].
+pub const ALPN_MESH_H2: &[u8] = b"trellis/h2";
+
+/// Sessions a sidecar keeps for resuming mutual TLS with its peers (one per peer identity,
+/// a few tickets each), on either side.
+const RESUMPTION_SESSIONS: usize = 1024;
+
 /// Why credentials could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialError {
@@ -62,6 +71,11 @@ pub struct Credentials {
     roots: ArcSwap<RootCertStore>,
     bundle_pem: ArcSwap<String>,
     provider: Arc<CryptoProvider>,
+    /// Tickets for resuming sessions with peers, shared by every client config, so that an
+    /// HTTP/2 connection resumes what an HTTP/1.1 one established and the other way round.
+    resumption: Arc<dyn rustls::client::ClientSessionStore>,
+    /// Sessions this side issued, shared by every server config.
+    sessions: Arc<dyn rustls::server::StoresServerSessions>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -148,6 +162,10 @@ impl Credentials {
             roots: ArcSwap::from_pointee(p.roots),
             bundle_pem: ArcSwap::from_pointee(bundle_pem.to_string()),
             provider,
+            resumption: Arc::new(rustls::client::ClientSessionMemoryCache::new(
+                RESUMPTION_SESSIONS,
+            )),
+            sessions: rustls::server::ServerSessionMemoryCache::new(RESUMPTION_SESSIONS),
         }))
     }
 
@@ -207,28 +225,54 @@ impl Credentials {
     }
 
     /// Server side: requires a client certificate from the bundle's CA carrying a workload
-    /// SPIFFE id of this trust domain.
+    /// SPIFFE id of this trust domain. Offers HTTP/2 ([`ALPN_MESH_H2`]) first.
     pub fn server_config(self: &Arc<Self>) -> Arc<ServerConfig> {
+        self.server_config_with(&[ALPN_MESH_H2, ALPN_MESH])
+    }
+
+    /// [`Credentials::server_config`] answering only the given ALPN protocols (a sidecar
+    /// that does not speak [`ALPN_MESH_H2`] offers [`ALPN_MESH`] alone).
+    pub fn server_config_with(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<ServerConfig> {
         let mut c = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap_or_else(|_| unreachable!("TLS 1.3 is supported by aws-lc-rs"))
             .with_client_cert_verifier(Arc::new(PeerVerifier(self.clone())))
             .with_cert_resolver(Arc::new(Resolver(self.clone())));
-        c.alpn_protocols = vec![ALPN_MESH.to_vec()];
+        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        c.session_storage = self.sessions.clone();
         Arc::new(c)
     }
 
     /// Client side: presents this workload's certificate and checks that the server presents
-    /// the identity named by the server name (see [`SpiffeId::server_name`]).
+    /// the identity named by the server name (see [`SpiffeId::server_name`]). ALPN
+    /// [`ALPN_MESH`]: HTTP/1.1 or opaque bytes.
     pub fn client_config(self: &Arc<Self>) -> Arc<ClientConfig> {
+        self.client_config_with(&[ALPN_MESH])
+    }
+
+    /// [`Credentials::client_config`] offering these ALPN protocols, most preferred first
+    /// (`[ALPN_MESH_H2, ALPN_MESH]` for a connection meant for HTTP/2 that can fall back).
+    pub fn client_config_with(self: &Arc<Self>, alpn: &[&[u8]]) -> Arc<ClientConfig> {
         let mut c = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])
             .unwrap_or_else(|_| unreachable!("TLS 1.3 is supported by aws-lc-rs"))
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PeerVerifier(self.clone())))
             .with_client_cert_resolver(Arc::new(Resolver(self.clone())));
-        c.alpn_protocols = vec![ALPN_MESH.to_vec()];
+        c.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        c.resumption = rustls::client::Resumption::store(self.resumption.clone());
         Arc::new(c)
+    }
+
+    /// A resumed session skips certificate verification: it carries the identity the first
+    /// handshake proved. This checks that identity's chain again against the current roots
+    /// and clock, so a resumed session never outlives its certificate or a trust bundle
+    /// that no longer includes its CA. Returns the identity.
+    pub fn recheck(&self, chain: &[CertificateDer<'_>]) -> Result<SpiffeId, Error> {
+        let (leaf, intermediates) = chain
+            .split_first()
+            .ok_or_else(|| Error::General("no peer certificate".into()))?;
+        self.verify_chain(leaf, intermediates, UnixTime::now())
     }
 
     /// Presents the current certificate as a client certificate (the control channel).

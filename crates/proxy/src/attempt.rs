@@ -25,6 +25,9 @@ pub(crate) struct Try<'a> {
     pub pin: Option<(&'a Backend, usize)>,
     /// HTTP/2 to the endpoint.
     pub h2: bool,
+    /// An HTTP/1.1 request that may go over HTTP/2 to an endpoint that is a peer sidecar
+    /// speaking it (ALPN `trellis/h2`).
+    pub mesh_h2: bool,
     /// Through the lean HTTP/1.1 client (no body, nothing to upgrade).
     pub lean: bool,
     pub h2_limits: H2Limits,
@@ -81,10 +84,23 @@ pub(crate) async fn attempt<'a>(
         None => None,
     };
     let guard = endpoint.start();
+    let how = if t.h2 {
+        How::H2
+    } else if t.mesh_h2 && endpoint.speaks_mesh_h2(t.start) {
+        How::MeshH2
+    } else {
+        How::H1
+    };
     let send = async {
-        match &*pending {
-            Some(req) if t.lean => send_lean(endpoint, backend, req, t.start).await,
-            _ => send(endpoint, backend, t.h2, t.h2_limits, pending, t.start).await,
+        match (&*pending, how) {
+            // The lean client only borrows the request, which stays for another try: HTTP/2
+            // takes a copy of its head.
+            (Some(req), How::MeshH2) if t.lean => {
+                let mut copy = Some(crate::http::copy_head(req));
+                send(endpoint, backend, how, t.h2_limits, &mut copy, t.start).await
+            }
+            (Some(req), How::H1) if t.lean => send_lean(endpoint, backend, req, t.start).await,
+            _ => send(endpoint, backend, how, t.h2_limits, pending, t.start).await,
         }
     };
     let outcome = match until {
@@ -194,24 +210,39 @@ async fn send_lean(
 async fn send(
     endpoint: &Arc<EndpointState>,
     backend: &Backend,
-    h2: bool,
+    how: How,
     h2_limits: H2Limits,
     pending: &mut Option<Request<Body>>,
     start: Instant,
 ) -> Result<Sent, ProxyError> {
     let no_request = || ProxyError::NoEndpoint(backend.name.to_string());
     let clock = || backend.measures_latency().then(Instant::now);
-    if h2 {
+    if how != How::H1 {
+        let mesh = how == How::MeshH2;
         let (mut tx, stream) = endpoint
-            .http2(backend.connect_timeout, h2_limits, backend.gate.as_ref())
+            .http2(
+                backend.connect_timeout,
+                h2_limits,
+                backend.gate.as_ref(),
+                mesh,
+            )
             .await?;
         let sent = clock();
-        let result = tx
-            .try_send_request(pending.take().ok_or_else(no_request)?)
-            .await;
+        let mut req = pending.take().ok_or_else(no_request)?;
+        if mesh {
+            crate::http::to_mesh_h2(&mut req);
+        }
+        let result = tx.try_send_request(req).await;
         settle(result, endpoint, pending)
             .map(|resp| (resp.map(UpstreamBody::Hyper), None, sent, Some(stream)))
     } else {
+        // A request that was not sent over HTTP/2 to a peer goes as it came.
+        if let Some(req) = pending
+            .as_mut()
+            .filter(|r| r.version() == http::Version::HTTP_2)
+        {
+            crate::http::from_mesh_h2(req);
+        }
         let mut tx = endpoint
             .http1(
                 backend.connect_timeout,
@@ -227,6 +258,17 @@ async fn send(
         settle(result, endpoint, pending)
             .map(|resp| (resp.map(UpstreamBody::Hyper), Some(tx), sent, None))
     }
+}
+
+/// How a try reaches its endpoint.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum How {
+    /// HTTP/1.1 (hyper's client, or the lean one for a request without a body).
+    H1,
+    /// HTTP/2, as the client or the service port asks.
+    H2,
+    /// An HTTP/1.1 request over HTTP/2 to a peer sidecar, which sends it on as HTTP/1.1.
+    MeshH2,
 }
 
 /// A response, the HTTP/1.1 connection to pool afterwards, when the request was sent (read

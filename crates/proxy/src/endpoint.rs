@@ -57,18 +57,30 @@ pub struct EndpointState {
     lean_idle: Mutex<Vec<(crate::h1::Conn, Instant)>>,
     /// Upstream HTTP/2 connections, each with its count of open streams.
     h2: Mutex<H2Pool>,
+    /// Woken when an HTTP/2 connection being established is pooled or fails.
+    h2_ready: tokio::sync::Notify,
     /// The circuit breaker whose connection limit this endpoint's connections count
     /// against, woken when a connection goes back to a pool (set once a connection is made
     /// under one; `gated` keeps the pool path to one load otherwise).
     breaker: Mutex<std::sync::Weak<crate::breaker::Breaker>>,
     gated: std::sync::atomic::AtomicBool,
+    /// Until when this peer sidecar is taken to speak only HTTP/1.1 (it did not answer ALPN
+    /// `trellis/h2`), nanoseconds since [`epoch`]; then it is asked again (it may have been
+    /// upgraded).
+    h1_only_until: AtomicU64,
 }
+
+/// How long a peer that answered ALPN `trellis/1` to an offer of `trellis/h2` is sent
+/// HTTP/1.1 before it is asked again.
+const H1_ONLY_FOR: Duration = Duration::from_secs(300);
 
 /// One upstream HTTP/2 connection and the streams this proxy has open on it.
 #[derive(Debug)]
 struct H2Conn {
     tx: http2::SendRequest<Body>,
     streams: Arc<AtomicUsize>,
+    /// The peer sidecar negotiated `trellis/h2`: HTTP/1.1 requests may ride on it.
+    mesh: bool,
 }
 
 /// The HTTP/2 connections of an endpoint, and how many are being established.
@@ -76,6 +88,12 @@ struct H2Conn {
 struct H2Pool {
     conns: Vec<H2Conn>,
     connecting: usize,
+    /// Requests waiting for a connection being established.
+    waiting: usize,
+    /// Connections that failed to be established, and the last one's error: requests that
+    /// waited for one fail with it.
+    failures: u64,
+    last_error: String,
 }
 
 /// Where the next HTTP/2 request goes (pure; see [`H2Pool::choose`]).
@@ -85,6 +103,8 @@ enum H2Choice {
     Use(usize),
     /// A new connection, kept in the pool.
     Connect,
+    /// Wait for a connection being established, which has room for this request.
+    Wait,
     /// Every connection is full and no more may be opened: the least loaded one, where the
     /// request waits for a stream (the upstream queues it).
     Crowd(usize),
@@ -94,32 +114,69 @@ enum H2Choice {
 }
 
 impl H2Pool {
-    /// The connection with the fewest open streams (`conns` is not empty).
-    fn least(conns: &[H2Conn]) -> usize {
-        conns
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, c)| c.streams.load(Ordering::Relaxed))
-            .map_or(0, |(i, _)| i)
-    }
-
-    /// Chooses from the open-stream counts of the pool's connections.
+    /// Chooses from the least loaded usable connection (index, open streams), how many
+    /// usable connections there are, how many are being established, and how many requests
+    /// already wait for those.
     fn choose(
-        streams: &[usize],
+        least: Option<(usize, usize)>,
+        open: usize,
         connecting: usize,
+        waiting: usize,
         max_streams: usize,
         max_conns: usize,
     ) -> H2Choice {
-        let least = streams
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, n)| **n)
-            .map(|(i, n)| (i, *n));
         match least {
             Some((i, n)) if n < max_streams => H2Choice::Use(i),
-            _ if streams.len() + connecting < max_conns => H2Choice::Connect,
+            _ if waiting < connecting * max_streams => H2Choice::Wait,
+            _ if open + connecting < max_conns => H2Choice::Connect,
             Some((i, _)) => H2Choice::Crowd(i),
             None => H2Choice::Alone,
+        }
+    }
+}
+
+/// A request counted in [`H2Pool::waiting`] until dropped.
+struct Waiter<'a>(&'a Mutex<H2Pool>);
+
+impl Waiter<'_> {
+    fn done(self, pool: &mut H2Pool) {
+        pool.waiting = pool.waiting.saturating_sub(1);
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        pool.waiting = pool.waiting.saturating_sub(1);
+    }
+}
+
+/// A connection counted in [`H2Pool::connecting`] until it is pooled or fails; dropped
+/// before either (its request gave up), it counts as failed. Either way the requests
+/// waiting for it are woken.
+struct Connecting<'a> {
+    endpoint: &'a EndpointState,
+    done: bool,
+}
+
+impl Connecting<'_> {
+    fn finish(&mut self, pool: &mut H2Pool) {
+        pool.connecting = pool.connecting.saturating_sub(1);
+        self.done = true;
+        self.endpoint.h2_ready.notify_waiters();
+    }
+}
+
+impl Drop for Connecting<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut pool = self.endpoint.h2_pool();
+            pool.failures += 1;
+            pool.last_error = "the connection was abandoned before it was established".into();
+            pool.connecting = pool.connecting.saturating_sub(1);
+            drop(pool);
+            self.endpoint.h2_ready.notify_waiters();
         }
     }
 }
@@ -175,9 +232,19 @@ impl EndpointState {
             h1_idle: Mutex::new(Vec::new()),
             lean_idle: Mutex::new(Vec::new()),
             h2: Mutex::new(H2Pool::default()),
+            h2_ready: tokio::sync::Notify::new(),
             breaker: Mutex::new(std::sync::Weak::new()),
             gated: std::sync::atomic::AtomicBool::new(false),
+            h1_only_until: AtomicU64::new(0),
         }
+    }
+
+    /// Whether an HTTP/1.1 request to this endpoint goes over HTTP/2: it is a peer sidecar
+    /// reached over mutual TLS that has not answered `trellis/1` to `trellis/h2` lately.
+    pub fn speaks_mesh_h2(&self, now: Instant) -> bool {
+        self.identity.is_some()
+            && nanos(now) >= self.h1_only_until.load(Ordering::Relaxed)
+            && self.mesh.load().is_some()
     }
 
     /// The identity this endpoint proves over mutual TLS, when connections to it use it
@@ -407,103 +474,177 @@ impl EndpointState {
     /// one with fewer than `max_streams` streams of ours, else a new one while the endpoint
     /// has fewer than `max_connections`, so that one client's stalled streams cannot fill
     /// the one connection every other client shares.
+    /// `mesh`: for an HTTP/1.1 request to a peer sidecar, which only rides on connections
+    /// that negotiated `trellis/h2`.
+    ///
+    /// While a connection is being established, requests wait for it (up to its stream
+    /// limit) instead of each opening its own: a burst of clients becomes one handshake, not
+    /// a burst of them. When that connection fails, they fail with its error.
     pub async fn http2(
         &self,
         connect_timeout: Duration,
         limits: H2Limits,
         gate: Option<&Gate>,
+        mesh: bool,
     ) -> Result<(http2::SendRequest<Body>, H2Stream), ProxyError> {
         let take = |c: &H2Conn| {
             c.streams.fetch_add(1, Ordering::Relaxed);
             (c.tx.clone(), H2Stream(c.streams.clone()))
         };
         let mut waiting = None;
+        // Set while this request waits for a connection being established: the count of
+        // failed connections when it began waiting.
+        let mut waited: Option<(u64, Waiter<'_>)> = None;
         let (choice, permit) = loop {
+            if mesh && !self.speaks_mesh_h2(Instant::now()) {
+                return Err(Self::h1_only(self.addr));
+            }
             let freed = gate.map(Gate::freed);
+            let ready = self.h2_ready.notified();
+            tokio::pin!(ready);
             // The pool's lock is held in this block only, never across an await.
             let admitted = {
                 let mut pool = self.h2_pool();
+                if let Some((failures, w)) = waited.take() {
+                    w.done(&mut pool);
+                    if pool.failures != failures {
+                        return Err(ProxyError::Connect(self.addr, pool.last_error.clone()));
+                    }
+                }
                 pool.conns.retain(|c| !c.tx.is_closed());
-                let counts: Vec<usize> = pool
-                    .conns
-                    .iter()
-                    .map(|c| c.streams.load(Ordering::Relaxed))
-                    .collect();
+                // The least loaded connection this request may ride on, and how many there are.
+                let mut usable = 0;
+                let mut least: Option<(usize, usize)> = None;
+                for (i, c) in pool.conns.iter().enumerate() {
+                    if c.mesh || !mesh {
+                        usable += 1;
+                        let n = c.streams.load(Ordering::Relaxed);
+                        if least.is_none_or(|(_, m)| n < m) {
+                            least = Some((i, n));
+                        }
+                    }
+                }
                 let choice = H2Pool::choose(
-                    &counts,
+                    least,
+                    usable,
                     pool.connecting,
+                    pool.waiting,
                     limits.max_streams as usize,
                     limits.max_connections as usize,
                 );
-                if let H2Choice::Use(i) | H2Choice::Crowd(i) = choice {
-                    return Ok(take(&pool.conns[i]));
+                match choice {
+                    H2Choice::Use(i) | H2Choice::Crowd(i) => return Ok(take(&pool.conns[i])),
+                    H2Choice::Wait => {
+                        pool.waiting += 1;
+                        waited = Some((pool.failures, Waiter(&self.h2)));
+                        // Registered before the lock goes, so a connection that completes
+                        // in between still wakes this request.
+                        ready.as_mut().enable();
+                    }
+                    H2Choice::Connect | H2Choice::Alone => {}
                 }
-                // A new connection, if the circuit breaker allows one; at its limit, an
-                // open connection takes one more stream rather than the request waiting.
-                let queued = waiting.is_some();
-                let permit = match gate {
-                    None => Some(None),
-                    Some(g) => match g.connection(&mut waiting) {
-                        ConnAdmission::Open(p) => Some(Some(p)),
-                        ConnAdmission::Reject(_) | ConnAdmission::Wait
-                            if !pool.conns.is_empty() =>
-                        {
-                            let i = H2Pool::least(&pool.conns);
-                            return Ok(take(&pool.conns[i]));
-                        }
-                        ConnAdmission::Reject(limit) => {
-                            return Err(ProxyError::Overloaded(
-                                g.name.clone(),
-                                limit,
-                                g.limits.of(limit),
-                            ));
-                        }
-                        // Just queued: look again before waiting, now that closes wake us.
-                        ConnAdmission::Wait if !queued => continue,
-                        ConnAdmission::Wait => None,
-                    },
-                };
-                if permit.is_some() && choice == H2Choice::Connect {
-                    pool.connecting += 1;
+                if choice == H2Choice::Wait {
+                    None
+                } else {
+                    // A new connection, if the circuit breaker allows one; at its limit, an
+                    // open connection takes one more stream rather than the request waiting.
+                    let queued = waiting.is_some();
+                    let permit = match gate {
+                        None => Some(None),
+                        Some(g) => match g.connection(&mut waiting) {
+                            ConnAdmission::Open(p) => Some(Some(p)),
+                            ConnAdmission::Reject(_) | ConnAdmission::Wait if least.is_some() => {
+                                let (i, _) = least.unwrap_or_default();
+                                return Ok(take(&pool.conns[i]));
+                            }
+                            ConnAdmission::Reject(limit) => {
+                                return Err(ProxyError::Overloaded(
+                                    g.name.clone(),
+                                    limit,
+                                    g.limits.of(limit),
+                                ));
+                            }
+                            // Just queued: look again before waiting, now that closes wake us.
+                            ConnAdmission::Wait if !queued => continue,
+                            ConnAdmission::Wait => None,
+                        },
+                    };
+                    if permit.is_some() && choice == H2Choice::Connect {
+                        pool.connecting += 1;
+                    }
+                    Some(permit.map(|p| (choice, p)))
                 }
-                permit.map(|p| (choice, p))
             };
             match admitted {
-                Some(go) => break go,
-                None => {
+                Some(Some(go)) => break go,
+                Some(None) => {
                     if let Some(f) = freed {
                         f.await;
                     }
                 }
+                None => ready.await,
             }
         };
-        let pooled = choice == H2Choice::Connect;
+        // Counted as connecting until it is pooled or fails, even if this request is
+        // dropped meanwhile: the requests waiting for it are woken either way.
+        let connecting = (choice == H2Choice::Connect).then(|| Connecting {
+            endpoint: self,
+            done: false,
+        });
         let made = self.connect_h2(connect_timeout, permit).await;
         let mut pool = self.h2_pool();
-        if pooled {
-            pool.connecting -= 1;
-        }
+        let (tx, negotiated) = match made {
+            Ok(m) => m,
+            Err(e) => {
+                if let Some(mut c) = connecting {
+                    pool.failures += 1;
+                    pool.last_error = e.to_string();
+                    c.finish(&mut pool);
+                }
+                return Err(e);
+            }
+        };
         let conn = H2Conn {
-            tx: made?,
+            tx,
             streams: Arc::new(AtomicUsize::new(0)),
+            mesh: negotiated,
         };
         let got = take(&conn);
-        if pooled {
+        if let Some(mut c) = connecting {
             pool.conns.push(conn);
+            c.finish(&mut pool);
+        }
+        drop(pool);
+        if mesh && !negotiated {
+            // An older peer: HTTP/2 from it would reach its app as HTTP/2. This request was
+            // not sent; it goes again over HTTP/1.1 (the connection serves HTTP/2 clients).
+            self.h1_only_until
+                .store(nanos(Instant::now() + H1_ONLY_FOR), Ordering::Relaxed);
+            return Err(Self::h1_only(self.addr));
         }
         Ok(got)
+    }
+
+    fn h1_only(addr: SocketAddr) -> ProxyError {
+        ProxyError::NotSent(
+            addr,
+            "the peer sidecar does not speak HTTP/2 (ALPN trellis/1)".into(),
+        )
     }
 
     fn h2_pool(&self) -> std::sync::MutexGuard<'_, H2Pool> {
         self.h2.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A new HTTP/2 connection, and whether it is to a peer sidecar that negotiated
+    /// `trellis/h2`.
     async fn connect_h2(
         &self,
         connect_timeout: Duration,
         permit: Option<ConnPermit>,
-    ) -> Result<http2::SendRequest<Body>, ProxyError> {
-        let io = self.connect(connect_timeout).await?;
+    ) -> Result<(http2::SendRequest<Body>, bool), ProxyError> {
+        let io = self.connect_for(connect_timeout, true).await?;
+        let negotiated = io.alpn() == Some(trellis_identity::tls::ALPN_MESH_H2);
         let (tx, conn) = http2::Builder::new(TokioExecutor::new())
             .handshake(TokioIo::new(io))
             .await
@@ -514,12 +655,18 @@ impl EndpointState {
             }
             drop(permit);
         });
-        Ok(tx)
+        Ok((tx, negotiated))
     }
 
     /// A new connection within `timeout`: mutual TLS when the endpoint has an identity and
     /// this proxy has one too, else plain TCP.
     pub async fn connect(&self, timeout: Duration) -> Result<Upstream, ProxyError> {
+        self.connect_for(timeout, false).await
+    }
+
+    /// [`EndpointState::connect`]; `h2`: the connection is for HTTP/2, so mutual TLS offers
+    /// `trellis/h2` first.
+    async fn connect_for(&self, timeout: Duration, h2: bool) -> Result<Upstream, ProxyError> {
         let mesh = match &self.identity {
             Some(name) => self.mesh.load_full().map(|m| (name.clone(), m)),
             None => None,
@@ -531,12 +678,17 @@ impl EndpointState {
             let _ = s.set_nodelay(true);
             match mesh {
                 None => Ok(Upstream::Plain(s)),
-                Some((name, m)) => m
-                    .connector
-                    .connect(name, s)
-                    .await
-                    .map(|t| Upstream::Tls(Box::new(t)))
-                    .map_err(|e| ProxyError::Connect(self.addr, format!("mutual TLS: {e}"))),
+                Some((name, m)) => {
+                    let connector = if h2 { &m.connector_h2 } else { &m.connector };
+                    let t = connector
+                        .connect(name, s)
+                        .await
+                        .map_err(|e| ProxyError::Connect(self.addr, format!("mutual TLS: {e}")))?;
+                    crate::tls::recheck_resumed(&m.creds, t.get_ref().1).map_err(|e| {
+                        ProxyError::Connect(self.addr, format!("mutual TLS, resumed session: {e}"))
+                    })?;
+                    Ok(Upstream::Tls(Box::new(t)))
+                }
             }
         };
         match tokio::time::timeout(timeout, attempt).await {
@@ -624,26 +776,43 @@ mod tests {
     #[test]
     fn http2_requests_spread_over_a_bounded_pool() {
         use H2Choice::*;
-        // (open streams per connection, connecting, max streams, max connections, choice)
-        let cases: &[(&[usize], usize, usize, usize, H2Choice)] = &[
-            (&[], 0, 100, 8, Connect),
-            (&[3], 0, 100, 8, Use(0)),
+        // (open streams per connection, connecting, waiting for those, max streams,
+        //  max connections, choice)
+        type Case = (&'static [usize], usize, usize, usize, usize, H2Choice);
+        let cases: &[Case] = &[
+            (&[], 0, 0, 100, 8, Connect),
+            (&[3], 0, 0, 100, 8, Use(0)),
             // The least loaded connection with room.
-            (&[99, 40, 70], 0, 100, 8, Use(1)),
+            (&[99, 40, 70], 0, 0, 100, 8, Use(1)),
             // Full: another connection.
-            (&[100], 0, 100, 8, Connect),
-            (&[100, 100], 1, 100, 8, Connect),
+            (&[100], 0, 0, 100, 8, Connect),
+            // One being established has room: wait for it rather than open another (a
+            // burst of requests becomes one handshake).
+            (&[], 1, 0, 100, 8, Wait),
+            (&[], 1, 99, 100, 8, Wait),
+            (&[100, 100], 1, 0, 100, 8, Wait),
+            // It is spoken for: another connection.
+            (&[], 1, 100, 100, 8, Connect),
+            (&[100, 100], 1, 100, 100, 8, Connect),
             // At the connection cap: the least loaded full one.
-            (&[100, 120, 100, 100], 0, 100, 4, Crowd(0)),
-            (&[120, 101], 2, 100, 4, Crowd(1)),
-            // Nothing open yet and every allowed connection still being made.
-            (&[], 8, 100, 8, Alone),
+            (&[100, 120, 100, 100], 0, 0, 100, 4, Crowd(0)),
+            (&[120, 101], 2, 200, 100, 4, Crowd(1)),
+            // Nothing open yet and every allowed connection still being made and spoken for.
+            (&[], 8, 800, 100, 8, Alone),
         ];
-        for (streams, connecting, max_streams, max_conns, want) in cases {
+        for (streams, connecting, waiting, max_streams, max_conns, want) in cases {
+            let least = streams.iter().copied().enumerate().min_by_key(|(_, n)| *n);
             assert_eq!(
-                H2Pool::choose(streams, *connecting, *max_streams, *max_conns),
+                H2Pool::choose(
+                    least,
+                    streams.len(),
+                    *connecting,
+                    *waiting,
+                    *max_streams,
+                    *max_conns
+                ),
                 *want,
-                "{streams:?} connecting={connecting} max={max_streams}/{max_conns}"
+                "{streams:?} connecting={connecting} waiting={waiting} max={max_streams}/{max_conns}"
             );
         }
     }

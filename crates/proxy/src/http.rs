@@ -47,7 +47,14 @@ pub struct ConnInfo {
     pub activity: Option<Arc<crate::io::Activity>>,
     /// Its streams, for the stream idle timeout.
     pub streams: Arc<crate::streams::Streams>,
+    /// A peer sidecar's HTTP/2 connection (ALPN `trellis/h2`): a request marked
+    /// [`ORIG_PROTO`] on it was HTTP/1.1 at the caller and goes on as HTTP/1.1.
+    pub mesh_h2: bool,
 }
+
+/// Marks a request the calling sidecar carries over HTTP/2 for an HTTP/1.1 client; honoured
+/// only on a peer sidecar's `trellis/h2` connection, and removed from every other request.
+pub const ORIG_PROTO: http::HeaderName = http::HeaderName::from_static("trellis-orig-proto");
 
 /// What decided when a request's token was refused (metrics, access log).
 static REQUEST_AUTHENTICATION: std::sync::LazyLock<Arc<str>> =
@@ -94,6 +101,15 @@ async fn serve(
     let direction = listener.direction();
     let downstream_upgrade = wants_upgrade(req.headers()).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    // The client connection's own protocol (its streams' idle timeout), before a request
+    // a peer sidecar carried over HTTP/2 for an HTTP/1.1 client becomes HTTP/1.1 again.
+    let client_h2 = parts.version == Version::HTTP_2;
+    if let Some(v) = parts.headers.remove(ORIG_PROTO)
+        && conn.mesh_h2
+        && v == "HTTP/1.1"
+    {
+        parts.version = Version::HTTP_11;
+    }
     let grpc = decide::is_grpc(&parts);
     let at = golden::Req {
         direction,
@@ -320,14 +336,13 @@ async fn serve(
     //    A stream on HTTP/2 (either side) that moves no data for the stream idle timeout
     //    is reset, so that a client that never reads cannot hold an upstream stream.
     let bounds = &snap.settings.bounds;
-    let watch =
-        (parts.version == Version::HTTP_2 || use_http2(&fwd.backend, parts.version)).then(|| {
-            let expired = shared
-                .metrics
-                .idle_closed
-                .get_or_create(&crate::metrics::IdleLabels { kind: "stream" });
-            conn.streams.watch(bounds.stream_idle_timeout, &expired)
-        });
+    let watch = (client_h2 || use_http2(&fwd.backend, parts.version)).then(|| {
+        let expired = shared
+            .metrics
+            .idle_closed
+            .get_or_create(&crate::metrics::IdleLabels { kind: "stream" });
+        conn.streams.watch(bounds.stream_idle_timeout, &expired)
+    });
     if let Some(w) = &watch
         && !body.is_end_stream()
     {
@@ -471,6 +486,9 @@ pub(crate) async fn forward(
         hash,
         pin: session.and_then(|s| s.pin()),
         h2,
+        // To a peer sidecar that speaks it, an HTTP/1.1 request goes over HTTP/2 (not an
+        // upgrade or CONNECT, which take the connection over).
+        mesh_h2: !h2 && !upgrade && req.method() != Method::CONNECT,
         lean,
         h2_limits,
         start,
@@ -721,47 +739,82 @@ fn prepare_upstream(req: &mut Request<Body>, h2: bool) -> bool {
     let upgrade = !h2 && wants_upgrade(req.headers());
     strip_hop_by_hop(req.headers_mut(), upgrade);
     if h2 {
-        *req.version_mut() = Version::HTTP_2;
-        if req.uri().authority().is_none() {
-            // HTTP/1.1 in, HTTP/2 out: `Host` becomes `:authority`.
-            let auth = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost")
-                .to_string();
-            let pq = req
-                .uri()
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            if let Ok(uri) = Uri::builder()
-                .scheme("http")
-                .authority(auth)
-                .path_and_query(pq)
-                .build()
-            {
-                *req.uri_mut() = uri;
-            }
-        }
-        req.headers_mut().remove(header::HOST);
+        h2_form(req);
     } else {
-        *req.version_mut() = Version::HTTP_11;
-        // The common case — origin-form URI with a Host header — passes through untouched;
-        // absolute-form (HTTP proxy mode) and HTTP/2 requests become origin-form + Host.
-        if let Some(auth) = req.uri().authority() {
-            if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-                req.headers_mut().insert(header::HOST, v);
-            }
-            let pq = req
-                .uri()
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
-            *req.uri_mut() = Uri::from(pq);
-        }
+        h1_form(req);
     }
     upgrade
+}
+
+/// HTTP/2's request head: an absolute URI whose authority was `Host`.
+fn h2_form<B>(req: &mut Request<B>) {
+    *req.version_mut() = Version::HTTP_2;
+    if req.uri().authority().is_none() {
+        // HTTP/1.1 in, HTTP/2 out: `Host` becomes `:authority`.
+        let auth = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("localhost")
+            .to_string();
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        if let Ok(uri) = Uri::builder()
+            .scheme("http")
+            .authority(auth)
+            .path_and_query(pq)
+            .build()
+        {
+            *req.uri_mut() = uri;
+        }
+    }
+    req.headers_mut().remove(header::HOST);
+}
+
+/// HTTP/1.1's request head: origin-form with `Host`.
+fn h1_form<B>(req: &mut Request<B>) {
+    *req.version_mut() = Version::HTTP_11;
+    // The common case — origin-form URI with a Host header — passes through untouched;
+    // absolute-form (HTTP proxy mode) and HTTP/2 requests become origin-form + Host.
+    if let Some(auth) = req.uri().authority() {
+        if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+            req.headers_mut().insert(header::HOST, v);
+        }
+        let pq = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
+        *req.uri_mut() = Uri::from(pq);
+    }
+}
+
+/// An HTTP/1.1 request prepared for its upstream, as it goes to a peer sidecar over HTTP/2:
+/// HTTP/2's head, marked [`ORIG_PROTO`] so that the peer sends it on as HTTP/1.1.
+pub(crate) fn to_mesh_h2<B>(req: &mut Request<B>) {
+    h2_form(req);
+    req.headers_mut()
+        .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
+}
+
+/// Undoes [`to_mesh_h2`] (a request that was not sent goes to a peer over HTTP/1.1 instead).
+pub(crate) fn from_mesh_h2<B>(req: &mut Request<B>) {
+    if req.headers_mut().remove(ORIG_PROTO).is_some() {
+        h1_form(req);
+    }
+}
+
+/// A copy of a request without a body (the lean client keeps the original to send again).
+pub(crate) fn copy_head(req: &Request<Body>) -> Request<Body> {
+    let mut copy = Request::new(crate::body::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    copy
 }
 
 /// Replaces the request's path with its canonical form (`trellis_api::path`), for origin-form,

@@ -370,6 +370,8 @@ struct Accepted {
     peer_identity: Option<Arc<str>>,
     /// The detection wait already ran out (a server-speaks-first client).
     timed_out: bool,
+    /// A peer sidecar negotiated HTTP/2 (ALPN `trellis/h2`).
+    mesh_h2: bool,
 }
 
 /// Inbound: mutual TLS from another sidecar is terminated here (its identity recorded);
@@ -411,6 +413,13 @@ async fn accept_inbound(
             let handshake = m.acceptor.accept(tls::Rewind::new(buf.freeze(), stream));
             match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
                 Ok(Ok(s)) => {
+                    if let Err(e) = tls::recheck_resumed(&m.creds, s.get_ref().1) {
+                        tracing::debug!(error = %e, listener = %listener.name, "resumed mutual TLS session refused");
+                        count("refused_handshake");
+                        return Ok(None);
+                    }
+                    let mesh_h2 =
+                        s.get_ref().1.alpn_protocol() == Some(trellis_identity::tls::ALPN_MESH_H2);
                     let peer_identity: Option<Arc<str>> = s
                         .get_ref()
                         .1
@@ -435,6 +444,7 @@ async fn accept_inbound(
                         prefix: bytes::BytesMut::new(),
                         peer_identity,
                         timed_out: false,
+                        mesh_h2,
                     }))
                 }
                 Ok(Err(e)) => {
@@ -460,6 +470,7 @@ async fn accept_inbound(
                 prefix: buf,
                 peer_identity: None,
                 timed_out,
+                mesh_h2: false,
             }))
         }
     }
@@ -577,6 +588,7 @@ async fn serve_connection(
             prefix: bytes::BytesMut::new(),
             peer_identity: None,
             timed_out: false,
+            mesh_h2: false,
         },
     };
     let Accepted {
@@ -584,6 +596,7 @@ async fn serve_connection(
         prefix,
         peer_identity,
         timed_out,
+        mesh_h2,
     } = accepted;
     // A completed mutual TLS handshake is work done by an authenticated peer: not shed.
     if matches!(stream, Conn::Tls(_)) {
@@ -592,6 +605,8 @@ async fn serve_connection(
     // The current declaration: a service's `appProtocol` may arrive after the listener was
     // bound (a sidecar starts before the control plane's view reaches it).
     let (protocol, prefix, how) = match current.protocol {
+        // The peer sidecar chose HTTP/2 for this connection (ALPN): its requests are HTTP.
+        _ if mesh_h2 => (Protocol::Http2, prefix, "alpn"),
         Some(AppProtocol::Tcp) => (Protocol::Tcp, prefix, "declared"),
         Some(AppProtocol::Http2 | AppProtocol::Grpc) => (Protocol::Http2, prefix, "declared"),
         Some(AppProtocol::Http) => {
@@ -746,6 +761,7 @@ async fn serve_connection(
                 peer_identity,
                 activity: watched,
                 streams: Default::default(),
+                mesh_h2,
             });
             let shared2 = shared.clone();
             let svc = service_fn(move |req| proxy_http::handle(shared2.clone(), conn.clone(), req));

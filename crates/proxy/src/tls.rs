@@ -20,8 +20,10 @@ use trellis_identity::{Credentials, SpiffeId};
 pub struct MeshTls {
     /// Certificate, key and roots (rotated in place).
     pub creds: Arc<Credentials>,
-    /// For connections to endpoints.
+    /// For connections to endpoints: HTTP/1.1 or opaque bytes.
     pub connector: TlsConnector,
+    /// For HTTP/2 connections to endpoints (falling back to HTTP/1.1 with an older peer).
+    pub connector_h2: TlsConnector,
     /// For connections from other sidecars.
     pub acceptor: TlsAcceptor,
 }
@@ -37,10 +39,27 @@ impl MeshTls {
     pub fn new(creds: Arc<Credentials>) -> MeshTls {
         MeshTls {
             connector: TlsConnector::from(creds.client_config()),
+            connector_h2: TlsConnector::from(creds.client_config_with(&[
+                trellis_identity::tls::ALPN_MESH_H2,
+                trellis_identity::tls::ALPN_MESH,
+            ])),
             acceptor: TlsAcceptor::from(creds.server_config()),
             creds,
         }
     }
+}
+
+/// A resumed handshake's peer, checked again: the first handshake's verification does not
+/// run on resumption, so the stored chain is verified against the current roots and clock.
+pub fn recheck_resumed(
+    creds: &Credentials,
+    conn: &rustls::CommonState,
+) -> Result<(), rustls::Error> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return Ok(());
+    }
+    let chain = conn.peer_certificates().unwrap_or_default();
+    creds.recheck(chain).map(|_| ())
 }
 
 /// Where the proxy's mTLS state lives; empty until it has an identity.
@@ -58,6 +77,16 @@ pub enum Upstream {
     Plain(TcpStream),
     /// Mutual TLS.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Upstream {
+    /// The ALPN protocol mutual TLS negotiated (none for plain TCP).
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            Upstream::Plain(_) => None,
+            Upstream::Tls(t) => t.get_ref().1.alpn_protocol(),
+        }
+    }
 }
 
 macro_rules! delegate {
