@@ -73,7 +73,7 @@ for n in server client; do
 done
 chmod -R a+rX "$PKI"
 
-declare -A URL=() CPU=() HOP1=() HOP2=() ACCEPTED=()
+declare -A URL=() CPU=() HOP1=() HOP2=() ACCEPTED=() TLS_PORT=()
 URL[direct]=http://127.0.0.1:$(port)/
 port_of() { local u=${URL[$1]##*:}; echo "${u%/}"; }
 
@@ -137,6 +137,7 @@ nginx_pair() { # PATH TLS(0|1)
     nginx_start "$TMP/$path-out"; HOP1[$path]=$STARTED
     URL[$path]=http://127.0.0.1:$out/
     ACCEPTED[$path]="nginx $status"
+    TLS_PORT[$path]=$in
 }
 
 haproxy_pair() { # PATH TLS(0|1)
@@ -174,6 +175,7 @@ CFG
     done
     URL[$path]=http://127.0.0.1:$out/
     ACCEPTED[$path]="haproxy $d/in.sock"
+    TLS_PORT[$path]=$in
 }
 
 # Trellis: a real control plane issues every sidecar's identity; each pair is an outbound
@@ -255,10 +257,22 @@ check() { # PATH
     tail -n 5 "$TMP/$1"*.log "$TMP/$1"*/*.log "$TMP/control.log" >&2 2>/dev/null || true
     exit 1
 }
+# A C pair's second hop must take TLS 1.3 with the client certificate and refuse a client
+# without one, or one that offers at most TLS 1.2: otherwise the pair measures something else.
+check_mtls() { # PATH
+    local in=${TLS_PORT[$1]} c=(curl -s -o /dev/null -w '%{http_code}' --cacert "$PKI/ca.crt" --resolve "localhost:${TLS_PORT[$1]}:127.0.0.1")
+    [[ $("${c[@]}" --tlsv1.3 --cert "$PKI/client.crt" --key "$PKI/client.key" "https://localhost:$in/") == 200 ]] \
+        || { log "$1: hop 2 (port $in) refused TLS 1.3 with the client certificate"; exit 1; }
+    [[ $("${c[@]}" "https://localhost:$in/" || true) != 200 ]] \
+        || { log "$1: hop 2 (port $in) answered a client without a certificate"; exit 1; }
+    [[ $("${c[@]}" --tls-max 1.2 --cert "$PKI/client.crt" --key "$PKI/client.key" "https://localhost:$in/" || true) != 200 ]] \
+        || { log "$1: hop 2 (port $in) accepted TLS 1.2"; exit 1; }
+}
 ALL="direct $PATHS"
 for p in $ALL; do
     check "$p"
     [[ $p == direct ]] && continue
+    [[ -n ${TLS_PORT[$p]:-} && $p == *-mtls ]] && check_mtls "$p"
     if [[ $p == nginx-* ]]; then
         CPU[$p]="$(nginx_workers "${HOP1[$p]}") $(nginx_workers "${HOP2[$p]}")"
     else
