@@ -448,12 +448,12 @@ if ((STORM)); then
         # shellcheck disable=SC2086
         t0=$(ticks ${CPU[$p]})
         timeout 120 python3 bench/lib/storm.py 127.0.0.1 "$(port_of "$p")" "$STORM_CONNS" "$STORM_REQS" 30 >"$TMP/$p.storm.json" \
-            || { log "storm client failed on $p"; echo '{}' >"$TMP/$p.storm.json"; }
+            || { log "storm client failed on $p"; echo '{"errors": 1, "error_kinds": {"storm client failed": 1}}' >"$TMP/$p.storm.json"; }
         # shellcheck disable=SC2086
         t1=$(ticks ${CPU[$p]})
         sleep 0.5
         b=$(accepted "$p")
-        errs=$(jq -r '"\(.errors) \(.error_kinds)"' "$TMP/$p.storm.json")
+        errs=$(jq -r 'if .errors == 0 then "0" else "\(.errors) (\(.error_kinds | to_entries | map("\(.key): \(.value)") | join(", ")))" end' "$TMP/$p.storm.json")
         printf '| %s | %s | %s/%s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$p" $((b - a)) \
             "$(jq -r .ok "$TMP/$p.storm.json")" $((STORM_CONNS * STORM_REQS)) "$errs" \
             "$(jq -r .p50_ms "$TMP/$p.storm.json")" "$(jq -r .p99_ms "$TMP/$p.storm.json")" \
