@@ -410,7 +410,7 @@ if on trellis-mtls && ((${#C[@]})); then
     b=$(best rps max)
     ratio=$(awk -v x="${M[$t.rps]}" -v y="${M[$b.rps]}" 'BEGIN { printf "%.3f", x / y }')
     echo
-    echo "Verdict: trellis-mtls against the better C mutual TLS pair ($(IFS=,; echo "${C[*]}"), the better one per figure):"
+    echo "Verdict: trellis-mtls against the better C mutual TLS pair ($(printf '%s\n' "${C[@]}" | paste -sd/), the better one per figure):"
     echo "- max req/s: ${M[$t.rps]} against ${M[$b.rps]} ($b): ratio $ratio (target ≥ 1.15): $(met "$ratio >= 1.15")"
     b=$(best cpu min)
     ratio=$(awk -v x="${M[$t.cpu]}" -v y="${M[$b.cpu]}" 'BEGIN { printf "%.3f", (y > 0) ? x / y : 0 }')
