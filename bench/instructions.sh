@@ -3,7 +3,7 @@
 # callgrind: deterministic, unlike CPU seconds on a shared or virtual machine, so small
 # per-request costs can be compared between builds and against HAProxy.
 #
-#   bash bench/instructions.sh                 # builds trellis (release) if needed
+#   bash bench/instructions.sh                 # builds trellis (dist profile) if needed
 #   TRELLIS_BIN=path/to/trellis bash bench/instructions.sh
 #   POLICY_SETS="none default all" bash bench/instructions.sh   # trellis only, per policy set
 #                                  (bench/lib/policies.sh: the resilience layer's cost)

@@ -4,7 +4,7 @@
 # measured, so this runs short wrk loads against each proxy in turn, many times, and compares
 # each Trellis run with the HAProxy run right after it.
 #
-#   bash bench/percore.sh                    # builds trellis (release) if needed
+#   bash bench/percore.sh                    # builds trellis (dist profile) if needed
 #   RUNS=20 TRELLIS_BIN=path/to/trellis bash bench/percore.sh
 #
 # Each proxy runs with one thread in front of an nginx upstream serving 1 KiB. A run is

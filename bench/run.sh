@@ -238,10 +238,10 @@ build_trellis() {
         log "using TRELLIS_BIN=$TRELLIS_BIN (no build)"
         return 0
     fi
-    # The release profile is what users run (fat LTO; a few minutes on 2 cores).
-    log "building trellis (cargo build --release -p trellis-cli)"
-    (cd "$REPO_DIR" && timeout 3600 nice -n 19 cargo build --release -p trellis-cli)
-    TRELLIS_BIN=${CARGO_TARGET_DIR:-$REPO_DIR/target}/release/trellis
+    # The dist profile is what release binaries are built with (fat LTO, one codegen unit).
+    log "building trellis (cargo build --profile dist -p trellis-cli)"
+    (cd "$REPO_DIR" && timeout 3600 nice -n 19 cargo build --profile dist -p trellis-cli)
+    TRELLIS_BIN=${CARGO_TARGET_DIR:-$REPO_DIR/target}/dist/trellis
     [[ -x $TRELLIS_BIN ]] || die "build finished but $TRELLIS_BIN is missing"
 }
 

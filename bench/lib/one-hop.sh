@@ -2,7 +2,7 @@
 # in front of an nginx upstream serving 1 KiB at /1k, on fixed loopback ports.
 
 # one_hop_prepare NAME TOOL...: installs missing tools (Debian packages of the same name),
-# sets REPO, BIN (building trellis when TRELLIS_BIN is unset and no release build exists),
+# sets REPO, BIN (building trellis when TRELLIS_BIN is unset and no dist build exists),
 # TMP (removed on exit) and PIDS (killed on exit).
 one_hop_prepare() {
     local name=$1 tool
@@ -11,8 +11,8 @@ one_hop_prepare() {
         command -v "$tool" >/dev/null || { apt-get update -q && apt-get install -y -q "$@" >/dev/null; break; }
     done
     REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-    BIN=${TRELLIS_BIN:-$REPO/target/release/trellis}
-    [[ -x $BIN ]] || (cd "$REPO" && cargo build --release -p trellis-cli)
+    BIN=${TRELLIS_BIN:-$REPO/target/dist/trellis}
+    [[ -x $BIN ]] || (cd "$REPO" && cargo build --profile dist -p trellis-cli)
     TMP=$(mktemp -d "/tmp/trellis-$name.XXXXXX")
     chmod 755 "$TMP"   # nginx workers run as an unprivileged user when started as root
     PIDS=()
