@@ -268,6 +268,10 @@ fn print_banner(control: &str, cli: &str, dir: &Path, logs: &Path, orders: u16, 
 Trellis demo is running.
 
   control plane   {control}   (data in {dir})
+  dashboard       {control}/ui/   log in with the admin token: the contents of
+                  {token}   (or a read-only token:
+                  {cli} token create --read-only); the browser will warn about the
+                  certificate: the demo's own CA (ca.pem beside the token) signed it
   services        product-catalog (v1, v2), order-processing, inventory, payment;
                   every sidecar has a SPIFFE identity and they talk mutual TLS
   load            order-processing via the load generator's sidecar (127.0.0.1:{orders})
@@ -288,5 +292,6 @@ the canary. Ctrl-C stops everything.
 "#,
         dir = dir.display(),
         logs = logs.display(),
+        token = token.display(),
     );
 }

@@ -179,6 +179,12 @@ pub struct EdgeRow {
     pub success_rate: Option<f64>,
     /// Whether the hop was mutual TLS.
     pub mtls: bool,
+    /// Requests per second.
+    #[serde(default)]
+    pub rps: f64,
+    /// 99th percentile latency in milliseconds, as the callee's sidecar measured it.
+    #[serde(default)]
+    pub p99_ms: Option<f64>,
 }
 
 /// The answer of `GET /v1/stats`.
@@ -297,6 +303,8 @@ pub fn aggregate(
                                     requests: 0,
                                     success_rate: None,
                                     mtls: s.tls,
+                                    rps: 0.0,
+                                    p99_ms: None,
                                 },
                                 Totals::default(),
                             )
@@ -355,6 +363,8 @@ pub fn aggregate(
             .map(|(mut e, t)| {
                 e.requests = t.requests();
                 e.success_rate = success_rate(&t.classes, t.grpc_errors);
+                e.rps = (t.rps * 100.0).round() / 100.0;
+                e.p99_ms = ms(quantile(&bounds, &t.latency, 0.99));
                 e
             })
             .collect(),
@@ -573,6 +583,45 @@ impl Fleet {
             })
             .collect();
         aggregate(&selected, window, q)
+    }
+
+    /// The fleet view in consecutive slices of `step` over the last `window`, oldest first
+    /// (the dashboard's sparklines). Each slice covers the reports received within it.
+    pub fn history(
+        &self,
+        window: Duration,
+        step: Duration,
+        q: &Query,
+        now: Instant,
+    ) -> Vec<StatsView> {
+        let window = window.min(MAX_WINDOW);
+        let step = step.max(Duration::from_secs(1));
+        let slices = (window.as_secs_f64() / step.as_secs_f64()).ceil() as u32;
+        let mut windows = self.lock_windows();
+        Self::prune(&mut windows, now);
+        (0..slices)
+            .rev()
+            .map(|i| {
+                let (newest, oldest) = (step * i, step * (i + 1));
+                let selected: Vec<(&Reporter, Vec<&wire::TrafficReport>)> = windows
+                    .values()
+                    .map(|w| {
+                        (
+                            &w.reporter,
+                            w.reports
+                                .iter()
+                                .filter(|(t, _)| {
+                                    let age = now.duration_since(*t);
+                                    age >= newest && age < oldest
+                                })
+                                .map(|(_, r)| r)
+                                .collect(),
+                        )
+                    })
+                    .collect();
+                aggregate(&selected, step, q)
+            })
+            .collect()
     }
 
     /// Opens a tap; it ends when the handle is dropped.
