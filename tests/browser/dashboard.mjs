@@ -34,6 +34,7 @@ const expected = (u, status) => (status === 404 && placeholder(u)) || (status ==
 
 const problems = [];
 let step = "start";
+let current = null; // the page a failure screenshot shows
 const log = (m) => console.log(`[${((Date.now() - t0) / 1000).toFixed(1)}s] ${m}`);
 const t0 = Date.now();
 const timer = setTimeout(() => {
@@ -86,6 +87,7 @@ async function run() {
     // The demo's control plane has a certificate from the mesh's own CA.
     const context = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 1280, height: 900 } });
     const page = await context.newPage();
+    current = page;
     watch(page, "wide");
 
     step = "login";
@@ -110,7 +112,9 @@ async function run() {
     }
     const edge = page.locator('#topology-graph g.edge[data-dst="default/product-catalog"]').first();
     const label = await edge.locator(".edge-label").textContent();
-    if (!/\d rps/.test(label) || !/\d%/.test(label) || !/p99 \d/.test(label) || (await edge.locator(".lock").count()) !== 1) {
+    // Live traffic: every figure is there and not zero.
+    const figures = /([\d.]+) rps · ([\d.]+)%p99 ([\d.]+) ms/.exec(label);
+    if (!figures || figures.slice(1).some((f) => !(Number(f) > 0)) || (await edge.locator(".lock").count()) !== 1) {
       throw new Error(`edge label lacks rps, success, p99 or the lock: ${label}`);
     }
     log(`topology: ${SERVICES.length} services, ${EDGES.length} edges; e.g. ${label}`);
@@ -200,6 +204,7 @@ async function run() {
     step = "narrow";
     const narrow = await browser.newContext({ ignoreHTTPSErrors: true, viewport: { width: 390, height: 844 }, isMobile: true, hasTouch: true });
     const phone = await narrow.newPage();
+    current = phone;
     watch(phone, "narrow");
     await login(phone, reader);
     await phone.locator('#topology-graph g.node[data-service="default/order-processing"]').waitFor({ timeout: 30_000 });
@@ -214,6 +219,9 @@ async function run() {
     const res = await page.request.get(`${url}/ui/`);
     const csp = res.headers()["content-security-policy"] || "";
     if (!csp.includes("script-src 'self'") || csp.includes("unsafe-inline")) throw new Error(`weak CSP: ${csp}`);
+  } catch (e) {
+    if (current) await current.screenshot({ path: join(artifacts, `failed-at-${step}.png`), fullPage: true }).catch(() => {});
+    throw e;
   } finally {
     await browser.close();
   }
