@@ -922,6 +922,8 @@ mod tests {
             ("orders", "payment")
         );
         assert_eq!(tls.requests, 20);
+        assert_eq!(tls.rps, 10.0, "20 in 2s");
+        assert_eq!(tls.p99_ms, Some(0.99), "all in the first bucket (1 ms)");
         let plain = v.edges.iter().find(|e| !e.mtls).unwrap();
         assert_eq!((plain.src_service.as_str(), plain.requests), ("", 10));
 
@@ -969,6 +971,34 @@ mod tests {
             fleet.lock_windows().is_empty(),
             "forgotten after the longest window"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_slices_the_window_oldest_first() {
+        let fleet = Fleet::default();
+        let a = who("payment", "p1");
+        let start = Instant::now();
+        for (i, ok) in [4u64, 6, 8].into_iter().enumerate() {
+            let at = start + Duration::from_secs(10 * i as u64);
+            fleet.record(
+                &a,
+                report(2, vec![series("inbound", "inbound", "", "", ok, 0)]),
+                at,
+            );
+        }
+        let now = start + Duration::from_secs(25);
+        let h = fleet.history(
+            Duration::from_secs(40),
+            Duration::from_secs(10),
+            &Query::default(),
+            now,
+        );
+        let requests: Vec<u64> = h
+            .iter()
+            .map(|v| v.services.first().map_or(0, |s| s.requests))
+            .collect();
+        assert_eq!(requests, [0, 4, 6, 8], "oldest first, one report a slice");
+        assert_eq!(h[3].services[0].rps, 4.0, "8 in the report's 2s");
     }
 
     #[test]
