@@ -35,20 +35,31 @@ function headers(extra) {
   return { Authorization: `Bearer ${token() || ""}`, ...extra };
 }
 
-export async function get(path) {
-  const res = await fetch(path, { headers: headers() });
-  if (!res.ok) throw await failure(res, path);
+// The answer's JSON. A path the control plane does not serve falls through to its gRPC
+// router, which answers 200 with an empty body and a grpc-status: say so plainly.
+async function body(res, path) {
+  if (!(res.headers.get("content-type") || "").includes("json")) {
+    // Read it to the end, so the browser does not count the request as aborted.
+    await res.arrayBuffer().catch(() => {});
+    throw new ApiError(404, path, ["this control plane does not serve it (an older version?)"]);
+  }
   return res.json();
 }
 
-export async function post(path, body) {
+export async function get(path) {
+  const res = await fetch(path, { headers: headers() });
+  if (!res.ok) throw await failure(res, path);
+  return body(res, path);
+}
+
+export async function post(path, data) {
   const res = await fetch(path, {
     method: "POST",
     headers: headers({ "Content-Type": "application/json" }),
-    body: JSON.stringify(body),
+    body: JSON.stringify(data),
   });
   if (!res.ok) throw await failure(res, path);
-  return res.json();
+  return body(res, path);
 }
 
 // Streams newline-delimited JSON from `path`, calling `onLine` per object, until the server
