@@ -15,10 +15,22 @@ struct App {
     child: Child,
 }
 
+/// A loopback port for a child to bind later. Taken below the kernel's ephemeral range
+/// (32768 and up): a port from `bind(:0)` can meanwhile go to some process's outgoing
+/// connection, and then the child cannot start.
 fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Demos started side by side (tests) begin at different places in the range.
+    let start = std::process::id().wrapping_mul(7_919);
+    for _ in 0..22_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 10_000 + (start.wrapping_add(n.wrapping_mul(7)) % 22_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port between 10000 and 32000")
 }
 
 /// Options of `trellis demo`.
@@ -268,6 +280,10 @@ fn print_banner(control: &str, cli: &str, dir: &Path, logs: &Path, orders: u16, 
 Trellis demo is running.
 
   control plane   {control}   (data in {dir})
+  dashboard       {control}/ui/   log in with the admin token: the contents of
+                  {token}   (or a read-only token:
+                  {cli} token create --read-only); the browser will warn about the
+                  certificate: the demo's own CA (ca.pem beside the token) signed it
   services        product-catalog (v1, v2), order-processing, inventory, payment;
                   every sidecar has a SPIFFE identity and they talk mutual TLS
   load            order-processing via the load generator's sidecar (127.0.0.1:{orders})
@@ -288,5 +304,6 @@ the canary. Ctrl-C stops everything.
 "#,
         dir = dir.display(),
         logs = logs.display(),
+        token = token.display(),
     );
 }

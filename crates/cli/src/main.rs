@@ -394,20 +394,25 @@ enum Command {
 
 #[derive(Subcommand)]
 enum TokenCommand {
-    /// Create a token that grants one service's identity; printed once.
+    /// Create a token that grants one service's identity (or, with --read-only, read access
+    /// to the API and the dashboard); printed once.
     Create {
         /// The service (service account) the token grants.
-        #[arg(long)]
-        service: String,
+        #[arg(long, required_unless_present = "read_only")]
+        service: Option<String>,
+        /// A read-only API token instead: it may read everything under /v1 but tokens, and
+        /// ask for explanations; nothing else (the dashboard's login takes it).
+        #[arg(long, conflicts_with_all = ["service", "uses"])]
+        read_only: bool,
         /// Its namespace.
         #[arg(long, short, default_value = "default")]
         namespace: String,
-        /// How long the token can be used.
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
-        ttl: Duration,
-        /// How many sidecars may use it (each use issues one certificate).
-        #[arg(long, default_value_t = 1)]
-        uses: u32,
+        /// How long the token can be used (default 1h; 12h with --read-only).
+        #[arg(long, value_parser = parse_duration)]
+        ttl: Option<Duration>,
+        /// How many sidecars may use it (each use issues one certificate; default 1).
+        #[arg(long)]
+        uses: Option<u32>,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -677,12 +682,31 @@ fn run(command: Command) -> Result<i32> {
             command:
                 TokenCommand::Create {
                     service,
+                    read_only,
                     namespace,
                     ttl,
                     uses,
                     control,
                 },
         } => runtime(1)?.block_on(async move {
+            if read_only {
+                let ttl = ttl.unwrap_or(Duration::from_secs(12 * 3600));
+                let body = serde_json::json!({
+                    "readOnly": true,
+                    "ttl_seconds": ttl.as_secs().max(1),
+                });
+                let v: serde_json::Value = api(&control)?.post("/v1/tokens", &body).await?;
+                println!("{}", v["token"].as_str().unwrap_or_default());
+                eprintln!(
+                    "read-only token, valid until {} (Unix {}); log in to the dashboard ({}/ui/) with it, or pass it to the CLI as TRELLIS_ADMIN_TOKEN for reads",
+                    trellis_control::config::rfc3339(v["expiresAt"].as_u64().unwrap_or(0)),
+                    v["expiresAt"],
+                    control.url.trim_end_matches('/'),
+                );
+                return Ok(0);
+            }
+            let service = service.unwrap_or_default();
+            let (ttl, uses) = (ttl.unwrap_or(Duration::from_secs(3600)), uses.unwrap_or(1));
             let body = serde_json::json!({
                 "service": service,
                 "namespace": namespace,

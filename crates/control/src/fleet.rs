@@ -179,6 +179,12 @@ pub struct EdgeRow {
     pub success_rate: Option<f64>,
     /// Whether the hop was mutual TLS.
     pub mtls: bool,
+    /// Requests per second.
+    #[serde(default)]
+    pub rps: f64,
+    /// 99th percentile latency in milliseconds, as the callee's sidecar measured it.
+    #[serde(default)]
+    pub p99_ms: Option<f64>,
 }
 
 /// The answer of `GET /v1/stats`.
@@ -297,6 +303,8 @@ pub fn aggregate(
                                     requests: 0,
                                     success_rate: None,
                                     mtls: s.tls,
+                                    rps: 0.0,
+                                    p99_ms: None,
                                 },
                                 Totals::default(),
                             )
@@ -355,6 +363,8 @@ pub fn aggregate(
             .map(|(mut e, t)| {
                 e.requests = t.requests();
                 e.success_rate = success_rate(&t.classes, t.grpc_errors);
+                e.rps = (t.rps * 100.0).round() / 100.0;
+                e.p99_ms = ms(quantile(&bounds, &t.latency, 0.99));
                 e
             })
             .collect(),
@@ -573,6 +583,45 @@ impl Fleet {
             })
             .collect();
         aggregate(&selected, window, q)
+    }
+
+    /// The fleet view in consecutive slices of `step` over the last `window`, oldest first
+    /// (the dashboard's sparklines). Each slice covers the reports received within it.
+    pub fn history(
+        &self,
+        window: Duration,
+        step: Duration,
+        q: &Query,
+        now: Instant,
+    ) -> Vec<StatsView> {
+        let window = window.min(MAX_WINDOW);
+        let step = step.max(Duration::from_secs(1));
+        let slices = (window.as_secs_f64() / step.as_secs_f64()).ceil() as u32;
+        let mut windows = self.lock_windows();
+        Self::prune(&mut windows, now);
+        (0..slices)
+            .rev()
+            .map(|i| {
+                let (newest, oldest) = (step * i, step * (i + 1));
+                let selected: Vec<(&Reporter, Vec<&wire::TrafficReport>)> = windows
+                    .values()
+                    .map(|w| {
+                        (
+                            &w.reporter,
+                            w.reports
+                                .iter()
+                                .filter(|(t, _)| {
+                                    let age = now.duration_since(*t);
+                                    age >= newest && age < oldest
+                                })
+                                .map(|(_, r)| r)
+                                .collect(),
+                        )
+                    })
+                    .collect();
+                aggregate(&selected, step, q)
+            })
+            .collect()
     }
 
     /// Opens a tap; it ends when the handle is dropped.
@@ -873,6 +922,8 @@ mod tests {
             ("orders", "payment")
         );
         assert_eq!(tls.requests, 20);
+        assert_eq!(tls.rps, 10.0, "20 in 2s");
+        assert_eq!(tls.p99_ms, Some(0.99), "all in the first bucket (1 ms)");
         let plain = v.edges.iter().find(|e| !e.mtls).unwrap();
         assert_eq!((plain.src_service.as_str(), plain.requests), ("", 10));
 
@@ -920,6 +971,34 @@ mod tests {
             fleet.lock_windows().is_empty(),
             "forgotten after the longest window"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn history_slices_the_window_oldest_first() {
+        let fleet = Fleet::default();
+        let a = who("payment", "p1");
+        let start = Instant::now();
+        for (i, ok) in [4u64, 6, 8].into_iter().enumerate() {
+            let at = start + Duration::from_secs(10 * i as u64);
+            fleet.record(
+                &a,
+                report(2, vec![series("inbound", "inbound", "", "", ok, 0)]),
+                at,
+            );
+        }
+        let now = start + Duration::from_secs(25);
+        let h = fleet.history(
+            Duration::from_secs(40),
+            Duration::from_secs(10),
+            &Query::default(),
+            now,
+        );
+        let requests: Vec<u64> = h
+            .iter()
+            .map(|v| v.services.first().map_or(0, |s| s.requests))
+            .collect();
+        assert_eq!(requests, [0, 4, 6, 8], "oldest first, one report a slice");
+        assert_eq!(h[3].services[0].rps, 4.0, "8 in the report's 2s");
     }
 
     #[test]

@@ -85,6 +85,63 @@ pub(crate) async fn stats(
     Json(c.fleet.view(window, &q, tokio::time::Instant::now())).into_response()
 }
 
+/// Parameters of `GET /v1/stats/history`.
+#[derive(Deserialize, Default)]
+pub(crate) struct HistoryParams {
+    window: Option<String>,
+    step: Option<String>,
+    namespace: Option<String>,
+    service: Option<String>,
+    route: Option<String>,
+}
+
+/// The default window and step of `GET /v1/stats/history`.
+pub const DEFAULT_HISTORY: (Duration, Duration) =
+    (Duration::from_secs(300), Duration::from_secs(10));
+
+/// `GET /v1/stats/history`: the stats view in slices (`step`, default 10s) over the last
+/// `window` (default 5m), oldest first, for sparklines.
+pub(crate) async fn history(
+    State(c): State<Arc<Control>>,
+    Params(p): Params<HistoryParams>,
+) -> Response {
+    let window = match duration(
+        "window",
+        p.window.as_deref(),
+        DEFAULT_HISTORY.0,
+        crate::fleet::MAX_WINDOW,
+    ) {
+        Ok(w) => w,
+        Err(e) => return bad(e),
+    };
+    let step = match duration("step", p.step.as_deref(), DEFAULT_HISTORY.1, window) {
+        Ok(s) => s,
+        Err(e) => return bad(e),
+    };
+    // Bounded work per request: at most 120 slices.
+    if window.as_secs_f64() / step.as_secs_f64() > 120.0 {
+        return bad(format!(
+            "window {}s / step {}s: at most 120 slices",
+            window.as_secs(),
+            step.as_secs()
+        ));
+    }
+    let q = Query {
+        namespace: some(p.namespace),
+        service: some(p.service),
+        route: some(p.route),
+    };
+    let points = c
+        .fleet
+        .history(window, step, &q, tokio::time::Instant::now());
+    Json(serde_json::json!({
+        "windowSeconds": window.as_secs_f64(),
+        "stepSeconds": step.as_secs_f64(),
+        "points": points,
+    }))
+    .into_response()
+}
+
 /// Parameters of `GET /v1/tap`.
 #[derive(Deserialize, Default)]
 pub(crate) struct TapParams {

@@ -218,8 +218,13 @@ fn shown(r: Resource, statuses: &BTreeMap<ObjectKey, RouteStatus>) -> serde_json
 /// Body of `POST /v1/tokens`.
 #[derive(Serialize, Deserialize)]
 pub struct TokenRequest {
-    /// The service whose identity the token grants.
+    /// The service whose identity the token grants (a join token).
+    #[serde(default)]
     pub service: String,
+    /// A read-only API token instead of a join token (`service`, `namespace` and `uses`
+    /// are then ignored).
+    #[serde(default, rename = "readOnly")]
+    pub read_only: bool,
     /// Its namespace.
     #[serde(default = "default_namespace")]
     pub namespace: String,
@@ -245,6 +250,27 @@ fn default_token_ttl() -> u64 {
 
 async fn create_token(State(c): State<Shared>, Json(req): Json<TokenRequest>) -> Response {
     use crate::identity::IdentityError as E;
+    if req.read_only {
+        return match c
+            .create_reader(std::time::Duration::from_secs(req.ttl_seconds))
+            .await
+        {
+            Ok((token, expires_at)) => Json(serde_json::json!({
+                "token": token,
+                "expiresAt": expires_at,
+                "readOnly": true,
+            }))
+            .into_response(),
+            Err(E::Invalid(m)) => error(StatusCode::UNPROCESSABLE_ENTITY, vec![m]),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, vec![e.to_string()]),
+        };
+    }
+    if req.service.is_empty() {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            vec!["service: required for a join token (or readOnly: true)".into()],
+        );
+    }
     match c
         .create_token(
             &req.namespace,
@@ -307,7 +333,48 @@ async fn trust(State(c): State<Shared>) -> Response {
     }
 }
 
-async fn require_admin(
+/// `GET /v1/certificates`: the CA's expiry and, per connected proxy, the identity and
+/// expiry of the workload certificate it holds (no key material).
+async fn certificates(State(c): State<Shared>) -> Response {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let expiry = |not_after: i64| {
+        serde_json::json!({
+            "notAfter": crate::config::rfc3339(u64::try_from(not_after).unwrap_or(0)),
+            "notAfterUnix": not_after,
+            "secondsLeft": not_after - now,
+        })
+    };
+    let ca = c
+        .trust()
+        .ok()
+        .and_then(|(td, bundle)| Some((td, trellis_identity::pem_not_after(&bundle)?)))
+        .map(|(td, na)| {
+            let mut v = expiry(na);
+            v["trustDomain"] = td.into();
+            v
+        });
+    let mut workloads: Vec<serde_json::Value> = c
+        .proxies()
+        .into_iter()
+        .filter_map(|p| {
+            let (identity, not_after) = p.certificate?;
+            let mut v = expiry(not_after);
+            v["identity"] = identity.into();
+            v["namespace"] = p.namespace.into();
+            v["service"] = p.service.into();
+            v["node"] = p.node.into();
+            Some(v)
+        })
+        .collect();
+    workloads.sort_by_key(|v| v["notAfterUnix"].as_i64());
+    Json(serde_json::json!({ "ca": ca, "workloads": workloads })).into_response()
+}
+
+/// Lets the admin token through everywhere, and a read-only token where
+/// [`permits`](crate::access::permits) says.
+async fn require_token(
     State(c): State<Shared>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
@@ -317,9 +384,24 @@ async fn require_admin(
         .get(http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match token {
-        Some(t) if c.check_admin(t.trim()) => next.run(req).await,
-        Some(_) => error(StatusCode::UNAUTHORIZED, vec!["wrong admin token".into()]),
+    match token.map(|t| c.access_of(t.trim())) {
+        Some(Some(access))
+            if crate::access::permits(access, req.method(), req.uri().path()) =>
+        {
+            next.run(req).await
+        }
+        Some(Some(_)) => error(
+            StatusCode::FORBIDDEN,
+            vec![format!(
+                "{} {}: a read-only token may only read (and POST /v1/explain); this needs the admin token",
+                req.method(),
+                req.uri().path()
+            )],
+        ),
+        Some(None) => error(
+            StatusCode::UNAUTHORIZED,
+            vec!["wrong admin token (or an unknown or expired read-only token)".into()],
+        ),
         None => error(
             StatusCode::UNAUTHORIZED,
             vec!["the config API needs the admin token: set TRELLIS_ADMIN_TOKEN_FILE to the file `trellis control` wrote (or TRELLIS_ADMIN_TOKEN)".into()],
@@ -329,7 +411,8 @@ async fn require_admin(
 
 /// The router: config API plus the gRPC proxy protocol.
 pub fn router(control: Shared) -> axum::Router {
-    // Reading or changing config and creating join tokens need the admin token.
+    // Reading or changing config and creating tokens need the admin token; reading (and
+    // explaining) also takes a read-only token.
     let admin = axum::Router::new()
         .route("/v1/apply", post(apply))
         .route("/v1/delete", post(delete))
@@ -338,10 +421,12 @@ pub fn router(control: Shared) -> axum::Router {
         .route("/v1/tokens", post(create_token))
         .route("/v1/prometheus/targets", get(prometheus_targets))
         .route("/v1/stats", get(crate::fleet_api::stats))
+        .route("/v1/stats/history", get(crate::fleet_api::history))
+        .route("/v1/certificates", get(certificates))
         .route("/v1/tap", get(crate::fleet_api::tap))
         .route_layer(axum::middleware::from_fn_with_state(
             control.clone(),
-            require_admin,
+            require_token,
         ));
     // The trust bundle is public; liveness and the metrics (counts only) tell nothing.
     let api = axum::Router::new()
@@ -349,6 +434,8 @@ pub fn router(control: Shared) -> axum::Router {
         .route("/v1/trust", get(trust))
         .route("/live", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
+        // The dashboard's static files hold no data: every figure comes from /v1 with a token.
+        .merge(crate::ui::router())
         .with_state(control.clone());
     tonic::service::Routes::new(MeshServer::new(MeshService { control }))
         .into_axum_router()

@@ -7,6 +7,7 @@
 //! compiles its [view](compile) of the latest state and sends the difference.
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod compile;
 pub mod config;
 pub mod discovery;
@@ -22,6 +23,7 @@ pub mod route_status;
 pub mod state;
 pub mod store;
 mod tls;
+mod ui;
 
 pub use config::{SourceFile, WriteError, WriteResult};
 pub use mesh::ProxyStatus;

@@ -137,6 +137,8 @@ pub struct State {
     pub tokens: BTreeMap<String, TokenEntry>,
     /// SHA-256 of the admin token.
     pub admin_hash: Option<String>,
+    /// Read-only API tokens by hash.
+    pub readers: BTreeMap<String, crate::access::Reader>,
     /// Compiled proxy views, shared by every proxy with the same needs.
     pub(crate) views: Mutex<HashMap<ViewKey, Arc<View>>>,
 }
@@ -167,6 +169,7 @@ impl State {
                 ca: self.ca.clone(),
                 tokens: self.tokens.clone(),
                 admin_hash: self.admin_hash.clone(),
+                readers: self.readers.clone(),
                 views: Mutex::default(),
             }
         };
@@ -219,6 +222,10 @@ impl State {
             self.admin_hash = serde_json::from_str::<serde_json::Value>(&text)
                 .ok()
                 .and_then(|v| v["sha256"].as_str().map(String::from));
+        } else if let Some(hash) = e.key.strip_prefix(crate::access::READER_PREFIX) {
+            if let Ok(reader) = serde_json::from_str(&text) {
+                self.readers.insert(hash.to_string(), reader);
+            }
         } else if let Some(hash) = e.key.strip_prefix("tokens/") {
             if let Ok(token) = serde_json::from_str(&text) {
                 self.tokens.insert(
@@ -258,6 +265,8 @@ impl State {
             self.ca = None;
         } else if let Some(hash) = key.strip_prefix("tokens/") {
             self.tokens.remove(hash);
+        } else if let Some(hash) = key.strip_prefix(crate::access::READER_PREFIX) {
+            self.readers.remove(hash);
         } else if let Some(rest) = key.strip_prefix("workloads/")
             && let Some(id) = rest.rsplit('/').next()
         {
