@@ -750,24 +750,19 @@ fn prepare_upstream(req: &mut Request<Body>, h2: bool) -> bool {
 fn h2_form<B>(req: &mut Request<B>) {
     *req.version_mut() = Version::HTTP_2;
     if req.uri().authority().is_none() {
-        // HTTP/1.1 in, HTTP/2 out: `Host` becomes `:authority`.
+        // HTTP/1.1 in, HTTP/2 out: `Host` becomes `:authority` (the path is kept as is).
         let auth = req
             .headers()
             .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .unwrap_or("localhost")
-            .to_string();
-        let pq = req
-            .uri()
-            .path_and_query()
-            .map_or("/", |p| p.as_str())
-            .to_string();
-        if let Ok(uri) = Uri::builder()
-            .scheme("http")
-            .authority(auth)
-            .path_and_query(pq)
-            .build()
-        {
+            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
+            .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
+        let mut parts = std::mem::take(req.uri_mut()).into_parts();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(auth);
+        if parts.path_and_query.is_none() {
+            parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+        }
+        if let Ok(uri) = Uri::from_parts(parts) {
             *req.uri_mut() = uri;
         }
     }

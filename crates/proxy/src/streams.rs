@@ -71,6 +71,12 @@ pub struct Streams {
     sweeping: AtomicBool,
 }
 
+/// Finished streams are forgotten when the list reaches twice what was live at the last
+/// such pass (and at least this many): a long-lived connection (a peer sidecar's, carrying
+/// thousands of streams a second) must not keep every stream it carried until the next
+/// sweep, which may be minutes away.
+const COMPACT_AT_LEAST: usize = 64;
+
 struct Entry {
     watch: Weak<StreamWatch>,
     last: u64,
@@ -87,14 +93,19 @@ impl Streams {
             waker: AtomicWaker::new(),
             response: Mutex::new(None),
         });
-        self.list
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(Entry {
+        {
+            let mut list = self.list.lock().unwrap_or_else(|e| e.into_inner());
+            if list.len() >= COMPACT_AT_LEAST && list.len() == list.capacity() {
+                // Amortised: a pass only when the vector would grow, which after a pass
+                // that freed little is at twice the live streams.
+                list.retain(|e| e.watch.strong_count() > 0);
+            }
+            list.push(Entry {
                 watch: Arc::downgrade(&w),
                 last: 0,
                 still: 0,
             });
+        }
         if !self.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep(Arc::downgrade(self), idle, expired.clone()));
         }
@@ -241,5 +252,21 @@ mod tests {
         // Finished streams are forgotten.
         drop((busy, busy_req, still, still_req, still_resp));
         assert_eq!(streams.list.lock().unwrap().len(), 0);
+    }
+
+    /// A connection that carries many streams one after another (a peer sidecar's HTTP/2
+    /// connection) keeps only about as many entries as it has live streams, without a sweep.
+    #[tokio::test]
+    async fn finished_streams_do_not_pile_up_between_sweeps() {
+        let streams = Arc::new(Streams::default());
+        let idle = Duration::from_secs(3600);
+        let counter = Counter::default();
+        let live: Vec<_> = (0..10).map(|_| streams.watch(idle, &counter)).collect();
+        for _ in 0..100_000 {
+            drop(streams.watch(idle, &counter));
+        }
+        let len = streams.list.lock().unwrap().len();
+        assert!(len <= 2 * COMPACT_AT_LEAST, "{len} entries for 10 live streams");
+        assert_eq!(live.len(), 10);
     }
 }
