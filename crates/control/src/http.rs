@@ -339,6 +339,7 @@ pub fn router(control: Shared) -> axum::Router {
         .route("/v1/prometheus/targets", get(prometheus_targets))
         .route("/v1/stats", get(crate::fleet_api::stats))
         .route("/v1/tap", get(crate::fleet_api::tap))
+        .route("/v1/explain", post(crate::explain::explain))
         .route_layer(axum::middleware::from_fn_with_state(
             control.clone(),
             require_admin,

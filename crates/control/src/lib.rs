@@ -10,6 +10,7 @@
 pub mod compile;
 pub mod config;
 pub mod discovery;
+mod explain;
 pub mod fleet;
 mod fleet_api;
 mod http;

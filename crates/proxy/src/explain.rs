@@ -931,5 +931,127 @@ fn branch(
     b
 }
 
+/// Answers one explain request from the control plane: against the current snapshot, or
+/// against a snapshot built (never installed) from a proposed view with the live endpoint
+/// state, compared with the current answer.
+pub fn answer(
+    shared: &crate::Shared,
+    req: trellis_api::wire::ExplainRequest,
+) -> trellis_api::wire::ExplainAnswer {
+    let id = req.id.clone();
+    let result = (|| -> Result<Value, String> {
+        let ask: Ask = serde_json::from_str(&req.ask_json).map_err(|e| format!("request: {e}"))?;
+        let snap = shared.snapshot();
+        let now = tokio::time::Instant::now();
+        let wall = jiff::Timestamp::now();
+        let current = explain(&snap, &ask, now, wall).map_err(|e| e.to_string())?;
+        if !req.proposed {
+            return Ok(current);
+        }
+        let proposed = proposed_snapshot(shared, &snap, &req.view)?;
+        let mut next = explain(&proposed, &ask, now, wall).map_err(|e| e.to_string())?;
+        let changes = changes(&current, &next);
+        next["current"] = json!({
+            "summary": current["summary"],
+            "outcome": current["outcome"],
+            "route": current["route"]["id"],
+            "backend": current["backend"]["name"],
+            "authorization": current["authorization"]["decidedBy"],
+        });
+        let line = if changes.is_empty() {
+            "no change: ".to_string()
+        } else {
+            format!("{}; now: ", changes.join("; "))
+        };
+        next["summary"] = json!(format!(
+            "with the proposed config: {}",
+            next["summary"].as_str().unwrap_or_default()
+        ));
+        next["changes"] = json!(changes);
+        next["changeSummary"] = json!(format!(
+            "{line}{}",
+            current["summary"].as_str().unwrap_or_default()
+        ));
+        Ok(next)
+    })();
+    match result {
+        Ok(v) => trellis_api::wire::ExplainAnswer {
+            id,
+            json: v.to_string(),
+            error: String::new(),
+        },
+        Err(error) => trellis_api::wire::ExplainAnswer {
+            id,
+            json: String::new(),
+            error,
+        },
+    }
+}
+
+/// This proxy's config with `view` in place of what the control plane sent: its own
+/// `Proxy` resource, the view, and placeholders, built like an update (validated whole)
+/// over the current snapshot so endpoint state, breakers and buckets are the live ones.
+fn proposed_snapshot(
+    shared: &crate::Shared,
+    current: &Snapshot,
+    view: &[trellis_api::wire::Resource],
+) -> Result<Snapshot, String> {
+    use trellis_api::{Located, Resource};
+    let local: Vec<Located<Resource>> = current
+        .resources
+        .iter()
+        .filter(|r| matches!(r, Resource::Proxy(_)))
+        .map(|r| Located::unsourced(r.clone(), "this proxy"))
+        .collect();
+    if local.is_empty() {
+        return Err("this proxy has no config yet".into());
+    }
+    let remote = view
+        .iter()
+        .map(|r| {
+            Resource::from_json(&r.json)
+                .map(|x| Located::unsourced(x, &format!("proposed {}", r.key)))
+                .map_err(|e| format!("proposed {}: {e}", r.key))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let all = crate::control::assemble(&local, remote);
+    Snapshot::build(&all, current.version, "proposed", Some(current), shared)
+        .map_err(|e| format!("the proposed config does not build for this proxy: {e}"))
+}
+
+/// What differs between two explanations, one line per decision.
+pub fn changes(current: &Value, next: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    let text = |v: &Value| match v {
+        Value::Null => "none".to_string(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    for (what, path) in [
+        ("outcome", &["outcome"][..]),
+        ("status", &["status"][..]),
+        ("route", &["route", "id"][..]),
+        ("backend", &["backend", "name"][..]),
+        ("authorization", &["authorization", "decidedBy"][..]),
+        ("request timeout", &["timeouts", "requestSeconds"][..]),
+        ("retries", &["retries", "retries"][..]),
+    ] {
+        let get = |v: &Value| path.iter().fold(v.clone(), |v, k| v[*k].clone());
+        let (a, b) = (get(current), get(next));
+        if a != b {
+            out.push(format!(
+                "{what} would change from {} to {}",
+                text(&a),
+                text(&b)
+            ));
+        }
+    }
+    let shares = |v: &Value| v["backends"].clone();
+    if shares(current) != shares(next) && !shares(next).is_null() {
+        out.push(format!("backend shares would become {}", shares(next)));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests;
