@@ -112,7 +112,9 @@ async fn run(c: &Control, body: ExplainBody) -> Result<Value, Failure> {
     let trust_domain = c.trust().map(|(td, _)| td).unwrap_or_default();
     let source = match request.source.as_deref() {
         Some(s) if !s.is_empty() => Some(spiffe(s, &caller.namespace, &trust_domain)),
-        // By default the caller is the proxy's own service.
+        // By default the caller is the proxy itself: its certificate's identity, else its
+        // service's.
+        _ if caller.certificate.is_some() => caller.certificate.as_ref().map(|(id, _)| id.clone()),
         _ if !caller.service.is_empty() => Some(spiffe(
             &format!("{}/{}", caller.namespace, caller.service),
             &caller.namespace,

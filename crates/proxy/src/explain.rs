@@ -579,9 +579,11 @@ fn route_table(out: &mut Out, entry: &crate::snapshot::PortEntry, parts: &http::
         None => {
             // The closest: the match that failed latest in its checks; among path misses,
             // the pattern sharing most of its start with the path and leaving least of
-            // itself unmatched.
+            // itself unmatched; then the one with fewest other conditions to meet.
             let closest = missed.iter().max_by_key(|(i, miss)| {
-                let near = match &http.entries[*i].0.path {
+                let m = &http.entries[*i].0;
+                let others = usize::from(m.method.is_some()) + m.headers.len() + m.query.len();
+                let near = match &m.path {
                     crate::route::PathMatch::Exact(p) | crate::route::PathMatch::Prefix(p) => {
                         let shared = p
                             .bytes()
@@ -592,7 +594,12 @@ fn route_table(out: &mut Out, entry: &crate::snapshot::PortEntry, parts: &http::
                     }
                     crate::route::PathMatch::Regex(_) => i64::MIN,
                 };
-                (*miss, near, std::cmp::Reverse(*i))
+                (
+                    *miss,
+                    near,
+                    std::cmp::Reverse(others),
+                    std::cmp::Reverse(*i),
+                )
             });
             let mut section = json!({"id": null, "kind": "HTTPRoute",
                 "why": format!("none of the {} rule(s) on port {} matches {} {path}", missed.len(), entry.port, parts.method)});

@@ -180,7 +180,7 @@ async fn explanations_name_the_route_policy_and_endpoint_that_decide() {
             &[
                 ("outcome", json!("no_route")),
                 ("status", json!(404)),
-                ("route.closest.route", json!("shop/catalog/1")),
+                ("route.closest.route", json!("shop/catalog/2")),
                 ("reason", json!("no route matched GET /itemz")),
             ],
         ),
