@@ -45,7 +45,7 @@ metadata: {name: limited}
 spec:
   parentRefs: [{group: "", kind: Service, name: product-catalog}]
   rules:
-    - matches: [{path: {type: Exact, value: /limited}}]
+    - matches: [{path: {type: Exact, value: /products/2}}]
       backendRefs: [{name: catalog-v1, port: 80}]
 ---
 apiVersion: trellis.dev/v1alpha1
@@ -154,7 +154,7 @@ fn explanations_agree_with_what_the_sidecars_do() {
                 ("notMatched.0.route", "default/limited/0"),
                 (
                     "notMatched.0.why",
-                    "path /products/1 does not match exact /limited",
+                    "path /products/1 does not match exact /products/2",
                 ),
                 ("notMatched.1.route", "default/catalog/0"),
                 (
@@ -252,19 +252,19 @@ fn explanations_agree_with_what_the_sidecars_do() {
     }
 
     // Rate limited: explaining spends nothing; the one request allowed does.
-    let first = explain(&cp, &node, &["product-catalog/limited"]);
+    let first = explain(&cp, &node, &["product-catalog/products/2"]);
     assert_eq!(first["outcome"], "forwarded", "{first:#}");
     assert_eq!(first["rateLimits"][0]["allowed"], true, "{first:#}");
-    let again = explain(&cp, &node, &["product-catalog/limited"]);
+    let again = explain(&cp, &node, &["product-catalog/products/2"]);
     assert_eq!(
         again["outcome"], "forwarded",
         "explaining took no token: {again:#}"
     );
-    assert_eq!(sent(up, "/limited", None).0, 200);
-    let limited = explain(&cp, &node, &["product-catalog/limited"]);
+    assert_eq!(sent(up, "/products/2", None).0, 200);
+    let limited = explain(&cp, &node, &["product-catalog/products/2"]);
     assert_eq!(limited["outcome"], "rate_limited", "{limited:#}");
     assert_eq!(limited["rateLimits"][0]["limit"], "default/once/all");
-    let (real, reason) = sent(up, "/limited", None);
+    let (real, reason) = sent(up, "/products/2", None);
     assert_eq!(real, 429);
     // The same refusal (the seconds to wait may have moved on by one).
     let upto = |r: Option<&str>| {

@@ -152,9 +152,29 @@ async fn run(c: &Control, body: ExplainBody) -> Result<Value, Failure> {
     else {
         return Ok(out);
     };
-    let callee = proxies
+    // The proxy of an endpoint the caller would choose (a registered instance's node), else
+    // any proxy of the backend's service.
+    let state = c.state();
+    let nodes: Vec<String> = out["endpoint"]["candidates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str())
+        .filter_map(|a| state.workloads.values().find(|w| w.address == a))
+        .map(|w| w.node.clone())
+        .collect();
+    let callee = nodes
         .iter()
-        .find(|p| p.namespace == ns && p.service == name && c.fleet.can_explain(&p.node));
+        .find_map(|n| {
+            proxies
+                .iter()
+                .find(|p| &p.node == n && c.fleet.can_explain(n))
+        })
+        .or_else(|| {
+            proxies
+                .iter()
+                .find(|p| p.namespace == ns && p.service == name && c.fleet.can_explain(&p.node))
+        });
     match callee {
         None => {
             out["inbound"] = json!({"why": format!("no proxy of {ns}/{name} is connected to this control plane replica: its authorization is not explained")});
@@ -168,9 +188,9 @@ async fn run(c: &Control, body: ExplainBody) -> Result<Value, Failure> {
                         out[k] = inbound[k].clone();
                     }
                     out["summary"] = json!(format!(
-                        "at {ns}/{name} ({}): {}",
+                        "{} (at {}, inbound)",
+                        inbound["summary"].as_str().unwrap_or_default(),
                         p.node,
-                        inbound["summary"].as_str().unwrap_or_default()
                     ));
                 }
                 if inbound["authorization"].is_object() {
