@@ -67,7 +67,7 @@ pub fn parse_headers(headers: &[String]) -> Result<BTreeMap<String, String>> {
 
 /// Runs the command; a denied or failing request is an answer, not an error (exit 0).
 pub async fn explain(api: &Api, args: Args, output: Output) -> Result<i32> {
-    if args.proxy.is_some() == args.from.is_some() {
+    if args.request_id.is_none() && args.proxy.is_some() == args.from.is_some() {
         bail!(
             "name the proxy that sends the request: --proxy NODE (see `trellis get proxies`) or --from SERVICE"
         );

@@ -323,6 +323,56 @@ fn explanations_agree_with_what_the_sidecars_do() {
     assert_ne!(code, 0, "{out}");
     assert!(err.contains("with") && err.contains("nothing"), "{err}");
 
+    // A request tap showed, by its id: explained at the proxy that saw it.
+    let out_file = dir.path().join("tap.out");
+    let log = dir.path().join("tap.log");
+    let child = trellis()
+        .args([
+            "tap",
+            "--direction",
+            "outbound",
+            "--path",
+            "/products/5",
+            "--max",
+            "1",
+        ])
+        .args(["--duration", "30s", "-o", "json"])
+        .env("TRELLIS_CONTROL", cp.url())
+        .env("TRELLIS_ADMIN_TOKEN_FILE", &cp.token)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_file).unwrap())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let mut tap = Proc {
+        name: "tap".into(),
+        child,
+        log,
+    };
+    wait_for(Duration::from_secs(40), "tap to show a request", || {
+        if tap.exited() {
+            return Some(());
+        }
+        let _ = get(up, "/products/5");
+        None
+    });
+    let shown = std::fs::read_to_string(&out_file).unwrap();
+    let id = shown
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find_map(|v| v["requestId"].as_str().map(str::to_string))
+        .unwrap_or_else(|| panic!("a requestId in the tap: {shown}{}", tap.log_text()));
+    let (code, out, err) = cp.cli(&["explain", "--request-id", &id, "-o", "json"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let by_id: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(by_id["outcome"], "forwarded", "{by_id:#}");
+    assert_eq!(by_id["route"]["id"], "default/catalog/1", "{by_id:#}");
+    assert_eq!(by_id["tapped"]["status"], 200, "{by_id:#}");
+    assert_eq!(by_id["tapped"]["route"], by_id["route"]["id"], "{by_id:#}");
+    let (code, _, err) = cp.cli(&["explain", "--request-id", "r999999"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("not among the last"), "{err}");
+
     // Text output: the summary, then a line per decision.
     let (code, out, err) = cp.cli(&["explain", "--proxy", &node, "product-catalog/admin/x"]);
     assert_eq!(code, 0, "a denied request is an answer: {err}");

@@ -37,7 +37,7 @@ pub(crate) struct ExplainBody {
     /// The request.
     #[serde(default)]
     request: Option<RequestBody>,
-    /// A request seen recently, by the id tap shows (not kept yet: see the error).
+    /// A request tap showed recently, by its `requestId`.
     #[serde(default)]
     request_id: Option<String>,
     /// Proposed resources (multi-document YAML) to explain against instead.
@@ -90,13 +90,62 @@ fn bad(m: impl Into<String>) -> Failure {
     (StatusCode::BAD_REQUEST, m.into())
 }
 
-async fn run(c: &Control, body: ExplainBody) -> Result<Value, Failure> {
-    if body.request_id.is_some() {
-        return Err((
-            StatusCode::NOT_FOUND,
-            "requestId: this control plane keeps no recent requests yet; describe the request (source, method, authority, path, headers) instead".into(),
-        ));
+async fn run(c: &Control, mut body: ExplainBody) -> Result<Value, Failure> {
+    let mut replayed = None;
+    if let Some(id) = body.request_id.take() {
+        if body.request.is_some() {
+            return Err(bad("give either request or requestId"));
+        }
+        let e = c.fleet.recent(&id).ok_or_else(|| {
+            (
+                StatusCode::NOT_FOUND,
+                format!(
+                    "requestId {id}: not among the last {} requests tap showed on this replica (it aged out, or another replica showed it); describe the request instead",
+                    crate::fleet::RECENT
+                ),
+            )
+        })?;
+        // Redacted values are not the request's: left out, and said so.
+        let redacted: Vec<String> = e
+            .headers
+            .iter()
+            .filter(|(_, v)| v.as_str() == REDACTED)
+            .map(|(k, _)| k.clone())
+            .collect();
+        body.proxy = Some(e.node.clone());
+        body.service = None;
+        if e.direction == "inbound" {
+            body.direction = Some("inbound".into());
+        }
+        body.request = Some(RequestBody {
+            source: (!e.src_identity.is_empty()).then(|| e.src_identity.clone()),
+            method: e.method.clone(),
+            authority: e.authority.clone(),
+            path: e.path.clone(),
+            headers: e
+                .headers
+                .iter()
+                .filter(|(k, _)| !redacted.contains(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        });
+        replayed = Some(json!({
+            "requestId": id, "status": e.status, "route": e.route, "endpoint": e.endpoint,
+            "redactedHeaders": redacted,
+            "why": format!("as tap showed it: {} {}{} answered {} by route {}", e.method, e.authority, e.path, e.status, e.route),
+        }));
     }
+    let mut out = explain_request(c, body).await?;
+    if let Some(r) = replayed {
+        out["tapped"] = r;
+    }
+    Ok(out)
+}
+
+/// What tap shows in place of a sensitive header's value (`trellis_proxy::tap::REDACTED`).
+const REDACTED: &str = "[redacted]";
+
+async fn explain_request(c: &Control, body: ExplainBody) -> Result<Value, Failure> {
     let Some(request) = body.request else {
         return Err(bad(
             "request: describe the request to explain (source, method, authority, path, headers)",

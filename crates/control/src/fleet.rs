@@ -387,6 +387,9 @@ pub enum TapLine {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TapEvent {
+    /// This control plane's id for the event, for `trellis explain --request-id`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
     /// Unix milliseconds at the request's start.
     pub time_unix_ms: i64,
     /// The proxy that saw it: `namespace/service` and node id.
@@ -430,6 +433,7 @@ pub struct TapEvent {
 impl TapEvent {
     fn from_wire(e: wire::TapEvent, who: &Reporter, trust_domain: &str) -> TapEvent {
         TapEvent {
+            request_id: String::new(),
             time_unix_ms: e.time_unix_ms,
             proxy: format!("{}/{}", who.namespace, who.service),
             node: who.node.clone(),
@@ -485,7 +489,13 @@ pub struct Fleet {
     next_tap: AtomicU64,
     explains: Mutex<Explains>,
     next_explain: AtomicU64,
+    /// The last [`RECENT`] tapped requests, by request id, for `explain --request-id`.
+    recent: Mutex<VecDeque<TapEvent>>,
+    next_request: AtomicU64,
 }
+
+/// Tapped requests kept for `trellis explain --request-id`.
+pub const RECENT: usize = 4096;
 
 /// Explain requests on their way to proxies over the report streams of this replica.
 #[derive(Default)]
@@ -525,6 +535,8 @@ impl Default for Fleet {
             next_tap: AtomicU64::new(1),
             explains: Mutex::default(),
             next_explain: AtomicU64::new(1),
+            recent: Mutex::default(),
+            next_request: AtomicU64::new(1),
         }
     }
 }
@@ -678,6 +690,17 @@ impl Fleet {
         self.explains.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// A request tap showed recently, by its id.
+    pub fn recent(&self, request_id: &str) -> Option<TapEvent> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .find(|e| e.request_id == request_id)
+            .cloned()
+    }
+
     /// Whether `node` has a report stream to this replica (so it can explain).
     pub fn can_explain(&self, node: &str) -> bool {
         self.lock_explains().streams.contains_key(node)
@@ -741,10 +764,16 @@ impl Fleet {
             let Some(t) = taps.get(&e.tap_id).filter(|t| applies(&t.spec, who)) else {
                 continue;
             };
-            if t.tx
-                .try_send(TapEvent::from_wire(e, who, trust_domain))
-                .is_err()
+            let mut event = TapEvent::from_wire(e, who, trust_domain);
+            event.request_id = format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed));
             {
+                let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+                if recent.len() >= RECENT {
+                    recent.pop_front();
+                }
+                recent.push_back(event.clone());
+            }
+            if t.tx.try_send(event).is_err() {
                 t.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
