@@ -318,6 +318,10 @@ fn event_line(e: &TapEvent) -> String {
     for (k, v) in &e.headers {
         line.push_str(&format!(" {k}={v:?}"));
     }
+    // For `trellis explain --request-id`.
+    if !e.request_id.is_empty() {
+        line.push_str(&format!(" id={}", e.request_id));
+    }
     line
 }
 

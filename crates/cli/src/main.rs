@@ -16,6 +16,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod client;
 mod config_cmd;
 mod demo;
+mod explain_cmd;
 mod fleet_cmd;
 mod run;
 use std::time::Duration;
@@ -274,6 +275,46 @@ enum Command {
         /// Output format: a line per request, or a JSON object per line.
         #[arg(short, long, value_enum, default_value = "table")]
         output: fleet_cmd::Format,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Why a request would be routed, denied or fail: the proxies answer from their own
+    /// config and live endpoint state (route and why higher ones did not match, authorization
+    /// policy and rule, backend and endpoints, rate limits, retries, timeouts). Exits 0 for
+    /// any answer, denied included; non-zero only when it cannot be answered.
+    Explain {
+        /// The request: a URL (`http://catalog/items`) or authority and path
+        /// (`catalog/items`).
+        target: Option<String>,
+        /// The proxy that sends it, by node id (`trellis get proxies`).
+        #[arg(long, conflicts_with = "from")]
+        proxy: Option<String>,
+        /// Or the calling service (`namespace/name` or `name`): one of its proxies.
+        #[arg(long)]
+        from: Option<String>,
+        /// The caller's identity at the destination (a SPIFFE id or a service); default:
+        /// the calling proxy's service.
+        #[arg(long)]
+        source: Option<String>,
+        /// Method.
+        #[arg(short = 'X', long = "request", default_value = "GET")]
+        method: String,
+        /// A request header, `'name: value'` (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// A request seen in tap, by its id, instead of describing it.
+        #[arg(long)]
+        request_id: Option<String>,
+        /// Explain against the config as it would be with these resources applied (YAML,
+        /// several documents), and say what changes.
+        #[arg(long)]
+        with: Option<PathBuf>,
+        /// Only the named proxy's inbound side (authorization, inbound rate limits).
+        #[arg(long)]
+        inbound: bool,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "text")]
+        output: explain_cmd::Output,
         #[command(flatten)]
         control: ControlArg,
     },
@@ -798,6 +839,32 @@ fn run(command: Command) -> Result<i32> {
                 duration,
             };
             fleet_cmd::tap(&api(&control)?, args, output).await
+        }),
+        Command::Explain {
+            target,
+            proxy,
+            from,
+            source,
+            method,
+            headers,
+            request_id,
+            with,
+            inbound,
+            output,
+            control,
+        } => runtime(1)?.block_on(async move {
+            let args = explain_cmd::Args {
+                proxy,
+                from,
+                source,
+                method,
+                target,
+                headers,
+                request_id,
+                with,
+                inbound,
+            };
+            explain_cmd::explain(&api(&control)?, args, output).await
         }),
         Command::Delete {
             kind,

@@ -179,10 +179,7 @@ pub fn plan_apply(
         return Err(WriteError::Conflict(conflicts.join("\n")));
     }
 
-    let applied_keys: BTreeSet<ObjectKey> = applied.iter().map(|r| r.value.key()).collect();
-    let mut set: Vec<Located<Resource>> = applied.to_vec();
-    set.extend(stored_except(state, &applied_keys));
-    set.extend(registered_services(state, &set));
+    let set = resulting_set(state, applied);
     trellis_api::validate(&set).map_err(WriteError::Invalid)?;
 
     let mut ops = Vec::new();
@@ -218,6 +215,20 @@ pub fn plan_apply(
         ops.push(marker_op(state));
     }
     Ok(Plan { ops, outcomes })
+}
+
+/// The whole config an apply of `applied` would leave: the applied resources, everything
+/// stored that they do not replace, and services that exist only through registered
+/// instances. What an apply (and `trellis explain --with`) validates.
+pub(crate) fn resulting_set(
+    state: &State,
+    applied: &[Located<Resource>],
+) -> Vec<Located<Resource>> {
+    let applied_keys: BTreeSet<ObjectKey> = applied.iter().map(|r| r.value.key()).collect();
+    let mut set: Vec<Located<Resource>> = applied.to_vec();
+    set.extend(stored_except(state, &applied_keys));
+    set.extend(registered_services(state, &set));
+    set
 }
 
 /// Plans deleting `keys`: each must exist, and what remains must still be valid (nothing may

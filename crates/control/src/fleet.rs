@@ -397,6 +397,9 @@ pub enum TapLine {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TapEvent {
+    /// This control plane's id for the event, for `trellis explain --request-id`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub request_id: String,
     /// Unix milliseconds at the request's start.
     pub time_unix_ms: i64,
     /// The proxy that saw it: `namespace/service` and node id.
@@ -440,6 +443,7 @@ pub struct TapEvent {
 impl TapEvent {
     fn from_wire(e: wire::TapEvent, who: &Reporter, trust_domain: &str) -> TapEvent {
         TapEvent {
+            request_id: String::new(),
             time_unix_ms: e.time_unix_ms,
             proxy: format!("{}/{}", who.namespace, who.service),
             node: who.node.clone(),
@@ -493,6 +497,42 @@ pub struct Fleet {
     /// Bumped whenever the set of taps changes; report streams watch it.
     taps_changed: watch::Sender<u64>,
     next_tap: AtomicU64,
+    explains: Mutex<Explains>,
+    next_explain: AtomicU64,
+    /// The last [`RECENT`] tapped requests, by request id, for `explain --request-id`.
+    recent: Mutex<VecDeque<TapEvent>>,
+    next_request: AtomicU64,
+}
+
+/// Tapped requests kept for `trellis explain --request-id`.
+pub const RECENT: usize = 4096;
+
+/// Explain requests on their way to proxies over the report streams of this replica.
+#[derive(Default)]
+struct Explains {
+    /// Per node: where its report stream takes requests from.
+    streams: HashMap<String, mpsc::Sender<wire::ExplainRequest>>,
+    /// Requests sent and not answered yet: the node asked, and where the answer goes.
+    waiting: HashMap<String, (String, tokio::sync::oneshot::Sender<wire::ExplainAnswer>)>,
+}
+
+/// Explain requests queued per proxy before new ones are refused.
+const EXPLAIN_QUEUE: usize = 4;
+
+/// Why an explain request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    /// The proxy has no report stream to this replica.
+    #[error(
+        "proxy {0} has no report stream to this control plane replica (it is not connected, or connected to another replica)"
+    )]
+    NotConnected(String),
+    /// Its queue is full.
+    #[error("proxy {0} is busy with other explain requests; try again")]
+    Busy(String),
+    /// No answer in time.
+    #[error("proxy {0} did not answer within {1:?}")]
+    Timeout(String, Duration),
 }
 
 impl Default for Fleet {
@@ -503,6 +543,10 @@ impl Default for Fleet {
             taps: Mutex::default(),
             taps_changed: watch::channel(0).0,
             next_tap: AtomicU64::new(1),
+            explains: Mutex::default(),
+            next_explain: AtomicU64::new(1),
+            recent: Mutex::default(),
+            next_request: AtomicU64::new(1),
         }
     }
 }
@@ -691,6 +735,65 @@ impl Fleet {
             .count()
     }
 
+    fn lock_explains(&self) -> std::sync::MutexGuard<'_, Explains> {
+        self.explains.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A request tap showed recently, by its id.
+    pub fn recent(&self, request_id: &str) -> Option<TapEvent> {
+        self.recent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .rev()
+            .find(|e| e.request_id == request_id)
+            .cloned()
+    }
+
+    /// Whether `node` has a report stream to this replica (so it can explain).
+    pub fn can_explain(&self, node: &str) -> bool {
+        self.lock_explains().streams.contains_key(node)
+    }
+
+    /// Asks proxy `node` to explain, over its report stream; waits at most `timeout`.
+    pub async fn explain(
+        &self,
+        node: &str,
+        mut req: wire::ExplainRequest,
+        timeout: Duration,
+    ) -> Result<wire::ExplainAnswer, ExplainError> {
+        let id = format!("x-{}", self.next_explain.fetch_add(1, Ordering::Relaxed));
+        req.id = id.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut e = self.lock_explains();
+            let Some(stream) = e.streams.get(node).cloned() else {
+                return Err(ExplainError::NotConnected(node.into()));
+            };
+            if stream.try_send(req).is_err() {
+                return Err(ExplainError::Busy(node.into()));
+            }
+            e.waiting.insert(id.clone(), (node.to_string(), tx));
+        }
+        let answer = tokio::time::timeout(timeout, rx).await;
+        self.lock_explains().waiting.remove(&id);
+        match answer {
+            Ok(Ok(a)) => Ok(a),
+            // The stream ended (the sender went with it), or time ran out.
+            _ => Err(ExplainError::Timeout(node.into(), timeout)),
+        }
+    }
+
+    /// An answer from `node`: delivered only to a request that was sent to that node.
+    fn answered(&self, node: &str, answer: wire::ExplainAnswer) {
+        let mut e = self.lock_explains();
+        if e.waiting.get(&answer.id).is_some_and(|(n, _)| n == node)
+            && let Some((_, tx)) = e.waiting.remove(&answer.id)
+        {
+            let _ = tx.send(answer);
+        }
+    }
+
     /// Delivers events from `who` to their taps (only taps that apply to it); a client that
     /// reads too slowly loses events, counted.
     pub fn deliver(
@@ -710,10 +813,16 @@ impl Fleet {
             let Some(t) = taps.get(&e.tap_id).filter(|t| applies(&t.spec, who)) else {
                 continue;
             };
-            if t.tx
-                .try_send(TapEvent::from_wire(e, who, trust_domain))
-                .is_err()
+            let mut event = TapEvent::from_wire(e, who, trust_domain);
+            event.request_id = format!("r{}", self.next_request.fetch_add(1, Ordering::Relaxed));
             {
+                let mut recent = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+                if recent.len() >= RECENT {
+                    recent.pop_front();
+                }
+                recent.push_back(event.clone());
+            }
+            if t.tx.try_send(event).is_err() {
                 t.dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -732,15 +841,29 @@ pub(crate) async fn serve_reports(
     let mut taps = fleet.watch_taps();
     taps.mark_changed();
     let mut sent: Option<Vec<wire::TapRequest>> = None;
+    // Explain requests for this proxy arrive here (the newest stream of a node takes them).
+    let (etx, mut explains) = mpsc::channel(EXPLAIN_QUEUE);
+    fleet
+        .lock_explains()
+        .streams
+        .insert(who.node.clone(), etx.clone());
+    let _unregister = Unregister(fleet, who.node.clone(), etx);
     loop {
         tokio::select! {
+            Some(req) = explains.recv() => {
+                let message = wire::ReportResponse { taps: Vec::new(), explain: vec![req] };
+                if tx.send(Ok(message)).await.is_err() {
+                    return;
+                }
+            }
             changed = taps.changed() => {
                 if changed.is_err() {
                     return;
                 }
                 let now = fleet.taps_for(who);
                 if sent.as_ref() != Some(&now) {
-                    if tx.send(Ok(wire::ReportResponse { taps: now.clone() })).await.is_err() {
+                    let message = wire::ReportResponse { taps: now.clone(), explain: Vec::new() };
+                    if tx.send(Ok(message)).await.is_err() {
                         return;
                     }
                     sent = Some(now);
@@ -754,8 +877,27 @@ pub(crate) async fn serve_reports(
                 if !m.tap_events.is_empty() || !m.tap_dropped.is_empty() {
                     fleet.deliver(who, trust_domain, m.tap_events, m.tap_dropped);
                 }
+                for a in m.explained {
+                    fleet.answered(&who.node, a);
+                }
             }
             () = tx.closed() => return,
+        }
+    }
+}
+
+/// Removes a report stream's explain channel when the stream ends, unless a newer stream of
+/// the same node replaced it.
+struct Unregister<'a>(&'a Fleet, String, mpsc::Sender<wire::ExplainRequest>);
+
+impl Drop for Unregister<'_> {
+    fn drop(&mut self) {
+        let mut e = self.0.lock_explains();
+        if e.streams
+            .get(&self.1)
+            .is_some_and(|s| s.same_channel(&self.2))
+        {
+            e.streams.remove(&self.1);
         }
     }
 }

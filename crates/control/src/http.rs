@@ -424,6 +424,7 @@ pub fn router(control: Shared) -> axum::Router {
         .route("/v1/stats/history", get(crate::fleet_api::history))
         .route("/v1/certificates", get(certificates))
         .route("/v1/tap", get(crate::fleet_api::tap))
+        .route("/v1/explain", post(crate::explain::explain))
         .route_layer(axum::middleware::from_fn_with_state(
             control.clone(),
             require_token,

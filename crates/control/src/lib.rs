@@ -11,6 +11,7 @@ pub mod access;
 pub mod compile;
 pub mod config;
 pub mod discovery;
+mod explain;
 pub mod fleet;
 mod fleet_api;
 mod http;

@@ -397,6 +397,15 @@ fn unix_seconds(t: std::time::SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// The needs of a connected proxy, as its stream compiles its view (`run_stream`).
+pub(crate) fn view_key(p: &ProxyStatus) -> ViewKey {
+    let mut key = ViewKey::new(&p.namespace, &p.upstreams, p.all_services);
+    if !p.service.is_empty() {
+        key.own = Some((p.namespace.clone(), p.service.clone()));
+    }
+    key
+}
+
 async fn run_stream(
     control: &Control,
     node: wire::Node,

@@ -1,4 +1,5 @@
-//! The admin listener: `/live`, `/ready`, `/config`, `/endpoints` and `/metrics`. It runs on its own
+//! The admin listener: `/live`, `/ready`, `/config`, `/endpoints`, `/metrics` and
+//! `POST /explain`. It runs on its own
 //! single-threaded runtime and thread so that scrapes never compete with the data path.
 
 use crate::body::{self, Body};
@@ -75,6 +76,10 @@ async fn respond(
             .insert(header::CONTENT_TYPE, header::HeaderValue::from_static(ct));
         r
     };
+    if req.method() == Method::POST && req.uri().path() == "/explain" {
+        let (status, body) = explain(&shared, req.into_body()).await;
+        return Ok(text(status, "application/json", body));
+    }
     if req.method() != Method::GET {
         return Ok(text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -130,7 +135,45 @@ async fn respond(
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "try /live, /ready, /config, /endpoints or /metrics\n".into(),
+            "try /live, /ready, /config, /endpoints, /metrics or POST /explain\n".into(),
         ),
     })
+}
+
+/// Largest explain request body.
+const EXPLAIN_BODY: usize = 64 * 1024;
+
+/// `POST /explain`: the body is an [`crate::explain::Ask`]; the answer its explanation
+/// against the current snapshot, or `{"error": ...}`.
+async fn explain(shared: &Shared, body: Incoming) -> (StatusCode, String) {
+    use http_body_util::BodyExt;
+    let bad = |status, why: String| (status, serde_json::json!({ "error": why }).to_string());
+    let bytes = match http_body_util::Limited::new(body, EXPLAIN_BODY)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return bad(
+                StatusCode::BAD_REQUEST,
+                format!("body (at most {EXPLAIN_BODY} bytes): {e}"),
+            );
+        }
+    };
+    let ask: crate::explain::Ask = match serde_json::from_slice(&bytes) {
+        Ok(a) => a,
+        Err(e) => return bad(StatusCode::BAD_REQUEST, format!("body: {e}")),
+    };
+    match crate::explain::explain(
+        &shared.snapshot(),
+        &ask,
+        tokio::time::Instant::now(),
+        jiff::Timestamp::now(),
+    ) {
+        Ok(v) => (
+            StatusCode::OK,
+            serde_json::to_string_pretty(&v).unwrap_or_default(),
+        ),
+        Err(e) => bad(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+    }
 }

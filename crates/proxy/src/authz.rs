@@ -209,12 +209,19 @@ impl Rule {
     }
 
     fn matches(&self, req: &Request<'_>, now: jiff::Timestamp) -> bool {
+        self.check(req, now).is_ok()
+    }
+
+    /// Whether the rule matches, else the first condition it fails (its field in the
+    /// policy), for `trellis explain`. The request path uses the same check.
+    #[inline]
+    fn check(&self, req: &Request<'_>, now: jiff::Timestamp) -> Result<(), &'static str> {
         if !self.identities.is_empty()
             && !req
                 .peer
                 .is_some_and(|p| self.identities.iter().any(|i| i == p))
         {
-            return false;
+            return Err("from.identities");
         }
         if !self.namespaces.is_empty()
             && !req
@@ -222,23 +229,23 @@ impl Rule {
                 .and_then(namespace_of)
                 .is_some_and(|ns| self.namespaces.iter().any(|n| n == ns))
         {
-            return false;
+            return Err("from.namespaces");
         }
         if !self.ports.is_empty() && !self.ports.contains(&req.port) {
-            return false;
+            return Err("to.ports");
         }
         let needs_http =
             !self.paths.is_empty() || !self.methods.is_empty() || !self.headers.is_empty();
         if needs_http {
             // HTTP conditions never match an opaque connection.
             let Some((method, path, headers)) = req.http else {
-                return false;
+                return Err("to (not an HTTP request)");
             };
             if !self.paths.is_empty() && !self.paths.iter().any(|p| path_matches(p, path)) {
-                return false;
+                return Err("to.paths");
             }
             if !self.methods.is_empty() && !self.methods.iter().any(|m| m == method.as_str()) {
-                return false;
+                return Err("to.methods");
             }
             for (name, values) in &self.headers {
                 let ok = headers
@@ -246,7 +253,7 @@ impl Rule {
                     .iter()
                     .any(|v| v.to_str().is_ok_and(|v| values.iter().any(|x| x == v)));
                 if !ok {
-                    return false;
+                    return Err("to.headers");
                 }
             }
         }
@@ -262,13 +269,65 @@ impl Rule {
                     other => values.contains(&other.to_string()),
                 });
             if !ok {
-                return false;
+                return Err("claims");
             }
         }
         match &self.when {
-            Some(w) => w.contains(now),
-            None => true,
+            Some(w) if !w.contains(now) => Err("when"),
+            _ => Ok(()),
         }
+    }
+}
+
+/// One policy as `trellis explain` shows it: whether it applies and, per rule, whether it
+/// matched or the first condition it failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyView {
+    /// `namespace/name`.
+    pub name: Arc<str>,
+    /// `Allow` or `Deny`.
+    pub action: AuthzAction,
+    /// `Enforce` or `Audit`.
+    pub mode: AuthzMode,
+    /// Per rule: `Ok` when it matched, else the field of the first failing condition.
+    pub rules: Vec<Result<(), &'static str>>,
+}
+
+impl PolicyView {
+    /// The first rule that matched, if any: the one that decided for this policy.
+    pub fn matched_rule(&self) -> Option<usize> {
+        self.rules.iter().position(|r| r.is_ok())
+    }
+}
+
+impl Authz {
+    /// [`Authz::decide`]'s verdict with every policy's rules evaluated the same way, in
+    /// order, and the default that applies when none decides.
+    pub fn explain(
+        &self,
+        req: &Request<'_>,
+        now: jiff::Timestamp,
+    ) -> (Verdict, Vec<PolicyView>, (AuthzAction, AuthzMode, Arc<str>)) {
+        let verdict = self.decide(req, now);
+        let views = self
+            .policies
+            .iter()
+            .map(|p| PolicyView {
+                name: p.name.clone(),
+                action: p.action,
+                mode: p.mode,
+                rules: p.rules.iter().map(|r| r.check(req, now)).collect(),
+            })
+            .collect();
+        (
+            verdict,
+            views,
+            (
+                self.default_action,
+                self.default_mode,
+                self.default_name.clone(),
+            ),
+        )
     }
 }
 

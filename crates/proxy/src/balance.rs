@@ -45,7 +45,7 @@ impl Load {
     /// endpoint is chosen only when every other one is failing too, a re-attempt goes back
     /// to an endpoint only when no other is left, and an unusable one only when nothing
     /// else is (failing open beats refusing every request).
-    fn rank(&self) -> u8 {
+    pub fn rank(&self) -> u8 {
         let h = &self.health;
         if h.usable().is_err() {
             3
@@ -374,13 +374,7 @@ impl Balancer {
             &mut heap
         };
         for (l, m) in loads.iter_mut().zip(&self.members) {
-            *l = Load {
-                weight: m.weight,
-                in_flight: m.state.in_flight(),
-                ewma: m.state.ewma(now, self.decay),
-                health: m.state.health(now),
-                tried: tried.iter().any(|t| std::ptr::eq(*t, &*m.state)),
-            };
+            *l = self.load(m, now, tried);
         }
         self.narrow(loads, hash);
         let draw = Draw {
@@ -394,6 +388,26 @@ impl Balancer {
         };
         choose(self.algorithm, loads, draw, self.ring.as_ref(), self.bound)
             .map(|i| &self.members[i].state)
+    }
+
+    /// What the choice reads about member `m` at `now`.
+    #[inline]
+    fn load(&self, m: &Member, now: tokio::time::Instant, tried: &[&EndpointState]) -> Load {
+        Load {
+            weight: m.weight,
+            in_flight: m.state.in_flight(),
+            ewma: m.state.ewma(now, self.decay),
+            health: m.state.health(now),
+            tried: tried.iter().any(|t| std::ptr::eq(*t, &*m.state)),
+        }
+    }
+
+    /// Every member's load at `now` as a first try reads it, for `trellis explain`.
+    pub fn loads(&self, now: tokio::time::Instant) -> Vec<Load> {
+        self.members
+            .iter()
+            .map(|m| self.load(m, now, &[]))
+            .collect()
     }
 
     /// Like [`Balancer::pick_avoiding`], but member `bound` (a session's endpoint) first,

@@ -112,7 +112,7 @@ pub fn decide(snap: &Snapshot, listener: &Listener, parts: &Parts, random: u64) 
     route(entry, listener_port, parts, random)
 }
 
-fn by_host<'a>(snap: &'a Snapshot, parts: &Parts) -> Result<&'a PortEntry, ProxyError> {
+pub(crate) fn by_host<'a>(snap: &'a Snapshot, parts: &Parts) -> Result<&'a PortEntry, ProxyError> {
     let Some(auth) = authority(parts) else {
         return Err(ProxyError::BadRequest("request has no Host".into()));
     };

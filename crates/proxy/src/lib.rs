@@ -21,6 +21,7 @@ pub mod decide;
 pub mod detect;
 pub mod endpoint;
 pub mod error;
+pub mod explain;
 pub mod fault;
 pub mod filters;
 pub mod golden;

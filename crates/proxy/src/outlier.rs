@@ -456,45 +456,13 @@ pub fn backends(snap: &crate::Snapshot) -> Vec<&Backend> {
 /// it is usable and why not, for the admin API's `GET /endpoints`.
 pub fn endpoints_view(snap: &crate::Snapshot) -> serde_json::Value {
     let now = Instant::now();
-    let since = |t: Option<Instant>| t.filter(|t| *t > now).map(|t| (t - now).as_secs_f64());
     let mut out = serde_json::Map::new();
     for b in backends(snap) {
         let eps: Vec<serde_json::Value> = b
             .balancer
             .members()
             .iter()
-            .map(|m| {
-                let e = &m.state;
-                let h = e.health(now);
-                let d = e.outlier.detector();
-                let (failures, backoff) = e.failures();
-                let reason = match h.usable() {
-                    Err(why) => why,
-                    Ok(()) if m.weight == 0 => "weight 0",
-                    Ok(()) if h.backoff => "backed off after a failure",
-                    Ok(()) if h.probing => "probing after an ejection",
-                    Ok(()) if h.failures > 0 => "probing after a failure",
-                    Ok(()) => "healthy",
-                };
-                serde_json::json!({
-                    "address": e.addr.to_string(),
-                    "identity": e.identity.as_ref().map(|n| n.to_str().into_owned()),
-                    "weight": m.weight,
-                    "zone": m.locality.zone.as_deref(),
-                    "region": m.locality.region.as_deref(),
-                    "cluster": m.locality.cluster.as_deref(),
-                    "inFlight": e.in_flight(),
-                    "ewmaSeconds": e.ewma(now, b.balancer.decay()),
-                    "failures": failures,
-                    "backoffSeconds": since(backoff),
-                    "ejectedSeconds": since(d.until()),
-                    "timesEjected": d.times(),
-                    "latencySeconds": d.latency(),
-                    "check": e.check.state().as_str(),
-                    "usable": h.usable().is_ok() && m.weight > 0,
-                    "reason": reason,
-                })
-            })
+            .map(|m| endpoint_view(m, b.balancer.decay(), now))
             .collect();
         out.insert(
             b.name.to_string(),
@@ -507,6 +475,46 @@ pub fn endpoints_view(snap: &crate::Snapshot) -> serde_json::Value {
         );
     }
     serde_json::Value::Object(out)
+}
+
+/// One endpoint as `/endpoints` and `trellis explain` show it: what the balancer reads,
+/// whether it is usable and why not.
+pub fn endpoint_view(
+    m: &crate::balance::Member,
+    decay: std::time::Duration,
+    now: Instant,
+) -> serde_json::Value {
+    let since = |t: Option<Instant>| t.filter(|t| *t > now).map(|t| (t - now).as_secs_f64());
+    let e = &m.state;
+    let h = e.health(now);
+    let d = e.outlier.detector();
+    let (failures, backoff) = e.failures();
+    let reason = match h.usable() {
+        Err(why) => why,
+        Ok(()) if m.weight == 0 => "weight 0",
+        Ok(()) if h.backoff => "backed off after a failure",
+        Ok(()) if h.probing => "probing after an ejection",
+        Ok(()) if h.failures > 0 => "probing after a failure",
+        Ok(()) => "healthy",
+    };
+    serde_json::json!({
+        "address": e.addr.to_string(),
+        "identity": e.identity.as_ref().map(|n| n.to_str().into_owned()),
+        "weight": m.weight,
+        "zone": m.locality.zone.as_deref(),
+        "region": m.locality.region.as_deref(),
+        "cluster": m.locality.cluster.as_deref(),
+        "inFlight": e.in_flight(),
+        "ewmaSeconds": e.ewma(now, decay),
+        "failures": failures,
+        "backoffSeconds": since(backoff),
+        "ejectedSeconds": since(d.until()),
+        "timesEjected": d.times(),
+        "latencySeconds": d.latency(),
+        "check": e.check.state().as_str(),
+        "usable": h.usable().is_ok() && m.weight > 0,
+        "reason": reason,
+    })
 }
 
 #[cfg(test)]

@@ -143,32 +143,26 @@ impl Bucket {
         let t = self.nanos(now);
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
-            let interval = self.interval();
-            let tolerance = f64::from(self.burst()) * interval;
-            let next = tat.max(t) as f64 + interval;
-            let ahead = next - t as f64;
-            if !interval.is_finite() {
-                // Rate 0: nothing comes; a second is as good a guess as any.
-                return Take::Limited {
-                    retry_after: Duration::from_secs(1),
-                };
-            }
-            if ahead > tolerance {
-                let wait = Duration::from_nanos((ahead - tolerance).ceil() as u64);
-                return Take::Limited { retry_after: wait };
-            }
-            match self.tat.compare_exchange_weak(
-                tat,
-                next as u64,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    let remaining = ((tolerance - ahead) / interval).floor() as u32;
-                    return Take::Allowed { remaining };
-                }
+            let (next, remaining) = match gcra(tat, t, self.interval(), self.burst()) {
+                Ok(x) => x,
+                Err(retry_after) => return Take::Limited { retry_after },
+            };
+            match self
+                .tat
+                .compare_exchange_weak(tat, next, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Take::Allowed { remaining },
                 Err(actual) => tat = actual,
             }
+        }
+    }
+
+    /// What [`Bucket::take`] would say at `now`, taking nothing (for `trellis explain`).
+    pub fn peek(&self, now: Instant) -> Take {
+        let tat = self.tat.load(Ordering::Acquire);
+        match gcra(tat, self.nanos(now), self.interval(), self.burst()) {
+            Ok((_, remaining)) => Take::Allowed { remaining },
+            Err(retry_after) => Take::Limited { retry_after },
         }
     }
 
@@ -176,6 +170,23 @@ impl Bucket {
     pub fn is_full(&self, now: Instant) -> bool {
         self.tat.load(Ordering::Acquire) <= self.nanos(now)
     }
+}
+
+/// The GCRA decision for one unit at `t` (nanoseconds), given the theoretical arrival time
+/// `tat`, the interval per unit and the burst: the new arrival time and the units left, or
+/// how long until a unit is there.
+fn gcra(tat: u64, t: u64, interval: f64, burst: u32) -> Result<(u64, u32), Duration> {
+    if !interval.is_finite() {
+        // Rate 0: nothing comes; a second is as good a guess as any.
+        return Err(Duration::from_secs(1));
+    }
+    let tolerance = f64::from(burst) * interval;
+    let next = tat.max(t) as f64 + interval;
+    let ahead = next - t as f64;
+    if ahead > tolerance {
+        return Err(Duration::from_nanos((ahead - tolerance).ceil() as u64));
+    }
+    Ok((next as u64, ((tolerance - ahead) / interval).floor() as u32))
 }
 
 /// Decides a Global bucket's first rate and burst, from its key and its limit's total rate
@@ -579,6 +590,30 @@ impl Limit {
                     retry_after: secs.max(1),
                 })
             }
+        }
+    }
+
+    /// What [`Limit::check`] would decide for `caller` at `now`, charging nothing and
+    /// creating no bucket (a caller without one has a full one): `None` when the limit does
+    /// not count this caller, else the bucket's answer and the numbers it applies.
+    pub fn peek(&self, caller: &Caller<'_>, now: Instant) -> Option<(Take, Numbers)> {
+        match (applies(&self.rule, caller), &*self.state) {
+            (Applies::No, _) => None,
+            (Applies::Shared, State::One(b)) => Some((b.peek(now), self.rule.numbers)),
+            (Applies::Source { key, numbers, .. }, State::PerSource(m)) => {
+                let sources = m.lock().unwrap_or_else(|e| e.into_inner());
+                let take = match sources.buckets.get(&key) {
+                    Some((b, _)) => b.peek(now),
+                    None => match &sources.overflow {
+                        Some((b, _)) if sources.buckets.len() >= MAX_SOURCES => b.peek(now),
+                        _ => Take::Allowed {
+                            remaining: numbers.burst.saturating_sub(1),
+                        },
+                    },
+                };
+                Some((take, numbers))
+            }
+            _ => None,
         }
     }
 

@@ -22,6 +22,9 @@ pub const LATENCY_BOUNDS: [f64; 16] = [
     4.096, 8.192, 16.384,
 ];
 
+/// Explain requests answered from one message; the control plane sends one at a time.
+const MAX_EXPLAIN: usize = 8;
+
 /// How often a report is sent.
 pub const INTERVAL: Duration = Duration::from_secs(2);
 
@@ -253,7 +256,23 @@ async fn session(
                 }
             }
             answer = answers.message() => match answer? {
-                Some(a) => collector.taps.set(a.taps),
+                Some(a) if a.explain.is_empty() => collector.taps.set(a.taps),
+                Some(a) => {
+                    // Off the report loop: a proposed view builds a whole snapshot.
+                    let (shared, tx) = (proxy.shared.clone(), tx.clone());
+                    tokio::task::spawn_blocking(move || {
+                        let explained = a
+                            .explain
+                            .into_iter()
+                            .take(MAX_EXPLAIN)
+                            .map(|r| crate::explain::answer(&shared, r))
+                            .collect();
+                        let _ = tx.blocking_send(wire::ReportRequest {
+                            explained,
+                            ..Default::default()
+                        });
+                    });
+                }
                 None => return Ok(()),
             },
         }

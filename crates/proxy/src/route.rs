@@ -169,33 +169,125 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
 }
 
+/// The first condition of a match that a request fails, for `trellis explain`. Conditions
+/// are checked in this order, so a later variant means the request came closer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Miss {
+    /// The path condition.
+    Path,
+    /// The method condition.
+    Method,
+    /// Header condition `i` (index into [`HttpMatch::headers`]).
+    Header(usize),
+    /// Query condition `i` (index into [`HttpMatch::query`]).
+    Query(usize),
+}
+
 impl HttpMatch {
     /// Whether `req` satisfies every condition. Returns the length of the matched prefix (for
     /// `ReplacePrefixMatch`) on success.
     pub fn matches(&self, req: &RequestView) -> Option<usize> {
+        self.check(req).ok()
+    }
+
+    /// Like [`HttpMatch::matches`], saying which condition failed first. The request path
+    /// and `trellis explain` share this one check.
+    #[inline]
+    pub fn check(&self, req: &RequestView) -> Result<usize, Miss> {
         let prefix_len = match &self.path {
-            PathMatch::Exact(p) => (req.path == p).then_some(p.len())?,
+            PathMatch::Exact(p) => (req.path == p).then_some(p.len()),
             PathMatch::Prefix(p) => {
-                prefix_matches(p, req.path).then_some(if p == "/" { 0 } else { p.len() })?
+                prefix_matches(p, req.path).then_some(if p == "/" { 0 } else { p.len() })
             }
-            PathMatch::Regex(r) => r.is_match(req.path).then_some(0)?,
-        };
+            PathMatch::Regex(r) => r.is_match(req.path).then_some(0),
+        }
+        .ok_or(Miss::Path)?;
         if self.method.as_ref().is_some_and(|m| m != req.method) {
-            return None;
+            return Err(Miss::Method);
         }
-        for (name, m) in &self.headers {
-            let value = req.headers.get(name).and_then(|v| v.to_str().ok())?;
-            if !m.matches(value) {
-                return None;
+        for (i, (name, m)) in self.headers.iter().enumerate() {
+            let value = req.headers.get(name).and_then(|v| v.to_str().ok());
+            if !value.is_some_and(|v| m.matches(v)) {
+                return Err(Miss::Header(i));
             }
         }
-        for (name, m) in &self.query {
-            let value = query_param(req.query.unwrap_or(""), name)?;
-            if !m.matches(&value) {
-                return None;
+        for (i, (name, m)) in self.query.iter().enumerate() {
+            let value = query_param(req.query.unwrap_or(""), name);
+            if !value.is_some_and(|v| m.matches(&v)) {
+                return Err(Miss::Query(i));
             }
         }
-        Some(prefix_len)
+        Ok(prefix_len)
+    }
+
+    /// Why `miss` failed, in words: the condition and what the request had.
+    pub fn describe(&self, miss: Miss, req: &RequestView) -> String {
+        match miss {
+            Miss::Path => format!("path {} does not match {}", req.path, self.path.describe()),
+            Miss::Method => format!(
+                "method {} is not {}",
+                req.method,
+                self.method.as_ref().map_or("", |m| m.as_str())
+            ),
+            Miss::Header(i) => {
+                let (name, m) = &self.headers[i];
+                match req.headers.get(name).and_then(|v| v.to_str().ok()) {
+                    Some(v) => format!("header {name}: {v:?} does not match {}", m.describe()),
+                    None => format!("header {name} is absent (wanted {})", m.describe()),
+                }
+            }
+            Miss::Query(i) => {
+                let (name, m) = &self.query[i];
+                match query_param(req.query.unwrap_or(""), name) {
+                    Some(v) => format!("query {name}={v:?} does not match {}", m.describe()),
+                    None => format!("query parameter {name} is absent (wanted {})", m.describe()),
+                }
+            }
+        }
+    }
+
+    /// The match's conditions, in words.
+    pub fn describe_conditions(&self) -> String {
+        let mut out = self.path.describe();
+        if let Some(m) = &self.method {
+            out += &format!(", method {m}");
+        }
+        for (n, v) in &self.headers {
+            out += &format!(", header {n} {}", v.describe());
+        }
+        for (n, v) in &self.query {
+            out += &format!(", query {n} {}", v.describe());
+        }
+        out
+    }
+}
+
+impl PathMatch {
+    /// The condition, in words.
+    pub fn describe(&self) -> String {
+        match self {
+            PathMatch::Exact(p) => format!("exact {p}"),
+            PathMatch::Prefix(p) => format!("prefix {p}"),
+            PathMatch::Regex(r) => format!("regex {}", r.as_str()),
+        }
+    }
+}
+
+impl ValueMatch {
+    /// The condition, in words.
+    pub fn describe(&self) -> String {
+        match self {
+            ValueMatch::Exact(e) => format!("= {e:?}"),
+            // The stored pattern is anchored by [`anchored`]; show what the user wrote.
+            ValueMatch::Regex(r) => {
+                let s = r.as_str();
+                let inner = s
+                    .strip_prefix("^(?:")
+                    .and_then(|s| s.strip_suffix(")$"))
+                    .unwrap_or(s);
+                format!("~ {inner}")
+            }
+        }
     }
 }
 
@@ -299,6 +391,20 @@ impl HttpRoutes {
                 .map(|prefix_len| Selected { rule, prefix_len })
         })
     }
+
+    /// What [`HttpRoutes::select`] decides, with its reasons: the index of the winning entry
+    /// (if any) and, for every entry of higher precedence, the condition it failed. Without
+    /// a winner, every entry is listed. The same check as `select`, in the same order.
+    pub fn explain(&self, req: &RequestView) -> (Option<usize>, Vec<(usize, Miss)>) {
+        let mut missed = Vec::new();
+        for (i, (m, _)) in self.entries.iter().enumerate() {
+            match m.check(req) {
+                Ok(_) => return (Some(i), missed),
+                Err(miss) => missed.push((i, miss)),
+            }
+        }
+        (None, missed)
+    }
 }
 
 /// Sort key for HTTP matches: smaller sorts first (wins).
@@ -395,6 +501,22 @@ impl GrpcRoutes {
             .iter()
             .find(|(m, _)| m.matches(service, method, headers))
             .map(|(_, r)| r)
+    }
+
+    /// What [`GrpcRoutes::select`] decides: the winning entry's index, and the entries of
+    /// higher precedence that did not match (every entry when none did).
+    pub fn explain(&self, path: &str, headers: &HeaderMap) -> (Option<usize>, Vec<usize>) {
+        let Some((service, method)) = path.strip_prefix('/').and_then(|p| p.split_once('/')) else {
+            return (None, (0..self.entries.len()).collect());
+        };
+        match self
+            .entries
+            .iter()
+            .position(|(m, _)| m.matches(service, method, headers))
+        {
+            Some(i) => (Some(i), (0..i).collect()),
+            None => (None, (0..self.entries.len()).collect()),
+        }
     }
 }
 

@@ -100,23 +100,36 @@ impl Backend {
     /// endpoint beyond those in `tried`: where a re-attempt goes once this request has
     /// failed on every endpoint that looked usable.
     pub fn fallback_avoiding(&self, tried: &[&EndpointState]) -> Option<&Backend> {
+        self.fallback_step(tried, true)
+    }
+
+    /// The fallback a first try would take now, counting nothing (for `trellis explain`).
+    pub fn fallback_now(&self) -> Option<&Backend> {
+        self.fallback_step(&[], false)
+    }
+
+    fn fallback_step(&self, tried: &[&EndpointState], count: bool) -> Option<&Backend> {
         match &self.fallback {
             Some(f) if !self.balancer.usable(tried) => {
-                let b = f.backend.first_usable()?;
-                f.taken.inc();
+                let b = f.backend.first_usable(count)?;
+                if count {
+                    f.taken.inc();
+                }
                 Some(b)
             }
             _ => None,
         }
     }
 
-    fn first_usable(&self) -> Option<&Backend> {
+    fn first_usable(&self, count: bool) -> Option<&Backend> {
         if self.balancer.usable(&[]) {
             return Some(self);
         }
         let f = self.fallback.as_ref()?;
-        let b = f.backend.first_usable()?;
-        f.taken.inc();
+        let b = f.backend.first_usable(count)?;
+        if count {
+            f.taken.inc();
+        }
         Some(b)
     }
 }

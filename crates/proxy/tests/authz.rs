@@ -4,6 +4,9 @@
 
 mod support;
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::Full;
 use std::time::Duration;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -300,4 +303,40 @@ spec:
         );
         assert_eq!(p.metric(metric) - before, 2.0, "both refusals counted");
     }
+}
+
+#[tokio::test]
+async fn the_admin_port_explains_a_denial_as_the_listener_decides_it() {
+    let up = upstream("app").await;
+    let p = inbound(up.addr, None, DENY_ADMIN).await;
+    let addr = p.addr("in").await;
+    let explain = |path: &str| {
+        let body = serde_json::json!({"direction": "inbound", "path": path}).to_string();
+        let req = Request::post(format!("http://{}/explain", p.proxy.admin_addr()))
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+        async move { send(&h1_client(), req).await.json() }
+    };
+    for (path, outcome, status) in [
+        ("/admin/users", "denied", 403),
+        ("/public", "forwarded", 200),
+    ] {
+        let got = explain(path).await;
+        assert_eq!(got["outcome"], outcome, "{got:#}");
+        assert_eq!(
+            got["authorization"]["policies"][0]["policy"],
+            "default/no-admin"
+        );
+        // What the listener did with the same request.
+        assert_eq!(get(addr, path).await.status, status, "{path}");
+    }
+    let denied = explain("/admin/users").await;
+    assert_eq!(denied["authorization"]["decidedBy"], "default/no-admin");
+    assert_eq!(denied["authorization"]["policies"][0]["matchedRule"], 0);
+    // A malformed request is a clear error, not an answer.
+    let req = Request::post(format!("http://{}/explain", p.proxy.admin_addr()))
+        .body(Full::new(Bytes::from("{\"pth\": \"/\"}")))
+        .unwrap();
+    let bad = send(&h1_client(), req).await;
+    assert_eq!(bad.status, 400);
 }
