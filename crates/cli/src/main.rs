@@ -145,6 +145,12 @@ enum Command {
         /// A connection that sends nothing for this long is closed (proxies ping every 10s).
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         idle_timeout: Duration,
+        /// The p99 objective of the capacity metric (trellis_capacity_recommended_instances).
+        #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+        capacity_latency_objective: Duration,
+        /// The CPU utilization the capacity metric aims for (0-1].
+        #[arg(long, default_value_t = 0.6, value_parser = parse_utilization)]
+        capacity_target_utilization: f64,
     },
     /// Join tokens: what a sidecar presents to get its first certificate.
     Token {
@@ -518,6 +524,16 @@ fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
 }
 
+/// A target utilization: a share in (0, 1].
+fn parse_utilization(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(u) if u > 0.0 && u <= 1.0 => Ok(u),
+        _ => Err(format!(
+            "{s:?}: a share between 0 (excluded) and 1, like 0.6"
+        )),
+    }
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     trellis_api::duration::parse(s).map(|d| d.get())
 }
@@ -622,6 +638,8 @@ fn run(command: Command) -> Result<i32> {
             max_connections,
             handshake_timeout,
             idle_timeout,
+            capacity_latency_objective,
+            capacity_target_utilization,
         } => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -664,6 +682,11 @@ fn run(command: Command) -> Result<i32> {
                     max_connections,
                 },
                 default_ttl,
+                capacity: trellis_control::capacity::Objective {
+                    latency_objective: capacity_latency_objective,
+                    target_utilization: capacity_target_utilization,
+                    cores_per_instance: None,
+                },
                 identity: trellis_control::identity::IdentitySettings {
                     trust_domain,
                     cert_ttl,

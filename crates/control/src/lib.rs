@@ -7,6 +7,8 @@
 //! compiles its [view](compile) of the latest state and sends the difference.
 #![forbid(unsafe_code)]
 
+pub mod capacity;
+pub mod check;
 pub mod compile;
 pub mod config;
 pub mod discovery;
@@ -75,6 +77,8 @@ pub struct Settings {
     pub server_names: Vec<String>,
     /// Connection bounds.
     pub limits: Limits,
+    /// What the capacity report and its metric aim for by default.
+    pub capacity: capacity::Objective,
 }
 
 impl Default for Settings {
@@ -87,6 +91,7 @@ impl Default for Settings {
             insecure: false,
             server_names: Vec::new(),
             limits: Limits::default(),
+            capacity: capacity::Objective::default(),
         }
     }
 }
