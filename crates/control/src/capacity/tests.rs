@@ -23,11 +23,14 @@ fn objective(ms: u64, target: f64) -> Objective {
     }
 }
 
+/// For CPU, for latency, recommended.
+type Want = (Option<u64>, Option<u64>, u64);
+
 #[test]
 fn recommendations_on_synthetic_load() {
     let o = objective(200, 0.6);
     // (case, load, objective, want: for cpu, for latency, recommended)
-    let cases: Vec<(&str, Load, Objective, (Option<u64>, Option<u64>, u64))> = vec![
+    let cases: Vec<(&str, Load, Objective, Want)> = vec![
         (
             "over-provisioned: 1.2 cores / (2 × 0.6) = 1",
             load(4, 100.0, 1.0, 0.2, 50.0),
