@@ -44,13 +44,14 @@ fn recommendations_on_synthetic_load() {
             (Some(3), None, 3),
         ),
         (
-            "exactly two instances' worth is 2, not 3 (float noise)",
-            load(2, 100.0, 1.0, 0.2, 80.0),
+            "exactly three instances' worth is 3, not 4 (0.1 + 0.2 is 0.30000000000000004)",
+            load(2, 100.0, 0.1, 0.2, 80.0),
             Objective {
                 cores_per_instance: Some(1.0),
+                target_utilization: 0.1,
                 ..o.clone()
             },
-            (Some(2), None, 2),
+            (Some(3), None, 3),
         ),
         (
             "latency breach: p99 300 > 200, 2 × 1.5 = 3",
