@@ -118,3 +118,47 @@ fn check_fails_when_the_control_plane_is_stopped() {
         "{out}"
     );
 }
+
+#[cfg(feature = "etcd")]
+#[path = "../../control/tests/support/etcd.rs"]
+mod etcd;
+
+/// Two replicas on a real etcd: check reports each etcd endpoint and compares the replicas'
+/// trust bundles; with etcd stopped the store check fails with its hint.
+#[cfg(feature = "etcd")]
+#[test]
+fn check_sees_etcd_and_compares_the_replicas_bundles() {
+    let dir = TempDir::new("check-etcd");
+    let mut etcd = etcd::Etcd::start();
+    let store = format!(
+        "etcd://{}/check-test",
+        etcd.endpoint.trim_start_matches("http://")
+    );
+    let a = ControlPlane::start("control-a", dir.path(), free_port(), &store);
+    let b = ControlPlane::start("control-b", dir.path(), free_port(), &store);
+    let both = format!("{},{}", a.url(), b.url());
+    let (code, out, err) = cli(&both, &a.token, &["check"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let healthy = format!(
+        "√ store: etcd: 1 of 1 endpoints healthy, leader {}",
+        etcd.endpoint
+    );
+    assert_eq!(
+        out.matches(&healthy).count(),
+        2,
+        "one line per replica:\n{out}"
+    );
+    assert!(
+        out.contains("√ trust bundle: 2 replicas serve the same 1 root(s)"),
+        "{out}"
+    );
+
+    etcd.stop();
+    let (code, out, err) = cli(&both, &a.token, &["check"]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("× store: etcd unreachable"), "{out}");
+    assert!(
+        out.contains("    hint: the control plane cannot read etcd"),
+        "{out}"
+    );
+}
