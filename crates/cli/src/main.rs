@@ -13,6 +13,8 @@ use trellis_control::store::StoreSpec;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod capacity_cmd;
+mod check_cmd;
 mod client;
 mod config_cmd;
 mod demo;
@@ -146,6 +148,12 @@ enum Command {
         /// A connection that sends nothing for this long is closed (proxies ping every 10s).
         #[arg(long, default_value = "120s", value_parser = parse_duration)]
         idle_timeout: Duration,
+        /// The p99 objective of the capacity metric (trellis_capacity_recommended_instances).
+        #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+        capacity_latency_objective: Duration,
+        /// The CPU utilization the capacity metric aims for (0-1].
+        #[arg(long, default_value_t = 0.6, value_parser = parse_utilization)]
+        capacity_target_utilization: f64,
     },
     /// Join tokens: what a sidecar presents to get its first certificate.
     Token {
@@ -328,6 +336,29 @@ enum Command {
         #[arg(long)]
         strict: bool,
     },
+    /// Check the installation: control plane and version, store (and etcd), CA, clock
+    /// skew, proxies in sync, certificates, trust bundle across replicas. One line per
+    /// check, a hint when one does not pass; exit 1 on any failure.
+    Check {
+        /// Warn when the CA expires sooner than this (default 30 days).
+        #[arg(long, default_value = "720h", value_parser = parse_duration)]
+        ca_warn: Duration,
+        /// Most clock skew allowed between this machine and the control plane.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        max_skew: Duration,
+        /// How long a proxy behind the current config may take to catch up before it
+        /// counts as stale.
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        sync_grace: Duration,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+    /// Reports: `capacity` (per service load, CPU and memory, utilization and the
+    /// recommended instance count, with its arithmetic).
+    Report {
+        #[command(subcommand)]
+        command: ReportCommand,
+    },
     /// Start an app with its sidecar and register it with the control plane.
     Run {
         /// The service this app is an instance of (omit for a client-only app).
@@ -459,6 +490,32 @@ enum TokenCommand {
     },
 }
 
+#[derive(Subcommand)]
+enum ReportCommand {
+    /// Per service: request rate, latency, errors, CPU and memory of sidecars and apps,
+    /// utilization, and the instances needed for a latency objective at a target
+    /// utilization, with the arithmetic.
+    Capacity {
+        /// The p99 latency objective (default: the control plane's, 200ms).
+        #[arg(long, value_parser = parse_duration)]
+        latency_objective: Option<Duration>,
+        /// The CPU utilization to aim for, 0-1 (default: the control plane's, 0.6).
+        #[arg(long, value_parser = parse_utilization)]
+        target_utilization: Option<f64>,
+        /// CPUs of one instance (default: what its sidecars report).
+        #[arg(long)]
+        cores_per_instance: Option<f64>,
+        /// The recent window the figures cover (5s to 10m).
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        window: Duration,
+        /// Output format.
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: fleet_cmd::Format,
+        #[command(flatten)]
+        control: ControlArg,
+    },
+}
+
 /// What the fleet view commands select.
 #[derive(clap::Args)]
 struct FleetSelect {
@@ -562,6 +619,16 @@ fn parse_label(s: &str) -> Result<(String, String), String> {
 
 fn default_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// A target utilization: a share in (0, 1].
+fn parse_utilization(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(u) if u > 0.0 && u <= 1.0 => Ok(u),
+        _ => Err(format!(
+            "{s:?}: a share between 0 (excluded) and 1, like 0.6"
+        )),
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -668,6 +735,8 @@ fn run(command: Command) -> Result<i32> {
             max_connections,
             handshake_timeout,
             idle_timeout,
+            capacity_latency_objective,
+            capacity_target_utilization,
         } => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -710,6 +779,11 @@ fn run(command: Command) -> Result<i32> {
                     max_connections,
                 },
                 default_ttl,
+                capacity: trellis_control::capacity::Objective {
+                    latency_objective: capacity_latency_objective,
+                    target_utilization: capacity_target_utilization,
+                    cores_per_instance: None,
+                },
                 identity: trellis_control::identity::IdentitySettings {
                     trust_domain,
                     cert_ttl,
@@ -930,6 +1004,38 @@ fn run(command: Command) -> Result<i32> {
             rate,
             data_dir,
         })),
+        Command::Check {
+            ca_warn,
+            max_skew,
+            sync_grace,
+            control,
+        } => runtime(1)?.block_on(async move {
+            let o = check_cmd::Options {
+                ca_warn,
+                max_skew,
+                sync_grace,
+            };
+            check_cmd::check(&control.url, control.insecure, control.ca_file, &o).await
+        }),
+        Command::Report {
+            command:
+                ReportCommand::Capacity {
+                    latency_objective,
+                    target_utilization,
+                    cores_per_instance,
+                    window,
+                    output,
+                    control,
+                },
+        } => runtime(1)?.block_on(async move {
+            let args = capacity_cmd::Args {
+                latency_objective,
+                target_utilization,
+                cores_per_instance,
+                window,
+            };
+            capacity_cmd::report(&api(&control)?, &args, output).await
+        }),
         Command::ExecApp { parent, command } => run::exec_app(parent, &command),
         Command::CapacityApp {
             listen,

@@ -391,6 +391,10 @@ pub async fn run(o: RunOptions) -> Result<i32> {
         .spawn()
         .with_context(|| format!("starting {}", o.command[0]))?;
     let pid = child.id();
+    if let Some(pid) = pid {
+        // Its CPU and memory go into the sidecar's reports (the capacity report).
+        proxy.set_app_process(pid);
+    }
 
     let stop = tokio_util::sync::CancellationToken::new();
     let registry = match (inbound, &o.service, o.port) {

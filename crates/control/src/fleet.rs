@@ -46,6 +46,8 @@ pub struct Reporter {
 struct Window {
     reporter: Reporter,
     reports: VecDeque<(Instant, wire::TrafficReport)>,
+    /// CPU and memory samples (capacity report), as long as the reports.
+    usage: VecDeque<(Instant, wire::Usage)>,
 }
 
 /// Latency summary and counts of a set of requests.
@@ -584,6 +586,7 @@ impl Fleet {
         let w = windows.entry(who.clone()).or_insert_with(|| Window {
             reporter: who.clone(),
             reports: VecDeque::new(),
+            usage: VecDeque::new(),
         });
         w.reports.push_back((now, report));
         let mut kept: usize = w.reports.iter().map(|(_, r)| r.series.len()).sum();
@@ -604,8 +607,49 @@ impl Fleet {
             {
                 w.reports.pop_front();
             }
+            while w
+                .usage
+                .front()
+                .is_some_and(|(t, _)| now.duration_since(*t) > MAX_WINDOW)
+            {
+                w.usage.pop_front();
+            }
         }
-        windows.retain(|_, w| !w.reports.is_empty());
+        windows.retain(|_, w| !w.reports.is_empty() || !w.usage.is_empty());
+    }
+
+    /// Keeps a CPU and memory sample from `who`.
+    pub fn record_usage(&self, who: &Reporter, usage: wire::Usage, now: Instant) {
+        let mut windows = self.lock_windows();
+        let w = windows.entry(who.clone()).or_insert_with(|| Window {
+            reporter: who.clone(),
+            reports: VecDeque::new(),
+            usage: VecDeque::new(),
+        });
+        w.usage.push_back((now, usage));
+        Self::prune(&mut windows, now);
+    }
+
+    /// Each proxy's CPU rates and latest memory over the last `window`.
+    pub fn usage(&self, window: Duration, now: Instant) -> Vec<(Reporter, crate::capacity::Usage)> {
+        let window = window.min(MAX_WINDOW);
+        let mut windows = self.lock_windows();
+        Self::prune(&mut windows, now);
+        windows
+            .values()
+            .filter_map(|w| {
+                let samples: Vec<(f64, &wire::Usage)> = w
+                    .usage
+                    .iter()
+                    .filter(|(t, _)| now.duration_since(*t) <= window)
+                    .map(|(t, u)| (t.duration_since(w.usage[0].0).as_secs_f64(), u))
+                    .collect();
+                Some((
+                    w.reporter.clone(),
+                    crate::capacity::Usage::from_samples(&samples)?,
+                ))
+            })
+            .collect()
     }
 
     /// The fleet view over the last `window`.
@@ -873,6 +917,9 @@ pub(crate) async fn serve_reports(
                 let Ok(Some(m)) = message else { return };
                 if let Some(t) = m.traffic {
                     fleet.record(who, t, Instant::now());
+                }
+                if let Some(u) = m.usage {
+                    fleet.record_usage(who, u, Instant::now());
                 }
                 if !m.tap_events.is_empty() || !m.tap_dropped.is_empty() {
                     fleet.deliver(who, trust_domain, m.tap_events, m.tap_dropped);

@@ -291,7 +291,8 @@ async fn create_token(State(c): State<Shared>, Json(req): Json<TokenRequest>) ->
     }
 }
 
-/// Prometheus text: counts and times, no names (so no credentials needed).
+/// Prometheus text: counts and times, and the capacity recommendation per service (which
+/// names services, as any scrape of the sidecars does; no credentials needed).
 async fn metrics(State(c): State<Shared>) -> Response {
     c.refresh_gauges();
     (
@@ -299,7 +300,9 @@ async fn metrics(State(c): State<Shared>) -> Response {
             http::header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        c.metrics.encode(),
+        c.metrics.encode_with(&crate::capacity::encode_metrics(
+            &c.capacity(&c.settings.capacity, crate::capacity::DEFAULT_WINDOW),
+        )),
     )
         .into_response()
 }
@@ -425,6 +428,8 @@ pub fn router(control: Shared) -> axum::Router {
         .route("/v1/certificates", get(certificates))
         .route("/v1/tap", get(crate::fleet_api::tap))
         .route("/v1/explain", post(crate::explain::explain))
+        .route("/v1/health", get(crate::check::health))
+        .route("/v1/capacity", get(crate::check::capacity))
         .route_layer(axum::middleware::from_fn_with_state(
             control.clone(),
             require_token,

@@ -8,6 +8,8 @@
 #![forbid(unsafe_code)]
 
 pub mod access;
+pub mod capacity;
+pub mod check;
 pub mod compile;
 pub mod config;
 pub mod discovery;
@@ -78,6 +80,8 @@ pub struct Settings {
     pub server_names: Vec<String>,
     /// Connection bounds.
     pub limits: Limits,
+    /// What the capacity report and its metric aim for by default.
+    pub capacity: capacity::Objective,
 }
 
 impl Default for Settings {
@@ -90,6 +94,7 @@ impl Default for Settings {
             insecure: false,
             server_names: Vec::new(),
             limits: Limits::default(),
+            capacity: capacity::Objective::default(),
         }
     }
 }

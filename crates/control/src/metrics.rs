@@ -190,9 +190,16 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn encode(&self) -> String {
+        self.encode_with("")
+    }
+
+    /// The exposition with more families (`extra`, without an `# EOF`) before its end.
+    pub fn encode_with(&self, extra: &str) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &self.registry);
+        out.push_str(extra);
+        let _ = prometheus_client::encoding::text::encode_eof(&mut out);
         out
     }
 }

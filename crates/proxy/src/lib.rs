@@ -56,6 +56,7 @@ mod tcp;
 pub mod telemetry;
 pub mod tls;
 pub mod trace;
+pub mod usage;
 mod watch;
 
 pub use error::{ERROR_HEADER, ProxyError};
@@ -217,6 +218,12 @@ impl Proxy {
     /// Active health checker tasks that should be running.
     pub fn health_checkers(&self) -> usize {
         self.checkers.len()
+    }
+
+    /// The app this sidecar fronts (its process, which leads its own process group), whose
+    /// CPU and memory the traffic reports carry.
+    pub fn set_app_process(&self, pid: u32) {
+        self.shared.report.app.set(pid);
     }
 
     /// The admin listener's bound address.

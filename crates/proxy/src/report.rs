@@ -70,6 +70,8 @@ pub struct Collector {
     series: RwLock<HashMap<Key, Counts>>,
     /// Active taps and their event queue.
     pub taps: Taps,
+    /// The app whose CPU and memory reports carry (set by `trellis run`).
+    pub app: crate::usage::App,
 }
 
 impl Collector {
@@ -229,6 +231,7 @@ async fn session(
                 last = now;
                 let message = wire::ReportRequest {
                     traffic: Some(traffic),
+                    usage: Some(collector.app.sample().await),
                     tap_dropped: collector.taps.take_dropped(),
                     ..Default::default()
                 };

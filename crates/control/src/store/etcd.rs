@@ -25,6 +25,8 @@ use super::{Change, Entry, Event, Expect, LeaseId, Loaded, Op, Revision, StoreEr
 
 /// Bounds every unary request, so an unreachable cluster fails calls instead of hanging them.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bounds each endpoint's status call in [`EtcdStore::check`].
+const CHECK_TIMEOUT: Duration = Duration::from_secs(3);
 /// Reconnect backoff for the watch.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -37,6 +39,8 @@ pub struct EtcdStore {
     /// Boxed: the client is several kilobytes, and `Store` holds it inline.
     client: Box<Client>,
     prefix: String,
+    /// The endpoints it was opened with, each checked on its own by [`EtcdStore::check`].
+    endpoints: Vec<String>,
     /// Stops the watch task when the store is dropped.
     _watch: DropGuard,
 }
@@ -71,9 +75,43 @@ impl EtcdStore {
         let store = EtcdStore {
             client: Box::new(client),
             prefix: prefix.to_string(),
+            endpoints: endpoints.to_vec(),
             _watch: stop.drop_guard(),
         };
         Ok((store, loaded, rx))
+    }
+
+    /// Asks each endpoint for its status on a connection of its own (so one dead member
+    /// shows even while the shared client uses another); `Err` with the shared client's
+    /// error when the cluster cannot be read at all.
+    pub async fn check(&self) -> Result<Vec<super::EndpointHealth>, StoreError> {
+        let mut out = Vec::new();
+        for endpoint in &self.endpoints {
+            let options = ConnectOptions::new().with_connect_timeout(CHECK_TIMEOUT);
+            let status = tokio::time::timeout(CHECK_TIMEOUT, async {
+                let mut c = Client::connect([endpoint.as_str()], Some(options)).await?;
+                c.status().await
+            })
+            .await;
+            out.push(match status {
+                Ok(Ok(s)) => super::EndpointHealth {
+                    endpoint: endpoint.clone(),
+                    healthy: s.errors().is_empty(),
+                    error: s.errors().join("; "),
+                    leader: s.leader() == s.header().map_or(0, |h| h.member_id()),
+                },
+                Ok(Err(e)) => super::EndpointHealth::failed(endpoint, e),
+                Err(_) => super::EndpointHealth::failed(
+                    endpoint,
+                    format!("no answer within {CHECK_TIMEOUT:?}"),
+                ),
+            });
+        }
+        let read = GetOptions::new().with_keys_only().with_limit(1);
+        timed(self.client.kv_client().get(self.prefix.clone(), Some(read)))
+            .await
+            .map_err(|e| etcd_err("etcd read", e))?;
+        Ok(out)
     }
 
     /// Applies `ops` atomically if every precondition holds; returns the new revision.

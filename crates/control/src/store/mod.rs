@@ -255,6 +255,54 @@ impl Store {
     }
 }
 
+/// One etcd endpoint's answer to a status request (`trellis check`).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointHealth {
+    /// The endpoint's URL.
+    pub endpoint: String,
+    /// It answered and reported no errors.
+    pub healthy: bool,
+    /// What went wrong, when it did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    /// It is the cluster's leader.
+    #[serde(default)]
+    pub leader: bool,
+}
+
+impl EndpointHealth {
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    fn failed(endpoint: &str, e: impl std::fmt::Display) -> EndpointHealth {
+        EndpointHealth {
+            endpoint: endpoint.into(),
+            healthy: false,
+            error: e.to_string(),
+            leader: false,
+        }
+    }
+}
+
+impl Store {
+    /// The backend's name: `redb` or `etcd`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Redb(_) => "redb",
+            #[cfg(feature = "etcd")]
+            Store::Etcd(_) => "etcd",
+        }
+    }
+
+    /// Whether the store serves reads now, and (etcd) each endpoint's status.
+    pub async fn check(&self) -> Result<Vec<EndpointHealth>, StoreError> {
+        match self {
+            Store::Redb(s) => s.check().await.map(|()| Vec::new()),
+            #[cfg(feature = "etcd")]
+            Store::Etcd(s) => s.check().await,
+        }
+    }
+}
+
 /// A [`Store`] whose every call is counted in the control plane's metrics by operation and
 /// result (the same methods, so callers do not change).
 pub struct Counted {
@@ -277,6 +325,11 @@ impl Counted {
     fn count<T>(&self, op: &'static str, r: Result<T, StoreError>) -> Result<T, StoreError> {
         crate::metrics::count_store_op(&self.ops, op, &r);
         r
+    }
+
+    /// The store underneath (its kind and health).
+    pub fn inner(&self) -> &Store {
+        &self.inner
     }
 
     /// See [`Store::commit`].

@@ -100,6 +100,17 @@ impl RedbStore {
         Ok((store, loaded, rx))
     }
 
+    /// Whether the file still serves reads (`trellis check`).
+    pub async fn check(&self) -> Result<(), StoreError> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            redb::ReadableDatabase::begin_read(&inner.db)
+                .map(drop)
+                .map_err(db_err)
+        })
+        .await
+    }
+
     /// Applies `ops` atomically if every precondition holds; returns the new revision.
     pub async fn commit(&self, ops: Vec<Op>) -> Result<Revision, StoreError> {
         check_unique(&ops)?;
