@@ -182,15 +182,16 @@ pub fn record(m: &Metrics, mut e: End<'_>) -> Option<Pending> {
             let p = stats.party(m, &own, e.hop);
             p.requests.inc();
             p.latency.observe(secs, exemplar, None);
+            let size = &stats.sizes(m).response;
             if let Some(n) = e.body {
-                stats.response_size.observe(n as f64);
+                size.observe(n as f64);
             }
             match e.grpc {
                 Grpc::No if plain => p.ok.inc(),
                 Grpc::Status(c) if plain => p.grpc_ok(m, stats, c).inc(),
                 _ => 0,
             };
-            let size = stats.response_size.clone();
+            let size = size.clone();
             let counted = plain && e.grpc != Grpc::Trailers;
             if counted {
                 return e.body.is_none().then_some(Pending {
@@ -348,7 +349,7 @@ pub fn request_size(
     backend: &Arc<str>,
 ) -> Histogram {
     match stats {
-        Some(s) => s.request_size.clone(),
+        Some(s) => s.sizes(m).request.clone(),
         None => m
             .request_size
             .get_or_create(&RouteLabels {

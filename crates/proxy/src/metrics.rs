@@ -289,20 +289,28 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
-/// Handles to one route and backend's series, resolved when a snapshot is built so the
-/// request path does not hash label sets: the size histograms, and per set of parties (this
+/// Handles to one route and backend's series, made when a snapshot is built so the request
+/// path does not hash label sets: the size histograms, and per set of parties (this
 /// workload and the other side's identity, a handful per route) the request counter,
-/// latency histogram and the counters of the common responses.
+/// latency histogram and the counters of the common responses. Every series is created by
+/// the route's first request, not with the snapshot: a sidecar that sees thousands of
+/// routes sends to a few of them, and each pair of empty histograms cost ~1.3 KB.
 #[derive(Debug)]
 pub struct RouteStats {
     direction: &'static str,
     route: Arc<str>,
     backend: Arc<str>,
-    /// Request body bytes.
-    pub request_size: Histogram,
-    /// Response body bytes.
-    pub response_size: Histogram,
+    sizes: OnceLock<Sizes>,
     parties: RwLock<Vec<Arc<PartyStats>>>,
+}
+
+/// A route and backend's body size histograms.
+#[derive(Debug)]
+pub struct Sizes {
+    /// Request body bytes.
+    pub request: Histogram,
+    /// Response body bytes.
+    pub response: Histogram,
 }
 
 /// One route, backend and set of parties' handles.
@@ -323,6 +331,21 @@ pub struct PartyStats {
 }
 
 impl RouteStats {
+    /// The size histograms, made by the first request.
+    pub fn sizes(&self, metrics: &Metrics) -> &Sizes {
+        self.sizes.get_or_init(|| {
+            let labels = RouteLabels {
+                direction: self.direction,
+                route: self.route.clone(),
+                backend: self.backend.clone(),
+            };
+            Sizes {
+                request: metrics.request_size.get_or_create(&labels).clone(),
+                response: metrics.response_size.get_or_create(&labels).clone(),
+            }
+        })
+    }
+
     /// The handles for the parties of `hop`, made when first seen.
     pub fn party(&self, metrics: &Metrics, own: &Arc<Workload>, hop: Hop<'_>) -> Arc<PartyStats> {
         let other = hop.identity();
@@ -908,17 +931,11 @@ impl Metrics {
         if let Some(s) = stats.get(&key).and_then(Weak::upgrade) {
             return s;
         }
-        let labels = RouteLabels {
-            direction,
-            route: route.clone(),
-            backend: backend.clone(),
-        };
         let s = Arc::new(RouteStats {
             direction,
             route: route.clone(),
             backend: backend.clone(),
-            request_size: self.request_size.get_or_create(&labels).clone(),
-            response_size: self.response_size.get_or_create(&labels).clone(),
+            sizes: OnceLock::new(),
             parties: RwLock::default(),
         });
         stats.insert(key, Arc::downgrade(&s));

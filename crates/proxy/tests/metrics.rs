@@ -511,3 +511,42 @@ spec:
     assert_eq!(p.metric(&kept), before);
     assert!(before >= 1.0);
 }
+
+#[tokio::test]
+async fn a_route_has_series_only_once_it_carries_traffic() {
+    // Thousands of routes in a sidecar's view cost no series until they are used.
+    let up = upstream("app").await;
+    let mut config = app_with_routes(&[up.addr]);
+    config.insert_str(0, &proxy_yaml("app"));
+    let p = start_proxy(&config).await;
+    let text = p.proxy.metrics_text();
+    assert!(!text.contains("route=\"default/used/0\""), "{text}");
+    assert!(!text.contains("route=\"default/unused/0\""), "{text}");
+    let addr = p.addr("out").await;
+    assert_eq!(get(addr, "/used").await.status, StatusCode::OK);
+    let used = "direction=\"outbound\",route=\"default/used/0\",backend=\"default/app:80\"";
+    let count = format!("trellis_http_request_size_bytes_count{{{used}}}");
+    assert_eq!(p.wait_metric(&count, 1.0).await, 1.0);
+    let text = p.proxy.metrics_text();
+    assert!(!text.contains("route=\"default/unused/0\""), "{text}");
+}
+
+/// Service `app` with two routes, on `/used` and `/unused`.
+fn app_with_routes(endpoints: &[SocketAddr]) -> String {
+    let mut c = service_yaml("app", 80, endpoints);
+    for name in ["used", "unused"] {
+        c += &format!(
+            "---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: {name}}}
+spec:
+  parentRefs: [{{name: app, port: 80}}]
+  rules:
+    - matches: [{{path: {{type: PathPrefix, value: /{name}}}}}]
+      backendRefs: [{{name: app, port: 80}}]
+"
+        );
+    }
+    c
+}
