@@ -266,7 +266,10 @@ mod tests {
             drop(streams.watch(idle, &counter));
         }
         let len = streams.list.lock().unwrap().len();
-        assert!(len <= 2 * COMPACT_AT_LEAST, "{len} entries for 10 live streams");
+        assert!(
+            len <= 2 * COMPACT_AT_LEAST,
+            "{len} entries for 10 live streams"
+        );
         assert_eq!(live.len(), 10);
     }
 }
