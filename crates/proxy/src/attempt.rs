@@ -92,7 +92,7 @@ pub(crate) async fn attempt<'a>(
         How::H1
     };
     let send = async {
-        match (&*pending, how) {
+        let sent = match (&*pending, how) {
             // The lean client only borrows the request, which stays for another try: HTTP/2
             // takes a copy of its head.
             (Some(req), How::MeshH2) if t.lean => {
@@ -101,6 +101,19 @@ pub(crate) async fn attempt<'a>(
             }
             (Some(req), How::H1) if t.lean => send_lean(endpoint, backend, req, t.start).await,
             _ => send(endpoint, backend, how, t.h2_limits, pending, t.start).await,
+        };
+        match sent {
+            // An older peer (it answered ALPN `trellis/1`): the same endpoint, over HTTP/1.1,
+            // within this try (the request was not sent).
+            Err(ProxyError::NotSent(..))
+                if how == How::MeshH2 && !endpoint.speaks_mesh_h2(Instant::now()) =>
+            {
+                match &*pending {
+                    Some(req) if t.lean => send_lean(endpoint, backend, req, t.start).await,
+                    _ => send(endpoint, backend, How::H1, t.h2_limits, pending, t.start).await,
+                }
+            }
+            other => other,
         }
     };
     let outcome = match until {

@@ -153,7 +153,7 @@ impl Drop for Waiter<'_> {
 }
 
 /// A connection counted in [`H2Pool::connecting`] until it is pooled or fails; dropped
-/// before either (its request gave up), it counts as failed. Either way the requests
+/// before either (its request gave up), the waiters look again. Either way the requests
 /// waiting for it are woken.
 struct Connecting<'a> {
     endpoint: &'a EndpointState,
@@ -171,9 +171,9 @@ impl Connecting<'_> {
 impl Drop for Connecting<'_> {
     fn drop(&mut self) {
         if !self.done {
+            // Its request gave up (its client left, its try timed out): that says nothing
+            // about the endpoint. The waiters look again, and one of them connects.
             let mut pool = self.endpoint.h2_pool();
-            pool.failures += 1;
-            pool.last_error = "the connection was abandoned before it was established".into();
             pool.connecting = pool.connecting.saturating_sub(1);
             drop(pool);
             self.endpoint.h2_ready.notify_waiters();
@@ -508,7 +508,12 @@ impl EndpointState {
                 if let Some((failures, w)) = waited.take() {
                     w.done(&mut pool);
                     if pool.failures != failures {
-                        return Err(ProxyError::Connect(self.addr, pool.last_error.clone()));
+                        // The request that connected reports the failure (once, to the
+                        // endpoint's health); these go again, elsewhere if they can.
+                        return Err(ProxyError::NotSent(
+                            self.addr,
+                            format!("the connection it waited for failed: {}", pool.last_error),
+                        ));
                     }
                 }
                 pool.conns.retain(|c| !c.tx.is_closed());
@@ -645,7 +650,12 @@ impl EndpointState {
     ) -> Result<(http2::SendRequest<Body>, bool), ProxyError> {
         let io = self.connect_for(connect_timeout, true).await?;
         let negotiated = io.alpn() == Some(trellis_identity::tls::ALPN_MESH_H2);
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        if negotiated {
+            // Responses to HTTP/1.1 requests: as large a head as HTTP/1.1 would take.
+            builder.max_header_list_size(crate::http::MESH_H2_MAX_HEADER_LIST);
+        }
+        let (tx, conn) = builder
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::UpstreamProtocol(self.addr, e.to_string()))?;

@@ -56,6 +56,11 @@ pub struct ConnInfo {
 /// only on a peer sidecar's `trellis/h2` connection, and removed from every other request.
 pub const ORIG_PROTO: http::HeaderName = http::HeaderName::from_static("trellis-orig-proto");
 
+/// The header list a sidecar-to-sidecar HTTP/2 connection takes, either way: HTTP/1.1
+/// requests and responses ride on it, whose heads hyper's HTTP/1.1 side takes up to
+/// ~400 KB; HTTP/2's usual 16 KiB would refuse big cookies and tokens that passed before.
+pub const MESH_H2_MAX_HEADER_LIST: u32 = 256 * 1024;
+
 /// What decided when a request's token was refused (metrics, access log).
 static REQUEST_AUTHENTICATION: std::sync::LazyLock<Arc<str>> =
     std::sync::LazyLock::new(|| "request-authentication".into());
@@ -488,7 +493,9 @@ pub(crate) async fn forward(
         h2,
         // To a peer sidecar that speaks it, an HTTP/1.1 request goes over HTTP/2 (not an
         // upgrade or CONNECT, which take the connection over).
-        mesh_h2: !h2 && !upgrade && req.method() != Method::CONNECT,
+        // A request without a usable Host keeps HTTP/1.1: HTTP/2 needs an authority, and
+        // the app must get the Host its client sent.
+        mesh_h2: !h2 && !upgrade && req.method() != Method::CONNECT && has_authority(&req),
         lean,
         h2_limits,
         start,
@@ -744,6 +751,16 @@ fn prepare_upstream(req: &mut Request<Body>, h2: bool) -> bool {
         h1_form(req);
     }
     upgrade
+}
+
+/// Whether a request in HTTP/1.1 form has an authority HTTP/2 can carry (a `Host` that
+/// parses as one).
+fn has_authority<B>(req: &Request<B>) -> bool {
+    req.uri().authority().is_some()
+        || req.headers().get(header::HOST).is_some_and(|h| {
+            let b = h.as_bytes();
+            !b.is_empty() && http::uri::Authority::try_from(b).is_ok()
+        })
 }
 
 /// HTTP/2's request head: an absolute URI whose authority was `Host`.

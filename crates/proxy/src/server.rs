@@ -818,10 +818,17 @@ async fn serve_connection(
                 // loosen them unnoticed: concurrent streams, header list size (bounds
                 // CONTINUATION floods and HPACK bombs), streams reset before being served
                 // (rapid reset) and streams this side had to reset.
+                // A peer sidecar's connection carries HTTP/1.1 heads: it takes what
+                // HTTP/1.1 would (the peer is authenticated and bounded by its own side).
+                let header_list = if mesh_h2 {
+                    proxy_http::MESH_H2_MAX_HEADER_LIST
+                } else {
+                    16 * 1024
+                };
                 let c = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_concurrent_streams(200)
-                    .max_header_list_size(16 * 1024)
+                    .max_header_list_size(header_list)
                     .max_pending_accept_reset_streams(20)
                     .max_local_error_reset_streams(1024)
                     .serve_connection(io, svc);

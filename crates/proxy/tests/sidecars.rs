@@ -428,3 +428,39 @@ async fn a_resumed_session_is_checked_against_the_current_trust_bundle() {
         before + 1.0
     );
 }
+
+#[tokio::test]
+async fn heads_http2_would_refuse_or_invent_cross_as_http1_sends_them() {
+    let ca = test_ca();
+    let app = upstream("app").await;
+    let server = server_sidecar(&ca, app.addr, None).await;
+    let client = client_sidecar(&ca, server.addr("in").await, None).await;
+    let out = client.addr("out").await;
+    // A 40 KB header (a big cookie): HTTP/2's usual 16 KiB header list would refuse it.
+    let big = "x".repeat(40 * 1024);
+    let req = Request::get(format!("http://{out}/big"))
+        .header("cookie", big.as_str())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let got = send(&h1_client(), req).await;
+    assert_eq!(got.status, 200, "{:?}", String::from_utf8_lossy(&got.body));
+    assert_eq!(got.json()["headers"]["cookie"][0], big.as_str());
+    // HTTP/1.0 without a Host: the app must not receive one the mesh made up.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+    s.write_all(b"GET /nohost HTTP/1.0\r\n\r\n").await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("localhost"),
+        "the app saw an invented Host: {text}"
+    );
+}
