@@ -26,30 +26,7 @@ fn creds(ca: &Ca, sa: &str) -> Arc<Credentials> {
 #[tokio::test]
 async fn an_applications_own_tls_passes_through_the_sidecars_mutual_tls() {
     // The application: a TLS echo server with its own (self-signed) certificate.
-    let app_cert = rcgen::generate_simple_self_signed(vec!["app.example".into()]).unwrap();
-    let server_config =
-        rustls::ServerConfig::builder_with_provider(trellis_identity::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![app_cert.cert.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(
-                    app_cert.signing_key.serialize_der().into(),
-                ),
-            )
-            .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_config));
-    let app = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let app_addr = app.local_addr().unwrap();
-    tokio::spawn(async move {
-        let (s, _) = app.accept().await.unwrap();
-        let mut tls = acceptor.accept(s).await.unwrap();
-        let mut buf = [0u8; 5];
-        tls.read_exact(&mut buf).await.unwrap();
-        tls.write_all(&buf).await.unwrap();
-        tls.flush().await.unwrap();
-    });
+    let (app_addr, app_cert) = tls_echo_app().await;
 
     // Two sidecars with mesh identities; the receiving one is strict.
     let ca = Ca::load(&Ca::generate("mesh.test", Duration::from_secs(86400)).unwrap()).unwrap();
@@ -87,34 +64,7 @@ spec:
     outbound.proxy.set_identity(creds(&ca, "client"));
 
     // The application's client speaks TLS to app.example through its sidecar.
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(app_cert.cert.der().clone()).unwrap();
-    let client_config =
-        rustls::ClientConfig::builder_with_provider(trellis_identity::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(outbound.addr("out").await)
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("app.example").unwrap();
-    let mut tls = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_rustls::TlsConnector::from(Arc::new(client_config)).connect(name, tcp),
-    )
-    .await
-    .unwrap()
-    .expect("the app's own handshake completes end to end");
-    // The certificate the client verified is the app's own: nothing in between terminated it.
-    assert_eq!(
-        tls.get_ref().1.peer_certificates().unwrap()[0],
-        *app_cert.cert.der()
-    );
-    tls.write_all(b"hello").await.unwrap();
-    let mut buf = [0u8; 5];
-    tls.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"hello");
+    app_tls_roundtrip(outbound.addr("out").await, &app_cert).await;
     // And the hop between the sidecars was mutual TLS, from the client's identity.
     assert_eq!(
         inbound.metric("trellis_inbound_connections_total{listener=\"in\",security=\"mtls\"}"),

@@ -236,34 +236,6 @@ async fn a_peer_that_offers_only_http1_gets_http1_and_no_request_is_lost() {
     );
 }
 
-/// An app serving its own TLS (certificate for `app.example`) that echoes 5 bytes.
-async fn tls_echo_app() -> (SocketAddr, rustls::pki_types::CertificateDer<'static>) {
-    let cert = rcgen::generate_simple_self_signed(vec!["app.example".into()]).unwrap();
-    let der = cert.cert.der().clone();
-    let config = rustls::ServerConfig::builder_with_provider(trellis_identity::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![der.clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let (s, _) = listener.accept().await.unwrap();
-        let mut tls = acceptor.accept(s).await.unwrap();
-        let mut buf = [0u8; 5];
-        tls.read_exact(&mut buf).await.unwrap();
-        tls.write_all(&buf).await.unwrap();
-        tls.flush().await.unwrap();
-    });
-    (addr, der)
-}
-
 #[tokio::test]
 async fn grpc_streams_websockets_the_apps_own_tls_and_http2_cross_two_sidecars_untouched() {
     let ca = test_ca();
@@ -322,30 +294,7 @@ async fn grpc_streams_websockets_the_apps_own_tls_and_http2_cross_two_sidecars_u
     let (tls_app, app_cert) = tls_echo_app().await;
     let server4 = server_sidecar(&ca, tls_app, None).await;
     let client4 = client_sidecar(&ca, server4.addr("in").await, None).await;
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(app_cert.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(trellis_identity::tls::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let tcp = tokio::net::TcpStream::connect(client4.addr("out").await)
-        .await
-        .unwrap();
-    let name = rustls::pki_types::ServerName::try_from("app.example").unwrap();
-    let mut tls = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
-    )
-    .await
-    .unwrap()
-    .expect("the app's own handshake completes end to end");
-    assert_eq!(tls.get_ref().1.peer_certificates().unwrap()[0], app_cert);
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    tls.write_all(b"hello").await.unwrap();
-    let mut buf = [0u8; 5];
-    tls.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"hello");
+    app_tls_roundtrip(client4.addr("out").await, &app_cert).await;
     assert_eq!(
         server4.metric("trellis_inbound_connections_total{listener=\"in\",security=\"mtls\"}"),
         1.0

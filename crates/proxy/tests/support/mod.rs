@@ -907,3 +907,59 @@ pub async fn capacity_app(capacity: usize, service_ms: u64) -> CapacityApp {
         served,
     }
 }
+
+/// An app serving its own TLS (certificate for `app.example`) that echoes 5 bytes.
+pub async fn tls_echo_app() -> (SocketAddr, rustls::pki_types::CertificateDer<'static>) {
+    let cert = rcgen::generate_simple_self_signed(vec!["app.example".into()]).unwrap();
+    let der = cert.cert.der().clone();
+    let config = rustls::ServerConfig::builder_with_provider(trellis_identity::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![der.clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(s).await.unwrap();
+        let mut buf = [0u8; 5];
+        tls.read_exact(&mut buf).await.unwrap();
+        tls.write_all(&buf).await.unwrap();
+        tls.flush().await.unwrap();
+    });
+    (addr, der)
+}
+
+/// Speaks TLS to `app.example` through `addr` (a sidecar): the handshake must complete end to
+/// end with the app's own certificate (nothing in between terminated it), then 5 bytes echo.
+pub async fn app_tls_roundtrip(
+    addr: SocketAddr,
+    app_cert: &rustls::pki_types::CertificateDer<'static>,
+) {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(app_cert.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(trellis_identity::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("app.example").unwrap();
+    let mut tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp),
+    )
+    .await
+    .unwrap()
+    .expect("the app's own handshake completes end to end");
+    assert_eq!(tls.get_ref().1.peer_certificates().unwrap()[0], *app_cert);
+    tls.write_all(b"hello").await.unwrap();
+    let mut buf = [0u8; 5];
+    tls.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"hello");
+}
