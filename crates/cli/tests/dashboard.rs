@@ -1,6 +1,6 @@
 //! The web dashboard: its files and headers, read-only tokens through the real CLI, and the
-//! whole dashboard in a real browser (Debian's chromium driven by playwright-core, see
-//! tests/browser/) against a live `trellis demo`.
+//! whole dashboard in real browsers (Debian's chromium and firefox-esr, driven by
+//! puppeteer-core, see tests/browser/) against a live `trellis demo`.
 
 mod support;
 
@@ -103,15 +103,40 @@ fn the_dashboard_is_served_with_a_strict_content_security_policy() {
     assert_eq!(root.headers["location"], "/ui/");
 }
 
-/// What the browser test needs: node, Debian's chromium and `npm ci` done in tests/browser.
-fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
-    let chromium = std::env::var_os("CHROMIUM")
+/// The browsers the test drives, each a Debian package.
+#[derive(Clone, Copy)]
+enum Browser {
+    Chromium,
+    Firefox,
+}
+
+impl Browser {
+    fn name(self) -> &'static str {
+        match self {
+            Browser::Chromium => "chromium",
+            Browser::Firefox => "firefox",
+        }
+    }
+
+    /// The environment variable naming its executable, and the Debian package's default.
+    fn executable(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Browser::Chromium => ("CHROMIUM", "/usr/bin/chromium", "chromium"),
+            Browser::Firefox => ("FIREFOX", "/usr/bin/firefox-esr", "firefox-esr"),
+        }
+    }
+}
+
+/// What the browser test needs: node, the browser and `npm ci` done in tests/browser.
+fn browser_tools(browser: Browser) -> Result<(PathBuf, PathBuf), String> {
+    let (var, default, package) = browser.executable();
+    let exe = std::env::var_os(var)
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/bin/chromium"));
-    if !chromium.exists() {
+        .unwrap_or_else(|| PathBuf::from(default));
+    if !exe.exists() {
         return Err(format!(
-            "{} not found (apt-get install chromium)",
-            chromium.display()
+            "{} not found (apt-get install {package})",
+            exe.display()
         ));
     }
     let node_ok = Command::new("node")
@@ -123,13 +148,13 @@ fn browser_tools() -> Result<(PathBuf, PathBuf), String> {
         return Err("node not found (apt-get install nodejs npm)".into());
     }
     let dir = repo().join("tests/browser");
-    if !dir.join("node_modules/playwright-core").exists() {
+    if !dir.join("node_modules/puppeteer-core").exists() {
         return Err(format!(
-            "playwright-core not installed (cd {} && npm ci)",
+            "puppeteer-core not installed (cd {} && npm ci)",
             dir.display()
         ));
     }
-    Ok((chromium, dir))
+    Ok((exe, dir))
 }
 
 /// `trellis demo` on a free port; returns it and its control plane URL once it printed its
@@ -166,9 +191,18 @@ fn start_demo(dir: &TempDir) -> (Proc, String) {
 }
 
 #[test]
-fn the_dashboard_works_in_a_real_browser_against_the_demo() {
+fn the_dashboard_works_in_a_real_browser_chromium_against_the_demo() {
+    dashboard_in(Browser::Chromium);
+}
+
+#[test]
+fn the_dashboard_works_in_a_real_browser_firefox_against_the_demo() {
+    dashboard_in(Browser::Firefox);
+}
+
+fn dashboard_in(browser: Browser) {
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    let (chromium, browser_dir) = match browser_tools() {
+    let (exe, browser_dir) = match browser_tools(browser) {
         Ok(t) => t,
         Err(why) if !ci => {
             eprintln!("SKIPPED the browser test: {why}; CI=true makes this a failure");
@@ -176,14 +210,15 @@ fn the_dashboard_works_in_a_real_browser_against_the_demo() {
         }
         Err(why) => panic!("the browser test cannot run under CI: {why}"),
     };
-    let dir = TempDir::new("dash-browser");
+    let dir = TempDir::new(&format!("dash-{}", browser.name()));
     let (_demo, url) = start_demo(&dir);
-    // target/debug/trellis → target/browser-artifacts
+    // target/debug/trellis → target/browser-artifacts/BROWSER
     let artifacts = Path::new(bin())
         .parent()
         .and_then(Path::parent)
         .unwrap()
-        .join("browser-artifacts");
+        .join("browser-artifacts")
+        .join(browser.name());
     let _ = std::fs::remove_dir_all(&artifacts);
     let log = dir.path().join("browser.log");
     let mut child = Command::new("node")
@@ -192,7 +227,8 @@ fn the_dashboard_works_in_a_real_browser_against_the_demo() {
         .arg(dir.path().join("data/admin-token"))
         .arg(&artifacts)
         .arg(repo().join("demo/canary.yaml"))
-        .env("CHROMIUM", &chromium)
+        .env("BROWSER", browser.name())
+        .env(browser.executable().0, &exe)
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&log).unwrap())
         .stderr(std::fs::File::create(dir.path().join("browser.err")).unwrap())
