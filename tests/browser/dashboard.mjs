@@ -24,9 +24,10 @@ const EDGES = [
   ["order-processing", "payment"],
 ];
 
-// The explanation and capacity endpoints belong to other parts of the same issue; until they
-// are in this build the pages show the API's 404, which is expected and is all that's allowed.
-const PLACEHOLDERS = ["/v1/explain", "/v1/capacity"];
+// The capacity endpoint belongs to another part of the same issue; until it is in this build
+// its page shows the API's 404, which is expected and is all that's allowed. Explain has
+// landed: its errors fail the test.
+const PLACEHOLDERS = ["/v1/capacity"];
 const placeholder = (u) => PLACEHOLDERS.some((p) => new URL(u).pathname === p);
 // The step that logs in with a wrong token expects its 401.
 let expect401 = false;
@@ -138,7 +139,38 @@ async function run() {
     );
     log(`service numbers changed: ${first} → ${await requests.textContent()} ${await rps.textContent()}`);
     await page.locator("#instances tbody tr").nth(1).waitFor();
+    // Outlier state per instance: a column with something in every row ("ok" when no
+    // caller sees the instance as anything but healthy).
+    const heads = await page.locator("#instances th").allTextContents();
+    if (!heads.includes("outlier state")) throw new Error(`no outlier state column: ${heads}`);
+    const states = await page.locator('#instances td[data-label="outlier state"]').allTextContents();
+    if (!states.length || states.some((t) => !t.trim() || t.trim() === "–")) throw new Error(`empty outlier states: ${states}`);
+    log(`outlier states: ${states.join(" | ")}`);
     await shot(page, "03-service");
+
+    step = "authorization";
+    // The demo has no AuthorizationPolicy: one that allows every caller in the mesh's
+    // namespace (so nothing changes for the demo), whose decisions then show per rule.
+    const policy = [
+      "apiVersion: trellis.dev/v1alpha1",
+      "kind: AuthorizationPolicy",
+      "metadata: {name: catalog-callers}",
+      "spec:",
+      "  targetRef: {kind: Service, name: product-catalog}",
+      "  action: Allow",
+      "  rules: [{from: {namespaces: [default]}}]",
+    ].join("\n");
+    const allowed = await page.request.post(`${url}/v1/apply`, {
+      headers: { Authorization: `Bearer ${admin}` },
+      data: { files: [{ name: "catalog-callers.yaml", text: policy }] },
+    });
+    if (!allowed.ok()) throw new Error(`applying the policy: ${allowed.status()} ${await allowed.text()}`);
+    const decided = page.locator('#authz-decisions tr[data-policy="default/catalog-callers"]');
+    await decided.waitFor({ timeout: 60_000 });
+    const cells = await decided.locator("td").allTextContents();
+    if (cells[1] !== "rule 0" || !(Number(cells[2]) > 0)) throw new Error(`authorization decisions row: ${cells}`);
+    log(`authorization decisions: ${cells.join(" | ")}`);
+    await shot(page, "03b-authorization");
 
     step = "canary";
     const applied = await page.request.post(`${url}/v1/apply`, {
@@ -156,12 +188,30 @@ async function run() {
     await page.click('#nav a[data-view="tap"]');
     await page.locator("#tap-table tbody tr").nth(4).waitFor({ timeout: 30_000 });
     log(`tap shows ${await page.locator("#tap-table tbody tr").count()} requests`);
-    await page.locator("#tap-table tbody tr").first().click();
-    // The explanation panel shows the answer, or the API's error until explain is merged.
+    // An outbound request: its explanation covers the route and the endpoint.
+    await page
+      .locator("#tap-table tbody tr", { has: page.locator('td[data-label="dir"]', { hasText: "outbound" }) })
+      .first()
+      .click();
     await page.waitForFunction(() => {
       const e = document.querySelector("#explain");
       return e && !e.textContent.includes("asking the control plane") && (e.querySelector(".json") || e.querySelector(".error"));
     }, null, { timeout: 20_000 });
+    const explained = await page.evaluate(() => {
+      const e = document.querySelector("#explain");
+      const top = e.querySelector(".json > table.kv > tbody");
+      const row = (k) => [...(top ? top.children : [])].find((tr) => tr.firstChild.textContent === k);
+      return {
+        error: e.querySelector(".error")?.textContent || "",
+        route: row("route")?.lastChild.textContent || "",
+        endpoint: row("endpoint")?.lastChild.textContent || "",
+      };
+    });
+    if (explained.error) throw new Error(`explain answered an error: ${explained.error}`);
+    if (!explained.route.trim() || !/\d+\.\d+\.\d+\.\d+:\d+/.test(explained.endpoint)) {
+      throw new Error(`the explanation lacks the matched route or the chosen endpoint: ${JSON.stringify(explained)}`);
+    }
+    log(`explained: route ${explained.route.slice(0, 80)}; endpoint ${explained.endpoint.slice(0, 80)}`);
     await page.screenshot({ path: join(artifacts, "05-tap.png") });
     await page.click("#tap-stop");
 

@@ -424,6 +424,21 @@ pub fn token(cp: &ControlPlane, service: &str) -> String {
     out.trim().to_string()
 }
 
+/// The node id of the first proxy `trellis get proxies` lists with a non-empty `upstreams`
+/// (a client started by [`client`]).
+pub fn client_node(cp: &ControlPlane) -> String {
+    let (code, out, err) = cp.cli(&["get", "proxies", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let proxies: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let items = proxies["items"].as_array().or(proxies.as_array()).unwrap();
+    items
+        .iter()
+        .find(|p| p["upstreams"].as_array().is_some_and(|u| !u.is_empty()))
+        .and_then(|p| p["node"].as_str())
+        .unwrap_or_else(|| panic!("the client's proxy in {out}"))
+        .to_string()
+}
+
 /// `trellis run` of a demo catalog instance.
 pub fn catalog(dir: &Path, control: &str, version: &str, token: &str) -> Proc {
     let mut cmd = trellis();
