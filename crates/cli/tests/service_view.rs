@@ -14,11 +14,7 @@ const READY: Duration = Duration::from_secs(60);
 /// The service API's answer for product-catalog.
 fn catalog_view(cp: &ControlPlane) -> Value {
     let r = cp
-        .https(
-            "GET",
-            "/v1/stats?window=30s&namespace=default&service=product-catalog",
-            "",
-        )
+        .api_get("/v1/stats?window=30s&namespace=default&service=product-catalog")
         .unwrap();
     assert_eq!(r.status, 200, "{}", r.body);
     serde_json::from_str(&r.body).unwrap()
@@ -55,9 +51,8 @@ spec:
 ---
 apiVersion: trellis.dev/v1alpha1
 kind: Telemetry
-metadata: {{name: client-log}}
+metadata: {{name: mesh-log}}
 spec:
-  service: client
   accessLog: {{path: '{}'}}
 "#,
             log.display()
@@ -98,7 +93,8 @@ spec:
         "only rule 1 denied, and the Deny policy allowed nothing: {rows:?}"
     );
 
-    // Explain by the id the access log carries: the client's line, its request replayed.
+    // Explain by the id the access log carries (both sidecars log to it: the client's
+    // outbound line is taken), its request replayed at the client's proxy.
     let node = client_node(&cp);
     let log_path = log.to_str().unwrap();
     wait_for(Duration::from_secs(10), "the access log line", || {
@@ -161,14 +157,13 @@ spec:
 fn an_instance_answering_5xx_shows_ejected_with_its_reason_until_the_ejection_ends() {
     let dir = TempDir::new("service-outlier");
     let cp = ControlPlane::start_in(dir.path());
-    let catalog_token = token(&cp, "product-catalog");
     let _good = catalog_env(
         dir.path(),
         "good",
         &cp.url(),
         free_port(),
         "v1",
-        &catalog_token,
+        &token(&cp, "product-catalog"),
         &["--ttl", "2s"],
         &[],
     );
@@ -178,7 +173,7 @@ fn an_instance_answering_5xx_shows_ejected_with_its_reason_until_the_ejection_en
         &cp.url(),
         free_port(),
         "bad",
-        &catalog_token,
+        &token(&cp, "product-catalog"),
         &["--ttl", "2s"],
         &[("FAIL_STATUS", "500")],
     );
@@ -233,14 +228,16 @@ spec:
                 .cloned()
         },
     );
-    assert_eq!(row["callers"], 1, "{row:#}");
+    // The proxies whose view holds the backend: the client's, and the catalog sidecars'
+    // (`trellis run` routes its app's HTTP proxy traffic, so it holds every service).
+    assert_eq!(row["callers"], 3, "{row:#}");
     assert_eq!(row["reasons"][0], "3 consecutive 5xx", "{row:#}");
     assert!(row["ejectedUntilUnixMs"].as_i64().is_some(), "{row:#}");
     assert!(
         row["summary"]
             .as_str()
             .unwrap()
-            .starts_with("ejected by 1 of 1 caller, reason: 3 consecutive 5xx"),
+            .starts_with("ejected by 1 of 3 callers, reason: 3 consecutive 5xx"),
         "{row:#}"
     );
     assert!(

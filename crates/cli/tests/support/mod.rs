@@ -248,6 +248,18 @@ pub fn https(
     body: &str,
     ca: &Path,
 ) -> std::io::Result<Response> {
+    https_with(method, port, path, "", body, ca)
+}
+
+/// [`https`] with extra request header lines (`name: value\r\n` each).
+pub fn https_with(
+    method: &str,
+    port: u16,
+    path: &str,
+    extra: &str,
+    body: &str,
+    ca: &Path,
+) -> std::io::Result<Response> {
     let bundle = std::fs::read_to_string(ca)?;
     let config = trellis_identity::control::control_client_config(
         &trellis_identity::ControlTrust::Bundle(bundle),
@@ -263,7 +275,7 @@ pub fn https(
         rustls::StreamOwned::new(conn, tcp),
         method,
         port,
-        "",
+        extra,
         path,
         body,
     )
@@ -383,6 +395,13 @@ impl ControlPlane {
     /// One request to the control plane's API over TLS.
     pub fn https(&self, method: &str, path: &str, body: &str) -> std::io::Result<Response> {
         https(method, self.port, path, body, &self.ca())
+    }
+
+    /// A GET of the config API with the admin token.
+    pub fn api_get(&self, path: &str) -> std::io::Result<Response> {
+        let token = std::fs::read_to_string(&self.token)?;
+        let auth = format!("authorization: Bearer {}\r\n", token.trim());
+        https_with("GET", self.port, path, &auth, "", &self.ca())
     }
 
     /// A control plane named `control` on a free port, its store in `dir/store`.
