@@ -33,8 +33,9 @@ pub const INTERVAL: Duration = Duration::from_secs(2);
 const MAX_SERIES: usize = 4096;
 
 /// Most authorization series (listener, policy, rule, decision) kept between reports, so
-/// one report carries at most this many: policies and rules are config, but config is
-/// user input. Beyond it, verdicts are counted under policy `~overflow`, never dropped.
+/// one report carries about this many (plus one overflow series per listener and decision):
+/// policies and rules are config, but config is user input. Beyond it, verdicts are counted
+/// under policy `~overflow`, never dropped.
 const MAX_AUTHZ_SERIES: usize = 256;
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
