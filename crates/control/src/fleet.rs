@@ -291,12 +291,12 @@ pub struct InstanceRow {
     pub summary: String,
 }
 
+/// One proxy's authorization verdicts in a window: each report's interval (ms) and series.
+pub type Verdicts<'a> = (&'a Reporter, Vec<(u32, &'a [wire::AuthzSeries])>);
+
 /// Authorization rows from each proxy's verdicts (with the interval each covers), per
 /// destination service, policy and rule. Pure.
-pub fn authz_rows(
-    windows: &[(&Reporter, Vec<(u32, &[wire::AuthzSeries])>)],
-    q: &Query,
-) -> Vec<AuthzRow> {
+pub fn authz_rows(windows: &[Verdicts<'_>], q: &Query) -> Vec<AuthzRow> {
     let mut rows: BTreeMap<(String, String, String, Option<u32>), AuthzRow> = BTreeMap::new();
     for (who, reports) in windows {
         let ok = q.namespace.as_deref().is_none_or(|n| n == who.namespace)
@@ -944,7 +944,7 @@ impl Fleet {
         let window = window.min(MAX_WINDOW);
         let mut windows = self.lock_windows();
         Self::prune(&mut windows, now);
-        let authz: Vec<(&Reporter, Vec<(u32, &[wire::AuthzSeries])>)> = windows
+        let authz: Vec<Verdicts<'_>> = windows
             .values()
             .map(|w| {
                 (
