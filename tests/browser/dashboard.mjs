@@ -202,7 +202,35 @@ async function run() {
     );
     log(`service numbers changed: ${first} → ${await figure()}`);
     await waitNth(page, "#instances tbody tr", 1);
+    // Outlier state per instance: a column with something in every row ("ok" when no
+    // caller sees the instance as anything but healthy).
+    const heads = await page.$$eval("#instances th", (ths) => ths.map((t) => t.textContent));
+    if (!heads.includes("outlier state")) throw new Error(`no outlier state column: ${heads}`);
+    const states = await page.$$eval('#instances td[data-label="outlier state"]', (tds) => tds.map((t) => t.textContent));
+    if (!states.length || states.some((t) => !t.trim() || t.trim() === "–")) throw new Error(`empty outlier states: ${states}`);
+    log(`outlier states: ${states.join(" | ")}`);
     await shot(page, "03-service");
+
+    step = "authorization";
+    // The demo has no AuthorizationPolicy: one that allows every caller in the mesh's
+    // namespace (so nothing changes for the demo), whose decisions then show per rule.
+    const policy = [
+      "apiVersion: trellis.dev/v1alpha1",
+      "kind: AuthorizationPolicy",
+      "metadata: {name: catalog-callers}",
+      "spec:",
+      "  targetRef: {kind: Service, name: product-catalog}",
+      "  action: Allow",
+      "  rules: [{from: {namespaces: [default]}}]",
+    ].join("\n");
+    const allowed = await api("POST", "/v1/apply", admin, { files: [{ name: "catalog-callers.yaml", text: policy }] });
+    if (allowed.status !== 200) throw new Error(`applying the policy: ${allowed.status} ${allowed.text}`);
+    const decidedSel = '#authz-decisions tr[data-policy="default/catalog-callers"]';
+    await page.waitForSelector(decidedSel, { timeout: 60_000 });
+    const cells = await page.$$eval(`${decidedSel} td`, (tds) => tds.map((t) => t.textContent));
+    if (cells[1] !== "rule 0" || !(Number(cells[2]) > 0)) throw new Error(`authorization decisions row: ${cells}`);
+    log(`authorization decisions: ${cells.join(" | ")}`);
+    await shot(page, "03b-authorization");
 
     step = "canary";
     const applied = await api("POST", "/v1/apply", admin, {
@@ -219,7 +247,17 @@ async function run() {
     await page.click('#nav a[data-view="tap"]');
     await waitNth(page, "#tap-table tbody tr", 4);
     log(`tap shows ${await count(page, "#tap-table tbody tr")} requests`);
-    await page.click("#tap-table tbody tr");
+    // An outbound request: its explanation covers the route and the endpoint.
+    const picked = await page.evaluate(() => {
+      const row = [...document.querySelectorAll("#tap-table tbody tr")].find(
+        (tr) => tr.querySelector('td[data-label="dir"]')?.textContent.includes("outbound"),
+      );
+      if (!row) return false;
+      row.setAttribute("data-picked", "1");
+      return true;
+    });
+    if (!picked) throw new Error("no outbound request in tap");
+    await page.click('#tap-table tbody tr[data-picked="1"]');
     await page.waitForFunction(
       () => {
         const e = document.querySelector("#explain");
@@ -227,6 +265,21 @@ async function run() {
       },
       { timeout: 20_000 },
     );
+    const explained = await page.evaluate(() => {
+      const e = document.querySelector("#explain");
+      const top = e.querySelector(".json > table.kv > tbody");
+      const row = (k) => [...(top ? top.children : [])].find((tr) => tr.firstChild.textContent === k);
+      return {
+        error: e.querySelector(".error")?.textContent || "",
+        route: row("route")?.lastChild.textContent || "",
+        endpoint: row("endpoint")?.lastChild.textContent || "",
+      };
+    });
+    if (explained.error) throw new Error(`explain answered an error: ${explained.error}`);
+    if (!explained.route.trim() || !/\d+\.\d+\.\d+\.\d+:\d+/.test(explained.endpoint)) {
+      throw new Error(`the explanation lacks the matched route or the chosen endpoint: ${JSON.stringify(explained)}`);
+    }
+    log(`explained: route ${explained.route.slice(0, 80)}; endpoint ${explained.endpoint.slice(0, 80)}`);
     await page.screenshot({ path: join(artifacts, "05-tap.png") });
     await page.click("#tap-stop");
 

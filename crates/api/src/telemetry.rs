@@ -106,6 +106,7 @@ pub const ACCESS_LOG_FIELDS: &[&str] = &[
     "start_time",
     "trace_id",
     "span_id",
+    "request_id",
     "direction",
     "client",
     "peer_identity",

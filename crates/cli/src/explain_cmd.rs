@@ -23,6 +23,7 @@ pub struct Args {
     pub target: Option<String>,
     pub headers: Vec<String>,
     pub request_id: Option<String>,
+    pub access_log: Option<PathBuf>,
     pub with: Option<PathBuf>,
     pub inbound: bool,
 }
@@ -65,14 +66,119 @@ pub fn parse_headers(headers: &[String]) -> Result<BTreeMap<String, String>> {
         .collect()
 }
 
+/// What an access log line does not carry, so explain cannot consider it.
+const NOT_IN_LOG: [&str; 2] = ["request headers", "the query string"];
+
+/// The request an access-log line describes, found by `id` (its `trace_id` or
+/// `request_id`) in `text` (the log, read from `origin`): the request for the explain API,
+/// whether it was the inbound side's line, and what the answer says about the line. Of
+/// several lines with the id (a trace crosses sidecars), the one of the side asked for:
+/// inbound with `inbound`, else outbound. Pure.
+pub fn from_access_log(
+    text: &str,
+    origin: &str,
+    id: &str,
+    inbound: bool,
+) -> Result<(Value, bool, Value)> {
+    let mut found: Vec<(usize, Value)> = Vec::new();
+    let mut lines = 0;
+    for (i, l) in text.lines().enumerate() {
+        let Ok(v) = serde_json::from_str::<Value>(l) else {
+            continue;
+        };
+        lines += 1;
+        let is = |k: &str| v[k].as_str().is_some_and(|s| s.eq_ignore_ascii_case(id));
+        if is("trace_id") || is("request_id") {
+            found.push((i + 1, v));
+        }
+    }
+    let want = if inbound { "inbound" } else { "outbound" };
+    let Some((n, line)) = found
+        .iter()
+        .find(|(_, v)| v["direction"] == want)
+        .or(found.first())
+        .cloned()
+    else {
+        bail!(
+            "request id {id:?}: no line of {origin} has it as trace_id or request_id ({lines} JSON lines read); the access log needs the trace_id field (tracing on) or request_id (requests with an x-request-id header)"
+        );
+    };
+    let field = |k: &str| -> Result<String> {
+        match v_str(&line, k) {
+            Some(s) if !s.is_empty() => Ok(s),
+            _ => bail!(
+                "{origin}:{n}: the line has no {k}, which explain needs (a TCP connection has none; otherwise add {k} to the Telemetry's accessLog.fields)"
+            ),
+        }
+    };
+    let is_inbound = line["direction"] == "inbound";
+    let request = json!({
+        // Inbound, the caller is the identity the sidecar verified; outbound, the calling
+        // proxy's own service (the explain API's default).
+        "source": if is_inbound { line["peer_identity"].as_str() } else { None },
+        "method": field("method")?,
+        "authority": field("authority")?,
+        "path": field("path")?,
+        "headers": {},
+    });
+    let about = json!({
+        "file": origin,
+        "line": n,
+        "direction": line["direction"],
+        "status": line["status"],
+        "route": line["route"],
+        "policy": line["policy"],
+        "reason": line["reason"],
+        "notConsidered": NOT_IN_LOG,
+        "why": format!(
+            "as {origin}:{n} logged it: {} {}{} answered {}; not in the log, so not considered: {}",
+            v_str(&line, "method").unwrap_or_default(),
+            v_str(&line, "authority").unwrap_or_default(),
+            v_str(&line, "path").unwrap_or_default(),
+            line["status"],
+            NOT_IN_LOG.join(", "),
+        ),
+    });
+    Ok((request, is_inbound, about))
+}
+
+fn v_str(v: &Value, k: &str) -> Option<String> {
+    v[k].as_str().map(str::to_string)
+}
+
 /// Runs the command; a denied or failing request is an answer, not an error (exit 0).
-pub async fn explain(api: &Api, args: Args, output: Output) -> Result<i32> {
-    if args.request_id.is_none() && args.proxy.is_some() == args.from.is_some() {
+pub async fn explain(api: &Api, mut args: Args, output: Output) -> Result<i32> {
+    let mut logged = None;
+    if let (Some(file), Some(id)) = (&args.access_log, &args.request_id) {
+        if args.proxy.is_none() && args.from.is_none() {
+            bail!(
+                "an access log line does not name its proxy: give the proxy that wrote {} with --proxy NODE (see `trellis get proxies`) or --from SERVICE",
+                file.display()
+            );
+        }
+        let (text, origin) = if file.as_os_str() == "-" {
+            let mut t = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)
+                .context("reading the access log from stdin")?;
+            (t, "stdin".to_string())
+        } else {
+            let t = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            (t, file.display().to_string())
+        };
+        let (request, is_inbound, about) = from_access_log(&text, &origin, id, args.inbound)?;
+        args.inbound |= is_inbound;
+        args.request_id = None;
+        logged = Some((request, about));
+    }
+    if args.request_id.is_none() && logged.is_none() && args.proxy.is_some() == args.from.is_some()
+    {
         bail!(
             "name the proxy that sends the request: --proxy NODE (see `trellis get proxies`) or --from SERVICE"
         );
     }
     let request = match (&args.target, &args.request_id) {
+        _ if logged.is_some() => logged.as_ref().map(|(r, _)| r.clone()),
         (Some(t), _) => {
             let (authority, path) = split_target(t)?;
             Some(json!({
@@ -100,7 +206,10 @@ pub async fn explain(api: &Api, args: Args, output: Output) -> Result<i32> {
         "with": with,
         "direction": args.inbound.then_some("inbound"),
     });
-    let answer: Value = api.post("/v1/explain", &body).await?;
+    let mut answer: Value = api.post("/v1/explain", &body).await?;
+    if let Some((_, about)) = logged {
+        answer["accessLog"] = about;
+    }
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&answer)?),
         Output::Text => print!("{}", text(&answer)),
@@ -138,6 +247,9 @@ pub fn text(v: &Value) -> String {
         ),
     );
     line(&mut out, "request", s(&v["request"]));
+    if v["accessLog"].is_object() {
+        line(&mut out, "access log", s(&v["accessLog"]["why"]));
+    }
     for n in v["notMatched"].as_array().into_iter().flatten() {
         line(
             &mut out,
@@ -260,6 +372,66 @@ mod tests {
         assert_eq!(h["a"], "b:c");
         let e = parse_headers(&["nocolon".into()]).unwrap_err().to_string();
         assert!(e.contains("'name: value'"), "{e}");
+    }
+
+    #[test]
+    fn access_log_lines_are_found_by_id_with_clear_errors() {
+        let log = concat!(
+            "not json\n",
+            r#"{"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","direction":"outbound","method":"GET","authority":"catalog","path":"/admin/x","status":403}"#,
+            "\n",
+            r#"{"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","direction":"inbound","peer_identity":"spiffe://td/ns/default/sa/client","method":"GET","authority":"catalog","path":"/admin/x","status":403,"policy":"default/no-admin"}"#,
+            "\n",
+            r#"{"request_id":"abc","direction":"outbound","method":"POST","authority":"pay","path":"/charge","status":200}"#,
+            "\n",
+            r#"{"request_id":"tcp","direction":"inbound","protocol":"TCP"}"#,
+            "\n",
+        );
+        // (id, inbound asked, line found, source, method and path)
+        for (id, inbound, line, source, method, path) in [
+            (
+                "4BF92F3577B34DA6A3CE929D0E0E4736",
+                false,
+                2,
+                None,
+                "GET",
+                "/admin/x",
+            ),
+            (
+                "4bf92f3577b34da6a3ce929d0e0e4736",
+                true,
+                3,
+                Some("spiffe://td/ns/default/sa/client"),
+                "GET",
+                "/admin/x",
+            ),
+            // The only line with the id, whichever side was asked for.
+            ("abc", true, 4, None, "POST", "/charge"),
+        ] {
+            let (req, is_inbound, about) = from_access_log(log, "a.log", id, inbound).unwrap();
+            assert_eq!(about["line"], line, "{id}");
+            assert_eq!(is_inbound, line == 3, "{id}");
+            assert_eq!(req["source"].as_str(), source, "{id}");
+            assert_eq!(
+                (req["method"].as_str(), req["path"].as_str()),
+                (Some(method), Some(path))
+            );
+            assert!(
+                about["why"].as_str().unwrap().contains("request headers"),
+                "{about}"
+            );
+        }
+        let e = from_access_log(log, "a.log", "nope", false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("\"nope\"") && e.contains("a.log") && e.contains("4 JSON lines"),
+            "{e}"
+        );
+        let e = from_access_log(log, "a.log", "tcp", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("a.log:5: the line has no method"), "{e}");
     }
 
     #[test]

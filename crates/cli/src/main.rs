@@ -310,9 +310,14 @@ enum Command {
         /// A request header, `'name: value'` (repeatable).
         #[arg(short = 'H', long = "header")]
         headers: Vec<String>,
-        /// A request seen in tap, by its id, instead of describing it.
+        /// A request seen in tap, by its id, instead of describing it; with `--access-log`,
+        /// the `trace_id` or `request_id` of a line of that access log.
         #[arg(long)]
         request_id: Option<String>,
+        /// The access log (a file, or `-` for stdin) whose line `--request-id` names; name
+        /// the proxy that wrote it with `--proxy` or `--from`.
+        #[arg(long, requires = "request_id", conflicts_with = "target")]
+        access_log: Option<PathBuf>,
         /// Explain against the config as it would be with these resources applied (YAML,
         /// several documents), and say what changes.
         #[arg(long)]
@@ -922,6 +927,7 @@ fn run(command: Command) -> Result<i32> {
             method,
             headers,
             request_id,
+            access_log,
             with,
             inbound,
             output,
@@ -935,6 +941,7 @@ fn run(command: Command) -> Result<i32> {
                 target,
                 headers,
                 request_id,
+                access_log,
                 with,
                 inbound,
             };

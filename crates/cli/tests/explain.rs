@@ -116,16 +116,7 @@ fn explanations_agree_with_what_the_sidecars_do() {
     assert_eq!(code, 0, "{out}{err}");
 
     // The client's proxy, by node id, as `get proxies` lists it.
-    let (code, out, err) = cp.cli(&["get", "proxies", "-o", "json"]);
-    assert_eq!(code, 0, "{err}");
-    let proxies: Value = serde_json::from_str(&out).unwrap();
-    let items = proxies["items"].as_array().or(proxies.as_array()).unwrap();
-    let node = items
-        .iter()
-        .find(|p| p["upstreams"].as_array().is_some_and(|u| !u.is_empty()))
-        .and_then(|p| p["node"].as_str())
-        .unwrap_or_else(|| panic!("the client's proxy in {out}"))
-        .to_string();
+    let node = client_node(&cp);
 
     // The config reached the sidecars: the route to `stock` answers 503.
     wait_for(READY, "the routes to reach the client's sidecar", || {

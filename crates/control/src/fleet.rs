@@ -26,6 +26,16 @@ const MAX_SERIES: usize = 4096;
 /// (a busy proxy's window shrinks rather than the control plane's memory growing).
 const MAX_KEPT_SERIES: usize = 20_000;
 
+/// Most authorization series kept from one report.
+const MAX_AUTHZ_SERIES: usize = 1024;
+
+/// Most backends, and endpoint states per backend, kept from one report.
+const MAX_BACKENDS: usize = 1024;
+const MAX_STATES: usize = 256;
+
+/// How long a proxy's endpoint state stands without a newer report (a few report intervals).
+pub const FRESH_STATE: Duration = Duration::from_secs(10);
+
 /// Events buffered per tap client before new ones are dropped.
 const TAP_BUFFER: usize = 512;
 
@@ -48,6 +58,22 @@ struct Window {
     reports: VecDeque<(Instant, wire::TrafficReport)>,
     /// CPU and memory samples (capacity report), as long as the reports.
     usage: VecDeque<(Instant, wire::Usage)>,
+    /// Authorization verdicts of each report, with the interval it covers (ms).
+    authz: VecDeque<(Instant, u32, Vec<wire::AuthzSeries>)>,
+    /// The latest state of the endpoints it sends to.
+    endpoints: Option<(Instant, wire::EndpointReport)>,
+}
+
+impl Window {
+    fn new(reporter: &Reporter) -> Window {
+        Window {
+            reporter: reporter.clone(),
+            reports: VecDeque::new(),
+            usage: VecDeque::new(),
+            authz: VecDeque::new(),
+            endpoints: None,
+        }
+    }
 }
 
 /// Latency summary and counts of a set of requests.
@@ -203,6 +229,234 @@ pub struct StatsView {
     pub routes: Vec<StatRow>,
     /// Caller to callee, as the callees' sidecars saw them.
     pub edges: Vec<EdgeRow>,
+    /// Authorization decisions per service, policy and rule, as the services' sidecars
+    /// decided them (empty in history slices).
+    #[serde(default)]
+    pub authz: Vec<AuthzRow>,
+    /// Instances that callers' sidecars see as not plainly healthy, and how many callers
+    /// each has (empty in history slices).
+    #[serde(default)]
+    pub instances: Vec<InstanceRow>,
+}
+
+/// One row of the per-service view's "Authorization decisions": the verdicts one policy's
+/// rule gave at one service's sidecars.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzRow {
+    /// The deciding sidecars' namespace and service.
+    pub namespace: String,
+    /// Their service.
+    pub service: String,
+    /// What decided: a policy `namespace/name`, a `MeshConfig`, `default`,
+    /// `no-allow-policy-matched` or `RequestAuthentication`.
+    pub policy: String,
+    /// The rule of the policy (index from 0); absent when no rule decided.
+    pub rule: Option<u32>,
+    /// Requests allowed.
+    pub allow: u64,
+    /// Requests (or TCP connections) denied.
+    pub deny: u64,
+    /// Allowed, but an audit-mode policy (this one) would deny.
+    pub audit_deny: u64,
+    /// Decisions per second over the window.
+    pub rps: f64,
+    /// Denials per second over the window.
+    pub deny_rps: f64,
+}
+
+/// One instance's outlier and health state as its callers' sidecars see it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct InstanceRow {
+    /// `IP:PORT` of the instance's inbound sidecar (the workload's `address`).
+    pub address: String,
+    /// The backends (`namespace/name:port`) it is an endpoint of.
+    pub backends: Vec<String>,
+    /// Proxies whose view holds those backends (the callers that could eject it).
+    pub callers: usize,
+    /// Callers that eject it now.
+    pub ejected_by: usize,
+    /// The latest end of those ejections, Unix milliseconds.
+    pub ejected_until_unix_ms: Option<i64>,
+    /// Why they ejected it, each once (`5 consecutive 5xx`).
+    pub reasons: Vec<String>,
+    /// Callers probing it one request at a time after an ejection.
+    pub probing: usize,
+    /// Callers whose health check of it fails.
+    pub check_failing: usize,
+    /// Callers that saw its last requests fail (backing off).
+    pub failing: usize,
+    /// The state in words: `ejected by 2 of 3 callers (5 consecutive 5xx)`.
+    pub summary: String,
+}
+
+/// One proxy's authorization verdicts in a window: each report's interval (ms) and series.
+pub type Verdicts<'a> = (&'a Reporter, Vec<(u32, &'a [wire::AuthzSeries])>);
+
+/// Authorization rows from each proxy's verdicts (with the interval each covers), per
+/// destination service, policy and rule. Pure.
+pub fn authz_rows(windows: &[Verdicts<'_>], q: &Query) -> Vec<AuthzRow> {
+    let mut rows: BTreeMap<(String, String, String, Option<u32>), AuthzRow> = BTreeMap::new();
+    for (who, reports) in windows {
+        let ok = q.namespace.as_deref().is_none_or(|n| n == who.namespace)
+            && q.service.as_deref().is_none_or(|s| s == who.service);
+        if !ok || reports.is_empty() {
+            continue;
+        }
+        let seconds: f64 = reports.iter().map(|(ms, _)| f64::from(*ms) / 1e3).sum();
+        for s in reports.iter().flat_map(|(_, a)| a.iter()) {
+            let key = (
+                who.namespace.clone(),
+                who.service.clone(),
+                s.policy.clone(),
+                s.rule,
+            );
+            let r = rows.entry(key).or_insert_with(|| AuthzRow {
+                namespace: who.namespace.clone(),
+                service: who.service.clone(),
+                policy: s.policy.clone(),
+                rule: s.rule,
+                allow: 0,
+                deny: 0,
+                audit_deny: 0,
+                rps: 0.0,
+                deny_rps: 0.0,
+            });
+            match s.decision.as_str() {
+                "allow" => r.allow += s.count,
+                "deny" => r.deny += s.count,
+                _ => r.audit_deny += s.count,
+            }
+            if seconds > 0.0 {
+                let rate = s.count as f64 / seconds;
+                r.rps += rate;
+                if s.decision == "deny" {
+                    r.deny_rps += rate;
+                }
+            }
+        }
+    }
+    rows.into_values()
+        .map(|mut r| {
+            r.rps = (r.rps * 100.0).round() / 100.0;
+            r.deny_rps = (r.deny_rps * 100.0).round() / 100.0;
+            r
+        })
+        .collect()
+}
+
+/// Instance rows from each proxy's latest endpoint state (with its age): an instance is
+/// listed when some caller sees it as not plainly healthy. Pure.
+pub fn instance_rows(reports: &[(&Reporter, Duration, &wire::EndpointReport)]) -> Vec<InstanceRow> {
+    // Callers per backend name.
+    let mut holders: BTreeMap<&str, usize> = BTreeMap::new();
+    for (_, _, r) in reports {
+        for b in &r.backends {
+            *holders.entry(b.backend.as_str()).or_default() += 1;
+        }
+    }
+    let unix_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let mut rows: BTreeMap<String, InstanceRow> = BTreeMap::new();
+    // Per instance: the callers seen with each state, so a proxy with the instance in two
+    // backends counts once.
+    let mut seen: BTreeMap<String, [std::collections::BTreeSet<&Reporter>; 4]> = BTreeMap::new();
+    for (who, age, r) in reports {
+        for b in &r.backends {
+            for e in &b.states {
+                let row = rows
+                    .entry(e.address.clone())
+                    .or_insert_with(|| InstanceRow {
+                        address: e.address.clone(),
+                        backends: Vec::new(),
+                        callers: 0,
+                        ejected_by: 0,
+                        ejected_until_unix_ms: None,
+                        reasons: Vec::new(),
+                        probing: 0,
+                        check_failing: 0,
+                        failing: 0,
+                        summary: String::new(),
+                    });
+                if !row.backends.contains(&b.backend) {
+                    row.backends.push(b.backend.clone());
+                }
+                let sets = seen.entry(e.address.clone()).or_default();
+                // The report is `age` old: an ejection that has ended since is over.
+                let left = Duration::from_millis(e.ejected_ms).saturating_sub(*age);
+                if e.ejected_ms > 0 && !left.is_zero() {
+                    sets[0].insert(who);
+                    let until = unix_now + i64::try_from(left.as_millis()).unwrap_or(i64::MAX);
+                    row.ejected_until_unix_ms =
+                        Some(row.ejected_until_unix_ms.map_or(until, |u| u.max(until)));
+                    if !e.reason.is_empty() && !row.reasons.contains(&e.reason) {
+                        row.reasons.push(e.reason.clone());
+                    }
+                }
+                if e.probing {
+                    sets[1].insert(who);
+                }
+                if e.check_failing {
+                    sets[2].insert(who);
+                }
+                if e.failures > 0 {
+                    sets[3].insert(who);
+                }
+            }
+        }
+    }
+    rows.into_values()
+        .map(|mut row| {
+            let sets = &seen[&row.address];
+            row.callers = row
+                .backends
+                .iter()
+                .map(|b| holders.get(b.as_str()).copied().unwrap_or(0))
+                .max()
+                .unwrap_or(0);
+            row.ejected_by = sets[0].len();
+            row.probing = sets[1].len();
+            row.check_failing = sets[2].len();
+            row.failing = sets[3].len();
+            row.summary = summary(&row);
+            row
+        })
+        .collect()
+}
+
+/// An instance's state in words.
+fn summary(r: &InstanceRow) -> String {
+    let of = |n: usize| {
+        format!(
+            "{n} of {} caller{}",
+            r.callers,
+            if r.callers == 1 { "" } else { "s" }
+        )
+    };
+    let mut parts = Vec::new();
+    if r.ejected_by > 0 {
+        let why = if r.reasons.is_empty() {
+            String::new()
+        } else {
+            format!(", reason: {}", r.reasons.join("; "))
+        };
+        parts.push(format!("ejected by {}{why}", of(r.ejected_by)));
+    }
+    if r.probing > 0 {
+        parts.push(format!("probed after an ejection by {}", of(r.probing)));
+    }
+    if r.check_failing > 0 {
+        parts.push(format!(
+            "failing the health check of {}",
+            of(r.check_failing)
+        ));
+    }
+    if r.failing > 0 && r.ejected_by == 0 {
+        parts.push(format!("recent requests failed for {}", of(r.failing)));
+    }
+    parts.join("; ")
 }
 
 /// What a stats query selects.
@@ -370,6 +624,8 @@ pub fn aggregate(
                 e
             })
             .collect(),
+        authz: Vec::new(),
+        instances: Vec::new(),
     }
 }
 
@@ -583,11 +839,9 @@ impl Fleet {
     pub fn record(&self, who: &Reporter, mut report: wire::TrafficReport, now: Instant) {
         report.series.truncate(MAX_SERIES);
         let mut windows = self.lock_windows();
-        let w = windows.entry(who.clone()).or_insert_with(|| Window {
-            reporter: who.clone(),
-            reports: VecDeque::new(),
-            usage: VecDeque::new(),
-        });
+        let w = windows
+            .entry(who.clone())
+            .or_insert_with(|| Window::new(who));
         w.reports.push_back((now, report));
         let mut kept: usize = w.reports.iter().map(|(_, r)| r.series.len()).sum();
         while kept > MAX_KEPT_SERIES && w.reports.len() > 1 {
@@ -614,20 +868,103 @@ impl Fleet {
             {
                 w.usage.pop_front();
             }
+            while w
+                .authz
+                .front()
+                .is_some_and(|(t, _, _)| now.duration_since(*t) > MAX_WINDOW)
+            {
+                w.authz.pop_front();
+            }
+            if w.endpoints
+                .as_ref()
+                .is_some_and(|(t, _)| now.duration_since(*t) > FRESH_STATE)
+            {
+                w.endpoints = None;
+            }
         }
-        windows.retain(|_, w| !w.reports.is_empty() || !w.usage.is_empty());
+        windows.retain(|_, w| {
+            !w.reports.is_empty()
+                || !w.usage.is_empty()
+                || !w.authz.is_empty()
+                || w.endpoints.is_some()
+        });
     }
 
     /// Keeps a CPU and memory sample from `who`.
     pub fn record_usage(&self, who: &Reporter, usage: wire::Usage, now: Instant) {
         let mut windows = self.lock_windows();
-        let w = windows.entry(who.clone()).or_insert_with(|| Window {
-            reporter: who.clone(),
-            reports: VecDeque::new(),
-            usage: VecDeque::new(),
-        });
+        let w = windows
+            .entry(who.clone())
+            .or_insert_with(|| Window::new(who));
         w.usage.push_back((now, usage));
         Self::prune(&mut windows, now);
+    }
+
+    /// Keeps the authorization verdicts and endpoint state that came with a report from
+    /// `who` covering `interval_ms`.
+    pub fn record_policy(
+        &self,
+        who: &Reporter,
+        interval_ms: u32,
+        mut authz: Vec<wire::AuthzSeries>,
+        endpoints: Option<wire::EndpointReport>,
+        now: Instant,
+    ) {
+        authz.truncate(MAX_AUTHZ_SERIES);
+        let mut windows = self.lock_windows();
+        let w = windows
+            .entry(who.clone())
+            .or_insert_with(|| Window::new(who));
+        // Empty entries too: they count the time they cover (the rate's denominator).
+        w.authz.push_back((now, interval_ms, authz));
+        let mut kept: usize = w.authz.iter().map(|(_, _, a)| a.len()).sum();
+        while kept > MAX_KEPT_SERIES && w.authz.len() > 1 {
+            if let Some((_, _, a)) = w.authz.pop_front() {
+                kept -= a.len();
+            }
+        }
+        if let Some(mut e) = endpoints {
+            e.backends.truncate(MAX_BACKENDS);
+            for b in &mut e.backends {
+                b.states.truncate(MAX_STATES);
+            }
+            w.endpoints = Some((now, e));
+        }
+        Self::prune(&mut windows, now);
+    }
+
+    /// Authorization decisions per destination service, policy and rule over the last
+    /// `window`, and each instance's outlier state as its callers see it now.
+    pub fn policy_view(
+        &self,
+        window: Duration,
+        q: &Query,
+        now: Instant,
+    ) -> (Vec<AuthzRow>, Vec<InstanceRow>) {
+        let window = window.min(MAX_WINDOW);
+        let mut windows = self.lock_windows();
+        Self::prune(&mut windows, now);
+        let authz: Vec<Verdicts<'_>> = windows
+            .values()
+            .map(|w| {
+                (
+                    &w.reporter,
+                    w.authz
+                        .iter()
+                        .filter(|(t, _, _)| now.duration_since(*t) <= window)
+                        .map(|(_, ms, a)| (*ms, a.as_slice()))
+                        .collect(),
+                )
+            })
+            .collect();
+        let endpoints: Vec<(&Reporter, Duration, &wire::EndpointReport)> = windows
+            .values()
+            .filter_map(|w| {
+                let (t, e) = w.endpoints.as_ref()?;
+                Some((&w.reporter, now.duration_since(*t), e))
+            })
+            .collect();
+        (authz_rows(&authz, q), instance_rows(&endpoints))
     }
 
     /// Each proxy's CPU rates and latest memory over the last `window`.
@@ -652,8 +989,15 @@ impl Fleet {
             .collect()
     }
 
-    /// The fleet view over the last `window`.
+    /// The fleet view over the last `window`, with authorization decisions and the
+    /// instances callers do not see as plainly healthy (all of them: the caller selects).
     pub fn view(&self, window: Duration, q: &Query, now: Instant) -> StatsView {
+        let mut v = self.traffic_view(window, q, now);
+        (v.authz, v.instances) = self.policy_view(window, q, now);
+        v
+    }
+
+    fn traffic_view(&self, window: Duration, q: &Query, now: Instant) -> StatsView {
         let window = window.min(MAX_WINDOW);
         let mut windows = self.lock_windows();
         Self::prune(&mut windows, now);
@@ -916,6 +1260,7 @@ pub(crate) async fn serve_reports(
             message = inbound.message() => {
                 let Ok(Some(m)) = message else { return };
                 if let Some(t) = m.traffic {
+                    fleet.record_policy(who, t.interval_ms, m.authz, m.endpoints, Instant::now());
                     fleet.record(who, t, Instant::now());
                 }
                 if let Some(u) = m.usage {
@@ -1063,6 +1408,148 @@ mod tests {
             identity: format!("spiffe://td/ns/default/sa/{service}"),
             node: node.into(),
         }
+    }
+
+    fn verdicts(policy: &str, rule: Option<u32>, decision: &str, count: u64) -> wire::AuthzSeries {
+        wire::AuthzSeries {
+            listener: "inbound".into(),
+            policy: policy.into(),
+            rule,
+            decision: decision.into(),
+            count,
+        }
+    }
+
+    #[test]
+    fn authz_rows_sum_per_service_policy_and_rule() {
+        let (a, b, other) = (who("pay", "n1"), who("pay", "n2"), who("shop", "n3"));
+        let r1 = [
+            verdicts("default/no-admin", Some(1), "deny", 4),
+            verdicts("default", None, "allow", 10),
+        ];
+        let r2 = [verdicts("default/no-admin", Some(1), "deny", 2)];
+        let r3 = [
+            verdicts("default/no-admin", Some(0), "deny", 1),
+            verdicts("default/audit", Some(2), "audit_deny", 3),
+        ];
+        let o = [verdicts("default/x", Some(0), "allow", 7)];
+        let windows = vec![
+            // Two reports of 2 s from one proxy: 4 s.
+            (&a, vec![(2000, &r1[..]), (2000, &[][..])]),
+            (&b, vec![(2000, &r2[..]), (2000, &r3[..])]),
+            (&other, vec![(2000, &o[..])]),
+        ];
+        let q = Query {
+            service: Some("pay".into()),
+            ..Query::default()
+        };
+        let rows = authz_rows(&windows, &q);
+        let got: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.policy.as_str(),
+                    r.rule,
+                    r.allow,
+                    r.deny,
+                    r.audit_deny,
+                    r.rps,
+                    r.deny_rps,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("default", None, 10, 0, 0, 2.5, 0.0),
+                ("default/audit", Some(2), 0, 0, 3, 0.75, 0.0),
+                ("default/no-admin", Some(0), 0, 1, 0, 0.25, 0.25),
+                // 4 over 4 s from one proxy, 2 over 4 s from the other.
+                ("default/no-admin", Some(1), 0, 6, 0, 1.5, 1.5),
+            ]
+        );
+        assert!(rows.iter().all(|r| r.service == "pay"));
+        assert_eq!(authz_rows(&windows, &Query::default()).len(), 5);
+    }
+
+    fn state(address: &str, ejected_ms: u64, reason: &str) -> wire::EndpointState {
+        wire::EndpointState {
+            address: address.into(),
+            ejected_ms,
+            reason: reason.into(),
+            times_ejected: u32::from(ejected_ms > 0),
+            probing: false,
+            check_failing: false,
+            failures: 0,
+        }
+    }
+
+    fn backend(name: &str, states: Vec<wire::EndpointState>) -> wire::BackendEndpoints {
+        wire::BackendEndpoints {
+            backend: name.into(),
+            endpoints: 3,
+            states,
+        }
+    }
+
+    #[test]
+    fn instance_rows_count_callers_that_eject_and_drop_ended_ejections() {
+        let (a, b, c) = (who("web", "n1"), who("web", "n2"), who("shop", "n3"));
+        let five = "5 consecutive 5xx";
+        let ra = wire::EndpointReport {
+            backends: vec![backend(
+                "default/pay:80",
+                vec![state("10.0.0.1:80", 30_000, five)],
+            )],
+        };
+        // Also in a subset backend: the instance counts this caller once.
+        let rb = wire::EndpointReport {
+            backends: vec![
+                backend(
+                    "default/pay:80",
+                    vec![state("10.0.0.1:80", 10_000, "3 consecutive gateway errors")],
+                ),
+                backend(
+                    "default/pay-v2:80",
+                    vec![state("10.0.0.1:80", 10_000, five)],
+                ),
+            ],
+        };
+        // Reported 3 s ago with 2 s left: over. Another instance failing its check.
+        let mut failing = state("10.0.0.2:80", 0, "");
+        failing.check_failing = true;
+        failing.probing = true;
+        let rc = wire::EndpointReport {
+            backends: vec![backend(
+                "default/pay:80",
+                vec![state("10.0.0.1:80", 2_000, five), failing],
+            )],
+        };
+        let ms = Duration::from_millis;
+        let rows = instance_rows(&[(&a, ms(0), &ra), (&b, ms(500), &rb), (&c, ms(3000), &rc)]);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let r = &rows[0];
+        assert_eq!(r.address, "10.0.0.1:80");
+        assert_eq!((r.callers, r.ejected_by, r.probing), (3, 2, 0));
+        assert_eq!(r.backends, ["default/pay:80", "default/pay-v2:80"]);
+        assert_eq!(r.reasons, [five, "3 consecutive gateway errors"]);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64;
+        let until = r.ejected_until_unix_ms.unwrap() - now;
+        assert!((29_000..=30_500).contains(&until), "{until}");
+        assert_eq!(
+            r.summary,
+            "ejected by 2 of 3 callers, reason: 5 consecutive 5xx; 3 consecutive gateway errors"
+        );
+        let r = &rows[1];
+        assert_eq!((r.ejected_by, r.check_failing, r.probing), (0, 1, 1));
+        assert_eq!(
+            r.summary,
+            "probed after an ejection by 1 of 3 callers; failing the health check of 1 of 3 callers"
+        );
+        assert!(instance_rows(&[]).is_empty());
     }
 
     #[test]

@@ -82,7 +82,21 @@ pub(crate) async fn stats(
         service: some(p.service),
         route: some(p.route),
     };
-    Json(c.fleet.view(window, &q, tokio::time::Instant::now())).into_response()
+    let mut view = c.fleet.view(window, &q, tokio::time::Instant::now());
+    // An instance belongs to the service it registered as; a backend may be a subset
+    // Service of it (a canary's `payment-v2`), so the registry decides, by address.
+    let state = c.state();
+    let mine: std::collections::HashSet<&str> = state
+        .workloads
+        .values()
+        .filter(|w| q.namespace.as_ref().is_none_or(|n| *n == w.namespace))
+        .filter(|w| q.service.as_ref().is_none_or(|s| *s == w.service))
+        .map(|w| w.address.as_str())
+        .collect();
+    if q.namespace.is_some() || q.service.is_some() {
+        view.instances.retain(|r| mine.contains(r.address.as_str()));
+    }
+    Json(view).into_response()
 }
 
 /// Parameters of `GET /v1/stats/history`.

@@ -106,6 +106,7 @@ export function service(main, ns, name) {
   const instances = el("div", { id: "instances" });
   const routes = el("div", { id: "routes" });
   const authz = el("div", { id: "authz" });
+  const decisions = el("div", { id: "authz-decisions" });
   clear(
     main,
     el("h2", {}, el("a", { href: "#/services", text: "Services" }), ` / ${ns}/${name}`),
@@ -113,6 +114,7 @@ export function service(main, ns, name) {
     section("Golden metrics (last 30 s; sparklines: last 5 min in 10 s steps)", golden),
     section("Instances", instances),
     section("Routes to it (what callers' sidecars sent)", routes),
+    section("Authorization decisions (last 30 s, at its sidecars)", decisions),
     section("Authorization policies", authz),
   );
   const q = `namespace=${encodeURIComponent(ns)}&service=${encodeURIComponent(name)}`;
@@ -144,6 +146,14 @@ export function service(main, ns, name) {
     );
     const mine = workloads.items.filter((w) => w.service === name);
     const proxyOf = (w) => proxies.items.find((p) => p.node === w.node);
+    // What callers' sidecars see of each instance: only those not plainly healthy are listed.
+    const outlier = (w) => (stats.instances || []).find((i) => i.address === w.address);
+    const outlierText = (w) => {
+      const o = outlier(w);
+      if (!o) return "ok";
+      const until = o.ejectedUntilUnixMs ? ` until ${new Date(o.ejectedUntilUnixMs).toLocaleTimeString()}` : "";
+      return o.ejectedBy ? o.summary.replace(/^(ejected by [^,;]+)/, `$1${until}`) : o.summary;
+    };
     clear(
       instances,
       table(
@@ -155,9 +165,10 @@ export function service(main, ns, name) {
           { title: "labels", value: (w) => Object.entries(w.labels || {}).map(([k, v]) => `${k}=${v}`).join(", ") },
           { title: "identity", value: (w) => w.identity || "–" },
           { title: "config acked", value: (w) => (proxyOf(w) ? proxyOf(w).ackedVersion || "pending" : "–") },
+          { title: "outlier state", value: outlierText, cls: (w) => (outlier(w) && outlier(w).ejectedBy ? "bad" : "") },
         ],
         mine,
-        { empty: "No registered instances." },
+        { empty: "No registered instances.", rowAttrs: (w) => ({ "data-address": w.address }) },
       ),
     );
     // Routes whose backend is this service, or a Service selecting its instances (a canary's
@@ -186,6 +197,23 @@ export function service(main, ns, name) {
         { empty: "No traffic to it through a route in the window.", rowAttrs: (r) => ({ "data-backend": r.backend }) },
       ),
     );
+    const rule = (r) => (r.rule === null || r.rule === undefined ? "–" : `rule ${r.rule}`);
+    clear(
+      decisions,
+      table(
+        [
+          { title: "policy", value: (r) => r.policy },
+          { title: "rule", value: rule },
+          { title: "allowed", value: (r) => fmt.num(r.allow) },
+          { title: "denied", value: (r) => fmt.num(r.deny), cls: (r) => (r.deny ? "bad" : "") },
+          { title: "audit: would deny", value: (r) => fmt.num(r.auditDeny) },
+          { title: "decisions/s", value: (r) => fmt.rps(r.rps) },
+          { title: "denied/s", value: (r) => fmt.rps(r.denyRps) },
+        ],
+        stats.authz || [],
+        { empty: "No authorization decisions in the window: no policy applies at its sidecars, or no requests came.", rowAttrs: (r) => ({ "data-policy": r.policy }) },
+      ),
+    );
     const applies = policies.items.filter((p) => p.metadata.namespace === ns);
     clear(
       authz,
@@ -198,7 +226,6 @@ export function service(main, ns, name) {
         applies,
         { empty: "No AuthorizationPolicy in this namespace: every authenticated caller is allowed unless the mesh default says otherwise." },
       ),
-      el("p", { class: "muted", text: "Decision counts per policy are not reported by sidecars yet; pick a request in Tap and explain it to see which rule decided." }),
     );
   }, status);
 }

@@ -24,6 +24,9 @@ pub struct Entry {
     pub trace_id: Option<TraceId>,
     /// This hop's span id (16 hex digits), when the request was traced.
     pub span_id: Option<SpanId>,
+    /// The request's `x-request-id` header, when it has one: an id to find the line by
+    /// (`trellis explain --access-log`) without tracing.
+    pub request_id: Option<HeaderValue>,
     /// `inbound` or `outbound`.
     pub direction: &'static str,
     /// The client's address.
@@ -103,6 +106,7 @@ impl Default for Entry {
             start_time: SystemTime::UNIX_EPOCH,
             trace_id: None,
             span_id: None,
+            request_id: None,
             direction: "",
             client: SocketAddr::from(([0, 0, 0, 0], 0)),
             peer_identity: None,
@@ -236,6 +240,9 @@ fn push_line(out: &mut Vec<u8>, e: &Entry, fields: Fields) {
     }
     if let Some(id) = &e.span_id {
         field!("span_id", true, push_hex(out, id));
+    }
+    if let Some(id) = &e.request_id {
+        field!("request_id", true, push_bytes(out, id.as_bytes()));
     }
     field!("direction", true, push_str(out, e.direction));
     field!("client", true, push_addr(out, e.client));
@@ -597,6 +604,7 @@ mod tests {
             peer_identity: Some("spiffe://x/ns/a/sa/b".into()),
             grpc_status: Some(0),
             span_id: Some([0x00, 0xf0, 0x67, 0xaa, 0x0b, 0xa9, 0x02, 0xb7]),
+            request_id: Some(HeaderValue::from_static("req-1")),
             reason: Some("upstream_timeout"),
             policy: Some("shop/allow".into()),
             request_bytes: Some(12),
@@ -606,7 +614,7 @@ mod tests {
         let text = line(&all, &[]);
         assert!(
             text.starts_with(
-                "{\"start_time\":\"1970-01-01T00:00:00.000001Z\",\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\",\"span_id\":\"00f067aa0ba902b7\""
+                "{\"start_time\":\"1970-01-01T00:00:00.000001Z\",\"trace_id\":\"4bf92f3577b34da6a3ce929d0e0e4736\",\"span_id\":\"00f067aa0ba902b7\",\"request_id\":\"req-1\""
             ),
             "{text}"
         );

@@ -62,9 +62,26 @@ pub struct Verdict {
     pub allow: bool,
     /// What decided: a policy (`namespace/name`), `default`, or `no-allow-policy-matched`.
     pub policy: Arc<str>,
+    /// The rule of `policy` that decided (its index, from 0); `None` when a default or the
+    /// absence of a matching Allow rule decided.
+    pub rule: Option<u32>,
     /// When an audit-mode policy (or default) would have denied a request that is allowed:
-    /// what would have denied it.
+    /// what would have denied it, and its rule.
     pub audit_denied_by: Option<Arc<str>>,
+    /// The rule of `audit_denied_by` that would have denied.
+    pub audit_rule: Option<u32>,
+}
+
+impl Verdict {
+    /// How the verdict is counted: `allow`, `deny` or `audit_deny` (allowed, but an audit-mode
+    /// policy would deny), and the policy and rule behind that decision.
+    pub fn decision(&self) -> (&'static str, &Arc<str>, Option<u32>) {
+        match (&self.audit_denied_by, self.allow) {
+            (_, false) => ("deny", &self.policy, self.rule),
+            (Some(a), true) => ("audit_deny", a, self.audit_rule),
+            (None, true) => ("allow", &self.policy, self.rule),
+        }
+    }
 }
 
 impl Authz {
@@ -147,21 +164,30 @@ impl Authz {
         let enforced = self.eval(req, now, false);
         let full = self.eval(req, now, true);
         match (enforced, full) {
-            ((true, policy), (false, audit)) => Verdict {
+            ((true, policy, rule), (false, audit, audit_rule)) => Verdict {
                 allow: true,
                 policy,
+                rule,
                 audit_denied_by: Some(audit),
+                audit_rule,
             },
-            ((allow, policy), _) => Verdict {
+            ((allow, policy, rule), _) => Verdict {
                 allow,
                 policy,
+                rule,
                 audit_denied_by: None,
+                audit_rule: None,
             },
         }
     }
 
     /// The decision counting only enforcing policies (`with_audit` false) or all of them.
-    fn eval(&self, req: &Request<'_>, now: jiff::Timestamp, with_audit: bool) -> (bool, Arc<str>) {
+    fn eval(
+        &self,
+        req: &Request<'_>,
+        now: jiff::Timestamp,
+        with_audit: bool,
+    ) -> (bool, Arc<str>, Option<u32>) {
         let active = self
             .policies
             .iter()
@@ -169,27 +195,31 @@ impl Authz {
         let mut allow_policies = false;
         let mut allowed_by = None;
         for p in active {
-            let matched = p.rules.iter().any(|r| r.matches(req, now));
+            let matched = p
+                .rules
+                .iter()
+                .position(|r| r.matches(req, now))
+                .map(|i| u32::try_from(i).unwrap_or(u32::MAX));
             match p.action {
-                AuthzAction::Deny if matched => return (false, p.name.clone()),
+                AuthzAction::Deny if matched.is_some() => return (false, p.name.clone(), matched),
                 AuthzAction::Deny => {}
                 AuthzAction::Allow => {
                     allow_policies = true;
-                    if matched && allowed_by.is_none() {
-                        allowed_by = Some(p.name.clone());
+                    if matched.is_some() && allowed_by.is_none() {
+                        allowed_by = Some((p.name.clone(), matched));
                     }
                 }
             }
         }
         if allow_policies {
             return match allowed_by {
-                Some(name) => (true, name),
-                None => (false, "no-allow-policy-matched".into()),
+                Some((name, rule)) => (true, name, rule),
+                None => (false, "no-allow-policy-matched".into(), None),
             };
         }
         let default_allows = self.default_action == AuthzAction::Allow
             || (!with_audit && self.default_mode == AuthzMode::Audit);
-        (default_allows, self.default_name.clone())
+        (default_allows, self.default_name.clone(), None)
     }
 }
 
@@ -687,6 +717,68 @@ mod tests {
         let open = Authz::new(&[], AuthzAction::Allow, AuthzMode::Enforce, "default").unwrap();
         assert!(requires_http(&open, &authn, 8080));
         assert!(!requires_http(&open, &Default::default(), 8080));
+    }
+
+    #[test]
+    fn the_verdict_names_the_rule_that_decided() {
+        let get = http::Method::GET;
+        let none = http::HeaderMap::new();
+        let now = at("2026-11-23T12:00:00Z");
+        let req = |peer, path| Request {
+            peer: Some(peer),
+            http: Some((&get, path, &none)),
+            port: 80,
+            claims: None,
+        };
+        let deny = spec("action: Deny\nrules: [{to: {paths: [/a]}}, {to: {paths: [/admin/*]}}]");
+        let allow = spec(&format!(
+            "action: Allow\nrules: [{{from: {{namespaces: [web]}}}}, {{from: {{identities: [\"{ORDERS}\"]}}}}]"
+        ));
+        let audit = spec(
+            "action: Deny\nmode: Audit\nrules: [{to: {paths: [/x]}}, {to: {paths: [/audited]}}]",
+        );
+        let a = Authz::new(
+            &[
+                ("shop/audit".into(), &audit),
+                ("shop/deny".into(), &deny),
+                ("shop/allow".into(), &allow),
+            ],
+            AuthzAction::Allow,
+            AuthzMode::Enforce,
+            "default",
+        )
+        .unwrap();
+        // (request, allowed, deciding policy and rule, audit policy and rule)
+        let cases = [
+            (req(ORDERS, "/admin/x"), false, ("shop/deny", Some(1)), None),
+            (req(ORDERS, "/ok"), true, ("shop/allow", Some(1)), None),
+            (req(WEB, "/ok"), true, ("shop/allow", Some(0)), None),
+            (
+                req("spiffe://td/ns/other/sa/x", "/ok"),
+                false,
+                ("no-allow-policy-matched", None),
+                None,
+            ),
+            (
+                req(ORDERS, "/audited"),
+                true,
+                ("shop/allow", Some(1)),
+                Some(("shop/audit", Some(1))),
+            ),
+        ];
+        for (r, allow, (policy, rule), audit) in cases {
+            let v = a.decide(&r, now);
+            assert_eq!(
+                (v.allow, &*v.policy, v.rule),
+                (allow, policy, rule),
+                "{r:?}"
+            );
+            assert_eq!(
+                v.audit_denied_by.as_deref().map(|p| (p, v.audit_rule)),
+                audit,
+                "{r:?}"
+            );
+        }
     }
 
     #[test]

@@ -102,6 +102,7 @@ impl Hop {
             start_time: SystemTime::now(),
             trace_id: span.as_ref().map(|s| s.trace_id),
             span_id: span.as_ref().map(|s| s.span_id),
+            request_id: req.headers().get("x-request-id").cloned(),
             direction: conn.listener.direction(),
             client: conn.client,
             peer_identity: conn.peer_identity.clone(),

@@ -160,12 +160,14 @@ async fn serve(
             crate::jwt::Outcome::Anonymous => {}
             crate::jwt::Outcome::Refused(why) => {
                 hop.policy(&REQUEST_AUTHENTICATION);
-                shared.metrics.authz_verdict(
+                shared.authz_verdict(
                     &listener.name,
                     &crate::authz::Verdict {
                         allow: false,
                         policy: REQUEST_AUTHENTICATION.clone(),
+                        rule: None,
                         audit_denied_by: None,
+                        audit_rule: None,
                     },
                     &format_args!("{} {}: {why}", parts.method, parts.uri.path()),
                 );
@@ -183,7 +185,7 @@ async fn serve(
             claims: claims.as_ref(),
         };
         let verdict = authz.decide(&request, jiff::Timestamp::now());
-        shared.metrics.authz_verdict(
+        shared.authz_verdict(
             &listener.name,
             &verdict,
             &format_args!(

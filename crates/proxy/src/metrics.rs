@@ -1230,11 +1230,8 @@ impl Metrics {
         v: &crate::authz::Verdict,
         what: &dyn std::fmt::Display,
     ) {
-        let (decision, policy) = match (&v.audit_denied_by, v.allow) {
-            (_, false) => ("deny", v.policy.clone()),
-            (Some(a), true) => ("audit_deny", a.clone()),
-            (None, true) => ("allow", v.policy.clone()),
-        };
+        let (decision, policy, _) = v.decision();
+        let policy = policy.clone();
         if decision != "allow" {
             tracing::info!(listener = %listener, decision, policy = %policy, "authorization: {what}");
         }

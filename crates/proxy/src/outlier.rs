@@ -138,6 +138,8 @@ pub struct Detector {
     samples: u32,
     /// No latency comparison before then.
     next_latency_check: Option<Instant>,
+    /// Why it was last ejected.
+    reason: Option<Reason>,
 }
 
 impl Detector {
@@ -149,6 +151,11 @@ impl Detector {
     /// Until when it is ejected (possibly past).
     pub fn until(&self) -> Option<Instant> {
         self.until
+    }
+
+    /// Why it was last ejected, if ever.
+    pub fn reason(&self) -> Option<Reason> {
+        self.reason
     }
 
     /// Ejections that count towards the next one's length.
@@ -393,6 +400,7 @@ pub fn report(
             .count();
         if may_eject(ejected, members.len(), policy.max_percent) {
             d.eject(policy, now);
+            d.reason = Some(reason);
             slot.publish(&d);
             metrics.outlier_ejection(&backend.name, reason.as_str());
             tracing::info!(backend = %backend.name, endpoint = %endpoint.addr, reason = reason.as_str(), times = d.times(), "endpoint ejected");
@@ -437,6 +445,82 @@ pub fn refresh_gauges(shared: &crate::Shared) {
                 .set(ejected_count(b, now) as i64);
         }
     }
+}
+
+impl Reason {
+    /// The reason in words, with the threshold of `p` that was reached.
+    pub fn describe(self, p: &Policy) -> String {
+        match self {
+            Reason::Consecutive5xx => format!("{} consecutive 5xx", p.consecutive_5xx),
+            Reason::GatewayErrors => {
+                format!("{} consecutive gateway errors", p.consecutive_gateway)
+            }
+            Reason::Latency => match p.latency {
+                Some((factor, _)) => format!("latency above {factor}x the peers' median"),
+                None => "latency above the peers'".into(),
+            },
+            Reason::Probe => "failed while probed after an ejection".into(),
+        }
+    }
+}
+
+/// Most backends, and endpoints per backend, one report describes: a proxy in HTTP proxy
+/// mode may hold every service of a large mesh.
+const MAX_REPORTED_BACKENDS: usize = 256;
+const MAX_REPORTED_ENDPOINTS: usize = 64;
+
+/// What the control plane's per-service view needs of this proxy's endpoints at `now`:
+/// each backend that has outlier detection or health checks (or an endpoint that is not
+/// plainly healthy) with its endpoint count, and only the endpoints that are ejected,
+/// probed, failing their check or failing requests. An idle healthy mesh sends names and
+/// counts only.
+pub fn endpoint_report(snap: &crate::Snapshot, now: Instant) -> trellis_api::wire::EndpointReport {
+    use trellis_api::wire;
+    let mut out = Vec::new();
+    for b in backends(snap) {
+        let members = b.balancer.members();
+        let mut states = Vec::new();
+        for m in members.iter() {
+            let e = &m.state;
+            let h = e.health(now);
+            if !(h.ejected || h.probing || h.down || h.failures > 0) {
+                continue;
+            }
+            let d = e.outlier.detector();
+            let left = d.until().filter(|_| h.ejected).map_or(0, |u| {
+                u64::try_from(u.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
+            });
+            states.push(wire::EndpointState {
+                address: e.addr.to_string(),
+                // An ejection that is about to end still counts as one.
+                ejected_ms: if h.ejected { left.max(1) } else { 0 },
+                reason: match (d.reason(), &b.outlier) {
+                    (Some(r), Some(p)) => r.describe(p),
+                    _ => String::new(),
+                },
+                times_ejected: d.times(),
+                // Ejecting also marks it for probing once it is back.
+                probing: h.probing && !h.ejected,
+                check_failing: h.down,
+                failures: h.failures,
+            });
+            if states.len() >= MAX_REPORTED_ENDPOINTS {
+                break;
+            }
+        }
+        if states.is_empty() && b.outlier.is_none() && b.health_check.is_none() {
+            continue;
+        }
+        out.push(wire::BackendEndpoints {
+            backend: b.name.to_string(),
+            endpoints: u32::try_from(members.len()).unwrap_or(u32::MAX),
+            states,
+        });
+        if out.len() >= MAX_REPORTED_BACKENDS {
+            break;
+        }
+    }
+    wire::EndpointReport { backends: out }
 }
 
 /// The snapshot's service backends, each once, by name.

@@ -32,6 +32,20 @@ pub const INTERVAL: Duration = Duration::from_secs(2);
 /// overflow series (route `~overflow`), never dropped.
 const MAX_SERIES: usize = 4096;
 
+/// Most authorization series (listener, policy, rule, decision) kept between reports, so
+/// one report carries about this many (plus one overflow series per listener and decision):
+/// policies and rules are config, but config is user input. Beyond it, verdicts are counted
+/// under policy `~overflow`, never dropped.
+const MAX_AUTHZ_SERIES: usize = 256;
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct AuthzKey {
+    listener: Arc<str>,
+    policy: Arc<str>,
+    rule: Option<u32>,
+    decision: &'static str,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct Key {
     direction: &'static str,
@@ -68,6 +82,7 @@ pub fn class(status: u16) -> usize {
 #[derive(Default)]
 pub struct Collector {
     series: RwLock<HashMap<Key, Counts>>,
+    authz: RwLock<HashMap<AuthzKey, AtomicU64>>,
     /// Active taps and their event queue.
     pub taps: Taps,
     /// The app whose CPU and memory reports carry (set by `trellis run`).
@@ -111,6 +126,57 @@ impl Collector {
             key
         };
         add(series.entry(key).or_default());
+    }
+
+    /// Counts one authorization verdict of inbound listener `listener`.
+    pub(crate) fn authorized(&self, listener: &Arc<str>, v: &crate::authz::Verdict) {
+        let (decision, policy, rule) = v.decision();
+        let key = AuthzKey {
+            listener: listener.clone(),
+            policy: policy.clone(),
+            rule,
+            decision,
+        };
+        {
+            let authz = self.authz.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = authz.get(&key) {
+                n.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        }
+        let mut authz = self.authz.write().unwrap_or_else(|e| e.into_inner());
+        let key = if authz.len() >= MAX_AUTHZ_SERIES - 1 && !authz.contains_key(&key) {
+            AuthzKey {
+                listener: key.listener,
+                policy: "~overflow".into(),
+                rule: None,
+                decision,
+            }
+        } else {
+            key
+        };
+        authz
+            .entry(key)
+            .or_default()
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The authorization verdicts counted since the last call, and a fresh start.
+    pub fn take_authz(&self) -> Vec<wire::AuthzSeries> {
+        let mut authz = self.authz.write().unwrap_or_else(|e| e.into_inner());
+        let out = authz
+            .iter()
+            .map(|(k, n)| wire::AuthzSeries {
+                listener: k.listener.to_string(),
+                policy: k.policy.to_string(),
+                rule: k.rule,
+                decision: k.decision.into(),
+                count: n.swap(0, Ordering::Relaxed),
+            })
+            .filter(|s| s.count > 0)
+            .collect();
+        authz.clear();
+        out
     }
 
     /// What was counted since the last call, and a fresh start (series without requests go,
@@ -214,6 +280,7 @@ async fn session(
     let collector = &proxy.shared.report;
     // What was counted before this stream is not reported as this interval's.
     collector.take();
+    collector.take_authz();
     let mut tick = tokio::time::interval(INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
@@ -231,6 +298,8 @@ async fn session(
                 last = now;
                 let message = wire::ReportRequest {
                     traffic: Some(traffic),
+                    authz: collector.take_authz(),
+                    endpoints: Some(crate::outlier::endpoint_report(&proxy.shared.snapshot(), now)),
                     usage: Some(collector.app.sample().await),
                     tap_dropped: collector.taps.take_dropped(),
                     ..Default::default()
@@ -323,6 +392,49 @@ mod tests {
             c.take().is_empty(),
             "each report covers only its own interval"
         );
+    }
+
+    #[test]
+    fn authz_verdicts_count_per_policy_rule_and_decision_boundedly() {
+        let c = Collector::default();
+        let l: Arc<str> = "inbound".into();
+        let v = |allow, policy: &str, rule, audit: Option<(&str, u32)>| crate::authz::Verdict {
+            allow,
+            policy: policy.into(),
+            rule,
+            audit_denied_by: audit.map(|(p, _)| p.into()),
+            audit_rule: audit.map(|(_, r)| r),
+        };
+        c.authorized(&l, &v(false, "shop/deny", Some(1), None));
+        c.authorized(&l, &v(false, "shop/deny", Some(1), None));
+        c.authorized(&l, &v(true, "shop/allow", Some(0), None));
+        c.authorized(&l, &v(true, "shop/allow", Some(0), Some(("shop/audit", 2))));
+        let mut got: Vec<_> = c
+            .take_authz()
+            .into_iter()
+            .map(|s| (s.policy, s.rule, s.decision, s.count))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [
+                ("shop/allow".into(), Some(0), "allow".into(), 1),
+                ("shop/audit".into(), Some(2), "audit_deny".into(), 1),
+                ("shop/deny".into(), Some(1), "deny".into(), 2),
+            ]
+        );
+        assert!(c.take_authz().is_empty(), "deltas: each report its own");
+        // Distinct series are capped; the rest are counted together.
+        for i in 0..(MAX_AUTHZ_SERIES * 2) {
+            c.authorized(&l, &v(true, &format!("shop/p{i}"), None, None));
+        }
+        let got = c.take_authz();
+        assert_eq!(got.len(), MAX_AUTHZ_SERIES);
+        assert_eq!(
+            got.iter().map(|s| s.count).sum::<u64>(),
+            MAX_AUTHZ_SERIES as u64 * 2
+        );
+        assert!(got.iter().any(|s| s.policy == "~overflow"));
     }
 
     #[test]

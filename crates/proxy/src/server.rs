@@ -49,6 +49,18 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// Counts an authorization verdict in the metrics (which log denials) and in the next
+    /// report to the control plane.
+    pub fn authz_verdict(
+        &self,
+        listener: &Arc<str>,
+        v: &crate::authz::Verdict,
+        what: &dyn std::fmt::Display,
+    ) {
+        self.metrics.authz_verdict(listener, v, what);
+        self.report.authorized(listener, v);
+    }
+
     /// New shared state with an empty snapshot.
     pub fn new() -> Shared {
         let telemetry = Arc::new(crate::telemetry::Telemetry::default());
@@ -696,7 +708,7 @@ async fn serve_connection(
                     },
                     jiff::Timestamp::now(),
                 );
-                shared.metrics.authz_verdict(
+                shared.authz_verdict(
                     &listener.name,
                     &verdict,
                     &format_args!(

@@ -190,6 +190,78 @@ pub struct ReportRequest {
     /// report). Fields 30-39 are the capacity report's.
     #[prost(message, optional, tag = "30")]
     pub usage: ::core::option::Option<Usage>,
+    /// Fields 40-49: the dashboard's per-service view.
+    /// With each traffic report: authorization verdicts of this proxy's inbound listeners
+    /// since its previous report (deltas, like the traffic series; bounded per report).
+    #[prost(message, repeated, tag = "40")]
+    pub authz: ::prost::alloc::vec::Vec<AuthzSeries>,
+    /// With each traffic report: the upstream endpoints this proxy does not see as plainly
+    /// healthy (the current state, not a delta); absent from older proxies.
+    #[prost(message, optional, tag = "41")]
+    pub endpoints: ::core::option::Option<EndpointReport>,
+}
+/// Verdicts of one listener, policy, rule and decision.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct AuthzSeries {
+    /// The inbound listener's name.
+    #[prost(string, tag = "1")]
+    pub listener: ::prost::alloc::string::String,
+    /// What decided: a policy `namespace/name`, a `MeshConfig`, `default`,
+    /// `no-allow-policy-matched` or `RequestAuthentication`.
+    #[prost(string, tag = "2")]
+    pub policy: ::prost::alloc::string::String,
+    /// The deciding rule of `policy` (index from 0); absent when no rule decided.
+    #[prost(uint32, optional, tag = "3")]
+    pub rule: ::core::option::Option<u32>,
+    /// `allow`, `deny`, or `audit_deny` (allowed, but an audit-mode policy would deny: then
+    /// `policy` and `rule` are the audit policy's).
+    #[prost(string, tag = "4")]
+    pub decision: ::prost::alloc::string::String,
+    #[prost(uint64, tag = "5")]
+    pub count: u64,
+}
+/// What one proxy sees of the endpoints it sends to.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct EndpointReport {
+    #[prost(message, repeated, tag = "1")]
+    pub backends: ::prost::alloc::vec::Vec<BackendEndpoints>,
+}
+/// One backend (`namespace/name:port`) with outlier detection or health checks, or with an
+/// endpoint that is not plainly healthy.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct BackendEndpoints {
+    #[prost(string, tag = "1")]
+    pub backend: ::prost::alloc::string::String,
+    /// How many endpoints the backend has in this proxy's view.
+    #[prost(uint32, tag = "2")]
+    pub endpoints: u32,
+    /// Only those not plainly healthy (bounded per backend).
+    #[prost(message, repeated, tag = "3")]
+    pub states: ::prost::alloc::vec::Vec<EndpointState>,
+}
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct EndpointState {
+    /// `IP:PORT` (the instance's inbound sidecar).
+    #[prost(string, tag = "1")]
+    pub address: ::prost::alloc::string::String,
+    /// Time left of its ejection in milliseconds; 0 when not ejected.
+    #[prost(uint64, tag = "2")]
+    pub ejected_ms: u64,
+    /// Why it was last ejected (`5 consecutive 5xx`); empty when never.
+    #[prost(string, tag = "3")]
+    pub reason: ::prost::alloc::string::String,
+    /// Ejections that still count towards the next one's length.
+    #[prost(uint32, tag = "4")]
+    pub times_ejected: u32,
+    /// Back from an ejection and taken one request at a time until one succeeds.
+    #[prost(bool, tag = "5")]
+    pub probing: bool,
+    /// Failing its active health check.
+    #[prost(bool, tag = "6")]
+    pub check_failing: bool,
+    /// Consecutive failures (connect, reset, 5xx, timeout) since its last success.
+    #[prost(uint32, tag = "7")]
+    pub failures: u32,
 }
 /// Process CPU and memory, sampled from /proc when the traffic report is sent. CPU times are
 /// cumulative since each process started; the control plane turns them into rates.

@@ -248,6 +248,18 @@ pub fn https(
     body: &str,
     ca: &Path,
 ) -> std::io::Result<Response> {
+    https_with(method, port, path, "", body, ca)
+}
+
+/// [`https`] with extra request header lines (`name: value\r\n` each).
+pub fn https_with(
+    method: &str,
+    port: u16,
+    path: &str,
+    extra: &str,
+    body: &str,
+    ca: &Path,
+) -> std::io::Result<Response> {
     let bundle = std::fs::read_to_string(ca)?;
     let config = trellis_identity::control::control_client_config(
         &trellis_identity::ControlTrust::Bundle(bundle),
@@ -263,7 +275,7 @@ pub fn https(
         rustls::StreamOwned::new(conn, tcp),
         method,
         port,
-        "",
+        extra,
         path,
         body,
     )
@@ -385,6 +397,13 @@ impl ControlPlane {
         https(method, self.port, path, body, &self.ca())
     }
 
+    /// A GET of the config API with the admin token.
+    pub fn api_get(&self, path: &str) -> std::io::Result<Response> {
+        let token = std::fs::read_to_string(&self.token)?;
+        let auth = format!("authorization: Bearer {}\r\n", token.trim());
+        https_with("GET", self.port, path, &auth, "", &self.ca())
+    }
+
     /// A control plane named `control` on a free port, its store in `dir/store`.
     pub fn start_in(dir: &Path) -> ControlPlane {
         let store = dir.join("store").display().to_string();
@@ -422,6 +441,21 @@ pub fn token(cp: &ControlPlane, service: &str) -> String {
     let (code, out, err) = cp.cli(&["token", "create", "--service", service]);
     assert_eq!(code, 0, "{err}");
     out.trim().to_string()
+}
+
+/// The node id of the first proxy `trellis get proxies` lists with a non-empty `upstreams`
+/// (a client started by [`client`]).
+pub fn client_node(cp: &ControlPlane) -> String {
+    let (code, out, err) = cp.cli(&["get", "proxies", "-o", "json"]);
+    assert_eq!(code, 0, "{err}");
+    let proxies: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let items = proxies["items"].as_array().or(proxies.as_array()).unwrap();
+    items
+        .iter()
+        .find(|p| p["upstreams"].as_array().is_some_and(|u| !u.is_empty()))
+        .and_then(|p| p["node"].as_str())
+        .unwrap_or_else(|| panic!("the client's proxy in {out}"))
+        .to_string()
 }
 
 /// `trellis run` of a demo catalog instance.
