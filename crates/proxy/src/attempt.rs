@@ -87,9 +87,20 @@ pub(crate) async fn attempt<'a>(
     let how = if t.h2 {
         How::H2
     } else if t.mesh_h2 && endpoint.speaks_mesh_h2(t.start) {
-        How::MeshH2
+        mesh_how(t.lean, endpoint.in_flight())
     } else {
         How::H1
+    };
+    // HTTP/2 needs an authority: a request without a usable Host keeps HTTP/1.1 (the app
+    // must get the Host its client sent, not one HTTP/2 made up). Parsed once, here.
+    let authority = match how {
+        How::MeshH2 => pending.as_ref().and_then(crate::http::authority),
+        _ => None,
+    };
+    let how = if how == How::MeshH2 && authority.is_none() {
+        How::H1
+    } else {
+        how
     };
     let send = async {
         let sent = match (&*pending, how) {
@@ -97,10 +108,22 @@ pub(crate) async fn attempt<'a>(
             // takes a copy of its head.
             (Some(req), How::MeshH2) if t.lean => {
                 let mut copy = Some(crate::http::copy_head(req));
-                send(endpoint, backend, how, t.h2_limits, &mut copy, t.start).await
+                send(
+                    endpoint,
+                    backend,
+                    how,
+                    authority,
+                    t.h2_limits,
+                    &mut copy,
+                    t.start,
+                )
+                .await
             }
             (Some(req), How::H1) if t.lean => send_lean(endpoint, backend, req, t.start).await,
-            _ => send(endpoint, backend, how, t.h2_limits, pending, t.start).await,
+            _ => {
+                let h2 = t.h2_limits;
+                send(endpoint, backend, how, authority, h2, pending, t.start).await
+            }
         };
         match sent {
             // An older peer (it answered ALPN `trellis/1`): the same endpoint, over HTTP/1.1,
@@ -110,7 +133,10 @@ pub(crate) async fn attempt<'a>(
             {
                 match &*pending {
                     Some(req) if t.lean => send_lean(endpoint, backend, req, t.start).await,
-                    _ => send(endpoint, backend, How::H1, t.h2_limits, pending, t.start).await,
+                    _ => {
+                        let h2 = t.h2_limits;
+                        send(endpoint, backend, How::H1, None, h2, pending, t.start).await
+                    }
                 }
             }
             other => other,
@@ -224,6 +250,7 @@ async fn send(
     endpoint: &Arc<EndpointState>,
     backend: &Backend,
     how: How,
+    authority: Option<http::uri::Authority>,
     h2_limits: H2Limits,
     pending: &mut Option<Request<Body>>,
     start: Instant,
@@ -242,8 +269,8 @@ async fn send(
             .await?;
         let sent = clock();
         let mut req = pending.take().ok_or_else(no_request)?;
-        if mesh {
-            crate::http::to_mesh_h2(&mut req);
+        if let Some(authority) = authority.filter(|_| mesh) {
+            crate::http::to_mesh_h2(&mut req, authority);
         }
         let result = tx.try_send_request(req).await;
         settle(result, endpoint, pending)
@@ -270,6 +297,27 @@ async fn send(
             .await;
         settle(result, endpoint, pending)
             .map(|resp| (resp.map(UpstreamBody::Hyper), Some(tx), sent, None))
+    }
+}
+
+/// Requests in flight to a peer sidecar (the one deciding included) up to which a request
+/// without a body goes over HTTP/1.1, on a pooled mutual TLS connection of the lean client,
+/// rather than over the shared HTTP/2 connection. A request alone on the path costs about
+/// half the user-space instructions over HTTP/1.1 (no HTTP/2 framing, HPACK, stream state,
+/// nor the task hyper spawns per HTTP/2 request and per stream), and HTTP/2's batching of
+/// many requests into one record and system call only pays when many are in flight. It
+/// also bounds the HTTP/1.1 connections to the peer: one opens only when none is idle, and
+/// no more than this many requests are then in flight, so a burst of clients still shares
+/// HTTP/2 connections instead of becoming a burst of handshakes.
+pub(crate) const MESH_H1_IN_FLIGHT: u64 = 4;
+
+/// How an HTTP/1.1 request goes to a peer sidecar that speaks HTTP/2 (pure): HTTP/1.1 when
+/// it has no body and few requests are in flight to the peer, else HTTP/2.
+fn mesh_how(lean: bool, in_flight: u64) -> How {
+    if lean && in_flight <= MESH_H1_IN_FLIGHT {
+        How::H1
+    } else {
+        How::MeshH2
     }
 }
 
@@ -338,4 +386,30 @@ fn connection_lost(e: &hyper::Error) -> bool {
         source = s.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_alone_goes_over_http1_and_a_crowd_over_http2() {
+        // (no body, requests in flight to the peer including this one, how)
+        let cases = [
+            (true, 1, How::H1),
+            (true, MESH_H1_IN_FLIGHT, How::H1),
+            (true, MESH_H1_IN_FLIGHT + 1, How::MeshH2),
+            (true, 1_000, How::MeshH2),
+            // A body needs reading and writing at once: hyper's HTTP/2 client carries it.
+            (false, 1, How::MeshH2),
+            (false, 1_000, How::MeshH2),
+        ];
+        for (lean, in_flight, want) in cases {
+            assert_eq!(
+                mesh_how(lean, in_flight),
+                want,
+                "lean={lean} in_flight={in_flight}"
+            );
+        }
+    }
 }

@@ -109,7 +109,9 @@ async fn serve(
     // The client connection's own protocol (its streams' idle timeout), before a request
     // a peer sidecar carried over HTTP/2 for an HTTP/1.1 client becomes HTTP/1.1 again.
     let client_h2 = parts.version == Version::HTTP_2;
-    if let Some(v) = parts.headers.remove(ORIG_PROTO)
+    let (orig_proto, peer_identity) = mesh_headers(&parts.headers);
+    if orig_proto
+        && let Some(v) = parts.headers.remove(ORIG_PROTO)
         && conn.mesh_h2
         && v == "HTTP/1.1"
     {
@@ -137,7 +139,7 @@ async fn serve(
     }
     if matches!(listener.kind, ListenerKind::Inbound { .. }) {
         // The app learns who called it from the sidecar alone: a client-sent value is dropped.
-        if parts.headers.contains_key(PEER_IDENTITY) {
+        if peer_identity {
             parts.headers.remove(PEER_IDENTITY);
         }
         if let Some(id) = &conn.peer_identity
@@ -493,11 +495,9 @@ pub(crate) async fn forward(
         hash,
         pin: session.and_then(|s| s.pin()),
         h2,
-        // To a peer sidecar that speaks it, an HTTP/1.1 request goes over HTTP/2 (not an
-        // upgrade or CONNECT, which take the connection over).
-        // A request without a usable Host keeps HTTP/1.1: HTTP/2 needs an authority, and
-        // the app must get the Host its client sent.
-        mesh_h2: !h2 && !upgrade && req.method() != Method::CONNECT && has_authority(&req),
+        // To a peer sidecar that speaks it, an HTTP/1.1 request may go over HTTP/2 (not an
+        // upgrade or CONNECT, which take the connection over; module attempt decides).
+        mesh_h2: !h2 && !upgrade && req.method() != Method::CONNECT,
         lean,
         h2_limits,
         start,
@@ -755,26 +755,31 @@ fn prepare_upstream(req: &mut Request<Body>, h2: bool) -> bool {
     upgrade
 }
 
-/// Whether a request in HTTP/1.1 form has an authority HTTP/2 can carry (a `Host` that
-/// parses as one).
-fn has_authority<B>(req: &Request<B>) -> bool {
-    req.uri().authority().is_some()
-        || req.headers().get(header::HOST).is_some_and(|h| {
-            let b = h.as_bytes();
-            !b.is_empty() && http::uri::Authority::try_from(b).is_ok()
-        })
+/// The authority HTTP/2 would carry for a request in HTTP/1.1 form: its URI's, else its
+/// `Host` when that parses as one.
+pub(crate) fn authority<B>(req: &Request<B>) -> Option<http::uri::Authority> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.clone());
+    }
+    let b = req.headers().get(header::HOST)?.as_bytes();
+    if b.is_empty() {
+        return None;
+    }
+    http::uri::Authority::try_from(b).ok()
 }
 
 /// HTTP/2's request head: an absolute URI whose authority was `Host`.
 fn h2_form<B>(req: &mut Request<B>) {
+    let auth = authority(req);
+    h2_form_with(req, auth);
+}
+
+/// [`h2_form`] with the request's [`authority`] already at hand.
+fn h2_form_with<B>(req: &mut Request<B>, auth: Option<http::uri::Authority>) {
     *req.version_mut() = Version::HTTP_2;
     if req.uri().authority().is_none() {
         // HTTP/1.1 in, HTTP/2 out: `Host` becomes `:authority` (the path is kept as is).
-        let auth = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok())
-            .unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
+        let auth = auth.unwrap_or_else(|| http::uri::Authority::from_static("localhost"));
         let mut parts = std::mem::take(req.uri_mut()).into_parts();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(auth);
@@ -808,8 +813,9 @@ fn h1_form<B>(req: &mut Request<B>) {
 
 /// An HTTP/1.1 request prepared for its upstream, as it goes to a peer sidecar over HTTP/2:
 /// HTTP/2's head, marked [`ORIG_PROTO`] so that the peer sends it on as HTTP/1.1.
-pub(crate) fn to_mesh_h2<B>(req: &mut Request<B>) {
-    h2_form(req);
+/// `authority`: [`authority`] of the request, which it must have.
+pub(crate) fn to_mesh_h2<B>(req: &mut Request<B>, authority: http::uri::Authority) {
+    h2_form_with(req, Some(authority));
     req.headers_mut()
         .insert(ORIG_PROTO, HeaderValue::from_static("HTTP/1.1"));
 }
@@ -874,6 +880,20 @@ fn wants_upgrade(h: &HeaderMap) -> bool {
                 .split(|&b| b == b',')
                 .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
         })
+}
+
+/// Whether a request carries [`ORIG_PROTO`] and [`PEER_IDENTITY`], found in one pass over
+/// its (few) names without hashing: most carry neither, and then nothing is looked up.
+fn mesh_headers(h: &HeaderMap) -> (bool, bool) {
+    let (mut orig_proto, mut peer_identity) = (false, false);
+    for n in h.keys() {
+        if *n == ORIG_PROTO {
+            orig_proto = true;
+        } else if n.as_str() == PEER_IDENTITY {
+            peer_identity = true;
+        }
+    }
+    (orig_proto, peer_identity)
 }
 
 /// Non-standard hop-by-hop names, built at compile time (a `from_static` at run time parses).

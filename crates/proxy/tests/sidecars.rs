@@ -1,5 +1,6 @@
 //! Two sidecars with mutual TLS between them: the protocol they negotiate (HTTP/2 by ALPN,
-//! HTTP/1.1 with an older peer), session resumption and what crosses them untouched.
+//! HTTP/1.1 with an older peer, and for a request without a body while few are in flight),
+//! session resumption and what crosses them untouched.
 
 mod support;
 
@@ -140,6 +141,68 @@ async fn sidecars_carry_http1_over_one_http2_connection_and_the_app_sees_http1()
         .unwrap()
         .to_bytes();
     assert_eq!(&body[..], b"one two three");
+}
+
+#[tokio::test]
+async fn a_request_alone_goes_over_pooled_http1_and_a_burst_shares_http2() {
+    let ca = test_ca();
+    let app = upstream("app").await;
+    let server = server_sidecar(&ca, app.addr, None).await;
+    let client = client_sidecar(&ca, server.addr("in").await, None).await;
+    let out = client.addr("out").await;
+    let mtls = "trellis_inbound_connections_total{listener=\"in\",security=\"mtls\"}";
+    let alpn_h2 =
+        "trellis_protocol_detections_total{direction=\"inbound\",protocol=\"http2\",how=\"alpn\"}";
+    let h1 = "trellis_protocol_detections_total{direction=\"inbound\",protocol=\"http1\"";
+    // One request at a time, without a body: HTTP/1.1 on one pooled mutual TLS connection
+    // (cheaper per request than HTTP/2 when nothing shares the connection).
+    let client_h1 = h1_client();
+    for i in 0..10 {
+        let got = get_via(&client_h1, out, &format!("/alone/{i}")).await;
+        assert_eq!(got.status, 200, "request {i}");
+        assert_eq!(got.json()["version"], "HTTP/1.1");
+    }
+    assert_eq!(server.metric(mtls), 1.0, "{}", server.proxy.metrics_text());
+    assert_eq!(server.metric(h1), 1.0, "{}", server.proxy.metrics_text());
+    assert_eq!(
+        server.metric(alpn_h2),
+        0.0,
+        "{}",
+        server.proxy.metrics_text()
+    );
+    // 40 clients at once, without bodies: beyond a few in flight they share one HTTP/2
+    // connection, so the burst costs a few handshakes, not 40.
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            tokio::spawn(async move {
+                let req = Request::get(format!("http://{out}/burst/{i}"))
+                    .header("host", "app.example:8080")
+                    .body(Full::default())
+                    .unwrap();
+                let got = send(&h1_client(), req).await;
+                assert_eq!(got.status, 200, "request {i}: {:?}", got.body);
+                let doc = got.json();
+                assert_eq!(doc["version"], "HTTP/1.1", "request {i}: {doc}");
+                assert_eq!(doc["headers"]["host"][0], "app.example:8080", "{doc}");
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(
+        server.metric(alpn_h2),
+        1.0,
+        "{}",
+        server.proxy.metrics_text()
+    );
+    // The pooled HTTP/1.1 connection, at most 4 more HTTP/1.1 ones (a request opens one
+    // only while at most 4 are in flight to the peer) and the HTTP/2 one.
+    let conns = server.metric(mtls);
+    assert!(
+        conns <= 6.0,
+        "{conns} mutual TLS connections for a burst of 40"
+    );
 }
 
 /// A sidecar of an older release: mutual TLS that answers ALPN `trellis/1` only, then HTTP/1.1

@@ -1,0 +1,212 @@
+#!/usr/bin/env bash
+# Per-request cost of each hop of the two-hop mutual TLS path (client → outbound sidecar →
+# inbound sidecar → upstream), in counts that hold on a busy machine, unlike wall-clock
+# latency: user-space instructions (callgrind), system calls (strace -c) and context
+# switches (perf stat), per hop, with one client connection sending requests one after
+# another (the shape of a request at 1,000 rps over 50 connections: alone on the path) and
+# with CONC connections at once (requests share frames, records and system calls).
+#
+#   TRELLIS_BIN=target/profiling/trellis bash bench/hops.sh
+#   MODES="syscalls" CONC="1" bash bench/hops.sh
+#   MODES=timeline TRELLIS_BIN=... bash bench/hops.sh   # strace -tt -T of both sidecars, 20
+#                                                         sequential requests, kept in OUT
+#
+# Identities come from a real control plane (as in bench/twohop.sh); the upstream is nginx
+# answering 3 bytes. The sidecars run with one thread each.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODES=${MODES:-instructions syscalls}
+CONC=${CONC:-1 10}
+SECS=${SECS:-6}
+T=${TRELLIS_BIN:-target/profiling/trellis}
+OUT=${OUT:-}
+[[ -x $T ]] || { echo "no trellis binary at $T (set TRELLIS_BIN)" >&2; exit 1; }
+for tool in valgrind strace wrk nginx curl python3; do
+    command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
+done
+TMP=$(mktemp -d /tmp/trellis-hops.XXXXXX)
+chmod 755 "$TMP"
+PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; sleep 0.5; for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$TMP"' EXIT
+log() { printf '[hops %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 300); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; log "port $1 never opened"; exit 1; }
+
+UP=$(port) CP=$(port) IN=$(port) OUTP=$(port) A_IN=$(port) A_OUT=$(port)
+mkdir -p "$TMP/up"
+cat >"$TMP/up/nginx.conf" <<NGINX
+worker_processes 1; daemon off; pid $TMP/up/nginx.pid; error_log $TMP/up/error.log;
+events { worker_connections 1024; }
+http { access_log off; default_type text/plain; keepalive_requests 10000000; keepalive_timeout 120s;
+  client_body_temp_path $TMP/up; proxy_temp_path $TMP/up; fastcgi_temp_path $TMP/up; uwsgi_temp_path $TMP/up; scgi_temp_path $TMP/up;
+  server { listen 127.0.0.1:$UP; location / { return 200 "abc"; } } }
+NGINX
+nginx -p "$TMP/up" -c "$TMP/up/nginx.conf" -e "$TMP/up/error.log" >/dev/null 2>&1 &
+PIDS+=($!)
+
+export TRELLIS_CONTROL=http://127.0.0.1:$CP TRELLIS_ADMIN_TOKEN_FILE=$TMP/store/admin-token TRELLIS_INSECURE=true
+"$T" --log warn control --insecure --listen "127.0.0.1:$CP" --store "$TMP/store" >"$TMP/control.log" 2>&1 &
+PIDS+=($!)
+wait_port "$CP"
+for _ in $(seq 100); do [[ -s $TMP/store/admin-token ]] && break; sleep 0.1; done
+cat >"$TMP/services.yaml" <<YAML
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: up}
+spec:
+  ports: [{port: 80, appProtocol: http}]
+  endpoints: [{address: "127.0.0.1:$IN", identity: "spiffe://trellis.local/ns/default/sa/up"}]
+YAML
+"$T" apply -f "$TMP/services.yaml" >/dev/null
+for hop in in out; do
+    cat >"$TMP/$hop.yaml" <<YAML
+apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {name: hops-$hop}
+spec:
+  admin: {address: 127.0.0.1:$([[ $hop == in ]] && echo "$A_IN" || echo "$A_OUT")}
+$(if [[ $hop == in ]]; then
+        echo "  inbound: [{name: in, address: 127.0.0.1:$IN, forwardTo: 127.0.0.1:$UP, service: up}]"
+    else
+        echo "  outbound: [{name: out, address: 127.0.0.1:$OUTP, service: {name: up}}]"
+    fi)
+YAML
+done
+URL=http://127.0.0.1:$OUTP/
+
+# start WRAPPER...: both sidecars, each under WRAPPER (which gets the hop's name in $HOP);
+# their PIDs (the wrapper's) in HOP_PID[in], HOP_PID[out].
+declare -A HOP_PID=() SPID=() IR=()
+# cg: a sidecar under callgrind (exec: its PID is the wrapper's, for callgrind_control).
+cg() { exec valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.$HOP" "$@"; }
+start() {
+    local hop tok
+    for hop in in out; do
+        tok=$("$T" token create --service "$([[ $hop == in ]] && echo up || echo client)" 2>/dev/null)
+        HOP=$hop "$@" "$T" --log warn proxy --threads 1 --control "$TRELLIS_CONTROL" \
+            --config "$TMP/$hop.yaml" --state-dir "$TMP/state-$hop-$RANDOM" --token "$tok" \
+            >"$TMP/$hop.log" 2>&1 &
+        HOP_PID[$hop]=$!
+        PIDS+=($!)
+    done
+    local got=""
+    for _ in $(seq 600); do
+        got=$(curl -s -o /dev/null -w '%{http_code} %{size_download}' "$URL") || true
+        [[ $got == "200 3" ]] && break
+        sleep 0.2
+    done
+    [[ $got == "200 3" ]] || { log "the path answered '$got'"; tail -5 "$TMP"/*.log >&2; exit 1; }
+    # Proof that the hops spoke mutual TLS.
+    curl -s "127.0.0.1:$A_IN/metrics" | grep -q 'trellis_inbound_connections_total{.*security="mtls".* [1-9]' \
+        || { log "the inbound sidecar saw no mutual TLS connection"; exit 1; }
+}
+stop() {
+    local hop p
+    for hop in in out; do kill -INT "${HOP_PID[$hop]}" 2>/dev/null || true; done
+    for hop in in out; do
+        p=${HOP_PID[$hop]}
+        for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.2; done
+        kill -TERM "$p" 2>/dev/null || true
+        wait "$p" 2>/dev/null || true
+    done
+}
+# load C SECS: wrk with C connections for SECS; prints the requests completed.
+load() { wrk -t1 -c"$1" -d"$2s" "$URL" | awk '/ requests in / { print $1 }'; }
+
+echo "== hops $(date -u +%FT%TZ); $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "trellis: $T"
+
+for mode in $MODES; do
+    case $mode in
+    instructions)
+        echo
+        echo "User-space instructions per request (callgrind; wrk -t1 -cC for ${SECS}s after a 2 s warm-up):"
+        echo
+        echo "| connections | requests | hop 1 (outbound) | hop 2 (inbound) | both |"
+        echo "|--:|--:|--:|--:|--:|"
+        for c in $CONC; do
+            log "instructions, $c connection(s)"
+            start cg
+            wrk -t1 -c"$c" -d2s "$URL" >/dev/null
+            for hop in in out; do callgrind_control -z "${HOP_PID[$hop]}" >/dev/null 2>&1; done
+            n=$(load "$c" "$SECS")
+            for hop in in out; do callgrind_control -d "${HOP_PID[$hop]}" >/dev/null 2>&1; done
+            stop
+            for hop in in out; do
+                # The dump right after the measured window (part 1) holds it alone.
+                IR[$hop]=$(awk '/^summary:/ { print $2 }' "$TMP/cg.$hop.1")
+            done
+            printf '| %d | %d | %d | %d | %d |\n' "$c" "$n" $((IR[out] / n)) $((IR[in] / n)) $(((IR[out] + IR[in]) / n))
+            [[ -n $OUT ]] && mkdir -p "$OUT" && for hop in in out; do cp "$TMP/cg.$hop.1" "$OUT/callgrind.$hop.c$c"; done
+            rm -f "$TMP"/cg.*
+        done
+        ;;
+    syscalls)
+        echo
+        echo "System calls and context switches per request (strace -f -c and perf stat -e context-switches, attached after a 2 s warm-up; wrk -t1 -cC for ${SECS}s; strace slows the hops, so these are counts, not times):"
+        echo
+        echo "| connections | hop | requests | syscalls / req | top calls / req | context switches / req |"
+        echo "|--:|---|--:|--:|---|--:|"
+        for c in $CONC; do
+            log "syscalls, $c connection(s)"
+            start env
+            wrk -t1 -c"$c" -d2s "$URL" >/dev/null
+            # Context switches without strace (which adds its own), then syscalls.
+            for hop in in out; do
+                perf stat -e context-switches -x, -o "$TMP/cs.$hop" -p "${HOP_PID[$hop]}" -- sleep "$SECS" &
+                SPID[$hop]=$!
+            done
+            sleep 0.2
+            n_cs=$(load "$c" $((SECS - 1)))
+            wait "${SPID[in]}" "${SPID[out]}" 2>/dev/null || true
+            for hop in in out; do
+                strace -f -c -o "$TMP/st.$hop" -p "${HOP_PID[$hop]}" 2>/dev/null &
+                SPID[$hop]=$!
+            done
+            sleep 1
+            n=$(load "$c" "$SECS")
+            for hop in in out; do kill -INT "${SPID[$hop]}"; done
+            wait "${SPID[in]}" "${SPID[out]}" 2>/dev/null || true
+            stop
+            for hop in out in; do
+                total=$(awk '$NF != "total" && $1 ~ /^[0-9.]+$/ && $4 ~ /^[0-9]+$/ { t += $4 } END { print t + 0 }' "$TMP/st.$hop")
+                top=$(awk -v n="$n" '$NF != "total" && $1 ~ /^[0-9.]+$/ && $4 ~ /^[0-9]+$/ { printf "%s %.2f\n", $NF, $4 / n }' "$TMP/st.$hop" | sort -k2 -gr | head -5 | awk '{ printf "%s%s %s", sep, $1, $2; sep = ", " }')
+                cs=$(awk -F, '/context-switches/ { print $1 }' "$TMP/cs.$hop")
+                printf '| %d | %s | %d | %.2f | %s | %.2f |\n' "$c" "$([[ $hop == out ]] && echo "1 (outbound)" || echo "2 (inbound)")" "$n" \
+                    "$(awk -v t="$total" -v n="$n" 'BEGIN { print t / n }')" "$top" "$(awk -v t="$cs" -v n="$n_cs" 'BEGIN { print t / n }')"
+            done
+            [[ -n $OUT ]] && mkdir -p "$OUT" && for hop in in out; do cp "$TMP/st.$hop" "$OUT/strace-c.$hop.c$c"; done
+        done
+        ;;
+    timeline)
+        [[ -n $OUT ]] || { echo "timeline needs OUT=dir" >&2; exit 1; }
+        mkdir -p "$OUT"
+        log "timeline: 20 sequential requests on one connection"
+        start env
+        wrk -t1 -c1 -d1s "$URL" >/dev/null
+        for hop in in out; do
+            strace -f -tt -T -o "$OUT/timeline.$hop" -p "${HOP_PID[$hop]}" 2>/dev/null &
+            SPID[$hop]=$!
+        done
+        sleep 1
+        python3 - "$OUTP" <<'PY'
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+for i in range(20):
+    s.sendall(b"GET / HTTP/1.1\r\nHost: up\r\n\r\n")
+    got = b""
+    while not got.endswith(b"abc"):
+        got += s.recv(4096)
+    time.sleep(0.05)
+PY
+        sleep 0.5
+        for hop in in out; do kill -INT "${SPID[$hop]}"; done
+        wait "${SPID[in]}" "${SPID[out]}" 2>/dev/null || true
+        stop
+        echo
+        echo "Timelines of 20 sequential requests in $OUT/timeline.{out,in} (strace -f -tt -T)."
+        ;;
+    *) echo "unknown mode $mode" >&2; exit 1 ;;
+    esac
+done
