@@ -577,6 +577,10 @@ async fn run_stream(
             let version = state.revision.to_string();
             let since = changed_at.take().unwrap_or_else(tokio::time::Instant::now);
             if delta.is_empty() {
+                drop(delta);
+                // It holds exactly this view: share it rather than pin an older, equal one
+                // (each registration makes a new state and a new view).
+                held = Holds::View(view.clone());
                 update(&|s| {
                     s.acked_version = version.clone();
                     s.resources = view.items.len();
