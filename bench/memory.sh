@@ -8,6 +8,10 @@
 #     connected (each its own process, one thread), and the cost per connected proxy.
 #   bash bench/memory.sh
 #   SERVICES=1000 ROUTES=2000 RATE=1000 DURATION=20s PROXIES="20 50" THREADS=1 bash bench/memory.sh
+# With HEAPTRACK=DIR, the control plane and the first sidecar run under heaptrack (build
+# without mimalloc: `cargo build -p trellis-cli --no-default-features`), each is killed
+# (SIGKILL) once measured so its profile's "leaked" bytes are its live heap at that moment,
+# and the profiles land in DIR (RSS figures of such a run include heaptrack's own).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVICES=${SERVICES:-1000}
@@ -22,11 +26,40 @@ PROXIES=${PROXIES:-"20 50"}
 PROFILE=${PROFILE:-profiling}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 T=${TRELLIS_BIN:-}
+HEAPTRACK=${HEAPTRACK:-}
 
 log() { printf '[memory %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 source "bench/lib/load.sh"
 load_prepare memory nginx
 
+# traced NAME CMD...: CMD, under heaptrack when HEAPTRACK is set.
+traced() {
+    local name=$1
+    shift
+    if [[ -n $HEAPTRACK ]]; then
+        heaptrack -o "$HEAPTRACK/$name" "$@" >"$TMP/heaptrack-$name.log" &
+    else
+        "$@" &
+    fi
+}
+# real_pid PID: the trellis process itself (heaptrack's child when traced).
+real_pid() {
+    [[ -z $HEAPTRACK ]] && { echo "$1"; return; }
+    local child
+    for _ in $(seq 100); do
+        child=$(pgrep -P "$1" -f -- "$T" || true)
+        [[ -n $child ]] && { echo "$child"; return; }
+        sleep 0.1
+    done
+    echo "$1"
+}
+# heap_done PID LEADER: stop a traced process where it is (its live heap is what the
+# profile then shows as leaked) and wait until heaptrack wrote the profile.
+heap_done() {
+    [[ -z $HEAPTRACK ]] && return
+    kill -9 "$1" 2>/dev/null || true
+    wait "$2" 2>/dev/null || true
+}
 kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 # until_ok SECONDS CMD...: retries CMD every 0.2 s for at most SECONDS.
@@ -121,9 +154,10 @@ until_ok 10 bash -c "exec 3<>/dev/tcp/$(head -1 "$TMP/listen.txt")/$UP" || { log
 # ---- the control plane, plaintext (the bench measures memory, not the channel's TLS).
 CP=$(port)
 export TRELLIS_CONTROL=http://127.0.0.1:$CP TRELLIS_ADMIN_TOKEN_FILE=$TMP/store/admin-token TRELLIS_INSECURE=true
-"$T" --log warn control --insecure --listen "127.0.0.1:$CP" --store "$TMP/store" 2>"$TMP/control.log" &
-CONTROL_PID=$!
-PIDS+=("$CONTROL_PID")
+traced control "$T" --log warn control --insecure --listen "127.0.0.1:$CP" --store "$TMP/store" 2>"$TMP/control.log"
+CONTROL_LEADER=$!
+PIDS+=("$CONTROL_LEADER")
+CONTROL_PID=$(real_pid "$CONTROL_LEADER")
 wait_port "$CP"
 cp_empty=$(kib "$CONTROL_PID" VmRSS)
 # One join token for every sidecar of the bench (service `client`).
@@ -150,10 +184,17 @@ spec:
   admin: {address: 127.0.0.1:$SIDECAR_ADMIN}
   outbound: [{name: mesh, address: 127.0.0.1:$SIDECAR_PORT, httpProxy: true}]
 YAML
-    "$T" --log info --log-format json proxy --threads "$threads" --control "$TRELLIS_CONTROL" \
-        --config "$TMP/$name.yaml" --state-dir "$TMP/state-$name" 2>"$TMP/$name.log" &
-    SIDECAR_PID=$!
-    PIDS+=("$SIDECAR_PID")
+    if [[ $name == main ]]; then
+        traced "$name" "$T" --log info --log-format json proxy --threads "$threads" --control "$TRELLIS_CONTROL" \
+            --config "$TMP/$name.yaml" --state-dir "$TMP/state-$name" 2>"$TMP/$name.log"
+    else
+        "$T" --log info --log-format json proxy --threads "$threads" --control "$TRELLIS_CONTROL" \
+            --config "$TMP/$name.yaml" --state-dir "$TMP/state-$name" 2>"$TMP/$name.log" &
+    fi
+    SIDECAR_LEADER=$!
+    PIDS+=("$SIDECAR_LEADER")
+    SIDECAR_PID=$SIDECAR_LEADER
+    if [[ $name == main ]]; then SIDECAR_PID=$(real_pid "$SIDECAR_LEADER"); fi
 }
 # applied NAME: the sidecar logged that it applied a view of every service and route. (Its
 # /config says so too, but rendering 1.5 MB of JSON would show in the RSS being measured:
@@ -170,7 +211,7 @@ echo "== $(date -u +%FT%TZ) $(nproc) cores; $("$T" --version 2>/dev/null || echo
 
 # ---- 1. one sidecar: idle, then at RATE rps.
 sidecar main "$THREADS"
-MAIN_PID=$SIDECAR_PID MAIN_PORT=$SIDECAR_PORT MAIN_ADMIN=$SIDECAR_ADMIN
+MAIN_PID=$SIDECAR_PID MAIN_LEADER=$SIDECAR_LEADER MAIN_PORT=$SIDECAR_PORT MAIN_ADMIN=$SIDECAR_ADMIN
 wait_port "$MAIN_PORT"
 until_ok 120 applied main || { log "the sidecar never applied all $SERVICES services and $ROUTES routes"; exit 1; }
 first=$(head -1 "$TMP/urls.txt")
@@ -224,8 +265,12 @@ echo "| proxies connected | VmRSS MiB |"
 echo "|--:|--:|"
 echo "| none, empty store | $(mib "$cp_empty") |"
 echo "| none, config applied | $(mib "$cp_config") |"
-kill "$MAIN_PID"
-wait "$MAIN_PID" 2>/dev/null || true
+if [[ -n $HEAPTRACK ]]; then
+    heap_done "$MAIN_PID" "$MAIN_LEADER"
+else
+    kill "$MAIN_PID"
+    wait "$MAIN_PID" 2>/dev/null || true
+fi
 sleep 2
 cp_none=$(kib "$CONTROL_PID" VmRSS)
 echo "| none, after the first sidecar left | $(mib "$cp_none") |"
@@ -247,3 +292,13 @@ echo
 for want in $PROXIES; do
     echo "Per connected proxy, (RSS($want) − RSS(1)) / $((want - 1)): $(awk -v a="${CP_RSS[$want]}" -v b="${CP_RSS[1]}" -v n="$want" 'BEGIN { printf "%.0f", (a - b) / (n - 1) }') KiB"
 done
+if [[ -n $HEAPTRACK ]]; then
+    heap_done "$CONTROL_PID" "$CONTROL_LEADER"
+    for f in "$HEAPTRACK"/main.* "$HEAPTRACK"/control.*; do
+        echo
+        echo "heaptrack_print $f (peak and live heap by call site):"
+        heaptrack_print -f "$f" --print-peaks 1 --print-leaks 1 --print-allocators 0 \
+            --print-temporary 0 --print-histogram /dev/null --peak-limit 15 --sub-peak-limit 5 | tail -n 400 >"$f.txt" || true
+        grep -E "^(peak heap memory consumption|total memory leaked|calls to allocation functions)" "$f.txt" || true
+    done
+fi

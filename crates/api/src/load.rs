@@ -60,6 +60,8 @@ pub struct Located<T> {
     pub first_line: u64,
     /// Source positions of every node, to place errors found after parsing.
     tree: Option<Arc<Spanned<Node>>>,
+    /// The value's compact JSON as it arrived, when it arrived as JSON.
+    json: Option<Arc<str>>,
 }
 
 impl<T> Located<T> {
@@ -70,7 +72,21 @@ impl<T> Located<T> {
             file: file.into(),
             first_line: 0,
             tree: None,
+            json: None,
         }
+    }
+
+    /// Keeps `json`, the value's compact JSON as received (a proxy's view from the control
+    /// plane), so that whoever shows the value can share this text instead of serializing
+    /// the value again and keeping a second copy.
+    pub fn with_json(mut self, json: Arc<str>) -> Self {
+        self.json = Some(json);
+        self
+    }
+
+    /// The JSON given to [`Located::with_json`].
+    pub fn json(&self) -> Option<&Arc<str>> {
+        self.json.as_ref()
     }
 
     /// A diagnostic at `field` (a path like `spec.rules[0].matches`), placed at the deepest
@@ -195,6 +211,7 @@ fn parse_one(file: &Arc<str>, first_line: u64, doc: &str) -> Result<Located<Reso
         file: file.clone(),
         first_line,
         tree: Some(Arc::new(tree)),
+        json: None,
     })
 }
 

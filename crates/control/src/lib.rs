@@ -29,7 +29,7 @@ mod tls;
 mod ui;
 
 pub use config::{SourceFile, WriteError, WriteResult};
-pub use mesh::ProxyStatus;
+pub use mesh::{PART_BYTES, ProxyStatus};
 pub use tls::{Limits, Peer};
 
 use state::State;

@@ -364,30 +364,131 @@ impl Mesh for MeshService {
     }
 }
 
-/// What changed between what a proxy holds and its view: resources to send, keys to drop.
-pub fn diff(view: &View, held: &BTreeMap<String, String>) -> (Vec<wire::Resource>, Vec<String>) {
+/// Largest JSON (and keys) one response part carries, for a proxy that accepts parts; a
+/// larger resource goes alone. Each side's stream buffer keeps the capacity of the largest
+/// message it saw, so this bounds what a connected proxy costs both.
+pub const PART_BYTES: usize = 64 * 1024;
+
+/// What a proxy holds: the versions its hello announced, or the view it last acknowledged
+/// (an `Arc` shared with every proxy of the same view, not a private copy of its keys).
+#[derive(Clone, Debug)]
+pub enum Holds {
+    /// Key → version, from the hello (what it persisted).
+    Announced(BTreeMap<String, String>),
+    /// The view it acknowledged.
+    View(Arc<View>),
+}
+
+impl Holds {
+    fn version(&self, key: &str) -> Option<&str> {
+        match self {
+            Holds::Announced(m) => m.get(key).map(String::as_str),
+            Holds::View(v) => v.items.get(key).map(|i| i.version.as_str()),
+        }
+    }
+
+    fn keys(&self) -> Box<dyn Iterator<Item = &String> + '_> {
+        match self {
+            Holds::Announced(m) => Box::new(m.keys()),
+            Holds::View(v) => Box::new(v.items.keys()),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Holds::Announced(m) => m.len(),
+            Holds::View(v) => v.items.len(),
+        }
+    }
+}
+
+/// What changed between what a proxy holds and its view.
+#[derive(Debug)]
+pub struct Delta<'a> {
+    /// Resources to send (new or changed), in key order.
+    pub changed: Vec<(&'a str, &'a crate::compile::Item)>,
+    /// Keys of resources to drop.
+    pub removed: Vec<String>,
+}
+
+impl Delta<'_> {
+    /// Nothing to send.
+    pub fn is_empty(&self) -> bool {
+        self.changed.is_empty() && self.removed.is_empty()
+    }
+
+    /// The responses that carry this delta: one, or with `part` set, parts of at most that
+    /// many bytes of JSON and keys each, every one but the last marked `more`. The JSON is
+    /// copied into a part only when the part is made, so a stream holds a few parts, not
+    /// the whole view.
+    pub fn responses<'d>(
+        &'d self,
+        version: &'d str,
+        nonce: &'d str,
+        part: Option<usize>,
+    ) -> impl Iterator<Item = wire::StreamResponse> + 'd {
+        let budget = part.unwrap_or(usize::MAX);
+        let (mut changed, mut removed) = (0, 0);
+        let mut done = false;
+        std::iter::from_fn(move || {
+            if done {
+                return None;
+            }
+            let mut r = wire::StreamResponse {
+                system_version: version.to_string(),
+                nonce: nonce.to_string(),
+                ..Default::default()
+            };
+            let mut size = 0;
+            while let Some((key, item)) = self.changed.get(changed) {
+                let n = key.len() + item.json.len();
+                if size > 0 && size + n > budget {
+                    break;
+                }
+                size += n;
+                changed += 1;
+                r.resources.push(wire::Resource {
+                    key: key.to_string(),
+                    version: item.version.clone(),
+                    json: item.json.to_string(),
+                });
+            }
+            while let Some(key) = self.removed.get(removed) {
+                if size > 0 && size + key.len() > budget {
+                    break;
+                }
+                size += key.len();
+                removed += 1;
+                r.removed.push(key.clone());
+            }
+            done = changed == self.changed.len() && removed == self.removed.len();
+            r.more = !done;
+            Some(r)
+        })
+    }
+}
+
+/// What changed between what a proxy holds and its view.
+pub fn diff<'a>(view: &'a View, held: &Holds) -> Delta<'a> {
     let changed = view
         .items
         .iter()
-        .filter(|(k, item)| held.get(*k) != Some(&item.version))
-        .map(|(k, item)| wire::Resource {
-            key: k.clone(),
-            version: item.version.clone(),
-            json: item.json.to_string(),
-        })
+        .filter(|(k, item)| held.version(k) != Some(item.version.as_str()))
+        .map(|(k, item)| (k.as_str(), item))
         .collect();
     let removed = held
         .keys()
         .filter(|k| !view.items.contains_key(*k))
         .cloned()
         .collect();
-    (changed, removed)
+    Delta { changed, removed }
 }
 
 struct Pending {
     nonce: String,
     version: String,
-    held: BTreeMap<String, String>,
+    /// The view it brings the proxy to.
+    view: Arc<View>,
     /// When the change it carries was first seen, for the push latency.
     since: tokio::time::Instant,
 }
@@ -459,7 +560,8 @@ async fn run_stream(
         );
     tracing::debug!(node = %node.id, "proxy connected");
 
-    let mut held: BTreeMap<String, String> = initial.into_iter().collect();
+    let mut held = Holds::Announced(initial.into_iter().collect());
+    let part = node.parts.then_some(PART_BYTES);
     let mut states = control.subscribe();
     let mut pending: Option<Pending> = None;
     let mut dirty = true;
@@ -471,10 +573,14 @@ async fn run_stream(
             dirty = false;
             let state = states.borrow_and_update().clone();
             let view = compile::view(&state, &key);
-            let (resources, removed) = diff(&view, &held);
+            let delta = diff(&view, &held);
             let version = state.revision.to_string();
             let since = changed_at.take().unwrap_or_else(tokio::time::Instant::now);
-            if resources.is_empty() && removed.is_empty() {
+            if delta.is_empty() {
+                drop(delta);
+                // It holds exactly this view: share it rather than pin an older, equal one
+                // (each registration makes a new state and a new view).
+                held = Holds::View(view.clone());
                 update(&|s| {
                     s.acked_version = version.clone();
                     s.resources = view.items.len();
@@ -482,25 +588,17 @@ async fn run_stream(
             } else {
                 counter += 1;
                 let nonce = format!("{counter}");
-                let next: BTreeMap<String, String> = view
-                    .items
-                    .iter()
-                    .map(|(k, i)| (k.clone(), i.version.clone()))
-                    .collect();
-                let response = wire::StreamResponse {
-                    system_version: version.clone(),
-                    nonce: nonce.clone(),
-                    resources,
-                    removed,
-                };
-                if tx.send(Ok(response)).await.is_err() {
-                    return;
+                for response in delta.responses(&version, &nonce, part) {
+                    if tx.send(Ok(response)).await.is_err() {
+                        return;
+                    }
                 }
+                drop(delta);
                 update(&|s| s.pending = true);
                 pending = Some(Pending {
                     nonce,
                     version,
-                    held: next,
+                    view,
                     since,
                 });
             }
@@ -524,7 +622,7 @@ async fn run_stream(
                 };
                 if m.error.is_empty() {
                     control.metrics.push_seconds.observe(p.since.elapsed().as_secs_f64());
-                    held = p.held;
+                    held = Holds::View(p.view);
                     let n = held.len();
                     update(&|s| {
                         s.acked_version = p.version.clone();
@@ -556,36 +654,81 @@ mod tests {
     use super::*;
     use crate::compile::Item;
 
+    fn item(v: &str, json: &str) -> Item {
+        Item {
+            version: v.into(),
+            json: json.into(),
+        }
+    }
+
     #[test]
     fn diff_sends_changes_and_removals_only() {
-        let item = |v: &str| Item {
-            version: v.into(),
-            json: "{}".into(),
-        };
         let view = View {
             items: BTreeMap::from([
-                ("Service/default/a".to_string(), item("1")),
-                ("Service/default/b".to_string(), item("2")),
-                ("Service/default/c".to_string(), item("3")),
+                ("Service/default/a".to_string(), item("1", "{}")),
+                ("Service/default/b".to_string(), item("2", "{}")),
+                ("Service/default/c".to_string(), item("3", "{}")),
             ]),
         };
-        let held = BTreeMap::from([
+        let held = Holds::Announced(BTreeMap::from([
             ("Service/default/a".to_string(), "1".to_string()),
             ("Service/default/b".to_string(), "old".to_string()),
             ("Service/default/gone".to_string(), "9".to_string()),
-        ]);
-        let (changed, removed) = diff(&view, &held);
-        let keys: Vec<_> = changed.iter().map(|r| r.key.as_str()).collect();
+        ]));
+        let delta = diff(&view, &held);
+        let keys: Vec<_> = delta.changed.iter().map(|(k, _)| *k).collect();
         assert_eq!(keys, ["Service/default/b", "Service/default/c"]);
-        assert_eq!(removed, ["Service/default/gone"]);
-        let (changed, removed) = diff(
-            &view,
-            &view
-                .items
-                .iter()
-                .map(|(k, i)| (k.clone(), i.version.clone()))
+        assert_eq!(delta.removed, ["Service/default/gone"]);
+        // Once it acknowledged the view, it holds exactly that view.
+        assert!(diff(&view, &Holds::View(Arc::new(view.clone()))).is_empty());
+    }
+
+    /// A delta in parts: every part within the budget (a larger resource alone), one nonce
+    /// and version, `more` on all but the last, and together exactly the one-message delta.
+    #[test]
+    fn parts_stay_within_the_budget_and_add_up_to_the_whole_delta() {
+        let json = |n: usize| format!("{{\"x\":\"{}\"}}", "a".repeat(n));
+        let items: BTreeMap<String, Item> = [10, 300, 40, 2_000, 50, 60, 70, 700, 5]
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("Service/default/s{i}"), item("1", &json(*n))))
+            .collect();
+        let view = View { items };
+        let held = Holds::Announced(
+            (0..40)
+                .map(|i| (format!("Service/default/old{i:02}"), "1".to_string()))
                 .collect(),
         );
-        assert!(changed.is_empty() && removed.is_empty());
+        let delta = diff(&view, &held);
+        let whole: Vec<_> = delta.responses("7", "3", None).collect();
+        assert_eq!(whole.len(), 1);
+        assert!(!whole[0].more);
+        for budget in [1, 64, 500, 1_000, 100_000] {
+            let parts: Vec<_> = delta.responses("7", "3", Some(budget)).collect();
+            let (mut resources, mut removed) = (vec![], vec![]);
+            for (i, p) in parts.iter().enumerate() {
+                assert_eq!((p.system_version.as_str(), p.nonce.as_str()), ("7", "3"));
+                assert_eq!(p.more, i + 1 < parts.len(), "budget {budget}, part {i}");
+                let size: usize = p
+                    .resources
+                    .iter()
+                    .map(|r| r.key.len() + r.json.len())
+                    .sum::<usize>()
+                    + p.removed.iter().map(String::len).sum::<usize>();
+                let items = p.resources.len() + p.removed.len();
+                assert!(items >= 1, "budget {budget}: an empty part");
+                assert!(
+                    size <= budget || items == 1,
+                    "budget {budget}: part {i} has {size} bytes"
+                );
+                resources.extend(p.resources.iter().cloned());
+                removed.extend(p.removed.iter().cloned());
+            }
+            assert_eq!(resources, whole[0].resources, "budget {budget}");
+            assert_eq!(removed, whole[0].removed, "budget {budget}");
+            if budget < 1_000 {
+                assert!(parts.len() > 2, "budget {budget}: {} parts", parts.len());
+            }
+        }
     }
 }

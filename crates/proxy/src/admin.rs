@@ -170,12 +170,21 @@ async fn explain(shared: &Shared, body: Incoming) -> (StatusCode, String) {
     }
 }
 
-/// The `/config` document, pretty-printed straight from the snapshot's JSON text: parsing it
-/// into a `serde_json::Value` first would take ~50 MB for a config of 3,000 resources.
+/// The `/config` document, pretty-printed straight from the snapshot's JSON texts: parsing
+/// them into a `serde_json::Value` first would take ~50 MB for a config of 3,000 resources.
 fn config(snap: &crate::snapshot::Snapshot) -> String {
-    let mut out = String::with_capacity(snap.config.len() * 2);
+    let size: usize = snap.config.iter().map(|r| r.len() + 1).sum();
+    let mut out = String::with_capacity(size * 2);
     out.push_str("{\n  \"resources\": ");
-    indent(&snap.config, 1, &mut out);
+    // The array is laid out from its parts; it is never joined into one string.
+    let parts = snap.config.iter().enumerate().flat_map(|(i, r)| {
+        let comma = (i > 0).then_some(',');
+        comma.into_iter().chain(r.chars())
+    });
+    let array = std::iter::once('[')
+        .chain(parts)
+        .chain(std::iter::once(']'));
+    indent(array, 1, &mut out);
     out.push_str(",\n  \"source\": ");
     out.push_str(&serde_json::to_string(&snap.source).unwrap_or_default());
     out.push_str(&format!(",\n  \"version\": {}\n}}", snap.version));
@@ -185,7 +194,7 @@ fn config(snap: &crate::snapshot::Snapshot) -> String {
 /// Appends compact JSON `json` to `out` laid out as `serde_json::to_string_pretty` does
 /// (two spaces per level, empty arrays and objects kept as `[]` and `{}`), starting at
 /// nesting `level`.
-fn indent(json: &str, level: usize, out: &mut String) {
+fn indent(json: impl Iterator<Item = char>, level: usize, out: &mut String) {
     let newline = |out: &mut String, level: usize| {
         out.push('\n');
         for _ in 0..level {
@@ -193,7 +202,7 @@ fn indent(json: &str, level: usize, out: &mut String) {
         }
     };
     let mut level = level;
-    let mut chars = json.chars().peekable();
+    let mut chars = json.peekable();
     let (mut in_string, mut escaped) = (false, false);
     while let Some(c) = chars.next() {
         if in_string {
@@ -255,7 +264,7 @@ mod tests {
             let value: serde_json::Value = serde_json::from_str(doc).unwrap();
             let compact = serde_json::to_string(&value).unwrap();
             let mut got = String::new();
-            indent(&compact, 0, &mut got);
+            indent(compact.chars(), 0, &mut got);
             assert_eq!(got, serde_json::to_string_pretty(&value).unwrap(), "{doc}");
         }
     }
@@ -265,15 +274,24 @@ mod tests {
         let mut snap = crate::snapshot::Snapshot::empty();
         snap.version = 7;
         snap.source = "a \"file\"".into();
-        snap.config = r#"[{"kind":"Proxy","spec":{"inbound":[]}}]"#.into();
+        snap.config = vec![
+            r#"{"kind":"Proxy","spec":{"inbound":[]}}"#.into(),
+            r#"{"kind":"Service","spec":{"ports":[{"port":80}]}}"#.into(),
+        ];
+        let text = config(&snap);
+        let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let want = serde_json::json!({
+            "resources": [
+                {"kind": "Proxy", "spec": {"inbound": []}},
+                {"kind": "Service", "spec": {"ports": [{"port": 80}]}},
+            ],
+            "source": "a \"file\"",
+            "version": 7,
+        });
+        assert_eq!(doc, want);
+        assert_eq!(text, serde_json::to_string_pretty(&want).unwrap());
+        snap.config = vec![];
         let doc: serde_json::Value = serde_json::from_str(&config(&snap)).unwrap();
-        assert_eq!(
-            doc,
-            serde_json::json!({
-                "resources": [{"kind": "Proxy", "spec": {"inbound": []}}],
-                "source": "a \"file\"",
-                "version": 7,
-            })
-        );
+        assert_eq!(doc["resources"], serde_json::json!([]));
     }
 }

@@ -24,8 +24,23 @@ pub const SOURCE: &str = "control-plane";
 pub struct Held {
     /// The control plane's version of it.
     pub version: String,
-    /// The resource.
-    pub json: String,
+    /// The resource, shared with the snapshot's `/config` text (see [`HeldSet::parse`]).
+    #[serde(with = "shared_str")]
+    pub json: Arc<str>,
+}
+
+/// `Arc<str>` as a JSON string (serde's `rc` feature would rebuild every crate using serde).
+mod shared_str {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::sync::Arc;
+
+    pub fn serialize<S: Serializer>(s: &Arc<str>, out: S) -> Result<S::Ok, S::Error> {
+        out.serialize_str(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
+        String::deserialize(d).map(Arc::from)
+    }
 }
 
 /// What a proxy holds from the control plane; persisted after every accepted update.
@@ -90,13 +105,16 @@ impl HeldSet {
         })
     }
 
-    /// The resources, parsed.
+    /// The resources, parsed; each keeps its JSON text (shared, not copied), which is what
+    /// `/config` shows: the control plane's text is the API's serialization of the resource.
     pub fn parse(&self) -> Result<Vec<Located<Resource>>, HeldError> {
         self.resources
             .iter()
             .map(|(key, h)| {
                 Resource::from_json(&h.json)
-                    .map(|r| Located::unsourced(r, &format!("{SOURCE} {key}")))
+                    .map(|r| {
+                        Located::unsourced(r, &format!("{SOURCE} {key}")).with_json(h.json.clone())
+                    })
                     .map_err(|message| HeldError::Parse {
                         key: key.clone(),
                         message,
@@ -106,22 +124,27 @@ impl HeldSet {
     }
 
     /// The set after applying one response's delta.
-    pub fn with(&self, response: &wire::StreamResponse) -> HeldSet {
+    pub fn with(&self, response: wire::StreamResponse) -> HeldSet {
         let mut next = self.clone();
-        next.version = response.system_version.clone();
+        next.add(response);
+        next
+    }
+
+    /// Applies one response, or one part of it, moving its resources in.
+    pub fn add(&mut self, response: wire::StreamResponse) {
+        self.version = response.system_version;
         for key in &response.removed {
-            next.resources.remove(key);
+            self.resources.remove(key);
         }
-        for r in &response.resources {
-            next.resources.insert(
-                r.key.clone(),
+        for r in response.resources {
+            self.resources.insert(
+                r.key,
                 Held {
-                    version: r.version.clone(),
-                    json: r.json.clone(),
+                    version: r.version,
+                    json: r.json.into(),
                 },
             );
         }
-        next
     }
 }
 
@@ -424,7 +447,12 @@ async fn session(
         ..cfg.node.clone()
     };
     let hello = wire::StreamRequest {
-        node: Some(node),
+        node: Some(wire::Node {
+            // A mesh-wide view is megabytes: in parts, neither side keeps a stream buffer
+            // that large.
+            parts: true,
+            ..node
+        }),
         initial_versions: held
             .resources
             .iter()
@@ -439,8 +467,30 @@ async fn session(
     tracing::info!(%endpoint, "connected to the control plane");
     proxy.shared.metrics.control_connected.set(1);
     backoff.reset();
+    // The parts received so far of a response sent in parts: its nonce and the set with them.
+    let mut partial: Option<(String, HeldSet)> = None;
     while let Some(response) = responses.message().await? {
-        let next = held.with(&response);
+        let (nonce, version, more) = (
+            response.nonce.clone(),
+            response.system_version.clone(),
+            response.more,
+        );
+        let next = match partial.take() {
+            None => held.with(response),
+            Some((n, mut next)) if n == nonce => {
+                next.add(response);
+                next
+            }
+            Some((n, _)) => {
+                return Err(tonic::Status::internal(format!(
+                    "the control plane sent response {nonce} before the last part of {n}"
+                )));
+            }
+        };
+        if more {
+            partial = Some((nonce, next));
+            continue;
+        }
         let error = match next.parse() {
             Ok(remote) => match proxy.apply(&assemble(&cfg.local, remote), SOURCE).await {
                 Ok(_) => None,
@@ -459,11 +509,11 @@ async fn session(
                 }
             }
             Some(e) => {
-                tracing::error!(version = %response.system_version, "config from the control plane refused; previous config keeps serving:\n{e}")
+                tracing::error!(%version, "config from the control plane refused; previous config keeps serving:\n{e}")
             }
         }
         let answer = wire::StreamRequest {
-            response_nonce: response.nonce,
+            response_nonce: nonce,
             error: error.unwrap_or_default(),
             ..Default::default()
         };
@@ -535,22 +585,56 @@ mod tests {
             version: v.into(),
             json: format!("{{\"v\":\"{v}\"}}"),
         };
-        let one = set.with(&wire::StreamResponse {
+        let one = set.with(wire::StreamResponse {
             system_version: "5".into(),
             nonce: "1".into(),
             resources: vec![r("a", "1"), r("b", "1")],
-            removed: vec![],
+            ..Default::default()
         });
-        let two = one.with(&wire::StreamResponse {
+        let two = one.with(wire::StreamResponse {
             system_version: "7".into(),
             nonce: "2".into(),
             resources: vec![r("b", "2")],
             removed: vec!["a".into()],
+            ..Default::default()
         });
         assert_eq!(two.version, "7");
         assert_eq!(two.resources.keys().collect::<Vec<_>>(), ["b"]);
         assert_eq!(two.resources["b"].version, "2");
         assert_eq!(one.resources.len(), 2, "the original is untouched");
+    }
+
+    /// `/config` shows a held resource from the held set's own text, not from a second copy,
+    /// and that text is what serializing the parsed resource gives (what `/config` showed).
+    #[test]
+    fn the_snapshot_shares_the_held_text_for_config() {
+        let local = trellis_api::parse_documents(
+            "proxy.yaml",
+            "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {name: p}\nspec:\n  outbound: [{name: mesh, address: \"127.0.0.1:0\", httpProxy: true}]\n",
+        )
+        .unwrap();
+        let service = trellis_api::parse_documents(
+            "svc.yaml",
+            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 80}]\n  endpoints: [{address: \"127.0.0.1:1\"}]\n",
+        )
+        .unwrap()
+        .remove(0)
+        .value;
+        let mut set = HeldSet::default();
+        set.resources.insert(
+            "Service/default/a".into(),
+            Held {
+                version: "1".into(),
+                json: service.to_json().into(),
+            },
+        );
+        let all = assemble(&local, set.parse().unwrap());
+        let snap = crate::Snapshot::build(&all, 1, SOURCE, None, &crate::Shared::new()).unwrap();
+        assert_eq!(snap.config.len(), 2);
+        assert_eq!(*snap.config[0], *local[0].value.to_json());
+        let held = &set.resources["Service/default/a"].json;
+        assert!(Arc::ptr_eq(&snap.config[1], held), "a second copy");
+        assert_eq!(*snap.config[1], *all[1].value.to_json());
     }
 
     #[test]

@@ -247,9 +247,11 @@ pub struct Snapshot {
     /// The resources read after the build: the `Proxy` (this workload) and the `Telemetry`
     /// resources (the sinks).
     pub resources: Vec<Resource>,
-    /// Every resource as given, as one compact JSON array, for `/config`. Kept as text: a
-    /// config of 3,000 resources is ~1.5 MB of JSON and ~6 MB of parsed values.
-    pub config: Box<str>,
+    /// Every resource as given, each as compact JSON, for `/config`. Kept as text: a config
+    /// of 3,000 resources is ~1.5 MB of JSON and ~6 MB of parsed values. A resource from the
+    /// control plane shares the text the held set keeps ([`Located::json`]), so the view is
+    /// not kept twice.
+    pub config: Vec<Arc<str>>,
 }
 
 impl Snapshot {
@@ -289,7 +291,7 @@ impl Snapshot {
             limits: Default::default(),
             overloads: HashMap::new(),
             resources: vec![],
-            config: "[]".into(),
+            config: vec![],
         }
     }
 
@@ -696,13 +698,16 @@ impl Snapshot {
     }
 }
 
-/// `resources` as a compact JSON array.
-fn config_json(resources: &[Located<Resource>]) -> Box<str> {
-    let all: Vec<&Resource> = resources.iter().map(|r| &r.value).collect();
-    // Serializing API types cannot fail (string keys, no non-finite floats).
-    serde_json::to_string(&all)
-        .unwrap_or_else(|_| "[]".into())
-        .into_boxed_str()
+/// Each resource as compact JSON: the text it arrived as, else serialized.
+fn config_json(resources: &[Located<Resource>]) -> Vec<Arc<str>> {
+    resources
+        .iter()
+        .map(|r| {
+            r.json()
+                .cloned()
+                .unwrap_or_else(|| r.value.to_json().into())
+        })
+        .collect()
 }
 
 fn key(ns: &str, name: &str) -> ServiceKey {
