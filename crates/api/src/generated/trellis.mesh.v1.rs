@@ -22,6 +22,10 @@ pub struct Node {
     /// Its admin (metrics) listener as bound, `IP:PORT`, for Prometheus service discovery.
     #[prost(string, tag = "7")]
     pub metrics_address: ::prost::alloc::string::String,
+    /// The proxy accepts a response in parts (`StreamResponse.more`). Neither side then needs
+    /// a buffer the size of a whole view (a mesh-wide one is megabytes) for the stream's life.
+    #[prost(bool, tag = "8")]
+    pub parts: bool,
 }
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct StreamRequest {
@@ -55,6 +59,11 @@ pub struct StreamResponse {
     /// Keys of resources the proxy must drop.
     #[prost(string, repeated, tag = "4")]
     pub removed: ::prost::alloc::vec::Vec<::prost::alloc::string::String>,
+    /// More parts of this response follow, with the same nonce and version (only to a proxy
+    /// that set `Node.parts`). The proxy applies the parts together and answers once, after
+    /// the last.
+    #[prost(bool, tag = "5")]
+    pub more: bool,
 }
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
 pub struct Resource {
