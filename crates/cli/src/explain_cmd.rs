@@ -73,7 +73,9 @@ const NOT_IN_LOG: [&str; 2] = ["request headers", "the query string"];
 /// `request_id`) in `text` (the log, read from `origin`): the request for the explain API,
 /// whether it was the inbound side's line, and what the answer says about the line. Of
 /// several lines with the id (a trace crosses sidecars), the one of the side asked for:
-/// inbound with `inbound`, else outbound. Pure.
+/// inbound with `inbound`, else outbound. An id on several lines of that side (a retry, or a
+/// client that reuses its `x-request-id`) is an error naming them: explaining one of them
+/// silently could explain the wrong request. Pure.
 pub fn from_access_log(
     text: &str,
     origin: &str,
@@ -87,22 +89,42 @@ pub fn from_access_log(
             continue;
         };
         lines += 1;
-        let is = |k: &str| v[k].as_str().is_some_and(|s| s.eq_ignore_ascii_case(id));
-        if is("trace_id") || is("request_id") {
+        // Trace ids are hex, written in either case; a request id is the client's string.
+        let trace = v["trace_id"]
+            .as_str()
+            .is_some_and(|s| s.eq_ignore_ascii_case(id));
+        if trace || v["request_id"].as_str() == Some(id) {
             found.push((i + 1, v));
         }
     }
-    let want = if inbound { "inbound" } else { "outbound" };
-    let Some((n, line)) = found
-        .iter()
-        .find(|(_, v)| v["direction"] == want)
-        .or(found.first())
-        .cloned()
-    else {
+    if found.is_empty() {
         bail!(
             "request id {id:?}: no line of {origin} has it as trace_id or request_id ({lines} JSON lines read); the access log needs the trace_id field (tracing on) or request_id (requests with an x-request-id header)"
         );
+    }
+    let want = if inbound { "inbound" } else { "outbound" };
+    let side: Vec<&(usize, Value)> = found
+        .iter()
+        .filter(|(_, v)| v["direction"] == want)
+        .collect();
+    let candidates = if side.is_empty() {
+        found.iter().collect()
+    } else {
+        side
     };
+    if candidates.len() > 1 {
+        let at: Vec<String> = candidates
+            .iter()
+            .map(|(n, _)| format!("{origin}:{n}"))
+            .collect();
+        bail!(
+            "request id {id:?} is on {} lines ({}): it was reused (a retry, or a client's own x-request-id); pick one, e.g. `sed -n {}p {origin} | trellis explain --access-log - --request-id {id} …`",
+            candidates.len(),
+            at.join(", "),
+            candidates[0].0,
+        );
+    }
+    let (n, line) = candidates[0].clone();
     let field = |k: &str| -> Result<String> {
         match v_str(&line, k) {
             Some(s) if !s.is_empty() => Ok(s),
@@ -167,7 +189,9 @@ pub async fn explain(api: &Api, mut args: Args, output: Output) -> Result<i32> {
             (t, file.display().to_string())
         };
         let (request, is_inbound, about) = from_access_log(&text, &origin, id, args.inbound)?;
-        args.inbound |= is_inbound;
+        // The side of the line found, whatever was asked: an outbound line explained as
+        // inbound would be an unauthenticated call.
+        args.inbound = is_inbound;
         args.request_id = None;
         logged = Some((request, about));
     }
@@ -386,6 +410,10 @@ mod tests {
             "\n",
             r#"{"request_id":"tcp","direction":"inbound","protocol":"TCP"}"#,
             "\n",
+            r#"{"request_id":"again","direction":"outbound","method":"GET","authority":"pay","path":"/a","status":503}"#,
+            "\n",
+            r#"{"request_id":"again","direction":"outbound","method":"GET","authority":"pay","path":"/a","status":200}"#,
+            "\n",
         );
         // (id, inbound asked, line found, source, method and path)
         for (id, inbound, line, source, method, path) in [
@@ -425,9 +453,16 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("\"nope\"") && e.contains("a.log") && e.contains("4 JSON lines"),
+            e.contains("\"nope\"") && e.contains("a.log") && e.contains("6 JSON lines"),
             "{e}"
         );
+        // A request id is matched exactly.
+        assert!(from_access_log(log, "a.log", "ABC", false).is_err());
+        // A reused id names its lines instead of picking one.
+        let e = from_access_log(log, "a.log", "again", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("2 lines (a.log:6, a.log:7)"), "{e}");
         let e = from_access_log(log, "a.log", "tcp", false)
             .unwrap_err()
             .to_string();

@@ -29,9 +29,20 @@ const MAX_KEPT_SERIES: usize = 20_000;
 /// Most authorization series kept from one report.
 const MAX_AUTHZ_SERIES: usize = 1024;
 
-/// Most backends, and endpoint states per backend, kept from one report.
-const MAX_BACKENDS: usize = 1024;
-const MAX_STATES: usize = 256;
+/// Most backends, and endpoint states per backend, kept from one report: what a proxy
+/// sends at most (`outlier::endpoint_report`); a report over it is not the proxy's own.
+const MAX_BACKENDS: usize = 256;
+const MAX_STATES: usize = 64;
+
+/// Longest name kept from a report (policy, listener, backend, reason, decision); an
+/// address is shorter still. Longer ones are dropped with their entry, so that a crafted
+/// report cannot make the control plane keep megabytes of text.
+const MAX_NAME: usize = 256;
+const MAX_ADDRESS: usize = 64;
+
+/// Most reports' verdicts kept per proxy: its window at a report every few seconds, so a
+/// proxy sending tiny reports as fast as it can does not grow the list.
+const MAX_AUTHZ_ENTRIES: usize = 1024;
 
 /// How long a proxy's endpoint state stands without a newer report (a few report intervals).
 pub const FRESH_STATE: Duration = Duration::from_secs(10);
@@ -249,7 +260,7 @@ pub struct AuthzRow {
     /// Their service.
     pub service: String,
     /// What decided: a policy `namespace/name`, a `MeshConfig`, `default`,
-    /// `no-allow-policy-matched` or `RequestAuthentication`.
+    /// `no-allow-policy-matched` or `request-authentication` (a refused token).
     pub policy: String,
     /// The rule of the policy (index from 0); absent when no rule decided.
     pub rule: Option<u32>,
@@ -423,6 +434,8 @@ pub fn instance_rows(reports: &[(&Reporter, Duration, &wire::EndpointReport)]) -
             row.summary = summary(&row);
             row
         })
+        // An ejection that ended since its report, with nothing else to say: not listed.
+        .filter(|r| r.ejected_by + r.probing + r.check_failing + r.failing > 0)
         .collect()
 }
 
@@ -910,7 +923,22 @@ impl Fleet {
         endpoints: Option<wire::EndpointReport>,
         now: Instant,
     ) {
+        authz.retain(|a| {
+            a.policy.len() <= MAX_NAME
+                && a.listener.len() <= MAX_NAME
+                && a.decision.len() <= MAX_NAME
+        });
         authz.truncate(MAX_AUTHZ_SERIES);
+        let endpoints = endpoints.map(|mut e| {
+            e.backends.retain(|b| b.backend.len() <= MAX_NAME);
+            e.backends.truncate(MAX_BACKENDS);
+            for b in &mut e.backends {
+                b.states
+                    .retain(|s| s.address.len() <= MAX_ADDRESS && s.reason.len() <= MAX_NAME);
+                b.states.truncate(MAX_STATES);
+            }
+            e
+        });
         let mut windows = self.lock_windows();
         let w = windows
             .entry(who.clone())
@@ -918,16 +946,12 @@ impl Fleet {
         // Empty entries too: they count the time they cover (the rate's denominator).
         w.authz.push_back((now, interval_ms, authz));
         let mut kept: usize = w.authz.iter().map(|(_, _, a)| a.len()).sum();
-        while kept > MAX_KEPT_SERIES && w.authz.len() > 1 {
+        while (kept > MAX_KEPT_SERIES || w.authz.len() > MAX_AUTHZ_ENTRIES) && w.authz.len() > 1 {
             if let Some((_, _, a)) = w.authz.pop_front() {
                 kept -= a.len();
             }
         }
-        if let Some(mut e) = endpoints {
-            e.backends.truncate(MAX_BACKENDS);
-            for b in &mut e.backends {
-                b.states.truncate(MAX_STATES);
-            }
+        if let Some(e) = endpoints {
             w.endpoints = Some((now, e));
         }
         Self::prune(&mut windows, now);
@@ -1522,7 +1546,12 @@ mod tests {
         let rc = wire::EndpointReport {
             backends: vec![backend(
                 "default/pay:80",
-                vec![state("10.0.0.1:80", 2_000, five), failing],
+                vec![
+                    state("10.0.0.1:80", 2_000, five),
+                    failing,
+                    // Its ejection ended since, and nothing else: not listed.
+                    state("10.0.0.3:80", 2_000, five),
+                ],
             )],
         };
         let ms = Duration::from_millis;

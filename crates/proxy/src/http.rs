@@ -118,6 +118,9 @@ async fn serve(
         parts.version = Version::HTTP_11;
     }
     let grpc = decide::is_grpc(&parts);
+    // Two Hosts: one hop would route on the first while the next might read the other
+    // (RFC 9112 §3.2: a 400).
+    let two_hosts = parts.headers.get_all(header::HOST).iter().nth(1).is_some();
     let at = golden::Req {
         direction,
         peer: conn.peer_identity.as_deref(),
@@ -128,6 +131,14 @@ async fn serve(
             .sampled_trace_id()
             .or_else(|| golden::sampled_trace(&parts.headers)),
     };
+    if two_hosts {
+        return shared.fail(
+            &at,
+            &NONE,
+            &NONE,
+            ProxyError::BadRequest("more than one Host header".into()),
+        );
+    }
     // Before anything reads or sets a header: the client's hop-by-hop headers go now, so its
     // `Connection` cannot remove what the mesh adds below (identity, route filters).
     strip_hop_by_hop(&mut parts.headers, downstream_upgrade.is_some());

@@ -140,6 +140,9 @@ pub struct Detector {
     next_latency_check: Option<Instant>,
     /// Why it was last ejected.
     reason: Option<Reason>,
+    /// The same in words, with the threshold of the policy that ejected it (the endpoint's
+    /// state is shared by every backend that holds it, each with its own thresholds).
+    described: Option<std::sync::Arc<str>>,
 }
 
 impl Detector {
@@ -156,6 +159,11 @@ impl Detector {
     /// Why it was last ejected, if ever.
     pub fn reason(&self) -> Option<Reason> {
         self.reason
+    }
+
+    /// Why it was last ejected, in words, as the ejecting policy put it.
+    pub fn described(&self) -> Option<&str> {
+        self.described.as_deref()
     }
 
     /// Ejections that count towards the next one's length.
@@ -401,6 +409,7 @@ pub fn report(
         if may_eject(ejected, members.len(), policy.max_percent) {
             d.eject(policy, now);
             d.reason = Some(reason);
+            d.described = Some(reason.describe(policy).into());
             slot.publish(&d);
             metrics.outlier_ejection(&backend.name, reason.as_str());
             tracing::info!(backend = %backend.name, endpoint = %endpoint.addr, reason = reason.as_str(), times = d.times(), "endpoint ejected");
@@ -468,6 +477,8 @@ impl Reason {
 /// mode may hold every service of a large mesh.
 const MAX_REPORTED_BACKENDS: usize = 256;
 const MAX_REPORTED_ENDPOINTS: usize = 64;
+/// How long after its ejection ended an endpoint not yet answered well is reported as probed.
+const REPORT_PROBING_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What the control plane's per-service view needs of this proxy's endpoints at `now`:
 /// each backend that has outlier detection or health checks (or an endpoint that is not
@@ -483,10 +494,16 @@ pub fn endpoint_report(snap: &crate::Snapshot, now: Instant) -> trellis_api::wir
         for m in members.iter() {
             let e = &m.state;
             let h = e.health(now);
-            if !(h.ejected || h.probing || h.down || h.failures > 0) {
+            let d = e.outlier.detector();
+            // Probing and failing only while they mean something: a caller that stopped
+            // calling would otherwise report them for as long as it stays connected.
+            let probing = h.probing
+                && !h.ejected
+                && d.until()
+                    .is_some_and(|u| now.saturating_duration_since(u) < REPORT_PROBING_FOR);
+            if !(h.ejected || probing || h.down || h.backoff) {
                 continue;
             }
-            let d = e.outlier.detector();
             let left = d.until().filter(|_| h.ejected).map_or(0, |u| {
                 u64::try_from(u.saturating_duration_since(now).as_millis()).unwrap_or(u64::MAX)
             });
@@ -494,15 +511,12 @@ pub fn endpoint_report(snap: &crate::Snapshot, now: Instant) -> trellis_api::wir
                 address: e.addr.to_string(),
                 // An ejection that is about to end still counts as one.
                 ejected_ms: if h.ejected { left.max(1) } else { 0 },
-                reason: match (d.reason(), &b.outlier) {
-                    (Some(r), Some(p)) => r.describe(p),
-                    _ => String::new(),
-                },
+                reason: d.described().unwrap_or_default().to_string(),
                 times_ejected: d.times(),
                 // Ejecting also marks it for probing once it is back.
-                probing: h.probing && !h.ejected,
+                probing,
                 check_failing: h.down,
-                failures: h.failures,
+                failures: if h.backoff { h.failures } else { 0 },
             });
             if states.len() >= MAX_REPORTED_ENDPOINTS {
                 break;
@@ -516,9 +530,12 @@ pub fn endpoint_report(snap: &crate::Snapshot, now: Instant) -> trellis_api::wir
             endpoints: u32::try_from(members.len()).unwrap_or(u32::MAX),
             states,
         });
-        if out.len() >= MAX_REPORTED_BACKENDS {
-            break;
-        }
+    }
+    // Over the cap, backends with something to say go first (the sort is stable: by name
+    // within each group), so a large healthy view cannot crowd out an ejection.
+    if out.len() > MAX_REPORTED_BACKENDS {
+        out.sort_by_key(|b| b.states.is_empty());
+        out.truncate(MAX_REPORTED_BACKENDS);
     }
     wire::EndpointReport { backends: out }
 }

@@ -264,8 +264,13 @@ async fn a_peer_that_offers_only_http1_gets_http1_and_no_request_is_lost() {
     let peer = old_peer(&ca).await;
     let client = client_sidecar(&ca, peer.addr, None).await;
     let out = client.addr("out").await;
+    // With a body, so that each offers HTTP/2 first (a bodiless request alone takes
+    // HTTP/1.1 anyway) and must fall back on the same try.
     for i in 0..5 {
-        let got = get(out, &format!("/old/{i}")).await;
+        let req = Request::post(format!("http://{out}/old/{i}"))
+            .body(Full::new(Bytes::from(format!("body {i}"))))
+            .unwrap();
+        let got = send(&h1_client(), req).await;
         assert_eq!(got.status, 200, "request {i}");
         assert_eq!(&got.body[..], b"old");
     }
@@ -449,18 +454,22 @@ async fn heads_http2_would_refuse_or_invent_cross_as_http1_sends_them() {
     let client = client_sidecar(&ca, server.addr("in").await, None).await;
     let out = client.addr("out").await;
     // A 40 KB header (a big cookie): HTTP/2's usual 16 KiB header list would refuse it.
+    // With a body, so that it crosses as HTTP/2 (a bodiless request alone takes HTTP/1.1).
     let big = "x".repeat(40 * 1024);
-    let req = Request::get(format!("http://{out}/big"))
+    let req = Request::post(format!("http://{out}/big"))
         .header("cookie", big.as_str())
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(Bytes::from_static(b"payload")))
         .unwrap();
     let got = send(&h1_client(), req).await;
     assert_eq!(got.status, 200, "{:?}", String::from_utf8_lossy(&got.body));
     assert_eq!(got.json()["headers"]["cookie"][0], big.as_str());
-    // HTTP/1.0 without a Host: the app must not receive one the mesh made up.
+    // HTTP/1.0 without a Host: the app must not receive one the mesh made up. With a body,
+    // so that it would cross as HTTP/2 but for the missing authority.
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
-    s.write_all(b"GET /nohost HTTP/1.0\r\n\r\n").await.unwrap();
+    s.write_all(b"POST /nohost HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")
+        .await
+        .unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
         .await
@@ -475,4 +484,17 @@ async fn heads_http2_would_refuse_or_invent_cross_as_http1_sends_them() {
         !text.contains("localhost"),
         "the app saw an invented Host: {text}"
     );
+    // Two Hosts: the sidecar would route on one and the app might read the other.
+    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
+    s.write_all(b"GET /twohosts HTTP/1.1\r\nHost: app.example\r\nHost: admin.example\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(!text.contains("/twohosts"), "it reached the app: {text}");
 }

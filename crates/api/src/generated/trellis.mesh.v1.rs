@@ -216,7 +216,7 @@ pub struct AuthzSeries {
     #[prost(string, tag = "1")]
     pub listener: ::prost::alloc::string::String,
     /// What decided: a policy `namespace/name`, a `MeshConfig`, `default`,
-    /// `no-allow-policy-matched` or `RequestAuthentication`.
+    /// `no-allow-policy-matched` or `request-authentication` (a refused token).
     #[prost(string, tag = "2")]
     pub policy: ::prost::alloc::string::String,
     /// The deciding rule of `policy` (index from 0); absent when no rule decided.
