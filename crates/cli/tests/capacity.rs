@@ -7,25 +7,17 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 use support::*;
-
-const READY: Duration = Duration::from_secs(60);
 
 #[test]
 fn real_sidecars_report_cpu_and_memory_and_the_metric_follows() {
     let dir = TempDir::new("capacity");
-    let cp = ControlPlane::start_in(dir.path());
-    let _catalog = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
-    let up = free_port();
-    let _client = client(
-        dir.path(),
-        &cp.url(),
+    let SmallMesh {
+        cp,
         up,
-        "client-state",
-        &token(&cp, "client"),
-    );
-    wait_versions(up, &["v1"], READY);
+        catalog: _catalog,
+        client: _client,
+    } = small_mesh(&dir);
 
     // Steady load through the mesh while the report is read.
     let stop = Arc::new(AtomicBool::new(false));

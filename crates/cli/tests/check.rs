@@ -7,22 +7,15 @@ mod support;
 use std::time::Duration;
 use support::*;
 
-const READY: Duration = Duration::from_secs(60);
-
 #[test]
 fn check_passes_on_a_healthy_mesh_and_fails_on_a_nack() {
     let dir = TempDir::new("check");
-    let cp = ControlPlane::start_in(dir.path());
-    let _catalog = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
-    let up = free_port();
-    let _client = client(
-        dir.path(),
-        &cp.url(),
-        up,
-        "client-state",
-        &token(&cp, "client"),
-    );
-    wait_versions(up, &["v1"], READY);
+    let SmallMesh {
+        cp,
+        catalog: _catalog,
+        client: _client,
+        ..
+    } = small_mesh(&dir);
 
     let (code, out, err) = cp.cli(&["check"]);
     assert_eq!(code, 0, "{out}{err}");

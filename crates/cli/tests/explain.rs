@@ -8,8 +8,6 @@ use serde_json::Value;
 use std::time::Duration;
 use support::*;
 
-const READY: Duration = Duration::from_secs(60);
-
 const CONFIG: &str = r#"
 apiVersion: trellis.dev/v1alpha1
 kind: Service
@@ -100,17 +98,12 @@ fn sent(port: u16, path: &str, header: Option<(&str, &str)>) -> (u16, Option<Str
 #[test]
 fn explanations_agree_with_what_the_sidecars_do() {
     let dir = TempDir::new("explain");
-    let cp = ControlPlane::start_in(dir.path());
-    let _v1 = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
-    let up = free_port();
-    let _client = client(
-        dir.path(),
-        &cp.url(),
+    let SmallMesh {
+        cp,
         up,
-        "client-state",
-        &token(&cp, "client"),
-    );
-    wait_versions(up, &["v1"], READY);
+        catalog: _catalog,
+        client: _client,
+    } = small_mesh(&dir);
     let config = dir.write("config.yaml", CONFIG);
     let (code, out, err) = cp.cli(&["apply", "-f", config.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}{err}");

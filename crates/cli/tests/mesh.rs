@@ -6,10 +6,6 @@ mod support;
 use std::time::Duration;
 use support::*;
 
-/// The ceiling of every wait for a readiness signal: generous, since a loaded CI machine can
-/// take many times longer than a quiet one, and a wait returns as soon as its signal shows.
-const READY: Duration = Duration::from_secs(60);
-
 const ROUTE_ALL_V2: &str = r#"
 apiVersion: trellis.dev/v1alpha1
 kind: Service
@@ -43,17 +39,12 @@ spec:
 #[test]
 fn routes_and_instances_follow_the_control_plane() {
     let dir = TempDir::new("follow");
-    let cp = ControlPlane::start_in(dir.path());
-    let _v1 = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
-    let up = free_port();
-    let _client = client(
-        dir.path(),
-        &cp.url(),
+    let SmallMesh {
+        cp,
         up,
-        "client-state",
-        &token(&cp, "client"),
-    );
-    wait_versions(up, &["v1"], READY);
+        catalog: _catalog,
+        client: _client,
+    } = small_mesh(&dir);
 
     // A new instance joins rotation.
     let mut v2 = catalog(dir.path(), &cp.url(), "v2", &token(&cp, "product-catalog"));

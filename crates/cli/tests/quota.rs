@@ -13,8 +13,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::*;
 
-const READY: Duration = Duration::from_secs(60);
-
 /// The limit's rate (per second) and burst.
 const RATE: f64 = 150.0;
 const BURST: f64 = 30.0;

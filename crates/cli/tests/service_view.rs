@@ -9,8 +9,6 @@ use serde_json::Value;
 use std::time::Duration;
 use support::*;
 
-const READY: Duration = Duration::from_secs(60);
-
 /// The service API's answer for product-catalog.
 fn catalog_view(cp: &ControlPlane) -> Value {
     let r = cp
@@ -23,17 +21,12 @@ fn catalog_view(cp: &ControlPlane) -> Value {
 #[test]
 fn denials_count_under_their_policy_and_rule_and_explain_finds_the_logged_request() {
     let dir = TempDir::new("service-authz");
-    let cp = ControlPlane::start_in(dir.path());
-    let _v1 = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
-    let up = free_port();
-    let _client = client(
-        dir.path(),
-        &cp.url(),
+    let SmallMesh {
+        cp,
         up,
-        "client-state",
-        &token(&cp, "client"),
-    );
-    wait_versions(up, &["v1"], READY);
+        catalog: _catalog,
+        client: _client,
+    } = small_mesh(&dir);
     let log = dir.path().join("client-access.log");
     let config = dir.write(
         "policy.yaml",

@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use support::*;
 
-const READY: Duration = Duration::from_secs(60);
 const TRACE: &str = "5bf92f3577b34da6a3ce929d0e0e4737";
 const CALLER: &str = "10f067aa0ba902b8";
 

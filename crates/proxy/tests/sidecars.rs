@@ -465,17 +465,11 @@ async fn heads_http2_would_refuse_or_invent_cross_as_http1_sends_them() {
     assert_eq!(got.json()["headers"]["cookie"][0], big.as_str());
     // HTTP/1.0 without a Host: the app must not receive one the mesh made up. With a body,
     // so that it would cross as HTTP/2 but for the missing authority.
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
-    s.write_all(b"POST /nohost HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc")
-        .await
-        .unwrap();
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
-        .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw);
+    let text = raw_exchange(
+        out,
+        b"POST /nohost HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc",
+    )
+    .await;
     assert!(
         text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
         "{text}"
@@ -485,16 +479,25 @@ async fn heads_http2_would_refuse_or_invent_cross_as_http1_sends_them() {
         "the app saw an invented Host: {text}"
     );
     // Two Hosts: the sidecar would route on one and the app might read the other.
-    let mut s = tokio::net::TcpStream::connect(out).await.unwrap();
-    s.write_all(b"GET /twohosts HTTP/1.1\r\nHost: app.example\r\nHost: admin.example\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
+    let text = raw_exchange(
+        out,
+        b"GET /twohosts HTTP/1.1\r\nHost: app.example\r\nHost: admin.example\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!(!text.contains("/twohosts"), "it reached the app: {text}");
+}
+
+/// Writes `request` as bytes on the wire to `addr` (it must end the connection) and reads
+/// the whole response.
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(request).await.unwrap();
     let mut raw = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut raw))
         .await
-        .unwrap()
-        .unwrap();
-    let text = String::from_utf8_lossy(&raw);
-    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
-    assert!(!text.contains("/twohosts"), "it reached the app: {text}");
+        .expect("the response in time")
+        .expect("a readable response");
+    String::from_utf8_lossy(&raw).into_owned()
 }

@@ -458,6 +458,39 @@ pub fn client_node(cp: &ControlPlane) -> String {
         .to_string()
 }
 
+/// The ceiling of every wait for a readiness signal: generous, since a loaded CI machine can
+/// take many times longer than a quiet one, and a wait returns as soon as its signal shows.
+pub const READY: Duration = Duration::from_secs(60);
+
+/// The smallest mesh the CLI tests explain, check and measure: a control plane, catalog v1
+/// behind its sidecar, and a client sidecar whose upstream port `up` already reaches it.
+pub struct SmallMesh {
+    pub cp: ControlPlane,
+    pub up: u16,
+    pub catalog: Proc,
+    pub client: Proc,
+}
+
+pub fn small_mesh(dir: &TempDir) -> SmallMesh {
+    let cp = ControlPlane::start_in(dir.path());
+    let catalog = catalog(dir.path(), &cp.url(), "v1", &token(&cp, "product-catalog"));
+    let up = free_port();
+    let client = client(
+        dir.path(),
+        &cp.url(),
+        up,
+        "client-state",
+        &token(&cp, "client"),
+    );
+    wait_versions(up, &["v1"], READY);
+    SmallMesh {
+        cp,
+        up,
+        catalog,
+        client,
+    }
+}
+
 /// `trellis run` of a demo catalog instance.
 pub fn catalog(dir: &Path, control: &str, version: &str, token: &str) -> Proc {
     let mut cmd = trellis();
