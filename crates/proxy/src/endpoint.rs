@@ -439,7 +439,8 @@ impl EndpointState {
     }
 
     /// A connection for the lean HTTP/1.1 client: a pooled one idle for no longer than
-    /// `idle_timeout` at `now` that the upstream has not closed, or a new one.
+    /// `idle_timeout` at `now`, nor than its upstream said it keeps idle connections, that
+    /// the upstream has not closed; or a new one.
     pub async fn lean(
         &self,
         connect_timeout: Duration,
@@ -451,7 +452,11 @@ impl EndpointState {
         let permit = loop {
             let freed = gate.map(Gate::freed);
             while let Some((mut conn, since)) = take_idle(&self.lean_idle) {
-                if now.saturating_duration_since(since) <= idle_timeout && conn.is_usable() {
+                let idle = now.saturating_duration_since(since);
+                if idle <= idle_timeout
+                    && conn.idle_allowed().is_none_or(|d| idle <= d)
+                    && conn.is_usable()
+                {
                     return Ok(conn);
                 }
             }
@@ -464,8 +469,12 @@ impl EndpointState {
         Ok(conn)
     }
 
-    /// Returns a lean connection whose previous exchange finished cleanly.
+    /// Returns a lean connection whose previous exchange finished cleanly; one its upstream
+    /// keeps open for less than a second more is closed instead.
     pub fn release_lean(&self, conn: crate::h1::Conn) {
+        if conn.idle_allowed() == Some(Duration::ZERO) {
+            return;
+        }
         park_idle(&self.lean_idle, conn);
         self.wake();
     }

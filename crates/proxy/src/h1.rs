@@ -49,13 +49,17 @@ pub enum Error {
 pub struct Conn {
     io: Upstream,
     buf: BytesMut,
-    read_size: usize,
+    read_size: u32,
     /// The request head being written, kept for the next request's.
     head: Vec<u8>,
     /// Scratch space for parsing response heads.
     fields: Vec<[usize; 4]>,
     /// Counts the connection against its backend's circuit breaker until it closes.
     permit: Option<crate::breaker::ConnPermit>,
+    /// Seconds the upstream's last response said it may stay idle (`Keep-Alive: timeout`,
+    /// less one), or `u32::MAX` when it said nothing. (`u32`s here keep the connection, which
+    /// every response body carries, as small as it was.)
+    idle_allowed: u32,
 }
 
 impl std::fmt::Debug for Conn {
@@ -72,11 +76,19 @@ impl Conn {
         Conn {
             io,
             buf: BytesMut::new(),
-            read_size: FIRST_READ,
+            read_size: FIRST_READ as u32,
             head: Vec::new(),
             fields: Vec::new(),
             permit: None,
+            idle_allowed: u32::MAX,
         }
+    }
+
+    /// How long this connection may idle in the pool by what the upstream announced, if it
+    /// announced anything: see [`idle_allowed`].
+    pub fn idle_allowed(&self) -> Option<std::time::Duration> {
+        (self.idle_allowed != u32::MAX)
+            .then(|| std::time::Duration::from_secs(u64::from(self.idle_allowed)))
     }
 
     /// Keeps the circuit breaker's count of this connection until it closes.
@@ -105,14 +117,15 @@ impl Conn {
     fn shrink(&mut self) {
         if self.buf.capacity() > 2 * FIRST_READ {
             self.buf = BytesMut::new();
-            self.read_size = FIRST_READ;
+            self.read_size = FIRST_READ as u32;
         }
     }
 
     /// Reads more bytes into the buffer; `Ok(0)` at end of stream.
     fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.buf.capacity() - self.buf.len() < self.read_size / 2 {
-            self.buf.reserve(self.read_size);
+        let read_size = self.read_size as usize;
+        if self.buf.capacity() - self.buf.len() < read_size / 2 {
+            self.buf.reserve(read_size);
         }
         let spare = self.buf.capacity() - self.buf.len();
         let n = ready!(tokio_util::io::poll_read_buf(
@@ -122,7 +135,7 @@ impl Conn {
         ))?;
         // A read that filled the space suggests a large body: read more at once next time.
         if n == spare {
-            self.read_size = (self.read_size * 2).min(MAX_READ);
+            self.read_size = (self.read_size * 2).min(MAX_READ as u32);
         }
         Poll::Ready(Ok(n))
     }
@@ -183,6 +196,8 @@ impl Conn {
             }
             let (framing, reusable) = framing(method == Method::HEAD, version, status, &headers)
                 .map_err(|e| Error::Malformed(e.into()))?;
+            self.idle_allowed = idle_allowed(&headers)
+                .map_or(u32::MAX, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
             if headers.contains_key(header::TRANSFER_ENCODING) {
                 // The coding decides the length; a Content-Length beside it must not travel
                 // on (RFC 9112 §6.3 rule 3), or the next hop would cut the body to it.
@@ -363,6 +378,33 @@ fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
         !has(b"close")
     }
 }
+
+/// How long an upstream keeps an idle connection open, from its response's `Keep-Alive:
+/// timeout=N` (as Trellis's own inbound, Node.js and Apache send it), less one second for
+/// the response's way here: a request sent on the connection later than that races the
+/// upstream's close, and would be lost with it. Pure; `None` when the response says
+/// nothing (or nothing readable) about it.
+pub(crate) fn idle_allowed(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let mut secs = None;
+    for value in headers.get_all(KEEP_ALIVE) {
+        for param in value.as_bytes().split(|&b| b == b',') {
+            let Some(eq) = param.iter().position(|&b| b == b'=') else {
+                continue;
+            };
+            let (name, n) = (&param[..eq], &param[eq + 1..]);
+            if name.trim_ascii().eq_ignore_ascii_case(b"timeout")
+                && let Some(n) = parse_length(n.trim_ascii())
+            {
+                // Several: the shortest binds.
+                secs = Some(secs.map_or(n, |s: u64| s.min(n)));
+            }
+        }
+    }
+    secs.map(|s| std::time::Duration::from_secs(s.saturating_sub(1)))
+}
+
+/// `keep-alive`, the response header that says how long an idle connection stays open.
+pub(crate) const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Where the body reader is.
 enum State {
@@ -600,6 +642,7 @@ fn parse_hex(digits: &[u8]) -> Option<u64> {
 mod tests {
     use super::*;
     use crate::http::tests::headers;
+    use std::time::Duration;
 
     #[test]
     fn framing_follows_rfc_9112() {
@@ -915,6 +958,34 @@ mod tests {
             &mut out,
         );
         assert_eq!(out, b"OPTIONS * HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn idle_allowed_reads_keep_alive_timeout_less_a_second() {
+        let s = |n| Some(Duration::from_secs(n));
+        type Case<'a> = (&'a [(&'a str, &'a str)], Option<Duration>);
+        let cases: &[Case] = &[
+            (&[], None),
+            (&[("keep-alive", "timeout=5")], s(4)),
+            (&[("keep-alive", "timeout=5, max=1000")], s(4)),
+            (&[("keep-alive", "max=1000,Timeout = 30")], s(29)),
+            (&[("keep-alive", "timeout=1")], s(0)),
+            (&[("keep-alive", "timeout=0")], s(0)),
+            (
+                &[("keep-alive", "timeout=5"), ("keep-alive", "timeout=2")],
+                s(1),
+            ),
+            // Nothing readable: no limit of the upstream's own.
+            (&[("keep-alive", "timeout=")], None),
+            (&[("keep-alive", "timeout=-3")], None),
+            (&[("keep-alive", "timeout=3s")], None),
+            (&[("keep-alive", "timeout=99999999999999999999")], None),
+            (&[("keep-alive", "max=5")], None),
+            (&[("connection", "keep-alive")], None),
+        ];
+        for (h, want) in cases {
+            assert_eq!(idle_allowed(&headers(h)), *want, "{h:?}");
+        }
     }
 }
 

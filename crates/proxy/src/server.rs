@@ -776,7 +776,26 @@ async fn serve_connection(
                 mesh_h2,
             });
             let shared2 = shared.clone();
-            let svc = service_fn(move |req| proxy_http::handle(shared2.clone(), conn.clone(), req));
+            // An HTTP/1.1 client learns how long an idle connection stays open (whole
+            // seconds, rounded down: it is closed one to one and a half periods after going
+            // quiet), so that it does not send a request as the connection closes; the
+            // outbound's lean client heeds it (`h1::idle_allowed`).
+            let keep_alive = (protocol == Protocol::Http1)
+                .then(|| {
+                    http::HeaderValue::from_str(&format!("timeout={}", client_idle.as_secs())).ok()
+                })
+                .flatten();
+            let svc = service_fn(move |req| {
+                let answer = proxy_http::handle(shared2.clone(), conn.clone(), req);
+                let keep_alive = keep_alive.clone();
+                async move {
+                    let mut resp = answer.await?;
+                    if let Some(v) = keep_alive {
+                        resp.headers_mut().insert(crate::h1::KEEP_ALIVE, v);
+                    }
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
+            });
             let io = TokioIo::new(io);
             // One watchdog per connection, ending with it: idle (HTTP/1.1 between requests,
             // HTTP/2 without a stream: GOAWAY) asks for a graceful close, then drops a

@@ -460,6 +460,69 @@ async fn idempotent_requests_replay_when_a_reused_connection_closes() {
     }
 }
 
+/// An upstream that says `Keep-Alive: timeout=2` and, like a server whose idle timer fires
+/// as a request arrives, closes unanswered a connection whose next request comes a second
+/// or more after its last answer. Counts connections.
+async fn keep_alive_upstream() -> (std::net::SocketAddr, Arc<AtomicU64>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let conns = Arc::new(AtomicU64::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            c.fetch_add(1, Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut answered: Option<tokio::time::Instant> = None;
+                loop {
+                    if s.read(&mut buf).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if answered.is_some_and(|t| t.elapsed() >= Duration::from_secs(1)) {
+                        return;
+                    }
+                    let answer =
+                        b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=2\r\ncontent-length: 2\r\n\r\nok";
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    answered = Some(tokio::time::Instant::now());
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+/// A pooled connection is not reused past what its upstream said it keeps idle connections
+/// (`Keep-Alive: timeout=2`, so one second of idle here): a POST, which is never replayed,
+/// would otherwise be sent as the upstream closes the connection and get a 502.
+#[tokio::test]
+async fn a_pooled_connection_is_not_reused_past_the_upstreams_keep_alive_timeout() {
+    let (up, conns) = keep_alive_upstream().await;
+    let p = app_proxy(&[up]).await;
+    let addr = p.addr("out").await;
+    let client = h1_client();
+    let post = || {
+        Request::post(format!("http://{addr}/"))
+            .body(Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(send(&client, post()).await.status, 200);
+    // Within the second: the pooled connection carries it.
+    tokio::task::yield_now().await;
+    assert_eq!(send(&client, post()).await.status, 200);
+    assert_eq!(conns.load(Ordering::Relaxed), 1, "not pooled");
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let got = send(&client, post()).await;
+    assert_eq!(got.status, 200, "{}", reason(&got));
+    assert_eq!(conns.load(Ordering::Relaxed), 2);
+}
+
 /// Reads one HTTP/1.1 response with a `content-length` body from a raw connection; returns
 /// its head.
 async fn read_response(s: &mut tokio::net::TcpStream) -> String {

@@ -21,6 +21,16 @@ const SERVER_ID: &str = "spiffe://mesh.test/ns/default/sa/server";
 /// A server sidecar (identity `server`, strict mutual TLS) in front of `app`, whose service
 /// port declares `protocol` (or nothing).
 async fn server_sidecar(ca: &Ca, app: SocketAddr, protocol: Option<&str>) -> TestProxy {
+    server_sidecar_with(ca, app, protocol, "").await
+}
+
+/// [`server_sidecar`] with more fields (`spec` lines, two spaces in) in its Proxy.
+async fn server_sidecar_with(
+    ca: &Ca,
+    app: SocketAddr,
+    protocol: Option<&str>,
+    more: &str,
+) -> TestProxy {
     let proto = protocol.map_or(String::new(), |p| format!(", appProtocol: {p}"));
     let p = start_proxy(&format!(
         "apiVersion: trellis.dev/v1alpha1
@@ -28,7 +38,7 @@ kind: Proxy
 metadata: {{name: server}}
 spec:
   admin: {{address: 127.0.0.1:0}}
-  inbound: [{{name: in, address: 127.0.0.1:0, forwardTo: '{app}', service: app}}]
+{more}  inbound: [{{name: in, address: 127.0.0.1:0, forwardTo: '{app}', service: app}}]
 ---
 apiVersion: trellis.dev/v1alpha1
 kind: Service
@@ -203,6 +213,28 @@ async fn a_request_alone_goes_over_pooled_http1_and_a_burst_shares_http2() {
         conns <= 6.0,
         "{conns} mutual TLS connections for a burst of 40"
     );
+}
+
+/// The inbound sidecar says how long it keeps an idle HTTP/1.1 connection (`Keep-Alive:
+/// timeout=3` for `clientIdleTimeout: 3s`), and the outbound does not reuse its pooled
+/// connection after 2 s idle: reused later, a request could cross the inbound's close (it
+/// closes between 3 and 4.5 s). Within that, the connection is reused.
+#[tokio::test]
+async fn the_outbound_heeds_the_inbounds_keep_alive_timeout() {
+    let ca = test_ca();
+    let app = upstream("app").await;
+    let server = server_sidecar_with(&ca, app.addr, None, "  clientIdleTimeout: 3s\n").await;
+    let client = client_sidecar(&ca, server.addr("in").await, None).await;
+    let out = client.addr("out").await;
+    let mtls = "trellis_inbound_connections_total{listener=\"in\",security=\"mtls\"}";
+    let c = h1_client();
+    for i in 0..3 {
+        assert_eq!(get_via(&c, out, &format!("/soon/{i}")).await.status, 200);
+    }
+    assert_eq!(server.metric(mtls), 1.0, "{}", server.proxy.metrics_text());
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    assert_eq!(get_via(&c, out, "/later").await.status, 200);
+    assert_eq!(server.metric(mtls), 2.0, "{}", server.proxy.metrics_text());
 }
 
 /// A sidecar of an older release: mutual TLS that answers ALPN `trellis/1` only, then HTTP/1.1
