@@ -228,10 +228,14 @@ PY
             declare -A U0=() S0=() PROC=([out]=${HOP_PID[out]} [in]=${HOP_PID[in]} [upstream]=$up_worker [wrk]=$wrk_pid)
             for k in "${!PROC[@]}"; do read -r U0[$k] S0[$k] < <(ticks "${PROC[$k]}"); done
             a0=$(curl -s "127.0.0.1:$A_IN/metrics" | awk '/^trellis_http_requests_total/ { n += $NF } END { print n + 0 }')
+            m0=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat)
             t0=$(date +%s.%N)
             sleep "$SECS"
             t1=$(date +%s.%N)
+            m1=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat)
             a1=$(curl -s "127.0.0.1:$A_IN/metrics" | awk '/^trellis_http_requests_total/ { n += $NF } END { print n + 0 }')
+            echo
+            echo "Machine: $(awk -v a="$m0" -v b="$m1" 'BEGIN { split(a, x, " "); split(b, y, " "); busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.2f of %d CPUs busy", (busy / (busy + idle)) * '"$(nproc)"', '"$(nproc)"' }') (every process, these included)."
             echo
             echo "At maximum throughput (wrk -t1 -c$c), ${SECS} s in the middle of the run: $(awk -v a="$a0" -v b="$a1" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", (b - a) / (t1 - t0) }') req/s at the inbound sidecar; CPU of each process (cores):"
             echo
@@ -242,6 +246,11 @@ PY
                 awk -v k="$k" -v u="$((u1 - U0[$k]))" -v s="$((s1 - S0[$k]))" -v hz="$(getconf CLK_TCK)" -v t="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" -v n="$((a1 - a0))" \
                     'BEGIN { printf "| %s | %.2f | %.2f | %.2f | %.1f |\n", k, u / hz / t, s / hz / t, (u + s) / hz / t, (u + s) / hz * 1e6 / n }'
             done
+            if [[ ${BUSY_SCHED:-1} == 0 ]]; then
+                wait "$wrk_pid" || true
+                stop
+                continue
+            fi
             a0=$(curl -s "127.0.0.1:$A_IN/metrics" | awk '/^trellis_http_requests_total/ { n += $NF } END { print n + 0 }')
             perf sched record -o "$TMP/sched.data" -- sleep 1 >/dev/null 2>&1
             a1=$(curl -s "127.0.0.1:$A_IN/metrics" | awk '/^trellis_http_requests_total/ { n += $NF } END { print n + 0 }')

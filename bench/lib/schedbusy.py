@@ -71,6 +71,33 @@ for t, d, name in events:
     at[n] = at.get(n, 0.0) + max(0.0, t - prev)
     prev = t
     running[name] = running.get(name, 0) + d
+
+# The first two processes (the two hops): how much of the time they run side by side.
+def busy_union(s):
+    out = []
+    for b, e in sorted(s):
+        if out and b <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], e))
+        else:
+            out.append((b, e))
+    return out
+
+
+hops = list(slices)[:2]
+if len(hops) == 2:
+    a, b = (busy_union(slices[h]) for h in hops)
+    both, i, j = 0.0, 0, 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        both += max(0.0, hi - lo)
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    ua, ub = sum(e - s for s, e in a), sum(e - s for s, e in b)
+    print()
+    print(f"{hops[0]} and {hops[1]} on CPUs at once: {both / span:.2f} of the time "
+          f"({both / min(ua, ub):.2f} of the less busy one's running time)")
 print()
 print(f"Every other task: {others / span:.2f} CPUs on average.")
 print()
