@@ -10,6 +10,9 @@
 #   MODES="syscalls" CONC="1" bash bench/hops.sh
 #   MODES=timeline TRELLIS_BIN=... bash bench/hops.sh   # strace -tt -T of both sidecars, 20
 #                                                         sequential requests, kept in OUT
+#   MODES=busy CONC=50 TRELLIS_BIN=... bash bench/hops.sh   # at maximum throughput: each
+#       process's CPU, and (perf sched) how often each runs, for how long, and side by side
+#   TRELLIS_EXTRA_SPEC='  upstreamHttp2MaxStreams: 10' ...  # lines added to both sidecars' spec
 #
 # Identities come from a real control plane (as in bench/twohop.sh); the upstream is nginx
 # answering 3 bytes. The sidecars run with one thread each.
@@ -42,6 +45,7 @@ http { access_log off; default_type text/plain; keepalive_requests 10000000; kee
   server { listen 127.0.0.1:$UP; location / { return 200 "abc"; } } }
 NGINX
 nginx -p "$TMP/up" -c "$TMP/up/nginx.conf" -e "$TMP/up/error.log" >/dev/null 2>&1 &
+NGINX_PID=$!
 PIDS+=($!)
 
 export TRELLIS_CONTROL=http://127.0.0.1:$CP TRELLIS_ADMIN_TOKEN_FILE=$TMP/store/admin-token TRELLIS_INSECURE=true
@@ -70,6 +74,7 @@ $(if [[ $hop == in ]]; then
     else
         echo "  outbound: [{name: out, address: 127.0.0.1:$OUTP, service: {name: up}}]"
     fi)
+${TRELLIS_EXTRA_SPEC:-}
 YAML
 done
 URL=http://127.0.0.1:$OUTP/
@@ -206,6 +211,56 @@ PY
         stop
         echo
         echo "Timelines of 20 sequential requests in $OUT/timeline.{out,in} (strace -f -tt -T)."
+        ;;
+    busy)
+        # Is a hop saturated at maximum throughput, or do the stages take turns (a batch of
+        # requests crossing one process while the next waits)? Each process's CPU over the
+        # middle of a wrk run, then 1 s of perf sched on the whole machine.
+        ticks() { awk '{ sub(/.*\) /, ""); print $12, $13 }' "/proc/$1/stat"; }
+        for c in $CONC; do
+            log "busy, $c connection(s)"
+            start env
+            wrk -t1 -c"$c" -d2s "$URL" >/dev/null
+            up_worker=$(pgrep -P "$NGINX_PID" | head -1)
+            wrk -t1 -c"$c" -d"$((SECS + 4))s" "$URL" >"$TMP/busy.wrk" &
+            wrk_pid=$!
+            sleep 1
+            declare -A U0=() S0=() PROC=([out]=${HOP_PID[out]} [in]=${HOP_PID[in]} [upstream]=$up_worker [wrk]=$wrk_pid)
+            for k in "${!PROC[@]}"; do read -r U0[$k] S0[$k] < <(ticks "${PROC[$k]}"); done
+            a0=$(curl -s "127.0.0.1:$A_IN/metrics" | awk '/^trellis_http_requests_total/ { n += $NF } END { print n + 0 }')
+            m0=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat)
+            t0=$(date +%s.%N)
+            sleep "$SECS"
+            t1=$(date +%s.%N)
+            m1=$(awk '/^cpu / { print $2 + $3 + $4 + $7 + $8, $5 + $6 }' /proc/stat)
+            a1=$(curl -s "127.0.0.1:$A_IN/metrics" | awk '/^trellis_http_requests_total/ { n += $NF } END { print n + 0 }')
+            echo
+            echo "Machine: $(awk -v a="$m0" -v b="$m1" 'BEGIN { split(a, x, " "); split(b, y, " "); busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.2f of %d CPUs busy", (busy / (busy + idle)) * '"$(nproc)"', '"$(nproc)"' }') (every process, these included)."
+            echo
+            echo "At maximum throughput (wrk -t1 -c$c), ${SECS} s in the middle of the run: $(awk -v a="$a0" -v b="$a1" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", (b - a) / (t1 - t0) }') req/s at the inbound sidecar; CPU of each process (cores):"
+            echo
+            echo "| process | user | system | both | CPU ms / 1k req |"
+            echo "|---|--:|--:|--:|--:|"
+            for k in out in upstream wrk; do
+                read -r u1 s1 < <(ticks "${PROC[$k]}")
+                awk -v k="$k" -v u="$((u1 - U0[$k]))" -v s="$((s1 - S0[$k]))" -v hz="$(getconf CLK_TCK)" -v t="$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')" -v n="$((a1 - a0))" \
+                    'BEGIN { printf "| %s | %.2f | %.2f | %.2f | %.1f |\n", k, u / hz / t, s / hz / t, (u + s) / hz / t, (u + s) / hz * 1e6 / n }'
+            done
+            if [[ ${BUSY_SCHED:-1} == 0 ]]; then
+                wait "$wrk_pid" || true
+                stop
+                continue
+            fi
+            a0=$(curl -s "127.0.0.1:$A_IN/metrics" | awk '/^trellis_http_requests_total/ { n += $NF } END { print n + 0 }')
+            perf sched record -o "$TMP/sched.data" -- sleep 1 >/dev/null 2>&1
+            a1=$(curl -s "127.0.0.1:$A_IN/metrics" | awk '/^trellis_http_requests_total/ { n += $NF } END { print n + 0 }')
+            wait "$wrk_pid" || true
+            echo
+            perf sched timehist -i "$TMP/sched.data" 2>/dev/null \
+                | python3 bench/lib/schedbusy.py "$((a1 - a0))" out="${PROC[out]}" in="${PROC[in]}" upstream="$up_worker" wrk="$wrk_pid"
+            [[ -n $OUT ]] && mkdir -p "$OUT" && cp "$TMP/sched.data" "$OUT/sched.c$c.data"
+            stop
+        done
         ;;
     *) echo "unknown mode $mode" >&2; exit 1 ;;
     esac

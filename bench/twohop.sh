@@ -5,6 +5,7 @@
 # against each mutual TLS pair. See bench/README.md.
 #   ROUNDS=3 RUN_SECS=10 DURATION=20s bash bench/twohop.sh
 #   ROUNDS=1 RUN_SECS=3 DURATION=5s TRELLIS_BIN=target/quick-release/trellis bash bench/twohop.sh
+#   TRELLIS_EXTRA_SPEC='  upstreamHttp2MaxStreams: 10'   # lines added to every sidecar's Proxy spec
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/load.sh
@@ -211,6 +212,7 @@ $(if [[ $hop == in ]]; then
         else
             echo "  outbound: [{name: out, address: 127.0.0.1:$out, service: {name: $svc}}]"
         fi)
+${TRELLIS_EXTRA_SPEC:-}
 YAML
     done
     URL[$path]=http://127.0.0.1:$out/

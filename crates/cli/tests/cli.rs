@@ -366,3 +366,77 @@ spec:
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_proxy_taking_one_readiness_event_per_wait_serves_concurrent_clients() {
+    let up = slow_upstream(Duration::ZERO);
+    let (admin, out) = (free_port(), free_port());
+    let dir = std::env::temp_dir().join(format!("trellis-cli-iobatch-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: p}}
+spec:
+  admin: {{address: 127.0.0.1:{admin}}}
+  outbound: [{{name: out, address: 127.0.0.1:{out}, service: {{name: up}}}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: up}}
+spec:
+  ports: [{{port: 80}}]
+  endpoints: [{{address: \"{up}\"}}]
+"
+        ),
+    )
+    .unwrap();
+    // Zero is refused, naming the flag.
+    let refused = trellis()
+        .args(["proxy", "--io-batch", "0", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success() && err.contains("--io-batch"),
+        "{err}"
+    );
+    // The smallest batch still serves every client: events left in the kernel come on the
+    // next wait.
+    let mut child = trellis()
+        .args(["proxy", "--threads", "1", "--io-batch", "1", "--config"])
+        .arg(&config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_ready(admin, &mut child);
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", out)).unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                for _ in 0..5 {
+                    s.write_all(b"GET / HTTP/1.1\r\nhost: up\r\n\r\n").unwrap();
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !got.ends_with(b"slow") {
+                        let n = s.read(&mut buf).unwrap();
+                        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&got));
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    assert!(got.starts_with(b"HTTP/1.1 200"), "{got:?}");
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
