@@ -230,6 +230,8 @@ idle_anon=$(kib "$MAIN_PID" RssAnon)
 idle_file=$(kib "$MAIN_PID" RssFile)
 threads=$(awk '/^Threads:/ { print $2 }' "/proc/$MAIN_PID/status")
 idle_maps=$(file_rss "$MAIN_PID")
+# Which code of the binary is mapped, by crate (needs its symbol table; after the figures).
+python3 bench/lib/resident.py "$MAIN_PID" 15 >"$TMP/resident.txt" 2>&1 || true
 # oha resolves the URLs' hosts itself: point every loaded service's name at the sidecar,
 # whose HTTP proxy listener routes by the Host header.
 CONNECT_TO=()
@@ -263,6 +265,10 @@ echo "| at $RATE rps for $DURATION (highest RSS sampled every 0.5 s) | $(mib "$l
 echo "| after the load | $(mib "$after_rss") | | | |"
 echo
 echo "File-backed pages when idle, by file: $idle_maps."
+echo
+echo '```'
+cat "$TMP/resident.txt"
+echo '```'
 echo
 echo "Load: oha -q $RATE -c $CONNS through the HTTP proxy listener to $LOADED services ($(wc -l <"$TMP/urls.txt") URLs), $answered answered, $errs errors; p50 $(us "$TMP/load.json" .latencyPercentiles.p50) µs, p99 $(us "$TMP/load.json" .latencyPercentiles.p99) µs. $series metric sample lines after it."
 
