@@ -60,6 +60,12 @@ heap_done() {
     kill -9 "$1" 2>/dev/null || true
     wait "$2" 2>/dev/null || true
 }
+# file_rss PID: the file-backed RSS by file (KiB, largest first), from /proc/PID/smaps.
+file_rss() {
+    awk '/^[0-9a-f]+-[0-9a-f]+ / { f = ($6 ~ /^\//) ? $6 : "" } /^Rss:/ && f != "" { k[f] += $2 }
+        END { for (f in k) printf "%d %s\n", k[f], f }' "/proc/$1/smaps" | sort -rn |
+        awk '{ n = split($2, p, "/"); printf "%s%s %.1f MiB", (NR > 1 ? ", " : ""), p[n], $1 / 1024 }'
+}
 kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
 # until_ok SECONDS CMD...: retries CMD every 0.2 s for at most SECONDS.
@@ -223,6 +229,9 @@ idle_hwm=$(kib "$MAIN_PID" VmHWM)
 idle_anon=$(kib "$MAIN_PID" RssAnon)
 idle_file=$(kib "$MAIN_PID" RssFile)
 threads=$(awk '/^Threads:/ { print $2 }' "/proc/$MAIN_PID/status")
+idle_maps=$(file_rss "$MAIN_PID")
+# Which code of the binary is mapped, by crate (needs its symbol table; after the figures).
+python3 bench/lib/resident.py "$MAIN_PID" 15 >"$TMP/resident.txt" 2>&1 || true
 # oha resolves the URLs' hosts itself: point every loaded service's name at the sidecar,
 # whose HTTP proxy listener routes by the Host header.
 CONNECT_TO=()
@@ -254,6 +263,12 @@ echo "|---|--:|--:|--:|--:|"
 echo "| idle, config applied | $(mib "$idle_rss") | $(mib "$idle_anon") | $(mib "$idle_file") | $(mib "$idle_hwm") |"
 echo "| at $RATE rps for $DURATION (highest RSS sampled every 0.5 s) | $(mib "$load_rss") | $(mib "$load_anon") | $(mib "$load_file") | $(mib "$load_hwm") |"
 echo "| after the load | $(mib "$after_rss") | | | |"
+echo
+echo "File-backed pages when idle, by file: $idle_maps."
+echo
+echo '```'
+cat "$TMP/resident.txt"
+echo '```'
 echo
 echo "Load: oha -q $RATE -c $CONNS through the HTTP proxy listener to $LOADED services ($(wc -l <"$TMP/urls.txt") URLs), $answered answered, $errs errors; p50 $(us "$TMP/load.json" .latencyPercentiles.p50) µs, p99 $(us "$TMP/load.json" .latencyPercentiles.p99) µs. $series metric sample lines after it."
 

@@ -40,7 +40,9 @@ pub async fn start_sidecar(
         }
     };
     let persisted = held.parse().unwrap_or_default();
-    let (proxy, held) = match Proxy::start(&assemble(&local, persisted), SOURCE).await {
+    let started = Proxy::start(&assemble(&local, persisted), SOURCE).await;
+    crate::release_memory();
+    let (proxy, held) = match started {
         Ok(p) => {
             if !held.resources.is_empty() {
                 tracing::info!(version = %held.version, resources = held.resources.len(), file = %state_file.display(), "booted from the persisted config");
@@ -84,6 +86,7 @@ pub async fn start_sidecar(
             local,
             state_file: Some(state_file),
             tls,
+            release: Some(crate::release_memory),
         },
         held,
     ));

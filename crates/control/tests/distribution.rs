@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use trellis_api::wire::{self, mesh_client::MeshClient};
@@ -15,6 +16,13 @@ use trellis_proxy::control::{ControlTls, Follow, HeldSet, follow};
 
 /// Services in the view: their JSON is several times one part.
 const SERVICES: usize = 400;
+
+/// How often the following proxy's memory hook (`Follow::release`) ran.
+static RELEASED: AtomicUsize = AtomicUsize::new(0);
+
+fn released() {
+    RELEASED.fetch_add(1, Ordering::SeqCst);
+}
 
 struct Plane {
     control: Arc<Control>,
@@ -180,6 +188,7 @@ async fn a_proxy_applies_a_view_sent_in_parts_and_its_config_shows_what_was_sent
         )
         .unwrap();
         let proxy = trellis_proxy::Proxy::start(&local, "proxy.yaml").await.unwrap();
+        let first = Arc::downgrade(&proxy.snapshot());
         let cfg = Follow {
             endpoints: vec![cp.url.clone()],
             node: wire::Node {
@@ -191,13 +200,19 @@ async fn a_proxy_applies_a_view_sent_in_parts_and_its_config_shows_what_was_sent
             local: local.clone(),
             state_file: None,
             tls: cp.tls().await,
+            release: Some(released),
         };
         let following = tokio::spawn(follow(proxy.clone(), cfg, HeldSet::default()));
-        while proxy.snapshot().services.len() < SERVICES {
+        while RELEASED.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        assert_eq!(proxy.snapshot().services.len(), SERVICES);
         // Applied once, with every part: the snapshot it started with, then this one.
         assert_eq!(proxy.snapshot().version, 2);
+        // The memory hook ran once, for that update, and by then no second snapshot was
+        // alive: nothing kept the one it replaced.
+        assert_eq!(RELEASED.load(Ordering::SeqCst), 1);
+        assert!(first.upgrade().is_none(), "the replaced snapshot is still alive");
         // /config, as an operator reads it: the local Proxy, then exactly what was sent.
         let admin = proxy.admin_addr();
         let body = tokio::task::spawn_blocking(move || {

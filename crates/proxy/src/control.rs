@@ -386,6 +386,10 @@ pub struct Follow {
     pub state_file: Option<PathBuf>,
     /// TLS and credentials for the control channel.
     pub tls: ControlTls,
+    /// Called after every update, once its temporary copies are dropped, on the thread that
+    /// applied it: the binary hands its allocator's freed pages back to the OS here. An idle
+    /// sidecar's allocator would otherwise keep the apply's peak (docs/ARCHITECTURE.md).
+    pub release: Option<fn()>,
 }
 
 /// Follows the control plane until the proxy drains: connects, applies every update, and
@@ -511,6 +515,10 @@ async fn session(
             Some(e) => {
                 tracing::error!(%version, "config from the control plane refused; previous config keeps serving:\n{e}")
             }
+        }
+        // The parsed view, the old snapshot and the persisted bytes are gone by now.
+        if let Some(release) = cfg.release {
+            release();
         }
         let answer = wire::StreamRequest {
             response_nonce: nonce,
