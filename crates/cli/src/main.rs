@@ -14,9 +14,10 @@ use trellis_control::store::StoreSpec;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Hands the pages the allocator freed back to the OS. mimalloc purges freed pages only on
-/// later allocation activity, so an idle sidecar kept the peak of its last config apply
-/// (18 MB with a 1,000-service view: bench/RESULTS.md). Called after each apply.
+/// Hands the pages the allocator freed on this thread back to the OS. mimalloc purges freed
+/// pages only on later allocation activity, so an idle sidecar kept the peak of its last
+/// config apply (18 MB with a 1,000-service view and `--threads 1`: bench/RESULTS.md).
+/// Called after each apply, on the thread that applied it.
 #[cfg(feature = "mimalloc")]
 pub(crate) fn release_memory() {
     mimalloc_ffi::mi_collect(true);

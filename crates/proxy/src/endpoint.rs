@@ -452,10 +452,12 @@ impl EndpointState {
         let permit = loop {
             let freed = gate.map(Gate::freed);
             while let Some((mut conn, since)) = take_idle(&self.lean_idle) {
-                let idle = now.saturating_duration_since(since);
-                if idle <= idle_timeout
-                    && conn.idle_allowed().is_none_or(|d| idle <= d)
-                    && conn.is_usable()
+                // The upstream's own limit is held to the clock now, not to when the request
+                // arrived: a retry's backoff or a wait for a slot may lie between.
+                let fresh = conn
+                    .idle_allowed()
+                    .is_none_or(|d| Instant::now().saturating_duration_since(since) <= d);
+                if now.saturating_duration_since(since) <= idle_timeout && fresh && conn.is_usable()
                 {
                     return Ok(conn);
                 }
@@ -470,7 +472,7 @@ impl EndpointState {
     }
 
     /// Returns a lean connection whose previous exchange finished cleanly; one its upstream
-    /// keeps open for less than a second more is closed instead.
+    /// keeps open too briefly to reuse ([`crate::h1::idle_allowed`]) is closed instead.
     pub fn release_lean(&self, conn: crate::h1::Conn) {
         if conn.idle_allowed() == Some(Duration::ZERO) {
             return;

@@ -56,9 +56,9 @@ pub struct Conn {
     fields: Vec<[usize; 4]>,
     /// Counts the connection against its backend's circuit breaker until it closes.
     permit: Option<crate::breaker::ConnPermit>,
-    /// Seconds the upstream's last response said it may stay idle (`Keep-Alive: timeout`,
-    /// less one), or `u32::MAX` when it said nothing. (`u32`s here keep the connection, which
-    /// every response body carries, as small as it was.)
+    /// Milliseconds the connection may idle by the upstream's last response (`Keep-Alive:
+    /// timeout`, see [`idle_allowed`]), or `u32::MAX` when it said nothing. (`u32`s here keep
+    /// the connection, which every response body carries, as small as it was.)
     idle_allowed: u32,
 }
 
@@ -88,7 +88,7 @@ impl Conn {
     /// announced anything: see [`idle_allowed`].
     pub fn idle_allowed(&self) -> Option<std::time::Duration> {
         (self.idle_allowed != u32::MAX)
-            .then(|| std::time::Duration::from_secs(u64::from(self.idle_allowed)))
+            .then(|| std::time::Duration::from_millis(u64::from(self.idle_allowed)))
     }
 
     /// Keeps the circuit breaker's count of this connection until it closes.
@@ -196,8 +196,9 @@ impl Conn {
             }
             let (framing, reusable) = framing(method == Method::HEAD, version, status, &headers)
                 .map_err(|e| Error::Malformed(e.into()))?;
-            self.idle_allowed = idle_allowed(&headers)
-                .map_or(u32::MAX, |d| u32::try_from(d.as_secs()).unwrap_or(u32::MAX));
+            self.idle_allowed = idle_allowed(&headers).map_or(u32::MAX, |d| {
+                u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+            });
             if headers.contains_key(header::TRANSFER_ENCODING) {
                 // The coding decides the length; a Content-Length beside it must not travel
                 // on (RFC 9112 §6.3 rule 3), or the next hop would cut the body to it.
@@ -379,11 +380,11 @@ fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
     }
 }
 
-/// How long an upstream keeps an idle connection open, from its response's `Keep-Alive:
-/// timeout=N` (as Trellis's own inbound, Node.js and Apache send it), less one second for
-/// the response's way here: a request sent on the connection later than that races the
-/// upstream's close, and would be lost with it. Pure; `None` when the response says
-/// nothing (or nothing readable) about it.
+/// How long a connection may idle before its next request, from the response's `Keep-Alive:
+/// timeout=N` (as Trellis's own HTTP/1.1 listeners, Node.js and Apache send it): N seconds
+/// less one (less half of N under two) for the response's way here, since a request sent
+/// later races the upstream's close and would be lost with it. Pure; `None` when the
+/// response says nothing (or nothing readable) about it.
 pub(crate) fn idle_allowed(headers: &HeaderMap) -> Option<std::time::Duration> {
     let mut secs = None;
     for value in headers.get_all(KEEP_ALIVE) {
@@ -392,15 +393,24 @@ pub(crate) fn idle_allowed(headers: &HeaderMap) -> Option<std::time::Duration> {
                 continue;
             };
             let (name, n) = (&param[..eq], &param[eq + 1..]);
+            let n = n.trim_ascii();
+            // A quoted-string is allowed too (RFC 9110 §5.6.6).
+            let n = n
+                .strip_prefix(b"\"")
+                .and_then(|q| q.strip_suffix(b"\""))
+                .unwrap_or(n);
             if name.trim_ascii().eq_ignore_ascii_case(b"timeout")
-                && let Some(n) = parse_length(n.trim_ascii())
+                && let Some(n) = parse_length(n)
             {
                 // Several: the shortest binds.
                 secs = Some(secs.map_or(n, |s: u64| s.min(n)));
             }
         }
     }
-    secs.map(|s| std::time::Duration::from_secs(s.saturating_sub(1)))
+    secs.map(|s| {
+        let n = std::time::Duration::from_secs(s);
+        n.saturating_sub((n / 2).min(std::time::Duration::from_secs(1)))
+    })
 }
 
 /// `keep-alive`, the response header that says how long an idle connection stays open.
@@ -961,24 +971,29 @@ mod tests {
     }
 
     #[test]
-    fn idle_allowed_reads_keep_alive_timeout_less_a_second() {
+    fn idle_allowed_reads_keep_alive_timeout_less_a_margin() {
         let s = |n| Some(Duration::from_secs(n));
+        let ms = |n| Some(Duration::from_millis(n));
         type Case<'a> = (&'a [(&'a str, &'a str)], Option<Duration>);
         let cases: &[Case] = &[
             (&[], None),
             (&[("keep-alive", "timeout=5")], s(4)),
             (&[("keep-alive", "timeout=5, max=1000")], s(4)),
             (&[("keep-alive", "max=1000,Timeout = 30")], s(29)),
-            (&[("keep-alive", "timeout=1")], s(0)),
+            (&[("keep-alive", "timeout=\"5\"")], s(4)),
+            // Under two seconds, half of it is the margin.
+            (&[("keep-alive", "timeout=2")], s(1)),
+            (&[("keep-alive", "timeout=1")], ms(500)),
             (&[("keep-alive", "timeout=0")], s(0)),
             (
-                &[("keep-alive", "timeout=5"), ("keep-alive", "timeout=2")],
-                s(1),
+                &[("keep-alive", "timeout=5"), ("keep-alive", "timeout=3")],
+                s(2),
             ),
             // Nothing readable: no limit of the upstream's own.
             (&[("keep-alive", "timeout=")], None),
             (&[("keep-alive", "timeout=-3")], None),
             (&[("keep-alive", "timeout=3s")], None),
+            (&[("keep-alive", "timeout=\"3")], None),
             (&[("keep-alive", "timeout=99999999999999999999")], None),
             (&[("keep-alive", "max=5")], None),
             (&[("connection", "keep-alive")], None),

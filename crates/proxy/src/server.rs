@@ -785,12 +785,17 @@ async fn serve_connection(
                     http::HeaderValue::from_str(&format!("timeout={}", client_idle.as_secs())).ok()
                 })
                 .flatten();
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                // A tunnel's connection is no longer HTTP/1.1 once it answered.
+                let keep_alive = keep_alive
+                    .clone()
+                    .filter(|_| req.method() != http::Method::CONNECT);
                 let answer = proxy_http::handle(shared2.clone(), conn.clone(), req);
-                let keep_alive = keep_alive.clone();
                 async move {
                     let mut resp = answer.await?;
-                    if let Some(v) = keep_alive {
+                    if let Some(v) = keep_alive
+                        && resp.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                    {
                         resp.headers_mut().insert(crate::h1::KEEP_ALIVE, v);
                     }
                     Ok::<_, std::convert::Infallible>(resp)

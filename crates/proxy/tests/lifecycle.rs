@@ -460,8 +460,8 @@ async fn idempotent_requests_replay_when_a_reused_connection_closes() {
     }
 }
 
-/// An upstream that says `Keep-Alive: timeout=2` and, like a server whose idle timer fires
-/// as a request arrives, closes unanswered a connection whose next request comes a second
+/// An upstream that says `Keep-Alive: timeout=3` and, like a server whose idle timer fires
+/// as a request arrives, closes unanswered a connection whose next request comes two seconds
 /// or more after its last answer. Counts connections.
 async fn keep_alive_upstream() -> (std::net::SocketAddr, Arc<AtomicU64>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -482,11 +482,11 @@ async fn keep_alive_upstream() -> (std::net::SocketAddr, Arc<AtomicU64>) {
                     if s.read(&mut buf).await.unwrap_or(0) == 0 {
                         return;
                     }
-                    if answered.is_some_and(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    if answered.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) {
                         return;
                     }
                     let answer =
-                        b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=2\r\ncontent-length: 2\r\n\r\nok";
+                        b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=3\r\ncontent-length: 2\r\n\r\nok";
                     if s.write_all(answer).await.is_err() {
                         return;
                     }
@@ -499,7 +499,7 @@ async fn keep_alive_upstream() -> (std::net::SocketAddr, Arc<AtomicU64>) {
 }
 
 /// A pooled connection is not reused past what its upstream said it keeps idle connections
-/// (`Keep-Alive: timeout=2`, so one second of idle here): a POST, which is never replayed,
+/// (`Keep-Alive: timeout=3`, so two seconds of idle here): a POST, which is never replayed,
 /// would otherwise be sent as the upstream closes the connection and get a 502.
 #[tokio::test]
 async fn a_pooled_connection_is_not_reused_past_the_upstreams_keep_alive_timeout() {
@@ -513,11 +513,12 @@ async fn a_pooled_connection_is_not_reused_past_the_upstreams_keep_alive_timeout
             .unwrap()
     };
     assert_eq!(send(&client, post()).await.status, 200);
-    // Within the second: the pooled connection carries it.
+    // Within the two seconds: the pooled connection carries it (once the proxy has parked
+    // it, as in `upstream_connections_are_reused`).
     tokio::task::yield_now().await;
     assert_eq!(send(&client, post()).await.status, 200);
     assert_eq!(conns.load(Ordering::Relaxed), 1, "not pooled");
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
     let got = send(&client, post()).await;
     assert_eq!(got.status, 200, "{}", reason(&got));
     assert_eq!(conns.load(Ordering::Relaxed), 2);

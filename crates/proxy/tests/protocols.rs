@@ -90,6 +90,8 @@ async fn websocket_echo() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 101);
+    // The connection is no longer HTTP/1.1: no keep-alive timeout is announced for it.
+    assert!(resp.headers().get("keep-alive").is_none(), "{resp:?}");
     for text in ["hello", "over", "websocket"] {
         sock.send(Message::text(text)).await.unwrap();
         let back = sock.next().await.unwrap().unwrap();

@@ -229,7 +229,11 @@ async fn the_outbound_heeds_the_inbounds_keep_alive_timeout() {
     let mtls = "trellis_inbound_connections_total{listener=\"in\",security=\"mtls\"}";
     let c = h1_client();
     for i in 0..3 {
-        assert_eq!(get_via(&c, out, &format!("/soon/{i}")).await.status, 200);
+        let got = get_via(&c, out, &format!("/soon/{i}")).await;
+        assert_eq!(got.status, 200);
+        // The outbound says its own (default) clientIdleTimeout to its client; the inbound's
+        // header was for the outbound alone and is not passed on.
+        assert_eq!(got.headers["keep-alive"], "timeout=30", "{:?}", got.headers);
     }
     assert_eq!(server.metric(mtls), 1.0, "{}", server.proxy.metrics_text());
     tokio::time::sleep(Duration::from_millis(2300)).await;
