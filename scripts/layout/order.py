@@ -4,17 +4,19 @@ laid out together").
 
   order.py record CALLGRIND_OUT... > sidecar.txt
       The functions of the trellis binary that ran in callgrind profiles (recorded with
-      --demangle=no), hottest first, with the hash of each symbol name taken off.
+      --demangle=no), hottest first, by their exact symbol names.
   nm --defined-only BINARY | order.py map sidecar.txt > ORDER
-      The exact symbols of one link for the names in the list, in the list's order: what
-      lld's --symbol-ordering-file reads (scripts/layout/cc.sh). A summary goes to stderr.
+      The symbols of one link for the names in the list, in the list's order: what lld's
+      --symbol-ordering-file reads (scripts/layout/cc.sh). A summary goes to stderr.
 
-A legacy Rust symbol ends in a hash (`17h<16 hex>E`) of the crate's cargo metadata, which
-differs between profiles and dependency versions, and in `.llvm.<digits>` where LLVM made a
-local function global; the list holds names without either, so a list recorded on one build
-still finds its functions in another. A name that matches several symbols (instances of one
-generic function, closures of one function) orders all of them; a name that matches none is
-left out. A stale list thus costs only layout, never a build."""
+A legacy Rust symbol ends in a hash (`17h<16 hex>E`) of the crate's cargo metadata (profile,
+rustc and dependency versions) and of a generic function's type arguments; it does not change
+with the code inside a function, so a list recorded on a `dist` build finds its functions in
+later `dist` builds by their exact names. A name that is not found (a dependency or the
+toolchain changed) still finds the one symbol that differs from it only in the hash or in a
+`.llvm.<digits>` suffix; where several do (the instances of a generic function), none is
+taken, since ordering all of them would spread the code again. A stale list thus costs only
+layout, never a build."""
 import collections
 import re
 import sys
@@ -29,16 +31,24 @@ def stem(name):
 
 
 def exact_order(listed, defined):
-    """The symbols of `defined` named in `listed`, in the order of `listed` (each once)."""
+    """The symbols of `defined` named in `listed`, in the order of `listed`, each once: the
+    exact name, else the only symbol with the name's stem."""
+    exact = set(defined)
     by_stem = collections.defaultdict(list)
     for name in defined:
         by_stem[stem(name)].append(name)
     out, seen = [], set()
     for name in listed:
-        for sym in by_stem.get(stem(name), ()):
-            if sym not in seen:
-                seen.add(sym)
-                out.append(sym)
+        if name in exact:
+            sym = name
+        else:
+            found = by_stem.get(stem(name), ())
+            if len(found) != 1:
+                continue
+            sym = found[0]
+        if sym not in seen:
+            seen.add(sym)
+            out.append(sym)
     return out
 
 
@@ -99,12 +109,12 @@ def executed(lines, object_prefix="trellis"):
 
 
 def record(profiles):
-    """The list: stems of the functions that ran, most self instructions first."""
+    """The list: the functions that ran, most self instructions first."""
     total = collections.Counter()
     for path in profiles:
         with open(path, encoding="utf-8", errors="replace") as f:
             for name, n in executed(f).items():
-                total[stem(name)] += n
+                total[re.sub(r"'\d+$", "", name)] += n  # callgrind's recursion levels
     return [name for name, _ in sorted(total.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
