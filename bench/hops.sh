@@ -83,7 +83,8 @@ URL=http://127.0.0.1:$OUTP/
 # their PIDs (the wrapper's) in HOP_PID[in], HOP_PID[out].
 declare -A HOP_PID=() SPID=() IR=()
 # cg: a sidecar under callgrind (exec: its PID is the wrapper's, for callgrind_control).
-cg() { exec valgrind --tool=callgrind --callgrind-out-file="$TMP/cg.$HOP" "$@"; }
+# CALLGRIND_ARGS adds options (scripts/layout/record: --demangle=no).
+cg() { exec valgrind --tool=callgrind ${CALLGRIND_ARGS:-} --callgrind-out-file="$TMP/cg.$HOP" "$@"; }
 start() {
     local hop tok
     for hop in in out; do
@@ -133,16 +134,24 @@ for mode in $MODES; do
             log "instructions, $c connection(s)"
             start cg
             wrk -t1 -c"$c" -d2s "$URL" >/dev/null
-            for hop in in out; do callgrind_control -z "${HOP_PID[$hop]}" >/dev/null 2>&1; done
+            # Part 1: start-up and warm-up (dumping zeroes the counts); part 2: the window.
+            for hop in in out; do callgrind_control -d "${HOP_PID[$hop]}" >/dev/null 2>&1; done
             n=$(load "$c" "$SECS")
             for hop in in out; do callgrind_control -d "${HOP_PID[$hop]}" >/dev/null 2>&1; done
             stop
             for hop in in out; do
-                # The dump right after the measured window (part 1) holds it alone.
-                IR[$hop]=$(awk '/^summary:/ { print $2 }' "$TMP/cg.$hop.1")
+                # The dump right after the measured window (part 2) holds it alone.
+                IR[$hop]=$(awk '/^summary:/ { print $2 }' "$TMP/cg.$hop.2")
             done
             printf '| %d | %d | %d | %d | %d |\n' "$c" "$n" $((IR[out] / n)) $((IR[in] / n)) $(((IR[out] + IR[in]) / n))
-            [[ -n $OUT ]] && mkdir -p "$OUT" && for hop in in out; do cp "$TMP/cg.$hop.1" "$OUT/callgrind.$hop.c$c"; done
+            # OUT keeps the window (callgrind.HOP.cC) and the rest of the run (.rest.N: start-up
+            # and warm-up, then the stop).
+            [[ -n $OUT ]] && mkdir -p "$OUT" && for hop in in out; do
+                cp "$TMP/cg.$hop.2" "$OUT/callgrind.$hop.c$c"
+                for f in "$TMP/cg.$hop" "$TMP/cg.$hop".*; do
+                    if [[ -f $f && $f != *.2 ]]; then cp "$f" "$OUT/callgrind.$hop.c$c.rest${f#"$TMP/cg.$hop"}"; fi
+                done
+            done
             rm -f "$TMP"/cg.*
         done
         ;;

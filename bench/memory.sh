@@ -12,6 +12,9 @@
 # without mimalloc: `cargo build -p trellis-cli --no-default-features`), each is killed
 # (SIGKILL) once measured so its profile's "leaked" bytes are its live heap at that moment,
 # and the profiles land in DIR (RSS figures of such a run include heaptrack's own).
+# With CALLGRIND=DIR, the first sidecar runs under callgrind and its profile lands in DIR when
+# it stops after the load: what scripts/layout/order.py records the dist binary's function
+# order from (scripts/layout/README.md; the figures of such a run are valgrind's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SERVICES=${SERVICES:-1000}
@@ -27,6 +30,7 @@ PROFILE=${PROFILE:-profiling}
 OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
 T=${TRELLIS_BIN:-}
 HEAPTRACK=${HEAPTRACK:-}
+CALLGRIND=${CALLGRIND:-}
 
 log() { printf '[memory %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 source "bench/lib/load.sh"
@@ -190,7 +194,11 @@ spec:
   admin: {address: 127.0.0.1:$SIDECAR_ADMIN}
   outbound: [{name: mesh, address: 127.0.0.1:$SIDECAR_PORT, httpProxy: true}]
 YAML
-    if [[ $name == main ]]; then
+    if [[ $name == main && -n $CALLGRIND ]]; then
+        valgrind --tool=callgrind --demangle=no --callgrind-out-file="$CALLGRIND/$name.%p" \
+            "$T" --log info --log-format json proxy --threads "$threads" --control "$TRELLIS_CONTROL" \
+            --config "$TMP/$name.yaml" --state-dir "$TMP/state-$name" 2>"$TMP/$name.log" &
+    elif [[ $name == main ]]; then
         traced "$name" "$T" --log info --log-format json proxy --threads "$threads" --control "$TRELLIS_CONTROL" \
             --config "$TMP/$name.yaml" --state-dir "$TMP/state-$name" 2>"$TMP/$name.log"
     else
@@ -219,7 +227,7 @@ echo "== $(date -u +%FT%TZ) $(nproc) cores; $("$T" --version 2>/dev/null || echo
 sidecar main "$THREADS"
 MAIN_PID=$SIDECAR_PID MAIN_LEADER=$SIDECAR_LEADER MAIN_PORT=$SIDECAR_PORT MAIN_ADMIN=$SIDECAR_ADMIN
 wait_port "$MAIN_PORT"
-until_ok 120 applied main || { log "the sidecar never applied all $SERVICES services and $ROUTES routes"; exit 1; }
+until_ok "$([[ -n $CALLGRIND ]] && echo 900 || echo 120)" applied main || { log "the sidecar never applied all $SERVICES services and $ROUTES routes"; exit 1; }
 first=$(head -1 "$TMP/urls.txt")
 got=$(curl -s -o /dev/null -w '%{http_code}' -x "http://127.0.0.1:$MAIN_PORT" "$first")
 [[ $got == 200 ]] || { log "$first through the sidecar answered $got"; exit 1; }

@@ -239,8 +239,9 @@ build_trellis() {
         return 0
     fi
     # The dist profile is what release binaries are built with (fat LTO, one codegen unit).
-    log "building trellis (cargo build --profile dist -p trellis-cli)"
-    (cd "$REPO_DIR" && timeout 3600 nice -n 19 cargo build --profile dist -p trellis-cli)
+    # scripts/build-dist: `cargo build --profile dist -p trellis-cli` with the sidecar's code laid out together.
+    log "building trellis (scripts/build-dist)"
+    (cd "$REPO_DIR" && timeout 3600 nice -n 19 scripts/build-dist)
     TRELLIS_BIN=${CARGO_TARGET_DIR:-$REPO_DIR/target}/dist/trellis
     [[ -x $TRELLIS_BIN ]] || die "build finished but $TRELLIS_BIN is missing"
 }

@@ -38,7 +38,7 @@ load_prepare twohop nginx
 if [[ -n ${TRELLIS_BIN:-} ]]; then
     BUILD="TRELLIS_BIN=$T (profile: $(basename "$(dirname "$T")"), from its path)"
 else
-    BUILD="$T (cargo build --profile $PROFILE)"
+    BUILD="$T ($([[ $PROFILE == dist ]] && echo scripts/build-dist || echo "cargo build --profile $PROFILE"))"
 fi
 for p in $PATHS; do
     case $p in trellis-mtls | trellis-plain | haproxy-mtls | haproxy-plain | nginx-mtls | nginx-plain) ;;

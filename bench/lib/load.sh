@@ -115,8 +115,12 @@ load_prepare() {
     done
     [ -x "$OHA" ] || cargo install oha --locked
     if [[ -z $T ]]; then
-        cargo build --profile "$PROFILE" -p trellis-cli
-        T=target/$PROFILE/trellis
+        if [[ $PROFILE == dist ]]; then
+            scripts/build-dist # with the sidecar's code laid out together
+        else
+            cargo build --profile "$PROFILE" -p trellis-cli
+        fi
+        T=${CARGO_TARGET_DIR:-target}/$PROFILE/trellis
     fi
     TMP=$(mktemp -d "/tmp/trellis-$name.XXXXXX")
     chmod 755 "$TMP"

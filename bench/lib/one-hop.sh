@@ -12,7 +12,7 @@ one_hop_prepare() {
     done
     REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
     BIN=${TRELLIS_BIN:-$REPO/target/dist/trellis}
-    [[ -x $BIN ]] || (cd "$REPO" && cargo build --profile dist -p trellis-cli)
+    [[ -x $BIN ]] || (cd "$REPO" && scripts/build-dist)
     TMP=$(mktemp -d "/tmp/trellis-$name.XXXXXX")
     chmod 755 "$TMP"   # nginx workers run as an unprivileged user when started as root
     PIDS=()

@@ -49,6 +49,18 @@ for line in out.splitlines():
         if a // PAGE * PAGE in resident:
             by_crate[crate] += end - a
         a = end
-print(f"{exe}: {len(resident) * PAGE / 2**20:.1f} MiB of its pages resident; text resident by crate (MiB resident / MiB in the binary):")
+# Resident pages by section (a page shared by two sections counts for the first).
+sections = []
+for line in subprocess.run(["readelf", "-SW", exe], capture_output=True, text=True).stdout.splitlines():
+    f = line.replace("[ ", "[").split()
+    if len(f) > 6 and f[0].startswith("[") and f[1].startswith(".") and int(f[3], 16):
+        sections.append((int(f[3], 16), int(f[5], 16), f[1]))
+by_section = collections.Counter()
+for page in resident:
+    name = next((n for a, size, n in sorted(sections) if a // PAGE * PAGE <= page < a + size), "(other)")
+    by_section[name] += PAGE
+print(f"{exe}: {len(resident) * PAGE / 2**20:.1f} MiB of its pages resident; by section: "
+      + ", ".join(f"{n} {b / 2**20:.2f}" for n, b in by_section.most_common()) + " MiB")
+print("text resident by crate (MiB resident / MiB in the binary):")
 for crate, b in by_crate.most_common(top):
     print(f"  {b / 2**20:6.2f} / {total[crate] / 2**20:5.2f}  {crate}")
