@@ -4,7 +4,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use support::free_port;
@@ -185,6 +185,61 @@ fn slow_upstream(delay: Duration) -> SocketAddr {
     addr
 }
 
+/// Writes `dir/proxy.yaml`: a standalone proxy with its admin and outbound listeners on
+/// `ports`, the outbound for Service `up` (one endpoint, `up`), `spec` lines added to the
+/// Proxy's spec and `docs` (documents) after the Service.
+fn one_upstream_proxy(
+    dir: &Path,
+    ports: [u16; 2],
+    up: SocketAddr,
+    spec: &str,
+    docs: &str,
+) -> PathBuf {
+    let [admin, out] = ports;
+    let config = dir.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: trellis.dev/v1alpha1
+kind: Proxy
+metadata: {{name: p}}
+spec:
+  admin: {{address: 127.0.0.1:{admin}}}
+{spec}  outbound: [{{name: out, address: 127.0.0.1:{out}, service: {{name: up}}}}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: up}}
+spec:
+  ports: [{{port: 80}}]
+  endpoints: [{{address: \"{up}\"}}]
+{docs}"
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// Runs `cmd` to its end, failing the test if it has not exited within `limit`: a command
+/// expected to refuse its input must not hang the suite if it starts serving instead.
+fn exits_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after {limit:?}: {cmd:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
+
 fn wait_ready(admin: u16, child: &mut Child) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -210,28 +265,7 @@ fn proxy_drains_in_flight_requests_on_sigterm() {
     let (admin, out) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("trellis-cli-drain-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("proxy.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: trellis.dev/v1alpha1
-kind: Proxy
-metadata: {{name: p}}
-spec:
-  admin: {{address: 127.0.0.1:{admin}}}
-  drainTimeout: 5s
-  outbound: [{{name: out, address: 127.0.0.1:{out}, service: {{name: up}}}}]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {{name: up}}
-spec:
-  ports: [{{port: 80}}]
-  endpoints: [{{address: \"{up}\"}}]
-"
-        ),
-    )
-    .unwrap();
+    let config = one_upstream_proxy(&dir, [admin, out], up, "  drainTimeout: 5s\n", "");
     let mut child = trellis()
         .args(["proxy", "--threads", "1", "--config"])
         .arg(&config)
@@ -308,23 +342,13 @@ fn a_standalone_proxy_honours_the_telemetry_in_its_config() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let log = dir.join("access.log");
-    std::fs::write(
-        dir.join("proxy.yaml"),
-        format!(
-            "apiVersion: trellis.dev/v1alpha1
-kind: Proxy
-metadata: {{name: p}}
-spec:
-  admin: {{address: 127.0.0.1:{admin}}}
-  outbound: [{{name: out, address: 127.0.0.1:{out}, service: {{name: up}}}}]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {{name: up}}
-spec:
-  ports: [{{port: 80}}]
-  endpoints: [{{address: \"{up}\"}}]
----
+    let config = one_upstream_proxy(
+        &dir,
+        [admin, out],
+        up,
+        "",
+        &format!(
+            "---
 apiVersion: trellis.dev/v1alpha1
 kind: Telemetry
 metadata: {{name: logs}}
@@ -333,11 +357,10 @@ spec:
 ",
             log.display()
         ),
-    )
-    .unwrap();
+    );
     let mut child = trellis()
         .args(["proxy", "--threads", "1", "--config"])
-        .arg(dir.join("proxy.yaml"))
+        .arg(&config)
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
@@ -373,33 +396,14 @@ fn a_proxy_taking_one_readiness_event_per_wait_serves_concurrent_clients() {
     let (admin, out) = (free_port(), free_port());
     let dir = std::env::temp_dir().join(format!("trellis-cli-iobatch-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("proxy.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "apiVersion: trellis.dev/v1alpha1
-kind: Proxy
-metadata: {{name: p}}
-spec:
-  admin: {{address: 127.0.0.1:{admin}}}
-  outbound: [{{name: out, address: 127.0.0.1:{out}, service: {{name: up}}}}]
----
-apiVersion: trellis.dev/v1alpha1
-kind: Service
-metadata: {{name: up}}
-spec:
-  ports: [{{port: 80}}]
-  endpoints: [{{address: \"{up}\"}}]
-"
-        ),
-    )
-    .unwrap();
+    let config = one_upstream_proxy(&dir, [admin, out], up, "", "");
     // Zero is refused, naming the flag.
-    let refused = trellis()
-        .args(["proxy", "--io-batch", "0", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let refused = exits_within(
+        trellis()
+            .args(["proxy", "--io-batch", "0", "--config"])
+            .arg(&config),
+        Duration::from_secs(20),
+    );
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(
         !refused.status.success() && err.contains("--io-batch"),

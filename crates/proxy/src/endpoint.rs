@@ -51,7 +51,9 @@ pub struct EndpointState {
     pub outlier: crate::outlier::Slot,
     /// The active health check's verdict.
     pub check: crate::health::CheckSlot,
-    h1_idle: Mutex<Vec<(http1::SendRequest<Body>, Instant)>>,
+    /// hyper's idle connections, each with how long its upstream keeps it idle (its
+    /// `Keep-Alive: timeout`, less a margin: [`crate::h1::idle_allowed`]).
+    h1_idle: Mutex<Vec<((http1::SendRequest<Body>, Option<Duration>), Instant)>>,
     /// Idle connections of the lean client (requests without a body), kept apart from
     /// hyper's: each kind of connection is driven by its own client.
     lean_idle: Mutex<Vec<(crate::h1::Conn, Instant)>>,
@@ -342,8 +344,11 @@ impl EndpointState {
         let mut waiting = None;
         let permit = loop {
             let freed = gate.map(Gate::freed);
-            while let Some((mut tx, since)) = take_idle(&self.h1_idle) {
-                if tx.is_closed() || now.saturating_duration_since(since) > idle_timeout {
+            while let Some(((mut tx, allowed), since)) = take_idle(&self.h1_idle) {
+                if tx.is_closed()
+                    || now.saturating_duration_since(since) > idle_timeout
+                    || !upstream_keeps(allowed, since)
+                {
                     continue;
                 }
                 if tx.ready().await.is_ok() {
@@ -432,9 +437,16 @@ impl EndpointState {
         take_idle(&self.lean_idle).is_some() || take_idle(&self.h1_idle).is_some()
     }
 
-    /// Returns a connection whose previous exchange finished cleanly.
-    pub fn release_http1(&self, tx: http1::SendRequest<Body>) {
-        park_idle(&self.h1_idle, tx);
+    /// Returns a connection whose previous exchange finished cleanly; `allowed` is how long
+    /// its upstream keeps it idle, from the last response ([`crate::h1::idle_allowed`]): one
+    /// kept too briefly to reuse is closed instead. Its connection task may not have seen the
+    /// end of the response yet; checkout waits for readiness (`ready()`), which is cheaper
+    /// than a task per request waiting here.
+    pub fn release_http1(&self, tx: http1::SendRequest<Body>, allowed: Option<Duration>) {
+        if allowed == Some(Duration::ZERO) {
+            return;
+        }
+        park_idle(&self.h1_idle, (tx, allowed));
         self.wake();
     }
 
@@ -452,12 +464,9 @@ impl EndpointState {
         let permit = loop {
             let freed = gate.map(Gate::freed);
             while let Some((mut conn, since)) = take_idle(&self.lean_idle) {
-                // The upstream's own limit is held to the clock now, not to when the request
-                // arrived: a retry's backoff or a wait for a slot may lie between.
-                let fresh = conn
-                    .idle_allowed()
-                    .is_none_or(|d| Instant::now().saturating_duration_since(since) <= d);
-                if now.saturating_duration_since(since) <= idle_timeout && fresh && conn.is_usable()
+                if now.saturating_duration_since(since) <= idle_timeout
+                    && upstream_keeps(conn.idle_allowed(), since)
+                    && conn.is_usable()
                 {
                     return Ok(conn);
                 }
@@ -720,6 +729,13 @@ impl EndpointState {
             )),
         }
     }
+}
+
+/// Whether a connection parked at `since` is still within what its upstream said it keeps
+/// idle connections (`allowed`; `None`: it said nothing). Held to the clock now, not to when
+/// the request arrived: a retry's backoff or a wait for a slot may lie between.
+fn upstream_keeps(allowed: Option<Duration>, since: Instant) -> bool {
+    allowed.is_none_or(|d| Instant::now().saturating_duration_since(since) <= d)
 }
 
 /// The most recently parked idle connection of a pool, with when it was parked.

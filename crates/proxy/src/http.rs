@@ -689,6 +689,9 @@ fn respond(endpoint: &Arc<EndpointState>, a: attempt::Answer) -> Answered {
     } = a;
     let (mut parts, incoming) = resp.into_parts();
     let upgraded = parts.status == StatusCode::SWITCHING_PROTOCOLS;
+    // How long the upstream keeps hyper's connection idle, read before the hop-by-hop
+    // headers go (the lean client reads its own).
+    let tx = tx.map(|tx| (tx, crate::h1::idle_allowed(&parts.headers)));
     strip_hop_by_hop(&mut parts.headers, upgraded);
     if upgraded {
         // The connection now belongs to the upgraded stream: not pooled. The stream stays
@@ -1141,8 +1144,9 @@ pub(crate) struct Tracked {
     /// The endpoint whose pool takes the connection back (none: the connection is not
     /// pooled, e.g. after an upgrade).
     pool: Option<Arc<EndpointState>>,
-    /// hyper's handle on the connection; the lean client's connection is in its body.
-    tx: Option<http1::SendRequest<Body>>,
+    /// hyper's handle on the connection, with how long its upstream keeps it idle; the
+    /// lean client's connection is in its body.
+    tx: Option<(http1::SendRequest<Body>, Option<Duration>)>,
     busy: Option<crate::io::Busy>,
     /// The stream counted on its HTTP/2 connection until the response ends.
     stream: Option<H2Stream>,
@@ -1177,7 +1181,7 @@ impl Tracked {
             return;
         };
         match (&mut self.inner, self.tx.take()) {
-            (UpstreamBody::Hyper(_), Some(tx)) => release(tx, endpoint),
+            (UpstreamBody::Hyper(_), Some((tx, allowed))) => endpoint.release_http1(tx, allowed),
             (UpstreamBody::Lean(b), _) => {
                 if let Some(conn) = b.take_reusable() {
                     endpoint.release_lean(conn);
@@ -1237,13 +1241,6 @@ impl http_body::Body for Tracked {
             UpstreamBody::Lean(b) => b.size_hint(),
         }
     }
-}
-
-/// Puts a connection whose exchange finished back in the pool. Its connection task may not
-/// have seen the end of the response yet; checkout waits for readiness (`ready()`), which is
-/// cheaper than a task per request waiting here.
-fn release(tx: http1::SendRequest<Body>, endpoint: Arc<EndpointState>) {
-    endpoint.release_http1(tx);
 }
 
 #[cfg(test)]

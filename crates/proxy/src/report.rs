@@ -7,6 +7,7 @@
 //! direction, route, backend and peer, all bounded by the config and the mesh's identities.
 
 use crate::Proxy;
+use crate::rand::FastHash;
 use crate::tap::{Seen, Taps};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,8 +82,9 @@ pub fn class(status: u16) -> usize {
 /// This proxy's counts since the last report, and its taps.
 #[derive(Default)]
 pub struct Collector {
-    series: RwLock<HashMap<Key, Counts>>,
-    authz: RwLock<HashMap<AuthzKey, AtomicU64>>,
+    // Keys are config names and verified identities, bounded: no keyed hash needed.
+    series: RwLock<HashMap<Key, Counts, FastHash>>,
+    authz: RwLock<HashMap<AuthzKey, AtomicU64, FastHash>>,
     /// Active taps and their event queue.
     pub taps: Taps,
     /// The app whose CPU and memory reports carry (set by `trellis run`).

@@ -790,7 +790,10 @@ async fn serve_connection(
                 let keep_alive = keep_alive
                     .clone()
                     .filter(|_| req.method() != http::Method::CONNECT);
-                let answer = proxy_http::handle(shared2.clone(), conn.clone(), req);
+                // Boxed: the request path's state machine is large, and hyper moves the
+                // service's future into a task of its own for every HTTP/2 stream (copied on
+                // each move; bench/RESULTS.md). A box moves as one pointer.
+                let answer = Box::pin(proxy_http::handle(shared2.clone(), conn.clone(), req));
                 async move {
                     let mut resp = answer.await?;
                     if let Some(v) = keep_alive

@@ -464,64 +464,89 @@ async fn idempotent_requests_replay_when_a_reused_connection_closes() {
 /// as a request arrives, closes unanswered a connection whose next request comes two seconds
 /// or more after its last answer. Counts connections.
 async fn keep_alive_upstream() -> (std::net::SocketAddr, Arc<AtomicU64>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let conns = Arc::new(AtomicU64::new(0));
-    let c = conns.clone();
-    tokio::spawn(async move {
+    use tokio::io::AsyncWriteExt;
+    support::counting_upstream(|mut s| async move {
+        let mut answered: Option<tokio::time::Instant> = None;
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+            if !read_request(&mut s).await {
                 return;
-            };
-            c.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let mut answered: Option<tokio::time::Instant> = None;
-                loop {
-                    if s.read(&mut buf).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if answered.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) {
-                        return;
-                    }
-                    let answer =
-                        b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=3\r\ncontent-length: 2\r\n\r\nok";
-                    if s.write_all(answer).await.is_err() {
-                        return;
-                    }
-                    answered = Some(tokio::time::Instant::now());
-                }
-            });
+            }
+            if answered.is_some_and(|t| t.elapsed() >= Duration::from_secs(2)) {
+                return;
+            }
+            let answer = b"HTTP/1.1 200 OK\r\nkeep-alive: timeout=3\r\ncontent-length: 2\r\n\r\nok";
+            if s.write_all(answer).await.is_err() {
+                return;
+            }
+            answered = Some(tokio::time::Instant::now());
         }
-    });
-    (addr, conns)
+    })
+    .await
+}
+
+/// Reads one request with a `content-length` body (or none) from a raw connection; false
+/// when the connection closed first.
+async fn read_request(s: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    };
+    let len: usize = String::from_utf8_lossy(&buf[..head_end])
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    while buf.len() < head_end + len {
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    true
 }
 
 /// A pooled connection is not reused past what its upstream said it keeps idle connections
 /// (`Keep-Alive: timeout=3`, so two seconds of idle here): a POST, which is never replayed,
-/// would otherwise be sent as the upstream closes the connection and get a 502.
+/// would otherwise be sent as the upstream closes the connection and get a 502. Both pools:
+/// the lean client's (no body) and hyper's (a body).
 #[tokio::test]
 async fn a_pooled_connection_is_not_reused_past_the_upstreams_keep_alive_timeout() {
-    let (up, conns) = keep_alive_upstream().await;
-    let p = app_proxy(&[up]).await;
-    let addr = p.addr("out").await;
-    let client = h1_client();
-    let post = || {
-        Request::post(format!("http://{addr}/"))
-            .body(Full::new(bytes::Bytes::new()))
-            .unwrap()
-    };
-    assert_eq!(send(&client, post()).await.status, 200);
-    // Within the two seconds: the pooled connection carries it (once the proxy has parked
-    // it, as in `upstream_connections_are_reused`).
-    tokio::task::yield_now().await;
-    assert_eq!(send(&client, post()).await.status, 200);
-    assert_eq!(conns.load(Ordering::Relaxed), 1, "not pooled");
-    tokio::time::sleep(Duration::from_millis(2300)).await;
-    let got = send(&client, post()).await;
-    assert_eq!(got.status, 200, "{}", reason(&got));
-    assert_eq!(conns.load(Ordering::Relaxed), 2);
+    for body in ["", "hello"] {
+        let (up, conns) = keep_alive_upstream().await;
+        let p = app_proxy(&[up]).await;
+        let addr = p.addr("out").await;
+        let client = h1_client();
+        let post = || {
+            Request::post(format!("http://{addr}/"))
+                .body(Full::new(bytes::Bytes::from(body)))
+                .unwrap()
+        };
+        assert_eq!(send(&client, post()).await.status, 200, "body {body:?}");
+        // Within the two seconds: the pooled connection carries it (once the proxy has
+        // parked it, as in `upstream_connections_are_reused`).
+        tokio::task::yield_now().await;
+        assert_eq!(send(&client, post()).await.status, 200, "body {body:?}");
+        assert_eq!(
+            conns.load(Ordering::Relaxed),
+            1,
+            "not pooled, body {body:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(2300)).await;
+        let got = send(&client, post()).await;
+        assert_eq!(got.status, 200, "body {body:?}: {}", reason(&got));
+        assert_eq!(conns.load(Ordering::Relaxed), 2, "body {body:?}");
+    }
 }
 
 /// Reads one HTTP/1.1 response with a `content-length` body from a raw connection; returns

@@ -299,28 +299,38 @@ fn grpc_echo(name: &'static str, req: Request<Incoming>) -> Response<TestBody> {
 /// without saying so — at once, or (`read_next`) after reading the next request. Returns its
 /// address and a count of accepted connections.
 pub async fn one_answer_upstream(read_next: bool) -> (SocketAddr, Arc<AtomicU64>) {
+    counting_upstream(move |mut s| async move {
+        let mut buf = [0u8; 4096];
+        if s.read(&mut buf).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            .await;
+        if read_next {
+            let _ = s.read(&mut buf).await;
+        }
+    })
+    .await
+}
+
+/// A raw TCP upstream that counts the connections it accepts and runs `serve` on each.
+pub async fn counting_upstream<F, Fut>(serve: F) -> (SocketAddr, Arc<AtomicU64>)
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let conns = Arc::new(AtomicU64::new(0));
     let c = conns.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else {
+            let Ok((s, _)) = listener.accept().await else {
                 return;
             };
             c.fetch_add(1, Ordering::Relaxed);
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                if s.read(&mut buf).await.unwrap_or(0) == 0 {
-                    return;
-                }
-                let _ = s
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
-                if read_next {
-                    let _ = s.read(&mut buf).await;
-                }
-            });
+            tokio::spawn(serve(s));
         }
     });
     (addr, conns)
