@@ -4,8 +4,8 @@
 # of functions (scripts/layout/sidecar.txt), links once more with those functions first in
 # .text. A sidecar then touches few 64 KiB windows of its code, so the kernel's fault-around
 # maps fewer pages (docs/ARCHITECTURE.md, "Code a sidecar runs, laid out together").
-# The list names functions without their hashes; order.py maps them to this link's exact
-# symbols. Anything that goes wrong with the order keeps the plain link: never a failed build.
+# The list names functions by their exact symbols; order.py maps them to this link's symbols
+# (a stale name to the one symbol that differs only in its hash). Anything that goes wrong with the order keeps the plain link: never a failed build.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cc=${TRELLIS_LINK_CC:-cc}
