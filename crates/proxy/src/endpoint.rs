@@ -53,7 +53,7 @@ pub struct EndpointState {
     pub check: crate::health::CheckSlot,
     /// hyper's idle connections, each with how long its upstream keeps it idle (its
     /// `Keep-Alive: timeout`, less a margin: [`crate::h1::idle_allowed`]).
-    h1_idle: Mutex<Vec<((http1::SendRequest<Body>, Option<Duration>), Instant)>>,
+    h1_idle: Mutex<Vec<(IdleHttp1, Instant)>>,
     /// Idle connections of the lean client (requests without a body), kept apart from
     /// hyper's: each kind of connection is driven by its own client.
     lean_idle: Mutex<Vec<(crate::h1::Conn, Instant)>>,
@@ -730,6 +730,9 @@ impl EndpointState {
         }
     }
 }
+
+/// An idle connection of hyper's HTTP/1.1 client, with how long its upstream keeps it idle.
+type IdleHttp1 = (http1::SendRequest<Body>, Option<Duration>);
 
 /// Whether a connection parked at `since` is still within what its upstream said it keeps
 /// idle connections (`allowed`; `None`: it said nothing). Held to the clock now, not to when
