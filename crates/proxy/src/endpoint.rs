@@ -814,7 +814,7 @@ mod tests {
         assert!(!e.close_idle(), "nothing to close");
         assert!(e.pools.get().is_none(), "looking made the pools");
         let size = size_of::<EndpointState>();
-        assert!(size <= 320, "{size} bytes");
+        assert!(size <= 192, "{size} bytes");
     }
 
     #[test]

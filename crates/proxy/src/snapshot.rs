@@ -73,8 +73,9 @@ pub struct Backend {
     pub outlier: Option<crate::outlier::Policy>,
     /// Held while deciding an ejection, so the ejection cap holds exactly.
     pub ejecting: std::sync::Mutex<()>,
-    /// Active health check of every endpoint, if configured.
-    pub health_check: Option<trellis_api::health::HealthCheck>,
+    /// Active health check of every endpoint, if configured (boxed: most backends have
+    /// none, and a mesh-wide view holds thousands).
+    pub health_check: Option<Box<trellis_api::health::HealthCheck>>,
     /// Circuit breaker limits, when the backend's policy sets any.
     pub gate: Option<crate::breaker::Gate>,
 }
@@ -959,7 +960,7 @@ impl Builder<'_> {
                     .unwrap_or_default(),
             ),
             ejecting: Default::default(),
-            health_check: policy.and_then(|p| p.health_check.clone()),
+            health_check: policy.and_then(|p| p.health_check.clone().map(Box::new)),
             gate,
         });
         self.backends.insert((svc.clone(), port), backend.clone());
@@ -1316,6 +1317,13 @@ mod tests {
             assert_eq!(*snap.hosts[h], key("default", "a"), "{h}");
             assert!(Arc::ptr_eq(&snap.hosts[h], &snap.hosts["a"]), "{h}: a copy");
         }
+    }
+
+    /// A backend without a health check (most of them) does not carry an empty one.
+    #[test]
+    fn a_backend_is_small() {
+        let size = size_of::<Backend>();
+        assert!(size <= 480, "{size} bytes");
     }
 
     /// Backend references that do not resolve keep their weight, and their share is
