@@ -51,6 +51,18 @@ pub struct EndpointState {
     pub outlier: crate::outlier::Slot,
     /// The active health check's verdict.
     pub check: crate::health::CheckSlot,
+    /// Connection pools, made by the first connection: a mesh-wide view holds thousands of
+    /// endpoints a sidecar never calls, and the pools are most of an endpoint's size.
+    pools: OnceLock<Box<Pools>>,
+    /// Until when this peer sidecar is taken to speak only HTTP/1.1 (it did not answer ALPN
+    /// `trellis/h2`), nanoseconds since [`epoch`]; then it is asked again (it may have been
+    /// upgraded).
+    h1_only_until: AtomicU64,
+}
+
+/// An endpoint's upstream connections.
+#[derive(Debug, Default)]
+struct Pools {
     /// hyper's idle connections, each with how long its upstream keeps it idle (its
     /// `Keep-Alive: timeout`, less a margin: [`crate::h1::idle_allowed`]).
     h1_idle: Mutex<Vec<(IdleHttp1, Instant)>>,
@@ -66,10 +78,6 @@ pub struct EndpointState {
     /// under one; `gated` keeps the pool path to one load otherwise).
     breaker: Mutex<std::sync::Weak<crate::breaker::Breaker>>,
     gated: std::sync::atomic::AtomicBool,
-    /// Until when this peer sidecar is taken to speak only HTTP/1.1 (it did not answer ALPN
-    /// `trellis/h2`), nanoseconds since [`epoch`]; then it is asked again (it may have been
-    /// upgraded).
-    h1_only_until: AtomicU64,
 }
 
 /// How long a peer that answered ALPN `trellis/1` to an offer of `trellis/h2` is sent
@@ -166,7 +174,7 @@ impl Connecting<'_> {
     fn finish(&mut self, pool: &mut H2Pool) {
         pool.connecting = pool.connecting.saturating_sub(1);
         self.done = true;
-        self.endpoint.h2_ready.notify_waiters();
+        self.endpoint.pools().h2_ready.notify_waiters();
     }
 }
 
@@ -178,7 +186,7 @@ impl Drop for Connecting<'_> {
             let mut pool = self.endpoint.h2_pool();
             pool.connecting = pool.connecting.saturating_sub(1);
             drop(pool);
-            self.endpoint.h2_ready.notify_waiters();
+            self.endpoint.pools().h2_ready.notify_waiters();
         }
     }
 }
@@ -231,12 +239,7 @@ impl EndpointState {
             backoff_until: AtomicU64::new(0),
             outlier: Default::default(),
             check: Default::default(),
-            h1_idle: Mutex::new(Vec::new()),
-            lean_idle: Mutex::new(Vec::new()),
-            h2: Mutex::new(H2Pool::default()),
-            h2_ready: tokio::sync::Notify::new(),
-            breaker: Mutex::new(std::sync::Weak::new()),
-            gated: std::sync::atomic::AtomicBool::new(false),
+            pools: OnceLock::new(),
             h1_only_until: AtomicU64::new(0),
         }
     }
@@ -344,7 +347,7 @@ impl EndpointState {
         let mut waiting = None;
         let permit = loop {
             let freed = gate.map(Gate::freed);
-            while let Some(((mut tx, allowed), since)) = take_idle(&self.h1_idle) {
+            while let Some(((mut tx, allowed), since)) = take_idle(&self.pools().h1_idle) {
                 if tx.is_closed()
                     || now.saturating_duration_since(since) > idle_timeout
                     || !upstream_keeps(allowed, since)
@@ -412,16 +415,18 @@ impl EndpointState {
 
     /// Remembers the circuit breaker to wake when a connection goes back to a pool.
     fn watch(&self, gate: &Gate) {
-        if !self.gated.load(Ordering::Relaxed) {
-            *self.breaker.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&gate.state);
-            self.gated.store(true, Ordering::Relaxed);
+        let pools = self.pools();
+        if !pools.gated.load(Ordering::Relaxed) {
+            *pools.breaker.lock().unwrap_or_else(|e| e.into_inner()) = Arc::downgrade(&gate.state);
+            pools.gated.store(true, Ordering::Relaxed);
         }
     }
 
     /// A connection went back to a pool: a request waiting for one may take it.
     fn wake(&self) {
-        if self.gated.load(Ordering::Relaxed)
-            && let Some(b) = self
+        if let Some(pools) = self.pools.get()
+            && pools.gated.load(Ordering::Relaxed)
+            && let Some(b) = pools
                 .breaker
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -434,7 +439,9 @@ impl EndpointState {
     /// Closes one idle pooled connection (to make room under a connection limit). Returns
     /// whether there was one.
     pub fn close_idle(&self) -> bool {
-        take_idle(&self.lean_idle).is_some() || take_idle(&self.h1_idle).is_some()
+        self.pools
+            .get()
+            .is_some_and(|p| take_idle(&p.lean_idle).is_some() || take_idle(&p.h1_idle).is_some())
     }
 
     /// Returns a connection whose previous exchange finished cleanly; `allowed` is how long
@@ -446,7 +453,7 @@ impl EndpointState {
         if allowed == Some(Duration::ZERO) {
             return;
         }
-        park_idle(&self.h1_idle, (tx, allowed));
+        park_idle(&self.pools().h1_idle, (tx, allowed));
         self.wake();
     }
 
@@ -463,7 +470,7 @@ impl EndpointState {
         let mut waiting = None;
         let permit = loop {
             let freed = gate.map(Gate::freed);
-            while let Some((mut conn, since)) = take_idle(&self.lean_idle) {
+            while let Some((mut conn, since)) = take_idle(&self.pools().lean_idle) {
                 if now.saturating_duration_since(since) <= idle_timeout
                     && upstream_keeps(conn.idle_allowed(), since)
                     && conn.is_usable()
@@ -486,7 +493,7 @@ impl EndpointState {
         if conn.idle_allowed() == Some(Duration::ZERO) {
             return;
         }
-        park_idle(&self.lean_idle, conn);
+        park_idle(&self.pools().lean_idle, conn);
         self.wake();
     }
 
@@ -520,7 +527,7 @@ impl EndpointState {
                 return Err(Self::h1_only(self.addr));
             }
             let freed = gate.map(Gate::freed);
-            let ready = self.h2_ready.notified();
+            let ready = self.pools().h2_ready.notified();
             tokio::pin!(ready);
             // The pool's lock is held in this block only, never across an await.
             let admitted = {
@@ -561,7 +568,7 @@ impl EndpointState {
                     H2Choice::Use(i) | H2Choice::Crowd(i) => return Ok(take(&pool.conns[i])),
                     H2Choice::Wait => {
                         pool.waiting += 1;
-                        waited = Some((pool.failures, Waiter(&self.h2)));
+                        waited = Some((pool.failures, Waiter(&self.pools().h2)));
                         // Registered before the lock goes, so a connection that completes
                         // in between still wakes this request.
                         ready.as_mut().enable();
@@ -650,6 +657,10 @@ impl EndpointState {
         Ok(got)
     }
 
+    fn pools(&self) -> &Pools {
+        self.pools.get_or_init(Box::default)
+    }
+
     fn h1_only(addr: SocketAddr) -> ProxyError {
         ProxyError::NotSent(
             addr,
@@ -658,7 +669,7 @@ impl EndpointState {
     }
 
     fn h2_pool(&self) -> std::sync::MutexGuard<'_, H2Pool> {
-        self.h2.lock().unwrap_or_else(|e| e.into_inner())
+        self.pools().h2.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A new HTTP/2 connection, and whether it is to a peer sidecar that negotiated
@@ -812,6 +823,17 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An endpoint no request has used has no pools: a mesh-wide view holds thousands of
+    /// endpoints, most of which a sidecar never calls.
+    #[test]
+    fn an_unused_endpoint_is_small() {
+        let e = EndpointState::new(([127, 0, 0, 1], 1).into(), None, Default::default());
+        assert!(!e.close_idle(), "nothing to close");
+        assert!(e.pools.get().is_none(), "looking made the pools");
+        let size = size_of::<EndpointState>();
+        assert!(size <= 192, "{size} bytes");
+    }
 
     #[test]
     fn http2_requests_spread_over_a_bounded_pool() {

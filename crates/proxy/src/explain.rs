@@ -349,7 +349,8 @@ fn listener<'a>(
     let key = snap.hosts.get(host.trim_end_matches('.'));
     let by_service = snap.listeners.iter().find(|l| match &l.kind {
         ListenerKind::Service(k, p, _) => {
-            Some(k) == key && port.is_none_or(|want| want == *p) || l.addr.to_string() == authority
+            key.is_some_and(|key| **key == *k) && port.is_none_or(|want| want == *p)
+                || l.addr.to_string() == authority
         }
         _ => false,
     });

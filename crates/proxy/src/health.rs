@@ -156,7 +156,7 @@ impl Checkers {
                 continue;
             };
             for m in b.balancer.members() {
-                let k = (Arc::as_ptr(&m.state) as usize, check.clone());
+                let k = (Arc::as_ptr(&m.state) as usize, (**check).clone());
                 want.entry(k)
                     .or_insert_with(|| (m.state.clone(), b.name.clone()));
             }

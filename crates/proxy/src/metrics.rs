@@ -294,12 +294,19 @@ pub struct ResultLabels {
 /// workload and the other side's identity, a handful per route) the request counter,
 /// latency histogram and the counters of the common responses. Every series is created by
 /// the route's first request, not with the snapshot: a sidecar that sees thousands of
-/// routes sends to a few of them, and each pair of empty histograms cost ~1.3 KB.
+/// routes sends to a few of them, and each pair of empty histograms cost ~1.3 KB. The
+/// handles themselves are boxed behind one pointer until then, for the same reason.
 #[derive(Debug)]
 pub struct RouteStats {
     direction: &'static str,
     route: Arc<str>,
     backend: Arc<str>,
+    used: OnceLock<Box<Used>>,
+}
+
+/// The handles of a route and backend that has had requests.
+#[derive(Debug, Default)]
+struct Used {
     sizes: OnceLock<Sizes>,
     parties: RwLock<Vec<Arc<PartyStats>>>,
 }
@@ -333,7 +340,7 @@ pub struct PartyStats {
 impl RouteStats {
     /// The size histograms, made by the first request.
     pub fn sizes(&self, metrics: &Metrics) -> &Sizes {
-        self.sizes.get_or_init(|| {
+        self.used().sizes.get_or_init(|| {
             let labels = RouteLabels {
                 direction: self.direction,
                 route: self.route.clone(),
@@ -346,14 +353,19 @@ impl RouteStats {
         })
     }
 
+    fn used(&self) -> &Used {
+        self.used.get_or_init(Box::default)
+    }
+
     /// The handles for the parties of `hop`, made when first seen.
     pub fn party(&self, metrics: &Metrics, own: &Arc<Workload>, hop: Hop<'_>) -> Arc<PartyStats> {
         let other = hop.identity();
         let same = |p: &&Arc<PartyStats>| Arc::ptr_eq(&p.own, own) && p.other.as_deref() == other;
-        if let Some(p) = read(&self.parties).iter().find(same) {
+        let used = self.used();
+        if let Some(p) = read(&used.parties).iter().find(same) {
             return p.clone();
         }
-        let mut all = self.parties.write().unwrap_or_else(|e| e.into_inner());
+        let mut all = used.parties.write().unwrap_or_else(|e| e.into_inner());
         if let Some(p) = all.iter().find(same) {
             return p.clone();
         }
@@ -935,8 +947,7 @@ impl Metrics {
             direction,
             route: route.clone(),
             backend: backend.clone(),
-            sizes: OnceLock::new(),
-            parties: RwLock::default(),
+            used: OnceLock::new(),
         });
         stats.insert(key, Arc::downgrade(&s));
         s
@@ -1053,7 +1064,8 @@ impl Metrics {
             .values()
             .filter_map(Weak::upgrade)
         {
-            let mut all = s.parties.write().unwrap_or_else(|e| e.into_inner());
+            let Some(used) = s.used.get() else { continue };
+            let mut all = used.parties.write().unwrap_or_else(|e| e.into_inner());
             all.retain(|p| party(s.direction, &p.parties));
         }
         self.requests
@@ -1242,5 +1254,24 @@ impl Metrics {
                 policy,
             })
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A route's handles take little room until its first request: a mesh-wide view makes
+    /// one per rule and backend, thousands, and a sidecar sends to a few of them.
+    #[test]
+    fn unused_route_stats_are_small() {
+        let shared = crate::Shared::new();
+        let s =
+            shared
+                .metrics
+                .route_stats("outbound", &"default/r/0".into(), &"default/a:80".into());
+        assert!(s.used.get().is_none());
+        let size = size_of::<RouteStats>();
+        assert!(size <= 64, "{size} bytes");
     }
 }

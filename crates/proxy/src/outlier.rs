@@ -307,7 +307,9 @@ pub fn latency_outlier(own: f64, peers: &mut [f64], factor: f64, floor: Duration
 /// every pick as atomics.
 #[derive(Debug, Default)]
 pub struct Slot {
-    detector: Mutex<Detector>,
+    /// Made by the first outcome that must visit it: most endpoints of a mesh-wide view
+    /// are never called, or have no outlier detection.
+    detector: std::sync::OnceLock<Box<Mutex<Detector>>>,
     /// The detector remembers something (see [`Detector::idle`]): a success must visit it.
     active: AtomicBool,
     /// Ejected until then, nanoseconds on the endpoint clock (0: not ejected).
@@ -318,12 +320,21 @@ pub struct Slot {
 
 impl Slot {
     fn lock(&self) -> std::sync::MutexGuard<'_, Detector> {
-        self.detector.lock().unwrap_or_else(|e| e.into_inner())
+        let d = self.detector.get_or_init(Box::default);
+        d.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// A copy of the detector, for the admin API.
     pub fn detector(&self) -> Detector {
-        self.lock().clone()
+        self.detector.get().map_or_else(Detector::default, |d| {
+            d.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        })
+    }
+
+    /// The latency average, when the detector holds one.
+    fn latency(&self) -> Option<f64> {
+        let d = self.detector.get()?;
+        d.lock().unwrap_or_else(|e| e.into_inner()).latency()
     }
 
     /// Whether the endpoint is ejected at `now` (`now_nanos` on the endpoint clock).
@@ -389,7 +400,7 @@ pub fn report(
             .members()
             .iter()
             .filter(|m| !std::ptr::eq(&*m.state, endpoint))
-            .filter_map(|m| m.state.outlier.lock().latency())
+            .filter_map(|m| m.state.outlier.latency())
             .collect();
         d = slot.lock();
         if !d.ejected(now) && latency_outlier(own, &mut peers, factor, floor) {

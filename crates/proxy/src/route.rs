@@ -152,6 +152,16 @@ pub struct HttpMatch {
     pub query: Vec<(String, ValueMatch)>,
 }
 
+/// The items in a vector with room for exactly them, for what lives as long as a snapshot.
+/// `collect` over a vector's `into_iter` reuses the source's buffer, which is larger here
+/// (bigger elements, room left by growth), and a shrinking `realloc` (`shrink_to_fit`) may
+/// keep the block: mimalloc keeps it when the new size is at least half the old.
+pub fn exact<T>(items: impl ExactSizeIterator<Item = T>) -> Vec<T> {
+    let mut out = Vec::with_capacity(items.len());
+    out.extend(items);
+    out
+}
+
 /// Builds an anchored regex (Gateway API regex matches are whole-value).
 pub fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
     Regex::new(&format!("^(?:{pattern})$"))
@@ -370,7 +380,7 @@ impl HttpRoutes {
     pub fn new(mut entries: Vec<(HttpMatch, Arc<Rule>, Order)>) -> HttpRoutes {
         entries.sort_by(|a, b| (http_precedence(&a.0), &a.2).cmp(&(http_precedence(&b.0), &b.2)));
         HttpRoutes {
-            entries: entries.into_iter().map(|(m, r, _)| (m, r)).collect(),
+            entries: exact(entries.into_iter().map(|(m, r, _)| (m, r))),
         }
     }
 }
@@ -490,7 +500,7 @@ impl GrpcRoutes {
     pub fn new(mut entries: Vec<(GrpcMatch, Arc<Rule>, Order)>) -> GrpcRoutes {
         entries.sort_by(|a, b| (grpc_precedence(&a.0), &a.2).cmp(&(grpc_precedence(&b.0), &b.2)));
         GrpcRoutes {
-            entries: entries.into_iter().map(|(m, r, _)| (m, r)).collect(),
+            entries: exact(entries.into_iter().map(|(m, r, _)| (m, r))),
         }
     }
 

@@ -5,11 +5,11 @@
 use crate::attach::{Attached, attach};
 use crate::balance::{Balancer, Member};
 use crate::endpoint::EndpointState;
-use crate::filters::{Filters, HeaderEdit, Mirror, PathChange, Redirect, Rewrite};
+use crate::filters::{FilterSet, Filters, HeaderEdit, Mirror, PathChange, Redirect, Rewrite};
 use crate::metrics::{Metrics, RouteStats};
 use crate::route::{
     Created, GrpcMatch, GrpcRoutes, HttpMatch, HttpRoutes, Order, PathMatch, Rule, ValueMatch,
-    WeightedBackend, anchored,
+    WeightedBackend, anchored, exact,
 };
 use http::{HeaderName, HeaderValue, Method, StatusCode};
 use std::collections::HashMap;
@@ -73,8 +73,9 @@ pub struct Backend {
     pub outlier: Option<crate::outlier::Policy>,
     /// Held while deciding an ejection, so the ejection cap holds exactly.
     pub ejecting: std::sync::Mutex<()>,
-    /// Active health check of every endpoint, if configured.
-    pub health_check: Option<trellis_api::health::HealthCheck>,
+    /// Active health check of every endpoint, if configured (boxed: most backends have
+    /// none, and a mesh-wide view holds thousands).
+    pub health_check: Option<Box<trellis_api::health::HealthCheck>>,
     /// Circuit breaker limits, when the backend's policy sets any.
     pub gate: Option<crate::breaker::Gate>,
 }
@@ -233,7 +234,8 @@ pub struct Snapshot {
     /// Service ports, by service.
     pub services: HashMap<ServiceKey, Vec<Arc<PortEntry>>>,
     /// Host names (`name`, `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`) to services.
-    pub hosts: HashMap<String, ServiceKey>,
+    /// A service's four names share one key: a mesh-wide view has thousands of them.
+    pub hosts: HashMap<Box<str>, Arc<ServiceKey>>,
     /// Every endpoint's shared state, by address and the identity it must present: two
     /// services listing one address with different identities never share connections.
     pub endpoints: HashMap<EndpointKey, Arc<EndpointState>>,
@@ -401,13 +403,16 @@ impl Snapshot {
             }
             services.insert(k.clone(), entries);
             let (n, ns) = (&k.name, &k.namespace);
+            let shared = Arc::new(k.clone());
             for h in [
                 n.clone(),
                 format!("{n}.{ns}"),
                 format!("{n}.{ns}.svc"),
                 format!("{n}.{ns}.svc.cluster.local"),
             ] {
-                hosts.entry(h).or_insert_with(|| k.clone());
+                hosts
+                    .entry(h.into_boxed_str())
+                    .or_insert_with(|| shared.clone());
             }
         }
 
@@ -529,7 +534,7 @@ impl Snapshot {
         // Routes are attached: freeze the port entries so listeners can point at them.
         let services: HashMap<ServiceKey, Vec<Arc<PortEntry>>> = services
             .into_iter()
-            .map(|(k, ports)| (k, ports.into_iter().map(Arc::new).collect()))
+            .map(|(k, ports)| (k, exact(ports.into_iter().map(Arc::new))))
             .collect();
 
         let mut listeners = Vec::new();
@@ -955,7 +960,7 @@ impl Builder<'_> {
                     .unwrap_or_default(),
             ),
             ejecting: Default::default(),
-            health_check: policy.and_then(|p| p.health_check.clone()),
+            health_check: policy.and_then(|p| p.health_check.clone().map(Box::new)),
             gate,
         });
         self.backends.insert((svc.clone(), port), backend.clone());
@@ -1072,7 +1077,7 @@ impl Builder<'_> {
     }
 
     fn filters(&mut self, ns: &str, list: &[HttpRouteFilter]) -> Result<Filters, String> {
-        let mut out = Filters::default();
+        let mut out = FilterSet::default();
         for f in list {
             if let Some(m) = &f.request_header_modifier {
                 out.request_headers = Some(Box::new(header_edit(m)?));
@@ -1137,7 +1142,7 @@ impl Builder<'_> {
                 }
             }
         }
-        Ok(out)
+        Ok(out.into())
     }
 }
 
@@ -1288,6 +1293,37 @@ mod tests {
             svc(second.0, Some(second.1)),
             svc("plain", None)
         )
+    }
+
+    /// What a snapshot keeps is sized to what it holds (a mesh-wide view has thousands of
+    /// service ports and route matches), and a service's host names share one key.
+    #[test]
+    fn a_snapshot_keeps_no_spare_room() {
+        let yaml = "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {name: p}\nspec: {admin: {address: 127.0.0.1:0}}\n---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 80}]\n  endpoints: [{address: '127.0.0.1:7001'}, {address: '127.0.0.1:7002'}, {address: '127.0.0.1:7003'}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: r}\nspec:\n  parentRefs: [{name: a}]\n  rules:\n    - matches: [{path: {type: PathPrefix, value: /x}}, {path: {type: Exact, value: /y}}, {method: GET}]\n      backendRefs: [{name: a, port: 80}]\n---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: g}\nspec:\n  parentRefs: [{name: a}]\n  rules:\n    - matches: [{method: {service: s.A}}, {method: {service: s.B}}, {method: {service: s.C}}]\n      backendRefs: [{name: a, port: 80}]\n";
+        let snap = build(yaml, None);
+        let ports = &snap.services[&key("default", "a")];
+        assert_eq!((ports.len(), ports.capacity()), (1, 1));
+        let http = &ports[0].http.as_ref().unwrap().entries;
+        assert_eq!((http.len(), http.capacity()), (3, 3));
+        let grpc = &ports[0].grpc.as_ref().unwrap().entries;
+        assert_eq!((grpc.len(), grpc.capacity()), (3, 3));
+        let names = [
+            "a",
+            "a.default",
+            "a.default.svc",
+            "a.default.svc.cluster.local",
+        ];
+        for h in names {
+            assert_eq!(*snap.hosts[h], key("default", "a"), "{h}");
+            assert!(Arc::ptr_eq(&snap.hosts[h], &snap.hosts["a"]), "{h}: a copy");
+        }
+    }
+
+    /// A backend without a health check (most of them) does not carry an empty one.
+    #[test]
+    fn a_backend_is_small() {
+        let size = size_of::<Backend>();
+        assert!(size <= 480, "{size} bytes");
     }
 
     /// Backend references that do not resolve keep their weight, and their share is
