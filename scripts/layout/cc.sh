@@ -20,19 +20,24 @@ for a in "$@"; do
     prev=$a
 done
 [[ $(basename "$out") == trellis-* ]] || exit 0
-if [[ ! -f $list ]]; then
-    echo "scripts/layout/cc.sh: $list not found; $out keeps the default layout" >&2
-    exit 0
-fi
 order=$out.order
-if ! nm --defined-only "$out" | python3 "$here/order.py" map "$list" >"$order" 2>"$order.log"; then
-    echo "scripts/layout/cc.sh: mapping $list failed ($order.log); $out keeps the default layout" >&2
+# The log's last line says what this link did (scripts/build-dist prints it: rustc does not
+# show a successful linker's messages).
+unordered() {
+    echo "scripts/layout/cc.sh: $1; $out keeps the default layout" >&2
+    echo "NOT ORDERED: $1" >>"$order.log"
     exit 0
+}
+if [[ ! -f $list ]]; then
+    : >"$order.log"
+    unordered "$list not found"
+fi
+if ! nm --defined-only "$out" | python3 "$here/order.py" map "$list" >"$order" 2>"$order.log"; then
+    unordered "mapping $list failed"
 fi
 cp "$out" "$out.plain"
 if ! "$cc" "$@" -Wl,--symbol-ordering-file="$order" -Wl,--no-warn-symbol-ordering 2>>"$order.log"; then
-    echo "scripts/layout/cc.sh: the ordered link failed ($order.log); $out keeps the default layout" >&2
     mv -f "$out.plain" "$out"
-    exit 0
+    unordered "the ordered link failed"
 fi
 rm -f "$out.plain"

@@ -109,10 +109,15 @@ class Executed(unittest.TestCase):
 
 
 def rust_lld_dir():
+    """rustup's `gcc-ld` directory (its `ld.lld` is rust-lld) for this host, or None."""
+    rustc = subprocess.run(["rustc", "-vV"], capture_output=True, text=True, check=True).stdout
+    host = next(l.split()[1] for l in rustc.splitlines() if l.startswith("host:"))
     sysroot = subprocess.run(["rustc", "--print", "sysroot"], capture_output=True, text=True, check=True)
-    return os.path.join(sysroot.stdout.strip(), "lib", "rustlib", "x86_64-unknown-linux-gnu", "bin", "gcc-ld")
+    d = os.path.join(sysroot.stdout.strip(), "lib", "rustlib", host, "bin", "gcc-ld")
+    return d if os.path.isdir(d) else None
 
 
+@unittest.skipUnless(rust_lld_dir(), "no rust-lld in this toolchain (the dist build links with it)")
 class Linker(unittest.TestCase):
     """cc.sh with the real cc and rust-lld, as rustc calls it for the trellis binary."""
 
@@ -130,9 +135,11 @@ class Linker(unittest.TestCase):
     def tearDown(self):
         self.dir.cleanup()
 
-    def link(self, out, lld=True, order_list=None):
+    def link(self, out, lld=True, order_list=None, cc=None):
         env = dict(os.environ)
         env.pop("TRELLIS_LINK_ORDER", None)
+        if cc is not None:
+            env["TRELLIS_LINK_CC"] = cc
         if order_list is not None:
             env["TRELLIS_LINK_ORDER"] = str(order_list)
         args = [str(HERE / "cc.sh"), str(self.d / "t.o"), "-o", str(self.d / out)]
@@ -141,7 +148,7 @@ class Linker(unittest.TestCase):
         r = subprocess.run(args, env=env, capture_output=True, text=True)
         self.assertEqual(r.returncode, 0, r.stderr)
         nm = subprocess.run(["nm", "-n", str(self.d / out)], capture_output=True, text=True, check=True)
-        return [l.split()[2] for l in nm.stdout.splitlines() if l.split()[1:2] == ["T"] and l.split()[2] in "abc"]
+        return [l.split()[2] for l in nm.stdout.splitlines() if l.split()[1:2] == ["T"] and l.split()[2] in ("a", "b", "c")]
 
     def test_orders_the_trellis_binary(self):
         self.assertEqual(self.link("trellis-0123", order_list=self.d / "list.txt"), ["c", "b", "a"])
@@ -152,9 +159,21 @@ class Linker(unittest.TestCase):
         self.assertEqual(self.link("trellis-0123"), ["b", "a", "c"])
 
     def test_a_missing_list_or_a_failed_ordered_link_still_links(self):
+        log = self.d / "trellis-0123.order.log"
         self.assertEqual(self.link("trellis-0123", order_list=self.d / "missing.txt"), ["b", "a", "c"])
-        # GNU ld has no --symbol-ordering-file: the plain link is kept
-        self.assertEqual(sorted(self.link("trellis-0123", lld=False, order_list=self.d / "list.txt")), ["a", "b", "c"])
+        self.assertIn("NOT ORDERED", log.read_text().splitlines()[-1])
+        # An ordered link that fails (here, a linker flag the linker refuses) keeps the plain
+        # link, and the log says so.
+        self.assertEqual(self.link("trellis-0123", order_list=self.d / "list.txt",
+                                   cc=self.failing_second_link()), ["b", "a", "c"])
+        self.assertIn("NOT ORDERED: the ordered link failed", log.read_text().splitlines()[-1])
+
+    def failing_second_link(self):
+        """A cc that links like the real one, but fails when asked for a symbol order."""
+        fake = self.d / "cc-fails-ordered"
+        fake.write_text('#!/bin/sh\ncase "$*" in *symbol-ordering-file*) exit 1;; esac\nexec cc "$@"\n')
+        fake.chmod(0o755)
+        return str(fake)
 
 
 if __name__ == "__main__":

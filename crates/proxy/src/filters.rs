@@ -179,14 +179,26 @@ impl std::ops::Deref for Filters {
 
 impl From<FilterSet> for Filters {
     fn from(set: FilterSet) -> Filters {
-        let empty = set.request_headers.is_none()
-            && set.response_headers.is_none()
-            && set.redirect.is_none()
-            && set.rewrite.is_none()
-            && set.mirrors.is_empty()
-            && set.unresolved_mirrors.is_empty()
-            && set.fault.is_none()
-            && set.cors.is_none();
+        // Every field, by name: a field added later must be weighed here (or it would be
+        // dropped from a rule that has only it).
+        let FilterSet {
+            request_headers,
+            response_headers,
+            redirect,
+            rewrite,
+            mirrors,
+            unresolved_mirrors,
+            fault,
+            cors,
+        } = &set;
+        let empty = request_headers.is_none()
+            && response_headers.is_none()
+            && redirect.is_none()
+            && rewrite.is_none()
+            && mirrors.is_empty()
+            && unresolved_mirrors.is_empty()
+            && fault.is_none()
+            && cors.is_none();
         Filters((!empty).then(|| Box::new(set)))
     }
 }

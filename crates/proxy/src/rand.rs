@@ -45,7 +45,7 @@ pub fn mix(mut z: u64) -> u64 {
 
 /// A fast, unkeyed hasher for maps whose keys an outsider cannot choose (names from the
 /// config, verified identities) and whose size is bounded: SipHash, std's default, cost
-/// ~1.2k instructions per request in the traffic report's lookup (bench/RESULTS.md). Eight
+/// ~0.8k instructions per request in the traffic report's lookup (bench/RESULTS.md). Eight
 /// bytes per step, each folded in with a multiply (FxHash's round); `finish` mixes, so the
 /// high bits the map's control bytes use depend on every input bit.
 #[derive(Clone, Copy, Default)]
