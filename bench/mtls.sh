@@ -19,7 +19,8 @@ command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=nonintera
 command -v jq >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null; }
 [ -x "$OHA" ] || cargo install oha --locked
 # `--example` alone would select only the example: build the binary separately.
-cargo build --profile "$PROFILE" -p trellis-cli
+# dist: the static, laid-out binary releases ship (scripts/build-dist), at target/dist/trellis.
+if [[ $PROFILE == dist ]]; then scripts/build-dist; else cargo build --profile "$PROFILE" -p trellis-cli; fi
 cargo build --profile "$PROFILE" -p trellis-proxy --example handshakes
 T=target/$PROFILE/trellis
 HS=target/$PROFILE/examples/handshakes

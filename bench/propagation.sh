@@ -14,7 +14,8 @@ CHANNELS=${CHANNELS:-"insecure tls"}
 # Each simulated proxy holds one socket in this process and one in the control plane.
 ulimit -n "$(( PROXIES * 2 + 1024 ))" 2>/dev/null || true
 # `--example` alone would select only the example: build the binary separately.
-cargo build --profile "$PROFILE" -p trellis-cli
+# dist: the static, laid-out binary releases ship (scripts/build-dist), at target/dist/trellis.
+if [[ $PROFILE == dist ]]; then scripts/build-dist; else cargo build --profile "$PROFILE" -p trellis-cli; fi
 cargo build --profile "$PROFILE" -p trellis-control --example propagation
 for channel in $CHANNELS; do
     echo "== $(date -u +%FT%TZ) $(nproc) cores; PROXIES=$PROXIES ROUNDS=$ROUNDS PROFILE=$PROFILE channel=$channel"
