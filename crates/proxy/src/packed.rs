@@ -5,8 +5,9 @@
 
 use std::fmt;
 
-/// The deflate level: a delta over 3,000 resources inflates and deflates the whole set, and
-/// level 1 keeps that to a few ms next to the parse that follows (docs/ARCHITECTURE.md).
+/// The deflate level: a delta inflates and deflates the whole set. For bench/memory.sh's
+/// 3,000 resources level 1 packs 1.9 MB into 112 KB in 3.3 ms per update, next to a parse of
+/// 8+ ms; level 3 saves 49 KB more for twice the time (docs/ARCHITECTURE.md).
 const LEVEL: u8 = 1;
 
 /// Texts in order, compressed together.

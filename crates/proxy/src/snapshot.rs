@@ -255,7 +255,7 @@ pub struct Snapshot {
     /// values: a config of 3,000 resources is ~1.9 MB of JSON and ~6 MB of parsed values.
     /// Resources from the control plane are a range of the held set's packed texts
     /// ([`Located::text`]), shared, not copied, and inflated only while `/config` renders:
-    /// the view is not kept twice, and ~60 KB instead of ~1.9 MB.
+    /// the view is not kept twice, and ~110 KB instead of ~1.9 MB.
     pub config: Vec<ConfigText>,
 }
 
