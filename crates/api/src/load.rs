@@ -4,6 +4,7 @@
 use crate::resource::{Kind, Object, Resource};
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_saphyr::Spanned;
+use std::any::Any;
 use std::fmt;
 use std::sync::Arc;
 
@@ -60,8 +61,9 @@ pub struct Located<T> {
     pub first_line: u64,
     /// Source positions of every node, to place errors found after parsing.
     tree: Option<Arc<Spanned<Node>>>,
-    /// The value's compact JSON as it arrived, when it arrived as JSON.
-    json: Option<Arc<str>>,
+    /// Where the value's compact JSON as it arrived is kept, when its source keeps it: a store
+    /// of texts (opaque here) and the value's index in it.
+    text: Option<(Arc<dyn Any + Send + Sync>, usize)>,
 }
 
 impl<T> Located<T> {
@@ -72,21 +74,21 @@ impl<T> Located<T> {
             file: file.into(),
             first_line: 0,
             tree: None,
-            json: None,
+            text: None,
         }
     }
 
-    /// Keeps `json`, the value's compact JSON as received (a proxy's view from the control
-    /// plane), so that whoever shows the value can share this text instead of serializing
-    /// the value again and keeping a second copy.
-    pub fn with_json(mut self, json: Arc<str>) -> Self {
-        self.json = Some(json);
+    /// Notes where the value's compact JSON as received is kept: text `index` of `store` (a
+    /// proxy's packed view from the control plane), so that whoever shows the value can
+    /// read that text instead of serializing the value again and keeping a second copy.
+    pub fn with_text(mut self, store: Arc<dyn Any + Send + Sync>, index: usize) -> Self {
+        self.text = Some((store, index));
         self
     }
 
-    /// The JSON given to [`Located::with_json`].
-    pub fn json(&self) -> Option<&Arc<str>> {
-        self.json.as_ref()
+    /// The store and index given to [`Located::with_text`].
+    pub fn text(&self) -> Option<(&Arc<dyn Any + Send + Sync>, usize)> {
+        self.text.as_ref().map(|(s, i)| (s, *i))
     }
 
     /// A diagnostic at `field` (a path like `spec.rules[0].matches`), placed at the deepest
@@ -211,7 +213,7 @@ fn parse_one(file: &Arc<str>, first_line: u64, doc: &str) -> Result<Located<Reso
         file: file.clone(),
         first_line,
         tree: Some(Arc::new(tree)),
-        json: None,
+        text: None,
     })
 }
 

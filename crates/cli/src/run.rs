@@ -44,12 +44,12 @@ pub async fn start_sidecar(
     crate::release_memory();
     let (proxy, held) = match started {
         Ok(p) => {
-            if !held.resources.is_empty() {
-                tracing::info!(version = %held.version, resources = held.resources.len(), file = %state_file.display(), "booted from the persisted config");
+            if !held.is_empty() {
+                tracing::info!(version = %held.version, resources = held.len(), file = %state_file.display(), "booted from the persisted config");
             }
             (p, held)
         }
-        Err(e) if !held.resources.is_empty() => {
+        Err(e) if !held.is_empty() => {
             tracing::warn!(error = %e, "persisted config does not fit the local config; starting from local config only");
             let p = Proxy::start(&assemble(&local, vec![]), SOURCE)
                 .await

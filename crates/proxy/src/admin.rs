@@ -172,12 +172,32 @@ async fn explain(shared: &Shared, body: Incoming) -> (StatusCode, String) {
 
 /// The `/config` document, pretty-printed straight from the snapshot's JSON texts: parsing
 /// them into a `serde_json::Value` first would take ~50 MB for a config of 3,000 resources.
+/// The held set's packed texts are inflated for this and dropped after.
 fn config(snap: &crate::snapshot::Snapshot) -> String {
-    let size: usize = snap.config.iter().map(|r| r.len() + 1).sum();
+    use crate::snapshot::ConfigText;
+    let unpacked: Vec<_> = snap
+        .config
+        .iter()
+        .map(|c| match c {
+            ConfigText::Packed(set, _) => Some(set.unpack()),
+            ConfigText::Own(_) => None,
+        })
+        .collect();
+    let mut texts: Vec<&str> = Vec::new();
+    for (c, u) in snap.config.iter().zip(&unpacked) {
+        match (c, u) {
+            (ConfigText::Own(t), _) => texts.push(t),
+            (ConfigText::Packed(_, range), Some(u)) => {
+                texts.extend(u.iter().skip(range.start).take(range.len()));
+            }
+            (ConfigText::Packed(..), None) => {}
+        }
+    }
+    let size: usize = texts.iter().map(|r| r.len() + 1).sum();
     let mut out = String::with_capacity(size * 2);
     out.push_str("{\n  \"resources\": ");
     // The array is laid out from its parts; it is never joined into one string.
-    let parts = snap.config.iter().enumerate().flat_map(|(i, r)| {
+    let parts = texts.iter().enumerate().flat_map(|(i, r)| {
         let comma = (i > 0).then_some(',');
         comma.into_iter().chain(r.chars())
     });
@@ -293,5 +313,45 @@ mod tests {
         snap.config = vec![];
         let doc: serde_json::Value = serde_json::from_str(&config(&snap)).unwrap();
         assert_eq!(doc["resources"], serde_json::json!([]));
+    }
+
+    /// Texts from the held set's packed view render exactly as the same texts of their own.
+    #[test]
+    fn config_document_is_the_same_from_packed_texts() {
+        use crate::packed::Packed;
+        use crate::snapshot::ConfigText;
+        use std::sync::Arc;
+        let texts = [
+            r#"{"kind":"Proxy","spec":{"inbound":[]}}"#,
+            r#"{"kind":"Service","metadata":{"name":"a"},"spec":{"ports":[{"port":80}]}}"#,
+            r#"{"kind":"HTTPRoute","spec":{"rules":[{"matches":[{"path":"/ü \"x\""}]}]}}"#,
+            r#"{"kind":"Service","metadata":{"name":"placeholder"},"spec":{}}"#,
+        ];
+        let mut own = crate::snapshot::Snapshot::empty();
+        own.version = 3;
+        own.source = "control-plane".into();
+        own.config = texts.iter().map(|&t| t.into()).collect();
+        let want = config(&own);
+        let packed = Arc::new(Packed::pack(texts[1..3].iter().copied()));
+        let layouts = [
+            vec![
+                texts[0].into(),
+                ConfigText::Packed(packed.clone(), 0..2),
+                texts[3].into(),
+            ],
+            vec![
+                texts[0].into(),
+                ConfigText::Packed(packed.clone(), 0..1),
+                ConfigText::Packed(packed.clone(), 1..2),
+                texts[3].into(),
+            ],
+        ];
+        for layout in layouts {
+            let mut snap = crate::snapshot::Snapshot::empty();
+            snap.version = 3;
+            snap.source = "control-plane".into();
+            snap.config = layout;
+            assert_eq!(config(&snap), want, "{:?}", snap.config);
+        }
     }
 }

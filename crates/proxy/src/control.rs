@@ -4,6 +4,7 @@
 //! exponential backoff and full jitter.
 
 use crate::Proxy;
+use crate::packed::{Packed, Unpacked};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,37 +20,70 @@ use trellis_api::{Kind, Located, Object, Resource, TRELLIS_API_VERSION};
 /// The label resources from the control plane carry in errors and `/config`.
 pub const SOURCE: &str = "control-plane";
 
-/// One resource as received: its version and JSON.
+/// One resource as received: its version and JSON (the persisted file's form).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Held {
     /// The control plane's version of it.
     pub version: String,
-    /// The resource, shared with the snapshot's `/config` text (see [`HeldSet::parse`]).
-    #[serde(with = "shared_str")]
-    pub json: Arc<str>,
-}
-
-/// `Arc<str>` as a JSON string (serde's `rc` feature would rebuild every crate using serde).
-mod shared_str {
-    use serde::{Deserialize, Deserializer, Serializer};
-    use std::sync::Arc;
-
-    pub fn serialize<S: Serializer>(s: &Arc<str>, out: S) -> Result<S::Ok, S::Error> {
-        out.serialize_str(s)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<str>, D::Error> {
-        String::deserialize(d).map(Arc::from)
-    }
+    /// The resource.
+    pub json: String,
 }
 
 /// What a proxy holds from the control plane; persisted after every accepted update.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// The resources' texts are kept packed, compressed together in key order (3,000 resources:
+/// ~1.9 MB of JSON, ~110 KB packed), and inflated only while all of them are needed: to apply
+/// a delta, to parse, to persist, and for `/config`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HeldSet {
     /// The control plane's revision of this set.
     pub version: String,
-    /// Key → resource.
-    pub resources: BTreeMap<String, Held>,
+    /// Key → the control plane's version of that resource (for reconnecting).
+    versions: BTreeMap<String, String>,
+    /// The resources' texts in the order of `versions`; shared with the snapshot built
+    /// from them, for `/config`.
+    texts: Arc<Packed>,
+}
+
+/// The persisted file, as read: `{"version":…,"resources":{key:{"version":…,"json":…}}}`.
+#[derive(Deserialize)]
+struct Stored {
+    version: String,
+    resources: BTreeMap<String, Held>,
+}
+
+/// The persisted file, written from the inflated texts without copying them.
+struct Persisting<'a> {
+    version: &'a str,
+    versions: &'a BTreeMap<String, String>,
+    texts: &'a Unpacked,
+}
+
+impl Serialize for Persisting<'_> {
+    fn serialize<S: serde::Serializer>(&self, out: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        #[derive(Serialize)]
+        struct Entry<'a> {
+            version: &'a str,
+            json: &'a str,
+        }
+        struct Resources<'a>(&'a Persisting<'a>);
+        impl Serialize for Resources<'_> {
+            fn serialize<S: serde::Serializer>(&self, out: S) -> Result<S::Ok, S::Error> {
+                let p = self.0;
+                out.collect_map(
+                    p.versions
+                        .iter()
+                        .zip(p.texts.iter())
+                        .map(|((key, version), json)| (key, Entry { version, json })),
+                )
+            }
+        }
+        let mut s = out.serialize_struct("HeldSet", 2)?;
+        s.serialize_field("version", self.version)?;
+        s.serialize_field("resources", &Resources(self))?;
+        s.end()
+    }
 }
 
 /// Why the held set could not be used.
@@ -74,11 +108,59 @@ pub enum HeldError {
 }
 
 impl HeldSet {
+    /// A set of `resources` at `version`.
+    pub fn new(version: String, resources: BTreeMap<String, Held>) -> HeldSet {
+        let texts = Arc::new(Packed::pack(resources.values().map(|h| h.json.as_str())));
+        HeldSet {
+            version,
+            versions: resources.into_iter().map(|(k, h)| (k, h.version)).collect(),
+            texts,
+        }
+    }
+
+    /// How many resources.
+    pub fn len(&self) -> usize {
+        self.versions.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
+    }
+
+    /// Key → the control plane's version of that resource.
+    pub fn versions(&self) -> &BTreeMap<String, String> {
+        &self.versions
+    }
+
+    /// The packed texts, in key order.
+    pub fn packed(&self) -> &Arc<Packed> {
+        &self.texts
+    }
+
+    /// Every resource, inflated (a copy: for tests and tools, not kept).
+    pub fn resources(&self) -> BTreeMap<String, Held> {
+        let texts = self.texts.unpack();
+        self.versions
+            .iter()
+            .zip(texts.iter())
+            .map(|((k, v), json)| {
+                (
+                    k.clone(),
+                    Held {
+                        version: v.clone(),
+                        json: json.into(),
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// Reads a persisted set; `Ok(None)` when there is none yet.
     pub fn load(path: &Path) -> Result<Option<HeldSet>, HeldError> {
         match std::fs::read(path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
+            Ok(bytes) => serde_json::from_slice::<Stored>(&bytes)
+                .map(|s| Some(HeldSet::new(s.version, s.resources)))
                 .map_err(|e| HeldError::Parse {
                     key: path.display().to_string(),
                     message: e.to_string(),
@@ -97,7 +179,14 @@ impl HeldSet {
             path: path.into(),
             source,
         };
-        let bytes = serde_json::to_vec(self).unwrap_or_default();
+        let texts = self.texts.unpack();
+        let bytes = serde_json::to_vec(&Persisting {
+            version: &self.version,
+            versions: &self.versions,
+            texts: &texts,
+        })
+        .unwrap_or_default();
+        drop(texts);
         // Owner-only, like the rest of the state directory.
         trellis_identity::files::write_private(path, &bytes).map_err(|e| match e {
             trellis_identity::files::FileModeError::Io { source, .. } => io(source),
@@ -105,15 +194,21 @@ impl HeldSet {
         })
     }
 
-    /// The resources, parsed; each keeps its JSON text (shared, not copied), which is what
-    /// `/config` shows: the control plane's text is the API's serialization of the resource.
+    /// The resources, parsed; each notes its text's place in the packed set (shared, not
+    /// copied), which is what `/config` shows: the control plane's text is the API's
+    /// serialization of the resource.
     pub fn parse(&self) -> Result<Vec<Located<Resource>>, HeldError> {
-        self.resources
-            .iter()
-            .map(|(key, h)| {
-                Resource::from_json(&h.json)
+        let texts = self.texts.unpack();
+        let store: Arc<dyn std::any::Any + Send + Sync> = self.texts.clone();
+        self.versions
+            .keys()
+            .zip(texts.iter())
+            .enumerate()
+            .map(|(i, (key, json))| {
+                Resource::from_json(json)
                     .map(|r| {
-                        Located::unsourced(r, &format!("{SOURCE} {key}")).with_json(h.json.clone())
+                        Located::unsourced(r, &format!("{SOURCE} {key}"))
+                            .with_text(store.clone(), i)
                     })
                     .map_err(|message| HeldError::Parse {
                         key: key.clone(),
@@ -125,26 +220,58 @@ impl HeldSet {
 
     /// The set after applying one response's delta.
     pub fn with(&self, response: wire::StreamResponse) -> HeldSet {
+        self.with_parts(vec![response])
+    }
+
+    /// The set after applying the parts of one response, in order.
+    pub fn with_parts(&self, parts: Vec<wire::StreamResponse>) -> HeldSet {
         let mut next = self.clone();
-        next.add(response);
+        next.add_parts(parts);
         next
     }
 
-    /// Applies one response, or one part of it, moving its resources in.
+    /// Applies one response, moving its resources in.
     pub fn add(&mut self, response: wire::StreamResponse) {
-        self.version = response.system_version;
-        for key in &response.removed {
-            self.resources.remove(key);
+        self.add_parts(vec![response]);
+    }
+
+    /// Applies responses in order, inflating and packing the texts once for all of them.
+    fn add_parts(&mut self, parts: Vec<wire::StreamResponse>) {
+        let Some(last) = parts.last() else { return };
+        self.version = last.system_version.clone();
+        if parts
+            .iter()
+            .all(|p| p.removed.is_empty() && p.resources.is_empty())
+        {
+            return;
         }
-        for r in response.resources {
-            self.resources.insert(
-                r.key,
-                Held {
-                    version: r.version,
-                    json: r.json.into(),
-                },
-            );
+        let old = self.texts.unpack();
+        let mut texts: BTreeMap<&str, &str> = self
+            .versions
+            .keys()
+            .map(String::as_str)
+            .zip(old.iter())
+            .collect();
+        for p in &parts {
+            for key in &p.removed {
+                texts.remove(key.as_str());
+            }
+            for r in &p.resources {
+                texts.insert(&r.key, &r.json);
+            }
         }
+        let packed = Packed::pack(texts.into_values());
+        drop(old);
+        for p in parts {
+            for key in &p.removed {
+                self.versions.remove(key);
+            }
+            for r in p.resources {
+                self.versions.insert(r.key, r.version);
+            }
+        }
+        debug_assert_eq!(self.versions.len(), packed.len());
+        self.texts = Arc::new(packed);
     }
 }
 
@@ -458,9 +585,9 @@ async fn session(
             ..node
         }),
         initial_versions: held
-            .resources
+            .versions()
             .iter()
-            .map(|(k, h)| (k.clone(), h.version.clone()))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect(),
         ..Default::default()
     };
@@ -471,30 +598,30 @@ async fn session(
     tracing::info!(%endpoint, "connected to the control plane");
     proxy.shared.metrics.control_connected.set(1);
     backoff.reset();
-    // The parts received so far of a response sent in parts: its nonce and the set with them.
-    let mut partial: Option<(String, HeldSet)> = None;
+    // The parts received so far of a response sent in parts: its nonce and the parts, applied
+    // together once the last arrives (the held texts are repacked once, not once a part).
+    let mut partial: Option<(String, Vec<wire::StreamResponse>)> = None;
     while let Some(response) = responses.message().await? {
         let (nonce, version, more) = (
             response.nonce.clone(),
             response.system_version.clone(),
             response.more,
         );
-        let next = match partial.take() {
-            None => held.with(response),
-            Some((n, mut next)) if n == nonce => {
-                next.add(response);
-                next
-            }
+        let mut parts = match partial.take() {
+            None => vec![],
+            Some((n, parts)) if n == nonce => parts,
             Some((n, _)) => {
                 return Err(tonic::Status::internal(format!(
                     "the control plane sent response {nonce} before the last part of {n}"
                 )));
             }
         };
+        parts.push(response);
         if more {
-            partial = Some((nonce, next));
+            partial = Some((nonce, parts));
             continue;
         }
+        let next = held.with_parts(parts);
         let error = match next.parse() {
             Ok(remote) => match proxy.apply(&assemble(&cfg.local, remote), SOURCE).await {
                 Ok(_) => None,
@@ -505,7 +632,7 @@ async fn session(
         match &error {
             None => {
                 *held = next;
-                tracing::info!(version = %held.version, resources = held.resources.len(), "config from the control plane applied");
+                tracing::info!(version = %held.version, resources = held.len(), "config from the control plane applied");
                 if let Some(path) = &cfg.state_file
                     && let Err(e) = held.persist(path)
                 {
@@ -588,35 +715,170 @@ mod tests {
         assert!(delays.len() > 10);
     }
 
-    #[test]
-    fn deltas_add_replace_and_remove() {
-        let set = HeldSet::default();
-        let r = |key: &str, v: &str| wire::Resource {
+    /// A wire resource whose text names its key and version.
+    fn wire(key: &str, version: &str) -> wire::Resource {
+        wire::Resource {
             key: key.into(),
-            version: v.into(),
-            json: format!("{{\"v\":\"{v}\"}}"),
-        };
-        let one = set.with(wire::StreamResponse {
-            system_version: "5".into(),
-            nonce: "1".into(),
-            resources: vec![r("a", "1"), r("b", "1")],
-            ..Default::default()
-        });
-        let two = one.with(wire::StreamResponse {
-            system_version: "7".into(),
-            nonce: "2".into(),
-            resources: vec![r("b", "2")],
-            removed: vec!["a".into()],
-            ..Default::default()
-        });
-        assert_eq!(two.version, "7");
-        assert_eq!(two.resources.keys().collect::<Vec<_>>(), ["b"]);
-        assert_eq!(two.resources["b"].version, "2");
-        assert_eq!(one.resources.len(), 2, "the original is untouched");
+            version: version.into(),
+            json: format!("{{\"key\":\"{key}\",\"v\":\"{version}\"}}"),
+        }
     }
 
-    /// `/config` shows a held resource from the held set's own text, not from a second copy,
-    /// and that text is what serializing the parsed resource gives (what `/config` showed).
+    /// Deltas (in one response or in parts) give the texts and versions that applying them
+    /// to a plain map gives, and leave the set they were applied to as it was.
+    #[test]
+    fn deltas_add_replace_and_remove() {
+        /// One response: its resources as (key, version), and the keys it removes.
+        type Response = (Vec<(&'static str, &'static str)>, Vec<&'static str>);
+        struct Case {
+            name: &'static str,
+            responses: Vec<Response>,
+        }
+        let cases = [
+            Case {
+                name: "add to an empty set",
+                responses: vec![(vec![("a", "1"), ("b", "1")], vec![])],
+            },
+            Case {
+                name: "replace and remove",
+                responses: vec![
+                    (vec![("a", "1"), ("b", "1"), ("c", "1")], vec![]),
+                    (vec![("b", "2")], vec!["a"]),
+                ],
+            },
+            Case {
+                name: "remove everything, then add back",
+                responses: vec![
+                    (vec![("a", "1"), ("b", "1")], vec![]),
+                    (vec![], vec!["a", "b", "unknown"]),
+                    (vec![("b", "3")], vec![]),
+                ],
+            },
+            Case {
+                name: "a removal and a re-add in one response",
+                responses: vec![
+                    (vec![("a", "1"), ("z", "1")], vec![]),
+                    (vec![("a", "2"), ("m", "1")], vec!["a", "z"]),
+                ],
+            },
+            Case {
+                name: "nothing changes but the version",
+                responses: vec![(vec![("a", "1")], vec![]), (vec![], vec![])],
+            },
+        ];
+        for case in cases {
+            let mut set = HeldSet::default();
+            let mut parts = HeldSet::default();
+            let mut model: BTreeMap<String, Held> = BTreeMap::new();
+            for (n, (resources, removed)) in case.responses.iter().enumerate() {
+                let version = format!("v{n}");
+                let response = wire::StreamResponse {
+                    system_version: version.clone(),
+                    nonce: n.to_string(),
+                    resources: resources.iter().map(|(k, v)| wire(k, v)).collect(),
+                    removed: removed.iter().map(|k| k.to_string()).collect(),
+                    ..Default::default()
+                };
+                for key in removed {
+                    model.remove(*key);
+                }
+                for r in &response.resources {
+                    model.insert(
+                        r.key.clone(),
+                        Held {
+                            version: r.version.clone(),
+                            json: r.json.clone(),
+                        },
+                    );
+                }
+                // The same response in parts: removals in one, each resource in its own.
+                let mut split = vec![wire::StreamResponse {
+                    removed: response.removed.clone(),
+                    more: true,
+                    ..response.clone()
+                }];
+                split[0].resources.clear();
+                split.extend(response.resources.iter().map(|r| wire::StreamResponse {
+                    resources: vec![r.clone()],
+                    removed: vec![],
+                    more: true,
+                    ..response.clone()
+                }));
+                let before = set.clone();
+                let next = set.with(response);
+                assert_eq!(set, before, "{}: the original is untouched", case.name);
+                set = next;
+                parts = parts.with_parts(split);
+                assert_eq!(set.version, version, "{}", case.name);
+                assert_eq!(set.resources(), model, "{}: response {n}", case.name);
+                assert_eq!(parts, set, "{}: in parts, response {n}", case.name);
+                assert_eq!(set.len(), model.len());
+                let versions: BTreeMap<_, _> = model
+                    .iter()
+                    .map(|(k, h)| (k.clone(), h.version.clone()))
+                    .collect();
+                assert_eq!(*set.versions(), versions, "{}", case.name);
+            }
+        }
+    }
+
+    /// A mesh-wide view like bench/memory.sh's: `services` Services and twice as many
+    /// HTTPRoutes, each the text the control plane sends (the API's serialization).
+    fn mesh_view(services: usize) -> BTreeMap<String, Held> {
+        let mut yaml = String::new();
+        for i in 0..services {
+            let ns = i / 100;
+            yaml.push_str(&format!(
+                "---\napiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: svc{i}, namespace: ns{ns}, labels: {{app: svc{i}, team: t{}}}}}\nspec:\n  ports: [{{port: 80, name: http, appProtocol: http}}]\n  endpoints:\n    - {{address: \"127.0.{}.{}:8080\", zone: z0}}\n    - {{address: \"127.1.{}.{}:8080\", zone: z1}}\n",
+                i % 17,
+                i / 250,
+                i % 250 + 1,
+                i / 250,
+                i % 250 + 1,
+            ));
+        }
+        for r in 0..services * 2 {
+            let i = r % services;
+            yaml.push_str(&format!(
+                "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: svc{i}-r{r}, namespace: ns{}}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: svc{i}, port: 80}}]\n  rules:\n    - name: api\n      matches:\n        - path: {{type: PathPrefix, value: /api/r{r}/v1}}\n      backendRefs: [{{name: svc{i}, port: 80, weight: 90}}]\n      timeouts: {{request: 5s}}\n",
+                i / 100
+            ));
+        }
+        trellis_api::parse_documents("mesh.yaml", &yaml)
+            .unwrap()
+            .into_iter()
+            .map(|r| {
+                let m = r.value.metadata();
+                let key = format!("{}/{}/{}", r.value.kind().as_str(), m.namespace, m.name);
+                let json = r.value.to_json();
+                (
+                    key,
+                    Held {
+                        version: "1".into(),
+                        json,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// The held texts are kept compressed together: a repetitive 3,000-resource view keeps
+    /// under a tenth of its texts' size (compressing each text alone only halves it).
+    #[test]
+    fn a_mesh_wide_view_is_kept_packed() {
+        let resources = mesh_view(1000);
+        assert_eq!(resources.len(), 3000);
+        let texts: usize = resources.values().map(|h| h.json.len()).sum();
+        let set = HeldSet::new("1".into(), resources.clone());
+        let kept = set.packed().packed_len();
+        assert!(kept * 10 < texts, "{kept} bytes kept for {texts} of texts");
+        assert_eq!(set.resources(), resources);
+        assert_eq!(set.parse().unwrap().len(), 3000);
+    }
+
+    /// `/config` shows a held resource from the held set's own packed texts, not from a
+    /// second copy, and that text is what serializing the parsed resource gives (what
+    /// `/config` showed).
     #[test]
     fn the_snapshot_shares_the_held_text_for_config() {
         let local = trellis_api::parse_documents(
@@ -624,49 +886,67 @@ mod tests {
             "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {name: p}\nspec:\n  outbound: [{name: mesh, address: \"127.0.0.1:0\", httpProxy: true}]\n",
         )
         .unwrap();
-        let service = trellis_api::parse_documents(
-            "svc.yaml",
-            "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec:\n  ports: [{port: 80}]\n  endpoints: [{address: \"127.0.0.1:1\"}]\n",
-        )
-        .unwrap()
-        .remove(0)
-        .value;
-        let mut set = HeldSet::default();
-        set.resources.insert(
-            "Service/default/a".into(),
-            Held {
-                version: "1".into(),
-                json: service.to_json().into(),
-            },
-        );
+        let service = |name: &str| {
+            trellis_api::parse_documents(
+                "svc.yaml",
+                &format!("apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  ports: [{{port: 80}}]\n  endpoints: [{{address: \"127.0.0.1:1\"}}]\n"),
+            )
+            .unwrap()
+            .remove(0)
+            .value
+        };
+        let resources = ["a", "b"]
+            .map(|n| {
+                let held = Held {
+                    version: "1".into(),
+                    json: service(n).to_json(),
+                };
+                (format!("Service/default/{n}"), held)
+            })
+            .into();
+        let set = HeldSet::new("1".into(), resources);
         let all = assemble(&local, set.parse().unwrap());
         let snap = crate::Snapshot::build(&all, 1, SOURCE, None, &crate::Shared::new()).unwrap();
-        assert_eq!(snap.config.len(), 2);
-        assert_eq!(*snap.config[0], *local[0].value.to_json());
-        let held = &set.resources["Service/default/a"].json;
-        assert!(Arc::ptr_eq(&snap.config[1], held), "a second copy");
-        assert_eq!(*snap.config[1], *all[1].value.to_json());
+        use crate::snapshot::ConfigText;
+        let [ConfigText::Own(proxy), ConfigText::Packed(packed, range)] = &snap.config[..] else {
+            panic!("{:?}", snap.config);
+        };
+        assert_eq!(**proxy, *local[0].value.to_json());
+        assert!(Arc::ptr_eq(packed, set.packed()), "a second copy");
+        assert_eq!(*range, 0..2);
+        let texts = packed.unpack();
+        let texts: Vec<&str> = texts.iter().collect();
+        assert_eq!(texts, [all[1].value.to_json(), all[2].value.to_json()]);
     }
 
+    /// The persisted file keeps its format: a file written before the texts were packed
+    /// loads, and what is written now is that format, byte for byte.
     #[test]
     fn persisted_set_round_trips() {
         let dir = std::env::temp_dir().join(format!("trellis-held-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("snapshot.json");
         assert_eq!(HeldSet::load(&path).unwrap(), None);
-        let mut set = HeldSet {
-            version: "3".into(),
-            ..HeldSet::default()
-        };
-        set.resources.insert(
-            "Service/default/a".into(),
-            Held {
-                version: "x".into(),
-                json: "{}".into(),
-            },
-        );
-        set.persist(&path).unwrap();
-        assert_eq!(HeldSet::load(&path).unwrap(), Some(set));
+        let files = [
+            r#"{"version":"","resources":{}}"#,
+            r#"{"version":"3","resources":{"Service/default/a":{"version":"x","json":"{}"}}}"#,
+            r#"{"version":"9","resources":{"HTTPRoute/ns/r":{"version":"2","json":"{\"kind\":\"HTTPRoute\",\"n\":\"ü \\\" \\n\"}"},"Service/default/a":{"version":"x","json":"{}"}}}"#,
+        ];
+        for old in files {
+            std::fs::write(&path, old).unwrap();
+            let set = HeldSet::load(&path).unwrap().unwrap();
+            // What the file holds, read as the file's own form.
+            let want: Stored = serde_json::from_str(old).unwrap();
+            assert_eq!(set.version, want.version);
+            assert_eq!(set.resources(), want.resources, "{old}");
+            set.persist(&path).unwrap();
+            assert_eq!(std::fs::read_to_string(&path).unwrap(), old);
+            assert_eq!(HeldSet::load(&path).unwrap(), Some(set));
+        }
+        std::fs::write(&path, r#"{"version":"3","resources":"#).unwrap();
+        let e = HeldSet::load(&path).unwrap_err().to_string();
+        assert!(e.starts_with(&path.display().to_string()), "{e}");
+        assert!(e.contains("EOF"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

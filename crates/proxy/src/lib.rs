@@ -39,6 +39,7 @@ mod mirror;
 pub mod otlp;
 pub mod outlier;
 pub mod overload;
+pub mod packed;
 pub mod parties;
 pub mod quota;
 mod rand;
