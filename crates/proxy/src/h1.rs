@@ -118,9 +118,7 @@ impl Conn {
     /// exchange allocates afresh, one allocation per request. A size learned from a large
     /// body is forgotten too.
     fn shrink(&mut self) {
-        if self.buf.capacity() > 2 * FIRST_READ {
-            self.read_size = FIRST_READ as u32;
-        }
+        self.read_size = FIRST_READ as u32;
         self.buf = BytesMut::new();
     }
 
