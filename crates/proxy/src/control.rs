@@ -822,6 +822,49 @@ mod tests {
         }
     }
 
+    /// A response's parts apply in order, each its removals and then its resources: a key
+    /// added in one part and removed in a later one is gone, one removed and added back is
+    /// there, and the last version of a key sent twice wins, in texts and versions alike.
+    #[test]
+    fn parts_apply_in_their_order() {
+        let part = |resources: &[(&str, &str)], removed: &[&str]| wire::StreamResponse {
+            system_version: "v2".into(),
+            resources: resources.iter().map(|(k, v)| wire(k, v)).collect(),
+            removed: removed.iter().map(|k| k.to_string()).collect(),
+            more: true,
+            ..Default::default()
+        };
+        let set =
+            HeldSet::default().with(part(&[("keep", "1"), ("gone", "1"), ("back", "1")], &[]));
+        let next = set.with_parts(vec![
+            part(&[("a", "1")], &[]),
+            part(&[], &["a", "gone", "back"]),
+            part(&[("b", "1"), ("back", "2")], &[]),
+            part(&[("b", "2")], &[]),
+        ]);
+        let want: BTreeMap<String, Held> = [("back", "2"), ("b", "2"), ("keep", "1")]
+            .into_iter()
+            .map(|(k, v)| {
+                let w = wire(k, v);
+                (
+                    w.key,
+                    Held {
+                        version: w.version,
+                        json: w.json,
+                    },
+                )
+            })
+            .collect();
+        assert_eq!(next.resources(), want);
+        assert_eq!(next.version, "v2");
+        let versions: Vec<_> = next
+            .versions()
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        assert_eq!(versions, [("b", "2"), ("back", "2"), ("keep", "1")]);
+    }
+
     /// A mesh-wide view like bench/memory.sh's: `services` Services and twice as many
     /// HTTPRoutes, each the text the control plane sends (the API's serialization).
     fn mesh_view(services: usize) -> BTreeMap<String, Held> {
