@@ -175,22 +175,29 @@ async fn explain(shared: &Shared, body: Incoming) -> (StatusCode, String) {
 /// The held set's packed texts are inflated for this and dropped after.
 fn config(snap: &crate::snapshot::Snapshot) -> String {
     use crate::snapshot::ConfigText;
-    let unpacked: Vec<_> = snap
-        .config
-        .iter()
-        .map(|c| match c {
-            ConfigText::Packed(set, _) => Some(set.unpack()),
-            ConfigText::Own(_) => None,
-        })
-        .collect();
+    // Each packed set inflated once, however many ranges of it the view has.
+    let mut unpacked: Vec<(
+        &std::sync::Arc<crate::packed::Packed>,
+        crate::packed::Unpacked,
+    )> = Vec::new();
+    for c in &snap.config {
+        if let ConfigText::Packed(set, _) = c
+            && !unpacked.iter().any(|(s, _)| std::sync::Arc::ptr_eq(s, set))
+        {
+            unpacked.push((set, set.unpack()));
+        }
+    }
     let mut texts: Vec<&str> = Vec::new();
-    for (c, u) in snap.config.iter().zip(&unpacked) {
-        match (c, u) {
-            (ConfigText::Own(t), _) => texts.push(t),
-            (ConfigText::Packed(_, range), Some(u)) => {
-                texts.extend(u.iter().skip(range.start).take(range.len()));
+    for c in &snap.config {
+        match c {
+            ConfigText::Own(t) => texts.push(t),
+            ConfigText::Packed(set, range) => {
+                let inflated = unpacked
+                    .iter()
+                    .find(|(s, _)| std::sync::Arc::ptr_eq(s, set))
+                    .map(|(_, u)| u.iter().skip(range.start).take(range.len()));
+                texts.extend(inflated.into_iter().flatten());
             }
-            (ConfigText::Packed(..), None) => {}
         }
     }
     let size: usize = texts.iter().map(|r| r.len() + 1).sum();
