@@ -49,10 +49,14 @@ traced() {
 # real_pid PID: the trellis process itself (heaptrack's child when traced).
 real_pid() {
     [[ -z $HEAPTRACK ]] && { echo "$1"; return; }
-    local child
+    local child exe
+    exe=$(readlink -f "$T")
     for _ in $(seq 100); do
-        child=$(pgrep -P "$1" -f -- "$T" || true)
-        [[ -n $child ]] && { echo "$child"; return; }
+        # By its executable: heaptrack's script also runs short-lived helpers whose command
+        # lines name the binary.
+        for child in $(pgrep -P "$1" || true); do
+            [[ $(readlink "/proc/$child/exe" 2>/dev/null) == "$exe" ]] && { echo "$child"; return; }
+        done
         sleep 0.1
     done
     echo "$1"
@@ -69,6 +73,14 @@ file_rss() {
     awk '/^[0-9a-f]+-[0-9a-f]+ / { f = ($6 ~ /^\//) ? $6 : "" } /^Rss:/ && f != "" { k[f] += $2 }
         END { for (f in k) printf "%d %s\n", k[f], f }' "/proc/$1/smaps" | sort -rn |
         awk '{ n = split($2, p, "/"); printf "%s%s %.1f MiB", (NR > 1 ? ", " : ""), p[n], $1 / 1024 }'
+}
+# anon_rss PID: the largest anonymous mappings' resident KiB (mapping size in parentheses),
+# from /proc/PID/smaps: the allocator's arenas, thread stacks and the rest.
+anon_rss() {
+    awk '/^[0-9a-f]+-[0-9a-f]+ / { anon = ($6 == "" || $6 ~ /^\[(heap|stack)/); name = ($6 == "" ? "anon" : $6) }
+        /^Size:/ { size = $2 }
+        /^Rss:/ && anon && $2 > 0 { printf "%d %s %d\n", $2, name, size }' "/proc/$1/smaps" | sort -rn | head -8 |
+        awk '{ printf "%s%.2f MiB (%s of %.1f MiB)", (NR > 1 ? ", " : ""), $1 / 1024, $2, $3 / 1024 }'
 }
 kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -238,6 +250,7 @@ idle_anon=$(kib "$MAIN_PID" RssAnon)
 idle_file=$(kib "$MAIN_PID" RssFile)
 threads=$(awk '/^Threads:/ { print $2 }' "/proc/$MAIN_PID/status")
 idle_maps=$(file_rss "$MAIN_PID")
+idle_anon_maps=$(anon_rss "$MAIN_PID")
 # Which code of the binary is mapped, by crate (needs its symbol table; after the figures).
 python3 bench/lib/resident.py "$MAIN_PID" 15 >"$TMP/resident.txt" 2>&1 || true
 # oha resolves the URLs' hosts itself: point every loaded service's name at the sidecar,
@@ -250,10 +263,10 @@ log "idle: RSS $(mib "$idle_rss") MiB, HWM $(mib "$idle_hwm") MiB; load at $RATE
 "$OHA" -z "$DURATION" -q "$RATE" --latency-correction -c "$CONNS" --no-tui --output-format json \
     "${CONNECT_TO[@]}" --urls-from-file "$TMP/urls.txt" >"$TMP/load.json" &
 OHA_PID=$!
-load_rss=0 load_anon=0 load_file=0
+load_rss=0 load_anon=0 load_file=0 load_anon_maps=
 while kill -0 "$OHA_PID" 2>/dev/null; do
     r=$(kib "$MAIN_PID" VmRSS)
-    ((r > load_rss)) && { load_rss=$r; load_anon=$(kib "$MAIN_PID" RssAnon); load_file=$(kib "$MAIN_PID" RssFile); }
+    ((r > load_rss)) && { load_rss=$r; load_anon=$(kib "$MAIN_PID" RssAnon); load_file=$(kib "$MAIN_PID" RssFile); load_anon_maps=$(anon_rss "$MAIN_PID"); }
     sleep 0.5
 done
 wait "$OHA_PID"
@@ -273,6 +286,8 @@ echo "| at $RATE rps for $DURATION (highest RSS sampled every 0.5 s) | $(mib "$l
 echo "| after the load | $(mib "$after_rss") | | | |"
 echo
 echo "File-backed pages when idle, by file: $idle_maps."
+echo
+echo "Largest anonymous mappings, resident: idle $idle_anon_maps; at the load's highest sample $load_anon_maps."
 echo
 echo '```'
 cat "$TMP/resident.txt"

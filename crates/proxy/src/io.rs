@@ -21,6 +21,10 @@ pub fn replay(prefix: &mut Bytes, buf: &mut ReadBuf<'_>) -> bool {
     let n = prefix.len().min(buf.remaining());
     buf.put_slice(&prefix[..n]);
     prefix.advance(n);
+    if prefix.is_empty() {
+        // An empty view still holds its buffer (the detection read's) for the connection's life.
+        *prefix = Bytes::new();
+    }
     true
 }
 
@@ -404,6 +408,34 @@ where
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// What detection read is handed on and then let go: a connection does not keep the
+    /// detection buffer for its life.
+    #[test]
+    fn a_replayed_prefix_lets_its_buffer_go() {
+        let mut detected = bytes::BytesMut::with_capacity(1024);
+        detected.extend_from_slice(b"GET / HTTP/1.1\r\n");
+        let mut prefix = detected.freeze();
+        let other_view = prefix.clone();
+        let mut storage = [0u8; 8];
+        let mut buf = ReadBuf::new(&mut storage);
+        assert!(replay(&mut prefix, &mut buf));
+        assert_eq!(buf.filled(), b"GET / HT");
+        assert!(
+            !other_view.is_unique(),
+            "part of the prefix is still to be read"
+        );
+        let mut storage = [0u8; 64];
+        let mut buf = ReadBuf::new(&mut storage);
+        assert!(replay(&mut prefix, &mut buf));
+        assert_eq!(buf.filled(), b"TP/1.1\r\n");
+        assert!(prefix.is_empty());
+        assert!(
+            other_view.is_unique(),
+            "the replayed prefix still holds the buffer"
+        );
+        assert!(!replay(&mut prefix, &mut buf));
+    }
 
     /// Writes `parts` with vectored writes through a client connection until all is sent,
     /// as hyper does (advancing over what each write took), and returns what arrived.
