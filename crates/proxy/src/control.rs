@@ -552,6 +552,84 @@ pub async fn follow(proxy: Arc<Proxy>, cfg: Follow, mut held: HeldSet) {
     }
 }
 
+/// The most text (resources' keys, versions and JSON, and removed keys) one response may
+/// bring, over all its parts. A mesh-wide view of 1,000 services and 2,000 routes is ~2 MB;
+/// a control plane that never sends the last part would otherwise grow the sidecar without
+/// end. Past it the response is refused (NACK) and the previous config keeps serving.
+pub const MAX_RESPONSE_BYTES: usize = 256 << 20;
+
+/// Gathers the parts of responses sent in parts (`StreamResponse.more`).
+#[derive(Debug, Default)]
+struct Gathering {
+    /// The nonce of the response being gathered, once its first part is in.
+    nonce: Option<String>,
+    parts: Vec<wire::StreamResponse>,
+    /// Text so far, parts dropped after a refusal included.
+    bytes: usize,
+    /// Parts so far.
+    count: usize,
+    /// Why the response being gathered is refused: its further parts are dropped as they
+    /// come, and the refusal is answered after its last.
+    refused: Option<String>,
+}
+
+/// What one more message makes of the response it belongs to.
+#[derive(Debug)]
+enum Gathered {
+    /// More parts follow.
+    More,
+    /// The last part is in: every part, in order.
+    Whole(Vec<wire::StreamResponse>),
+    /// The last part is in, and the response is refused for this reason.
+    Refused(String),
+}
+
+impl Gathering {
+    /// Adds `part`. A part of another response while one is unfinished breaks the protocol:
+    /// an error, which ends the stream.
+    fn add(&mut self, part: wire::StreamResponse, limit: usize) -> Result<Gathered, tonic::Status> {
+        if let Some(n) = &self.nonce
+            && *n != part.nonce
+        {
+            return Err(tonic::Status::internal(format!(
+                "the control plane sent response {} before the last part of {n}",
+                part.nonce
+            )));
+        }
+        let bytes = part
+            .resources
+            .iter()
+            .map(|r| r.key.len() + r.version.len() + r.json.len())
+            .chain(part.removed.iter().map(String::len))
+            .sum::<usize>();
+        self.bytes = self.bytes.saturating_add(bytes);
+        self.count += 1;
+        let more = part.more;
+        if more && self.nonce.is_none() {
+            self.nonce = Some(part.nonce.clone());
+        }
+        if self.refused.is_none() {
+            if self.bytes > limit {
+                self.parts = Vec::new();
+                self.refused = Some(format!(
+                    "response {} brings more than {limit} bytes of resources ({} in its first {} parts): refused",
+                    part.nonce, self.bytes, self.count
+                ));
+            } else {
+                self.parts.push(part);
+            }
+        }
+        if more {
+            return Ok(Gathered::More);
+        }
+        let done = std::mem::take(self);
+        Ok(match done.refused {
+            Some(why) => Gathered::Refused(why),
+            None => Gathered::Whole(done.parts),
+        })
+    }
+}
+
 /// One connection: returns when the stream ends.
 async fn session(
     proxy: &Proxy,
@@ -598,29 +676,27 @@ async fn session(
     tracing::info!(%endpoint, "connected to the control plane");
     proxy.shared.metrics.control_connected.set(1);
     backoff.reset();
-    // The parts received so far of a response sent in parts: its nonce and the parts, applied
-    // together once the last arrives (the held texts are repacked once, not once a part).
-    let mut partial: Option<(String, Vec<wire::StreamResponse>)> = None;
+    // A response sent in parts is applied once its last part is in (the held texts are
+    // repacked once, not once a part), and refused past MAX_RESPONSE_BYTES.
+    let mut gathering = Gathering::default();
     while let Some(response) = responses.message().await? {
-        let (nonce, version, more) = (
-            response.nonce.clone(),
-            response.system_version.clone(),
-            response.more,
-        );
-        let mut parts = match partial.take() {
-            None => vec![],
-            Some((n, parts)) if n == nonce => parts,
-            Some((n, _)) => {
-                return Err(tonic::Status::internal(format!(
-                    "the control plane sent response {nonce} before the last part of {n}"
-                )));
+        let (nonce, version) = (response.nonce.clone(), response.system_version.clone());
+        let parts = match gathering.add(response, MAX_RESPONSE_BYTES)? {
+            Gathered::More => continue,
+            Gathered::Refused(error) => {
+                tracing::error!(%version, "config from the control plane refused; previous config keeps serving:\n{error}");
+                let answer = wire::StreamRequest {
+                    response_nonce: nonce,
+                    error,
+                    ..Default::default()
+                };
+                if tx.send(answer).await.is_err() {
+                    break;
+                }
+                continue;
             }
+            Gathered::Whole(parts) => parts,
         };
-        parts.push(response);
-        if more {
-            partial = Some((nonce, parts));
-            continue;
-        }
         let next = held.with_parts(parts);
         let error = match next.parse() {
             Ok(remote) => match proxy.apply(&assemble(&cfg.local, remote), SOURCE).await {
@@ -820,6 +896,109 @@ mod tests {
                 assert_eq!(*set.versions(), versions, "{}", case.name);
             }
         }
+    }
+
+    fn part(nonce: &str, json_bytes: usize, more: bool) -> wire::StreamResponse {
+        wire::StreamResponse {
+            system_version: "v2".into(),
+            nonce: nonce.into(),
+            resources: vec![wire::Resource {
+                key: String::new(),
+                version: String::new(),
+                json: "x".repeat(json_bytes),
+            }],
+            more,
+            ..Default::default()
+        }
+    }
+
+    /// What each message of a stream makes of its response, with a limit of 100 bytes.
+    #[test]
+    fn gathering_parts() {
+        #[derive(Debug, PartialEq)]
+        enum Want {
+            More,
+            Whole(usize),
+            Refused,
+            Broken,
+        }
+        use Want::*;
+        let cases: &[(&str, &[(&str, usize, bool, Want)])] = &[
+            ("one message", &[("a", 10, false, Whole(1))]),
+            (
+                "three parts",
+                &[
+                    ("a", 10, true, More),
+                    ("a", 10, true, More),
+                    ("a", 10, false, Whole(3)),
+                ],
+            ),
+            (
+                "at the limit",
+                &[("a", 50, true, More), ("a", 50, false, Whole(2))],
+            ),
+            (
+                "past the limit, then the next response",
+                &[
+                    ("a", 60, true, More),
+                    ("a", 60, true, More),
+                    ("a", 60, false, Refused),
+                    ("b", 10, false, Whole(1)),
+                ],
+            ),
+            ("one message past the limit", &[("a", 101, false, Refused)]),
+            (
+                "another response before the last part",
+                &[("a", 10, true, More), ("b", 10, false, Broken)],
+            ),
+            (
+                "another response before the last part of a refused one",
+                &[("a", 200, true, More), ("b", 10, false, Broken)],
+            ),
+        ];
+        for (name, steps) in cases {
+            let mut g = Gathering::default();
+            for (i, (nonce, bytes, more, want)) in steps.iter().enumerate() {
+                let got = match g.add(part(nonce, *bytes, *more), 100) {
+                    Ok(Gathered::More) => More,
+                    Ok(Gathered::Whole(parts)) => {
+                        assert!(parts.iter().all(|p| p.nonce == *nonce), "{name}");
+                        Whole(parts.len())
+                    }
+                    Ok(Gathered::Refused(why)) => {
+                        assert!(
+                            why.contains(&format!("response {nonce} brings more than 100 bytes")),
+                            "{name}: {why}"
+                        );
+                        Refused
+                    }
+                    Err(e) => {
+                        assert!(e.message().contains("before the last part of a"), "{name}");
+                        Broken
+                    }
+                };
+                assert_eq!(&got, want, "{name}, message {i}");
+            }
+        }
+    }
+
+    /// A response that never ends holds nothing once it is past the limit: its parts are
+    /// dropped as they come.
+    #[test]
+    fn a_response_that_never_ends_is_not_kept() {
+        let mut g = Gathering::default();
+        for _ in 0..1000 {
+            assert!(matches!(
+                g.add(part("a", 1000, true), 10_000),
+                Ok(Gathered::More)
+            ));
+            assert!(g.parts.len() <= 10, "{} parts kept", g.parts.len());
+        }
+        assert!(g.parts.is_empty());
+        assert!(matches!(
+            g.add(part("a", 1, false), 10_000),
+            Ok(Gathered::Refused(_))
+        ));
     }
 
     /// A response's parts apply in order, each its removals and then its resources: a key
