@@ -923,7 +923,9 @@ mod tests {
             Broken,
         }
         use Want::*;
-        let cases: &[(&str, &[(&str, usize, bool, Want)])] = &[
+        /// A message (its nonce, bytes of JSON, whether more follow) and what it makes.
+        type Step = (&'static str, usize, bool, Want);
+        let cases: &[(&str, &[Step])] = &[
             ("one message", &[("a", 10, false, Whole(1))]),
             (
                 "three parts",
