@@ -87,6 +87,7 @@ pub async fn start_sidecar(
             state_file: Some(state_file),
             tls,
             release: Some(crate::release_memory),
+            max_response_bytes: trellis_proxy::control::MAX_RESPONSE_BYTES,
         },
         held,
     ));

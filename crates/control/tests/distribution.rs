@@ -201,6 +201,7 @@ async fn a_proxy_applies_a_view_sent_in_parts_and_its_config_shows_what_was_sent
             state_file: None,
             tls: cp.tls().await,
             release: Some(released),
+            max_response_bytes: trellis_proxy::control::MAX_RESPONSE_BYTES,
         };
         let following = tokio::spawn(follow(proxy.clone(), cfg, HeldSet::default()));
         while RELEASED.load(Ordering::SeqCst) == 0 {
@@ -245,6 +246,64 @@ async fn a_proxy_applies_a_view_sent_in_parts_and_its_config_shows_what_was_sent
             .collect();
         assert_eq!(shown.len(), resources.len() - 1, "a resource shown twice");
         assert_eq!(shown, sent);
+        following.abort();
+        proxy.drain(Duration::from_secs(1)).await;
+        cp.stop.cancel();
+        let _ = std::fs::remove_dir_all(&cp.dir);
+    })
+    .await;
+}
+
+/// A response larger than the proxy takes (here a limit below the view's size, which the
+/// control plane sends in parts) is refused after its last part: the control plane records
+/// the refusal with its reason, and the proxy keeps serving the config it had.
+#[tokio::test]
+async fn a_response_past_the_proxys_limit_is_refused_and_its_config_kept() {
+    bounded(async {
+        let cp = start().await;
+        let local = trellis_api::parse_documents(
+            "proxy.yaml",
+            "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {name: client}\nspec:\n  admin: {address: \"127.0.0.1:0\"}\n  outbound: [{name: mesh, address: \"127.0.0.1:0\", httpProxy: true}]\n",
+        )
+        .unwrap();
+        let proxy = trellis_proxy::Proxy::start(&local, "proxy.yaml").await.unwrap();
+        let before = proxy.snapshot().version;
+        let limit = 16 * 1024;
+        let cfg = Follow {
+            endpoints: vec![cp.url.clone()],
+            node: wire::Node {
+                id: "client-limited".into(),
+                namespace: "default".into(),
+                all_services: true,
+                ..Default::default()
+            },
+            local: local.clone(),
+            state_file: None,
+            tls: cp.tls().await,
+            release: None,
+            max_response_bytes: limit,
+        };
+        let following = tokio::spawn(follow(proxy.clone(), cfg, HeldSet::default()));
+        let status = loop {
+            if let Some(p) = cp
+                .control
+                .proxies()
+                .into_iter()
+                .find(|p| p.node == "client-limited" && p.nack.is_some())
+            {
+                break p;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let why = status.nack.clone().unwrap();
+        assert!(
+            why.contains(&format!("brings more than {limit} bytes of resources")),
+            "{why}"
+        );
+        assert!(status.acked_version.is_empty(), "{status:?}");
+        // Still the config it started with.
+        assert_eq!(proxy.snapshot().version, before);
+        assert!(proxy.snapshot().services.is_empty());
         following.abort();
         proxy.drain(Duration::from_secs(1)).await;
         cp.stop.cancel();

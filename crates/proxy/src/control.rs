@@ -517,6 +517,8 @@ pub struct Follow {
     /// applied it: the binary hands its allocator's freed pages back to the OS here. An idle
     /// sidecar's allocator would otherwise keep the apply's peak (docs/ARCHITECTURE.md).
     pub release: Option<fn()>,
+    /// The most text one response may bring over all its parts ([`MAX_RESPONSE_BYTES`]).
+    pub max_response_bytes: usize,
 }
 
 /// Follows the control plane until the proxy drains: connects, applies every update, and
@@ -553,7 +555,7 @@ pub async fn follow(proxy: Arc<Proxy>, cfg: Follow, mut held: HeldSet) {
 }
 
 /// The most text (resources' keys, versions and JSON, and removed keys) one response may
-/// bring, over all its parts. A mesh-wide view of 1,000 services and 2,000 routes is ~2 MB;
+/// bring, over all its parts, by default (`Follow::max_response_bytes`). A mesh-wide view of 1,000 services and 2,000 routes is ~2 MB;
 /// a control plane that never sends the last part would otherwise grow the sidecar without
 /// end. Past it the response is refused (NACK) and the previous config keeps serving.
 pub const MAX_RESPONSE_BYTES: usize = 256 << 20;
@@ -677,11 +679,11 @@ async fn session(
     proxy.shared.metrics.control_connected.set(1);
     backoff.reset();
     // A response sent in parts is applied once its last part is in (the held texts are
-    // repacked once, not once a part), and refused past MAX_RESPONSE_BYTES.
+    // repacked once, not once a part), and refused past `max_response_bytes`.
     let mut gathering = Gathering::default();
     while let Some(response) = responses.message().await? {
         let (nonce, version) = (response.nonce.clone(), response.system_version.clone());
-        let parts = match gathering.add(response, MAX_RESPONSE_BYTES)? {
+        let parts = match gathering.add(response, cfg.max_response_bytes)? {
             Gathered::More => continue,
             Gathered::Refused(error) => {
                 tracing::error!(%version, "config from the control plane refused; previous config keeps serving:\n{error}");
