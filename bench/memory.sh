@@ -50,7 +50,7 @@ traced() {
 real_pid() {
     [[ -z $HEAPTRACK ]] && { echo "$1"; return; }
     local child exe
-    exe=$(readlink -f "$T")
+    exe=$(readlink -f "$(command -v "$T")")
     for _ in $(seq 100); do
         # By its executable: heaptrack's script also runs short-lived helpers whose command
         # lines name the binary.
@@ -59,6 +59,7 @@ real_pid() {
         done
         sleep 0.1
     done
+    log "no child of $1 runs $exe: measuring $1 itself (heaptrack's figures, not the sidecar's)"
     echo "$1"
 }
 # heap_done PID LEADER: stop a traced process where it is (its live heap is what the
@@ -79,8 +80,8 @@ file_rss() {
 anon_rss() {
     awk '/^[0-9a-f]+-[0-9a-f]+ / { anon = ($6 == "" || $6 ~ /^\[(heap|stack)/); name = ($6 == "" ? "anon" : $6) }
         /^Size:/ { size = $2 }
-        /^Rss:/ && anon && $2 > 0 { printf "%d %s %d\n", $2, name, size }' "/proc/$1/smaps" | sort -rn | head -8 |
-        awk '{ printf "%s%.2f MiB (%s of %.1f MiB)", (NR > 1 ? ", " : ""), $1 / 1024, $2, $3 / 1024 }'
+        /^Rss:/ && anon && $2 > 0 { printf "%d %s %d\n", $2, name, size }' "/proc/$1/smaps" | sort -rn |
+        awk 'NR <= 8 { printf "%s%.2f MiB (%s of %.1f MiB)", (NR > 1 ? ", " : ""), $1 / 1024, $2, $3 / 1024 }'
 }
 kib() { awk -v k="$2" '$1 == k":" { print $2 }' "/proc/$1/status"; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }

@@ -554,11 +554,13 @@ pub async fn follow(proxy: Arc<Proxy>, cfg: Follow, mut held: HeldSet) {
     }
 }
 
-/// The most text (resources' keys, versions and JSON, and removed keys) one response may
-/// bring, over all its parts, by default (`Follow::max_response_bytes`). A mesh-wide view of 1,000 services and 2,000 routes is ~2 MB;
-/// a control plane that never sends the last part would otherwise grow the sidecar without
-/// end. Past it the response is refused (NACK) and the previous config keeps serving.
-pub const MAX_RESPONSE_BYTES: usize = 256 << 20;
+/// The most memory one response may take while its parts are gathered, by default
+/// (`Follow::max_response_bytes`): its texts plus what holding each item costs. A mesh-wide
+/// view of 1,000 services and 2,000 routes is ~2 MB, so this is ~30 such views; a control
+/// plane that never sends the last part would otherwise grow the sidecar without end. Past
+/// it the response is refused (NACK after its last part) and the previous config keeps
+/// serving; past twice it, the stream is ended.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
 /// Gathers the parts of responses sent in parts (`StreamResponse.more`).
 #[derive(Debug, Default)]
@@ -566,7 +568,7 @@ struct Gathering {
     /// The nonce of the response being gathered, once its first part is in.
     nonce: Option<String>,
     parts: Vec<wire::StreamResponse>,
-    /// Text so far, parts dropped after a refusal included.
+    /// What the parts so far take ([`held_bytes`]), parts dropped after a refusal included.
     bytes: usize,
     /// Parts so far.
     count: usize,
@@ -598,15 +600,16 @@ impl Gathering {
                 part.nonce
             )));
         }
-        let bytes = part
-            .resources
-            .iter()
-            .map(|r| r.key.len() + r.version.len() + r.json.len())
-            .chain(part.removed.iter().map(String::len))
-            .sum::<usize>();
-        self.bytes = self.bytes.saturating_add(bytes);
+        self.bytes = self.bytes.saturating_add(held_bytes(&part));
         self.count += 1;
         let more = part.more;
+        if more && self.bytes > limit.saturating_mul(2) {
+            // Still going: a NACK is only read after the last part, which may never come.
+            return Err(tonic::Status::resource_exhausted(format!(
+                "response {} goes on past twice the {limit} bytes a response may take ({} parts): ending the stream",
+                part.nonce, self.count
+            )));
+        }
         if more && self.nonce.is_none() {
             self.nonce = Some(part.nonce.clone());
         }
@@ -614,7 +617,7 @@ impl Gathering {
             if self.bytes > limit {
                 self.parts = Vec::new();
                 self.refused = Some(format!(
-                    "response {} brings more than {limit} bytes of resources ({} in its first {} parts): refused",
+                    "response {} takes more than the {limit} bytes a response may ({} in its first {} parts): refused",
                     part.nonce, self.bytes, self.count
                 ));
             } else {
@@ -630,6 +633,20 @@ impl Gathering {
             None => Gathered::Whole(done.parts),
         })
     }
+}
+
+/// What holding `part` until its response is whole costs: its texts, and each item's
+/// own size, so that empty items (a few bytes on the wire each) count too.
+fn held_bytes(part: &wire::StreamResponse) -> usize {
+    let resources = part
+        .resources
+        .iter()
+        .map(|r| size_of::<wire::Resource>() + r.key.len() + r.version.len() + r.json.len());
+    let removed = part.removed.iter().map(|k| size_of::<String>() + k.len());
+    size_of::<wire::StreamResponse>()
+        + part.nonce.len()
+        + part.system_version.len()
+        + resources.chain(removed).sum::<usize>()
 }
 
 /// One connection: returns when the stream ends.
@@ -687,6 +704,10 @@ async fn session(
             Gathered::More => continue,
             Gathered::Refused(error) => {
                 tracing::error!(%version, "config from the control plane refused; previous config keeps serving:\n{error}");
+                // The parts held before the refusal are gone: their pages go back too.
+                if let Some(release) = cfg.release {
+                    release();
+                }
                 let answer = wire::StreamRequest {
                     response_nonce: nonce,
                     error,
@@ -914,7 +935,8 @@ mod tests {
         }
     }
 
-    /// What each message of a stream makes of its response, with a limit of 100 bytes.
+    /// What each message of a stream makes of its response. `o` is what a part with no
+    /// JSON takes; the limit is ten of those.
     #[test]
     fn gathering_parts() {
         #[derive(Debug, PartialEq)]
@@ -922,16 +944,17 @@ mod tests {
             More,
             Whole(usize),
             Refused,
-            Broken,
+            Broken(&'static str),
         }
         use Want::*;
-        /// A message (its nonce, bytes of JSON, whether more follow) and what it makes.
-        type Step = (&'static str, usize, bool, Want);
-        let cases: &[(&str, &[Step])] = &[
-            ("one message", &[("a", 10, false, Whole(1))]),
+        let o = held_bytes(&part("a", 0, true));
+        let limit = 10 * o;
+        let other = "before the last part of a";
+        let cases: Vec<(&str, Vec<(&str, usize, bool, Want)>)> = vec![
+            ("one message", vec![("a", 10, false, Whole(1))]),
             (
                 "three parts",
-                &[
+                vec![
                     ("a", 10, true, More),
                     ("a", 10, true, More),
                     ("a", 10, false, Whole(3)),
@@ -939,70 +962,103 @@ mod tests {
             ),
             (
                 "at the limit",
-                &[("a", 50, true, More), ("a", 50, false, Whole(2))],
+                vec![("a", 4 * o, true, More), ("a", 4 * o, false, Whole(2))],
             ),
             (
                 "past the limit, then the next response",
-                &[
-                    ("a", 60, true, More),
-                    ("a", 60, true, More),
-                    ("a", 60, false, Refused),
+                vec![
+                    ("a", 4 * o, true, More),
+                    ("a", 4 * o, true, More),
+                    ("a", 1, false, Refused),
                     ("b", 10, false, Whole(1)),
                 ],
             ),
-            ("one message past the limit", &[("a", 101, false, Refused)]),
+            (
+                "one message past the limit",
+                vec![("a", 10 * o, false, Refused)],
+            ),
+            (
+                "still going past twice the limit",
+                vec![
+                    ("a", 10 * o, true, More),
+                    ("a", 10 * o, true, Broken("goes on past twice")),
+                ],
+            ),
             (
                 "another response before the last part",
-                &[("a", 10, true, More), ("b", 10, false, Broken)],
+                vec![("a", 10, true, More), ("b", 10, false, Broken(other))],
             ),
             (
                 "another response before the last part of a refused one",
-                &[("a", 200, true, More), ("b", 10, false, Broken)],
+                vec![("a", 10 * o, true, More), ("b", 10, false, Broken(other))],
             ),
         ];
-        for (name, steps) in cases {
+        for (name, steps) in &cases {
             let mut g = Gathering::default();
             for (i, (nonce, bytes, more, want)) in steps.iter().enumerate() {
-                let got = match g.add(part(nonce, *bytes, *more), 100) {
+                let got = match g.add(part(nonce, *bytes, *more), limit) {
                     Ok(Gathered::More) => More,
                     Ok(Gathered::Whole(parts)) => {
                         assert!(parts.iter().all(|p| p.nonce == *nonce), "{name}");
                         Whole(parts.len())
                     }
                     Ok(Gathered::Refused(why)) => {
-                        assert!(
-                            why.contains(&format!("response {nonce} brings more than 100 bytes")),
-                            "{name}: {why}"
-                        );
+                        let said = format!("response {nonce} takes more than the {limit} bytes");
+                        assert!(why.contains(&said), "{name}: {why}");
                         Refused
                     }
-                    Err(e) => {
-                        assert!(e.message().contains("before the last part of a"), "{name}");
-                        Broken
-                    }
+                    Err(e) => match want {
+                        Broken(says) => {
+                            assert!(e.message().contains(says), "{name}: {}", e.message());
+                            Broken(says)
+                        }
+                        _ => Broken(""),
+                    },
                 };
                 assert_eq!(&got, want, "{name}, message {i}");
             }
         }
     }
 
-    /// A response that never ends holds nothing once it is past the limit: its parts are
-    /// dropped as they come.
+    /// Empty items cost memory though they carry no text: a part of empty resources and
+    /// removals, a few bytes each on the wire, counts what holding them takes.
+    #[test]
+    fn empty_items_count() {
+        let mut empty = part("a", 0, false);
+        empty.resources = vec![wire::Resource::default(); 1000];
+        empty.removed = vec![String::new(); 1000];
+        let held = held_bytes(&empty);
+        assert!(held >= 1000 * (size_of::<wire::Resource>() + size_of::<String>()));
+        let mut g = Gathering::default();
+        assert!(matches!(g.add(empty, 16 * 1024), Ok(Gathered::Refused(_))));
+    }
+
+    /// A response that never ends holds little once it is past the limit (its parts are
+    /// dropped as they come), and the stream is ended once it goes past twice the limit.
     #[test]
     fn a_response_that_never_ends_is_not_kept() {
         let mut g = Gathering::default();
-        for _ in 0..1000 {
-            assert!(matches!(
-                g.add(part("a", 1000, true), 10_000),
-                Ok(Gathered::More)
-            ));
-            assert!(g.parts.len() <= 10, "{} parts kept", g.parts.len());
+        let limit = 10_000;
+        for i in 0..1000 {
+            match g.add(part("a", 1000, true), limit) {
+                Ok(Gathered::More) => {
+                    let kept: usize = g.parts.iter().map(held_bytes).sum();
+                    assert!(kept <= limit, "{kept} bytes kept after {i} parts");
+                }
+                Ok(other) => panic!("{other:?} after {i} parts"),
+                Err(e) => {
+                    assert!(
+                        e.message().contains("goes on past twice"),
+                        "{}",
+                        e.message()
+                    );
+                    assert!(i < 25, "ended only after {i} parts");
+                    assert!(g.parts.is_empty());
+                    return;
+                }
+            }
         }
-        assert!(g.parts.is_empty());
-        assert!(matches!(
-            g.add(part("a", 1, false), 10_000),
-            Ok(Gathered::Refused(_))
-        ));
+        panic!("the stream was never ended");
     }
 
     /// A response's parts apply in order, each its removals and then its resources: a key
