@@ -950,7 +950,9 @@ mod tests {
         let o = held_bytes(&part("a", 0, true));
         let limit = 10 * o;
         let other = "before the last part of a";
-        let cases: Vec<(&str, Vec<(&str, usize, bool, Want)>)> = vec![
+        /// A message (its nonce, bytes of JSON, whether more follow) and what it makes.
+        type Step = (&'static str, usize, bool, Want);
+        let cases: Vec<(&str, Vec<Step>)> = vec![
             ("one message", vec![("a", 10, false, Whole(1))]),
             (
                 "three parts",
