@@ -18,6 +18,8 @@ for arg in sys.argv[2:]:
 
 line_re = re.compile(r"^\s*(\d+\.\d+)\s+\[(\d+)\]\s+(.*?)\[(\d+)(?:/(\d+))?\]\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)")
 slices = {n: [] for n in names.values()}  # name -> [(start, end)]
+waits = {n: [] for n in names.values()}  # name -> [(woken, start)]: runnable, not running
+idle = []  # (start, end) of each CPU's idle task
 first = last = None
 others = 0.0  # CPU seconds of every other task (other builds on a shared machine)
 for line in sys.stdin:
@@ -29,13 +31,21 @@ for line in sys.stdin:
     last = t
     tid = int(m.group(4))
     pid = int(m.group(5) or tid)
+    if pid == 0:
+        run = float(m.group(8)) / 1000
+        if run > 0:
+            idle.append((t - run, t))
+        continue
     name = names.get(pid)
     if name is None:
         others += float(m.group(8)) / 1000
         continue
     run = float(m.group(8)) / 1000
+    delay = float(m.group(7)) / 1000
     if run > 0:
         slices[name].append((t - run, t))
+        if delay > 0:
+            waits[name].append((t - run - delay, t - run))
 
 if first is None or last <= first:
     sys.exit("no scheduling events")
@@ -65,10 +75,13 @@ for name, s in slices.items():
 events.sort()
 running = {}
 at = {}
+alone = {}  # name -> time it was the only one of these processes on a CPU
 prev = first
 for t, d, name in events:
-    n = sum(1 for v in running.values() if v > 0)
-    at[n] = at.get(n, 0.0) + max(0.0, t - prev)
+    on = [k for k, v in running.items() if v > 0]
+    at[len(on)] = at.get(len(on), 0.0) + max(0.0, t - prev)
+    if len(on) == 1:
+        alone[on[0]] = alone.get(on[0], 0.0) + max(0.0, t - prev)
     prev = t
     running[name] = running.get(name, 0) + d
 
@@ -103,3 +116,34 @@ print(f"Every other task: {others / span:.2f} CPUs on average.")
 print()
 print("Share of the time with N of these processes on a CPU: " + ", ".join(
     f"{n}: {at.get(n, 0) / span:.2f}" for n in range(0, len(slices) + 1)))
+print("Of the time with one on a CPU, which: " + ", ".join(
+    f"{n} {alone.get(n, 0) / span:.2f}" for n in slices))
+
+# Runnable but not running (scheduling delay after a wake-up), and how much of that a CPU
+# sat idle: time the scheduler left a woken stage queued behind another (for example on
+# the CPU of the task that woke it) while the other CPU had nothing to do.
+idle_u = busy_union(idle)
+
+
+def overlap(iv, union):
+    total = 0.0
+    for b, e in iv:
+        for lo, hi in union:
+            if hi <= b:
+                continue
+            if lo >= e:
+                break
+            total += min(e, hi) - max(b, lo)
+    return total
+
+
+print()
+print("| process | runnable, not running (share of the time) | of it with a CPU idle | waits / s | median wait µs |")
+print("|---|--:|--:|--:|--:|")
+for name, w in waits.items():
+    if not w:
+        print(f"| {name} | 0 | 0 | 0 | - |")
+        continue
+    total = sum(e - b for b, e in w)
+    lens = sorted(e - b for b, e in w)
+    print(f"| {name} | {total / span:.3f} | {overlap(sorted(w), idle_u) / span:.3f} | {len(w) / span:.0f} | {lens[len(lens) // 2] * 1e6:.0f} |")
