@@ -246,7 +246,8 @@ PY
             echo
             echo "Machine: $(awk -v a="$m0" -v b="$m1" 'BEGIN { split(a, x, " "); split(b, y, " "); busy = y[1] - x[1]; idle = y[2] - x[2]; printf "%.2f of %d CPUs busy", (busy / (busy + idle)) * '"$(nproc)"', '"$(nproc)"' }') (every process, these included)."
             echo
-            echo "At maximum throughput (wrk -t1 -c$c), ${SECS} s in the middle of the run: $(awk -v a="$a0" -v b="$a1" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", (b - a) / (t1 - t0) }') req/s at the inbound sidecar; CPU of each process (cores):"
+            rate=$(awk -v a="$a0" -v b="$a1" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%.0f", (b - a) / (t1 - t0) }')
+            echo "At maximum throughput (wrk -t1 -c$c), ${SECS} s in the middle of the run: $rate req/s at the inbound sidecar; CPU of each process (cores):"
             echo
             echo "| process | user | system | both | CPU ms / 1k req |"
             echo "|---|--:|--:|--:|--:|"
@@ -260,13 +261,13 @@ PY
                 stop
                 continue
             fi
-            a0=$(curl -s "127.0.0.1:$A_IN/metrics" | awk '/^trellis_http_requests_total/ { n += $NF } END { print n + 0 }')
+            # Requests in the recording: the rate just measured (counting around perf would
+            # include its start and stop, over a second more at these rates).
             perf sched record -o "$TMP/sched.data" -- sleep 1 >/dev/null 2>&1
-            a1=$(curl -s "127.0.0.1:$A_IN/metrics" | awk '/^trellis_http_requests_total/ { n += $NF } END { print n + 0 }')
             wait "$wrk_pid" || true
             echo
             perf sched timehist -i "$TMP/sched.data" 2>/dev/null \
-                | python3 bench/lib/schedbusy.py "$((a1 - a0))" out="${PROC[out]}" in="${PROC[in]}" upstream="$up_worker" wrk="$wrk_pid"
+                | python3 bench/lib/schedbusy.py "$rate" out="${PROC[out]}" in="${PROC[in]}" upstream="$up_worker" wrk="$wrk_pid"
             [[ -n $OUT ]] && mkdir -p "$OUT" && cp "$TMP/sched.data" "$OUT/sched.c$c.data"
             stop
         done

@@ -3,14 +3,14 @@
 and for how long, and how the named processes overlapped on the CPUs: whether a stage of a
 pipeline sits idle while another works (convoys) or they run side by side.
 
-    perf sched timehist -i perf.data | python3 bench/lib/schedbusy.py REQUESTS name=PID...
+    perf sched timehist -i perf.data | python3 bench/lib/schedbusy.py RATE name=PID...
 
-REQUESTS: requests completed during the recording (0: unknown). Prints Markdown.
+RATE: requests per second completed around the recording (0: unknown). Prints Markdown.
 """
 import re
 import sys
 
-requests = int(sys.argv[1])
+rate = float(sys.argv[1])
 names = {}  # pid -> name
 for arg in sys.argv[2:]:
     name, pid = arg.split("=")
@@ -50,6 +50,7 @@ for line in sys.stdin:
 if first is None or last <= first:
     sys.exit("no scheduling events")
 span = last - first
+requests = round(rate * span)
 
 print(f"Recorded {span:.3f} s; {requests} requests in it" if requests else f"Recorded {span:.3f} s")
 print()
