@@ -96,6 +96,39 @@ impl Plane {
         }
     }
 
+    /// A mesh-wide proxy (one HTTP proxy listener) and how it follows this control plane
+    /// as node `id`, with `release` as its memory hook and `limit` as its response limit.
+    async fn follower(
+        &self,
+        id: &str,
+        release: Option<fn()>,
+        limit: usize,
+    ) -> (Arc<trellis_proxy::Proxy>, Follow) {
+        let local = trellis_api::parse_documents(
+            "proxy.yaml",
+            "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {name: client}\nspec:\n  admin: {address: \"127.0.0.1:0\"}\n  outbound: [{name: mesh, address: \"127.0.0.1:0\", httpProxy: true}]\n",
+        )
+        .unwrap();
+        let proxy = trellis_proxy::Proxy::start(&local, "proxy.yaml")
+            .await
+            .unwrap();
+        let cfg = Follow {
+            endpoints: vec![self.url.clone()],
+            node: wire::Node {
+                id: id.into(),
+                namespace: "default".into(),
+                all_services: true,
+                ..Default::default()
+            },
+            local,
+            state_file: None,
+            tls: self.tls().await,
+            release,
+            max_response_bytes: limit,
+        };
+        (proxy, cfg)
+    }
+
     /// Every message of one response to a hello from a mesh-wide proxy, up to the last part.
     async fn response(&self, parts: bool) -> Vec<wire::StreamResponse> {
         let tls = self.tls().await;
@@ -182,27 +215,14 @@ async fn a_proxy_applies_a_view_sent_in_parts_and_its_config_shows_what_was_sent
     bounded(async {
         let cp = start().await;
         let sent = by_key(&cp.response(false).await);
-        let local = trellis_api::parse_documents(
-            "proxy.yaml",
-            "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {name: client}\nspec:\n  admin: {address: \"127.0.0.1:0\"}\n  outbound: [{name: mesh, address: \"127.0.0.1:0\", httpProxy: true}]\n",
-        )
-        .unwrap();
-        let proxy = trellis_proxy::Proxy::start(&local, "proxy.yaml").await.unwrap();
+        let (proxy, cfg) = cp
+            .follower(
+                "client-1",
+                Some(released),
+                trellis_proxy::control::MAX_RESPONSE_BYTES,
+            )
+            .await;
         let first = Arc::downgrade(&proxy.snapshot());
-        let cfg = Follow {
-            endpoints: vec![cp.url.clone()],
-            node: wire::Node {
-                id: "client-1".into(),
-                namespace: "default".into(),
-                all_services: true,
-                ..Default::default()
-            },
-            local: local.clone(),
-            state_file: None,
-            tls: cp.tls().await,
-            release: Some(released),
-            max_response_bytes: trellis_proxy::control::MAX_RESPONSE_BYTES,
-        };
         let following = tokio::spawn(follow(proxy.clone(), cfg, HeldSet::default()));
         while RELEASED.load(Ordering::SeqCst) == 0 {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -213,13 +233,20 @@ async fn a_proxy_applies_a_view_sent_in_parts_and_its_config_shows_what_was_sent
         // The memory hook ran once, for that update, and by then no second snapshot was
         // alive: nothing kept the one it replaced.
         assert_eq!(RELEASED.load(Ordering::SeqCst), 1);
-        assert!(first.upgrade().is_none(), "the replaced snapshot is still alive");
+        assert!(
+            first.upgrade().is_none(),
+            "the replaced snapshot is still alive"
+        );
         // /config, as an operator reads it: the local Proxy, then exactly what was sent.
         let admin = proxy.admin_addr();
         let body = tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect(admin).unwrap();
-            write!(s, "GET /config HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").unwrap();
+            write!(
+                s,
+                "GET /config HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n"
+            )
+            .unwrap();
             let mut text = String::new();
             s.read_to_string(&mut text).unwrap();
             text
@@ -261,13 +288,6 @@ async fn a_proxy_applies_a_view_sent_in_parts_and_its_config_shows_what_was_sent
 async fn a_response_past_the_proxys_limit_is_refused_and_its_config_kept() {
     bounded(async {
         let cp = start().await;
-        let local = trellis_api::parse_documents(
-            "proxy.yaml",
-            "apiVersion: trellis.dev/v1alpha1\nkind: Proxy\nmetadata: {name: client}\nspec:\n  admin: {address: \"127.0.0.1:0\"}\n  outbound: [{name: mesh, address: \"127.0.0.1:0\", httpProxy: true}]\n",
-        )
-        .unwrap();
-        let proxy = trellis_proxy::Proxy::start(&local, "proxy.yaml").await.unwrap();
-        let before = proxy.snapshot().version;
         // Below what the view takes, but not half of it: refused with a NACK after its last
         // part (past twice the limit the proxy would end the stream instead).
         let texts: usize = cp
@@ -278,20 +298,8 @@ async fn a_response_past_the_proxys_limit_is_refused_and_its_config_kept() {
             .map(|r| r.key.len() + r.version.len() + r.json.len())
             .sum();
         let limit = texts * 3 / 4;
-        let cfg = Follow {
-            endpoints: vec![cp.url.clone()],
-            node: wire::Node {
-                id: "client-limited".into(),
-                namespace: "default".into(),
-                all_services: true,
-                ..Default::default()
-            },
-            local: local.clone(),
-            state_file: None,
-            tls: cp.tls().await,
-            release: None,
-            max_response_bytes: limit,
-        };
+        let (proxy, cfg) = cp.follower("client-limited", None, limit).await;
+        let before = proxy.snapshot().version;
         let following = tokio::spawn(follow(proxy.clone(), cfg, HeldSet::default()));
         let status = loop {
             if let Some(p) = cp
