@@ -517,7 +517,7 @@ pub struct Follow {
     /// applied it: the binary hands its allocator's freed pages back to the OS here. An idle
     /// sidecar's allocator would otherwise keep the apply's peak (docs/ARCHITECTURE.md).
     pub release: Option<fn()>,
-    /// The most text one response may bring over all its parts ([`MAX_RESPONSE_BYTES`]).
+    /// The most one response may take while its parts are gathered ([`MAX_RESPONSE_BYTES`]).
     pub max_response_bytes: usize,
 }
 
@@ -700,51 +700,16 @@ async fn session(
     let mut gathering = Gathering::default();
     while let Some(response) = responses.message().await? {
         let (nonce, version) = (response.nonce.clone(), response.system_version.clone());
-        let parts = match gathering.add(response, cfg.max_response_bytes)? {
+        let error = match gathering.add(response, cfg.max_response_bytes)? {
             Gathered::More => continue,
-            Gathered::Refused(error) => {
-                tracing::error!(%version, "config from the control plane refused; previous config keeps serving:\n{error}");
-                // The parts held before the refusal are gone: their pages go back too.
-                if let Some(release) = cfg.release {
-                    release();
-                }
-                let answer = wire::StreamRequest {
-                    response_nonce: nonce,
-                    error,
-                    ..Default::default()
-                };
-                if tx.send(answer).await.is_err() {
-                    break;
-                }
-                continue;
-            }
-            Gathered::Whole(parts) => parts,
+            Gathered::Refused(why) => Some(why),
+            Gathered::Whole(parts) => take(proxy, cfg, held, parts).await.err(),
         };
-        let next = held.with_parts(parts);
-        let error = match next.parse() {
-            Ok(remote) => match proxy.apply(&assemble(&cfg.local, remote), SOURCE).await {
-                Ok(_) => None,
-                Err(e) => Some(e.to_string()),
-            },
-            Err(e) => Some(e.to_string()),
-        };
-        match &error {
-            None => {
-                *held = next;
-                tracing::info!(version = %held.version, resources = held.len(), "config from the control plane applied");
-                if let Some(path) = &cfg.state_file
-                    && let Err(e) = held.persist(path)
-                {
-                    tracing::warn!(error = %e, "could not persist the accepted config");
-                }
-            }
-            Some(e) => {
-                drop(next);
-                tracing::error!(%version, "config from the control plane refused; previous config keeps serving:\n{e}")
-            }
+        if let Some(e) = &error {
+            tracing::error!(%version, "config from the control plane refused; previous config keeps serving:\n{e}");
         }
-        // The parsed view, the old snapshot (or the refused set) and the persisted bytes are
-        // gone by now. (mimalloc collects this thread's heap: with `--threads 1` that is the
+        // The parsed view, the old snapshot (or the refused set or parts) and the persisted
+        // bytes are gone by now. (mimalloc collects this thread's heap: with `--threads 1` that is the
         // data path's whole heap; other workers' freed pages wait for their own activity.)
         if let Some(release) = cfg.release {
             release();
@@ -757,6 +722,30 @@ async fn session(
         if tx.send(answer).await.is_err() {
             break;
         }
+    }
+    Ok(())
+}
+
+/// Applies a whole response: the held set it makes, parsed and applied over the local
+/// resources, becomes `held` (and is persisted) only if all of that succeeds.
+async fn take(
+    proxy: &Proxy,
+    cfg: &Follow,
+    held: &mut HeldSet,
+    parts: Vec<wire::StreamResponse>,
+) -> Result<(), String> {
+    let next = held.with_parts(parts);
+    let remote = next.parse().map_err(|e| e.to_string())?;
+    proxy
+        .apply(&assemble(&cfg.local, remote), SOURCE)
+        .await
+        .map_err(|e| e.to_string())?;
+    *held = next;
+    tracing::info!(version = %held.version, resources = held.len(), "config from the control plane applied");
+    if let Some(path) = &cfg.state_file
+        && let Err(e) = held.persist(path)
+    {
+        tracing::warn!(error = %e, "could not persist the accepted config");
     }
     Ok(())
 }
