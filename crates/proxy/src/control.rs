@@ -709,8 +709,9 @@ async fn session(
             tracing::error!(%version, "config from the control plane refused; previous config keeps serving:\n{e}");
         }
         // The parsed view, the old snapshot (or the refused set or parts) and the persisted
-        // bytes are gone by now. (mimalloc collects this thread's heap: with `--threads 1` that is the
-        // data path's whole heap; other workers' freed pages wait for their own activity.)
+        // bytes are gone by now. (mimalloc collects this thread's heap: with `--threads 1`
+        // that is the data path's whole heap; other workers' freed pages wait for their own
+        // activity.)
         if let Some(release) = cfg.release {
             release();
         }
