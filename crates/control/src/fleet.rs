@@ -29,6 +29,20 @@ const MAX_KEPT_SERIES: usize = 20_000;
 /// Most authorization series kept from one report.
 const MAX_AUTHZ_SERIES: usize = 1024;
 
+/// Most bytes one proxy's window holds over its reports, verdicts and samples (as
+/// [`cost`] counts them): beyond it, its oldest entries go. Ten minutes of a proxy with a
+/// few hundred series take a few MiB.
+const MAX_WINDOW_BYTES: usize = 16 << 20;
+
+/// Most bytes the windows of one service hold together: beyond it, the windows of its
+/// instances heard from least recently go whole. Node ids are the caller's to choose, so
+/// without it one service's credentials could make the control plane keep a window per
+/// made-up node until it ran out of memory.
+const MAX_SERVICE_BYTES: usize = 256 << 20;
+
+/// Most latency buckets kept per report and series (a proxy sends 16 bounds, 17 buckets).
+const MAX_BUCKETS: usize = 64;
+
 /// Most backends, and endpoint states per backend, kept from one report: what a proxy
 /// sends at most (`outlier::endpoint_report`); a report over it is not the proxy's own.
 const MAX_BACKENDS: usize = 256;
@@ -40,9 +54,10 @@ const MAX_STATES: usize = 64;
 const MAX_NAME: usize = 256;
 const MAX_ADDRESS: usize = 64;
 
-/// Most reports' verdicts kept per proxy: its window at a report every few seconds, so a
-/// proxy sending tiny reports as fast as it can does not grow the list.
-const MAX_AUTHZ_ENTRIES: usize = 1024;
+/// Most entries of each kind (reports, verdicts, samples) kept per proxy: its window at a
+/// report every few seconds, so a proxy sending tiny reports as fast as it can does not
+/// grow the lists.
+const MAX_ENTRIES: usize = 1024;
 
 /// How long a proxy's endpoint state stands without a newer report (a few report intervals).
 pub const FRESH_STATE: Duration = Duration::from_secs(10);
@@ -73,17 +88,199 @@ struct Window {
     authz: VecDeque<(Instant, u32, Vec<wire::AuthzSeries>)>,
     /// The latest state of the endpoints it sends to.
     endpoints: Option<(Instant, wire::EndpointReport)>,
+    /// What all of the above holds, as [`cost`] counts it.
+    bytes: usize,
+    /// When it last took something.
+    heard: Instant,
+}
+
+/// Roughly the heap bytes a kept entry holds: its strings, vectors and fixed parts. Only
+/// the sums matter (the bounds above), so it need not be exact, only grow with what a
+/// sender controls.
+mod cost {
+    use std::mem::size_of;
+    use trellis_api::wire;
+
+    pub fn report(r: &wire::TrafficReport) -> usize {
+        size_of::<wire::TrafficReport>()
+            + r.latency_bounds.len() * 8
+            + r.series
+                .iter()
+                .map(|s| {
+                    size_of::<wire::TrafficSeries>()
+                        + s.direction.len()
+                        + s.route.len()
+                        + s.backend.len()
+                        + s.peer_identity.len()
+                        + (s.classes.len() + s.latency.len()) * 8
+                })
+                .sum::<usize>()
+    }
+
+    pub fn authz(a: &[wire::AuthzSeries]) -> usize {
+        size_of::<Vec<wire::AuthzSeries>>()
+            + a.iter()
+                .map(|a| {
+                    size_of::<wire::AuthzSeries>()
+                        + a.listener.len()
+                        + a.policy.len()
+                        + a.decision.len()
+                })
+                .sum::<usize>()
+    }
+
+    pub fn usage() -> usize {
+        size_of::<wire::Usage>() + 16
+    }
+
+    pub fn endpoints(e: &wire::EndpointReport) -> usize {
+        size_of::<wire::EndpointReport>()
+            + e.backends
+                .iter()
+                .map(|b| {
+                    size_of::<wire::BackendEndpoints>()
+                        + b.backend.len()
+                        + b.states
+                            .iter()
+                            .map(|s| {
+                                size_of::<wire::EndpointState>() + s.address.len() + s.reason.len()
+                            })
+                            .sum::<usize>()
+                })
+                .sum::<usize>()
+    }
 }
 
 impl Window {
-    fn new(reporter: &Reporter) -> Window {
+    fn new(reporter: &Reporter, now: Instant) -> Window {
         Window {
             reporter: reporter.clone(),
             reports: VecDeque::new(),
             usage: VecDeque::new(),
             authz: VecDeque::new(),
             endpoints: None,
+            bytes: Self::OVERHEAD
+                + 2 * (reporter.namespace.len()
+                    + reporter.service.len()
+                    + reporter.identity.len()
+                    + reporter.node.len()),
+            heard: now,
         }
+    }
+
+    /// What an empty window holds (its key is stored twice: in the map and here).
+    const OVERHEAD: usize = 2 * std::mem::size_of::<Reporter>() + std::mem::size_of::<Window>();
+
+    fn is_empty(&self) -> bool {
+        self.reports.is_empty()
+            && self.usage.is_empty()
+            && self.authz.is_empty()
+            && self.endpoints.is_none()
+    }
+
+    /// Drops the oldest entry of any kind; `false` when only the newest of each is left.
+    fn drop_oldest(&mut self) -> bool {
+        let report = self
+            .reports
+            .front()
+            .filter(|_| self.reports.len() > 1)
+            .map(|(t, _)| *t);
+        let usage = self
+            .usage
+            .front()
+            .filter(|_| self.usage.len() > 1)
+            .map(|(t, _)| *t);
+        let authz = self
+            .authz
+            .front()
+            .filter(|_| self.authz.len() > 1)
+            .map(|(t, _, _)| *t);
+        let oldest = [report, usage, authz].into_iter().flatten().min();
+        match oldest {
+            None => false,
+            Some(t) if report == Some(t) => {
+                self.pop_report();
+                true
+            }
+            Some(t) if usage == Some(t) => {
+                self.pop_usage();
+                true
+            }
+            Some(_) => {
+                self.pop_authz();
+                true
+            }
+        }
+    }
+
+    fn pop_report(&mut self) -> Option<wire::TrafficReport> {
+        let (_, r) = self.reports.pop_front()?;
+        self.bytes -= cost::report(&r);
+        Some(r)
+    }
+
+    fn pop_usage(&mut self) {
+        if self.usage.pop_front().is_some() {
+            self.bytes -= cost::usage();
+        }
+    }
+
+    fn pop_authz(&mut self) -> Option<Vec<wire::AuthzSeries>> {
+        let (_, _, a) = self.authz.pop_front()?;
+        self.bytes -= cost::authz(&a);
+        Some(a)
+    }
+
+    /// Keeps the window within its bounds (at most `max_bytes`) after an entry came in at
+    /// `now`.
+    fn bound(&mut self, now: Instant, max_bytes: usize) {
+        self.heard = now;
+        let mut series: usize = self.reports.iter().map(|(_, r)| r.series.len()).sum();
+        while (series > MAX_KEPT_SERIES || self.reports.len() > MAX_ENTRIES)
+            && self.reports.len() > 1
+        {
+            series -= self.pop_report().map_or(0, |r| r.series.len());
+        }
+        let mut verdicts: usize = self.authz.iter().map(|(_, _, a)| a.len()).sum();
+        while (verdicts > MAX_KEPT_SERIES || self.authz.len() > MAX_ENTRIES) && self.authz.len() > 1
+        {
+            verdicts -= self.pop_authz().map_or(0, |a| a.len());
+        }
+        while self.usage.len() > MAX_ENTRIES {
+            self.pop_usage();
+        }
+        while self.bytes > max_bytes && self.drop_oldest() {}
+    }
+
+    /// Forgets what is older than the longest window (endpoint state: older than fresh).
+    fn expire(&mut self, now: Instant) {
+        let old = |t: &Instant| now.duration_since(*t) > MAX_WINDOW;
+        while self.reports.front().is_some_and(|(t, _)| old(t)) {
+            self.pop_report();
+        }
+        while self.usage.front().is_some_and(|(t, _)| old(t)) {
+            self.pop_usage();
+        }
+        while self.authz.front().is_some_and(|(t, _, _)| old(t)) {
+            self.pop_authz();
+        }
+        if self
+            .endpoints
+            .as_ref()
+            .is_some_and(|(t, _)| now.duration_since(*t) > FRESH_STATE)
+        {
+            self.set_endpoints(None);
+        }
+    }
+
+    fn set_endpoints(&mut self, e: Option<(Instant, wire::EndpointReport)>) {
+        if let Some((_, old)) = &self.endpoints {
+            self.bytes -= cost::endpoints(old);
+        }
+        if let Some((_, new)) = &e {
+            self.bytes += cost::endpoints(new);
+        }
+        self.endpoints = e;
     }
 }
 
@@ -762,6 +959,7 @@ struct TapSub {
 /// Reports and taps, shared by every report stream and the HTTP API.
 pub struct Fleet {
     windows: Mutex<BTreeMap<Reporter, Window>>,
+    limits: Limits,
     /// Open report streams per reporter.
     streams: Mutex<BTreeMap<Reporter, usize>>,
     taps: Mutex<BTreeMap<String, TapSub>>,
@@ -773,6 +971,14 @@ pub struct Fleet {
     /// The last [`RECENT`] tapped requests, by request id, for `explain --request-id`.
     recent: Mutex<VecDeque<TapEvent>>,
     next_request: AtomicU64,
+}
+
+/// What the windows may hold: [`MAX_WINDOW_BYTES`] and [`MAX_SERVICE_BYTES`] (smaller in
+/// tests).
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    window_bytes: usize,
+    service_bytes: usize,
 }
 
 /// Tapped requests kept for `trellis explain --request-id`.
@@ -810,6 +1016,10 @@ impl Default for Fleet {
     fn default() -> Self {
         Fleet {
             windows: Mutex::default(),
+            limits: Limits {
+                window_bytes: MAX_WINDOW_BYTES,
+                service_bytes: MAX_SERVICE_BYTES,
+            },
             streams: Mutex::default(),
             taps: Mutex::default(),
             taps_changed: watch::channel(0).0,
@@ -851,66 +1061,72 @@ impl Fleet {
     /// Keeps a report from `who`, and forgets reports older than the longest window.
     pub fn record(&self, who: &Reporter, mut report: wire::TrafficReport, now: Instant) {
         report.series.truncate(MAX_SERIES);
+        report.latency_bounds.truncate(MAX_BUCKETS);
+        for s in &mut report.series {
+            s.classes.truncate(5);
+            s.latency.truncate(MAX_BUCKETS + 1);
+        }
+        self.keep(who, now, |w| {
+            w.bytes += cost::report(&report);
+            w.reports.push_back((now, report));
+        });
+    }
+
+    /// Applies `add` to `who`'s window (made if new), then keeps the window, its service's
+    /// windows and every window within their bounds.
+    fn keep(&self, who: &Reporter, now: Instant, add: impl FnOnce(&mut Window)) {
         let mut windows = self.lock_windows();
         let w = windows
             .entry(who.clone())
-            .or_insert_with(|| Window::new(who));
-        w.reports.push_back((now, report));
-        let mut kept: usize = w.reports.iter().map(|(_, r)| r.series.len()).sum();
-        while kept > MAX_KEPT_SERIES && w.reports.len() > 1 {
-            if let Some((_, r)) = w.reports.pop_front() {
-                kept -= r.series.len();
-            }
-        }
+            .or_insert_with(|| Window::new(who, now));
+        add(w);
+        w.bound(now, self.limits.window_bytes);
+        Self::bound_service(&mut windows, who, self.limits.service_bytes);
         Self::prune(&mut windows, now);
+    }
+
+    /// Within `max_bytes` for `who`'s service: the windows of its instances heard from least
+    /// recently go (never `who`'s own, which [`Window::bound`] keeps in bounds).
+    fn bound_service(windows: &mut BTreeMap<Reporter, Window>, who: &Reporter, max_bytes: usize) {
+        let first = Reporter {
+            namespace: who.namespace.clone(),
+            service: who.service.clone(),
+            identity: String::new(),
+            node: String::new(),
+        };
+        let same = |r: &Reporter| r.namespace == who.namespace && r.service == who.service;
+        let mut total: usize = windows
+            .range(&first..)
+            .take_while(|(r, _)| same(r))
+            .map(|(_, w)| w.bytes)
+            .sum();
+        while total > max_bytes {
+            let Some(quietest) = windows
+                .range(&first..)
+                .take_while(|(r, _)| same(r))
+                .filter(|(r, _)| *r != who)
+                .min_by_key(|(_, w)| w.heard)
+                .map(|(r, _)| r.clone())
+            else {
+                return;
+            };
+            total -= windows.remove(&quietest).map_or(0, |w| w.bytes);
+        }
     }
 
     fn prune(windows: &mut BTreeMap<Reporter, Window>, now: Instant) {
         for w in windows.values_mut() {
-            while w
-                .reports
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > MAX_WINDOW)
-            {
-                w.reports.pop_front();
-            }
-            while w
-                .usage
-                .front()
-                .is_some_and(|(t, _)| now.duration_since(*t) > MAX_WINDOW)
-            {
-                w.usage.pop_front();
-            }
-            while w
-                .authz
-                .front()
-                .is_some_and(|(t, _, _)| now.duration_since(*t) > MAX_WINDOW)
-            {
-                w.authz.pop_front();
-            }
-            if w.endpoints
-                .as_ref()
-                .is_some_and(|(t, _)| now.duration_since(*t) > FRESH_STATE)
-            {
-                w.endpoints = None;
-            }
+            w.expire(now);
         }
-        windows.retain(|_, w| {
-            !w.reports.is_empty()
-                || !w.usage.is_empty()
-                || !w.authz.is_empty()
-                || w.endpoints.is_some()
-        });
+        windows.retain(|_, w| !w.is_empty());
     }
 
     /// Keeps a CPU and memory sample from `who`.
     pub fn record_usage(&self, who: &Reporter, usage: wire::Usage, now: Instant) {
-        let mut windows = self.lock_windows();
-        let w = windows
-            .entry(who.clone())
-            .or_insert_with(|| Window::new(who));
-        w.usage.push_back((now, usage));
-        Self::prune(&mut windows, now);
+        self.keep(who, now, |w| {
+            w.bytes += cost::usage();
+            w.usage.push_back((now, usage));
+        });
     }
 
     /// Keeps the authorization verdicts and endpoint state that came with a report from
@@ -939,22 +1155,14 @@ impl Fleet {
             }
             e
         });
-        let mut windows = self.lock_windows();
-        let w = windows
-            .entry(who.clone())
-            .or_insert_with(|| Window::new(who));
-        // Empty entries too: they count the time they cover (the rate's denominator).
-        w.authz.push_back((now, interval_ms, authz));
-        let mut kept: usize = w.authz.iter().map(|(_, _, a)| a.len()).sum();
-        while (kept > MAX_KEPT_SERIES || w.authz.len() > MAX_AUTHZ_ENTRIES) && w.authz.len() > 1 {
-            if let Some((_, _, a)) = w.authz.pop_front() {
-                kept -= a.len();
+        self.keep(who, now, |w| {
+            // Empty entries too: they count the time they cover (the rate's denominator).
+            w.bytes += cost::authz(&authz);
+            w.authz.push_back((now, interval_ms, authz));
+            if let Some(e) = endpoints {
+                w.set_endpoints(Some((now, e)));
             }
-        }
-        if let Some(e) = endpoints {
-            w.endpoints = Some((now, e));
-        }
-        Self::prune(&mut windows, now);
+        });
     }
 
     /// Authorization decisions per destination service, policy and rule over the last
@@ -1737,6 +1945,180 @@ mod tests {
             kept > MAX_KEPT_SERIES - MAX_SERIES,
             "only the oldest went: {kept}"
         );
+    }
+
+    /// A fleet with small byte bounds, so that tests can cross them.
+    fn small(window_bytes: usize, service_bytes: usize) -> Fleet {
+        Fleet {
+            limits: Limits {
+                window_bytes,
+                service_bytes,
+            },
+            ..Fleet::default()
+        }
+    }
+
+    /// Each window's byte count is what its entries cost, counted afresh.
+    fn counted_right(fleet: &Fleet) {
+        for (r, w) in fleet.lock_windows().iter() {
+            let fresh = Window::new(r, w.heard).bytes
+                + w.reports
+                    .iter()
+                    .map(|(_, r)| cost::report(r))
+                    .sum::<usize>()
+                + w.authz
+                    .iter()
+                    .map(|(_, _, a)| cost::authz(a))
+                    .sum::<usize>()
+                + w.usage.len() * cost::usage()
+                + w.endpoints.as_ref().map_or(0, |(_, e)| cost::endpoints(e));
+            assert_eq!(w.bytes, fresh, "{}", r.node);
+        }
+    }
+
+    fn service_bytes(fleet: &Fleet, service: &str) -> (usize, usize) {
+        let windows = fleet.lock_windows();
+        let mine = windows.iter().filter(|(r, _)| r.service == service);
+        (mine.clone().count(), mine.map(|(_, w)| w.bytes).sum())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn made_up_nodes_cannot_grow_the_control_plane_past_their_services_bound() {
+        // A leaked credential reporting as ever new nodes, each with a fat report: the
+        // service's windows stay within its bound, the newest are the ones kept, and another
+        // service's window is untouched.
+        const SERVICE: usize = 256 << 10;
+        let fleet = small(64 << 10, SERVICE);
+        let b = who("billing", "b1");
+        fleet.record(
+            &b,
+            report(2, vec![series("inbound", "inbound", "", "", 5, 0)]),
+            Instant::now(),
+        );
+        let fat = |i: usize| {
+            report(
+                2,
+                (0..40)
+                    .map(|j| {
+                        series(
+                            "outbound",
+                            &format!("default/r{i}-{j}/{}", "x".repeat(200)),
+                            "",
+                            "",
+                            1,
+                            0,
+                        )
+                    })
+                    .collect(),
+            )
+        };
+        for i in 0..200 {
+            tokio::time::advance(Duration::from_millis(10)).await;
+            fleet.record(
+                &who("payment", &format!("made-up-{i}")),
+                fat(i),
+                Instant::now(),
+            );
+            let (_, bytes) = service_bytes(&fleet, "payment");
+            assert!(bytes <= SERVICE, "after node {i}: {bytes} bytes");
+        }
+        counted_right(&fleet);
+        let (windows, _) = service_bytes(&fleet, "payment");
+        assert!((2..200).contains(&windows), "{windows} windows kept");
+        let kept = fleet.lock_windows();
+        assert!(
+            kept.contains_key(&who("payment", "made-up-199")),
+            "the newest stays"
+        );
+        assert!(
+            !kept.contains_key(&who("payment", "made-up-0")),
+            "the quietest went"
+        );
+        assert_eq!(
+            kept[&b].reports.len(),
+            1,
+            "another service keeps its window"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_proxy_flooding_tiny_messages_keeps_a_bounded_window() {
+        // Empty reports, empty verdict lists and usage samples as fast as a stream can carry
+        // them: counted by entry, since they hold no series.
+        let fleet = small(64 << 10, 1 << 20);
+        let a = who("payment", "p1");
+        for _ in 0..5_000 {
+            let now = Instant::now();
+            fleet.record(&a, report(2, Vec::new()), now);
+            fleet.record_usage(&a, wire::Usage::default(), now);
+            fleet.record_policy(&a, 2000, Vec::new(), None, now);
+        }
+        counted_right(&fleet);
+        let windows = fleet.lock_windows();
+        let w = &windows[&a];
+        assert!(w.reports.len() <= MAX_ENTRIES, "{}", w.reports.len());
+        assert!(w.usage.len() <= MAX_ENTRIES, "{}", w.usage.len());
+        assert!(w.authz.len() <= MAX_ENTRIES, "{}", w.authz.len());
+        assert!(w.bytes <= 64 << 10, "{}", w.bytes);
+    }
+
+    #[test]
+    fn a_report_s_buckets_are_bounded_and_bytes_counted_through_expiry() {
+        let fleet = small(1 << 20, 4 << 20);
+        let a = who("payment", "p1");
+        let mut r = report(2, vec![series("inbound", "inbound", "", "", 1, 0)]);
+        r.latency_bounds = vec![0.1; 100_000];
+        r.series[0].latency = vec![1; 100_000];
+        r.series[0].classes = vec![1; 100_000];
+        let now = Instant::now();
+        fleet.record(&a, r, now);
+        {
+            let windows = fleet.lock_windows();
+            let kept = &windows[&a].reports[0].1;
+            assert_eq!(kept.latency_bounds.len(), MAX_BUCKETS);
+            assert_eq!(kept.series[0].latency.len(), MAX_BUCKETS + 1);
+            assert_eq!(kept.series[0].classes.len(), 5);
+        }
+        let endpoints = wire::EndpointReport {
+            backends: vec![wire::BackendEndpoints {
+                backend: "default/payment:80".into(),
+                endpoints: 2,
+                states: vec![wire::EndpointState {
+                    address: "10.0.0.1:80".into(),
+                    ejected_ms: 100,
+                    reason: "consecutive_5xx".into(),
+                    times_ejected: 1,
+                    ..Default::default()
+                }],
+            }],
+        };
+        fleet.record_policy(
+            &a,
+            2000,
+            vec![verdicts("p", Some(0), "allow", 3)],
+            Some(endpoints.clone()),
+            now,
+        );
+        fleet.record_policy(
+            &a,
+            2000,
+            Vec::new(),
+            Some(endpoints),
+            now + Duration::from_secs(1),
+        );
+        counted_right(&fleet);
+        // Endpoint state goes stale first, then everything: the count follows each step.
+        Fleet::prune(
+            &mut fleet.lock_windows(),
+            now + FRESH_STATE + Duration::from_secs(2),
+        );
+        assert!(fleet.lock_windows()[&a].endpoints.is_none());
+        counted_right(&fleet);
+        Fleet::prune(
+            &mut fleet.lock_windows(),
+            now + MAX_WINDOW + Duration::from_secs(2),
+        );
+        assert!(fleet.lock_windows().is_empty());
     }
 
     #[test]

@@ -102,6 +102,7 @@ impl MeshService {
         let node = node.filter(|n| !n.id.is_empty()).ok_or_else(|| {
             Status::invalid_argument("the first message must carry a node with an id")
         })?;
+        check_node(&node).map_err(Status::invalid_argument)?;
         if !node.service.is_empty() {
             let ns = if node.namespace.is_empty() {
                 trellis_api::meta::DEFAULT_NAMESPACE
@@ -649,6 +650,56 @@ async fn run_stream(
     }
 }
 
+/// Longest node id (a DNS name's length): the control plane keys streams, reports and quota
+/// shares by it.
+const MAX_NODE_ID: usize = 253;
+/// Most explicit upstreams a node may name, and the longest (a namespace and a name).
+const MAX_UPSTREAMS: usize = 10_000;
+const MAX_UPSTREAM: usize = 320;
+/// Longest proxy version and metrics address.
+const MAX_NODE_TEXT: usize = 256;
+
+/// Whether a node's hello is within what a real proxy sends (pure): the control plane
+/// keeps these texts as long as the stream lasts and longer, so a crafted hello must not
+/// make it hold megabytes.
+fn check_node(n: &wire::Node) -> Result<(), String> {
+    if n.id.len() > MAX_NODE_ID || n.id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "node id must be at most {MAX_NODE_ID} bytes without spaces or control characters (got {} bytes)",
+            n.id.len()
+        ));
+    }
+    if n.upstreams.len() > MAX_UPSTREAMS {
+        return Err(format!(
+            "node {} names {} upstreams; at most {MAX_UPSTREAMS}",
+            n.id,
+            n.upstreams.len()
+        ));
+    }
+    if let Some(u) = n.upstreams.iter().find(|u| u.len() > MAX_UPSTREAM) {
+        return Err(format!(
+            "node {}: upstream of {} bytes; at most {MAX_UPSTREAM}",
+            n.id,
+            u.len()
+        ));
+    }
+    for (what, text) in [
+        ("namespace", &n.namespace),
+        ("service", &n.service),
+        ("proxy version", &n.proxy_version),
+        ("metrics address", &n.metrics_address),
+    ] {
+        if text.len() > MAX_NODE_TEXT {
+            return Err(format!(
+                "node {}: {what} of {} bytes; at most {MAX_NODE_TEXT}",
+                n.id,
+                text.len()
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -728,6 +779,55 @@ mod tests {
             assert_eq!(removed, whole[0].removed, "budget {budget}");
             if budget < 1_000 {
                 assert!(parts.len() > 2, "budget {budget}: {} parts", parts.len());
+            }
+        }
+    }
+
+    #[test]
+    fn a_hello_is_within_what_a_proxy_sends() {
+        let node = |f: &dyn Fn(&mut wire::Node)| {
+            let mut n = wire::Node {
+                id: "web-4121".into(),
+                namespace: "default".into(),
+                service: "web".into(),
+                upstreams: vec!["default/payment".into()],
+                proxy_version: "0.1.0".into(),
+                metrics_address: "10.0.0.7:9901".into(),
+                ..Default::default()
+            };
+            f(&mut n);
+            check_node(&n)
+        };
+        type Change<'a> = &'a dyn Fn(&mut wire::Node);
+        // (change, refused with a message naming)
+        let cases: [(Change, Option<&str>); 9] = [
+            (&|_| {}, None),
+            (&|n| n.id = "a".repeat(MAX_NODE_ID), None),
+            (&|n| n.id = "a".repeat(MAX_NODE_ID + 1), Some("node id")),
+            (&|n| n.id = "web 1".into(), Some("node id")),
+            (&|n| n.id = "web\n1".into(), Some("node id")),
+            (
+                &|n| n.upstreams = vec!["x".into(); MAX_UPSTREAMS + 1],
+                Some("upstreams"),
+            ),
+            (
+                &|n| n.upstreams = vec!["x".repeat(MAX_UPSTREAM + 1)],
+                Some("upstream of"),
+            ),
+            (
+                &|n| n.proxy_version = "v".repeat(5000),
+                Some("proxy version"),
+            ),
+            (
+                &|n| n.metrics_address = "m".repeat(5000),
+                Some("metrics address"),
+            ),
+        ];
+        for (i, (change, want)) in cases.into_iter().enumerate() {
+            match (node(change), want) {
+                (Ok(()), None) => {}
+                (Err(e), Some(w)) => assert!(e.contains(w), "case {i}: {e}"),
+                (got, want) => panic!("case {i}: {got:?}, wanted {want:?}"),
             }
         }
     }

@@ -771,12 +771,21 @@ async fn report_as(
     creds: &Arc<Credentials>,
     service: &str,
 ) -> Result<wire::ReportResponse, tonic::Status> {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
     let node = wire::Node {
         id: format!("node-{service}"),
         service: service.into(),
         ..Default::default()
     };
+    report_node(plane, creds, node).await
+}
+
+/// [`report_as`] with the node's hello as given.
+async fn report_node(
+    plane: &Plane,
+    creds: &Arc<Credentials>,
+    node: wire::Node,
+) -> Result<wire::ReportResponse, tonic::Status> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(wire::ReportRequest {
         node: Some(node),
         ..Default::default()
@@ -826,6 +835,16 @@ async fn a_proxy_reports_only_about_itself() {
         assert!(taps.taps.is_empty());
         // A client-only node (no service claimed) still reports as what it proves.
         report_as(&plane, &payment, "").await.unwrap();
+        // A node id the control plane would have to keep as a key, megabytes long: refused
+        // before anything is kept.
+        let huge = wire::Node {
+            id: "n".repeat(1 << 20),
+            service: "payment".into(),
+            ..Default::default()
+        };
+        let e = report_node(&plane, &payment, huge).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("node id"), "{e:?}");
         let view = plane.control.fleet.view(
             Duration::from_secs(30),
             &trellis_control::fleet::Query::default(),
