@@ -12,6 +12,9 @@
 #                                                         sequential requests, kept in OUT
 #   MODES=busy CONC=50 TRELLIS_BIN=... bash bench/hops.sh   # at maximum throughput: each
 #       process's CPU, and (perf sched) how often each runs, for how long, and side by side
+#   MODES=profile CONC=50 TRELLIS_BIN=... bash bench/hops.sh   # perf record of both hops
+#       at maximum throughput: each hop's hottest symbols, kernel included
+#       (PERF_CALLGRAPH="--call-graph dwarf" for callers on a build without frame pointers)
 #   TRELLIS_EXTRA_SPEC='  upstreamHttp2MaxStreams: 10' ...  # lines added to both sidecars' spec
 #
 # Identities come from a real control plane (as in bench/twohop.sh); the upstream is nginx
@@ -270,6 +273,30 @@ PY
                 | python3 bench/lib/schedbusy.py "$rate" out="${PROC[out]}" in="${PROC[in]}" upstream="$up_worker" wrk="$wrk_pid"
             [[ -n $OUT ]] && mkdir -p "$OUT" && cp "$TMP/sched.data" "$OUT/sched.c$c.data"
             stop
+        done
+        ;;
+    profile)
+        # Where each hop's cycles go at maximum throughput: perf record of both sidecars
+        # (kernel included) over the middle of a wrk run, then each hop's hottest symbols.
+        for c in $CONC; do
+            log "profile, $c connection(s)"
+            start env
+            wrk -t1 -c"$c" -d2s "$URL" >/dev/null
+            wrk -t1 -c"$c" -d"$((SECS + 4))s" "$URL" >"$TMP/profile.wrk" &
+            wrk_pid=$!
+            sleep 1
+            perf record -q -F 1999 ${PERF_CALLGRAPH:--g} -p "${HOP_PID[out]},${HOP_PID[in]}" -o "$TMP/perf.data" -- sleep "$SECS" >/dev/null 2>&1
+            wait "$wrk_pid" || true
+            stop
+            for hop in out in; do
+                echo
+                echo "Hop $hop, wrk -t1 -c$c, self time by symbol (perf record -F 1999, ${SECS} s; [k] is the kernel):"
+                echo
+                echo '```'
+                perf report -i "$TMP/perf.data" --pid "${HOP_PID[$hop]}" --no-children --sort dso,sym --percent-limit "${PERCENT_LIMIT:-0.7}" --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$'
+                echo '```'
+            done
+            [[ -n $OUT ]] && mkdir -p "$OUT" && cp "$TMP/perf.data" "$OUT/perf.c$c.data"
         done
         ;;
     *) echo "unknown mode $mode" >&2; exit 1 ;;

@@ -6,6 +6,7 @@
 #   ROUNDS=3 RUN_SECS=10 DURATION=20s bash bench/twohop.sh
 #   ROUNDS=1 RUN_SECS=3 DURATION=5s TRELLIS_BIN=target/quick-release/trellis bash bench/twohop.sh
 #   TRELLIS_EXTRA_SPEC='  upstreamHttp2MaxStreams: 10'   # lines added to every sidecar's Proxy spec
+#   TRELLIS_PROXY_ARGS="--io-batch 32"   # extra flags for every sidecar's `trellis proxy`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/lib/load.sh
@@ -223,7 +224,7 @@ trellis_start() { # PATH
     local path=$1 svc=up-${1#trellis-} hop tok
     for hop in in out; do
         tok=$("$T" token create --service "$([[ $hop == in ]] && echo "$svc" || echo "client-${path#trellis-}")" 2>/dev/null)
-        "$T" --log warn proxy --threads 1 --control "$TRELLIS_CONTROL" --config "$TMP/$path-$hop.yaml" \
+        "$T" --log warn proxy --threads 1 ${TRELLIS_PROXY_ARGS:-} --control "$TRELLIS_CONTROL" --config "$TMP/$path-$hop.yaml" \
             --state-dir "$TMP/state-$path-$hop" --token "$tok" >"$TMP/$path-$hop.log" 2>&1 &
         PIDS+=($!)
         if [[ $hop == in ]]; then HOP2[$path]=$!; else HOP1[$path]=$!; fi
@@ -361,7 +362,7 @@ echo
 echo "== twohop $(date -u +%FT%TZ); $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "trellis: $BUILD"
 echo "$(haproxy -v | head -1 | cut -d' ' -f1-3); $(nginx -v 2>&1 | cut -d' ' -f3); $(openssl version | cut -d' ' -f1-2); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); $("$OHA" --version)"
-echo "ROUNDS=$ROUNDS RUN_SECS=$RUN_SECS RATE=$RATE DURATION=$DURATION CONNS=$CONNS; one thread per proxy; upstream nginx answers 3 bytes"
+echo "ROUNDS=$ROUNDS RUN_SECS=$RUN_SECS RATE=$RATE DURATION=$DURATION CONNS=$CONNS; one thread per proxy; upstream nginx answers 3 bytes${TRELLIS_PROXY_ARGS:+; sidecars: trellis proxy $TRELLIS_PROXY_ARGS}"
 echo
 echo "Medians over $ROUNDS interleaved rounds. Max req/s: wrk -t1 -c$CONNS -d${RUN_SECS}s. Added latency: oha -q $RATE --latency-correction -c $CONNS -z $DURATION, path − direct (µs). CPU: utime+stime of both hops during the wrk run (nginx: workers), s per 1,000 requests. RSS: VmRSS after the rounds (nginx: master + worker). Conns to hop 2: connections the second hop accepted over the warm-up and all rounds (pooling keeps it near $CONNS per path)."
 echo
