@@ -217,12 +217,12 @@ async fn explain_request(c: &Control, body: ExplainBody) -> Result<Value, Failur
         .find_map(|n| {
             proxies
                 .iter()
-                .find(|p| &p.node == n && c.fleet.can_explain(n))
+                .find(|p| &p.node == n && c.fleet.can_explain(p))
         })
         .or_else(|| {
             proxies
                 .iter()
-                .find(|p| p.namespace == ns && p.service == name && c.fleet.can_explain(&p.node))
+                .find(|p| p.namespace == ns && p.service == name && c.fleet.can_explain(p))
         });
     match callee {
         None => {
@@ -285,7 +285,7 @@ fn pick_proxy<'a>(
             proxies
                 .iter()
                 .filter(|p| p.namespace == ns && p.service == name)
-                .find(|p| c.fleet.can_explain(&p.node))
+                .find(|p| c.fleet.can_explain(p))
                 .ok_or_else(|| {
                     (
                         StatusCode::NOT_FOUND,
@@ -374,7 +374,7 @@ async fn ask_proxy(
     };
     let answer = c
         .fleet
-        .explain(&p.node, req, ANSWER_TIMEOUT)
+        .explain(p, req, ANSWER_TIMEOUT)
         .await
         .map_err(|e| (StatusCode::GATEWAY_TIMEOUT, e.to_string()))?;
     if !answer.error.is_empty() {

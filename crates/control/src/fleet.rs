@@ -7,6 +7,7 @@
 //! come from its credentials, not from the message), so a proxy can only report about itself.
 //! The aggregation math is pure functions over reports, tested beside them.
 
+use crate::mesh::ProxyStatus;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -987,10 +988,28 @@ pub const RECENT: usize = 4096;
 /// Explain requests on their way to proxies over the report streams of this replica.
 #[derive(Default)]
 struct Explains {
-    /// Per node: where its report stream takes requests from.
-    streams: HashMap<String, mpsc::Sender<wire::ExplainRequest>>,
-    /// Requests sent and not answered yet: the node asked, and where the answer goes.
-    waiting: HashMap<String, (String, tokio::sync::oneshot::Sender<wire::ExplainAnswer>)>,
+    /// Per node id: its open report streams, oldest first: who each is from, and where it
+    /// takes requests from. Node ids are the proxies' to choose, so several services' proxies
+    /// may share one; a request goes to the newest stream that [`reports_for`] its proxy.
+    streams: HashMap<String, Vec<(Reporter, mpsc::Sender<wire::ExplainRequest>)>>,
+    /// Requests sent and not answered yet: who was asked, and where the answer goes.
+    waiting: HashMap<String, (Reporter, tokio::sync::oneshot::Sender<wire::ExplainAnswer>)>,
+}
+
+impl Explains {
+    /// Where proxy `p`'s explain requests go: its node's newest report stream that
+    /// [`reports_for`] it.
+    fn stream_for(
+        &self,
+        p: &ProxyStatus,
+    ) -> Option<(Reporter, mpsc::Sender<wire::ExplainRequest>)> {
+        self.streams
+            .get(&p.node)?
+            .iter()
+            .rev()
+            .find(|(who, _)| reports_for(who, p))
+            .cloned()
+    }
 }
 
 /// Explain requests queued per proxy before new ones are refused.
@@ -1370,30 +1389,32 @@ impl Fleet {
             .cloned()
     }
 
-    /// Whether `node` has a report stream to this replica (so it can explain).
-    pub fn can_explain(&self, node: &str) -> bool {
-        self.lock_explains().streams.contains_key(node)
+    /// Whether proxy `p` has a report stream to this replica (so it can explain): one from
+    /// its node that [`reports_for`] it.
+    pub fn can_explain(&self, p: &ProxyStatus) -> bool {
+        self.lock_explains().stream_for(p).is_some()
     }
 
-    /// Asks proxy `node` to explain, over its report stream; waits at most `timeout`.
+    /// Asks proxy `p` to explain, over its report stream; waits at most `timeout`.
     pub async fn explain(
         &self,
-        node: &str,
+        p: &ProxyStatus,
         mut req: wire::ExplainRequest,
         timeout: Duration,
     ) -> Result<wire::ExplainAnswer, ExplainError> {
+        let node = p.node.as_str();
         let id = format!("x-{}", self.next_explain.fetch_add(1, Ordering::Relaxed));
         req.id = id.clone();
         let (tx, rx) = tokio::sync::oneshot::channel();
         {
             let mut e = self.lock_explains();
-            let Some(stream) = e.streams.get(node).cloned() else {
+            let Some((who, stream)) = e.stream_for(p) else {
                 return Err(ExplainError::NotConnected(node.into()));
             };
             if stream.try_send(req).is_err() {
                 return Err(ExplainError::Busy(node.into()));
             }
-            e.waiting.insert(id.clone(), (node.to_string(), tx));
+            e.waiting.insert(id.clone(), (who, tx));
         }
         let answer = tokio::time::timeout(timeout, rx).await;
         self.lock_explains().waiting.remove(&id);
@@ -1404,10 +1425,13 @@ impl Fleet {
         }
     }
 
-    /// An answer from `node`: delivered only to a request that was sent to that node.
-    fn answered(&self, node: &str, answer: wire::ExplainAnswer) {
+    /// An answer from `who`: delivered only to a request that was sent to `who` (request ids
+    /// are sequential, so another proxy could guess one).
+    fn answered(&self, who: &Reporter, answer: wire::ExplainAnswer) {
         let mut e = self.lock_explains();
-        if e.waiting.get(&answer.id).is_some_and(|(n, _)| n == node)
+        if e.waiting
+            .get(&answer.id)
+            .is_some_and(|(asked, _)| asked == who)
             && let Some((_, tx)) = e.waiting.remove(&answer.id)
         {
             let _ = tx.send(answer);
@@ -1461,12 +1485,15 @@ pub(crate) async fn serve_reports(
     let mut taps = fleet.watch_taps();
     taps.mark_changed();
     let mut sent: Option<Vec<wire::TapRequest>> = None;
-    // Explain requests for this proxy arrive here (the newest stream of a node takes them).
+    // Explain requests for this proxy arrive here (the newest stream of a node takes them;
+    // they are sent only where `reports_for` holds).
     let (etx, mut explains) = mpsc::channel(EXPLAIN_QUEUE);
     fleet
         .lock_explains()
         .streams
-        .insert(who.node.clone(), etx.clone());
+        .entry(who.node.clone())
+        .or_default()
+        .push((who.clone(), etx.clone()));
     let _unregister = Unregister(fleet, who.node.clone(), etx);
     loop {
         tokio::select! {
@@ -1502,7 +1529,7 @@ pub(crate) async fn serve_reports(
                     fleet.deliver(who, trust_domain, m.tap_events, m.tap_dropped);
                 }
                 for a in m.explained {
-                    fleet.answered(&who.node, a);
+                    fleet.answered(who, a);
                 }
             }
             () = tx.closed() => return,
@@ -1510,20 +1537,38 @@ pub(crate) async fn serve_reports(
     }
 }
 
-/// Removes a report stream's explain channel when the stream ends, unless a newer stream of
-/// the same node replaced it.
+/// Removes a report stream's explain channel when the stream ends.
 struct Unregister<'a>(&'a Fleet, String, mpsc::Sender<wire::ExplainRequest>);
 
 impl Drop for Unregister<'_> {
     fn drop(&mut self) {
         let mut e = self.0.lock_explains();
-        if e.streams
-            .get(&self.1)
-            .is_some_and(|s| s.same_channel(&self.2))
-        {
-            e.streams.remove(&self.1);
+        if let Some(list) = e.streams.get_mut(&self.1) {
+            list.retain(|(_, s)| !s.same_channel(&self.2));
+            if list.is_empty() {
+                e.streams.remove(&self.1);
+            }
         }
     }
+}
+
+/// Whether a report stream from `who` can be the one of proxy `p` (pure): node ids are the
+/// proxies' to choose, so the stream must also be from the service `p` claims (when it claims
+/// one) and from the service `p`'s certificate proved (when it had one; the stream may have
+/// authenticated with the join token instead). Without it a proxy of another service
+/// reporting under `p`'s node id would receive, and answer, the explain requests meant for
+/// `p`.
+pub fn reports_for(who: &Reporter, p: &ProxyStatus) -> bool {
+    let namespace = if p.namespace.is_empty() {
+        trellis_api::meta::DEFAULT_NAMESPACE
+    } else {
+        &p.namespace
+    };
+    who.node == p.node
+        && (p.service.is_empty() || (who.namespace == namespace && who.service == p.service))
+        && p.certificate.as_ref().is_none_or(|(identity, _)| {
+            identity_parts(identity) == Some((who.namespace.as_str(), who.service.as_str()))
+        })
 }
 
 /// Checks a tap's status filter: empty, an HTTP status (`503`) or a class (`5xx`).
@@ -1945,6 +1990,79 @@ mod tests {
             kept > MAX_KEPT_SERIES - MAX_SERIES,
             "only the oldest went: {kept}"
         );
+    }
+
+    #[test]
+    fn a_report_stream_speaks_for_a_proxy_only_from_its_service_and_identity() {
+        let proxy = |service: &str, certificate: Option<&str>| ProxyStatus {
+            node: "web-1".into(),
+            namespace: "default".into(),
+            service: service.into(),
+            certificate: certificate.map(|c| (c.to_string(), 0)),
+            ..Default::default()
+        };
+        let id = |service: &str| format!("spiffe://td/ns/default/sa/{service}");
+        let reporter = |service: &str, node: &str, identity: &str| Reporter {
+            namespace: "default".into(),
+            service: service.into(),
+            identity: identity.into(),
+            node: node.into(),
+        };
+        let cases = [
+            // (stream from, proxy listed, speaks for it)
+            (
+                reporter("web", "web-1", &id("web")),
+                proxy("web", Some(&id("web"))),
+                true,
+            ),
+            (reporter("web", "web-1", ""), proxy("web", None), true),
+            (
+                reporter("web", "web-2", &id("web")),
+                proxy("web", Some(&id("web"))),
+                false,
+            ),
+            // Another service's proxy naming the same node.
+            (
+                reporter("shop", "web-1", &id("shop")),
+                proxy("web", Some(&id("web"))),
+                false,
+            ),
+            (
+                reporter("shop", "web-1", &id("shop")),
+                proxy("web", None),
+                false,
+            ),
+            // A proxy claiming no service: its certificate's identity decides.
+            (
+                reporter("shop", "web-1", &id("shop")),
+                proxy("", Some(&id("web"))),
+                false,
+            ),
+            (
+                reporter("web", "web-1", &id("web")),
+                proxy("", Some(&id("web"))),
+                true,
+            ),
+            // The same service: one stream with its join token, the other with a certificate.
+            (
+                reporter("web", "web-1", ""),
+                proxy("web", Some(&id("web"))),
+                true,
+            ),
+            (
+                reporter("web", "web-1", ""),
+                proxy("", Some(&id("web"))),
+                true,
+            ),
+            (
+                reporter("shop", "web-1", ""),
+                proxy("", Some(&id("web"))),
+                false,
+            ),
+        ];
+        for (i, (who, p, want)) in cases.iter().enumerate() {
+            assert_eq!(reports_for(who, p), *want, "case {i}");
+        }
     }
 
     /// A fleet with small byte bounds, so that tests can cross them.

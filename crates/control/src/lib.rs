@@ -45,6 +45,7 @@ use tokio_util::sync::CancellationToken;
 pub struct Control {
     pub(crate) store: store::Counted,
     state: watch::Receiver<Arc<State>>,
+    /// Connected proxies, by namespace, claimed service and node id (`mesh::ProxyKey`).
     pub(crate) proxies: Mutex<BTreeMap<String, ProxyStatus>>,
     pub(crate) settings: Settings,
     pub(crate) ca_cache: identity::CaCache,

@@ -53,6 +53,9 @@ pub struct ProxyStatus {
     /// replica knows: the one it connected with, or the renewal issued for it since.
     #[serde(skip)]
     pub(crate) certificate: Option<(String, i64)>,
+    /// Which stream of the node this is (see `ProxyKey`).
+    #[serde(skip)]
+    pub(crate) stream: u64,
 }
 
 /// Who is on the other end of a proxy stream, as its connection shows.
@@ -171,21 +174,25 @@ impl Mesh for MeshService {
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
         tokio::spawn(async move {
-            let id = node.id.clone();
+            let key = ProxyKey::of(&node);
             run_stream(
                 &control,
                 node,
+                &key,
                 connected,
                 first.initial_versions,
                 inbound,
                 tx,
             )
             .await;
-            control
-                .proxies
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&id);
+            // Unless a newer stream of the same node took the entry over.
+            let mut proxies = control.proxies.lock().unwrap_or_else(|e| e.into_inner());
+            if proxies
+                .get(&key.name)
+                .is_some_and(|p| p.stream == key.stream)
+            {
+                proxies.remove(&key.name);
+            }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -239,10 +246,15 @@ impl Mesh for MeshService {
             .await?
             .ok_or_else(|| Status::invalid_argument("stream closed before its hello"))?;
         let node = Self::hello(&principal, first.node.clone())?;
+        // Node ids are the proxies' to choose: the instance a share is for is also its
+        // credentials' service, so another service's proxy naming the same node neither
+        // replaces its demand nor receives its share.
+        let (ns, service) = principal.service();
+        let instance = format!("{ns}/{service}/{}", node.id);
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
         tokio::spawn(async move {
-            crate::quota::serve(&control, node.id, first, inbound, tx).await;
+            crate::quota::serve(&control, instance, first, inbound, tx).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -508,9 +520,33 @@ pub(crate) fn view_key(p: &ProxyStatus) -> ViewKey {
     key
 }
 
+/// Where a proxy stream keeps its [`ProxyStatus`]: under its namespace, claimed service and
+/// node id, since node ids are the proxies' to choose (a proxy of another service naming
+/// the same node must not replace, or remove, this one's entry), and which stream it is.
+struct ProxyKey {
+    name: String,
+    stream: u64,
+}
+
+impl ProxyKey {
+    fn of(node: &wire::Node) -> ProxyKey {
+        static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let namespace = if node.namespace.is_empty() {
+            trellis_api::meta::DEFAULT_NAMESPACE
+        } else {
+            &node.namespace
+        };
+        ProxyKey {
+            name: format!("{namespace}/{}/{}", node.service, node.id),
+            stream: STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+}
+
 async fn run_stream(
     control: &Control,
     node: wire::Node,
+    entry: &ProxyKey,
     connected: Connected,
     initial: std::collections::HashMap<String, String>,
     mut inbound: Streaming<wire::StreamRequest>,
@@ -527,7 +563,10 @@ async fn run_stream(
     }
     let update = |f: &dyn Fn(&mut ProxyStatus)| {
         let mut proxies = control.proxies.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = proxies.get_mut(&node.id) {
+        if let Some(s) = proxies
+            .get_mut(&entry.name)
+            .filter(|s| s.stream == entry.stream)
+        {
             f(s);
         }
     };
@@ -536,7 +575,7 @@ async fn run_stream(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(
-            node.id.clone(),
+            entry.name.clone(),
             ProxyStatus {
                 node: node.id.clone(),
                 namespace,
@@ -557,6 +596,7 @@ async fn run_stream(
                 )
                 .unwrap_or_default(),
                 certificate: connected.certificate,
+                stream: entry.stream,
             },
         );
     tracing::debug!(node = %node.id, "proxy connected");

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use trellis_api::wire::{self, mesh_client::MeshClient};
 use trellis_control::store::StoreSpec;
-use trellis_control::{Control, Settings};
+use trellis_control::{Control, ProxyStatus, Settings};
 use trellis_identity::{Credentials, WorkloadKey};
 use trellis_proxy::control::ControlTls;
 
@@ -867,6 +867,105 @@ async fn a_proxy_reports_only_about_itself() {
     .await;
 }
 
+/// Waits until `f` holds of the connected proxies (bounded by the test's own limit).
+async fn until_proxies(plane: &Plane, f: impl Fn(&[ProxyStatus]) -> bool) -> Vec<ProxyStatus> {
+    loop {
+        let proxies = plane.control.proxies();
+        if f(&proxies) {
+            return proxies;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn another_services_proxy_naming_the_same_node_neither_hides_it_nor_takes_its_explains() {
+    bounded(async {
+        let plane = start("samenode", |_| {}).await;
+        let web = plane.credentials("web").await;
+        let shop = plane.credentials("shop").await;
+        let node = |service: &str| wire::Node {
+            id: "web-1".into(),
+            service: service.into(),
+            ..Default::default()
+        };
+        let report = |creds: Arc<Credentials>, node: wire::Node| {
+            let plane = &plane;
+            async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tx.send(wire::ReportRequest {
+                    node: Some(node),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+                let mut answers = plane
+                    .client(Some(&creds))
+                    .await
+                    .report(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                answers.message().await.unwrap().expect("the taps");
+                (tx, answers)
+            }
+        };
+        // web's proxy: its config stream and its report stream.
+        let mut client = plane.client(Some(&web)).await;
+        let _web_config = config_stream(&mut client, node("web")).await;
+        let _web_report = report(web.clone(), node("web")).await;
+        let listed = until_proxies(&plane, |p| p.iter().any(|p| p.service == "web")).await;
+        let web_proxy = listed.iter().find(|p| p.service == "web").unwrap().clone();
+        let fleet = &plane.control.fleet;
+        for _ in 0..100 {
+            if fleet.can_explain(&web_proxy) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(fleet.can_explain(&web_proxy));
+
+        // shop's credentials open a config stream and newer report streams as node web-1,
+        // one claiming shop and one claiming no service.
+        let mut client = plane.client(Some(&shop)).await;
+        let shop_config = config_stream(&mut client, node("shop")).await;
+        let shop_report = report(shop.clone(), node("shop")).await;
+        let bare_report = report(shop.clone(), node("")).await;
+        let both = until_proxies(&plane, |p| p.len() == 2).await;
+        assert!(
+            both.iter().any(|p| p.service == "web") && both.iter().any(|p| p.service == "shop"),
+            "both listed: {both:?}"
+        );
+        assert!(
+            fleet.can_explain(&web_proxy),
+            "web's own stream still takes web's explains"
+        );
+        // An explain request for web goes to web's stream, not to the newer ones: shop's
+        // streams see nothing (web's stream does not answer here, so it times out).
+        let asked = fleet
+            .explain(
+                &web_proxy,
+                wire::ExplainRequest::default(),
+                Duration::from_millis(300),
+            )
+            .await;
+        assert!(asked.is_err());
+        let (_tx, mut shop_answers) = shop_report;
+        let (_tx2, mut bare_answers) = bare_report;
+        for answers in [&mut shop_answers, &mut bare_answers] {
+            let got = tokio::time::timeout(Duration::from_millis(300), answers.message()).await;
+            assert!(got.is_err(), "another service's stream got {got:?}");
+        }
+
+        // shop's config stream ends: web's entry stays.
+        drop(shop_config);
+        let left = until_proxies(&plane, |p| p.len() == 1).await;
+        assert_eq!(left[0].service, "web", "{left:?}");
+        plane.finish();
+    })
+    .await;
+}
+
 /// The node of an `orders` sidecar that calls `catalog`.
 fn orders_node() -> wire::Node {
     wire::Node {
@@ -900,12 +999,13 @@ async fn config_stream(
     (tx, responses)
 }
 
-/// A sidecar's quota stream for the Global limit `default/catalog/total` (150 per second):
-/// reports `per_interval` units every 250 ms; the receiver holds the latest share.
-#[cfg(feature = "etcd")]
+/// A sidecar's quota stream for the Global limit `default/catalog/total` (150 per second),
+/// as node `node` of `service`: reports `per_interval` units every 250 ms; the receiver
+/// holds the latest share.
 async fn quota_stream(
     plane: &Plane,
     creds: &Arc<Credentials>,
+    service: &str,
     node: &str,
     per_interval: u64,
 ) -> (
@@ -928,7 +1028,7 @@ async fn quota_stream(
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(report(Some(wire::Node {
         id: node.into(),
-        service: "catalog".into(),
+        service: service.into(),
         ..Default::default()
     })))
     .await
@@ -962,6 +1062,34 @@ async fn quota_stream(
         }
     });
     (task, share_rx)
+}
+
+#[tokio::test]
+async fn a_proxy_of_another_service_naming_the_same_node_does_not_take_its_quota_share() {
+    bounded(async {
+        let plane = start("quotanode", |_| {}).await;
+        let catalog = plane.credentials("catalog").await;
+        let shop = plane.credentials("shop").await;
+        // Equal demand as the same node id: two instances, half the limit each. With one
+        // record per node id, the later stream replaced the other's and both were sent the
+        // whole limit.
+        let (_a, mine) = quota_stream(&plane, &catalog, "catalog", "node-1", 10).await;
+        let (_b, theirs) = quota_stream(&plane, &shop, "shop", "node-1", 10).await;
+        for _ in 0..200 {
+            let (m, t) = (*mine.borrow(), *theirs.borrow());
+            if (m - 75.0).abs() < 1.0 && (t - 75.0).abs() < 1.0 {
+                plane.finish();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "shares: catalog's node {}, shop's node of the same id {}",
+            *mine.borrow(),
+            *theirs.borrow()
+        );
+    })
+    .await;
 }
 
 /// Waits (bounded) until the busy and the idle sidecar's shares settle: together the whole
@@ -1023,8 +1151,8 @@ async fn replicas_on_etcd_divide_one_global_limit() {
         let b = replica("quota-b").await;
         let creds = a.credentials("catalog").await;
         // 100 per 250 ms (400 per second) on a, nothing on b.
-        let (busy_task, busy) = quota_stream(&a, &creds, "busy", 100).await;
-        let (_idle_task, idle) = quota_stream(&b, &creds, "idle", 0).await;
+        let (busy_task, busy) = quota_stream(&a, &creds, "catalog", "busy", 100).await;
+        let (_idle_task, idle) = quota_stream(&b, &creds, "catalog", "idle", 0).await;
         let (bs, is) = wait_division(&busy, &idle).await;
         // The idle one keeps its floor: half of 10%.
         assert!((is - 7.5).abs() < 0.5, "busy {bs}, idle {is}");
@@ -1032,7 +1160,7 @@ async fn replicas_on_etcd_divide_one_global_limit() {
         // The busy sidecar moves to b: b knows both and divides the same way.
         busy_task.abort();
         a.finish();
-        let (_busy_task, busy) = quota_stream(&b, &creds, "busy", 100).await;
+        let (_busy_task, busy) = quota_stream(&b, &creds, "catalog", "busy", 100).await;
         wait_division(&busy, &idle).await;
         let page = b.control.metrics.encode();
         assert!(page.contains("trellis_control_quota_instances 2"), "{page}");
