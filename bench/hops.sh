@@ -16,6 +16,7 @@
 #       at maximum throughput: each hop's hottest symbols, kernel included
 #       (PERF_CALLGRAPH="--call-graph dwarf" for callers on a build without frame pointers)
 #   TRELLIS_EXTRA_SPEC='  upstreamHttp2MaxStreams: 10' ...  # lines added to both sidecars' spec
+#   TRELLIS_PROXY_ARGS="--io-batch 16" ...   # extra flags for both sidecars' `trellis proxy`
 #
 # Identities come from a real control plane (as in bench/twohop.sh); the upstream is nginx
 # answering 3 bytes. The sidecars run with one thread each.
@@ -92,7 +93,7 @@ start() {
     local hop tok
     for hop in in out; do
         tok=$("$T" token create --service "$([[ $hop == in ]] && echo up || echo client)" 2>/dev/null)
-        HOP=$hop "$@" "$T" --log warn proxy --threads 1 --control "$TRELLIS_CONTROL" \
+        HOP=$hop "$@" "$T" --log warn proxy --threads 1 ${TRELLIS_PROXY_ARGS:-} --control "$TRELLIS_CONTROL" \
             --config "$TMP/$hop.yaml" --state-dir "$TMP/state-$hop-$RANDOM" --token "$tok" \
             >"$TMP/$hop.log" 2>&1 &
         HOP_PID[$hop]=$!
