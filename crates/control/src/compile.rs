@@ -647,17 +647,7 @@ spec:
 ";
 
     fn state_of(yaml: &str) -> State {
-        let mut state = State::default();
-        for r in trellis_api::parse_documents("t.yaml", yaml).unwrap() {
-            state.config.insert(
-                r.value.key(),
-                Stored {
-                    resource: Arc::new(r.value),
-                    version: 1,
-                },
-            );
-        }
-        state
+        State::of_yaml(yaml)
     }
 
     #[test]

@@ -251,10 +251,11 @@ impl Mesh for MeshService {
         // replaces its demand nor receives its share.
         let (ns, service) = principal.service();
         let instance = format!("{ns}/{service}/{}", node.id);
+        let service = (ns.to_string(), service.to_string());
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
         tokio::spawn(async move {
-            crate::quota::serve(&control, instance, first, inbound, tx).await;
+            crate::quota::serve(&control, instance, service, first, inbound, tx).await;
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -164,6 +164,58 @@ pub fn record_of(report: &wire::QuotaRequest) -> Result<Record, String> {
     Ok(Record { keys })
 }
 
+/// What a sidecar of service `reporter` (namespace, name) may report for `d`, as the stored
+/// config has it (pure): its rate held within the limit's configured rates (its own and its
+/// overrides', per second), or why the key is not the sidecar's to report. The rate a
+/// division uses is the lowest reported, so without this one report of a tiny rate would
+/// throttle every instance; and an Inbound limit is enforced only by its target's own
+/// sidecars, so another service's demand for it would only take their shares.
+pub fn admit(
+    state: &crate::state::State,
+    reporter: (&str, &str),
+    d: &Demand,
+) -> Result<f64, String> {
+    use trellis_api::Resource;
+    use trellis_api::ratelimit::{LimitDirection, LimitScope};
+    let (namespace, name) = d
+        .key
+        .policy
+        .split_once('/')
+        .ok_or_else(|| format!("{}: not a namespace/name", d.key.policy))?;
+    let key = trellis_api::ObjectKey {
+        kind: trellis_api::Kind::RateLimitPolicy.as_str().into(),
+        namespace: namespace.into(),
+        name: name.into(),
+    };
+    let Some(Resource::RateLimitPolicy(p)) = state.config.get(&key).map(|s| &*s.resource) else {
+        return Err(format!("{}: no such RateLimitPolicy", d.key.policy));
+    };
+    let limit = p
+        .spec
+        .limits
+        .iter()
+        .find(|l| l.name == d.key.limit && l.scope == LimitScope::Global)
+        .ok_or_else(|| format!("{}: no Global limit {}", d.key.policy, d.key.limit))?;
+    if p.spec.direction() == LimitDirection::Inbound {
+        let t = &p.spec.target_ref;
+        let target = (t.namespace.as_deref().unwrap_or(namespace), t.name.as_str());
+        if reporter != target {
+            return Err(format!(
+                "{}: enforced by {}/{}'s sidecars, not {}/{}'s",
+                d.key.policy, target.0, target.1, reporter.0, reporter.1
+            ));
+        }
+    }
+    let secs = limit.per.get().as_secs_f64();
+    let rates = std::iter::once(limit.rate)
+        .chain(limit.overrides.iter().map(|o| o.rate))
+        .map(|r| f64::from(r) / secs);
+    let (low, high) = rates.fold((f64::INFINITY, 0.0_f64), |(lo, hi), r| {
+        (lo.min(r), hi.max(r))
+    });
+    Ok(d.rate.clamp(low, high))
+}
+
 /// Every node's shares after the latest rebalance.
 pub type Shares = Arc<HashMap<String, Vec<(Key, f64)>>>;
 
@@ -306,6 +358,7 @@ fn response(shares: &[(Key, f64)]) -> wire::QuotaResponse {
 pub(crate) async fn serve(
     control: &Control,
     node: String,
+    service: (String, String),
     first: wire::QuotaRequest,
     mut inbound: tonic::Streaming<wire::QuotaRequest>,
     tx: mpsc::Sender<Result<wire::QuotaResponse, Status>>,
@@ -316,13 +369,28 @@ pub(crate) async fn serve(
     let mut next = Some(first);
     loop {
         if let Some(m) = next.take() {
-            let record = match record_of(&m) {
+            let mut record = match record_of(&m) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = tx.send(Err(Status::invalid_argument(e))).await;
                     break;
                 }
             };
+            // Only what the config lets this sidecar report counts (a key the config does
+            // not have yet, on a replica behind, counts once it has).
+            let state = control.state();
+            record
+                .keys
+                .retain_mut(|d| match admit(&state, (&service.0, &service.1), d) {
+                    Ok(rate) => {
+                        d.rate = rate;
+                        true
+                    }
+                    Err(why) => {
+                        tracing::debug!(node = %node, %why, "quota demand not counted");
+                        false
+                    }
+                });
             let new = record.keys.iter().any(|d| !known.contains(&d.key));
             let was_empty = known.is_empty();
             known = record.keys.iter().map(|d| d.key.clone()).collect();
@@ -546,6 +614,92 @@ mod tests {
         assert!(close(get("b", "total"), 10.0));
         assert!(close(get("a", "only-a"), 50.0));
         assert_eq!(shares["b"].len(), 1);
+    }
+
+    #[test]
+    fn a_demand_counts_only_where_the_config_puts_it_and_at_its_rates() {
+        let state = crate::state::State::of_yaml(
+            "apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: catalog}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  limits:
+  - {name: total, rate: 150, scope: Global}
+  - {name: local, rate: 10}
+  - name: callers
+    rate: 60
+    per: 1m
+    scope: Global
+    perSource: true
+    overrides: [{from: {identities: [\"spiffe://td/ns/default/sa/batch\"]}, rate: 600}]
+---
+apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: out, namespace: shop}
+spec:
+  targetRef: {kind: Service, name: catalog, namespace: default}
+  direction: Outbound
+  limits: [{name: all, rate: 20, scope: Global}]
+",
+        );
+        let d = |policy: &str, limit: &str, rate: f64| Demand {
+            key: Key {
+                policy: policy.into(),
+                limit: limit.into(),
+                source: String::new(),
+            },
+            rate,
+            demand: 1.0,
+        };
+        let catalog = ("default", "catalog");
+        let shop = ("shop", "web");
+        // (reporter, demand, the rate it counts at or why not)
+        type Case<'a> = ((&'a str, &'a str), Demand, Result<f64, &'a str>);
+        let cases: [Case; 10] = [
+            (catalog, d("default/catalog", "total", 150.0), Ok(150.0)),
+            // A rate the config does not have is held within the limit's rates.
+            (catalog, d("default/catalog", "total", 0.001), Ok(150.0)),
+            (catalog, d("default/catalog", "total", 1e9), Ok(150.0)),
+            (catalog, d("default/catalog", "callers", 1.0), Ok(1.0)),
+            (catalog, d("default/catalog", "callers", 0.1), Ok(1.0)),
+            (catalog, d("default/catalog", "callers", 50.0), Ok(10.0)),
+            // An Inbound limit is its target's sidecars' alone.
+            (
+                shop,
+                d("default/catalog", "total", 150.0),
+                Err("enforced by default/catalog"),
+            ),
+            // A Local limit, an unknown limit or policy, a malformed name.
+            (
+                catalog,
+                d("default/catalog", "local", 10.0),
+                Err("no Global limit"),
+            ),
+            (
+                catalog,
+                d("default/nope", "total", 10.0),
+                Err("no such RateLimitPolicy"),
+            ),
+            (
+                catalog,
+                d("catalog", "total", 10.0),
+                Err("not a namespace/name"),
+            ),
+        ];
+        for (i, (who, demand, want)) in cases.into_iter().enumerate() {
+            match (admit(&state, who, &demand), want) {
+                (Ok(r), Ok(w)) => assert!(close(r, w), "case {i}: {r}"),
+                (Err(e), Err(w)) => assert!(e.contains(w), "case {i}: {e}"),
+                (got, want) => panic!("case {i}: {got:?}, wanted {want:?}"),
+            }
+        }
+        // An Outbound limit: any caller's sidecar.
+        assert_eq!(admit(&state, shop, &d("shop/out", "all", 20.0)), Ok(20.0));
+        assert_eq!(
+            admit(&state, catalog, &d("shop/out", "all", 20.0)),
+            Ok(20.0)
+        );
     }
 
     #[test]

@@ -144,6 +144,22 @@ pub struct State {
 }
 
 impl State {
+    /// A state holding the resources of `yaml` (tests).
+    #[cfg(test)]
+    pub(crate) fn of_yaml(yaml: &str) -> State {
+        let mut state = State::default();
+        for r in trellis_api::parse_documents("t.yaml", yaml).unwrap() {
+            state.config.insert(
+                r.value.key(),
+                Stored {
+                    resource: Arc::new(r.value),
+                    version: 1,
+                },
+            );
+        }
+        state
+    }
+
     /// The state of freshly opened store content.
     pub fn load(loaded: &Loaded) -> State {
         let mut s = State {

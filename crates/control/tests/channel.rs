@@ -999,14 +999,14 @@ async fn config_stream(
     (tx, responses)
 }
 
-/// A sidecar's quota stream for the Global limit `default/catalog/total` (150 per second),
-/// as node `node` of `service`: reports `per_interval` units every 250 ms; the receiver
-/// holds the latest share.
+/// A sidecar's quota stream for the Global limit `default/catalog/total` (150 per second,
+/// or `rate` as its config would say), as node `node` of `service`: reports `per_interval`
+/// units every 250 ms; the receiver holds the latest share.
 async fn quota_stream(
     plane: &Plane,
     creds: &Arc<Credentials>,
-    service: &str,
-    node: &str,
+    (service, node): (&str, &str),
+    rate: f64,
     per_interval: u64,
 ) -> (
     tokio::task::JoinHandle<()>,
@@ -1021,7 +1021,7 @@ async fn quota_stream(
                 limit: "total".into(),
                 source: String::new(),
             }),
-            rate: 150.0,
+            rate,
             demand: per_interval,
         }],
     };
@@ -1064,17 +1064,49 @@ async fn quota_stream(
     (task, share_rx)
 }
 
+/// Stores Service `catalog` and its RateLimitPolicy `default/catalog` with the Global limit
+/// `total` (150 per second), enforced `direction`.
+async fn catalog_limit(control: &Control, direction: &str) {
+    let text = format!(
+        "apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {{name: catalog}}
+spec: {{ports: [{{port: 80}}]}}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {{name: catalog}}
+spec:
+  targetRef: {{kind: Service, name: catalog}}
+  direction: {direction}
+  limits: [{{name: total, rate: 150, scope: Global}}]
+"
+    );
+    control
+        .apply(
+            &[trellis_control::SourceFile {
+                name: "limit.yaml".into(),
+                text,
+            }],
+            false,
+        )
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn a_proxy_of_another_service_naming_the_same_node_does_not_take_its_quota_share() {
     bounded(async {
         let plane = start("quotanode", |_| {}).await;
+        // Outbound: every caller's sidecar enforces it, so both services may report.
+        catalog_limit(&plane.control, "Outbound").await;
         let catalog = plane.credentials("catalog").await;
         let shop = plane.credentials("shop").await;
         // Equal demand as the same node id: two instances, half the limit each. With one
         // record per node id, the later stream replaced the other's and both were sent the
         // whole limit.
-        let (_a, mine) = quota_stream(&plane, &catalog, "catalog", "node-1", 10).await;
-        let (_b, theirs) = quota_stream(&plane, &shop, "shop", "node-1", 10).await;
+        let (_a, mine) = quota_stream(&plane, &catalog, ("catalog", "node-1"), 150.0, 10).await;
+        let (_b, theirs) = quota_stream(&plane, &shop, ("shop", "node-1"), 150.0, 10).await;
         for _ in 0..200 {
             let (m, t) = (*mine.borrow(), *theirs.borrow());
             if (m - 75.0).abs() < 1.0 && (t - 75.0).abs() < 1.0 {
@@ -1086,6 +1118,40 @@ async fn a_proxy_of_another_service_naming_the_same_node_does_not_take_its_quota
         panic!(
             "shares: catalog's node {}, shop's node of the same id {}",
             *mine.borrow(),
+            *theirs.borrow()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn only_an_inbound_limits_own_sidecars_count_and_a_reported_rate_is_the_configs() {
+    bounded(async {
+        let plane = start("quotaauth", |_| {}).await;
+        catalog_limit(&plane.control, "Inbound").await;
+        let catalog = plane.credentials("catalog").await;
+        let shop = plane.credentials("shop").await;
+        // shop's sidecar does not enforce catalog's Inbound limit: its demand, and the tiny
+        // rate it claims, count for nothing. Before, the lowest reported rate was the
+        // limit's, and this demand took nearly all of it.
+        let (_s, theirs) = quota_stream(&plane, &shop, ("shop", "s-1"), 0.001, 1_000_000).await;
+        let (_a, one) = quota_stream(&plane, &catalog, ("catalog", "c-1"), 150.0, 10).await;
+        // Another catalog instance whose config would say 1 per second: held to the
+        // stored 150.
+        let (_b, two) = quota_stream(&plane, &catalog, ("catalog", "c-2"), 1.0, 10).await;
+        for _ in 0..200 {
+            let (a, b) = (*one.borrow(), *two.borrow());
+            if (a - 75.0).abs() < 1.0 && (b - 75.0).abs() < 1.0 {
+                assert_eq!(*theirs.borrow(), 0.0, "shop's sidecar got a share");
+                plane.finish();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "shares: catalog's {} and {}, shop's {}",
+            *one.borrow(),
+            *two.borrow(),
             *theirs.borrow()
         );
     })
@@ -1149,10 +1215,11 @@ async fn replicas_on_etcd_divide_one_global_limit() {
         };
         let a = replica("quota-a").await;
         let b = replica("quota-b").await;
+        catalog_limit(&a.control, "Inbound").await;
         let creds = a.credentials("catalog").await;
         // 100 per 250 ms (400 per second) on a, nothing on b.
-        let (busy_task, busy) = quota_stream(&a, &creds, "catalog", "busy", 100).await;
-        let (_idle_task, idle) = quota_stream(&b, &creds, "catalog", "idle", 0).await;
+        let (busy_task, busy) = quota_stream(&a, &creds, ("catalog", "busy"), 150.0, 100).await;
+        let (_idle_task, idle) = quota_stream(&b, &creds, ("catalog", "idle"), 150.0, 0).await;
         let (bs, is) = wait_division(&busy, &idle).await;
         // The idle one keeps its floor: half of 10%.
         assert!((is - 7.5).abs() < 0.5, "busy {bs}, idle {is}");
@@ -1160,7 +1227,7 @@ async fn replicas_on_etcd_divide_one_global_limit() {
         // The busy sidecar moves to b: b knows both and divides the same way.
         busy_task.abort();
         a.finish();
-        let (_busy_task, busy) = quota_stream(&b, &creds, "catalog", "busy", 100).await;
+        let (_busy_task, busy) = quota_stream(&b, &creds, ("catalog", "busy"), 150.0, 100).await;
         wait_division(&busy, &idle).await;
         let page = b.control.metrics.encode();
         assert!(page.contains("trellis_control_quota_instances 2"), "{page}");
