@@ -270,7 +270,7 @@ pub async fn run(o: RunOptions) -> Result<i32> {
     let name = o.service.clone().unwrap_or_else(|| {
         Path::new(&o.command[0])
             .file_name()
-            .map_or("app".into(), |n| n.to_string_lossy().into_owned())
+            .map_or("app".into(), |n| node_name(&n.to_string_lossy()))
     });
     let mut ports = FreePorts::default();
     let admin = SocketAddr::new(loopback, ports.pick(loopback)?);
@@ -617,9 +617,40 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
     }
 }
 
+/// A node name from a command's file name: what a control plane takes in a node id (no
+/// spaces or control characters, at most 253 bytes).
+fn node_name(file: &str) -> String {
+    let mut name: String = file
+        .chars()
+        .map(|c| {
+            if c.is_whitespace() || c.is_control() {
+                '-'
+            } else {
+                c
+            }
+        })
+        .collect();
+    while name.len() > 253 {
+        name.pop();
+    }
+    if name.is_empty() { "app".into() } else { name }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_command_s_file_name_makes_a_node_name_a_control_plane_takes() {
+        assert_eq!(node_name("my app\tv2"), "my-app-v2");
+        assert_eq!(node_name(""), "app");
+        assert_eq!(node_name(&"x".repeat(300)).len(), 253);
+        assert_eq!(
+            node_name(&"é".repeat(200)).len(),
+            252,
+            "cut at a character boundary"
+        );
+    }
 
     #[test]
     fn probe_parsing() {

@@ -215,9 +215,11 @@ async fn explain_request(c: &Control, body: ExplainBody) -> Result<Value, Failur
     let callee = nodes
         .iter()
         .find_map(|n| {
-            proxies
-                .iter()
-                .find(|p| &p.node == n && c.fleet.can_explain(p))
+            proxies.iter().find(|p| {
+                &p.node == n
+                    && (p.principal.0.as_str(), p.principal.1.as_str()) == (&ns, &name)
+                    && c.fleet.can_explain(p)
+            })
         })
         .or_else(|| {
             proxies
@@ -253,6 +255,18 @@ async fn explain_request(c: &Control, body: ExplainBody) -> Result<Value, Failur
     Ok(out)
 }
 
+/// The one connected proxy with node id `n` (pure); `Err(None)` when none is, `Err(Some(()))`
+/// when several are: node ids are the proxies' to choose, so one that several services'
+/// proxies use names none of them.
+fn by_node<'a>(proxies: &'a [ProxyStatus], n: &str) -> Result<&'a ProxyStatus, Option<()>> {
+    let mut named = proxies.iter().filter(|p| p.node == n);
+    match (named.next(), named.next()) {
+        (Some(p), None) => Ok(p),
+        (None, _) => Err(None),
+        (Some(_), Some(_)) => Err(Some(())),
+    }
+}
+
 /// The proxy to ask: by node id, else a connected proxy of the service.
 fn pick_proxy<'a>(
     c: &Control,
@@ -272,11 +286,15 @@ fn pick_proxy<'a>(
         }
     };
     match (node, service) {
-        (Some(n), None) => proxies.iter().find(|p| p.node == n).ok_or_else(|| {
-            (
+        (Some(n), None) => by_node(proxies, n).map_err(|e| match e {
+            None => (
                 StatusCode::NOT_FOUND,
                 format!("proxy {n:?} is not connected; {}", listed()),
-            )
+            ),
+            Some(()) => bad(format!(
+                "node id {n:?} is used by more than one connected proxy; ask by service instead; {}",
+                listed()
+            )),
         }),
         (None, Some(s)) => {
             let (ns, name) = s
@@ -423,4 +441,30 @@ fn enrich_unavailable(c: &Control, out: &mut Value) {
         out["status"],
         out["outcome"].as_str().unwrap_or_default()
     ));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_id_names_a_proxy_only_when_one_proxy_uses_it() {
+        let proxy = |node: &str, service: &str| ProxyStatus {
+            node: node.into(),
+            namespace: "default".into(),
+            service: service.into(),
+            ..Default::default()
+        };
+        let proxies = [
+            proxy("web-1", "web"),
+            proxy("api-1", "api"),
+            proxy("web-1", "shop"),
+        ];
+        assert_eq!(
+            by_node(&proxies, "api-1").map(|p| p.service.as_str()),
+            Ok("api")
+        );
+        assert_eq!(by_node(&proxies, "nope").map(|_| ()), Err(None));
+        assert_eq!(by_node(&proxies, "web-1").map(|_| ()), Err(Some(())));
+    }
 }

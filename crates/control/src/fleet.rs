@@ -41,6 +41,10 @@ const MAX_WINDOW_BYTES: usize = 16 << 20;
 /// made-up node until it ran out of memory.
 const MAX_SERVICE_BYTES: usize = 256 << 20;
 
+/// Most windows one service's proxies have: a window costs little in bytes but every report
+/// looks at its service's windows, so made-up nodes must not make thousands of them.
+const MAX_SERVICE_WINDOWS: usize = 4096;
+
 /// Most latency buckets kept per report and series (a proxy sends 16 bounds, 17 buckets).
 const MAX_BUCKETS: usize = 64;
 
@@ -95,25 +99,32 @@ struct Window {
     heard: Instant,
 }
 
-/// Roughly the heap bytes a kept entry holds: its strings, vectors and fixed parts. Only
-/// the sums matter (the bounds above), so it need not be exact, only grow with what a
-/// sender controls.
+/// Keeps at most `n` of `v`, and no spare capacity.
+fn cut<T>(v: &mut Vec<T>, n: usize) {
+    v.truncate(n);
+    v.shrink_to_fit();
+}
+
+/// Roughly the heap bytes a kept entry holds: its strings, vectors (by capacity) and fixed
+/// parts. Only the sums matter (the bounds above), so it need not be exact, only grow with
+/// what a sender controls.
 mod cost {
     use std::mem::size_of;
     use trellis_api::wire;
 
     pub fn report(r: &wire::TrafficReport) -> usize {
         size_of::<wire::TrafficReport>()
-            + r.latency_bounds.len() * 8
+            + r.latency_bounds.capacity() * 8
+            + (r.series.capacity() - r.series.len()) * size_of::<wire::TrafficSeries>()
             + r.series
                 .iter()
                 .map(|s| {
                     size_of::<wire::TrafficSeries>()
-                        + s.direction.len()
-                        + s.route.len()
-                        + s.backend.len()
-                        + s.peer_identity.len()
-                        + (s.classes.len() + s.latency.len()) * 8
+                        + s.direction.capacity()
+                        + s.route.capacity()
+                        + s.backend.capacity()
+                        + s.peer_identity.capacity()
+                        + (s.classes.capacity() + s.latency.capacity()) * 8
                 })
                 .sum::<usize>()
     }
@@ -123,9 +134,9 @@ mod cost {
             + a.iter()
                 .map(|a| {
                     size_of::<wire::AuthzSeries>()
-                        + a.listener.len()
-                        + a.policy.len()
-                        + a.decision.len()
+                        + a.listener.capacity()
+                        + a.policy.capacity()
+                        + a.decision.capacity()
                 })
                 .sum::<usize>()
     }
@@ -140,11 +151,13 @@ mod cost {
                 .iter()
                 .map(|b| {
                     size_of::<wire::BackendEndpoints>()
-                        + b.backend.len()
+                        + b.backend.capacity()
                         + b.states
                             .iter()
                             .map(|s| {
-                                size_of::<wire::EndpointState>() + s.address.len() + s.reason.len()
+                                size_of::<wire::EndpointState>()
+                                    + s.address.capacity()
+                                    + s.reason.capacity()
                             })
                             .sum::<usize>()
                 })
@@ -1079,11 +1092,13 @@ impl Fleet {
 
     /// Keeps a report from `who`, and forgets reports older than the longest window.
     pub fn record(&self, who: &Reporter, mut report: wire::TrafficReport, now: Instant) {
-        report.series.truncate(MAX_SERIES);
-        report.latency_bounds.truncate(MAX_BUCKETS);
+        // Cut and shrunk: a decoded vector's spare capacity is memory too (a message of
+        // empty series decodes to hundreds of bytes per wire byte).
+        cut(&mut report.series, MAX_SERIES);
+        cut(&mut report.latency_bounds, MAX_BUCKETS);
         for s in &mut report.series {
-            s.classes.truncate(5);
-            s.latency.truncate(MAX_BUCKETS + 1);
+            cut(&mut s.classes, 5);
+            cut(&mut s.latency, MAX_BUCKETS + 1);
         }
         self.keep(who, now, |w| {
             w.bytes += cost::report(&report);
@@ -1104,8 +1119,9 @@ impl Fleet {
         Self::prune(&mut windows, now);
     }
 
-    /// Within `max_bytes` for `who`'s service: the windows of its instances heard from least
-    /// recently go (never `who`'s own, which [`Window::bound`] keeps in bounds).
+    /// Within `max_bytes` and [`MAX_SERVICE_WINDOWS`] for `who`'s service: the windows of its
+    /// instances heard from least recently go (never `who`'s own, which [`Window::bound`]
+    /// keeps in bounds).
     fn bound_service(windows: &mut BTreeMap<Reporter, Window>, who: &Reporter, max_bytes: usize) {
         let first = Reporter {
             namespace: who.namespace.clone(),
@@ -1114,12 +1130,11 @@ impl Fleet {
             node: String::new(),
         };
         let same = |r: &Reporter| r.namespace == who.namespace && r.service == who.service;
-        let mut total: usize = windows
+        let (mut count, mut total) = windows
             .range(&first..)
             .take_while(|(r, _)| same(r))
-            .map(|(_, w)| w.bytes)
-            .sum();
-        while total > max_bytes {
+            .fold((0, 0), |(n, b), (_, w)| (n + 1, b + w.bytes));
+        while total > max_bytes || count > MAX_SERVICE_WINDOWS {
             let Some(quietest) = windows
                 .range(&first..)
                 .take_while(|(r, _)| same(r))
@@ -1130,6 +1145,7 @@ impl Fleet {
                 return;
             };
             total -= windows.remove(&quietest).map_or(0, |w| w.bytes);
+            count -= 1;
         }
     }
 
@@ -1163,14 +1179,14 @@ impl Fleet {
                 && a.listener.len() <= MAX_NAME
                 && a.decision.len() <= MAX_NAME
         });
-        authz.truncate(MAX_AUTHZ_SERIES);
+        cut(&mut authz, MAX_AUTHZ_SERIES);
         let endpoints = endpoints.map(|mut e| {
             e.backends.retain(|b| b.backend.len() <= MAX_NAME);
-            e.backends.truncate(MAX_BACKENDS);
+            cut(&mut e.backends, MAX_BACKENDS);
             for b in &mut e.backends {
                 b.states
                     .retain(|s| s.address.len() <= MAX_ADDRESS && s.reason.len() <= MAX_NAME);
-                b.states.truncate(MAX_STATES);
+                cut(&mut b.states, MAX_STATES);
             }
             e
         });
@@ -1553,22 +1569,11 @@ impl Drop for Unregister<'_> {
 }
 
 /// Whether a report stream from `who` can be the one of proxy `p` (pure): node ids are the
-/// proxies' to choose, so the stream must also be from the service `p` claims (when it claims
-/// one) and from the service `p`'s certificate proved (when it had one; the stream may have
-/// authenticated with the join token instead). Without it a proxy of another service
-/// reporting under `p`'s node id would receive, and answer, the explain requests meant for
-/// `p`.
+/// proxies' to choose, so the stream must also be from the namespace and service `p`'s
+/// credentials proved. Without it a proxy of another service reporting under `p`'s node id
+/// would receive, and answer, the explain requests meant for `p`.
 pub fn reports_for(who: &Reporter, p: &ProxyStatus) -> bool {
-    let namespace = if p.namespace.is_empty() {
-        trellis_api::meta::DEFAULT_NAMESPACE
-    } else {
-        &p.namespace
-    };
-    who.node == p.node
-        && (p.service.is_empty() || (who.namespace == namespace && who.service == p.service))
-        && p.certificate.as_ref().is_none_or(|(identity, _)| {
-            identity_parts(identity) == Some((who.namespace.as_str(), who.service.as_str()))
-        })
+    who.node == p.node && (&who.namespace, &who.service) == (&p.principal.0, &p.principal.1)
 }
 
 /// Checks a tap's status filter: empty, an HTTP status (`503`) or a class (`5xx`).
@@ -1993,70 +1998,53 @@ mod tests {
     }
 
     #[test]
-    fn a_report_stream_speaks_for_a_proxy_only_from_its_service_and_identity() {
-        let proxy = |service: &str, certificate: Option<&str>| ProxyStatus {
+    fn a_report_stream_speaks_for_a_proxy_only_from_its_credentials_service() {
+        let proxy = |claims: &str, principal: (&str, &str)| ProxyStatus {
             node: "web-1".into(),
             namespace: "default".into(),
-            service: service.into(),
-            certificate: certificate.map(|c| (c.to_string(), 0)),
+            service: claims.into(),
+            principal: (principal.0.into(), principal.1.into()),
             ..Default::default()
         };
-        let id = |service: &str| format!("spiffe://td/ns/default/sa/{service}");
-        let reporter = |service: &str, node: &str, identity: &str| Reporter {
-            namespace: "default".into(),
+        let reporter = |namespace: &str, service: &str, node: &str| Reporter {
+            namespace: namespace.into(),
             service: service.into(),
-            identity: identity.into(),
+            identity: String::new(),
             node: node.into(),
         };
         let cases = [
             // (stream from, proxy listed, speaks for it)
             (
-                reporter("web", "web-1", &id("web")),
-                proxy("web", Some(&id("web"))),
+                reporter("default", "web", "web-1"),
+                proxy("web", ("default", "web")),
                 true,
             ),
-            (reporter("web", "web-1", ""), proxy("web", None), true),
+            // Claiming no service changes nothing: the credentials decide.
             (
-                reporter("web", "web-2", &id("web")),
-                proxy("web", Some(&id("web"))),
-                false,
-            ),
-            // Another service's proxy naming the same node.
-            (
-                reporter("shop", "web-1", &id("shop")),
-                proxy("web", Some(&id("web"))),
-                false,
-            ),
-            (
-                reporter("shop", "web-1", &id("shop")),
-                proxy("web", None),
-                false,
-            ),
-            // A proxy claiming no service: its certificate's identity decides.
-            (
-                reporter("shop", "web-1", &id("shop")),
-                proxy("", Some(&id("web"))),
-                false,
-            ),
-            (
-                reporter("web", "web-1", &id("web")),
-                proxy("", Some(&id("web"))),
-                true,
-            ),
-            // The same service: one stream with its join token, the other with a certificate.
-            (
-                reporter("web", "web-1", ""),
-                proxy("web", Some(&id("web"))),
+                reporter("default", "web", "web-1"),
+                proxy("", ("default", "web")),
                 true,
             ),
             (
-                reporter("web", "web-1", ""),
-                proxy("", Some(&id("web"))),
-                true,
+                reporter("default", "web", "web-2"),
+                proxy("web", ("default", "web")),
+                false,
+            ),
+            // Another service's proxy naming the same node, claiming a service or not.
+            (
+                reporter("default", "shop", "web-1"),
+                proxy("web", ("default", "web")),
+                false,
             ),
             (
-                reporter("shop", "web-1", ""),
-                proxy("", Some(&id("web"))),
+                reporter("default", "shop", "web-1"),
+                proxy("", ("default", "web")),
+                false,
+            ),
+            // The same service name in another namespace.
+            (
+                reporter("other", "web", "web-1"),
+                proxy("", ("default", "web")),
                 false,
             ),
         ];
@@ -2159,6 +2147,23 @@ mod tests {
         );
     }
 
+    #[test]
+    fn made_up_nodes_cannot_make_more_windows_than_a_service_may_have() {
+        // Cheap windows (a usage sample each) from ever new node ids.
+        let fleet = Fleet::default();
+        let now = Instant::now();
+        for i in 0..MAX_SERVICE_WINDOWS + 500 {
+            fleet.record_usage(
+                &who("payment", &format!("n{i}")),
+                wire::Usage::default(),
+                now,
+            );
+        }
+        fleet.record_usage(&who("billing", "b1"), wire::Usage::default(), now);
+        assert_eq!(service_bytes(&fleet, "payment").0, MAX_SERVICE_WINDOWS);
+        assert_eq!(service_bytes(&fleet, "billing").0, 1);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_proxy_flooding_tiny_messages_keeps_a_bounded_window() {
         // Empty reports, empty verdict lists and usage samples as fast as a stream can carry
@@ -2188,6 +2193,8 @@ mod tests {
         r.latency_bounds = vec![0.1; 100_000];
         r.series[0].latency = vec![1; 100_000];
         r.series[0].classes = vec![1; 100_000];
+        // Spare capacity, as decoding a message of many empty series leaves.
+        r.series.reserve(100_000);
         let now = Instant::now();
         fleet.record(&a, r, now);
         {
@@ -2196,6 +2203,11 @@ mod tests {
             assert_eq!(kept.latency_bounds.len(), MAX_BUCKETS);
             assert_eq!(kept.series[0].latency.len(), MAX_BUCKETS + 1);
             assert_eq!(kept.series[0].classes.len(), 5);
+            // What is kept holds no more than that.
+            assert!(kept.latency_bounds.capacity() <= MAX_BUCKETS);
+            assert!(kept.series[0].latency.capacity() <= MAX_BUCKETS + 1);
+            assert!(kept.series.capacity() <= 2, "{}", kept.series.capacity());
+            assert!(windows[&a].bytes < 64 << 10, "{}", windows[&a].bytes);
         }
         let endpoints = wire::EndpointReport {
             backends: vec![wire::BackendEndpoints {

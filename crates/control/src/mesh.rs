@@ -53,6 +53,10 @@ pub struct ProxyStatus {
     /// replica knows: the one it connected with, or the renewal issued for it since.
     #[serde(skip)]
     pub(crate) certificate: Option<(String, i64)>,
+    /// The namespace and service its credentials prove (what it may speak for, whatever it
+    /// claims).
+    #[serde(skip)]
+    pub(crate) principal: (String, String),
     /// Which stream of the node this is (see `ProxyKey`).
     #[serde(skip)]
     pub(crate) stream: u64,
@@ -173,8 +177,12 @@ impl Mesh for MeshService {
         let node = Self::hello(&principal, first.node)?;
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
+        let principal = {
+            let (ns, service) = principal.service();
+            (ns.to_string(), service.to_string())
+        };
         tokio::spawn(async move {
-            let key = ProxyKey::of(&node);
+            let key = ProxyKey::of(principal, &node);
             run_stream(
                 &control,
                 node,
@@ -521,24 +529,22 @@ pub(crate) fn view_key(p: &ProxyStatus) -> ViewKey {
     key
 }
 
-/// Where a proxy stream keeps its [`ProxyStatus`]: under its namespace, claimed service and
-/// node id, since node ids are the proxies' to choose (a proxy of another service naming
-/// the same node must not replace, or remove, this one's entry), and which stream it is.
+/// Where a proxy stream keeps its [`ProxyStatus`]: under the namespace and service its
+/// credentials prove and its node id, since node ids (and, without a service, namespaces)
+/// are the proxies' to claim: a proxy of another service naming the same node must not
+/// replace, or remove, this one's entry. And which stream it is.
 struct ProxyKey {
     name: String,
+    principal: (String, String),
     stream: u64,
 }
 
 impl ProxyKey {
-    fn of(node: &wire::Node) -> ProxyKey {
+    fn of(principal: (String, String), node: &wire::Node) -> ProxyKey {
         static STREAMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let namespace = if node.namespace.is_empty() {
-            trellis_api::meta::DEFAULT_NAMESPACE
-        } else {
-            &node.namespace
-        };
         ProxyKey {
-            name: format!("{namespace}/{}/{}", node.service, node.id),
+            name: format!("{}/{}/{}", principal.0, principal.1, node.id),
+            principal,
             stream: STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -597,6 +603,7 @@ async fn run_stream(
                 )
                 .unwrap_or_default(),
                 certificate: connected.certificate,
+                principal: entry.principal.clone(),
                 stream: entry.stream,
             },
         );
@@ -691,12 +698,13 @@ async fn run_stream(
     }
 }
 
-/// Longest node id (a DNS name's length): the control plane keys streams, reports and quota
-/// shares by it.
-const MAX_NODE_ID: usize = 253;
-/// Most explicit upstreams a node may name, and the longest (a namespace and a name).
+/// Longest node id (a 253-byte name and a process id, with room): the control plane keys
+/// streams, reports and quota shares by it.
+const MAX_NODE_ID: usize = 320;
+/// Most explicit upstreams a node may name, and the longest (`namespace/name`, 253 bytes
+/// each).
 const MAX_UPSTREAMS: usize = 10_000;
-const MAX_UPSTREAM: usize = 320;
+const MAX_UPSTREAM: usize = 507;
 /// Longest proxy version and metrics address.
 const MAX_NODE_TEXT: usize = 256;
 

@@ -33,6 +33,12 @@ pub const FLOOR: f64 = 0.1;
 pub const PREFIX: &str = "quota/";
 /// Most keys one sidecar may report (per-source limits bound their sources per limit).
 const MAX_KEYS: usize = 50_000;
+/// Longest caller of a perSource key (a SPIFFE id is at most 2,048 bytes).
+const MAX_SOURCE: usize = 2048;
+/// Most callers one sidecar may report per limit: a sidecar keeps its own buckets for
+/// 10,000 callers (`trellis_proxy::ratelimit::MAX_SOURCES`), plus named overrides and the
+/// overflow bucket.
+const MAX_SOURCES_PER_LIMIT: usize = 20_000;
 /// The lease attached to this replica's records.
 const LEASE_TTL: Duration = Duration::from_secs(3);
 
@@ -105,7 +111,7 @@ pub fn allocate(rate: f64, demands: &[f64]) -> Vec<f64> {
 }
 
 /// Pure: every node's share of every key it reported. A key's rate is the lowest any of
-/// its instances reports (during a config change, the safer one).
+/// its instances reports, each already held within the configured rates by [`admit`].
 pub fn divide<'a>(
     records: impl IntoIterator<Item = (&'a str, &'a Record)>,
 ) -> HashMap<String, Vec<(Key, f64)>> {
@@ -196,6 +202,20 @@ pub fn admit(
         .iter()
         .find(|l| l.name == d.key.limit && l.scope == LimitScope::Global)
         .ok_or_else(|| format!("{}: no Global limit {}", d.key.policy, d.key.limit))?;
+    if !d.key.source.is_empty() && !limit.per_source {
+        return Err(format!(
+            "{}/{}: a caller for a limit that is not perSource",
+            d.key.policy, d.key.limit
+        ));
+    }
+    if d.key.source.len() > MAX_SOURCE {
+        return Err(format!(
+            "{}/{}: a caller of {} bytes; at most {MAX_SOURCE}",
+            d.key.policy,
+            d.key.limit,
+            d.key.source.len()
+        ));
+    }
     if p.spec.direction() == LimitDirection::Inbound {
         let t = &p.spec.target_ref;
         let target = (t.namespace.as_deref().unwrap_or(namespace), t.name.as_str());
@@ -377,8 +397,17 @@ pub(crate) async fn serve(
                 }
             };
             // Only what the config lets this sidecar report counts (a key the config does
-            // not have yet, on a replica behind, counts once it has).
+            // not have yet, on a replica behind, counts once it has), and no more callers
+            // per limit than a sidecar keeps.
             let state = control.state();
+            let mut callers: HashMap<(String, String), usize> = HashMap::new();
+            record.keys.retain(|d| {
+                let n = callers
+                    .entry((d.key.policy.clone(), d.key.limit.clone()))
+                    .or_default();
+                *n += 1;
+                *n <= MAX_SOURCES_PER_LIMIT
+            });
             record
                 .keys
                 .retain_mut(|d| match admit(&state, (&service.0, &service.1), d) {
@@ -652,11 +681,20 @@ spec:
             rate,
             demand: 1.0,
         };
+        let sourced = |limit: &str, source: &str| Demand {
+            key: Key {
+                policy: "default/catalog".into(),
+                limit: limit.into(),
+                source: source.into(),
+            },
+            rate: 1.0,
+            demand: 1.0,
+        };
         let catalog = ("default", "catalog");
         let shop = ("shop", "web");
         // (reporter, demand, the rate it counts at or why not)
         type Case<'a> = ((&'a str, &'a str), Demand, Result<f64, &'a str>);
-        let cases: [Case; 10] = [
+        let cases: [Case; 13] = [
             (catalog, d("default/catalog", "total", 150.0), Ok(150.0)),
             // A rate the config does not have is held within the limit's rates.
             (catalog, d("default/catalog", "total", 0.001), Ok(150.0)),
@@ -685,6 +723,22 @@ spec:
                 catalog,
                 d("catalog", "total", 10.0),
                 Err("not a namespace/name"),
+            ),
+            // A caller only for a perSource limit, and no longer than a SPIFFE id.
+            (
+                catalog,
+                sourced("total", "spiffe://td/ns/default/sa/x"),
+                Err("not perSource"),
+            ),
+            (
+                catalog,
+                sourced("callers", "spiffe://td/ns/default/sa/x"),
+                Ok(1.0),
+            ),
+            (
+                catalog,
+                sourced("callers", &"x".repeat(MAX_SOURCE + 1)),
+                Err("bytes"),
             ),
         ];
         for (i, (who, demand, want)) in cases.into_iter().enumerate() {
