@@ -617,23 +617,24 @@ async fn register_loop(r: Registration, stop: tokio_util::sync::CancellationToke
     }
 }
 
-/// A node name from a command's file name: what a control plane takes in a node id (no
-/// spaces or control characters, at most 253 bytes).
+/// A name from a command's file name that serves as the local Proxy's name and its node id:
+/// lowercase letters, digits, `-` and `.`, a letter or digit at each end, at most 253 bytes
+/// (what `check_name` and a control plane's hello take).
 fn node_name(file: &str) -> String {
-    let mut name: String = file
+    let mapped: String = file
         .chars()
-        .map(|c| {
-            if c.is_whitespace() || c.is_control() {
-                '-'
-            } else {
-                c
-            }
+        .map(|c| match c.to_ascii_lowercase() {
+            c @ ('a'..='z' | '0'..='9' | '.') => c,
+            _ => '-',
         })
+        .take(253)
         .collect();
-    while name.len() > 253 {
-        name.pop();
+    let name = mapped.trim_matches(|c| c == '-' || c == '.');
+    if name.is_empty() {
+        "app".into()
+    } else {
+        name.into()
     }
-    if name.is_empty() { "app".into() } else { name }
 }
 
 #[cfg(test)]
@@ -641,15 +642,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_command_s_file_name_makes_a_node_name_a_control_plane_takes() {
-        assert_eq!(node_name("my app\tv2"), "my-app-v2");
-        assert_eq!(node_name(""), "app");
+    fn a_command_s_file_name_makes_a_name_a_proxy_and_a_control_plane_take() {
+        for (file, want) in [
+            ("my app\tv2", "my-app-v2"),
+            ("My_App ", "my-app"),
+            ("server.py", "server.py"),
+            ("--.x.--", "x"),
+            ("é", "app"),
+            ("", "app"),
+        ] {
+            assert_eq!(node_name(file), want, "{file:?}");
+            if want != "app" {
+                trellis_api::meta::check_name(want).unwrap();
+            }
+        }
         assert_eq!(node_name(&"x".repeat(300)).len(), 253);
-        assert_eq!(
-            node_name(&"é".repeat(200)).len(),
-            252,
-            "cut at a character boundary"
-        );
     }
 
     #[test]

@@ -204,20 +204,23 @@ async fn explain_request(c: &Control, body: ExplainBody) -> Result<Value, Failur
     // The proxy of an endpoint the caller would choose (a registered instance's node), else
     // any proxy of the backend's service.
     let state = c.state();
-    let nodes: Vec<String> = out["endpoint"]["candidates"]
+    // An instance's proxy is the one of its node whose credentials prove the instance's own
+    // service (what registered it: a Service's selector may pick another service's
+    // instances), since node ids are the proxies' to choose.
+    let instances: Vec<&std::sync::Arc<crate::state::Workload>> = out["endpoint"]["candidates"]
         .as_array()
         .into_iter()
         .flatten()
         .filter_map(|a| a.as_str())
-        .filter_map(|a| state.workloads.values().find(|w| w.address == a))
-        .map(|w| w.node.clone())
+        .flat_map(|a| state.workloads.values().filter(move |w| w.address == a))
         .collect();
-    let callee = nodes
+    let callee = instances
         .iter()
-        .find_map(|n| {
+        .find_map(|w| {
             proxies.iter().find(|p| {
-                &p.node == n
-                    && (p.principal.0.as_str(), p.principal.1.as_str()) == (&ns, &name)
+                p.node == w.node
+                    && (p.principal.0.as_str(), p.principal.1.as_str())
+                        == (w.namespace.as_str(), w.service.as_str())
                     && c.fleet.can_explain(p)
             })
         })
@@ -255,11 +258,20 @@ async fn explain_request(c: &Control, body: ExplainBody) -> Result<Value, Failur
     Ok(out)
 }
 
-/// The one connected proxy with node id `n` (pure); `Err(None)` when none is, `Err(Some(()))`
+/// The one connected proxy named `n` (pure): a node id, or `namespace/service/node` with the
+/// namespace and service its credentials prove. `Err(None)` when none is, `Err(Some(()))`
 /// when several are: node ids are the proxies' to choose, so one that several services'
-/// proxies use names none of them.
+/// proxies use names none of them alone.
 fn by_node<'a>(proxies: &'a [ProxyStatus], n: &str) -> Result<&'a ProxyStatus, Option<()>> {
-    let mut named = proxies.iter().filter(|p| p.node == n);
+    let qualified = n
+        .split_once('/')
+        .and_then(|(ns, rest)| rest.split_once('/').map(|(svc, node)| (ns, svc, node)));
+    let mut named = proxies.iter().filter(|p| {
+        p.node == n
+            || qualified.is_some_and(|(ns, svc, node)| {
+                p.node == node && p.principal.0 == ns && p.principal.1 == svc
+            })
+    });
     match (named.next(), named.next()) {
         (Some(p), None) => Ok(p),
         (None, _) => Err(None),
@@ -277,7 +289,7 @@ fn pick_proxy<'a>(
     let listed = || {
         let names: Vec<String> = proxies
             .iter()
-            .map(|p| format!("{} ({}/{})", p.node, p.namespace, p.service))
+            .map(|p| format!("{}/{}/{}", p.principal.0, p.principal.1, p.node))
             .collect();
         if names.is_empty() {
             "no proxy is connected".to_string()
@@ -292,7 +304,7 @@ fn pick_proxy<'a>(
                 format!("proxy {n:?} is not connected; {}", listed()),
             ),
             Some(()) => bad(format!(
-                "node id {n:?} is used by more than one connected proxy; ask by service instead; {}",
+                "node id {n:?} is used by more than one connected proxy; name it as namespace/service/node; {}",
                 listed()
             )),
         }),
@@ -452,7 +464,7 @@ mod tests {
         let proxy = |node: &str, service: &str| ProxyStatus {
             node: node.into(),
             namespace: "default".into(),
-            service: service.into(),
+            principal: ("default".into(), service.into()),
             ..Default::default()
         };
         let proxies = [
@@ -460,11 +472,12 @@ mod tests {
             proxy("api-1", "api"),
             proxy("web-1", "shop"),
         ];
-        assert_eq!(
-            by_node(&proxies, "api-1").map(|p| p.service.as_str()),
-            Ok("api")
-        );
-        assert_eq!(by_node(&proxies, "nope").map(|_| ()), Err(None));
-        assert_eq!(by_node(&proxies, "web-1").map(|_| ()), Err(Some(())));
+        let named = |n: &str| by_node(&proxies, n).map(|p| p.principal.1.as_str());
+        assert_eq!(named("api-1"), Ok("api"));
+        assert_eq!(named("nope"), Err(None));
+        assert_eq!(named("web-1"), Err(Some(())));
+        assert_eq!(named("default/shop/web-1"), Ok("shop"));
+        assert_eq!(named("default/web/web-1"), Ok("web"));
+        assert_eq!(named("other/web/web-1"), Err(None));
     }
 }

@@ -1093,7 +1093,7 @@ impl Fleet {
     /// Keeps a report from `who`, and forgets reports older than the longest window.
     pub fn record(&self, who: &Reporter, mut report: wire::TrafficReport, now: Instant) {
         // Cut and shrunk: a decoded vector's spare capacity is memory too (a message of
-        // empty series decodes to hundreds of bytes per wire byte).
+        // empty series decodes to ~80 bytes per wire byte, more with spare capacity).
         cut(&mut report.series, MAX_SERIES);
         cut(&mut report.latency_bounds, MAX_BUCKETS);
         for s in &mut report.series {
