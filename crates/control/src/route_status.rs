@@ -71,21 +71,10 @@ pub fn routes(state: &State) -> BTreeMap<ObjectKey, RouteStatus> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Stored;
     use std::sync::Arc;
 
     fn state(yaml: &str) -> State {
-        let mut state = State::default();
-        for r in trellis_api::parse_documents("t.yaml", yaml).unwrap() {
-            state.config.insert(
-                r.value.key(),
-                Stored {
-                    resource: Arc::new(r.value),
-                    version: 1,
-                },
-            );
-        }
-        state
+        State::of_yaml(yaml)
     }
 
     const ROUTE: &str = "apiVersion: trellis.dev/v1alpha1

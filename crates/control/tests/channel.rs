@@ -1114,21 +1114,21 @@ async fn a_proxy_of_another_service_naming_the_same_node_does_not_take_its_quota
         // whole limit.
         let (_a, mine) = quota_stream(&plane, &catalog, ("catalog", "node-1"), 150.0, 10).await;
         let (_b, theirs) = quota_stream(&plane, &shop, ("shop", "node-1"), 150.0, 10).await;
-        for _ in 0..200 {
-            let (m, t) = (*mine.borrow(), *theirs.borrow());
-            if (m - 75.0).abs() < 1.0 && (t - 75.0).abs() < 1.0 {
-                plane.finish();
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "shares: catalog's node {}, shop's node of the same id {}",
-            *mine.borrow(),
-            *theirs.borrow()
-        );
+        halves(&mine, &theirs).await;
+        plane.finish();
     })
     .await;
+}
+
+/// Waits (bounded) until the two shares are half of the 150 per second each.
+async fn halves(a: &tokio::sync::watch::Receiver<f64>, b: &tokio::sync::watch::Receiver<f64>) {
+    for _ in 0..200 {
+        if (*a.borrow() - 75.0).abs() < 1.0 && (*b.borrow() - 75.0).abs() < 1.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("shares {} and {}, not 75 each", *a.borrow(), *b.borrow());
 }
 
 #[tokio::test]
@@ -1146,21 +1146,9 @@ async fn only_an_inbound_limits_own_sidecars_count_and_a_reported_rate_is_the_co
         // Another catalog instance whose config would say 1 per second: held to the
         // stored 150.
         let (_b, two) = quota_stream(&plane, &catalog, ("catalog", "c-2"), 1.0, 10).await;
-        for _ in 0..200 {
-            let (a, b) = (*one.borrow(), *two.borrow());
-            if (a - 75.0).abs() < 1.0 && (b - 75.0).abs() < 1.0 {
-                assert_eq!(*theirs.borrow(), 0.0, "shop's sidecar got a share");
-                plane.finish();
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!(
-            "shares: catalog's {} and {}, shop's {}",
-            *one.borrow(),
-            *two.borrow(),
-            *theirs.borrow()
-        );
+        halves(&one, &two).await;
+        assert_eq!(*theirs.borrow(), 0.0, "shop's sidecar got a share");
+        plane.finish();
     })
     .await;
 }
