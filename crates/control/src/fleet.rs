@@ -45,6 +45,18 @@ const MAX_SERVICE_BYTES: usize = 256 << 20;
 /// looks at its service's windows, so made-up nodes must not make thousands of them.
 const MAX_SERVICE_WINDOWS: usize = 4096;
 
+/// Most report streams one service's proxies hold open on a replica: one per instance
+/// (see [`MAX_SERVICE_WINDOWS`]) and a reconnect's overlap. Each is a task with buffers, and
+/// one service's credentials must not be able to open them without end.
+pub const MAX_SERVICE_STREAMS: usize = 2 * MAX_SERVICE_WINDOWS;
+
+/// Open report streams, per reporter and per service.
+#[derive(Default)]
+struct Streams {
+    by_reporter: BTreeMap<Reporter, usize>,
+    by_service: HashMap<(String, String), usize>,
+}
+
 /// Most latency buckets kept per report and series (a proxy sends 16 bounds, 17 buckets).
 const MAX_BUCKETS: usize = 64;
 
@@ -974,8 +986,8 @@ struct TapSub {
 pub struct Fleet {
     windows: Mutex<BTreeMap<Reporter, Window>>,
     limits: Limits,
-    /// Open report streams per reporter.
-    streams: Mutex<BTreeMap<Reporter, usize>>,
+    /// Open report streams.
+    streams: Mutex<Streams>,
     taps: Mutex<BTreeMap<String, TapSub>>,
     /// Bumped whenever the set of taps changes; report streams watch it.
     taps_changed: watch::Sender<u64>,
@@ -1366,16 +1378,34 @@ impl Fleet {
             .collect()
     }
 
-    /// A report stream from `who` opened (`true`) or closed.
-    pub fn connected(&self, who: &Reporter, open: bool) {
+    /// Counts a report stream from `who` as open, unless its service already holds
+    /// [`MAX_SERVICE_STREAMS`] open (`false`: refuse it).
+    pub fn open_stream(&self, who: &Reporter) -> bool {
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        let n = streams.entry(who.clone()).or_default();
-        if open {
-            *n += 1;
-        } else {
+        let service = (who.namespace.clone(), who.service.clone());
+        let open = streams.by_service.entry(service).or_default();
+        if *open >= MAX_SERVICE_STREAMS {
+            return false;
+        }
+        *open += 1;
+        *streams.by_reporter.entry(who.clone()).or_default() += 1;
+        true
+    }
+
+    /// A report stream [`Fleet::open_stream`] counted has closed.
+    pub fn close_stream(&self, who: &Reporter) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let service = (who.namespace.clone(), who.service.clone());
+        if let Some(n) = streams.by_service.get_mut(&service) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                streams.remove(who);
+                streams.by_service.remove(&service);
+            }
+        }
+        if let Some(n) = streams.by_reporter.get_mut(who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                streams.by_reporter.remove(who);
             }
         }
     }
@@ -1385,6 +1415,7 @@ impl Fleet {
         self.streams
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .by_reporter
             .keys()
             .filter(|r| applies(spec, r))
             .count()
@@ -2144,6 +2175,33 @@ mod tests {
             kept[&b].reports.len(),
             1,
             "another service keeps its window"
+        );
+    }
+
+    #[test]
+    fn one_service_holds_a_bounded_number_of_report_streams_open() {
+        let fleet = Fleet::default();
+        for i in 0..MAX_SERVICE_STREAMS {
+            assert!(
+                fleet.open_stream(&who("payment", &format!("n{i}"))),
+                "stream {i}"
+            );
+        }
+        assert!(!fleet.open_stream(&who("payment", "one-more")));
+        assert!(
+            fleet.open_stream(&who("billing", "b1")),
+            "another service's"
+        );
+        fleet.close_stream(&who("payment", "n7"));
+        assert!(fleet.open_stream(&who("payment", "one-more")), "room again");
+        assert!(!fleet.open_stream(&who("payment", "n7")));
+        // Streams of one node count each (a reconnect's overlap).
+        fleet.close_stream(&who("payment", "n1"));
+        fleet.close_stream(&who("payment", "n2"));
+        assert!(fleet.open_stream(&who("payment", "n3")));
+        assert_eq!(
+            fleet.streams.lock().unwrap().by_reporter[&who("payment", "n3")],
+            2
         );
     }
 

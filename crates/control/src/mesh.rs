@@ -229,14 +229,21 @@ impl Mesh for MeshService {
             },
             node: node.id,
         };
+        if !self.control.fleet.open_stream(&who) {
+            return Err(Status::resource_exhausted(format!(
+                "{}/{} already has {} report streams open on this control plane replica",
+                who.namespace,
+                who.service,
+                crate::fleet::MAX_SERVICE_STREAMS
+            )));
+        }
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
         tokio::spawn(async move {
             let fleet = &control.fleet;
-            fleet.connected(&who, true);
             let trust_domain = control.trust().map(|(td, _)| td).unwrap_or_default();
             crate::fleet::serve_reports(fleet, &who, &trust_domain, inbound, tx).await;
-            fleet.connected(&who, false);
+            fleet.close_stream(&who);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
