@@ -50,11 +50,37 @@ const MAX_SERVICE_WINDOWS: usize = 4096;
 /// one service's credentials must not be able to open them without end.
 pub const MAX_SERVICE_STREAMS: usize = 2 * MAX_SERVICE_WINDOWS;
 
-/// Open report streams, per reporter and per service.
+/// Open streams of one kind (report, quota) per service (namespace, name), at most
+/// [`MAX_SERVICE_STREAMS`] each.
 #[derive(Default)]
-struct Streams {
-    by_reporter: BTreeMap<Reporter, usize>,
-    by_service: HashMap<(String, String), usize>,
+pub(crate) struct PerService(Mutex<HashMap<(String, String), usize>>);
+
+impl PerService {
+    /// Counts a stream of the service as open, unless it already holds
+    /// [`MAX_SERVICE_STREAMS`] open (`false`: refuse it).
+    pub(crate) fn open(&self, namespace: &str, service: &str) -> bool {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open
+            .entry((namespace.to_string(), service.to_string()))
+            .or_default();
+        if *n >= MAX_SERVICE_STREAMS {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// A stream [`PerService::open`] counted has closed.
+    pub(crate) fn close(&self, namespace: &str, service: &str) {
+        let mut open = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (namespace.to_string(), service.to_string());
+        if let Some(n) = open.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&key);
+            }
+        }
+    }
 }
 
 /// Most latency buckets kept per report and series (a proxy sends 16 bounds, 17 buckets).
@@ -986,8 +1012,10 @@ struct TapSub {
 pub struct Fleet {
     windows: Mutex<BTreeMap<Reporter, Window>>,
     limits: Limits,
-    /// Open report streams.
-    streams: Mutex<Streams>,
+    /// Open report streams per reporter.
+    streams: Mutex<BTreeMap<Reporter, usize>>,
+    /// And per service, bounded.
+    per_service: PerService,
     taps: Mutex<BTreeMap<String, TapSub>>,
     /// Bumped whenever the set of taps changes; report streams watch it.
     taps_changed: watch::Sender<u64>,
@@ -1065,6 +1093,7 @@ impl Default for Fleet {
                 service_bytes: MAX_SERVICE_BYTES,
             },
             streams: Mutex::default(),
+            per_service: PerService::default(),
             taps: Mutex::default(),
             taps_changed: watch::channel(0).0,
             next_tap: AtomicU64::new(1),
@@ -1381,31 +1410,22 @@ impl Fleet {
     /// Counts a report stream from `who` as open, unless its service already holds
     /// [`MAX_SERVICE_STREAMS`] open (`false`: refuse it).
     pub fn open_stream(&self, who: &Reporter) -> bool {
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        let service = (who.namespace.clone(), who.service.clone());
-        let open = streams.by_service.entry(service).or_default();
-        if *open >= MAX_SERVICE_STREAMS {
+        if !self.per_service.open(&who.namespace, &who.service) {
             return false;
         }
-        *open += 1;
-        *streams.by_reporter.entry(who.clone()).or_default() += 1;
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        *streams.entry(who.clone()).or_default() += 1;
         true
     }
 
     /// A report stream [`Fleet::open_stream`] counted has closed.
     pub fn close_stream(&self, who: &Reporter) {
+        self.per_service.close(&who.namespace, &who.service);
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        let service = (who.namespace.clone(), who.service.clone());
-        if let Some(n) = streams.by_service.get_mut(&service) {
-            *n = n.saturating_sub(1);
+        if let Some(n) = streams.get_mut(who) {
+            *n -= 1;
             if *n == 0 {
-                streams.by_service.remove(&service);
-            }
-        }
-        if let Some(n) = streams.by_reporter.get_mut(who) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                streams.by_reporter.remove(who);
+                streams.remove(who);
             }
         }
     }
@@ -1415,7 +1435,6 @@ impl Fleet {
         self.streams
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .by_reporter
             .keys()
             .filter(|r| applies(spec, r))
             .count()
@@ -2199,10 +2218,7 @@ mod tests {
         fleet.close_stream(&who("payment", "n1"));
         fleet.close_stream(&who("payment", "n2"));
         assert!(fleet.open_stream(&who("payment", "n3")));
-        assert_eq!(
-            fleet.streams.lock().unwrap().by_reporter[&who("payment", "n3")],
-            2
-        );
+        assert_eq!(fleet.streams.lock().unwrap()[&who("payment", "n3")], 2);
     }
 
     #[test]

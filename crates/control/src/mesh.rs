@@ -267,19 +267,19 @@ impl Mesh for MeshService {
         let (ns, service) = principal.service();
         let instance = format!("{ns}/{service}/{}", node.id);
         let service = (ns.to_string(), service.to_string());
-        if !self.control.quota.open_stream(&service) {
+        if !self.control.quota.streams.open(&service.0, &service.1) {
             return Err(Status::resource_exhausted(format!(
                 "{}/{} already has {} quota streams open on this control plane replica",
                 service.0,
                 service.1,
-                crate::quota::MAX_SERVICE_STREAMS
+                crate::fleet::MAX_SERVICE_STREAMS
             )));
         }
         let (tx, rx) = mpsc::channel(4);
         let control = self.control.clone();
         tokio::spawn(async move {
             crate::quota::serve(&control, instance, service.clone(), first, inbound, tx).await;
-            control.quota.close_stream(&service);
+            control.quota.streams.close(&service.0, &service.1);
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }

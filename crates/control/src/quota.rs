@@ -259,13 +259,10 @@ pub struct Quota {
     table: Mutex<HashMap<String, Seen>>,
     local: Mutex<Local>,
     shares: watch::Sender<Shares>,
-    /// Open quota streams per service (namespace, name).
-    streams: Mutex<HashMap<(String, String), usize>>,
+    /// Open quota streams per service: as many as report streams may be (one per instance,
+    /// and a reconnect's overlap).
+    pub(crate) streams: crate::fleet::PerService,
 }
-
-/// Most quota streams one service's sidecars hold open on a replica: as many as report
-/// streams (one per instance, and a reconnect's overlap).
-pub const MAX_SERVICE_STREAMS: usize = crate::fleet::MAX_SERVICE_STREAMS;
 
 impl Default for Quota {
     fn default() -> Self {
@@ -273,32 +270,7 @@ impl Default for Quota {
             table: Mutex::default(),
             local: Mutex::default(),
             shares: watch::Sender::new(Shares::default()),
-            streams: Mutex::default(),
-        }
-    }
-}
-
-impl Quota {
-    /// Counts a quota stream of `service` as open, unless it already holds
-    /// [`MAX_SERVICE_STREAMS`] open (`false`: refuse it).
-    pub(crate) fn open_stream(&self, service: &(String, String)) -> bool {
-        let mut streams = lock(&self.streams);
-        let open = streams.entry(service.clone()).or_default();
-        if *open >= MAX_SERVICE_STREAMS {
-            return false;
-        }
-        *open += 1;
-        true
-    }
-
-    /// A quota stream [`Quota::open_stream`] counted has closed.
-    pub(crate) fn close_stream(&self, service: &(String, String)) {
-        let mut streams = lock(&self.streams);
-        if let Some(n) = streams.get_mut(service) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                streams.remove(service);
-            }
+            streams: Default::default(),
         }
     }
 }
@@ -786,20 +758,6 @@ spec:
             admit(&state, catalog, &d("shop/out", "all", 20.0)),
             Ok(20.0)
         );
-    }
-
-    #[test]
-    fn one_service_holds_a_bounded_number_of_quota_streams_open() {
-        let quota = Quota::default();
-        let service = |s: &str| ("default".to_string(), s.to_string());
-        for i in 0..MAX_SERVICE_STREAMS {
-            assert!(quota.open_stream(&service("payment")), "stream {i}");
-        }
-        assert!(!quota.open_stream(&service("payment")));
-        assert!(quota.open_stream(&service("billing")), "another service's");
-        quota.close_stream(&service("payment"));
-        assert!(quota.open_stream(&service("payment")), "room again");
-        assert!(!quota.open_stream(&service("payment")));
     }
 
     #[test]
