@@ -48,6 +48,9 @@ pub enum WriteError {
     /// A resource to delete does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The store cannot take the write in one transaction (etcd's size limits).
+    #[error("{0}")]
+    TooLarge(String),
     /// The store failed.
     #[error("store: {0}")]
     Store(StoreError),
@@ -112,6 +115,8 @@ impl Control {
                     outcomes: plan.outcomes,
                 });
             }
+            // Every op but the config marker's changes one resource.
+            let changes = plan.ops.len().saturating_sub(1);
             match self.store.commit(plan.ops).await {
                 Ok(revision) => {
                     self.wait_for(revision).await;
@@ -133,6 +138,13 @@ impl Control {
                 }) => {
                     return Err(WriteError::Conflict(format!(
                         "{key} was changed by another writer (expected {expected}, found {found}); get it again and retry"
+                    )));
+                }
+                Err(StoreError::TooLarge(why)) => {
+                    return Err(WriteError::TooLarge(format!(
+                        "this write changes {changes} resources in one atomic commit, and the \
+                         store refused it: {why}. Nothing was written; apply the files in \
+                         parts, each valid with what is already stored"
                     )));
                 }
                 Err(e) => return Err(WriteError::Store(e)),

@@ -45,6 +45,7 @@ impl IntoResponse for WriteError {
             ),
             WriteError::Conflict(m) => error(StatusCode::CONFLICT, lines(&m)),
             WriteError::NotFound(m) => error(StatusCode::NOT_FOUND, lines(&m)),
+            WriteError::TooLarge(m) => error(StatusCode::PAYLOAD_TOO_LARGE, vec![m]),
             WriteError::Store(e) => error(StatusCode::SERVICE_UNAVAILABLE, vec![e.to_string()]),
         }
     }

@@ -41,6 +41,14 @@ const MAX_SOURCE: usize = 2048;
 const MAX_SOURCES_PER_LIMIT: usize = 20_000;
 /// The lease attached to this replica's records.
 const LEASE_TTL: Duration = Duration::from_secs(3);
+/// Most records in one commit: etcd takes at most 128 operations per transaction unless told
+/// otherwise, and one commit of every sidecar's record would be refused past that.
+const COMMIT_RECORDS: usize = 64;
+/// Most bytes in one commit: etcd takes requests of at most 1.5 MiB unless told otherwise.
+const COMMIT_BYTES: usize = 1 << 20;
+/// Largest record written. Past it, the stored record keeps the keys without a caller, then
+/// the callers of the highest demand; this replica still counts every key.
+const RECORD_BYTES: usize = 256 << 10;
 
 /// A global budget: `namespace/name` of the policy, the limit's name, the caller of a
 /// perSource limit (empty otherwise).
@@ -234,6 +242,54 @@ pub fn admit(
         (lo.min(r), hi.max(r))
     });
     Ok(d.rate.clamp(low, high))
+}
+
+/// Pure: `record` as stored, at most `max` bytes of JSON (for any `max` of at least the
+/// 11 bytes of an empty record). Keys without a caller are kept first, then the callers of
+/// the highest demand: what other replicas then miss is the least busy callers.
+pub fn stored(record: &Record, max: usize) -> Vec<u8> {
+    let whole = serde_json::to_vec(record).unwrap_or_default();
+    if whole.len() <= max {
+        return whole;
+    }
+    let mut order: Vec<&Demand> = record.keys.iter().collect();
+    order.sort_by(|a, b| {
+        (!a.key.source.is_empty())
+            .cmp(&!b.key.source.is_empty())
+            .then(b.demand.total_cmp(&a.demand))
+    });
+    // `{"keys":[]}` plus, per key, its JSON and a comma.
+    let mut size: usize = 11;
+    let mut keys = Vec::new();
+    for d in order {
+        let more = serde_json::to_vec(d).map_or(usize::MAX, |v| v.len() + 1);
+        if size.saturating_add(more) > max {
+            break;
+        }
+        size += more;
+        keys.push(d.clone());
+    }
+    serde_json::to_vec(&Record { keys }).unwrap_or_default()
+}
+
+/// Pure: `items` (each with its size) in order, cut into batches of at most `records` items
+/// and `bytes` bytes; an item larger than `bytes` goes alone.
+pub fn batches<T>(items: Vec<(T, usize)>, records: usize, bytes: usize) -> Vec<Vec<T>> {
+    let mut out: Vec<Vec<T>> = Vec::new();
+    let mut size = 0;
+    for (item, n) in items {
+        match out.last_mut() {
+            Some(last) if last.len() < records && size + n <= bytes => {
+                size += n;
+                last.push(item);
+            }
+            _ => {
+                size = n;
+                out.push(vec![item]);
+            }
+        }
+    }
+    out
 }
 
 /// Every node's shares after the latest rebalance.
@@ -477,8 +533,8 @@ pub(crate) async fn serve(
     }
 }
 
-/// Every [`INTERVAL`] while the control plane lives: writes this replica's new records in
-/// one commit, then rebalances.
+/// Every [`INTERVAL`] while the control plane lives: writes this replica's new records (in
+/// commits within etcd's limits), then rebalances.
 pub(crate) async fn run(control: Weak<Control>) {
     let mut lease: Option<LeaseId> = None;
     let mut renewed = Instant::now();
@@ -517,44 +573,67 @@ async fn flush(
             *renewed = Instant::now();
             id
         }
-        _ => {
-            let id = control.store.grant(LEASE_TTL).await?;
-            *renewed = Instant::now();
-            *lease = Some(id);
-            id
-        }
+        _ => match control.store.grant(LEASE_TTL).await {
+            Ok(id) => {
+                *renewed = Instant::now();
+                *lease = Some(id);
+                id
+            }
+            Err(e) => {
+                redirty(control, dirty);
+                return Err(e);
+            }
+        },
     };
-    let ops = dirty
-        .iter()
+    let writes = dirty
+        .into_iter()
         .map(|(node, r)| {
-            let mut op = Op::put(
-                format!("{PREFIX}{node}"),
-                serde_json::to_vec(r.as_ref()).unwrap_or_default(),
-                Expect::Any,
-            );
-            op.lease = Some(id);
-            op
+            let value = stored(&r, RECORD_BYTES);
+            let size = PREFIX.len() + node.len() + value.len();
+            ((node, r, value), size)
         })
         .collect();
-    match control.store.commit(ops).await {
-        Ok(rev) => {
-            let mut local = lock(&control.quota.local);
-            for (node, _) in dirty {
-                local.written.insert(node, rev);
-            }
-            Ok(())
+    // Records are independent: a commit refused leaves the others written.
+    let mut failed = None;
+    let mut unwritten = Vec::new();
+    for batch in batches(writes, COMMIT_RECORDS, COMMIT_BYTES) {
+        if matches!(failed, Some(StoreError::LeaseNotFound(_))) {
+            unwritten.extend(batch.into_iter().map(|(node, r, _)| (node, r)));
+            continue;
         }
-        Err(e) => {
-            if matches!(e, StoreError::LeaseNotFound(_)) {
-                *lease = None;
-            }
-            // Written with the next batch, unless a newer report replaces it.
-            let mut local = lock(&control.quota.local);
-            for (node, r) in dirty {
-                local.dirty.entry(node).or_insert(r);
-            }
-            Err(e)
+        let mut ops = Vec::with_capacity(batch.len());
+        let mut nodes = Vec::with_capacity(batch.len());
+        for (node, r, value) in batch {
+            let mut op = Op::put(format!("{PREFIX}{node}"), value, Expect::Any);
+            op.lease = Some(id);
+            ops.push(op);
+            nodes.push((node, r));
         }
+        match control.store.commit(ops).await {
+            Ok(rev) => {
+                let mut local = lock(&control.quota.local);
+                for (node, _) in nodes {
+                    local.written.insert(node, rev);
+                }
+            }
+            Err(e) => {
+                if matches!(e, StoreError::LeaseNotFound(_)) {
+                    *lease = None;
+                }
+                unwritten.extend(nodes);
+                failed.get_or_insert(e);
+            }
+        }
+    }
+    redirty(control, unwritten);
+    failed.map_or(Ok(()), Err)
+}
+
+/// Written with the next batch, unless a newer report replaces them first.
+fn redirty(control: &Control, records: Vec<(String, Arc<Record>)>) {
+    let mut local = lock(&control.quota.local);
+    for (node, r) in records {
+        local.dirty.entry(node).or_insert(r);
     }
 }
 
@@ -827,5 +906,62 @@ spec:
         };
         assert!(q.observe(&del));
         assert!(q.rebalance().is_empty());
+    }
+
+    #[test]
+    fn batches_table() {
+        // (sizes, records per batch, bytes per batch, want: sizes per batch)
+        type Case = (&'static [usize], usize, usize, &'static [&'static [usize]]);
+        let cases: &[Case] = &[
+            (&[], 2, 10, &[]),
+            (&[1, 1, 1, 1, 1], 2, 10, &[&[1, 1], &[1, 1], &[1]]),
+            (&[4, 4, 4], 5, 10, &[&[4, 4], &[4]]),
+            // Exactly the byte bound fits.
+            (&[5, 5, 5], 5, 10, &[&[5, 5], &[5]]),
+            // Too large for any batch: alone, and the rest go on around it.
+            (&[3, 50, 3, 3], 5, 10, &[&[3], &[50], &[3, 3]]),
+            (&[50, 50], 5, 10, &[&[50], &[50]]),
+        ];
+        for (sizes, records, bytes, want) in cases {
+            let items = sizes.iter().map(|&n| (n, n)).collect();
+            let got = batches(items, *records, *bytes);
+            let want: Vec<Vec<usize>> = want.iter().map(|b| b.to_vec()).collect();
+            assert_eq!(got, want, "{sizes:?} by {records} and {bytes}");
+        }
+    }
+
+    #[test]
+    fn a_stored_record_fits_its_bound_and_keeps_the_busiest_keys() {
+        let caller = |who: &str, demand: f64| Demand {
+            key: Key {
+                source: format!("spiffe://mesh.test/ns/default/sa/{who}"),
+                ..key("per-caller")
+            },
+            rate: 10.0,
+            demand,
+        };
+        let mut r = record(&[("total", 300.0, 1.0)]);
+        r.keys
+            .extend((0..1000).map(|i| caller(&format!("c{i}"), f64::from(i))));
+        let whole = serde_json::to_vec(&r).unwrap();
+        // Within the bound: the record as it is.
+        assert_eq!(stored(&r, whole.len()), whole);
+        for max in [11, 100, 1_000, 10_000, whole.len() - 1] {
+            let bytes = stored(&r, max);
+            assert!(bytes.len() <= max, "{} bytes for {max}", bytes.len());
+            let back: Record = serde_json::from_slice(&bytes).unwrap();
+            if max < 100 {
+                assert!(back.keys.is_empty(), "{max}: {back:?}");
+                continue;
+            }
+            // The key without a caller first, then callers by falling demand, none left out
+            // that is busier than one kept.
+            assert_eq!(back.keys[0].key.limit, "total", "{max}");
+            let kept: Vec<f64> = back.keys[1..].iter().map(|d| d.demand).collect();
+            let n = kept.len();
+            let want: Vec<f64> = (0..n).map(|i| (999 - i) as f64).collect();
+            assert_eq!(kept, want, "{max}");
+            assert!(n < 1000, "{max}");
+        }
     }
 }

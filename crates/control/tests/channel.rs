@@ -1019,18 +1019,38 @@ async fn quota_stream(
     tokio::task::JoinHandle<()>,
     tokio::sync::watch::Receiver<f64>,
 ) {
+    let client = plane.client(Some(creds)).await;
+    let demand = vec![demand("total", "", rate, per_interval)];
+    quota_stream_on(client, (service, node), demand).await
+}
+
+/// Demand for the limit `limit` of `default/catalog`, from `source` for a perSource limit.
+fn demand(limit: &str, source: &str, rate: f64, per_interval: u64) -> wire::QuotaDemand {
+    wire::QuotaDemand {
+        key: Some(wire::QuotaKey {
+            policy: "default/catalog".into(),
+            limit: limit.into(),
+            source: source.into(),
+        }),
+        rate,
+        demand: per_interval,
+    }
+}
+
+/// A quota stream on `client` as node `node` of `service`, reporting `demand` every 250 ms;
+/// the receiver holds the latest share of its first key.
+async fn quota_stream_on(
+    mut client: MeshClient<tonic::transport::Channel>,
+    (service, node): (&str, &str),
+    demand: Vec<wire::QuotaDemand>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::watch::Receiver<f64>,
+) {
     let report = move |node: Option<wire::Node>| wire::QuotaRequest {
         node,
         interval_ms: 250,
-        demand: vec![wire::QuotaDemand {
-            key: Some(wire::QuotaKey {
-                policy: "default/catalog".into(),
-                limit: "total".into(),
-                source: String::new(),
-            }),
-            rate,
-            demand: per_interval,
-        }],
+        demand: demand.clone(),
     };
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(report(Some(wire::Node {
@@ -1040,9 +1060,7 @@ async fn quota_stream(
     })))
     .await
     .unwrap();
-    let mut answers = plane
-        .client(Some(creds))
-        .await
+    let mut answers = client
         .quota(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
         .unwrap()
@@ -1174,6 +1192,151 @@ async fn wait_division(
     );
 }
 
+/// A control plane replica serving on a loopback port, on the store `spec`.
+#[cfg(feature = "etcd")]
+async fn replica(spec: &StoreSpec, tag: &str) -> Plane {
+    let mut s = Settings::default();
+    s.identity.trust_domain = "mesh.test".into();
+    let control = Control::open(spec, s).await.unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", listener.local_addr().unwrap());
+    let stop = CancellationToken::new();
+    tokio::spawn(trellis_control::serve(
+        control.clone(),
+        listener,
+        stop.clone(),
+    ));
+    Plane {
+        control,
+        url,
+        stop,
+        dir: temp_dir(tag),
+    }
+}
+
+/// A replica writes its sidecars' quota records within etcd's limits (128 operations and
+/// 1.5 MiB per transaction unless set): 150 sidecars, and one whose record alone is past
+/// 1.5 MiB, all reach the other replica. Before, every record went in one commit, which etcd
+/// refused whole every interval, so no other replica counted any of them.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_writes_many_and_large_quota_records_within_etcds_limits() {
+    let etcd = etcd::Etcd::start();
+    bounded(async {
+        let spec = StoreSpec::Etcd {
+            endpoints: vec![etcd.endpoint.clone()],
+            prefix: "/quota-many/".into(),
+        };
+        let a = replica(&spec, "quota-many-a").await;
+        let b = replica(&spec, "quota-many-b").await;
+        let text = "apiVersion: trellis.dev/v1alpha1
+kind: Service
+metadata: {name: catalog}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: trellis.dev/v1alpha1
+kind: RateLimitPolicy
+metadata: {name: catalog}
+spec:
+  targetRef: {kind: Service, name: catalog}
+  direction: Inbound
+  limits:
+    - {name: total, rate: 150, scope: Global}
+    - {name: per-caller, rate: 10, scope: Global, perSource: true}
+";
+        a.control
+            .apply(
+                &[trellis_control::SourceFile {
+                    name: "limits.yaml".into(),
+                    text: text.into(),
+                }],
+                false,
+            )
+            .await
+            .unwrap();
+        let creds = a.credentials("catalog").await;
+        let client = a.client(Some(&creds)).await;
+        let mut streams = Vec::new();
+        for i in 0..150 {
+            let node = format!("c-{i}");
+            let total = vec![demand("total", "", 150.0, 10)];
+            streams.push(quota_stream_on(client.clone(), ("catalog", &node), total).await);
+        }
+        // 3,000 callers with 600-byte identities: a record of about 2 MB.
+        let pad = "x".repeat(560);
+        let callers = (0..3000)
+            .map(|i| {
+                demand(
+                    "per-caller",
+                    &format!("spiffe://mesh.test/{pad}/{i}"),
+                    10.0,
+                    i,
+                )
+            })
+            .collect();
+        streams.push(quota_stream_on(client.clone(), ("catalog", "busy"), callers).await);
+        let want = "trellis_control_quota_instances 151";
+        let mut page = String::new();
+        for _ in 0..200 {
+            page = b.control.metrics.encode();
+            if page.contains(want) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let seen = page
+            .lines()
+            .find(|l| l.starts_with("trellis_control_quota_instances "))
+            .unwrap_or("none");
+        assert!(page.contains(want), "replica b counts {seen}, not 151");
+        a.finish();
+        b.finish();
+    })
+    .await;
+}
+
+/// An apply past etcd's 128 operations per transaction is refused whole, saying which limit,
+/// and one within it goes through.
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_past_etcds_transaction_limit_is_refused_whole_and_says_why() {
+    let etcd = etcd::Etcd::start();
+    bounded(async {
+        let spec = StoreSpec::Etcd {
+            endpoints: vec![etcd.endpoint.clone()],
+            prefix: "/apply-many/".into(),
+        };
+        let plane = replica(&spec, "apply-many").await;
+        let services = |n: usize| {
+            let text = (0..n)
+                .map(|i| {
+                    format!(
+                        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n"
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("---\n");
+            vec![trellis_control::SourceFile {
+                name: "many.yaml".into(),
+                text,
+            }]
+        };
+        let err = plane.control.apply(&services(200), false).await.unwrap_err();
+        let trellis_control::WriteError::TooLarge(why) = &err else {
+            panic!("expected TooLarge, got {err:?}");
+        };
+        assert!(
+            why.contains("changes 200 resources") && why.contains("--max-txn-ops"),
+            "{why}"
+        );
+        assert_eq!(plane.control.state().config.len(), 0);
+        let done = plane.control.apply(&services(120), false).await.unwrap();
+        assert_eq!(done.outcomes.len(), 120);
+        plane.finish();
+    })
+    .await;
+}
+
 /// Global rate limits on two replicas of one etcd: sidecars connected to different replicas
 /// share one limit (neither replica hands out the whole of it), and a sidecar that moves to
 /// the other replica keeps its place.
@@ -1186,30 +1349,8 @@ async fn replicas_on_etcd_divide_one_global_limit() {
             endpoints: vec![etcd.endpoint.clone()],
             prefix: "/quota/".into(),
         };
-        let replica = |tag: &'static str| {
-            let spec = spec.clone();
-            async move {
-                let mut s = Settings::default();
-                s.identity.trust_domain = "mesh.test".into();
-                let control = Control::open(&spec, s).await.unwrap();
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-                let url = format!("https://{}", listener.local_addr().unwrap());
-                let stop = CancellationToken::new();
-                tokio::spawn(trellis_control::serve(
-                    control.clone(),
-                    listener,
-                    stop.clone(),
-                ));
-                Plane {
-                    control,
-                    url,
-                    stop,
-                    dir: temp_dir(tag),
-                }
-            }
-        };
-        let a = replica("quota-a").await;
-        let b = replica("quota-b").await;
+        let a = replica(&spec, "quota-a").await;
+        let b = replica(&spec, "quota-b").await;
         catalog_limit(&a.control, "Inbound").await;
         let creds = a.credentials("catalog").await;
         // 100 per 250 ms (400 per second) on a, nothing on b.

@@ -448,6 +448,41 @@ async fn etcd_replicas_see_each_others_commits() {
     .await;
 }
 
+/// A commit past etcd's limits (128 operations, 1.5 MiB unless set) is refused whole with an
+/// error that names the limit, and a commit just within them goes through.
+#[cfg(feature = "etcd")]
+#[tokio::test]
+async fn etcd_refuses_an_oversized_commit_whole_and_says_which_limit() {
+    run(Backend::etcd(), |backend| async move {
+        let (store, _, mut changes) = backend.open().await?;
+        let many = |n: usize| (0..n).map(|i| put(&format!("config/k{i}"), "v", Expect::Absent));
+        let err = store.commit(many(200).collect()).await.unwrap_err();
+        let StoreError::TooLarge(why) = &err else {
+            bail!("expected TooLarge, got {err:?}");
+        };
+        assert!(
+            why.contains("200 operations") && why.contains("--max-txn-ops"),
+            "{why}"
+        );
+        let big = vec![b'x'; 1 << 20];
+        let two = vec![
+            Op::put("config/big1", big.clone(), Expect::Any),
+            Op::put("config/big2", big, Expect::Any),
+        ];
+        let err = store.commit(two).await.unwrap_err();
+        let StoreError::TooLarge(why) = &err else {
+            bail!("expected TooLarge, got {err:?}");
+        };
+        assert!(why.contains("--max-request-bytes"), "{why}");
+        // Nothing of either was written: the next change is the commit within the limits.
+        let r = store.commit(many(128).collect()).await?;
+        let c = next_change(&mut changes).await?;
+        assert_eq!((c.revision, c.events.len()), (r, 128));
+        Ok(())
+    })
+    .await;
+}
+
 #[cfg(feature = "etcd")]
 #[tokio::test]
 async fn etcd_watch_resumes_after_an_outage_and_resets_after_compaction() {

@@ -156,7 +156,7 @@ impl EtcdStore {
         let response = match timed(self.client.kv_client().txn(txn)).await {
             Ok(response) => response,
             Err(e) if is_lease_not_found(&e) => return Err(self.missing_lease(&ops).await),
-            Err(e) => return Err(etcd_err("etcd commit", e)),
+            Err(e) => return Err(too_large(&ops, &e).unwrap_or_else(|| etcd_err("etcd commit", e))),
         };
         if response.succeeded() {
             return Ok(header_revision(response.header()));
@@ -402,6 +402,36 @@ async fn timed<T>(
             format!("no answer within {REQUEST_TIMEOUT:?}"),
         ))),
     }
+}
+
+/// etcd's refusal of a transaction over its size limits, in words that say which limit and
+/// what to change; `None` for any other error.
+fn too_large(ops: &[Op], e: &etcd_client::Error) -> Option<StoreError> {
+    let etcd_client::Error::GRpcStatus(s) = e else {
+        return None;
+    };
+    let m = s.message();
+    if m.contains("too many operations in txn request") {
+        return Some(StoreError::TooLarge(format!(
+            "etcd refused one transaction of {} operations: more than its --max-txn-ops \
+             allows (128 unless set); raise it on every etcd member, or write less at once",
+            ops.len()
+        )));
+    }
+    // Past --max-request-bytes etcd answers "request is too large"; past its gRPC limit
+    // (that plus 512 KiB) gRPC itself refuses the message.
+    if m.contains("request is too large") || m.contains("larger than max") {
+        let bytes: usize = ops
+            .iter()
+            .map(|op| op.key.len() + op.value.as_ref().map_or(0, Vec::len))
+            .sum();
+        return Some(StoreError::TooLarge(format!(
+            "etcd refused one transaction of {bytes} bytes: more than its \
+             --max-request-bytes allows (1.5 MiB unless set); raise it on every etcd \
+             member, or write less at once"
+        )));
+    }
+    None
 }
 
 fn etcd_err(context: &str, e: etcd_client::Error) -> StoreError {

@@ -134,6 +134,10 @@ pub enum StoreError {
     /// The lease lapsed or never existed.
     #[error("lease {0:x} not found (expired or revoked)")]
     LeaseNotFound(LeaseId),
+    /// The backend refused the commit as larger than it takes in one transaction (etcd's
+    /// `--max-txn-ops` and `--max-request-bytes`); nothing was written. Says which limit.
+    #[error("{0}")]
+    TooLarge(String),
     /// The backend failed (I/O, connection, corruption).
     #[error("{0}")]
     Backend(String),
