@@ -187,6 +187,10 @@ enum Command {
         /// The CPU utilization the capacity metric aims for (0-1].
         #[arg(long, default_value_t = 0.6, value_parser = parse_utilization)]
         capacity_target_utilization: f64,
+        /// With etcd: compact its history this often, to the revision of the time before
+        /// (as kube-apiserver does); 0s leaves it to etcd's --auto-compaction-retention.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        etcd_compaction_interval: Duration,
     },
     /// Join tokens: what a sidecar presents to get its first certificate.
     Token {
@@ -785,6 +789,7 @@ fn run(command: Command) -> Result<i32> {
             idle_timeout,
             capacity_latency_objective,
             capacity_target_utilization,
+            etcd_compaction_interval,
         } => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -838,6 +843,7 @@ fn run(command: Command) -> Result<i32> {
                     ca,
                     key_file: ca_key_file,
                 },
+                store_compaction: etcd_compaction_interval,
             };
             runtime(default_threads())?.block_on(control(listen, store, settings))
         }

@@ -83,6 +83,9 @@ pub struct Settings {
     pub limits: Limits,
     /// What the capacity report and its metric aim for by default.
     pub capacity: capacity::Objective,
+    /// How often etcd's history is compacted (to the revision of the time before); zero
+    /// leaves it to etcd's own `--auto-compaction-retention`.
+    pub store_compaction: Duration,
 }
 
 impl Default for Settings {
@@ -96,6 +99,7 @@ impl Default for Settings {
             server_names: Vec::new(),
             limits: Limits::default(),
             capacity: capacity::Objective::default(),
+            store_compaction: Duration::from_secs(300),
         }
     }
 }
@@ -147,6 +151,10 @@ impl Control {
             quota,
         });
         tokio::spawn(quota::run(Arc::downgrade(&control)));
+        let every = control.settings.store_compaction;
+        if control.store.inner().keeps_history() && !every.is_zero() {
+            tokio::spawn(store::compact_history(Arc::downgrade(&control), every));
+        }
         if let StoreSpec::Dir(dir) = spec {
             // redb creates its file with the process umask.
             trellis_identity::files::restrict(&dir.join(store::REDB_FILE)).map_err(secret)?;

@@ -216,6 +216,30 @@ impl EtcdStore {
         }
     }
 
+    /// The cluster's revision now (from one read under the prefix).
+    pub async fn head(&self) -> Result<Revision, StoreError> {
+        let read = GetOptions::new().with_keys_only().with_limit(1);
+        let response = timed(self.client.kv_client().get(self.prefix.clone(), Some(read)))
+            .await
+            .map_err(|e| etcd_err("etcd read", e))?;
+        Ok(header_revision(response.header()))
+    }
+
+    /// Drops every key's versions older than `revision` (cluster-wide: etcd compacts its
+    /// whole history). Already compacted that far, by another replica, is success.
+    pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let rev = i64::try_from(revision).unwrap_or(i64::MAX);
+        match timed(self.client.kv_client().compact(rev, None)).await {
+            Ok(_) => Ok(()),
+            Err(etcd_client::Error::GRpcStatus(s))
+                if s.message().contains("required revision has been compacted") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(etcd_err("etcd compact", e)),
+        }
+    }
+
     fn full_key(&self, key: &str) -> String {
         format!("{}{key}", self.prefix)
     }

@@ -257,6 +257,31 @@ impl Store {
             Store::Etcd(s) => s.revoke(lease).await,
         }
     }
+
+    /// Whether the backend keeps history that needs [`Store::compact`] (etcd keeps every
+    /// version of every key until compacted; redb keeps none).
+    pub fn keeps_history(&self) -> bool {
+        !matches!(self, Store::Redb(_))
+    }
+
+    /// The backend's revision now (redb: 0; it keeps no history).
+    pub async fn head(&self) -> Result<Revision, StoreError> {
+        match self {
+            Store::Redb(_) => Ok(0),
+            #[cfg(feature = "etcd")]
+            Store::Etcd(s) => s.head().await,
+        }
+    }
+
+    /// Drops the history before `revision` (redb: nothing to drop).
+    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+    pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        match self {
+            Store::Redb(_) => Ok(()),
+            #[cfg(feature = "etcd")]
+            Store::Etcd(s) => s.compact(revision).await,
+        }
+    }
 }
 
 /// One etcd endpoint's answer to a status request (`trellis check`).
@@ -358,6 +383,40 @@ impl Counted {
     pub async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
         let r = self.inner.revoke(lease).await;
         self.count("revoke", r)
+    }
+
+    /// See [`Store::compact`].
+    pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        let r = self.inner.compact(revision).await;
+        self.count("compact", r)
+    }
+}
+
+/// Every `every` while the control plane lives: compacts the store's history to the revision
+/// it was at the previous time, so etcd keeps one to two intervals of history, as
+/// kube-apiserver does with its own. Without it etcd keeps every version of every key (each
+/// replica writes Global rate-limit records four times a second) until its backend quota
+/// fills and it refuses all writes. Compacting to a revision another replica already passed
+/// is harmless.
+pub(crate) async fn compact_history(control: std::sync::Weak<crate::Control>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut previous = None;
+    loop {
+        tick.tick().await;
+        let Some(control) = control.upgrade() else {
+            return;
+        };
+        if let Some(revision) = previous.take() {
+            match control.store.compact(revision).await {
+                Ok(()) => tracing::debug!(revision, "store history compacted"),
+                Err(e) => tracing::warn!(error = %e, revision, "store history not compacted"),
+            }
+        }
+        match control.store.inner().head().await {
+            Ok(revision) => previous = Some(revision),
+            Err(e) => tracing::warn!(error = %e, "store revision not read for compaction"),
+        }
     }
 }
 
