@@ -191,6 +191,11 @@ enum Command {
         /// (as kube-apiserver does); 0s leaves it to etcd's --auto-compaction-retention.
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
         etcd_compaction_interval: Duration,
+        /// MiB that gRPC requests of proxies may hold while they are read and decoded
+        /// (past it they wait, unread); requests without a client certificate get a
+        /// sixteenth of it.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(40..=65536))]
+        read_budget_mib: u64,
     },
     /// Join tokens: what a sidecar presents to get its first certificate.
     Token {
@@ -790,6 +795,7 @@ fn run(command: Command) -> Result<i32> {
             capacity_latency_objective,
             capacity_target_utilization,
             etcd_compaction_interval,
+            read_budget_mib,
         } => {
             let read = |p: &PathBuf| {
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))
@@ -844,6 +850,7 @@ fn run(command: Command) -> Result<i32> {
                     key_file: ca_key_file,
                 },
                 store_compaction: etcd_compaction_interval,
+                read_budget: usize::try_from(read_budget_mib << 20).unwrap_or(usize::MAX),
             };
             runtime(default_threads())?.block_on(control(listen, store, settings))
         }

@@ -211,3 +211,187 @@ fn the_control_planes_connection_cap_is_counted_in_its_metrics() {
         assert!(page.lines().any(|l| l == line), "no `{line}` in\n{page}");
     }
 }
+
+/// A process's `/proc` status field in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// A gRPC request body that announces a message of 4 MiB − 1 and sends all of it but its
+/// last 64 KiB, then waits forever.
+struct HalfSent {
+    chunks: usize,
+}
+
+const HALF_SENT_LEN: usize = (4 << 20) - 1;
+const HALF_SENT_CHUNK: usize = 64 << 10;
+
+impl hyper::body::Body for HalfSent {
+    type Data = bytes::Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, tonic::Status>>> {
+        let data = match self.chunks {
+            0 => {
+                let mut first = vec![0u8];
+                first.extend_from_slice(&u32::try_from(HALF_SENT_LEN).unwrap().to_be_bytes());
+                first
+            }
+            n if n < HALF_SENT_LEN / HALF_SENT_CHUNK => vec![0x0a_u8; HALF_SENT_CHUNK],
+            // Never woken: the request hangs until its task is aborted.
+            _ => return std::task::Poll::Pending,
+        };
+        self.chunks += 1;
+        std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(data.into()))))
+    }
+}
+
+/// `streams` gRPC requests to `method` on `channel`, each with a [`HalfSent`] body: what a
+/// client that never finishes its messages makes a server hold. They end when aborted.
+fn half_sent(
+    channel: &tonic::transport::Channel,
+    method: &str,
+    streams: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    use tonic::codegen::Service;
+    (0..streams)
+        .map(|_| {
+            let mut channel = channel.clone();
+            let uri = format!("/trellis.mesh.v1.Mesh/{method}");
+            tokio::spawn(async move {
+                let body = tonic::body::Body::new(HalfSent { chunks: 0 });
+                let request = http::Request::post(uri)
+                    .header("content-type", "application/grpc")
+                    .header("te", "trailers")
+                    .body(body)
+                    .unwrap();
+                if std::future::poll_fn(|cx| channel.poll_ready(cx))
+                    .await
+                    .is_ok()
+                {
+                    let _ = channel.call(request).await;
+                }
+                std::future::pending::<()>().await;
+            })
+        })
+        .collect()
+}
+
+/// Half-sent gRPC messages cannot take the control plane's memory. 300 requests each hold a
+/// message of 4 MiB unfinished, first without a certificate (Register and Certify, read
+/// before any authentication) and then as an authenticated sidecar (Report): without a bound the
+/// control plane buffered all of it, 1.2 GB each time. Now the unauthenticated requests are
+/// refused unread and the others wait for the control plane's read budget (64 MiB here),
+/// so its RSS grows by about that; afterwards it serves as before.
+#[test]
+fn half_sent_grpc_messages_cannot_take_the_control_planes_memory() {
+    let dir = TempDir::new("bounds-grpc");
+    let store = dir.path().join("store");
+    let cp = ControlPlane::start_with(
+        "control",
+        dir.path(),
+        free_port(),
+        store.to_str().unwrap(),
+        &["--read-budget-mib", "64"],
+    );
+    let pid = cp.proc.pid();
+    let bundle = std::fs::read_to_string(cp.ca()).unwrap();
+    let token = token(&cp, "flooder");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let before = status_kib(pid, "VmRSS");
+    // The RSS once the flood is held back (or wholly buffered): sampled until it has not grown
+    // by a MiB for 2 s (or for 40 s at most).
+    let settle = move || {
+        let start = Instant::now();
+        let mut last = (status_kib(pid, "VmRSS"), Instant::now());
+        while start.elapsed() < Duration::from_secs(40) && last.1.elapsed() < Duration::from_secs(2)
+        {
+            std::thread::sleep(Duration::from_millis(100));
+            let now = status_kib(pid, "VmRSS");
+            if now > last.0 + 1024 {
+                last = (now, Instant::now());
+            }
+        }
+        last.0
+    };
+    let url = cp.url();
+    let (anonymous, authenticated) = runtime.block_on(async {
+        let tls = trellis_proxy::control::ControlTls {
+            ca_bundle: Some(bundle.clone()),
+            ..Default::default()
+        };
+        let mut tasks = Vec::new();
+        for _ in 0..2 {
+            let channel = tls.connect(&url, None, |e| e).await.unwrap();
+            tasks.extend(half_sent(&channel, "Register", 100));
+            tasks.extend(half_sent(&channel, "Certify", 50));
+        }
+        let anonymous = tokio::task::spawn_blocking(settle).await.unwrap();
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+        // A sidecar's certificate, as `trellis run` gets it.
+        let key = trellis_identity::WorkloadKey::generate().unwrap();
+        let channel = tls.connect(&url, None, |e| e).await.unwrap();
+        let r = trellis_api::wire::mesh_client::MeshClient::new(channel)
+            .certify(trellis_api::wire::CertifyRequest {
+                token: token.clone(),
+                csr_pem: key.csr(None).unwrap(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let creds = trellis_identity::Credentials::new(
+            &r.trust_domain,
+            &r.chain_pem,
+            &key.pem(),
+            &r.bundle_pem,
+        )
+        .unwrap();
+        for _ in 0..2 {
+            let channel = tls.connect(&url, Some(&creds), |e| e).await.unwrap();
+            tasks.extend(half_sent(&channel, "Report", 150));
+        }
+        let authenticated = tokio::task::spawn_blocking(settle).await.unwrap();
+        for t in tasks {
+            t.abort();
+        }
+        (anonymous, authenticated)
+    });
+    drop(runtime);
+    let grown = |peak: u64| (peak.saturating_sub(before)) / 1024;
+    eprintln!(
+        "control plane RSS {} MiB before; {} MiB under the unauthenticated flood, {} MiB under the authenticated one",
+        before / 1024,
+        anonymous / 1024,
+        authenticated / 1024
+    );
+    // Refused unread: nothing to hold.
+    assert!(
+        grown(anonymous) < 32,
+        "unauthenticated: +{} MiB",
+        grown(anonymous)
+    );
+    // The 64 MiB budget, what arrived before the reads stopped (the connections' windows, a
+    // frame per request) and the allocator's own.
+    assert!(
+        grown(authenticated) < 120,
+        "authenticated: +{} MiB",
+        grown(authenticated)
+    );
+    // Still serving.
+    let (code, _, err) = cp.cli(&["get", "services"]);
+    assert_eq!(code, 0, "{err}");
+}

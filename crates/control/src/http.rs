@@ -444,9 +444,42 @@ pub fn router(control: Shared) -> axum::Router {
         // The dashboard's static files hold no data: every figure comes from /v1 with a token.
         .merge(crate::ui::router())
         .with_state(control.clone());
-    tonic::service::Routes::new(MeshServer::new(MeshService { control }))
-        .into_axum_router()
-        .merge(api)
+    tonic::service::Routes::new(MeshServer::new(MeshService {
+        control: control.clone(),
+    }))
+    .into_axum_router()
+    .layer(axum::middleware::from_fn_with_state(control, intake))
+    .merge(api)
+}
+
+/// Before tonic reads a gRPC request (`intake`): every method but `Certify` authenticates
+/// from headers and the TLS peer, unread when it cannot; the body is held to its class's
+/// budget.
+async fn intake(
+    State(control): State<Shared>,
+    req: http::Request<axum::body::Body>,
+    next: axum::middleware::Next,
+) -> Response {
+    let peer = req.extensions().get::<tls::Peer>();
+    let certified = peer.is_some_and(|p| p.certs.is_some());
+    if req.uri().path() != "/trellis.mesh.v1.Mesh/Certify" {
+        let md = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+        if let Err(e) = control.authenticate_proxy(&md, peer) {
+            return crate::mesh::identity_status(e)
+                .into_http::<axum::body::Body>()
+                .into_response();
+        }
+    }
+    let budget = if certified {
+        control.intake.authenticated.clone()
+    } else if req.uri().path() == "/trellis.mesh.v1.Mesh/Certify" {
+        control.intake.anonymous.clone()
+    } else {
+        // Authenticated by a join token or (insecure) a signed proof in the headers.
+        control.intake.authenticated.clone()
+    };
+    let req = req.map(|b| axum::body::Body::new(crate::intake::Charged::new(b, budget)));
+    next.run(req).await
 }
 
 /// Serves HTTP/1.1 and HTTP/2 (gRPC) connections, over TLS unless the control plane runs
@@ -568,6 +601,12 @@ pub async fn serve(
     Ok(())
 }
 
+/// HTTP/2 flow-control window of a connection without a client certificate (both the
+/// connection's and each stream's; hyper's default is 1 MiB).
+const ANONYMOUS_WINDOW: u32 = 64 << 10;
+/// Streams at once on a connection without a client certificate (hyper's default: 200).
+const ANONYMOUS_STREAMS: u32 = 32;
+
 /// One connection, with its [`Peer`](tls::Peer) attached to every request.
 async fn serve_connection<S>(
     io: S,
@@ -577,12 +616,22 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let peer_certs_absent = peer.certs.is_none();
     let service =
         hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer.clone());
             hyper::service::Service::call(&service, req)
         });
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if peer_certs_absent {
+        // Without a client certificate a connection carries `Certify`, or an insecure or
+        // token-holding proxy's few streams: what it may leave unread here stays small.
+        builder
+            .http2()
+            .initial_connection_window_size(ANONYMOUS_WINDOW)
+            .initial_stream_window_size(ANONYMOUS_WINDOW)
+            .max_concurrent_streams(ANONYMOUS_STREAMS);
+    }
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {

@@ -18,6 +18,7 @@ pub mod fleet;
 mod fleet_api;
 mod http;
 pub mod identity;
+mod intake;
 mod mesh;
 pub mod metrics;
 pub mod quota;
@@ -60,6 +61,8 @@ pub struct Control {
     pub fleet: Arc<fleet::Fleet>,
     /// Global rate limits: every sidecar's demand and this replica's division.
     pub(crate) quota: Arc<quota::Quota>,
+    /// What gRPC requests may hold while they are read.
+    pub(crate) intake: intake::Budgets,
 }
 
 /// Tunables.
@@ -86,6 +89,9 @@ pub struct Settings {
     /// How often etcd's history is compacted (to the revision of the time before); zero
     /// leaves it to etcd's own `--auto-compaction-retention`.
     pub store_compaction: Duration,
+    /// Bytes gRPC requests of authenticated proxies may hold while read and decoded
+    /// (`intake`); requests without a client certificate get a sixteenth of it.
+    pub read_budget: usize,
 }
 
 impl Default for Settings {
@@ -100,6 +106,7 @@ impl Default for Settings {
             limits: Limits::default(),
             capacity: capacity::Objective::default(),
             store_compaction: Duration::from_secs(300),
+            read_budget: intake::AUTHENTICATED_BUDGET,
         }
     }
 }
@@ -138,6 +145,7 @@ impl Control {
             }
         });
         let metrics = metrics::Metrics::new(settings.limits.max_connections);
+        let settings_read_budget = settings.read_budget;
         let control = Arc::new(Control {
             store: store::Counted::new(store, &metrics),
             state: rx,
@@ -149,6 +157,7 @@ impl Control {
             transitions: route_status::Transitions::default(),
             fleet: Arc::default(),
             quota,
+            intake: intake::Budgets::new(settings_read_budget),
         });
         tokio::spawn(quota::run(Arc::downgrade(&control)));
         let every = control.settings.store_compaction;

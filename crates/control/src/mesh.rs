@@ -74,7 +74,7 @@ pub(crate) struct MeshService {
     pub(crate) control: Arc<Control>,
 }
 
-fn identity_status(e: crate::identity::IdentityError) -> Status {
+pub(crate) fn identity_status(e: crate::identity::IdentityError) -> Status {
     use crate::identity::IdentityError as E;
     match e {
         E::Unauthenticated(m) => Status::unauthenticated(m),

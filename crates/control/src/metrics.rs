@@ -21,7 +21,7 @@ pub struct RefusedLabels {
 /// One store call and how it ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StoreOpLabels {
-    /// `commit`, `grant`, `keep_alive` or `revoke`.
+    /// `commit`, `grant`, `keep_alive`, `revoke` or `compact`.
     pub op: &'static str,
     /// `ok`, `conflict` (a precondition failed), `not_found` (a lapsed lease) or `error`.
     pub result: &'static str,
@@ -32,6 +32,13 @@ pub struct StoreOpLabels {
 pub struct IssuedLabels {
     /// `join` (with a join token) or `renewal` (with the current certificate).
     pub kind: &'static str,
+}
+
+/// Which budget a gRPC request is read under.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    /// `anonymous` (no client certificate: `Certify` with a join token) or `authenticated`.
+    pub class: &'static str,
 }
 
 /// A gauge that is absent while it has no value (an empty family), so an alert on it
@@ -66,6 +73,8 @@ pub struct Metrics {
     pub quota_keys: Gauge,
     /// Global limits: sidecars whose demand counts.
     pub quota_instances: Gauge,
+    /// Bytes charged to gRPC requests being read or decoded, by class (`intake`).
+    pub request_bytes: Family<ClassLabels, Gauge>,
     /// The soonest expiry (Unix seconds) among connected proxies' certificates.
     cert_expiry: Optional,
     /// The CA certificate's expiry (Unix seconds).
@@ -154,8 +163,16 @@ impl Metrics {
             "Global rate limits: sidecars whose recent demand counts",
             quota_instances.clone(),
         );
+        let request_bytes = Family::<ClassLabels, Gauge>::default();
+        registry.register(
+            "grpc_request_bytes",
+            "Bytes charged to gRPC requests being read or decoded (their messages and what \
+             those may decode to), by budget class",
+            request_bytes.clone(),
+        );
         Metrics {
             registry,
+            request_bytes,
             quota_rebalances,
             quota_keys,
             quota_instances,
@@ -225,6 +242,15 @@ impl crate::Control {
             .ok()
             .and_then(|(_, bundle)| trellis_identity::pem_not_after(&bundle));
         self.metrics.set_ca_expiry(ca);
+        for (class, budget) in [
+            ("anonymous", &self.intake.anonymous),
+            ("authenticated", &self.intake.authenticated),
+        ] {
+            self.metrics
+                .request_bytes
+                .get_or_create(&ClassLabels { class })
+                .set(i64::try_from(budget.held()).unwrap_or(i64::MAX));
+        }
     }
 }
 
