@@ -137,6 +137,129 @@ struct Window {
     heard: Instant,
 }
 
+/// How often the report path expires every window: each report expiring all of them made a
+/// fleet's reports cost the square of its size (views expire them before they read).
+const PRUNE_EVERY: Duration = Duration::from_secs(1);
+
+/// Every proxy's window, with what each service's windows hold together kept as they change
+/// (so a report's bounds cost no walk over its service's windows).
+#[derive(Default)]
+struct Windows {
+    by_reporter: BTreeMap<Reporter, Window>,
+    /// (namespace, service) → (windows, bytes).
+    services: HashMap<(String, String), (usize, usize)>,
+    /// When every window was last expired.
+    pruned: Option<Instant>,
+}
+
+impl std::ops::Deref for Windows {
+    type Target = BTreeMap<Reporter, Window>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.by_reporter
+    }
+}
+
+fn service_of(r: &Reporter) -> (String, String) {
+    (r.namespace.clone(), r.service.clone())
+}
+
+impl Windows {
+    /// Applies `add` to `who`'s window (made if new) and keeps it within `max_bytes`.
+    fn update(
+        &mut self,
+        who: &Reporter,
+        now: Instant,
+        max_bytes: usize,
+        add: impl FnOnce(&mut Window),
+    ) {
+        let mut created = false;
+        let w = self.by_reporter.entry(who.clone()).or_insert_with(|| {
+            created = true;
+            Window::new(who, now)
+        });
+        // A new window's own bytes count too.
+        let before = if created { 0 } else { w.bytes };
+        add(w);
+        w.bound(now, max_bytes);
+        let totals = self.services.entry(service_of(who)).or_default();
+        totals.0 += usize::from(created);
+        totals.1 = totals.1 + w.bytes - before;
+    }
+
+    fn remove(&mut self, r: &Reporter) {
+        if let Some(w) = self.by_reporter.remove(r) {
+            let key = service_of(r);
+            if let Some(t) = self.services.get_mut(&key) {
+                t.0 -= 1;
+                t.1 -= w.bytes;
+                if t.0 == 0 {
+                    self.services.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// Within `max_bytes` and [`MAX_SERVICE_WINDOWS`] for `who`'s service: the windows of its
+    /// instances heard from least recently go (never `who`'s own, which [`Window::bound`]
+    /// keeps in bounds).
+    fn bound_service(&mut self, who: &Reporter, max_bytes: usize) {
+        let over = |s: &Self| {
+            s.services
+                .get(&service_of(who))
+                .is_some_and(|&(n, b)| b > max_bytes || n > MAX_SERVICE_WINDOWS)
+        };
+        let first = Reporter {
+            namespace: who.namespace.clone(),
+            service: who.service.clone(),
+            identity: String::new(),
+            node: String::new(),
+        };
+        while over(self) {
+            let Some(quietest) = self
+                .by_reporter
+                .range(&first..)
+                .take_while(|(r, _)| r.namespace == who.namespace && r.service == who.service)
+                .filter(|(r, _)| *r != who)
+                .min_by_key(|(_, w)| w.heard)
+                .map(|(r, _)| r.clone())
+            else {
+                return;
+            };
+            self.remove(&quietest);
+        }
+    }
+
+    /// Forgets what every window holds past its time, and the windows left empty.
+    fn prune(&mut self, now: Instant) {
+        self.pruned = Some(now);
+        let mut empty = Vec::new();
+        for (r, w) in &mut self.by_reporter {
+            let before = w.bytes;
+            w.expire(now);
+            if let Some(t) = self.services.get_mut(&service_of(r)) {
+                t.1 -= before - w.bytes;
+            }
+            if w.is_empty() {
+                empty.push(r.clone());
+            }
+        }
+        for r in empty {
+            self.remove(&r);
+        }
+    }
+
+    /// [`Windows::prune`], unless it ran within [`PRUNE_EVERY`].
+    fn prune_due(&mut self, now: Instant) {
+        if self
+            .pruned
+            .is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY)
+        {
+            self.prune(now);
+        }
+    }
+}
+
 /// Keeps at most `n` of `v`, and no spare capacity.
 fn cut<T>(v: &mut Vec<T>, n: usize) {
     v.truncate(n);
@@ -1010,7 +1133,7 @@ struct TapSub {
 
 /// Reports and taps, shared by every report stream and the HTTP API.
 pub struct Fleet {
-    windows: Mutex<BTreeMap<Reporter, Window>>,
+    windows: Mutex<Windows>,
     limits: Limits,
     /// Open report streams per reporter.
     streams: Mutex<BTreeMap<Reporter, usize>>,
@@ -1123,7 +1246,7 @@ impl Drop for TapHandle {
 }
 
 impl Fleet {
-    fn lock_windows(&self) -> std::sync::MutexGuard<'_, BTreeMap<Reporter, Window>> {
+    fn lock_windows(&self) -> std::sync::MutexGuard<'_, Windows> {
         self.windows.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -1151,50 +1274,9 @@ impl Fleet {
     /// windows and every window within their bounds.
     fn keep(&self, who: &Reporter, now: Instant, add: impl FnOnce(&mut Window)) {
         let mut windows = self.lock_windows();
-        let w = windows
-            .entry(who.clone())
-            .or_insert_with(|| Window::new(who, now));
-        add(w);
-        w.bound(now, self.limits.window_bytes);
-        Self::bound_service(&mut windows, who, self.limits.service_bytes);
-        Self::prune(&mut windows, now);
-    }
-
-    /// Within `max_bytes` and [`MAX_SERVICE_WINDOWS`] for `who`'s service: the windows of its
-    /// instances heard from least recently go (never `who`'s own, which [`Window::bound`]
-    /// keeps in bounds).
-    fn bound_service(windows: &mut BTreeMap<Reporter, Window>, who: &Reporter, max_bytes: usize) {
-        let first = Reporter {
-            namespace: who.namespace.clone(),
-            service: who.service.clone(),
-            identity: String::new(),
-            node: String::new(),
-        };
-        let same = |r: &Reporter| r.namespace == who.namespace && r.service == who.service;
-        let (mut count, mut total) = windows
-            .range(&first..)
-            .take_while(|(r, _)| same(r))
-            .fold((0, 0), |(n, b), (_, w)| (n + 1, b + w.bytes));
-        while total > max_bytes || count > MAX_SERVICE_WINDOWS {
-            let Some(quietest) = windows
-                .range(&first..)
-                .take_while(|(r, _)| same(r))
-                .filter(|(r, _)| *r != who)
-                .min_by_key(|(_, w)| w.heard)
-                .map(|(r, _)| r.clone())
-            else {
-                return;
-            };
-            total -= windows.remove(&quietest).map_or(0, |w| w.bytes);
-            count -= 1;
-        }
-    }
-
-    fn prune(windows: &mut BTreeMap<Reporter, Window>, now: Instant) {
-        for w in windows.values_mut() {
-            w.expire(now);
-        }
-        windows.retain(|_, w| !w.is_empty());
+        windows.update(who, now, self.limits.window_bytes, add);
+        windows.bound_service(who, self.limits.service_bytes);
+        windows.prune_due(now);
     }
 
     /// Keeps a CPU and memory sample from `who`.
@@ -1251,7 +1333,7 @@ impl Fleet {
     ) -> (Vec<AuthzRow>, Vec<InstanceRow>) {
         let window = window.min(MAX_WINDOW);
         let mut windows = self.lock_windows();
-        Self::prune(&mut windows, now);
+        windows.prune(now);
         let authz: Vec<Verdicts<'_>> = windows
             .values()
             .map(|w| {
@@ -1279,7 +1361,7 @@ impl Fleet {
     pub fn usage(&self, window: Duration, now: Instant) -> Vec<(Reporter, crate::capacity::Usage)> {
         let window = window.min(MAX_WINDOW);
         let mut windows = self.lock_windows();
-        Self::prune(&mut windows, now);
+        windows.prune(now);
         windows
             .values()
             .filter_map(|w| {
@@ -1308,7 +1390,7 @@ impl Fleet {
     fn traffic_view(&self, window: Duration, q: &Query, now: Instant) -> StatsView {
         let window = window.min(MAX_WINDOW);
         let mut windows = self.lock_windows();
-        Self::prune(&mut windows, now);
+        windows.prune(now);
         let selected: Vec<(&Reporter, Vec<&wire::TrafficReport>)> = windows
             .values()
             .map(|w| {
@@ -1338,7 +1420,7 @@ impl Fleet {
         let step = step.max(Duration::from_secs(1));
         let slices = (window.as_secs_f64() / step.as_secs_f64()).ceil() as u32;
         let mut windows = self.lock_windows();
-        Self::prune(&mut windows, now);
+        windows.prune(now);
         (0..slices)
             .rev()
             .map(|i| {
@@ -2130,6 +2212,15 @@ mod tests {
                 + w.endpoints.as_ref().map_or(0, |(_, e)| cost::endpoints(e));
             assert_eq!(w.bytes, fresh, "{}", r.node);
         }
+        // And each service's totals are its windows' sums.
+        let windows = fleet.lock_windows();
+        let mut sums: HashMap<(String, String), (usize, usize)> = HashMap::new();
+        for (r, w) in windows.iter() {
+            let t = sums.entry(service_of(r)).or_default();
+            t.0 += 1;
+            t.1 += w.bytes;
+        }
+        assert_eq!(windows.services, sums);
     }
 
     fn service_bytes(fleet: &Fleet, service: &str) -> (usize, usize) {
@@ -2312,16 +2403,14 @@ mod tests {
         );
         counted_right(&fleet);
         // Endpoint state goes stale first, then everything: the count follows each step.
-        Fleet::prune(
-            &mut fleet.lock_windows(),
-            now + FRESH_STATE + Duration::from_secs(2),
-        );
+        fleet
+            .lock_windows()
+            .prune(now + FRESH_STATE + Duration::from_secs(2));
         assert!(fleet.lock_windows()[&a].endpoints.is_none());
         counted_right(&fleet);
-        Fleet::prune(
-            &mut fleet.lock_windows(),
-            now + MAX_WINDOW + Duration::from_secs(2),
-        );
+        fleet
+            .lock_windows()
+            .prune(now + MAX_WINDOW + Duration::from_secs(2));
         assert!(fleet.lock_windows().is_empty());
     }
 
