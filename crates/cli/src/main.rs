@@ -191,10 +191,10 @@ enum Command {
         /// (as kube-apiserver does); 0s leaves it to etcd's --auto-compaction-retention.
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
         etcd_compaction_interval: Duration,
-        /// MiB that gRPC requests of proxies may hold while they are read and decoded
-        /// (past it they wait, unread); requests without a client certificate get a
+        /// MiB that the gRPC requests of one service's proxies may hold while they are read
+        /// and decoded (past it they wait, unread); requests without credentials share a
         /// sixteenth of it.
-        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(40..=65536))]
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(16..=65536))]
         read_budget_mib: u64,
     },
     /// Join tokens: what a sidecar presents to get its first certificate.

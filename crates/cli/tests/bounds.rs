@@ -288,8 +288,8 @@ fn half_sent(
 /// message of 4 MiB unfinished, first without a certificate (Register and Certify, read
 /// before any authentication) and then as an authenticated sidecar (Report): without a bound the
 /// control plane buffered all of it, 1.2 GB each time. Now the unauthenticated requests are
-/// refused unread and the others wait for the control plane's read budget (64 MiB here),
-/// so its RSS grows by about that; afterwards it serves as before.
+/// refused unread and the others wait, unread, for their service's read budget (64 MiB
+/// here), so its RSS grows by at most about that; afterwards it serves as before.
 #[test]
 fn half_sent_grpc_messages_cannot_take_the_control_planes_memory() {
     let dir = TempDir::new("bounds-grpc");
@@ -391,7 +391,15 @@ fn half_sent_grpc_messages_cannot_take_the_control_planes_memory() {
         "authenticated: +{} MiB",
         grown(authenticated)
     );
-    // Still serving.
+    // Still serving; and a path that is no method is not asked for credentials (the
+    // intake covers the proxy protocol's methods only).
     let (code, _, err) = cp.cli(&["get", "services"]);
     assert_eq!(code, 0, "{err}");
+    let r = cp.https("GET", "/v1/no-such-thing", "").unwrap();
+    assert_ne!(
+        r.headers.get("grpc-status").map(String::as_str),
+        Some("16"),
+        "{:?}",
+        r.headers
+    );
 }

@@ -448,37 +448,44 @@ pub fn router(control: Shared) -> axum::Router {
         control: control.clone(),
     }))
     .into_axum_router()
-    .layer(axum::middleware::from_fn_with_state(control, intake))
+    .route_layer(axum::middleware::from_fn_with_state(control, intake))
     .merge(api)
 }
 
 /// Before tonic reads a gRPC request (`intake`): every method but `Certify` authenticates
-/// from headers and the TLS peer, unread when it cannot; the body is held to its class's
-/// budget.
+/// from headers and the TLS peer, refused unread when it cannot; the body is held to its
+/// service's budget (requests without credentials: the shared anonymous one).
 async fn intake(
     State(control): State<Shared>,
     req: http::Request<axum::body::Body>,
     next: axum::middleware::Next,
 ) -> Response {
+    let path = req.uri().path();
+    let certify = path == "/trellis.mesh.v1.Mesh/Certify";
     let peer = req.extensions().get::<tls::Peer>();
-    let certified = peer.is_some_and(|p| p.certs.is_some());
-    if req.uri().path() != "/trellis.mesh.v1.Mesh/Certify" {
-        let md = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
-        if let Err(e) = control.authenticate_proxy(&md, peer) {
+    let md = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+    let principal = match control.authenticate_proxy(&md, peer) {
+        Ok(p) => Some(p),
+        // A first certificate is asked for with a join token in the body.
+        Err(_) if certify => None,
+        Err(e) => {
             return crate::mesh::identity_status(e)
                 .into_http::<axum::body::Body>()
                 .into_response();
         }
-    }
-    let budget = if certified {
-        control.intake.authenticated.clone()
-    } else if req.uri().path() == "/trellis.mesh.v1.Mesh/Certify" {
-        control.intake.anonymous.clone()
-    } else {
-        // Authenticated by a join token or (insecure) a signed proof in the headers.
-        control.intake.authenticated.clone()
     };
-    let req = req.map(|b| axum::body::Body::new(crate::intake::Charged::new(b, budget)));
+    let budget = match &principal {
+        Some(p) => {
+            let (namespace, service) = p.service();
+            control.intake.service(namespace, service)
+        }
+        None => control.intake.anonymous(),
+    };
+    let max = crate::intake::max_message(path, principal.is_none());
+    // Every method but the three streams sends one message.
+    let unary = !matches!(path.rsplit('/').next(), Some("Stream" | "Report" | "Quota"));
+    let req =
+        req.map(|b| axum::body::Body::new(crate::intake::Charged::new(b, budget, max, unary)));
     next.run(req).await
 }
 

@@ -89,8 +89,8 @@ pub struct Settings {
     /// How often etcd's history is compacted (to the revision of the time before); zero
     /// leaves it to etcd's own `--auto-compaction-retention`.
     pub store_compaction: Duration,
-    /// Bytes gRPC requests of authenticated proxies may hold while read and decoded
-    /// (`intake`); requests without a client certificate get a sixteenth of it.
+    /// Bytes the gRPC requests of one authenticated service's proxies may hold while read
+    /// and decoded (`intake`); requests without credentials share a sixteenth of it.
     pub read_budget: usize,
 }
 
@@ -106,7 +106,7 @@ impl Default for Settings {
             limits: Limits::default(),
             capacity: capacity::Objective::default(),
             store_compaction: Duration::from_secs(300),
-            read_budget: intake::AUTHENTICATED_BUDGET,
+            read_budget: intake::SERVICE_BUDGET,
         }
     }
 }

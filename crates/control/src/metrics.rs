@@ -242,14 +242,12 @@ impl crate::Control {
             .ok()
             .and_then(|(_, bundle)| trellis_identity::pem_not_after(&bundle));
         self.metrics.set_ca_expiry(ca);
-        for (class, budget) in [
-            ("anonymous", &self.intake.anonymous),
-            ("authenticated", &self.intake.authenticated),
-        ] {
+        let (anonymous, authenticated) = self.intake.held();
+        for (class, held) in [("anonymous", anonymous), ("authenticated", authenticated)] {
             self.metrics
                 .request_bytes
                 .get_or_create(&ClassLabels { class })
-                .set(i64::try_from(budget.held()).unwrap_or(i64::MAX));
+                .set(i64::try_from(held).unwrap_or(i64::MAX));
         }
     }
 }

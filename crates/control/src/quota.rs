@@ -593,11 +593,17 @@ async fn flush(
             ((node, r, value), size)
         })
         .collect();
-    // Records are independent: a commit refused leaves the others written.
+    // Records are independent: a commit etcd refuses as too large leaves the others written
+    // (its records are not retried: each sidecar's next report replaces its record); any
+    // other failure (etcd unreachable, the lease gone) would fail the rest alike, so they
+    // wait for the next interval instead of each taking a request timeout.
     let mut failed = None;
     let mut unwritten = Vec::new();
     for batch in batches(writes, COMMIT_RECORDS, COMMIT_BYTES) {
-        if matches!(failed, Some(StoreError::LeaseNotFound(_))) {
+        if failed
+            .as_ref()
+            .is_some_and(|e| !matches!(e, StoreError::TooLarge(_)))
+        {
             unwritten.extend(batch.into_iter().map(|(node, r, _)| (node, r)));
             continue;
         }
@@ -616,12 +622,17 @@ async fn flush(
                     local.written.insert(node, rev);
                 }
             }
+            Err(e @ StoreError::TooLarge(_)) => {
+                tracing::warn!(records = nodes.len(), error = %e, "quota records not written");
+                failed.get_or_insert(e);
+            }
             Err(e) => {
                 if matches!(e, StoreError::LeaseNotFound(_)) {
                     *lease = None;
                 }
                 unwritten.extend(nodes);
-                failed.get_or_insert(e);
+                // Stops the loop even after a TooLarge.
+                failed = Some(e);
             }
         }
     }
