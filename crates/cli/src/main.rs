@@ -194,7 +194,7 @@ enum Command {
         /// MiB that the gRPC requests of one service's proxies may hold while they are read
         /// and decoded (past it they wait, unread); requests without credentials share a
         /// sixteenth of it.
-        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(16..=65536))]
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(16..=65536))]
         read_budget_mib: u64,
     },
     /// Join tokens: what a sidecar presents to get its first certificate.

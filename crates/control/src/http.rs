@@ -623,7 +623,9 @@ async fn serve_connection<S>(
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let peer_certs_absent = peer.certs.is_none();
+    // Over TLS without a client certificate (Certify, or a proxy still on its join token);
+    // an --insecure control plane's proxies authenticate in headers and keep the defaults.
+    let peer_certs_absent = peer.tls && peer.certs.is_none();
     let service =
         hyper::service::service_fn(move |mut req: http::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer.clone());

@@ -20,8 +20,8 @@
 //!   its message.
 //!
 //! Not bounded here: tonic keeps a stream's read buffer at the size of its largest message
-//! until the stream ends, so each open stream may keep up to 4 MiB beyond the budget (report
-//! and quota streams are capped per service in `fleet::PerService`).
+//! until the stream ends, so each open stream may keep up to 4 MiB beyond the budget (config,
+//! report and quota streams are each capped per service, `fleet::PerService`).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -44,7 +44,7 @@ pub const STREAM_MESSAGE: usize = 4 << 20;
 /// Longest message of the other calls (`Register`, `Heartbeat`, a renewal's `Certify`).
 pub const CALL_MESSAGE: usize = 1 << 20;
 /// Most one message may decode to, by [`decoded_bound`].
-pub const MAX_DECODED: usize = 96 << 20;
+pub const MAX_DECODED: usize = 224 << 20;
 /// What one length-delimited field whose payload parses as protobuf may take once decoded:
 /// more than three times (a vector's growth copies) the largest request struct (a test
 /// checks).
@@ -53,13 +53,13 @@ pub const ENTRY: usize = 1536;
 /// `String` in a vector with its spare room, and the allocator's rounding.
 pub const STRING: usize = 64;
 /// Decoded bytes per wire byte: a packed varint of one byte becomes a `u64` in a vector that
-/// grows by doubling.
-const PER_BYTE: usize = 16;
+/// grows by doubling (old and new capacity at once while it moves: 24).
+const PER_BYTE: usize = 24;
 /// How deep [`decoded_bound`] follows nested fields; the request messages nest less.
 const DEPTH: usize = 16;
 /// The default budget of each authenticated service, in charged bytes
 /// (`--read-budget-mib`); requests without credentials share a sixteenth of it.
-pub const SERVICE_BUDGET: usize = 128 << 20;
+pub const SERVICE_BUDGET: usize = 256 << 20;
 
 /// The charged bytes one class of requests may hold at once.
 #[derive(Clone)]
@@ -477,6 +477,14 @@ where
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) if this.passed && data.has_remaining() => {
+                        // tonic would decode and drop more messages of a call while it waits
+                        // for the end, each restarting nothing: a call sends one.
+                        let _ = data;
+                        return refused(Status::invalid_argument(
+                            "a call's request carries one message",
+                        ));
+                    }
                     Ok(mut data) => {
                         if this.buf.is_empty() && !this.passed && data.has_remaining() {
                             this.start_deadline();
@@ -637,9 +645,10 @@ mod tests {
 
     #[test]
     fn what_a_busy_sidecar_sends_fits_well_within_the_bounds() {
-        // A perSource Global limit with the 10,000 callers a sidecar keeps buckets for.
+        // Three perSource Global limits with the 10,000 callers a sidecar keeps buckets for
+        // in each.
         let quota = wire::QuotaRequest {
-            demand: (0..10_000)
+            demand: (0..30_000)
                 .map(|i| demand(&format!("spiffe://mesh.test/ns/default/sa/caller-{i:05}")))
                 .collect(),
             ..Default::default()
@@ -647,8 +656,8 @@ mod tests {
         .encode_to_vec();
         let bound = decoded_bound(&quota);
         assert!(quota.len() < STREAM_MESSAGE, "{} bytes", quota.len());
-        assert!(bound < MAX_DECODED / 2, "{bound} for {} bytes", quota.len());
-        assert!(quota.len() + bound < SERVICE_BUDGET / 2);
+        assert!(bound < MAX_DECODED, "{bound} for {} bytes", quota.len());
+        assert!(quota.len() + bound < SERVICE_BUDGET);
         assert_eq!(
             max_message("/trellis.mesh.v1.Mesh/Quota", false),
             STREAM_MESSAGE
@@ -798,8 +807,8 @@ mod tests {
         let inner =
             http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         let mut b = Charged::new(inner, budget, 64 << 20, false);
-        // 110,000 empty entries: 220 KB on the wire, each a struct once decoded.
-        send(&tx, &framed(&[0x1a, 0x00].repeat(110_000))).await;
+        // 200,000 empty entries: 400 KB on the wire, each a struct once decoded.
+        send(&tx, &framed(&[0x1a, 0x00].repeat(200_000))).await;
         let e = err(ready(&mut b).await);
         assert!(e.contains("may decode to"), "{e}");
     }
@@ -863,6 +872,15 @@ mod tests {
         assert_eq!(budget.held(), cost(&message));
         drop(tx);
         assert!(ready(&mut b).await.unwrap().is_none());
+        assert_eq!(budget.held(), 0);
+        // A call that sends a second message is refused.
+        let (tx, mut b) = body(&budget, true);
+        send(&tx, &message).await;
+        assert_eq!(data(ready(&mut b).await), message);
+        send(&tx, &[0, 0, 0, 0, 0]).await;
+        let e = err(ready(&mut b).await);
+        assert!(e.contains("one message"), "{e}");
+        drop(b);
         assert_eq!(budget.held(), 0);
         // A call that never ends its request is ended.
         let (tx, mut b) = body(&budget, true);

@@ -63,6 +63,8 @@ pub struct Control {
     pub(crate) quota: Arc<quota::Quota>,
     /// What gRPC requests may hold while they are read.
     pub(crate) intake: intake::Budgets,
+    /// Open config streams per service (as many as report streams may be).
+    pub(crate) config_streams: fleet::PerService,
 }
 
 /// Tunables.
@@ -158,6 +160,7 @@ impl Control {
             fleet: Arc::default(),
             quota,
             intake: intake::Budgets::new(settings_read_budget),
+            config_streams: fleet::PerService::default(),
         });
         tokio::spawn(quota::run(Arc::downgrade(&control)));
         let every = control.settings.store_compaction;

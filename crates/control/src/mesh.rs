@@ -168,31 +168,53 @@ impl Mesh for MeshService {
                 })
                 .map(|(id, not_after)| (id.to_string(), unix_seconds(not_after))),
         };
-        let mut inbound = request.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("stream closed before its hello"))?;
-        // A proxy receives its own service's inbound policies: only for its own service.
-        let node = Self::hello(&principal, first.node)?;
-        let (tx, rx) = mpsc::channel(4);
-        let control = self.control.clone();
-        let principal = {
+        // Each stream holds what its hello announced, and tonic its read buffer: a
+        // service's credentials open a bounded number of them.
+        let service = {
             let (ns, service) = principal.service();
             (ns.to_string(), service.to_string())
         };
+        if !self.control.config_streams.open(&service.0, &service.1) {
+            return Err(Status::resource_exhausted(format!(
+                "{}/{} already has {} config streams open on this control plane replica",
+                service.0,
+                service.1,
+                crate::fleet::MAX_SERVICE_STREAMS
+            )));
+        }
+        let mut inbound = request.into_inner();
+        let hello = async {
+            let first = inbound
+                .message()
+                .await?
+                .ok_or_else(|| Status::invalid_argument("stream closed before its hello"))?;
+            // A proxy receives its own service's inbound policies: only for its own service.
+            let node = Self::hello(&principal, first.node)?;
+            Ok::<_, Status>((node, first.initial_versions))
+        };
+        let (node, initial_versions) = match hello.await {
+            Ok(x) => x,
+            Err(e) => {
+                self.control.config_streams.close(&service.0, &service.1);
+                return Err(e);
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let control = self.control.clone();
+        let principal = service;
         tokio::spawn(async move {
-            let key = ProxyKey::of(principal, &node);
+            let key = ProxyKey::of(principal.clone(), &node);
             run_stream(
                 &control,
                 node,
                 &key,
                 connected,
-                first.initial_versions,
+                initial_versions,
                 inbound,
                 tx,
             )
             .await;
+            control.config_streams.close(&principal.0, &principal.1);
             // Unless a newer stream of the same node took the entry over.
             let mut proxies = control.proxies.lock().unwrap_or_else(|e| e.into_inner());
             if proxies
