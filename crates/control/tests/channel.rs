@@ -43,10 +43,25 @@ fn temp_dir(tag: &str) -> PathBuf {
     ))
 }
 
+/// The settings every test's control plane starts from.
+fn mesh_settings() -> Settings {
+    let mut s = Settings::default();
+    s.identity.trust_domain = "mesh.test".into();
+    s
+}
+
+/// The store at `prefix` on `etcd`.
+#[cfg(feature = "etcd")]
+fn etcd_spec(etcd: &etcd::Etcd, prefix: &str) -> StoreSpec {
+    StoreSpec::Etcd {
+        endpoints: vec![etcd.endpoint.clone()],
+        prefix: prefix.into(),
+    }
+}
+
 async fn start(tag: &str, tune: impl FnOnce(&mut Settings)) -> Plane {
     let dir = temp_dir(tag);
-    let mut settings = Settings::default();
-    settings.identity.trust_domain = "mesh.test".into();
+    let mut settings = mesh_settings();
     settings.admin_token_file = Some(dir.join("store/admin-token"));
     tune(&mut settings);
     let control = Control::open(&StoreSpec::Dir(dir.join("store")), settings)
@@ -295,8 +310,7 @@ async fn store_and_key_files_are_owner_only_and_open_ones_are_refused() {
         let reopen = |key_file: PathBuf| {
             let dir = dir.clone();
             async move {
-                let mut s = Settings::default();
-                s.identity.trust_domain = "mesh.test".into();
+                let mut s = mesh_settings();
                 s.identity.key_file = Some(key_file);
                 s.admin_token_file = Some(dir.join("store/admin-token"));
                 Control::open(&StoreSpec::Dir(dir.join("store")), s)
@@ -378,15 +392,8 @@ async fn idle_connections_are_closed_while_a_well_behaved_client_is_served() {
 async fn replicas_on_etcd_never_both_accept_the_last_use_of_a_token() {
     let etcd = etcd::Etcd::start();
     bounded(async {
-        let spec = StoreSpec::Etcd {
-            endpoints: vec![etcd.endpoint.clone()],
-            prefix: "/token-race/".into(),
-        };
-        let open = || async {
-            let mut s = Settings::default();
-            s.identity.trust_domain = "mesh.test".into();
-            Control::open(&spec, s).await.unwrap()
-        };
+        let spec = etcd_spec(&etcd, "/token-race/");
+        let open = || async { Control::open(&spec, mesh_settings()).await.unwrap() };
         let (a, b) = (open().await, open().await);
         for _ in 0..5 {
             let (token, _) = a
@@ -1195,9 +1202,7 @@ async fn wait_division(
 /// A control plane replica serving on a loopback port, on the store `spec`.
 #[cfg(feature = "etcd")]
 async fn replica(spec: &StoreSpec, tag: &str) -> Plane {
-    let mut s = Settings::default();
-    s.identity.trust_domain = "mesh.test".into();
-    let control = Control::open(spec, s).await.unwrap();
+    let control = Control::open(spec, mesh_settings()).await.unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
@@ -1223,10 +1228,7 @@ async fn replica(spec: &StoreSpec, tag: &str) -> Plane {
 async fn a_replica_writes_many_and_large_quota_records_within_etcds_limits() {
     let etcd = etcd::Etcd::start();
     bounded(async {
-        let spec = StoreSpec::Etcd {
-            endpoints: vec![etcd.endpoint.clone()],
-            prefix: "/quota-many/".into(),
-        };
+        let spec = etcd_spec(&etcd, "/quota-many/");
         let a = replica(&spec, "quota-many-a").await;
         let b = replica(&spec, "quota-many-b").await;
         let text = "apiVersion: trellis.dev/v1alpha1
@@ -1303,12 +1305,8 @@ spec:
 async fn a_replica_compacts_etcds_history_behind_it() {
     let etcd = etcd::Etcd::start();
     bounded(async {
-        let spec = StoreSpec::Etcd {
-            endpoints: vec![etcd.endpoint.clone()],
-            prefix: "/compaction/".into(),
-        };
-        let mut s = Settings::default();
-        s.identity.trust_domain = "mesh.test".into();
+        let spec = etcd_spec(&etcd, "/compaction/");
+        let mut s = mesh_settings();
         s.store_compaction = Duration::from_millis(200);
         let control = Control::open(&spec, s).await.unwrap();
         let service = |name: &str| {
@@ -1353,10 +1351,7 @@ async fn a_replica_compacts_etcds_history_behind_it() {
 async fn an_apply_past_etcds_transaction_limit_is_refused_whole_and_says_why() {
     let etcd = etcd::Etcd::start();
     bounded(async {
-        let spec = StoreSpec::Etcd {
-            endpoints: vec![etcd.endpoint.clone()],
-            prefix: "/apply-many/".into(),
-        };
+        let spec = etcd_spec(&etcd, "/apply-many/");
         let plane = replica(&spec, "apply-many").await;
         let services = |n: usize| {
             let text = (0..n)
@@ -1396,10 +1391,7 @@ async fn an_apply_past_etcds_transaction_limit_is_refused_whole_and_says_why() {
 async fn replicas_on_etcd_divide_one_global_limit() {
     let etcd = etcd::Etcd::start();
     bounded(async {
-        let spec = StoreSpec::Etcd {
-            endpoints: vec![etcd.endpoint.clone()],
-            prefix: "/quota/".into(),
-        };
+        let spec = etcd_spec(&etcd, "/quota/");
         let a = replica(&spec, "quota-a").await;
         let b = replica(&spec, "quota-b").await;
         catalog_limit(&a.control, "Inbound").await;
