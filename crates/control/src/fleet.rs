@@ -237,7 +237,9 @@ impl Windows {
         for (r, w) in &mut self.by_reporter {
             let before = w.bytes;
             w.expire(now);
-            if let Some(t) = self.services.get_mut(&service_of(r)) {
+            if w.bytes != before
+                && let Some(t) = self.services.get_mut(&service_of(r))
+            {
                 t.1 -= before - w.bytes;
             }
             if w.is_empty() {
