@@ -453,18 +453,17 @@ pub fn router(control: Shared) -> axum::Router {
 }
 
 /// Before tonic reads a gRPC request (`intake`): every method but `Certify` authenticates
-/// from headers and the TLS peer, refused unread when it cannot; the body is held to its
-/// service's budget (requests without credentials: the shared anonymous one).
+/// from headers and the TLS peer, refused unread when it cannot, and the handler finds the
+/// principal in the request; the body is held to its service's budget (requests without
+/// credentials: the shared anonymous one).
 async fn intake(
     State(control): State<Shared>,
-    req: http::Request<axum::body::Body>,
+    mut req: http::Request<axum::body::Body>,
     next: axum::middleware::Next,
 ) -> Response {
-    let path = req.uri().path();
-    let certify = path == "/trellis.mesh.v1.Mesh/Certify";
-    let peer = req.extensions().get::<tls::Peer>();
+    let certify = req.uri().path() == "/trellis.mesh.v1.Mesh/Certify";
     let md = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
-    let principal = match control.authenticate_proxy(&md, peer) {
+    let principal = match control.authenticate_proxy(&md, req.extensions().get::<tls::Peer>()) {
         Ok(p) => Some(p),
         // A first certificate is asked for with a join token in the body.
         Err(_) if certify => None,
@@ -481,11 +480,16 @@ async fn intake(
         }
         None => control.intake.anonymous(),
     };
-    let max = crate::intake::max_message(path, principal.is_none());
-    // Every method but the three streams sends one message.
-    let unary = !matches!(path.rsplit('/').next(), Some("Stream" | "Report" | "Quota"));
-    let req =
-        req.map(|b| axum::body::Body::new(crate::intake::Charged::new(b, budget, max, unary)));
+    let anonymous = principal.is_none();
+    if let Some(p) = principal {
+        req.extensions_mut().insert(p);
+    }
+    let path = req.uri().path().to_string();
+    let req = req.map(|b| {
+        axum::body::Body::new(crate::intake::Charged::for_request(
+            b, budget, &path, anonymous,
+        ))
+    });
     next.run(req).await
 }
 

@@ -126,13 +126,18 @@ impl Budgets {
     }
 }
 
+/// Whether `path` is one of the proxy protocol's streams; every other method is a call that
+/// sends one message.
+fn is_stream(path: &str) -> bool {
+    matches!(path.rsplit('/').next(), Some("Stream" | "Report" | "Quota"))
+}
+
 /// The longest message `path` may carry, with or without credentials.
 pub fn max_message(path: &str, anonymous: bool) -> usize {
-    let method = path.rsplit('/').next().unwrap_or_default();
-    match (anonymous, method) {
+    match (anonymous, is_stream(path)) {
         (true, _) => ANONYMOUS_MESSAGE,
-        (false, "Stream" | "Report" | "Quota") => STREAM_MESSAGE,
-        (false, _) => CALL_MESSAGE,
+        (false, true) => STREAM_MESSAGE,
+        (false, false) => CALL_MESSAGE,
     }
 }
 
@@ -283,6 +288,12 @@ pub struct Charged<B> {
 }
 
 impl<B> Charged<B> {
+    /// The body of a request to `path` (without credentials: `anonymous`), held to `budget`.
+    pub fn for_request(inner: B, budget: Budget, path: &str, anonymous: bool) -> Charged<B> {
+        let max = max_message(path, anonymous);
+        Charged::new(inner, budget, max, !is_stream(path))
+    }
+
     /// Holds `inner` to `budget`, with messages of at most `max_message` bytes; `unary` for a
     /// call that sends one message.
     pub fn new(inner: B, budget: Budget, max_message: usize, unary: bool) -> Charged<B> {

@@ -147,19 +147,18 @@ impl Control {
             }
         });
         let metrics = metrics::Metrics::new(settings.limits.max_connections);
-        let settings_read_budget = settings.read_budget;
         let control = Arc::new(Control {
             store: store::Counted::new(store, &metrics),
             state: rx,
             proxies: Mutex::default(),
             metrics,
+            intake: intake::Budgets::new(settings.read_budget),
             settings,
             ca_cache: identity::CaCache::default(),
             token_spends: tokio::sync::Mutex::new(()),
             transitions: route_status::Transitions::default(),
             fleet: Arc::default(),
             quota,
-            intake: intake::Budgets::new(settings_read_budget),
             config_streams: fleet::PerService::default(),
         });
         tokio::spawn(quota::run(Arc::downgrade(&control)));

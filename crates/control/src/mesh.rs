@@ -94,7 +94,12 @@ impl MeshService {
         }
     }
 
+    /// Who sent `r`: as the intake layer authenticated it, else (a request that did not
+    /// pass through it) from its metadata and TLS peer.
     fn principal<T>(&self, r: &Request<T>) -> Result<crate::identity::Principal, Status> {
+        if let Some(p) = r.extensions().get::<crate::identity::Principal>() {
+            return Ok(p.clone());
+        }
         self.control
             .authenticate_proxy(r.metadata(), r.extensions().get::<crate::tls::Peer>())
             .map_err(identity_status)

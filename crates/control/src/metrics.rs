@@ -37,7 +37,8 @@ pub struct IssuedLabels {
 /// Which budget a gRPC request is read under.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ClassLabels {
-    /// `anonymous` (no client certificate: `Certify` with a join token) or `authenticated`.
+    /// `anonymous` (no credentials: a first `Certify`, its join token in the body) or
+    /// `authenticated`.
     pub class: &'static str,
 }
 

@@ -67,6 +67,11 @@ async fn start(tag: &str, tune: impl FnOnce(&mut Settings)) -> Plane {
     let control = Control::open(&StoreSpec::Dir(dir.join("store")), settings)
         .await
         .unwrap();
+    serving(control, dir).await
+}
+
+/// `control` serving on a loopback port; `dir` is removed when it finishes.
+async fn serving(control: Arc<Control>, dir: PathBuf) -> Plane {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("https://{}", listener.local_addr().unwrap());
     let stop = CancellationToken::new();
@@ -1199,24 +1204,30 @@ async fn wait_division(
     );
 }
 
+/// One file of Services named `names`, each with port 80.
+#[cfg(feature = "etcd")]
+fn services(names: &[impl AsRef<str>]) -> Vec<trellis_control::SourceFile> {
+    let text = names
+        .iter()
+        .map(|n| {
+            format!(
+                "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: {}}}\nspec: {{ports: [{{port: 80}}]}}\n",
+                n.as_ref()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("---\n");
+    vec![trellis_control::SourceFile {
+        name: "services.yaml".into(),
+        text,
+    }]
+}
+
 /// A control plane replica serving on a loopback port, on the store `spec`.
 #[cfg(feature = "etcd")]
 async fn replica(spec: &StoreSpec, tag: &str) -> Plane {
     let control = Control::open(spec, mesh_settings()).await.unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://{}", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    tokio::spawn(trellis_control::serve(
-        control.clone(),
-        listener,
-        stop.clone(),
-    ));
-    Plane {
-        control,
-        url,
-        stop,
-        dir: temp_dir(tag),
-    }
+    serving(control, temp_dir(tag)).await
 }
 
 /// A replica writes its sidecars' quota records within etcd's limits (128 operations and
@@ -1309,17 +1320,13 @@ async fn a_replica_compacts_etcds_history_behind_it() {
         let mut s = mesh_settings();
         s.store_compaction = Duration::from_millis(200);
         let control = Control::open(&spec, s).await.unwrap();
-        let service = |name: &str| {
-            vec![trellis_control::SourceFile {
-                name: "svc.yaml".into(),
-                text: format!(
-                    "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{ports: [{{port: 80}}]}}\n"
-                ),
-            }]
-        };
-        let first = control.apply(&service("one"), false).await.unwrap().revision;
+        let first = control
+            .apply(&services(&["one"]), false)
+            .await
+            .unwrap()
+            .revision;
         // A later revision to compact to: the compacted revision itself stays readable.
-        control.apply(&service("two"), false).await.unwrap();
+        control.apply(&services(&["two"]), false).await.unwrap();
         let mut etcd_client = etcd_client::Client::connect([etcd.endpoint.as_str()], None)
             .await
             .unwrap();
@@ -1338,7 +1345,7 @@ async fn a_replica_compacts_etcds_history_behind_it() {
         }
         assert!(compacted, "revision {first} still readable after 5 s");
         // The replica still follows etcd: an apply waits until its own state has it.
-        control.apply(&service("three"), false).await.unwrap();
+        control.apply(&services(&["three"]), false).await.unwrap();
         assert_eq!(control.state().config.len(), 3);
     })
     .await;
@@ -1353,21 +1360,12 @@ async fn an_apply_past_etcds_transaction_limit_is_refused_whole_and_says_why() {
     bounded(async {
         let spec = etcd_spec(&etcd, "/apply-many/");
         let plane = replica(&spec, "apply-many").await;
-        let services = |n: usize| {
-            let text = (0..n)
-                .map(|i| {
-                    format!(
-                        "apiVersion: trellis.dev/v1alpha1\nkind: Service\nmetadata: {{name: s{i}}}\nspec: {{ports: [{{port: 80}}]}}\n"
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join("---\n");
-            vec![trellis_control::SourceFile {
-                name: "many.yaml".into(),
-                text,
-            }]
-        };
-        let err = plane.control.apply(&services(200), false).await.unwrap_err();
+        let named = |n: usize| (0..n).map(|i| format!("s{i}")).collect::<Vec<_>>();
+        let err = plane
+            .control
+            .apply(&services(&named(200)), false)
+            .await
+            .unwrap_err();
         let trellis_control::WriteError::TooLarge(why) = &err else {
             panic!("expected TooLarge, got {err:?}");
         };
@@ -1376,7 +1374,11 @@ async fn an_apply_past_etcds_transaction_limit_is_refused_whole_and_says_why() {
             "{why}"
         );
         assert_eq!(plane.control.state().config.len(), 0);
-        let done = plane.control.apply(&services(120), false).await.unwrap();
+        let done = plane
+            .control
+            .apply(&services(&named(120)), false)
+            .await
+            .unwrap();
         assert_eq!(done.outcomes.len(), 120);
         plane.finish();
     })
