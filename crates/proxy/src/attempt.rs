@@ -142,6 +142,9 @@ pub(crate) async fn attempt<'a>(
             other => other,
         }
     };
+    // Pinned where it is: the future holds both clients' states, and moving it into the
+    // timeout and then into the await copied it twice per request (callgrind).
+    let send = std::pin::pin!(send);
     let outcome = match until {
         Some((at, timeout)) => tokio::time::timeout_at(at, send)
             .await
