@@ -15,6 +15,8 @@
 #   MODES=profile CONC=50 TRELLIS_BIN=... bash bench/hops.sh   # perf record of both hops
 #       at maximum throughput: each hop's hottest symbols, kernel included
 #       (PERF_CALLGRAPH="--call-graph dwarf" for callers on a build without frame pointers)
+#   MODES=profile RATE=1000 CONC=50 ...   # the same at a constant rate (oha, open loop): where
+#       a request alone on the path spends its time, each hop's user/kernel split first
 #   TRELLIS_EXTRA_SPEC='  upstreamHttp2MaxStreams: 10' ...  # lines added to both sidecars' spec
 #   TRELLIS_PROXY_ARGS="--io-batch 16" ...   # extra flags for both sidecars' `trellis proxy`
 #
@@ -31,6 +33,8 @@ OUT=${OUT:-}
 for tool in valgrind strace wrk nginx curl python3; do
     command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
 done
+OHA=${OHA:-$(command -v oha || echo "$HOME/.cargo/bin/oha")}
+[[ -z ${RATE:-} || -x $OHA ]] || { echo "RATE needs oha (cargo install oha --locked)" >&2; exit 1; }
 TMP=$(mktemp -d /tmp/trellis-hops.XXXXXX)
 chmod 755 "$TMP"
 PIDS=()
@@ -283,15 +287,27 @@ PY
             log "profile, $c connection(s)"
             start env
             wrk -t1 -c"$c" -d2s "$URL" >/dev/null
-            wrk -t1 -c"$c" -d"$((SECS + 4))s" "$URL" >"$TMP/profile.wrk" &
+            if [[ -n ${RATE:-} ]]; then
+                load_desc="oha -q $RATE -c $c"
+                "$OHA" -z "$((SECS + 4))s" -q "$RATE" -c "$c" --no-tui "$URL" >"$TMP/profile.wrk" &
+            else
+                load_desc="wrk -t1 -c$c"
+                wrk -t1 -c"$c" -d"$((SECS + 4))s" "$URL" >"$TMP/profile.wrk" &
+            fi
             wrk_pid=$!
             sleep 1
             perf record -q -F 1999 ${PERF_CALLGRAPH:--g} -p "${HOP_PID[out]},${HOP_PID[in]}" -o "$TMP/perf.data" -- sleep "$SECS" >/dev/null 2>&1
             wait "$wrk_pid" || true
             stop
+            echo
+            echo "Both hops, $load_desc, share of the samples by process (outbound ${HOP_PID[out]}, inbound ${HOP_PID[in]}) and object:"
+            echo
+            echo '```'
+            perf report -i "$TMP/perf.data" --no-children --sort pid,dso --percent-limit 0 --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$'
+            echo '```'
             for hop in out in; do
                 echo
-                echo "Hop $hop, wrk -t1 -c$c, self time by symbol (perf record -F 1999, ${SECS} s; [k] is the kernel):"
+                echo "Hop $hop, $load_desc, self time by symbol (perf record -F 1999, ${SECS} s; [k] is the kernel):"
                 echo
                 echo '```'
                 perf report -i "$TMP/perf.data" --pid "${HOP_PID[$hop]}" --no-children --sort dso,sym --percent-limit "${PERCENT_LIMIT:-0.7}" --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$'
